@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh Debian machine for building and testing the project:
+#   1. Debian packages (build tools; libclang for the MPI bindings' bindgen),
+#   2. a Python venv with torch==2.11.0 (+ the reference libraries the fixture scripts use),
+#      cached per machine in ~/.cache/deberta/venv and reused when it already has that version.
+# Afterwards: `. cluster/env.sh` sets LIBTORCH_USE_PYTORCH and LD_LIBRARY_PATH.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+TORCH_VERSION=2.11.0
+PY_EXTRAS=(safetensors==0.7.0 numpy)
+
+log() { echo "[bootstrap] $*"; }
+
+apt_pkgs=(build-essential pkg-config libclang1-14 libclang-common-14-dev python3-venv)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  log "installing Debian packages: ${missing[*]}"
+  $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  log "Debian packages present"
+fi
+
+venv="${DEBERTA_VENV:-$HOME/.cache/deberta/venv}"
+py="$venv/bin/python"
+have=""
+if [ -x "$py" ]; then
+  have="$("$py" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)"
+fi
+if [ "$have" != "$TORCH_VERSION" ]; then
+  log "creating venv $venv with torch==$TORCH_VERSION (a large download, done once per machine)"
+  mkdir -p "$(dirname "$venv")"
+  # Prefer the machine's python3 (3.11 here); Debian's python3-venv is the fallback.
+  python3 -m venv "$venv" 2>/dev/null || /usr/bin/python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip
+  "$venv/bin/pip" install -q "torch==$TORCH_VERSION"
+else
+  log "venv $venv already has torch $have"
+fi
+if ! "$py" -c 'import safetensors, numpy' 2>/dev/null; then
+  "$venv/bin/pip" install -q "${PY_EXTRAS[@]}"
+fi
+# Fail here, not in the middle of a build, if the venv is unusable.
+"$py" -c 'import torch; assert torch.__version__.startswith("'"$TORCH_VERSION"'"), torch.__version__'
+log "ready: . $here/env.sh"

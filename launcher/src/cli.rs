@@ -1,0 +1,124 @@
+//! Command-line interface of `deberta`: one options struct per subcommand, dispatched in main.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "deberta", version, about = "Train, fine-tune and inspect DeBERTa-v2 models")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a model's parameters by group, training FLOPs per token and a memory estimate
+    /// (computed from the config alone, nothing is allocated), and whether CUDA is usable.
+    Info(InfoArgs),
+    /// Run a checkpoint's forward pass (eval mode, fp32) on token ids and save the outputs.
+    Forward(ForwardArgs),
+    /// Write a freshly initialised model (N(0, 0.02), zero biases) as an HF directory.
+    Init(InitArgs),
+    /// Time the eval-mode forward pass of a preset on random ids; prints one JSON line.
+    BenchForward(BenchForwardArgs),
+}
+
+/// Where the model comes from: a named preset or an HF `config.json`.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ModelSource {
+    /// A preset: tiny, base, large, xlarge, xxlarge (the 1.5B model).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// An HF `config.json` (model_type deberta-v2; HF's defaults fill missing fields).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub model: ModelSource,
+    /// Sequence length for FLOPs and memory.
+    #[arg(long, default_value_t = 512)]
+    pub seq: i64,
+    /// Micro-batch sizes to estimate training memory for.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 2, 4, 8, 16, 32])]
+    pub micro_batch: Vec<i64>,
+    /// Activation precision assumed by the memory estimate.
+    #[arg(long, value_enum, default_value_t = Precision::Bf16)]
+    pub precision: Precision,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    /// bf16 autocast with fp32 master weights (GPU training).
+    Bf16,
+    /// fp32 everywhere (CPU training).
+    Fp32,
+}
+
+#[derive(Debug, Args)]
+pub struct ForwardArgs {
+    /// HF model directory: config.json + model.safetensors (HF parameter names).
+    #[arg(long)]
+    pub hf_dir: PathBuf,
+    /// Token ids, one sequence per line, space-separated; shorter lines are right-padded with 0
+    /// and masked.
+    #[arg(long)]
+    pub ids: PathBuf,
+    /// Output safetensors: `last_hidden_state` f32 [batch, seq, hidden], `attention_mask`, and
+    /// `mlm_logits` [batch, seq, vocab] / `logits` [batch, labels] when the checkpoint has those heads.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// cpu, cuda or cuda:N. Asking for CUDA where there is none is an error, not a CPU run.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Head {
+    /// Backbone only (HF `DebertaV2Model`).
+    None,
+    /// Official MLM head with the enhanced mask decoder (HF `DebertaV2ForMaskedLM`, legacy=false).
+    Mlm,
+    /// Pooler + classifier (HF `DebertaV2ForSequenceClassification`).
+    Classifier,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub model: ModelSource,
+    /// Which head to add.
+    #[arg(long, value_enum, default_value_t = Head::Mlm)]
+    pub head: Head,
+    /// Number of classifier labels (with --head classifier).
+    #[arg(long)]
+    pub num_labels: Option<i64>,
+    /// Seed of the initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+    /// Output directory (created; existing files are replaced atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchForwardArgs {
+    #[command(flatten)]
+    pub model: ModelSource,
+    #[arg(long, default_value_t = 4)]
+    pub batch: i64,
+    #[arg(long, default_value_t = 128)]
+    pub seq: i64,
+    /// Timed iterations (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Untimed iterations first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}

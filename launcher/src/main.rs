@@ -1,0 +1,26 @@
+//! `deberta`: the single user-facing command.
+//!
+//! Exit codes: 0 success; 2 a problem with the user's input (config, checkpoint, ids, flags),
+//! reported in one message that names the file, field or tensor; 1 anything else.
+
+mod cli;
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    match commands::run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            if commands::is_user_error(&err) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The cost model: parameter counts by group, training FLOPs per token and a training-memory
+//! estimate, all from the config alone (nothing is allocated).
+//!
+//! FLOPs follow `flops_per_token` in ../shared/bench/hf_deberta_baseline.py exactly, so our MFU
+//! and the HF baseline's are the same yardstick: forward MACs per token of q/k/v/o + FFN,
+//! QK^T + AV + c2p + p2c over the relative span, the relative-table projections, the conv, and the
+//! MLM head on the masked fraction only; training = 3 x forward, 2 FLOPs per MAC.
+
+use crate::config::DebertaConfig;
+
+/// Parameter counts, grouped as `deberta info` prints them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamCount {
+    /// Word embeddings + embedding LayerNorm (+ input abs-pos table when position-biased).
+    pub embeddings: i64,
+    /// One transformer layer.
+    pub per_layer: i64,
+    pub layers: i64,
+    /// Relative-embedding table + its LayerNorm.
+    pub relative: i64,
+    /// nGiE conv + its LayerNorm.
+    pub conv: i64,
+    /// Everything HF's `DebertaV2Model` holds.
+    pub backbone: i64,
+    /// The EMD's absolute-position table (kept in the checkpoint when not position-biased).
+    pub emd_positions: i64,
+    /// `lm_predictions.lm_head`: dense, LayerNorm, vocabulary bias (decoder tied).
+    pub mlm_head: i64,
+    /// backbone + EMD table + MLM head: the pretraining model.
+    pub pretraining: i64,
+    /// pooler + classifier.
+    pub classifier: i64,
+}
+
+impl ParamCount {
+    pub fn of(c: &DebertaConfig) -> ParamCount {
+        let (d, a, f, v) = (c.hidden_size, c.all_head_size(), c.intermediate_size, c.vocab_size);
+        let linear = |i: i64, o: i64| i * o + o;
+        let ln = 2 * d;
+        let separate_rel = c.relative_attention && !c.share_att_key;
+        let per_layer = 3 * linear(d, a)
+            + if separate_rel && c.c2p { linear(d, a) } else { 0 }
+            + if separate_rel && c.p2c { linear(d, a) } else { 0 }
+            + linear(a, d)
+            + ln
+            + linear(d, f)
+            + linear(f, d)
+            + ln;
+        let abs_pos = c.max_position_embeddings * d;
+        let embeddings = v * d + ln + if c.position_biased_input { abs_pos } else { 0 };
+        let relative = if c.relative_attention {
+            c.rel_table_rows() * d + if c.norm_rel_ebd { ln } else { 0 }
+        } else {
+            0
+        };
+        let conv = if c.conv_kernel_size > 0 { d * (d / c.conv_groups) * c.conv_kernel_size + d + ln } else { 0 };
+        let layers = c.num_hidden_layers * per_layer;
+        let backbone = embeddings + layers + relative + conv;
+        let emd_positions = if c.position_biased_input { 0 } else { abs_pos };
+        let mlm_head = linear(d, d) + ln + v;
+        ParamCount {
+            embeddings,
+            per_layer,
+            layers,
+            relative,
+            conv,
+            backbone,
+            emd_positions,
+            mlm_head,
+            pretraining: backbone + emd_positions + mlm_head,
+            classifier: linear(d, c.pooler_hidden_size) + linear(c.pooler_hidden_size, c.num_labels),
+        }
+    }
+}
+
+/// Training FLOPs per input token (forward + backward = 3 x forward) at sequence length `seq`,
+/// with the MLM decoder counted on the `mask_frac` of masked tokens only.
+pub fn flops_per_token(c: &DebertaConfig, seq: i64, mask_frac: f64) -> f64 {
+    let (d, n, ff, v) = (c.hidden_size as f64, c.num_hidden_layers as f64, c.intermediate_size as f64, c.vocab_size as f64);
+    let span = if c.position_buckets > 0 { 2 * c.position_buckets } else { 2 * seq } as f64;
+    let seq = seq as f64;
+    let dense = 4.0 * d * d + 2.0 * d * ff;
+    let attn = 2.0 * seq * d + 2.0 * span * d;
+    let rel_proj = 2.0 * span * d * d / seq;
+    let conv = c.conv_kernel_size as f64 * d * d;
+    let head = mask_frac * (d * d + d * v);
+    let fwd_macs = n * (dense + attn + rel_proj) + conv + head;
+    3.0 * 2.0 * fwd_macs
+}
+
+/// Fraction of tokens the MLM objective predicts (spec §9).
+pub const MASK_FRACTION: f64 = 0.15;
+
+/// Estimated training memory of one rank (no tensor parallelism, no recomputation).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryEstimate {
+    /// fp32 master weights + fp32 gradients + AdamW's two fp32 moments (16 B/param), plus the
+    /// bf16 weight copies autocast makes (2 B/param) when `bf16`.
+    pub states_bytes: f64,
+    pub activation_bytes: f64,
+}
+
+impl MemoryEstimate {
+    pub fn total_bytes(&self) -> f64 {
+        self.states_bytes + self.activation_bytes
+    }
+}
+
+/// Activations kept for backward by the eager (unfused) model per micro-batch:
+/// - per layer and token: X, q, k, v, context, attention-out (+ dropout mask), LN inputs/outputs,
+///   FFN pre- and post-activation: about 8 D + 4 A + 2 F elements;
+/// - per layer and (batch, head, query, key): c2p and p2c gathered, scores, probabilities and
+///   their dropout: 5 elements + a 1-byte mask;
+/// - the EMD re-runs the last layer twice (2 more layers) and the MLM head keeps fp32 logits and
+///   their gradient for the masked tokens.
+///
+/// It is an estimate for planning (`deberta info`, the launcher's plan), not a measurement.
+pub fn memory_estimate(c: &DebertaConfig, micro_batch: i64, seq: i64, bf16: bool) -> MemoryEstimate {
+    let params = ParamCount::of(c).pretraining as f64;
+    let elt = if bf16 { 2.0 } else { 4.0 };
+    let states_bytes = params * (16.0 + if bf16 { 2.0 } else { 0.0 });
+    let (d, a, f) = (c.hidden_size as f64, c.all_head_size() as f64, c.intermediate_size as f64);
+    let tokens = (micro_batch * seq) as f64;
+    let per_token = (8.0 * d + 4.0 * a + 2.0 * f) * elt;
+    let per_score = 5.0 * elt + 1.0;
+    let scores = micro_batch as f64 * c.num_attention_heads as f64 * (seq * seq) as f64;
+    let layers = c.num_hidden_layers as f64 + 2.0;
+    let head = tokens * MASK_FRACTION * c.vocab_size as f64 * 4.0 * 2.0;
+    MemoryEstimate { states_bytes, activation_bytes: layers * (tokens * per_token + scores * per_score) + head }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xxlarge_backbone_is_hf_count() {
+        // deberta-spec.md §1.3: HF `DebertaV2Model` total and the official pretraining total.
+        let p = ParamCount::of(&DebertaConfig::xxlarge());
+        assert_eq!(p.per_layer, 28_331_520);
+        assert_eq!(p.backbone, 1_564_549_632);
+        assert_eq!(p.pretraining, 1_567_828_068);
+        assert_eq!(ParamCount::of(&DebertaConfig::xlarge()).backbone, 884_593_152);
+    }
+
+    #[test]
+    fn flops_match_the_baseline_formula_by_hand() {
+        // tiny: d 64, 2 layers, ff 128, vocab 128100, span 512, conv 3, seq 128.
+        let c = DebertaConfig::tiny();
+        let (d, ff, v, span, seq) = (64.0, 128.0, 128100.0, 512.0, 128.0);
+        let per_layer = 4.0 * d * d + 2.0 * d * ff + 2.0 * seq * d + 2.0 * span * d + 2.0 * span * d * d / seq;
+        let fwd = 2.0 * per_layer + 3.0 * d * d + 0.15 * (d * d + d * v);
+        assert!((flops_per_token(&c, 128, 0.15) - 6.0 * fwd).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,38 @@
+//! DeBERTa-v2 (He et al., "DeBERTa: Decoding-enhanced BERT with Disentangled Attention",
+//! arXiv 2006.03654) in tch, following ../shared/docs/deberta-spec.md section by section:
+//!
+//! | module | spec | what |
+//! |---|---|---|
+//! | `config` | §1 | presets, HF `config.json` with HF's defaults |
+//! | `embeddings` | §2 | word embeddings, LayerNorm, mask |
+//! | `rel_pos` | §3.1 | relative positions and log buckets |
+//! | `attention` | §3 | disentangled attention: c2c + c2p + p2c |
+//! | `layer` | §4 | post-LN transformer layer |
+//! | `conv` | §5 | nGiE convolution beside layer 0 |
+//! | `encoder` | §6 | the layer stack and the shared relative table |
+//! | `emd` | §7.1 | enhanced mask decoder + MLM head |
+//! | `heads` | §6 | pooler + sequence classifier |
+//! | `hf` | §1.4 | HF checkpoint import/export |
+//! | `cost` | — | parameter counts, FLOPs per token, memory estimate |
+//!
+//! Parameter paths are HF's (`deberta.encoder.layer.3.attention.self.query_proj.weight`), so a
+//! checkpoint maps onto the VarStore by name. No module knows about files except `hf`.
+
+pub mod attention;
+pub mod config;
+pub mod conv;
+pub mod cost;
+pub mod embeddings;
+pub mod emd;
+pub mod encoder;
+pub mod error;
+pub mod heads;
+pub mod hf;
+pub mod layer;
+pub mod model;
+pub mod nn;
+pub mod rel_pos;
+
+pub use config::{Activation, DebertaConfig, HfDebertaV2Config};
+pub use error::ModelError;
+pub use model::{DebertaV2, Encoded, Parts, IGNORE_INDEX};

@@ -1,0 +1,65 @@
+//! The two parameterised building blocks every DeBERTa module uses, with HF's parameter names
+//! (`weight`, `bias`) and the official initialisation: N(0, initializer_range) weights, zero
+//! biases, LayerNorm (1, 0).
+
+use tch::nn::{Init, Path};
+use tch::Tensor;
+
+/// y = x W^T + b, W: [out, in].
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(p: &Path, in_dim: i64, out_dim: i64, bias: bool, std: f64) -> Linear {
+        Linear {
+            weight: p.var("weight", &[out_dim, in_dim], Init::Randn { mean: 0.0, stdev: std }),
+            bias: bias.then(|| p.var("bias", &[out_dim], Init::Const(0.0))),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// LayerNorm over the last dimension (DeBERTa uses eps 1e-7 everywhere, pitfall 10).
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(p: &Path, dim: i64, eps: f64) -> LayerNorm {
+        LayerNorm {
+            weight: p.var("weight", &[dim], Init::Const(1.0)),
+            bias: p.var("bias", &[dim], Init::Const(0.0)),
+            eps,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let dim = *self.weight.size().last().expect("LayerNorm weight is 1-D");
+        x.layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// An embedding table [rows, dim] drawn from N(0, std).
+pub fn embedding_table(p: &Path, rows: i64, dim: i64, std: f64) -> Tensor {
+    p.var("weight", &[rows, dim], Init::Randn { mean: 0.0, stdev: std })
+}
+
+/// The most negative finite value of a floating kind: masked scores use it instead of -inf so a
+/// fully masked (padding) query row stays finite in softmax and its backward.
+pub fn finite_min(kind: tch::Kind) -> f64 {
+    match kind {
+        tch::Kind::Half => -65504.0,
+        tch::Kind::BFloat16 => -3.389_531_4e38,
+        tch::Kind::Double => f64::MIN,
+        _ => f32::MIN as f64,
+    }
+}
