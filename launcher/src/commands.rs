@@ -9,7 +9,9 @@ use deberta_model::hf::{load_hf_dir, save_hf_dir, write_safetensors_f32};
 use deberta_model::{DebertaConfig, DebertaV2, ModelError, Parts};
 use tch::{Device, Kind, Tensor};
 
-use crate::cli::{BenchForwardArgs, Command, ForwardArgs, Head, InfoArgs, InitArgs, ModelSource, Precision};
+use crate::cli::{
+    BenchForwardArgs, Command, ForwardArgs, Head, InfoArgs, InitArgs, ModelSource, Precision,
+};
 
 /// A mistake in what the user passed (as opposed to a bug or an environment failure).
 #[derive(Debug, thiserror::Error)]
@@ -17,7 +19,8 @@ use crate::cli::{BenchForwardArgs, Command, ForwardArgs, Head, InfoArgs, InitArg
 pub struct UsageError(pub String);
 
 pub fn is_user_error(err: &anyhow::Error) -> bool {
-    err.chain().any(|e| e.is::<UsageError>() || e.is::<ModelError>())
+    err.chain()
+        .any(|e| e.is::<UsageError>() || e.is::<ModelError>())
 }
 
 pub fn run(command: Command) -> Result<()> {
@@ -32,7 +35,10 @@ pub fn run(command: Command) -> Result<()> {
 fn model_config(src: &ModelSource) -> Result<(String, DebertaConfig)> {
     match (&src.preset, &src.config) {
         (Some(p), _) => Ok((format!("preset {p}"), DebertaConfig::preset(p)?)),
-        (None, Some(path)) => Ok((path.display().to_string(), DebertaConfig::from_hf_file(path)?)),
+        (None, Some(path)) => Ok((
+            path.display().to_string(),
+            DebertaConfig::from_hf_file(path)?,
+        )),
         (None, None) => Err(UsageError("give --preset or --config".into()).into()),
     }
 }
@@ -42,9 +48,16 @@ pub fn parse_device(s: &str) -> Result<Device> {
     let cuda_index = match s {
         "cpu" => return Ok(Device::Cpu),
         "cuda" => 0,
-        _ => match s.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok()) {
+        _ => match s
+            .strip_prefix("cuda:")
+            .and_then(|i| i.parse::<usize>().ok())
+        {
             Some(i) => i,
-            None => return Err(UsageError(format!("--device {s:?}: expected cpu, cuda or cuda:N")).into()),
+            None => {
+                return Err(
+                    UsageError(format!("--device {s:?}: expected cpu, cuda or cuda:N")).into(),
+                )
+            }
         },
     };
     if !tch::Cuda::is_available() {
@@ -55,7 +68,9 @@ pub fn parse_device(s: &str) -> Result<Device> {
     }
     let count = tch::Cuda::device_count() as usize;
     if cuda_index >= count {
-        return Err(UsageError(format!("--device {s}: only {count} CUDA device(s) visible")).into());
+        return Err(
+            UsageError(format!("--device {s}: only {count} CUDA device(s) visible")).into(),
+        );
     }
     Ok(Device::Cuda(cuda_index))
 }
@@ -64,7 +79,7 @@ fn thousands(n: i64) -> String {
     let s = n.abs().to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -78,7 +93,11 @@ fn thousands(n: i64) -> String {
 
 fn cuda_status() -> String {
     if tch::Cuda::is_available() {
-        format!("available ({} device(s), cuDNN {})", tch::Cuda::device_count(), tch::Cuda::cudnn_is_available())
+        format!(
+            "available ({} device(s), cuDNN {})",
+            tch::Cuda::device_count(),
+            tch::Cuda::cudnn_is_available()
+        )
     } else {
         "not available".to_string()
     }
@@ -92,19 +111,34 @@ fn info(a: InfoArgs) -> Result<()> {
     let p = ParamCount::of(&c);
     println!(
         "model: {name}: {} layers, hidden {}, {} heads x {}, FFN {}, vocab {}",
-        c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.attention_head_size, c.intermediate_size, c.vocab_size
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.attention_head_size,
+        c.intermediate_size,
+        c.vocab_size
     );
     println!("parameters:");
     let rows = [
         ("embeddings (word + LayerNorm)".to_string(), p.embeddings),
-        (format!("layers ({} x {})", c.num_hidden_layers, thousands(p.per_layer)), p.layers),
+        (
+            format!(
+                "layers ({} x {})",
+                c.num_hidden_layers,
+                thousands(p.per_layer)
+            ),
+            p.layers,
+        ),
         ("relative table + LayerNorm".to_string(), p.relative),
         ("nGiE conv + LayerNorm".to_string(), p.conv),
         ("backbone (HF DebertaV2Model)".to_string(), p.backbone),
         ("EMD absolute-position table".to_string(), p.emd_positions),
         ("MLM head (decoder tied)".to_string(), p.mlm_head),
         ("pretraining model total".to_string(), p.pretraining),
-        ("classifier head (pooler + 2 labels)".to_string(), p.classifier),
+        (
+            "classifier head (pooler + 2 labels)".to_string(),
+            p.classifier,
+        ),
     ];
     for (label, n) in rows {
         println!("  {label:<38} {:>15}", thousands(n));
@@ -121,7 +155,11 @@ fn info(a: InfoArgs) -> Result<()> {
     println!(
         "training memory estimate per rank (seq {}, {}, AdamW, no TP, no recomputation):",
         a.seq,
-        if bf16 { "bf16 autocast + fp32 master" } else { "fp32" }
+        if bf16 {
+            "bf16 autocast + fp32 master"
+        } else {
+            "fp32"
+        }
     );
     for &mb in &a.micro_batch {
         let m = memory_estimate(&c, mb, a.seq, bf16);
@@ -150,14 +188,22 @@ pub fn read_ids(path: &Path) -> Result<Vec<Vec<i64>>> {
             .split_whitespace()
             .map(|tok| {
                 tok.parse::<i64>().map_err(|_| {
-                    UsageError(format!("{}:{}: {tok:?} is not a token id", path.display(), lineno + 1))
+                    UsageError(format!(
+                        "{}:{}: {tok:?} is not a token id",
+                        path.display(),
+                        lineno + 1
+                    ))
                 })
             })
             .collect::<Result<Vec<i64>, UsageError>>()?;
         seqs.push(ids);
     }
     if seqs.is_empty() {
-        return Err(UsageError(format!("{}: no sequences (one line of space-separated ids each)", path.display())).into());
+        return Err(UsageError(format!(
+            "{}: no sequences (one line of space-separated ids each)",
+            path.display()
+        ))
+        .into());
     }
     Ok(seqs)
 }
@@ -189,7 +235,10 @@ pub fn pad_batch(seqs: &[Vec<i64>]) -> (Tensor, Tensor) {
         }
     }
     let shape = [seqs.len() as i64, n as i64];
-    (Tensor::from_slice(&ids).view(shape), Tensor::from_slice(&mask).view(shape))
+    (
+        Tensor::from_slice(&ids).view(shape),
+        Tensor::from_slice(&mask).view(shape),
+    )
 }
 
 fn forward(a: ForwardArgs) -> Result<()> {
@@ -200,14 +249,24 @@ fn forward(a: ForwardArgs) -> Result<()> {
         eprintln!("warning: {w}");
     }
     let model = &loaded.model;
-    check_vocab(&seqs, &a.ids, model.cfg.vocab_size, &a.hf_dir.join("config.json"))?;
+    check_vocab(
+        &seqs,
+        &a.ids,
+        model.cfg.vocab_size,
+        &a.hf_dir.join("config.json"),
+    )?;
     let (ids, mask) = pad_batch(&seqs);
     let (ids, mask) = (ids.to_device(device), mask.to_device(device));
-    model.check_inputs(&ids, &mask).with_context(|| format!("{}", a.ids.display()))?;
+    model
+        .check_inputs(&ids, &mask)
+        .with_context(|| format!("{}", a.ids.display()))?;
     let mut outputs = tch::no_grad(|| {
         let enc = model.encode(&ids, &mask, false);
         let mut outs = vec![
-            ("last_hidden_state".to_string(), enc.last_hidden_state().shallow_clone()),
+            (
+                "last_hidden_state".to_string(),
+                enc.last_hidden_state().shallow_clone(),
+            ),
             ("attention_mask".to_string(), mask.to_kind(Kind::Float)),
         ];
         if let Some(l) = model.mlm_logits(&enc, false) {
@@ -220,7 +279,11 @@ fn forward(a: ForwardArgs) -> Result<()> {
     });
     outputs.sort_by(|x, y| x.0.cmp(&y.0));
     write_safetensors_f32(&a.out, &outputs)?;
-    let shape = outputs.iter().map(|(n, t)| format!("{n} {:?}", t.size())).collect::<Vec<_>>().join(", ");
+    let shape = outputs
+        .iter()
+        .map(|(n, t)| format!("{n} {:?}", t.size()))
+        .collect::<Vec<_>>()
+        .join(", ");
     println!("wrote {}: {shape}", a.out.display());
     Ok(())
 }
@@ -229,14 +292,20 @@ fn init(a: InitArgs) -> Result<()> {
     let (_, mut c) = model_config(&a.model)?;
     if let Some(n) = a.num_labels {
         if a.head != Head::Classifier || n < 1 {
-            return Err(UsageError("--num-labels takes a positive count, with --head classifier".into()).into());
+            return Err(UsageError(
+                "--num-labels takes a positive count, with --head classifier".into(),
+            )
+            .into());
         }
         c.num_labels = n;
     }
     let parts = match a.head {
         Head::None => Parts::BACKBONE,
         Head::Mlm => Parts::PRETRAINING,
-        Head::Classifier => Parts { classifier: true, ..Parts::BACKBONE },
+        Head::Classifier => Parts {
+            classifier: true,
+            ..Parts::BACKBONE
+        },
     };
     tch::manual_seed(a.seed);
     let vs = tch::nn::VarStore::new(Device::Cpu);

@@ -181,8 +181,20 @@ impl DebertaConfig {
     pub fn from_hf_file(path: &Path) -> Result<DebertaConfig, ModelError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ModelError::Config(format!("{}: cannot read: {e}", path.display())))?;
-        let hf: HfDebertaV2Config = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Config(format!("{}: not a valid config: {e}", path.display())))?;
+        let de = &mut serde_json::Deserializer::from_str(&text);
+        let hf: HfDebertaV2Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let at = if field == "." {
+                String::new()
+            } else {
+                format!(" (field `{field}`)")
+            };
+            ModelError::Config(format!(
+                "{}: not a valid config{at}: {}",
+                path.display(),
+                e.inner()
+            ))
+        })?;
         hf.into_config()
             .map_err(|msg| ModelError::Config(format!("{}: {msg}", path.display())))
     }
@@ -208,7 +220,8 @@ impl DebertaConfig {
 
     /// 1 + [c2p] + [p2c]: the attention scale is 1/sqrt(d * this) (pitfall 3).
     pub fn scale_factor(&self) -> i64 {
-        1 + i64::from(self.relative_attention && self.c2p) + i64::from(self.relative_attention && self.p2c)
+        1 + i64::from(self.relative_attention && self.c2p)
+            + i64::from(self.relative_attention && self.p2c)
     }
 
     /// The same model as an HF `config.json`, every field explicit so no HF default applies.
@@ -241,9 +254,16 @@ impl DebertaConfig {
             position_buckets: self.position_buckets,
             pad_token_id: Some(self.pad_token_id),
             position_biased_input: self.position_biased_input,
-            pos_att_type: Some(PosAttType::List(pos_att.into_iter().map(String::from).collect())),
+            pos_att_type: Some(PosAttType::List(
+                pos_att.into_iter().map(String::from).collect(),
+            )),
             share_att_key: self.share_att_key,
-            norm_rel_ebd: if self.norm_rel_ebd { "layer_norm" } else { "none" }.into(),
+            norm_rel_ebd: if self.norm_rel_ebd {
+                "layer_norm"
+            } else {
+                "none"
+            }
+            .into(),
             conv_kernel_size: self.conv_kernel_size,
             conv_groups: self.conv_groups,
             conv_act: self.conv_act.name().into(),
@@ -254,7 +274,9 @@ impl DebertaConfig {
             cls_dropout: Some(self.cls_dropout),
             num_labels: None,
             id2label: Some(
-                (0..self.num_labels).map(|i| (i.to_string(), format!("LABEL_{i}"))).collect(),
+                (0..self.num_labels)
+                    .map(|i| (i.to_string(), format!("LABEL_{i}")))
+                    .collect(),
             ),
             // The official MLM head (`lm_predictions.lm_head`), not HF's randomly initialised legacy one.
             legacy: false,
@@ -418,7 +440,11 @@ impl HfDebertaV2Config {
         }
         let head = match self.attention_head_size {
             Some(d) if d > 0 => d,
-            Some(d) => return Err(format!("field `attention_head_size` must be positive, got {d}")),
+            Some(d) => {
+                return Err(format!(
+                    "field `attention_head_size` must be positive, got {d}"
+                ))
+            }
             None => {
                 if self.hidden_size % self.num_attention_heads != 0 {
                     return Err(format!(
@@ -444,19 +470,31 @@ impl HfDebertaV2Config {
             }
         }
         let act = |field: &str, name: &str| {
-            Activation::parse(name).ok_or_else(|| format!("field `{field}`: unsupported activation {name:?}"))
+            Activation::parse(name)
+                .ok_or_else(|| format!("field `{field}`: unsupported activation {name:?}"))
         };
         let kinds: Vec<String> = match &self.pos_att_type {
             None => vec![],
-            Some(PosAttType::Joined(s)) => s.to_lowercase().split('|').map(|x| x.trim().to_string()).collect(),
+            Some(PosAttType::Joined(s)) => s
+                .to_lowercase()
+                .split('|')
+                .map(|x| x.trim().to_string())
+                .collect(),
             Some(PosAttType::List(v)) => v.iter().map(|x| x.trim().to_lowercase()).collect(),
         };
         for k in &kinds {
             if k != "c2p" && k != "p2c" && !k.is_empty() {
-                return Err(format!("field `pos_att_type`: unsupported term {k:?} (c2p and p2c are)"));
+                return Err(format!(
+                    "field `pos_att_type`: unsupported term {k:?} (c2p and p2c are)"
+                ));
             }
         }
-        let norm: Vec<String> = self.norm_rel_ebd.to_lowercase().split('|').map(|x| x.trim().to_string()).collect();
+        let norm: Vec<String> = self
+            .norm_rel_ebd
+            .to_lowercase()
+            .split('|')
+            .map(|x| x.trim().to_string())
+            .collect();
         let max_rel = if self.max_relative_positions < 1 {
             self.max_position_embeddings
         } else {
@@ -469,7 +507,10 @@ impl HfDebertaV2Config {
             ));
         }
         if self.conv_groups <= 0 || self.hidden_size % self.conv_groups != 0 {
-            return Err(format!("field `conv_groups` = {} must divide hidden_size", self.conv_groups));
+            return Err(format!(
+                "field `conv_groups` = {} must divide hidden_size",
+                self.conv_groups
+            ));
         }
         let num_labels = match (&self.id2label, self.num_labels) {
             (Some(m), _) if !m.is_empty() => m.len() as i64,
@@ -523,7 +564,10 @@ mod tests {
 
     #[test]
     fn missing_fields_take_hf_defaults_not_the_1_5b_values() {
-        let cfg = serde_json::from_str::<HfDebertaV2Config>("{}").unwrap().into_config().unwrap();
+        let cfg = serde_json::from_str::<HfDebertaV2Config>("{}")
+            .unwrap()
+            .into_config()
+            .unwrap();
         // Pitfall 9: an empty config is HF's xlarge-shaped model WITHOUT relative attention.
         assert!(!cfg.relative_attention && !cfg.c2p && !cfg.p2c);
         assert!(cfg.position_biased_input);
@@ -539,9 +583,11 @@ mod tests {
     #[test]
     fn official_string_pos_att_type_and_hf_list_agree() {
         let a: HfDebertaV2Config =
-            serde_json::from_str(r#"{"relative_attention":true,"pos_att_type":"p2c|c2p"}"#).unwrap();
+            serde_json::from_str(r#"{"relative_attention":true,"pos_att_type":"p2c|c2p"}"#)
+                .unwrap();
         let b: HfDebertaV2Config =
-            serde_json::from_str(r#"{"relative_attention":true,"pos_att_type":["p2c","c2p"]}"#).unwrap();
+            serde_json::from_str(r#"{"relative_attention":true,"pos_att_type":["p2c","c2p"]}"#)
+                .unwrap();
         assert_eq!(a.into_config().unwrap(), b.into_config().unwrap());
     }
 
@@ -550,7 +596,10 @@ mod tests {
         for name in DebertaConfig::PRESETS {
             let cfg = DebertaConfig::preset(name).unwrap();
             let json = serde_json::to_string(&cfg.to_hf("DebertaV2Model")).unwrap();
-            let back = serde_json::from_str::<HfDebertaV2Config>(&json).unwrap().into_config().unwrap();
+            let back = serde_json::from_str::<HfDebertaV2Config>(&json)
+                .unwrap()
+                .into_config()
+                .unwrap();
             assert_eq!(cfg, back, "{name}");
         }
     }
@@ -578,10 +627,18 @@ mod tests {
     fn xxlarge_matches_spec_table() {
         let c = DebertaConfig::xxlarge();
         assert_eq!(
-            (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size),
+            (
+                c.num_hidden_layers,
+                c.hidden_size,
+                c.num_attention_heads,
+                c.intermediate_size
+            ),
             (48, 1536, 24, 6144)
         );
-        assert_eq!((c.vocab_size, c.position_buckets, c.rel_table_rows()), (128100, 256, 512));
+        assert_eq!(
+            (c.vocab_size, c.position_buckets, c.rel_table_rows()),
+            (128100, 256, 512)
+        );
         assert_eq!(c.scale_factor(), 3);
         assert_eq!(c.attention_head_size, 64);
     }

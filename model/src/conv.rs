@@ -28,7 +28,10 @@ impl ConvLayer {
             weight: conv.var(
                 "weight",
                 &[d, d / cfg.conv_groups, cfg.conv_kernel_size],
-                Init::Randn { mean: 0.0, stdev: cfg.initializer_range },
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: cfg.initializer_range,
+                },
             ),
             bias: conv.var("bias", &[d], Init::Const(0.0)),
             layer_norm: LayerNorm::new(&(p / "LayerNorm"), d, cfg.layer_norm_eps),

@@ -34,13 +34,26 @@ pub struct ParamCount {
 
 impl ParamCount {
     pub fn of(c: &DebertaConfig) -> ParamCount {
-        let (d, a, f, v) = (c.hidden_size, c.all_head_size(), c.intermediate_size, c.vocab_size);
+        let (d, a, f, v) = (
+            c.hidden_size,
+            c.all_head_size(),
+            c.intermediate_size,
+            c.vocab_size,
+        );
         let linear = |i: i64, o: i64| i * o + o;
         let ln = 2 * d;
         let separate_rel = c.relative_attention && !c.share_att_key;
         let per_layer = 3 * linear(d, a)
-            + if separate_rel && c.c2p { linear(d, a) } else { 0 }
-            + if separate_rel && c.p2c { linear(d, a) } else { 0 }
+            + if separate_rel && c.c2p {
+                linear(d, a)
+            } else {
+                0
+            }
+            + if separate_rel && c.p2c {
+                linear(d, a)
+            } else {
+                0
+            }
             + linear(a, d)
             + ln
             + linear(d, f)
@@ -53,7 +66,11 @@ impl ParamCount {
         } else {
             0
         };
-        let conv = if c.conv_kernel_size > 0 { d * (d / c.conv_groups) * c.conv_kernel_size + d + ln } else { 0 };
+        let conv = if c.conv_kernel_size > 0 {
+            d * (d / c.conv_groups) * c.conv_kernel_size + d + ln
+        } else {
+            0
+        };
         let layers = c.num_hidden_layers * per_layer;
         let backbone = embeddings + layers + relative + conv;
         let emd_positions = if c.position_biased_input { 0 } else { abs_pos };
@@ -68,7 +85,8 @@ impl ParamCount {
             emd_positions,
             mlm_head,
             pretraining: backbone + emd_positions + mlm_head,
-            classifier: linear(d, c.pooler_hidden_size) + linear(c.pooler_hidden_size, c.num_labels),
+            classifier: linear(d, c.pooler_hidden_size)
+                + linear(c.pooler_hidden_size, c.num_labels),
         }
     }
 }
@@ -76,8 +94,17 @@ impl ParamCount {
 /// Training FLOPs per input token (forward + backward = 3 x forward) at sequence length `seq`,
 /// with the MLM decoder counted on the `mask_frac` of masked tokens only.
 pub fn flops_per_token(c: &DebertaConfig, seq: i64, mask_frac: f64) -> f64 {
-    let (d, n, ff, v) = (c.hidden_size as f64, c.num_hidden_layers as f64, c.intermediate_size as f64, c.vocab_size as f64);
-    let span = if c.position_buckets > 0 { 2 * c.position_buckets } else { 2 * seq } as f64;
+    let (d, n, ff, v) = (
+        c.hidden_size as f64,
+        c.num_hidden_layers as f64,
+        c.intermediate_size as f64,
+        c.vocab_size as f64,
+    );
+    let span = if c.position_buckets > 0 {
+        2 * c.position_buckets
+    } else {
+        2 * seq
+    } as f64;
     let seq = seq as f64;
     let dense = 4.0 * d * d + 2.0 * d * ff;
     let attn = 2.0 * seq * d + 2.0 * span * d;
@@ -115,18 +142,30 @@ impl MemoryEstimate {
 ///   their gradient for the masked tokens.
 ///
 /// It is an estimate for planning (`deberta info`, the launcher's plan), not a measurement.
-pub fn memory_estimate(c: &DebertaConfig, micro_batch: i64, seq: i64, bf16: bool) -> MemoryEstimate {
+pub fn memory_estimate(
+    c: &DebertaConfig,
+    micro_batch: i64,
+    seq: i64,
+    bf16: bool,
+) -> MemoryEstimate {
     let params = ParamCount::of(c).pretraining as f64;
     let elt = if bf16 { 2.0 } else { 4.0 };
     let states_bytes = params * (16.0 + if bf16 { 2.0 } else { 0.0 });
-    let (d, a, f) = (c.hidden_size as f64, c.all_head_size() as f64, c.intermediate_size as f64);
+    let (d, a, f) = (
+        c.hidden_size as f64,
+        c.all_head_size() as f64,
+        c.intermediate_size as f64,
+    );
     let tokens = (micro_batch * seq) as f64;
     let per_token = (8.0 * d + 4.0 * a + 2.0 * f) * elt;
     let per_score = 5.0 * elt + 1.0;
     let scores = micro_batch as f64 * c.num_attention_heads as f64 * (seq * seq) as f64;
     let layers = c.num_hidden_layers as f64 + 2.0;
     let head = tokens * MASK_FRACTION * c.vocab_size as f64 * 4.0 * 2.0;
-    MemoryEstimate { states_bytes, activation_bytes: layers * (tokens * per_token + scores * per_score) + head }
+    MemoryEstimate {
+        states_bytes,
+        activation_bytes: layers * (tokens * per_token + scores * per_score) + head,
+    }
 }
 
 #[cfg(test)]
@@ -140,7 +179,10 @@ mod tests {
         assert_eq!(p.per_layer, 28_331_520);
         assert_eq!(p.backbone, 1_564_549_632);
         assert_eq!(p.pretraining, 1_567_828_068);
-        assert_eq!(ParamCount::of(&DebertaConfig::xlarge()).backbone, 884_593_152);
+        assert_eq!(
+            ParamCount::of(&DebertaConfig::xlarge()).backbone,
+            884_593_152
+        );
     }
 
     #[test]
@@ -148,7 +190,8 @@ mod tests {
         // tiny: d 64, 2 layers, ff 128, vocab 128100, span 512, conv 3, seq 128.
         let c = DebertaConfig::tiny();
         let (d, ff, v, span, seq) = (64.0, 128.0, 128100.0, 512.0, 128.0);
-        let per_layer = 4.0 * d * d + 2.0 * d * ff + 2.0 * seq * d + 2.0 * span * d + 2.0 * span * d * d / seq;
+        let per_layer =
+            4.0 * d * d + 2.0 * d * ff + 2.0 * seq * d + 2.0 * span * d + 2.0 * span * d * d / seq;
         let fwd = 2.0 * per_layer + 3.0 * d * d + 0.15 * (d * d + d * v);
         assert!((flops_per_token(&c, 128, 0.15) - 6.0 * fwd).abs() < 1e-6);
     }

@@ -52,7 +52,9 @@ impl Embeddings {
 
     /// Absolute-position rows for positions 0..n: [1, n, D].
     pub fn positions(&self, n: i64) -> Option<Tensor> {
-        self.position_embeddings.as_ref().map(|table| table.narrow(0, 0, n).unsqueeze(0))
+        self.position_embeddings
+            .as_ref()
+            .map(|table| table.narrow(0, 0, n).unsqueeze(0))
     }
 
     /// ids: [B, N] int64, mask: [B, N] float {0, 1} -> E: [B, N, D].
@@ -60,7 +62,9 @@ impl Embeddings {
         let (_, n) = ids.size2().expect("input ids are [batch, seq]");
         let mut x = Tensor::embedding(&self.word_embeddings, ids, self.pad_token_id, false, false);
         if self.position_biased_input {
-            x = x + self.positions(n).expect("position-biased input has a position table");
+            x = x + self
+                .positions(n)
+                .expect("position-biased input has a position table");
         }
         let e = self.layer_norm.forward(&x) * mask.unsqueeze(-1).to_kind(x.kind());
         e.dropout(self.dropout, train)

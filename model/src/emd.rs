@@ -51,7 +51,13 @@ pub struct MlmHead {
 impl MlmHead {
     pub fn new(p: &Path, cfg: &DebertaConfig) -> MlmHead {
         MlmHead {
-            dense: Linear::new(&(p / "dense"), cfg.hidden_size, cfg.hidden_size, true, cfg.initializer_range),
+            dense: Linear::new(
+                &(p / "dense"),
+                cfg.hidden_size,
+                cfg.hidden_size,
+                true,
+                cfg.initializer_range,
+            ),
             layer_norm: LayerNorm::new(&(p / "LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps),
             bias: p.var("bias", &[cfg.vocab_size], Init::Const(0.0)),
             act: cfg.hidden_act,
@@ -60,7 +66,9 @@ impl MlmHead {
 
     /// h: [.., D] -> logits [.., vocab] against the word embeddings [vocab, D].
     pub fn forward(&self, h: &Tensor, word_embeddings: &Tensor) -> Tensor {
-        let t = self.layer_norm.forward(&self.act.apply(&self.dense.forward(h)));
+        let t = self
+            .layer_norm
+            .forward(&self.act.apply(&self.dense.forward(h)));
         t.matmul(&word_embeddings.tr()) + &self.bias
     }
 }

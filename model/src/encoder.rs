@@ -25,9 +25,16 @@ pub struct Encoder {
 
 impl Encoder {
     pub fn new(p: &Path, cfg: &DebertaConfig) -> Encoder {
-        let layers = (0..cfg.num_hidden_layers).map(|i| Layer::new(&(p / "layer" / i), cfg)).collect();
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::new(&(p / "layer" / i), cfg))
+            .collect();
         let rel_embeddings = cfg.relative_attention.then(|| {
-            embedding_table(&(p / "rel_embeddings"), cfg.rel_table_rows(), cfg.hidden_size, cfg.initializer_range)
+            embedding_table(
+                &(p / "rel_embeddings"),
+                cfg.rel_table_rows(),
+                cfg.hidden_size,
+                cfg.initializer_range,
+            )
         });
         Encoder {
             layers,

@@ -20,8 +20,20 @@ impl SequenceClassifier {
     pub fn new(root: &Path, cfg: &DebertaConfig) -> SequenceClassifier {
         let std = cfg.initializer_range;
         SequenceClassifier {
-            pooler: Linear::new(&(root / "pooler" / "dense"), cfg.hidden_size, cfg.pooler_hidden_size, true, std),
-            classifier: Linear::new(&(root / "classifier"), cfg.pooler_hidden_size, cfg.num_labels, true, std),
+            pooler: Linear::new(
+                &(root / "pooler" / "dense"),
+                cfg.hidden_size,
+                cfg.pooler_hidden_size,
+                true,
+                std,
+            ),
+            classifier: Linear::new(
+                &(root / "classifier"),
+                cfg.pooler_hidden_size,
+                cfg.num_labels,
+                true,
+                std,
+            ),
             pooler_act: cfg.pooler_hidden_act,
             pooler_dropout: cfg.pooler_dropout,
             cls_dropout: cfg.cls_dropout,
@@ -32,6 +44,7 @@ impl SequenceClassifier {
     pub fn forward(&self, h: &Tensor, train: bool) -> Tensor {
         let cls = h.select(1, 0).dropout(self.pooler_dropout, train); // [B, D]
         let pooled = self.pooler_act.apply(&self.pooler.forward(&cls));
-        self.classifier.forward(&pooled.dropout(self.cls_dropout, train))
+        self.classifier
+            .forward(&pooled.dropout(self.cls_dropout, train))
     }
 }

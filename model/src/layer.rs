@@ -20,14 +20,21 @@ pub struct DenseResidualNorm {
 impl DenseResidualNorm {
     fn new(p: &Path, in_dim: i64, cfg: &DebertaConfig) -> Self {
         DenseResidualNorm {
-            dense: Linear::new(&(p / "dense"), in_dim, cfg.hidden_size, true, cfg.initializer_range),
+            dense: Linear::new(
+                &(p / "dense"),
+                in_dim,
+                cfg.hidden_size,
+                true,
+                cfg.initializer_range,
+            ),
             layer_norm: LayerNorm::new(&(p / "LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps),
             dropout: cfg.hidden_dropout_prob,
         }
     }
 
     pub fn forward(&self, x: &Tensor, residual: &Tensor, train: bool) -> Tensor {
-        self.layer_norm.forward(&(self.dense.forward(x).dropout(self.dropout, train) + residual))
+        self.layer_norm
+            .forward(&(self.dense.forward(x).dropout(self.dropout, train) + residual))
     }
 }
 
@@ -48,7 +55,11 @@ impl Layer {
     pub fn new(p: &Path, cfg: &DebertaConfig) -> Layer {
         Layer {
             attention: DisentangledSelfAttention::new(&(p / "attention" / "self"), cfg),
-            attention_output: DenseResidualNorm::new(&(p / "attention" / "output"), cfg.all_head_size(), cfg),
+            attention_output: DenseResidualNorm::new(
+                &(p / "attention" / "output"),
+                cfg.all_head_size(),
+                cfg,
+            ),
             intermediate: Linear::new(
                 &(p / "intermediate" / "dense"),
                 cfg.hidden_size,

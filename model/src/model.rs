@@ -4,8 +4,8 @@ use tch::nn::Path;
 use tch::{Kind, Reduction, Tensor};
 
 use crate::config::DebertaConfig;
-use crate::emd::{enhanced_mask_decoder, MlmHead};
 use crate::embeddings::Embeddings;
+use crate::emd::{enhanced_mask_decoder, MlmHead};
 use crate::encoder::Encoder;
 use crate::error::ModelError;
 use crate::heads::SequenceClassifier;
@@ -26,8 +26,16 @@ pub struct Parts {
 }
 
 impl Parts {
-    pub const BACKBONE: Parts = Parts { mlm: false, classifier: false, position_table: false };
-    pub const PRETRAINING: Parts = Parts { mlm: true, classifier: false, position_table: true };
+    pub const BACKBONE: Parts = Parts {
+        mlm: false,
+        classifier: false,
+        position_table: false,
+    };
+    pub const PRETRAINING: Parts = Parts {
+        mlm: true,
+        classifier: false,
+        position_table: true,
+    };
 }
 
 #[derive(Debug)]
@@ -73,18 +81,26 @@ impl DebertaV2 {
             parts,
             embeddings: Embeddings::new(&(&backbone / "embeddings"), cfg, with_table),
             encoder: Encoder::new(&(&backbone / "encoder"), cfg),
-            mlm: parts.mlm.then(|| MlmHead::new(&(root / "lm_predictions" / "lm_head"), cfg)),
+            mlm: parts
+                .mlm
+                .then(|| MlmHead::new(&(root / "lm_predictions" / "lm_head"), cfg)),
             classifier: parts.classifier.then(|| SequenceClassifier::new(root, cfg)),
         })
     }
 
     /// Refuse inputs the model cannot take instead of failing inside libtorch.
     pub fn check_inputs(&self, ids: &Tensor, mask: &Tensor) -> Result<(), ModelError> {
-        let (b, n) = ids
-            .size2()
-            .map_err(|_| ModelError::Input(format!("input ids must be [batch, seq], got {:?}", ids.size())))?;
+        let (b, n) = ids.size2().map_err(|_| {
+            ModelError::Input(format!(
+                "input ids must be [batch, seq], got {:?}",
+                ids.size()
+            ))
+        })?;
         if mask.size() != [b, n] {
-            return Err(ModelError::Input(format!("mask {:?} does not match ids [{b}, {n}]", mask.size())));
+            return Err(ModelError::Input(format!(
+                "mask {:?} does not match ids [{b}, {n}]",
+                mask.size()
+            )));
         }
         if b == 0 || n == 0 {
             return Err(ModelError::Input("empty batch".into()));
@@ -114,7 +130,11 @@ impl DebertaV2 {
         let mask = mask.to_kind(Kind::Float);
         let embeddings = self.embeddings.forward(ids, &mask, train);
         let layers = self.encoder.forward(&embeddings, &mask, train);
-        Encoded { mask, embeddings, layers }
+        Encoded {
+            mask,
+            embeddings,
+            layers,
+        }
     }
 
     /// MLM logits at every position [B, N, vocab], through the EMD; None without an MLM head.
@@ -127,8 +147,18 @@ impl DebertaV2 {
     /// The EMD's query states [B, N, D] (spec §7.1).
     pub fn emd_states(&self, enc: &Encoded, train: bool) -> Tensor {
         let n = enc.embeddings.size()[1];
-        let positions = if self.cfg.position_biased_input { None } else { self.embeddings.positions(n) };
-        enhanced_mask_decoder(&self.encoder, &enc.layers, positions.as_ref(), &enc.mask, train)
+        let positions = if self.cfg.position_biased_input {
+            None
+        } else {
+            self.embeddings.positions(n)
+        };
+        enhanced_mask_decoder(
+            &self.encoder,
+            &enc.layers,
+            positions.as_ref(),
+            &enc.mask,
+            train,
+        )
     }
 
     /// Mean cross-entropy over positions whose label is not `IGNORE_INDEX`; the vocabulary
@@ -140,13 +170,19 @@ impl DebertaV2 {
         let flat_labels = labels.reshape([-1]);
         let sel = flat_labels.ne(IGNORE_INDEX).nonzero().squeeze_dim(1); // [n_masked]
         let h = q.reshape([-1, d]).index_select(0, &sel); // [n_masked, D]
-        let logits = head.forward(&h, &self.embeddings.word_embeddings).to_kind(Kind::Float);
+        let logits = head
+            .forward(&h, &self.embeddings.word_embeddings)
+            .to_kind(Kind::Float);
         let target = flat_labels.index_select(0, &sel);
         Some(logits.cross_entropy_loss::<Tensor>(&target, None, Reduction::Mean, IGNORE_INDEX, 0.0))
     }
 
     /// Classification logits [B, num_labels]; None without a classifier head.
     pub fn classify(&self, enc: &Encoded, train: bool) -> Option<Tensor> {
-        Some(self.classifier.as_ref()?.forward(enc.last_hidden_state(), train))
+        Some(
+            self.classifier
+                .as_ref()?
+                .forward(enc.last_hidden_state(), train),
+        )
     }
 }

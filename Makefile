@@ -1,0 +1,33 @@
+# The two entry points of the README, plus their pieces. Every target sets up what it needs
+# (cluster/bootstrap.sh is idempotent and fast once the machine has its venv).
+SHELL := /bin/bash
+ENV := source cluster/env.sh &&
+FIXTURE := model/tests/fixtures/xxlarge_family
+DEMO_DIR := runs/demo
+
+.PHONY: demo test bootstrap build lint bench-cpu-forward gpu-build
+
+bootstrap:
+	bash cluster/bootstrap.sh
+
+build: bootstrap
+	$(ENV) cargo build --release --bin deberta
+
+# The main job (for now): describe the 1.5B model, then run a shipped checkpoint's forward pass.
+demo: build
+	$(ENV) ./target/release/deberta info --preset xxlarge
+	mkdir -p $(DEMO_DIR)
+	$(ENV) ./target/release/deberta forward --hf-dir $(FIXTURE) --ids $(FIXTURE)/ids.txt \
+		--out $(DEMO_DIR)/forward.safetensors
+
+lint: bootstrap
+	$(ENV) cargo fmt --all -- --check
+	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
+
+# Everything CI runs.
+test: lint
+	$(ENV) cargo test --workspace
+
+# CPU forward of the base preset against HF transformers' eager forward in the same run.
+bench-cpu-forward: build
+	$(ENV) python3 bench/cpu_forward_vs_hf.py
