@@ -280,6 +280,10 @@ impl DebertaConfig {
             ),
             // The official MLM head (`lm_predictions.lm_head`), not HF's randomly initialised legacy one.
             legacy: false,
+            // transformers 5.17 cannot load a legacy=false masked LM while this is true: its tie map
+            // names `lm_predictions.lm_head.weight`, which does not exist. The official head reads
+            // the word embeddings directly either way, so the decoder stays tied.
+            tie_word_embeddings: Some(false),
             torch_dtype: Some("float32".into()),
         }
     }
@@ -413,6 +417,9 @@ pub struct HfDebertaV2Config {
     pub id2label: Option<BTreeMap<String, String>>,
     #[serde(default = "d_true")]
     pub legacy: bool,
+    /// Only HF's legacy head reads it; ours is always tied to the word embeddings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tie_word_embeddings: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
 }
