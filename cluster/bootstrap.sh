@@ -11,7 +11,9 @@ PY_EXTRAS=(safetensors==0.7.0 numpy)
 
 log() { echo "[bootstrap] $*"; }
 
-apt_pkgs=(build-essential pkg-config libclang1-14 libclang-common-14-dev python3-venv)
+apt_pkgs=(build-essential pkg-config libclang1-14 libclang-common-14-dev)
+# The machine's python3 normally has venv built in; Debian's python3-venv is the fallback.
+python3 -m venv --help >/dev/null 2>&1 || apt_pkgs+=(python3-venv)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -34,8 +36,7 @@ fi
 if [ "$have" != "$TORCH_VERSION" ]; then
   log "creating venv $venv with torch==$TORCH_VERSION (a large download, done once per machine)"
   mkdir -p "$(dirname "$venv")"
-  # Prefer the machine's python3 (3.11 here); Debian's python3-venv is the fallback.
-  python3 -m venv "$venv" 2>/dev/null || /usr/bin/python3 -m venv "$venv"
+  python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip
   "$venv/bin/pip" install -q "torch==$TORCH_VERSION"
 else

@@ -6,7 +6,6 @@ export VIRTUAL_ENV="$DEBERTA_VENV"
 export PATH="$DEBERTA_VENV/bin:$PATH"
 # tch-sys finds libtorch through the venv's python (torch==2.11.0 pairs with tch =0.24.0).
 export LIBTORCH_USE_PYTORCH=1
-export LIBTORCH_BYPASS_VERSION_CHECK="${LIBTORCH_BYPASS_VERSION_CHECK:-0}"
 _torch_lib="$(ls -d "$DEBERTA_VENV"/lib/python3*/site-packages/torch/lib 2>/dev/null | head -n1)"
 if [ -n "$_torch_lib" ]; then
   case ":${LD_LIBRARY_PATH:-}:" in
