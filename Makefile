@@ -24,9 +24,14 @@ lint: bootstrap
 	$(ENV) cargo fmt --all -- --check
 	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
 
-# Everything CI runs.
+# Everything CI runs. nextest (on the machine image) ends with one summary line for all crates;
+# plain `cargo test` is the fallback where it is missing.
 test: lint
-	$(ENV) cargo test --workspace
+	$(ENV) if cargo nextest --version >/dev/null 2>&1; then \
+		cargo nextest run --workspace --no-fail-fast; \
+	else \
+		cargo test --workspace --no-fail-fast; \
+	fi
 
 # CPU forward of the base preset against HF transformers' eager forward in the same run.
 bench-cpu-forward: build

@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use deberta_model::cost::{flops_per_token, memory_estimate, ParamCount, MASK_FRACTION};
 use deberta_model::hf::{load_hf_dir, save_hf_dir, write_safetensors_f32};
+use deberta_model::inputs::pad_right;
 use deberta_model::{DebertaConfig, DebertaV2, ModelError, Parts};
 use tch::{Device, Kind, Tensor};
 
@@ -223,24 +224,6 @@ fn check_vocab(seqs: &[Vec<i64>], path: &Path, vocab: i64, config: &Path) -> Res
     Ok(())
 }
 
-/// Right-pad with 0: ids [B, N] int64 and mask [B, N] int64.
-pub fn pad_batch(seqs: &[Vec<i64>]) -> (Tensor, Tensor) {
-    let n = seqs.iter().map(Vec::len).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(seqs.len() * n);
-    let mut mask = Vec::with_capacity(seqs.len() * n);
-    for s in seqs {
-        for i in 0..n {
-            ids.push(s.get(i).copied().unwrap_or(0));
-            mask.push(i64::from(i < s.len()));
-        }
-    }
-    let shape = [seqs.len() as i64, n as i64];
-    (
-        Tensor::from_slice(&ids).view(shape),
-        Tensor::from_slice(&mask).view(shape),
-    )
-}
-
 fn forward(a: ForwardArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     let seqs = read_ids(&a.ids)?;
@@ -255,7 +238,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
         model.cfg.vocab_size,
         &a.hf_dir.join("config.json"),
     )?;
-    let (ids, mask) = pad_batch(&seqs);
+    let (ids, mask) = pad_right(&seqs, 0);
     let (ids, mask) = (ids.to_device(device), mask.to_device(device));
     model
         .check_inputs(&ids, &mask)

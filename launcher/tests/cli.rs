@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use tch::{Kind, Tensor};
+use deberta_model::compare::{max_abs_diff, max_abs_diff_unpadded};
+use tch::Tensor;
 
 fn deberta(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_deberta"))
@@ -38,15 +39,6 @@ fn get<'a>(ts: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
         .1
 }
 
-/// max |a - b| over rows whose mask is 1 (a, b: [B, N, ...]).
-fn max_diff_unpadded(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    let sel = mask.reshape([-1]).gt(0.5).nonzero().squeeze_dim(1);
-    let w = a.size()[2..].iter().product::<i64>();
-    let d = a.reshape([-1, w]).index_select(0, &sel) - b.reshape([-1, w]).index_select(0, &sel);
-    d.abs().max().to_kind(Kind::Double).double_value(&[])
-}
-
 #[test]
 fn forward_cli_matches_hf_on_every_fixture() {
     let tmp = tempfile::tempdir().unwrap();
@@ -77,8 +69,10 @@ fn forward_cli_matches_hf_on_every_fixture() {
         let mut compared = 0;
         for (name, w) in &want {
             let diff = match name.as_str() {
-                "last_hidden_state" | "mlm_logits" => max_diff_unpadded(get(&ours, name), w, mask),
-                "logits" => (get(&ours, name) - w).abs().max().double_value(&[]),
+                "last_hidden_state" | "mlm_logits" => {
+                    max_abs_diff_unpadded(get(&ours, name), w, mask)
+                }
+                "logits" => max_abs_diff(get(&ours, name), w),
                 _ => continue,
             };
             assert!(diff <= 1e-4, "{case}: {name} differs from HF by {diff:e}");

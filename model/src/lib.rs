@@ -14,6 +14,7 @@
 //! | `heads` | §6 | pooler + sequence classifier |
 //! | `hf` | §1.4 | HF checkpoint import/export |
 //! | `cost` | — | parameter counts, FLOPs per token, memory estimate |
+//! | `inputs`, `compare` | — | padding token sequences; comparing outputs numerically |
 //!
 //! Parameter paths are HF's (`deberta.encoder.layer.3.attention.self.query_proj.weight`), so a
 //! checkpoint maps onto the VarStore by name. No module knows about files except `hf`.
@@ -23,6 +24,7 @@
 #![allow(clippy::assign_op_pattern)]
 
 pub mod attention;
+pub mod compare;
 pub mod config;
 pub mod conv;
 pub mod cost;
@@ -32,6 +34,7 @@ pub mod encoder;
 pub mod error;
 pub mod heads;
 pub mod hf;
+pub mod inputs;
 pub mod layer;
 pub mod model;
 pub mod nn;

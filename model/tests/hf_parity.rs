@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::{expected, fixture, fixture_inputs, max_diff, max_diff_unpadded, CASES};
+use common::{expected, fixture, fixture_inputs, CASES};
+use deberta_model::compare::{max_abs_diff, max_abs_diff_unpadded};
 use deberta_model::hf::load_hf_dir;
 use tch::Device;
 
@@ -27,13 +28,13 @@ fn check_case(name: &str) {
     let mut compared = 0;
     for (key, want) in expected(name) {
         let diff = match key.as_str() {
-            "last_hidden_state" => max_diff_unpadded(&hidden, &want, &mask),
-            "mlm_logits" => max_diff_unpadded(
+            "last_hidden_state" => max_abs_diff_unpadded(&hidden, &want, &mask),
+            "mlm_logits" => max_abs_diff_unpadded(
                 mlm.as_ref().expect("checkpoint has an MLM head"),
                 &want,
                 &mask,
             ),
-            "logits" => max_diff(cls.as_ref().expect("checkpoint has a classifier"), &want),
+            "logits" => max_abs_diff(cls.as_ref().expect("checkpoint has a classifier"), &want),
             "attention_mask" => continue,
             other => panic!("unexpected fixture tensor {other}"),
         };

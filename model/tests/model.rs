@@ -3,7 +3,8 @@
 
 mod common;
 
-use common::{fixture, fixture_inputs, max_diff, CASES};
+use common::{fixture, fixture_inputs, CASES};
+use deberta_model::compare::max_abs_diff;
 use deberta_model::cost::ParamCount;
 use deberta_model::hf::{load_hf_dir, save_hf_dir};
 use deberta_model::{DebertaConfig, DebertaV2, ModelError, Parts, IGNORE_INDEX};
@@ -89,8 +90,8 @@ fn eval_mode_is_deterministic_and_train_mode_drops_out() {
                 .unwrap()
         })
     };
-    assert_eq!(max_diff(&run(false), &run(false)), 0.0);
-    assert!(max_diff(&run(true), &run(true)) > 1e-3);
+    assert_eq!(max_abs_diff(&run(false), &run(false)), 0.0);
+    assert!(max_abs_diff(&run(true), &run(true)) > 1e-3);
 }
 
 #[test]
