@@ -24,6 +24,22 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `deberta forward --hf-dir DIR --ids DIR/ids.txt --out OUT [extra...]`
+fn forward(dir: &Path, out: &Path, extra: &[&str]) -> Output {
+    let ids = dir.join("ids.txt");
+    let mut args = vec![
+        "forward",
+        "--hf-dir",
+        s(dir),
+        "--ids",
+        s(&ids),
+        "--out",
+        s(out),
+    ];
+    args.extend_from_slice(extra);
+    deberta(&args)
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -50,15 +66,7 @@ fn forward_cli_matches_hf_on_every_fixture() {
     ] {
         let dir = fixture(case);
         let out = tmp.path().join(format!("{case}.safetensors"));
-        let o = deberta(&[
-            "forward",
-            "--hf-dir",
-            s(&dir),
-            "--ids",
-            s(&dir.join("ids.txt")),
-            "--out",
-            s(&out),
-        ]);
+        let o = forward(&dir, &out, &[]);
         assert!(o.status.success(), "{case}: {}", stderr(&o));
         let (ours, want) = (tensors(&out), tensors(&dir.join("expected.safetensors")));
         let mask = get(&want, "attention_mask");
@@ -135,16 +143,7 @@ fn copy_fixture(case: &str, to: &Path) {
 }
 
 fn forward_in(dir: &Path) -> Output {
-    let out = dir.join("out.safetensors");
-    deberta(&[
-        "forward",
-        "--hf-dir",
-        s(dir),
-        "--ids",
-        s(&dir.join("ids.txt")),
-        "--out",
-        s(&out),
-    ])
+    forward(dir, &dir.join("out.safetensors"), &[])
 }
 
 #[test]
@@ -222,17 +221,7 @@ fn a_cuda_request_without_cuda_is_an_error_not_a_cpu_run() {
     let dir = fixture("xxlarge_family");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out.safetensors");
-    let o = deberta(&[
-        "forward",
-        "--hf-dir",
-        s(&dir),
-        "--ids",
-        s(&dir.join("ids.txt")),
-        "--out",
-        s(&out),
-        "--device",
-        "cuda",
-    ]);
+    let o = forward(&dir, &out, &["--device", "cuda"]);
     assert_refused(&o, &["--device cuda", "CUDA is not available"]);
     assert!(!out.exists());
 }
