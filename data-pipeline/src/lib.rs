@@ -1,10 +1,26 @@
-//! Data pipeline for DeBERTa pretraining and fine-tuning (DESIGN.md § Data).
+//! Data pipeline for DeBERTa pretraining (DESIGN.md § Data), in numbered stages:
 //!
-//! Stages, each a module once it lands (issue B: tokenizer, preprocess, loader, masking;
-//! issue F: SuperGLUE readers and metrics):
-//! 1. text / jsonl -> token ids (HF `tokenizers`, the DeBERTa-v3 128K vocabulary by default),
-//! 2. token ids -> sharded `.bin` + `.idx` files with a checksummed manifest,
-//! 3. shards -> packed `seq_len` samples in a seeded, layout-independent order,
-//! 4. samples -> whole-word MLM masks seeded per global sample index.
+//! 1. `tokenizer`: text -> token ids (HF `tokenizers`; the DeBERTa-v3 128K vocabulary by default,
+//!    or a Unigram tokenizer trained here).
+//! 2. `preprocess`: text / jsonl files -> shards (`P_00000.bin` u32 ids, `P_00000.idx` document
+//!    offsets) and `P.manifest.json`, streamed and tokenised in parallel. Formats: `format`.
+//! 3. `dataset`: shards (memory-mapped) -> one virtual token stream (documents joined by `[SEP]`)
+//!    cut into `seq_len` samples `[CLS] ... [SEP]`.
+//! 4. `loader`: samples in a seeded per-epoch order (`permutation`) that does not depend on the
+//!    number of data-parallel ranks; rank r takes its slice of each global batch; resume state is
+//!    one number, the consumed samples; a background thread prefetches and masks.
+//! 5. `masking`: whole-word MLM masks seeded per global sample index.
 //!
-//! Nothing is implemented here yet; the crate exists so the workspace layout is final.
+//! Issue F adds the SuperGLUE readers and metrics here.
+
+pub mod dataset;
+pub mod error;
+pub mod format;
+pub mod loader;
+pub mod masking;
+pub mod permutation;
+pub mod preprocess;
+pub mod rng;
+pub mod tokenizer;
+
+pub use error::{DataError, Result};

@@ -26,6 +26,106 @@ pub enum Command {
     Init(InitArgs),
     /// Time the eval-mode forward pass of a preset on random ids; prints one JSON line.
     BenchForward(BenchForwardArgs),
+    /// Tokenizers: train a SentencePiece-style Unigram tokenizer.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+    /// Tokenise text or jsonl files into token shards and a manifest.
+    Preprocess(PreprocessArgs),
+    /// Look at a preprocessed corpus.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenizerCommand {
+    /// Train a Unigram tokenizer ([PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3, pieces, [MASK] last; Metaspace,
+    /// NFKC) on text files, one sentence per line.
+    Train(TokenizerTrainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenizerTrainArgs {
+    /// Total vocabulary size, [MASK] included.
+    #[arg(long)]
+    pub vocab_size: u32,
+    /// Training text files.
+    #[arg(long, num_args = 1.., required = true)]
+    pub input: Vec<PathBuf>,
+    /// Where to write tokenizer.json.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InputFormatArg {
+    /// Documents separated by blank lines.
+    Text,
+    /// One JSON object per line, the document in --jsonl-field.
+    Jsonl,
+}
+
+#[derive(Debug, Args)]
+pub struct PreprocessArgs {
+    /// tokenizer.json (e.g. ../shared/data/tokenizers/deberta-v3-base/tokenizer.json).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// Input files, read in this order.
+    #[arg(long, num_args = 1.., required = true)]
+    pub input: Vec<PathBuf>,
+    /// Output prefix P: writes P_00000.bin, P_00000.idx, ..., P.manifest.json.
+    #[arg(long)]
+    pub output_prefix: PathBuf,
+    #[arg(long, value_enum, default_value_t = InputFormatArg::Text)]
+    pub format: InputFormatArg,
+    /// The jsonl field holding the document text.
+    #[arg(long, default_value = "text")]
+    pub jsonl_field: String,
+    /// Tokens per shard (a shard closes at the next document boundary).
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    pub shard_tokens: u64,
+    /// Tokenizer threads [default: all cores].
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Print the manifest, verify every shard's checksum, and show decoded masked samples.
+    Inspect(InspectArgs),
+    /// Measure loader + masking throughput on one core (tokens/s).
+    Bench(DataBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The corpus: output prefix P or P.manifest.json.
+    pub corpus: PathBuf,
+    /// tokenizer.json [default: the path recorded in the manifest].
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Samples to show.
+    #[arg(long, default_value_t = 2)]
+    pub samples: u64,
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DataBenchArgs {
+    /// The corpus: output prefix P or P.manifest.json.
+    pub corpus: PathBuf,
+    /// tokenizer.json [default: the path recorded in the manifest].
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Micro-batches to time.
+    #[arg(long, default_value_t = 200)]
+    pub batches: u64,
+    #[arg(long, default_value_t = 8)]
+    pub micro_batch: u64,
 }
 
 /// Where the model comes from: a named preset or an HF `config.json`.

@@ -11,8 +11,10 @@ use deberta_model::{DebertaConfig, DebertaV2, ModelError, Parts};
 use tch::{Device, Kind, Tensor};
 
 use crate::cli::{
-    BenchForwardArgs, Command, ForwardArgs, Head, InfoArgs, InitArgs, ModelSource, Precision,
+    BenchForwardArgs, Command, DataCommand, ForwardArgs, Head, InfoArgs, InitArgs, ModelSource,
+    Precision, TokenizerCommand,
 };
+use crate::data_cmds;
 
 /// A mistake in what the user passed (as opposed to a bug or an environment failure).
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +23,7 @@ pub struct UsageError(pub String);
 
 pub fn is_user_error(err: &anyhow::Error) -> bool {
     err.chain()
-        .any(|e| e.is::<UsageError>() || e.is::<ModelError>())
+        .any(|e| e.is::<UsageError>() || e.is::<ModelError>() || e.is::<deberta_data::DataError>())
 }
 
 pub fn run(command: Command) -> Result<()> {
@@ -30,6 +32,10 @@ pub fn run(command: Command) -> Result<()> {
         Command::Forward(a) => forward(a),
         Command::Init(a) => init(a),
         Command::BenchForward(a) => bench_forward(a),
+        Command::Tokenizer(TokenizerCommand::Train(a)) => data_cmds::tokenizer_train(a),
+        Command::Preprocess(a) => data_cmds::preprocess_cmd(a),
+        Command::Data(DataCommand::Inspect(a)) => data_cmds::inspect(a),
+        Command::Data(DataCommand::Bench(a)) => data_cmds::bench(a),
     }
 }
 

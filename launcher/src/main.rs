@@ -5,6 +5,10 @@
 
 mod cli;
 mod commands;
+mod data_cmds;
+
+// The loader's "no prediction" label must be the model loss's ignore index.
+const _: () = assert!(deberta_data::masking::IGNORE_LABEL == deberta_model::IGNORE_INDEX);
 
 use std::process::ExitCode;
 
