@@ -4,10 +4,11 @@
 //! 1. Words: a piece starting with `▁` starts a word; other pieces extend the previous word.
 //!    Special tokens belong to no word, so a span never covers or crosses one.
 //! 2. Budget: round(15% of the non-special tokens), at least 1.
-//! 3. Spans: word positions are visited in a random order; at each, a span length n of 1-3 words
-//!    is drawn with P(n) ∝ 1/n (6/11, 3/11, 2/11). The span is taken if its words are adjacent,
-//!    still unmasked and fit in the remaining budget; otherwise that start is skipped. Whole words
-//!    only: a word is never split.
+//! 3. Spans: span lengths n of 1-3 words are drawn with P(n) ∝ 1/n (6/11, 3/11, 2/11) and placed
+//!    at word positions visited in a random order. A start where the span does not fit (words
+//!    not adjacent or already chosen) is skipped and the same n tries the next start; a span that
+//!    would overrun the budget is dropped and a new n drawn. Whole words only: a word is never
+//!    split.
 //! 4. Each chosen token: 80% `[MASK]`, 10% a random non-special token, 10% unchanged; its label is
 //!    the original id, every other label `IGNORE_LABEL`.
 
@@ -163,12 +164,15 @@ impl Masker {
         let mut taken = vec![false; words.len()];
         let mut spans = Vec::new();
         let mut chosen = 0usize;
+        let mut n = self.draw_span_words(rng);
         for &w in &order {
             if chosen == budget {
                 break;
             }
-            let n = self.draw_span_words(rng);
             let w = w as usize;
+            // A start where the drawn span does not fit (past the end, across a special token,
+            // over a chosen word) is skipped but the length is kept for the next start, so
+            // placement does not bias the 1/n law against long spans.
             if w + n > words.len() {
                 continue;
             }
@@ -177,16 +181,17 @@ impl Masker {
                 continue;
             }
             let (start, end) = (words[w].0, words[w + n - 1].1);
-            if chosen + (end - start) > budget {
-                continue;
+            if chosen + (end - start) <= budget {
+                taken[w..w + n].iter_mut().for_each(|t| *t = true);
+                chosen += end - start;
+                spans.push(Span {
+                    start,
+                    end,
+                    words: n,
+                });
             }
-            taken[w..w + n].iter_mut().for_each(|t| *t = true);
-            chosen += end - start;
-            spans.push(Span {
-                start,
-                end,
-                words: n,
-            });
+            // Taken, or over budget (only near the end): either way draw the next length.
+            n = self.draw_span_words(rng);
         }
         for span in &spans {
             for i in span.start..span.end {
