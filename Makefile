@@ -5,7 +5,7 @@ ENV := source cluster/env.sh &&
 FIXTURE := model/tests/fixtures/xxlarge_family
 DEMO_DIR := runs/demo
 
-.PHONY: demo test bootstrap build lint bench-cpu-forward gpu-build
+.PHONY: demo test bootstrap build lint bench-cpu-forward bench-data
 
 bootstrap:
 	bash cluster/bootstrap.sh
@@ -36,3 +36,7 @@ test: lint
 # CPU forward of the base preset against HF transformers' eager forward in the same run.
 bench-cpu-forward: build
 	$(ENV) python3 bench/cpu_forward_vs_hf.py
+
+# Preprocess throughput vs Python tokenizers, and loader + masking tokens/s on one core.
+bench-data: build
+	$(ENV) python3 bench/data_pipeline.py

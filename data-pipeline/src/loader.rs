@@ -25,7 +25,7 @@ use crate::permutation::Permutation;
 use crate::rng::{key, Rng};
 
 /// Stream names that keep the RNGs of different purposes apart.
-const ORDER_STREAM: u64 = 0x6f72_6465_72; // "order"
+const ORDER_STREAM: u64 = 0x006f_7264_6572; // "order"
 const MASK_STREAM: u64 = 0x6d61_736b; // "mask"
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +56,9 @@ impl BatchLayout {
         }
         if self.micro_batch == 0
             || self.global_batch == 0
-            || self.global_batch % (self.dp_size * self.micro_batch) != 0
+            || !self
+                .global_batch
+                .is_multiple_of(self.dp_size * self.micro_batch)
         {
             return Err(DataError::Config(format!(
                 "global_batch {} must be a multiple of dp_size {} x micro_batch {}",
@@ -187,7 +189,7 @@ impl Loader {
     /// micro-batches ready.
     pub fn start(batcher: Batcher, consumed_samples: u64, prefetch: usize) -> Result<Loader> {
         let layout = batcher.layout;
-        if consumed_samples % layout.global_batch != 0 {
+        if !consumed_samples.is_multiple_of(layout.global_batch) {
             return Err(DataError::Config(format!(
                 "consumed_samples {consumed_samples} is not a multiple of global_batch {}",
                 layout.global_batch

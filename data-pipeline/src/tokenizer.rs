@@ -125,7 +125,7 @@ impl Vocab {
     pub fn encode_batch(&self, texts: Vec<String>) -> Result<Vec<Vec<u32>>> {
         let encs = self
             .tokenizer
-            .encode_batch(texts, false)
+            .encode_batch_fast(texts, false)
             .map_err(|e| DataError::tokenizer(&self.path, format!("encode failed: {e}")))?;
         Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
@@ -172,7 +172,9 @@ pub fn train(files: &[PathBuf], vocab_size: u32, out: &Path) -> Result<Vocab> {
         .build()
         .map_err(|e| DataError::Config(format!("unigram trainer: {e}")))?;
     let mut tokenizer = Tokenizer::new(Unigram::default());
-    tokenizer.with_normalizer(Some(NFKC));
+    tokenizer
+        .with_normalizer(Some(NFKC))
+        .map_err(|e| DataError::Config(format!("tokenizer normalizer: {e}")))?;
     tokenizer.with_pre_tokenizer(Some(Metaspace::new(
         WORD_START,
         PrependScheme::Always,
@@ -191,7 +193,9 @@ pub fn train(files: &[PathBuf], vocab_size: u32, out: &Path) -> Result<Vocab> {
     tokenizer
         .train_from_files(&mut trainer, names)
         .map_err(|e| DataError::Config(format!("training failed: {e}")))?;
-    tokenizer.add_special_tokens(&[AddedToken::from(MASK, true)]);
+    tokenizer
+        .add_special_tokens([AddedToken::from(MASK, true)])
+        .map_err(|e| DataError::Config(format!("adding {MASK}: {e}")))?;
     let id = |s: &str| tokenizer.token_to_id(s).expect("special token was added");
     let (cls, sep) = (id("[CLS]"), id("[SEP]"));
     let template = TemplateProcessing::builder()
