@@ -14,3 +14,7 @@ if [ -n "$_torch_lib" ]; then
   esac
 fi
 unset _torch_lib
+# Open MPI refuses to run as root without these (CI and the dev machines run as root).
+if [ "$(id -u)" -eq 0 ]; then
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+fi

@@ -15,6 +15,7 @@
 //! | `hf` | §1.4 | HF checkpoint import/export |
 //! | `cost` | — | parameter counts, FLOPs per token, memory estimate |
 //! | `inputs`, `compare` | — | padding token sequences; comparing outputs numerically |
+//! | `collective`, `tensor_parallel` | — | the communication trait; TP ops (g, vocab-parallel CE) |
 //!
 //! Parameter paths are HF's (`deberta.encoder.layer.3.attention.self.query_proj.weight`), so a
 //! checkpoint maps onto the VarStore by name. No module knows about files except `hf`.
@@ -24,6 +25,7 @@
 #![allow(clippy::assign_op_pattern)]
 
 pub mod attention;
+pub mod collective;
 pub mod compare;
 pub mod config;
 pub mod conv;
@@ -39,6 +41,7 @@ pub mod layer;
 pub mod model;
 pub mod nn;
 pub mod rel_pos;
+pub mod tensor_parallel;
 
 pub use config::{Activation, DebertaConfig, HfDebertaV2Config};
 pub use error::ModelError;

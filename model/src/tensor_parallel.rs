@@ -1,0 +1,94 @@
+//! Tensor-parallel building blocks that need communication, written with plain tch ops (tch has
+//! no custom autograd functions or hooks; DESIGN.md § Parallelism).
+//!
+//! | op | forward | backward |
+//! |---|---|---|
+//! | `reduce_from_tp` ("g") | sum over the TP group | identity |
+//! | `vocab_parallel_cross_entropy` | CE over a vocabulary split by rows | exact local-shard gradient |
+//!
+//! The "f" op (identity forward, all-reduce backward) needs a segment boundary and lives with
+//! the segment-wise backward.
+
+use tch::{Kind, Tensor};
+
+use crate::collective::Collective;
+
+/// "g": y = sum over the group of x; dy/dx = identity. Written as x + (allreduce(x) - x) on
+/// detached values, so autograd sees only `x`. Returns x itself in a group of one.
+pub fn reduce_from_tp(x: &Tensor, tp: &dyn Collective) -> Tensor {
+    if tp.size() == 1 {
+        return x.shallow_clone();
+    }
+    let local = x.detach();
+    let mut total = local.copy();
+    tp.all_reduce_sum(&mut total);
+    x + (total - local)
+}
+
+/// Vocabulary rows padded so every TP rank holds the same number, a multiple of 128
+/// (Megatron's `make-vocab-size-divisible-by`): 128100 -> 128128 at tp 1 or 2.
+pub fn padded_vocab_size(vocab: i64, tp: i64) -> i64 {
+    let multiple = 128 * tp;
+    (vocab + multiple - 1) / multiple * multiple
+}
+
+/// Per-token cross-entropy [n] of logits whose vocabulary is split across the TP group:
+/// `logits_local` [n, V_local] holds columns [vocab_start, vocab_start + V_local) of the full
+/// [n, V] logits; `targets` [n] are global ids. loss_i = log sum_v exp(z_iv) - z_i,target.
+///
+/// The row max (for stability), the sum of exponentials and the target logit are reduced over
+/// the group in forward; with "g"'s identity backward, each rank's gradient on its shard is
+/// exactly softmax - onehot restricted to the shard, the gradient of the unsplit loss.
+pub fn vocab_parallel_cross_entropy(
+    logits_local: &Tensor,
+    targets: &Tensor,
+    vocab_start: i64,
+    tp: &dyn Collective,
+) -> Tensor {
+    let logits = logits_local.to_kind(Kind::Float);
+    let v_local = logits.size()[1];
+    let mut row_max = logits.detach().amax(-1, true); // [n, 1]
+    tp.all_reduce_max(&mut row_max);
+    let shifted = logits - row_max;
+    let sum_exp = reduce_from_tp(&shifted.exp().sum_dim_intlist(-1, false, Kind::Float), tp); // [n]
+    let local_t = targets - vocab_start;
+    let here = local_t.ge(0).logical_and(&local_t.lt(v_local));
+    let target_local = shifted
+        .gather(-1, &local_t.clamp(0, v_local - 1).unsqueeze(-1), false)
+        .squeeze_dim(-1)
+        * here.to_kind(Kind::Float);
+    let target_logit = reduce_from_tp(&target_local, tp);
+    sum_exp.log() - target_logit
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::Single;
+    use tch::{Device, Reduction};
+
+    #[test]
+    fn single_rank_equals_plain_cross_entropy_and_gradient() {
+        tch::manual_seed(3);
+        let z = (Tensor::randn([12, 50], (Kind::Float, Device::Cpu)) * 4.0).set_requires_grad(true);
+        let t = Tensor::randint(50, [12], (Kind::Int64, Device::Cpu));
+        let ours = vocab_parallel_cross_entropy(&z, &t, 0, &Single).mean(Kind::Float);
+        let g_ours = Tensor::run_backward(&[&ours], &[&z], false, false)
+            .pop()
+            .unwrap();
+        let plain = z.cross_entropy_loss::<Tensor>(&t, None, Reduction::Mean, -100, 0.0);
+        let g_plain = Tensor::run_backward(&[&plain], &[&z], false, false)
+            .pop()
+            .unwrap();
+        assert!((ours.double_value(&[]) - plain.double_value(&[])).abs() < 1e-6);
+        assert!((g_ours - g_plain).abs().max().double_value(&[]) < 1e-7);
+    }
+
+    #[test]
+    fn vocab_padding() {
+        assert_eq!(padded_vocab_size(128100, 1), 128128);
+        assert_eq!(padded_vocab_size(128100, 2), 128256);
+        assert_eq!(padded_vocab_size(128100, 4), 128512);
+        assert_eq!(padded_vocab_size(256, 2), 256);
+    }
+}

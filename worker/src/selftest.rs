@@ -1,0 +1,183 @@
+//! Self-checks that need real ranks: run under `mpirun -np N deberta-worker selftest ...`.
+//! Inputs are rank-valued (Megatron's test_mappings idea), so a result checks both the values
+//! and the group membership. Each rank reports its own failures; rank 0 prints the totals as
+//! `N passed, N failed`.
+
+use deberta_model::collective::Collective;
+use deberta_model::tensor_parallel::vocab_parallel_cross_entropy;
+use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::mpi_group::MpiGroup;
+use crate::runtime::Groups;
+
+#[derive(Default)]
+pub struct Report {
+    pub passed: i64,
+    pub failed: i64,
+    rank: usize,
+}
+
+impl Report {
+    pub fn new(rank: usize) -> Report {
+        Report {
+            rank,
+            ..Default::default()
+        }
+    }
+
+    pub fn check(&mut self, name: &str, ok: bool, detail: impl FnOnce() -> String) {
+        if ok {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+            eprintln!("[rank {}] FAIL {name}: {}", self.rank, detail());
+        }
+    }
+
+    /// Sum over all ranks; rank 0 prints the closing line. True when nothing failed anywhere.
+    pub fn finish(&self, world: &MpiGroup) -> bool {
+        let mut counts = Tensor::from_slice(&[self.passed, self.failed]);
+        world.all_reduce_sum(&mut counts);
+        let (p, f) = (counts.int64_value(&[0]), counts.int64_value(&[1]));
+        if world.rank() == 0 {
+            println!("{p} passed, {f} failed");
+        }
+        f == 0
+    }
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    Vec::try_from(t.to_kind(Kind::Double).view([-1])).unwrap()
+}
+
+/// Every collective on one group against values computed by hand from the member list.
+fn check_group(name: &str, g: &MpiGroup, world_rank: usize, r: &mut Report) {
+    let m: Vec<f64> = g.members.iter().map(|&w| w as f64 + 1.0).collect(); // each member's value
+    let me = world_rank as f64 + 1.0;
+    let n = g.size();
+    r.check(&format!("{name}: size"), n == g.members.len(), || {
+        format!("{n} vs {:?}", g.members)
+    });
+    r.check(
+        &format!("{name}: rank"),
+        g.members[g.rank()] == world_rank,
+        || format!("rank {}", g.rank()),
+    );
+
+    for kind in [Kind::Float, Kind::Double, Kind::Int64] {
+        let mut t = Tensor::full([3, 2], me, (kind, Device::Cpu));
+        g.all_reduce_sum(&mut t);
+        let want: f64 = m.iter().sum();
+        r.check(
+            &format!("{name}: all_reduce_sum {kind:?}"),
+            values(&t).iter().all(|&v| v == want),
+            || format!("{:?}, want {want}", values(&t)),
+        );
+    }
+    let mut t = Tensor::from_slice(&[me, -me]);
+    g.all_reduce_max(&mut t);
+    let want = [
+        m.iter().cloned().fold(f64::MIN, f64::max),
+        -m.iter().cloned().fold(f64::MAX, f64::min),
+    ];
+    r.check(
+        &format!("{name}: all_reduce_max"),
+        values(&t) == want,
+        || format!("{:?}, want {want:?}", values(&t)),
+    );
+
+    let t = g.all_gather(&Tensor::from_slice(&[me, 10.0 * me]).view([1, 2]));
+    let want: Vec<f64> = m.iter().flat_map(|&v| [v, 10.0 * v]).collect();
+    r.check(
+        &format!("{name}: all_gather"),
+        t.size() == [n as i64, 2] && values(&t) == want,
+        || format!("{:?} {:?}, want {want:?}", t.size(), values(&t)),
+    );
+
+    let root = n - 1;
+    let mut t = Tensor::full([4], me, (Kind::Float, Device::Cpu));
+    g.broadcast(&mut t, root);
+    r.check(
+        &format!("{name}: broadcast from {root}"),
+        values(&t).iter().all(|&v| v == m[root]),
+        || format!("{:?}, want {}", values(&t), m[root]),
+    );
+
+    // Member k contributes (k+1) * (i+1) at index i; chunk r holds indices [2r, 2r+2).
+    let t = Tensor::arange(2 * n as i64, (Kind::Double, Device::Cpu)) + 1.0;
+    let t = g.reduce_scatter(&(t * me));
+    let total: f64 = m.iter().sum();
+    let want: Vec<f64> = (2 * g.rank()..2 * g.rank() + 2)
+        .map(|i| total * (i as f64 + 1.0))
+        .collect();
+    r.check(
+        &format!("{name}: reduce_scatter"),
+        values(&t) == want,
+        || format!("{:?}, want {want:?}", values(&t)),
+    );
+
+    g.barrier();
+}
+
+pub fn collectives(groups: &Groups, r: &mut Report) {
+    let rank = groups.topo.rank;
+    check_group("world", &groups.world, rank, r);
+    check_group("tp", &groups.tp, rank, r);
+    check_group("dp", &groups.dp, rank, r);
+}
+
+/// The vocab-parallel cross-entropy on this rank's TP group against the plain one on the full
+/// logits (every rank draws the same full logits from the same seed).
+pub fn cross_entropy(groups: &Groups, r: &mut Report) {
+    let tp = &groups.tp;
+    let (n, v) = (24i64, 64i64 * tp.size() as i64);
+    tch::manual_seed(11);
+    let full = Tensor::randn([n, v], (Kind::Float, Device::Cpu)) * 3.0;
+    let targets = Tensor::randint(v, [n], (Kind::Int64, Device::Cpu));
+    let v_local = v / tp.size() as i64;
+    let start = tp.rank() as i64 * v_local;
+
+    let local = full
+        .narrow(1, start, v_local)
+        .detach()
+        .set_requires_grad(true);
+    let loss = vocab_parallel_cross_entropy(&local, &targets, start, tp).mean(Kind::Float);
+    let grad = Tensor::run_backward(&[&loss], &[&local], false, false)
+        .pop()
+        .unwrap();
+
+    let whole = full.detach().set_requires_grad(true);
+    let plain = whole.cross_entropy_loss::<Tensor>(&targets, None, Reduction::Mean, -100, 0.0);
+    let plain_grad = Tensor::run_backward(&[&plain], &[&whole], false, false)
+        .pop()
+        .unwrap();
+
+    let dl = (loss.double_value(&[]) - plain.double_value(&[])).abs();
+    r.check(
+        &format!("cross-entropy tp={}: loss", tp.size()),
+        dl < 1e-5,
+        || format!("differs by {dl:e}"),
+    );
+    let dg = (grad - plain_grad.narrow(1, start, v_local))
+        .abs()
+        .max()
+        .double_value(&[]);
+    r.check(
+        &format!("cross-entropy tp={}: gradient shard", tp.size()),
+        dg < 1e-6,
+        || format!("differs by {dg:e}"),
+    );
+}
+
+/// Rank `fail_rank` panics in the middle of a run of all-reduces; the others are left waiting
+/// in a collective. The job must end (MPI_Abort from the panic hook), not hang.
+pub fn fail(groups: &Groups, fail_rank: usize) {
+    for step in 0..1000 {
+        if groups.topo.rank == fail_rank && step == 3 {
+            panic!("selftest: rank {fail_rank} fails on purpose at step {step}");
+        }
+        let mut t = Tensor::ones([8], (Kind::Float, Device::Cpu));
+        groups.world.all_reduce_sum(&mut t);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
