@@ -12,6 +12,7 @@ use tch::Tensor;
 
 use crate::config::DebertaConfig;
 use crate::nn::{finite_min, Linear};
+use crate::tensor_parallel::TpShard;
 
 /// What every layer's attention shares in one forward pass.
 #[derive(Debug)]
@@ -46,8 +47,13 @@ pub struct DisentangledSelfAttention {
 }
 
 impl DisentangledSelfAttention {
-    pub fn new(p: &Path, cfg: &DebertaConfig) -> Self {
-        let (d, a, std) = (cfg.hidden_size, cfg.all_head_size(), cfg.initializer_range);
+    /// Column-parallel: this rank holds heads [rank·H/tp, (rank+1)·H/tp) of every projection.
+    pub fn new(p: &Path, cfg: &DebertaConfig, tp: TpShard) -> Self {
+        let (d, a, std) = (
+            cfg.hidden_size,
+            tp.part(cfg.all_head_size()),
+            cfg.initializer_range,
+        );
         let separate = cfg.relative_attention && !cfg.share_att_key;
         DisentangledSelfAttention {
             query_proj: Linear::new(&(p / "query_proj"), d, a, true, std),

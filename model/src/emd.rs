@@ -10,6 +10,7 @@ use crate::attention::attention_mask;
 use crate::config::{Activation, DebertaConfig};
 use crate::encoder::Encoder;
 use crate::nn::{LayerNorm, Linear};
+use crate::tensor_parallel::{padded_vocab_size, TpShard};
 
 /// Number of EMD passes through the last layer (official n = 2).
 pub const EMD_STEPS: usize = 2;
@@ -38,18 +39,20 @@ pub fn enhanced_mask_decoder(
     q
 }
 
-/// `lm_predictions.lm_head`: dense D->D, activation, LayerNorm, then the tied decoder + bias.
+/// `lm_predictions.lm_head`: dense D->D, activation, LayerNorm, then the decoder tied to this
+/// rank's rows of the (padded, vocab-parallel) word embeddings, + bias.
 #[derive(Debug)]
 pub struct MlmHead {
     pub dense: Linear,
     pub layer_norm: LayerNorm,
-    /// [vocab]
+    /// This rank's slice of the vocabulary bias [V_p / tp].
     pub bias: Tensor,
     act: Activation,
 }
 
 impl MlmHead {
-    pub fn new(p: &Path, cfg: &DebertaConfig) -> MlmHead {
+    pub fn new(p: &Path, cfg: &DebertaConfig, tp: TpShard) -> MlmHead {
+        let rows = tp.part(padded_vocab_size(cfg.vocab_size, tp.size));
         MlmHead {
             dense: Linear::new(
                 &(p / "dense"),
@@ -59,16 +62,24 @@ impl MlmHead {
                 cfg.initializer_range,
             ),
             layer_norm: LayerNorm::new(&(p / "LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps),
-            bias: p.var("bias", &[cfg.vocab_size], Init::Const(0.0)),
+            bias: p.var("bias", &[rows], Init::Const(0.0)),
             act: cfg.hidden_act,
         }
     }
 
-    /// h: [.., D] -> logits [.., vocab] against the word embeddings [vocab, D].
-    pub fn forward(&self, h: &Tensor, word_embeddings: &Tensor) -> Tensor {
-        let t = self
-            .layer_norm
-            .forward(&self.act.apply(&self.dense.forward(h)));
-        t.matmul(&word_embeddings.tr()) + &self.bias
+    /// The replicated transform: LN(act(h W + b)), [.., D].
+    pub fn transform(&self, h: &Tensor) -> Tensor {
+        self.layer_norm
+            .forward(&self.act.apply(&self.dense.forward(h)))
+    }
+
+    /// Logits over this rank's vocabulary rows [.., V_p / tp] (padding columns included).
+    pub fn decode_local(&self, t: &Tensor, word_embeddings_local: &Tensor) -> Tensor {
+        t.matmul(&word_embeddings_local.tr()) + &self.bias
+    }
+
+    /// h: [.., D] -> logits [.., V_p / tp].
+    pub fn forward(&self, h: &Tensor, word_embeddings_local: &Tensor) -> Tensor {
+        self.decode_local(&self.transform(h), word_embeddings_local)
     }
 }

@@ -11,6 +11,7 @@ use crate::conv::ConvLayer;
 use crate::layer::Layer;
 use crate::nn::{embedding_table, LayerNorm};
 use crate::rel_pos::relative_index;
+use crate::tensor_parallel::TpShard;
 
 #[derive(Debug)]
 pub struct Encoder {
@@ -24,9 +25,9 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    pub fn new(p: &Path, cfg: &DebertaConfig) -> Encoder {
+    pub fn new(p: &Path, cfg: &DebertaConfig, tp: TpShard) -> Encoder {
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::new(&(p / "layer" / i), cfg))
+            .map(|i| Layer::new(&(p / "layer" / i), cfg, tp))
             .collect();
         let rel_embeddings = cfg.relative_attention.then(|| {
             embedding_table(

@@ -17,6 +17,7 @@ use tch::{Device, Kind, Tensor};
 use crate::config::DebertaConfig;
 use crate::error::ModelError;
 use crate::model::{DebertaV2, Parts};
+use crate::tensor_parallel::{sharding_of, Sharding};
 
 /// HF's `base_model_prefix` for DeBERTa: task models store the backbone under it; a bare
 /// `DebertaV2Model` stores it at the top level.
@@ -194,6 +195,11 @@ pub fn load_hf_dir(dir: &Path, device: Device) -> Result<LoadedModel, ModelError
         let view = stores[i].tensor(&name).map_err(|e| {
             ModelError::Checkpoint(format!("{}: tensor `{name}`: {e}", files[i].display()))
         })?;
+        // The vocabulary rows are padded in memory (tensor_parallel::padded_vocab_size); the
+        // checkpoint holds the real ones.
+        if sharding_of(&ours) == Sharding::Vocab {
+            var = var.narrow(0, 0, cfg.vocab_size);
+        }
         copy_into(&mut var, &view, &files[i], &name)?;
         used.insert(name);
     }
@@ -286,7 +292,14 @@ pub fn save_hf_dir(model: &DebertaV2, vs: &VarStore, dir: &Path) -> Result<(), M
     std::fs::create_dir_all(dir).map_err(|e| {
         ModelError::Checkpoint(format!("{}: cannot create directory: {e}", dir.display()))
     })?;
-    let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    let mut tensors: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(name, t)| match sharding_of(&name) {
+            Sharding::Vocab => (name, t.narrow(0, 0, model.cfg.vocab_size)),
+            _ => (name, t),
+        })
+        .collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     write_safetensors_f32(&dir.join("model.safetensors"), &tensors)?;
     let hf = model.cfg.to_hf(hf_architecture(model.parts));

@@ -1,30 +1,41 @@
 //! One post-LN transformer layer (spec §4):
 //!   a = LN1(Dropout(Attn(X, Xq) Wo + bo) + Xq)      residual is the QUERY stream (matters in the EMD)
 //!   y = LN2(Dropout(GELU(a W1 + b1) W2 + b2) + a)
+//!
+//! Under tensor parallelism (Megatron): q/k/v and W1 are column-parallel (this rank's heads /
+//! FFN slice), Wo and W2 row-parallel, so each sublayer needs one sum over TP ("g") before its
+//! bias. The two sublayers are separate functions because each is a segment of the segment-wise
+//! backward (`segments`): their inputs come in twice, `*_tp` feeding the TP branch and `*_res`
+//! the residual, so the branch's partial input gradient can be summed over TP at the boundary.
 
 use tch::nn::Path;
 use tch::Tensor;
 
 use crate::attention::{DisentangledSelfAttention, RelativeContext};
 use crate::config::{Activation, DebertaConfig};
-use crate::nn::{LayerNorm, Linear};
+use crate::nn::{LayerNorm, Linear, RowLinear};
+use crate::tensor_parallel::TpShard;
 
-/// Dense + dropout + residual + LayerNorm (HF `SelfOutput` / `Output`).
+/// The identity "g" of a model without tensor parallelism.
+pub fn no_reduce(x: &Tensor) -> Tensor {
+    x.shallow_clone()
+}
+
+/// Row-parallel dense + dropout + residual + LayerNorm (HF `SelfOutput` / `Output`).
 #[derive(Debug)]
 pub struct DenseResidualNorm {
-    pub dense: Linear,
+    pub dense: RowLinear,
     pub layer_norm: LayerNorm,
     dropout: f64,
 }
 
 impl DenseResidualNorm {
-    fn new(p: &Path, in_dim: i64, cfg: &DebertaConfig) -> Self {
+    fn new(p: &Path, in_local: i64, cfg: &DebertaConfig) -> Self {
         DenseResidualNorm {
-            dense: Linear::new(
+            dense: RowLinear::new(
                 &(p / "dense"),
-                in_dim,
+                in_local,
                 cfg.hidden_size,
-                true,
                 cfg.initializer_range,
             ),
             layer_norm: LayerNorm::new(&(p / "LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps),
@@ -32,9 +43,15 @@ impl DenseResidualNorm {
         }
     }
 
-    pub fn forward(&self, x: &Tensor, residual: &Tensor, train: bool) -> Tensor {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        g: &dyn Fn(&Tensor) -> Tensor,
+        train: bool,
+    ) -> Tensor {
         self.layer_norm
-            .forward(&(self.dense.forward(x).dropout(self.dropout, train) + residual))
+            .forward(&(self.dense.forward(x, g).dropout(self.dropout, train) + residual))
     }
 }
 
@@ -44,35 +61,36 @@ pub struct Layer {
     pub attention: DisentangledSelfAttention,
     /// `attention.output`
     pub attention_output: DenseResidualNorm,
-    /// `intermediate.dense`
+    /// `intermediate.dense` (column-parallel)
     pub intermediate: Linear,
-    /// `output`
+    /// `output` (row-parallel dense)
     pub output: DenseResidualNorm,
     act: Activation,
 }
 
 impl Layer {
-    pub fn new(p: &Path, cfg: &DebertaConfig) -> Layer {
+    pub fn new(p: &Path, cfg: &DebertaConfig, tp: TpShard) -> Layer {
         Layer {
-            attention: DisentangledSelfAttention::new(&(p / "attention" / "self"), cfg),
+            attention: DisentangledSelfAttention::new(&(p / "attention" / "self"), cfg, tp),
             attention_output: DenseResidualNorm::new(
                 &(p / "attention" / "output"),
-                cfg.all_head_size(),
+                tp.part(cfg.all_head_size()),
                 cfg,
             ),
             intermediate: Linear::new(
                 &(p / "intermediate" / "dense"),
                 cfg.hidden_size,
-                cfg.intermediate_size,
+                tp.part(cfg.intermediate_size),
                 true,
                 cfg.initializer_range,
             ),
-            output: DenseResidualNorm::new(&(p / "output"), cfg.intermediate_size, cfg),
+            output: DenseResidualNorm::new(&(p / "output"), tp.part(cfg.intermediate_size), cfg),
             act: cfg.hidden_act,
         }
     }
 
     /// x: [B, N, D] keys/values; xq: [B, Nq, D] queries (None = x); mask [B, 1, Nq, N] -> [B, Nq, D].
+    /// The whole layer without tensor parallelism.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -82,9 +100,36 @@ impl Layer {
         train: bool,
     ) -> Tensor {
         let xq = xq.unwrap_or(x);
-        let ctx = self.attention.forward(x, xq, rel, mask, train);
-        let a = self.attention_output.forward(&ctx, xq, train);
-        let f = self.act.apply(&self.intermediate.forward(&a));
-        self.output.forward(&f, &a, train)
+        let a = self.attention_sublayer(x, xq, xq, rel, mask, &no_reduce, train);
+        self.ffn_sublayer(&a, &a, &no_reduce, train)
+    }
+
+    /// a = LN1(Dropout(g(Attn(kv, q) Wo) + bo) + q_res): kv and q feed this rank's heads, q_res
+    /// is the residual copy of q (the same values).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_sublayer(
+        &self,
+        kv: &Tensor,
+        q: &Tensor,
+        q_res: &Tensor,
+        rel: Option<&RelativeContext>,
+        mask: &Tensor,
+        g: &dyn Fn(&Tensor) -> Tensor,
+        train: bool,
+    ) -> Tensor {
+        let ctx = self.attention.forward(kv, q, rel, mask, train); // [B, Nq, heads_local * d]
+        self.attention_output.forward(&ctx, q_res, g, train)
+    }
+
+    /// y = LN2(Dropout(g(act(a W1 + b1) W2) + b2) + a_res).
+    pub fn ffn_sublayer(
+        &self,
+        a: &Tensor,
+        a_res: &Tensor,
+        g: &dyn Fn(&Tensor) -> Tensor,
+        train: bool,
+    ) -> Tensor {
+        let f = self.act.apply(&self.intermediate.forward(a)); // [B, N, F / tp]
+        self.output.forward(&f, a_res, g, train)
     }
 }

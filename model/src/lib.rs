@@ -15,7 +15,8 @@
 //! | `hf` | §1.4 | HF checkpoint import/export |
 //! | `cost` | — | parameter counts, FLOPs per token, memory estimate |
 //! | `inputs`, `compare` | — | padding token sequences; comparing outputs numerically |
-//! | `collective`, `tensor_parallel` | — | the communication trait; TP ops (g, vocab-parallel CE) |
+//! | `collective`, `tensor_parallel` | — | the communication trait; TP plan and ops (g, vocab-parallel CE) |
+//! | `segments` | — | segment-wise forward/backward: TP's "f" operator without custom autograd |
 //!
 //! Parameter paths are HF's (`deberta.encoder.layer.3.attention.self.query_proj.weight`), so a
 //! checkpoint maps onto the VarStore by name. No module knows about files except `hf`.
@@ -41,6 +42,7 @@ pub mod layer;
 pub mod model;
 pub mod nn;
 pub mod rel_pos;
+pub mod segments;
 pub mod tensor_parallel;
 
 pub use config::{Activation, DebertaConfig, HfDebertaV2Config};

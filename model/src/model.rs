@@ -3,12 +3,16 @@
 use tch::nn::Path;
 use tch::{Kind, Reduction, Tensor};
 
+use crate::attention::{attention_mask, RelativeContext};
 use crate::config::DebertaConfig;
 use crate::embeddings::Embeddings;
-use crate::emd::{enhanced_mask_decoder, MlmHead};
+use crate::emd::{enhanced_mask_decoder, MlmHead, EMD_STEPS};
 use crate::encoder::Encoder;
 use crate::error::ModelError;
 use crate::heads::SequenceClassifier;
+use crate::rel_pos::relative_index;
+use crate::segments::{Boundary, Input, Tape};
+use crate::tensor_parallel::{reduce_from_tp, vocab_parallel_cross_entropy_padded, TpShard};
 
 /// Label value that the MLM loss ignores (HF's convention; the official code uses 0, pitfall 18).
 pub const IGNORE_INDEX: i64 = -100;
@@ -69,6 +73,17 @@ impl DebertaV2 {
     /// Build (randomly initialised, spec §9.3) under `root`, which names the HF top level: the
     /// backbone lives in `root / "deberta"`, the heads beside it.
     pub fn new(root: &Path, cfg: &DebertaConfig, parts: Parts) -> Result<DebertaV2, ModelError> {
+        Self::new_tp(root, cfg, parts, TpShard::NONE)
+    }
+
+    /// This rank's shard of the model under tensor parallelism (`tensor_parallel::sharding_of`
+    /// says which parameters are split and how).
+    pub fn new_tp(
+        root: &Path,
+        cfg: &DebertaConfig,
+        parts: Parts,
+        tp: TpShard,
+    ) -> Result<DebertaV2, ModelError> {
         if parts.mlm && !cfg.position_biased_input && cfg.num_hidden_layers < 2 {
             return Err(ModelError::Config(
                 "the enhanced mask decoder reads the input of the last layer: num_hidden_layers must be >= 2".into(),
@@ -79,11 +94,11 @@ impl DebertaV2 {
         Ok(DebertaV2 {
             cfg: cfg.clone(),
             parts,
-            embeddings: Embeddings::new(&(&backbone / "embeddings"), cfg, with_table),
-            encoder: Encoder::new(&(&backbone / "encoder"), cfg),
+            embeddings: Embeddings::new(&(&backbone / "embeddings"), cfg, with_table, tp),
+            encoder: Encoder::new(&(&backbone / "encoder"), cfg, tp),
             mlm: parts
                 .mlm
-                .then(|| MlmHead::new(&(root / "lm_predictions" / "lm_head"), cfg)),
+                .then(|| MlmHead::new(&(root / "lm_predictions" / "lm_head"), cfg, tp)),
             classifier: parts.classifier.then(|| SequenceClassifier::new(root, cfg)),
         })
     }
@@ -141,7 +156,8 @@ impl DebertaV2 {
     pub fn mlm_logits(&self, enc: &Encoded, train: bool) -> Option<Tensor> {
         let head = self.mlm.as_ref()?;
         let q = self.emd_states(enc, train);
-        Some(head.forward(&q, &self.embeddings.word_embeddings))
+        let logits = head.forward(&q, &self.embeddings.word_embeddings); // [B, N, V_p]
+        Some(logits.narrow(-1, 0, self.cfg.vocab_size))
     }
 
     /// The EMD's query states [B, N, D] (spec §7.1).
@@ -172,6 +188,7 @@ impl DebertaV2 {
         let h = q.reshape([-1, d]).index_select(0, &sel); // [n_masked, D]
         let logits = head
             .forward(&h, &self.embeddings.word_embeddings)
+            .narrow(-1, 0, self.cfg.vocab_size) // drop the padding columns
             .to_kind(Kind::Float);
         let target = flat_labels.index_select(0, &sel);
         Some(logits.cross_entropy_loss::<Tensor>(&target, None, Reduction::Mean, IGNORE_INDEX, 0.0))
@@ -184,5 +201,130 @@ impl DebertaV2 {
                 .as_ref()?
                 .forward(enc.last_hidden_state(), train),
         )
+    }
+}
+
+/// Pretraining under tensor parallelism: the MLM + EMD loss built segment by segment on a
+/// `Tape` (see `segments`), one segment per sublayer.
+impl DebertaV2 {
+    /// Records the forward pass of sum over predicted positions of CE, times `scale` (e.g.
+    /// 1 / predicted tokens in the global batch), and returns the loss boundary; call
+    /// `tape.backward(loss)` for the gradients. ids, mask, labels: [B, N] int64 on this rank
+    /// (the same on every rank of a TP group).
+    pub fn mlm_loss_segments(
+        &self,
+        tape: &mut Tape,
+        ids: &Tensor,
+        mask: &Tensor,
+        labels: &Tensor,
+        scale: f64,
+        train: bool,
+    ) -> Boundary {
+        let head = self
+            .mlm
+            .as_ref()
+            .expect("mlm_loss_segments needs the MLM head");
+        let tp = tape.tp();
+        let g = |x: &Tensor| reduce_from_tp(x, tp);
+        let mask_f = mask.to_kind(Kind::Float);
+        let n = ids.size()[1];
+        let att_mask = attention_mask(&mask_f, &mask_f);
+        let rel_idx = self
+            .encoder
+            .rel_embeddings
+            .as_ref()
+            .map(|t| relative_index(&self.cfg, n, n, t.device()));
+
+        let e = tape.segment(&[], |_| {
+            vec![self.embeddings.forward_tp(ids, &mask_f, &g, train)]
+        })[0];
+        // R = LN(E_rel), shared by every layer; each reads it through its heads (tp leaf).
+        let rel = self
+            .encoder
+            .relative_context(n, n)
+            .map(|r| tape.segment(&[], |_| vec![r.table])[0]);
+        let rel_ctx = |inputs: &[Input], at: usize| {
+            rel.map(|_| RelativeContext {
+                table: inputs[at].tp.shallow_clone(),
+                rel_idx: rel_idx.as_ref().unwrap().shallow_clone(),
+            })
+        };
+        let with_rel =
+            |xs: &[Boundary]| -> Vec<Boundary> { xs.iter().copied().chain(rel).collect() };
+
+        let mut outs: Vec<Boundary> = Vec::with_capacity(self.encoder.layers.len());
+        for (i, layer) in self.encoder.layers.iter().enumerate() {
+            let x = outs.last().copied().unwrap_or(e);
+            let a = tape.segment(&with_rel(&[x]), |inp| {
+                let rc = rel_ctx(inp, 1);
+                vec![layer.attention_sublayer(
+                    &inp[0].tp,
+                    &inp[0].tp,
+                    &inp[0].rep,
+                    rc.as_ref(),
+                    &att_mask,
+                    &g,
+                    train,
+                )]
+            })[0];
+            let mut y = tape.segment(&[a], |inp| {
+                vec![layer.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)]
+            })[0];
+            if i == 0 {
+                if let Some(conv) = &self.encoder.conv {
+                    y = tape.segment(&[e, y], |inp| {
+                        vec![conv.forward(&inp[0].rep, &inp[1].rep, &mask_f, train)]
+                    })[0];
+                }
+            }
+            outs.push(y);
+        }
+
+        // The enhanced mask decoder (spec §7.1): the last layer twice on outs[-2].
+        let q_final = if self.cfg.position_biased_input {
+            *outs.last().unwrap()
+        } else {
+            let h_kv = outs[outs.len() - 2];
+            let positions = self
+                .embeddings
+                .positions(n)
+                .expect("the EMD needs the position table");
+            let mut q = tape.segment(&[h_kv], |inp| vec![&positions + &inp[0].rep])[0];
+            let last = self.encoder.layers.last().unwrap();
+            for _ in 0..EMD_STEPS {
+                let a = tape.segment(&with_rel(&[h_kv, q]), |inp| {
+                    let rc = rel_ctx(inp, 2);
+                    vec![last.attention_sublayer(
+                        &inp[0].tp,
+                        &inp[1].tp,
+                        &inp[1].rep,
+                        rc.as_ref(),
+                        &att_mask,
+                        &g,
+                        train,
+                    )]
+                })[0];
+                q = tape.segment(&[a], |inp| {
+                    vec![last.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)]
+                })[0];
+            }
+            q
+        };
+
+        // Head on the predicted positions only: replicated transform, then the vocab-parallel
+        // decoder and cross-entropy.
+        let d = self.cfg.hidden_size;
+        let flat = labels.reshape([-1]);
+        let sel = flat.ne(IGNORE_INDEX).nonzero().squeeze_dim(1);
+        let targets = flat.index_select(0, &sel);
+        let h = tape.segment(&[q_final], |inp| {
+            vec![head.transform(&inp[0].rep.reshape([-1, d]).index_select(0, &sel))]
+        })[0];
+        let (start, vocab) = (self.embeddings.vocab_start, self.cfg.vocab_size);
+        tape.segment(&[h], |inp| {
+            let logits = head.decode_local(&inp[0].tp, &self.embeddings.word_embeddings);
+            let ce = vocab_parallel_cross_entropy_padded(&logits, &targets, start, vocab, tp);
+            vec![ce.sum(Kind::Float) * scale]
+        })[0]
     }
 }

@@ -32,6 +32,38 @@ impl Linear {
     }
 }
 
+/// Row-parallel linear (Megatron): W [out, in] is split along `in`; each rank computes the
+/// partial product x_r W_r^T, the partials are summed over TP ("g"), then the replicated bias is
+/// added: y = sum_r x_r W_r^T + b.
+#[derive(Debug)]
+pub struct RowLinear {
+    /// [out, in / tp]
+    pub weight: Tensor,
+    /// [out], replicated.
+    pub bias: Tensor,
+}
+
+impl RowLinear {
+    pub fn new(p: &Path, in_local: i64, out_dim: i64, std: f64) -> RowLinear {
+        RowLinear {
+            weight: p.var(
+                "weight",
+                &[out_dim, in_local],
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: std,
+                },
+            ),
+            bias: p.var("bias", &[out_dim], Init::Const(0.0)),
+        }
+    }
+
+    /// y = g(x W^T) + b, with `g` the sum over the TP group (identity without TP).
+    pub fn forward(&self, x: &Tensor, g: &dyn Fn(&Tensor) -> Tensor) -> Tensor {
+        g(&x.linear::<Tensor>(&self.weight, None)) + &self.bias
+    }
+}
+
 /// LayerNorm over the last dimension (DeBERTa uses eps 1e-7 everywhere, pitfall 10).
 #[derive(Debug)]
 pub struct LayerNorm {

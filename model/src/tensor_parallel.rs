@@ -12,6 +12,69 @@
 use tch::{Kind, Tensor};
 
 use crate::collective::Collective;
+use crate::nn::finite_min;
+
+/// This rank's place in its tensor-parallel group; layers allocate their shard from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TpShard {
+    pub rank: i64,
+    pub size: i64,
+}
+
+impl TpShard {
+    /// No tensor parallelism: every layer holds its full weight.
+    pub const NONE: TpShard = TpShard { rank: 0, size: 1 };
+
+    /// This rank's share of a dimension of `n` (which the layout check made divisible).
+    pub fn part(&self, n: i64) -> i64 {
+        assert!(
+            n % self.size == 0,
+            "{n} does not divide by tp = {}",
+            self.size
+        );
+        n / self.size
+    }
+}
+
+/// How a parameter is split across the TP group (Megatron's scheme; DESIGN.md § Parallelism).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharding {
+    /// Every rank holds the whole tensor (LayerNorms, biases added after a reduction, the
+    /// relative table, the conv, the MLM transform, the classifier).
+    Replicated,
+    /// Split along dim 0 (output features): q/k/v and FFN-in weights and biases.
+    Column,
+    /// Split along dim 1 (input features): attention-out and FFN-out weights.
+    Row,
+    /// Split along dim 0 over the padded vocabulary: word embeddings and the MLM bias.
+    Vocab,
+}
+
+/// The TP plan, by HF parameter name: the one table that layer construction is checked against
+/// and that checkpoint slicing and gathering follow.
+pub fn sharding_of(name: &str) -> Sharding {
+    const COLUMN: [&str; 5] = [
+        "query_proj.",
+        "key_proj.",
+        "value_proj.",
+        "pos_key_proj.",
+        "pos_query_proj.",
+    ];
+    if name.contains(".attention.self.") && COLUMN.iter().any(|c| name.contains(c)) {
+        return Sharding::Column;
+    }
+    if name.contains(".intermediate.dense.") {
+        return Sharding::Column;
+    }
+    if name.contains(".layer.") && name.ends_with("output.dense.weight") {
+        return Sharding::Row; // attention.output.dense and the FFN's output.dense
+    }
+    if name.ends_with("embeddings.word_embeddings.weight") || name == "lm_predictions.lm_head.bias"
+    {
+        return Sharding::Vocab;
+    }
+    Sharding::Replicated
+}
 
 /// "g": y = sum over the group of x; dy/dx = identity. Written as x + (allreduce(x) - x) on
 /// detached values, so autograd sees only `x`. Returns x itself in a group of one.
@@ -45,8 +108,25 @@ pub fn vocab_parallel_cross_entropy(
     vocab_start: i64,
     tp: &dyn Collective,
 ) -> Tensor {
-    let logits = logits_local.to_kind(Kind::Float);
+    vocab_parallel_cross_entropy_padded(logits_local, targets, vocab_start, i64::MAX, tp)
+}
+
+/// As `vocab_parallel_cross_entropy`, with the columns of ids >= `vocab_size` (the padding rows
+/// of the embedding) left out of the softmax, so padding never changes the loss.
+pub fn vocab_parallel_cross_entropy_padded(
+    logits_local: &Tensor,
+    targets: &Tensor,
+    vocab_start: i64,
+    vocab_size: i64,
+    tp: &dyn Collective,
+) -> Tensor {
+    let mut logits = logits_local.to_kind(Kind::Float);
     let v_local = logits.size()[1];
+    let real = vocab_size.saturating_sub(vocab_start).clamp(0, v_local);
+    if real < v_local {
+        let column = Tensor::arange(v_local, (Kind::Int64, logits.device()));
+        logits = logits.masked_fill(&column.ge(real), finite_min(Kind::Float));
+    }
     let mut row_max = logits.detach().amax(-1, true); // [n, 1]
     tp.all_reduce_max(&mut row_max);
     let shifted = logits - row_max;

@@ -1,0 +1,195 @@
+//! Segment-wise forward and backward: how tensor parallelism's "f" operator (identity forward,
+//! sum over TP backward) is done in tch, which has no custom autograd functions or hooks
+//! (DESIGN.md § Parallelism).
+//!
+//! The forward pass is cut into segments (a sublayer each). A segment's inputs are *boundaries*:
+//! detached values produced by earlier segments. Each input enters a segment as two leaves with
+//! the same storage: `tp`, for the computation that runs on this rank's shard (column-parallel
+//! projections, the vocab-parallel decoder), and `rep`, for the computation every TP rank repeats
+//! (residuals, LayerNorms, the conv). After backward, the gradient that reached `tp` is only this
+//! rank's part, so
+//!
+//!   dL/d(boundary) = sum over TP of (tp grads) + (rep grads)
+//!
+//! which is exactly "f"'s backward. Backward visits the segments in reverse; a boundary's
+//! gradient is complete when its producer is reached (every consumer comes later in the tape),
+//! so the TP sum happens once per boundary, however many segments read it. With a TP group of
+//! one the sum is the identity and this is ordinary backpropagation, cut into pieces.
+//!
+//! Replicated parameters inside a segment receive the full gradient on every rank; sharded ones
+//! their shard's gradient. Nothing else needs a TP all-reduce.
+
+use tch::{Kind, Tensor};
+
+use crate::collective::Collective;
+
+/// A value passed between segments (an index into the tape).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Boundary(usize);
+
+/// One input of a segment, as the segment's code sees it.
+pub struct Input {
+    /// Leaf for the computation on this rank's shard (its gradient is partial).
+    pub tp: Tensor,
+    /// Leaf for the replicated computation.
+    pub rep: Tensor,
+}
+
+struct BoundaryState {
+    value: Tensor,
+    rep_grad: Option<Tensor>,
+    tp_grad: Option<Tensor>,
+}
+
+struct Segment {
+    inputs: Vec<(usize, Input)>,
+    /// (boundary, output with its autograd graph)
+    outputs: Vec<(usize, Tensor)>,
+}
+
+pub struct Tape<'c> {
+    tp: &'c dyn Collective,
+    boundaries: Vec<BoundaryState>,
+    segments: Vec<Segment>,
+}
+
+fn accumulate(slot: &mut Option<Tensor>, g: Tensor) {
+    *slot = Some(match slot.take() {
+        Some(acc) => acc + g,
+        None => g,
+    });
+}
+
+impl<'c> Tape<'c> {
+    pub fn new(tp: &'c dyn Collective) -> Tape<'c> {
+        Tape {
+            tp,
+            boundaries: Vec::new(),
+            segments: Vec::new(),
+        }
+    }
+
+    /// The TP group the tape reduces over.
+    pub fn tp(&self) -> &'c dyn Collective {
+        self.tp
+    }
+
+    /// Run `f` on fresh leaves of `inputs`; its outputs become new boundaries.
+    pub fn segment(
+        &mut self,
+        inputs: &[Boundary],
+        f: impl FnOnce(&[Input]) -> Vec<Tensor>,
+    ) -> Vec<Boundary> {
+        let leaves: Vec<Input> = inputs
+            .iter()
+            .map(|b| {
+                let v = &self.boundaries[b.0].value;
+                Input {
+                    tp: v.detach().set_requires_grad(true),
+                    rep: v.detach().set_requires_grad(true),
+                }
+            })
+            .collect();
+        let outputs = f(&leaves);
+        let mut handles = Vec::with_capacity(outputs.len());
+        let mut outs = Vec::with_capacity(outputs.len());
+        for out in outputs {
+            let id = self.boundaries.len();
+            self.boundaries.push(BoundaryState {
+                value: out.detach(),
+                rep_grad: None,
+                tp_grad: None,
+            });
+            handles.push(Boundary(id));
+            outs.push((id, out));
+        }
+        self.segments.push(Segment {
+            inputs: inputs.iter().map(|b| b.0).zip(leaves).collect(),
+            outputs: outs,
+        });
+        handles
+    }
+
+    /// A boundary's value (detached).
+    pub fn value(&self, b: Boundary) -> &Tensor {
+        &self.boundaries[b.0].value
+    }
+
+    /// The full gradient of a boundary: its replicated part plus its TP parts summed over TP.
+    fn full_grad(&mut self, id: usize) -> Option<Tensor> {
+        let state = &mut self.boundaries[id];
+        let tp_part = state.tp_grad.take().map(|mut g| {
+            self.tp.all_reduce_sum(&mut g);
+            g
+        });
+        match (state.rep_grad.take(), tp_part) {
+            (Some(r), Some(t)) => Some(r + t),
+            (r, t) => r.or(t),
+        }
+    }
+
+    /// Backpropagate from the scalar `loss`, accumulating into the parameters' `.grad`.
+    /// Consumes the tape (every segment's graph is freed as soon as it has been used).
+    pub fn backward(mut self, loss: Boundary) {
+        let seed = Tensor::ones_like(&self.boundaries[loss.0].value);
+        self.boundaries[loss.0].rep_grad = Some(seed);
+        while let Some(seg) = self.segments.pop() {
+            let mut objective: Option<Tensor> = None;
+            for (id, out) in &seg.outputs {
+                if let Some(g) = self.full_grad(*id) {
+                    // sum(out * g) has gradient g with respect to out.
+                    let term = (out * g.to_kind(out.kind())).sum(Kind::Float);
+                    objective = Some(match objective {
+                        Some(o) => o + term,
+                        None => term,
+                    });
+                }
+            }
+            let Some(objective) = objective else { continue };
+            if !objective.requires_grad() {
+                continue; // nothing upstream of this segment needs a gradient
+            }
+            objective.backward();
+            for (id, leaf) in seg.inputs {
+                let state = &mut self.boundaries[id];
+                let (gt, gr) = (leaf.tp.grad(), leaf.rep.grad());
+                if gt.defined() {
+                    accumulate(&mut state.tp_grad, gt);
+                }
+                if gr.defined() {
+                    accumulate(&mut state.rep_grad, gr);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::Single;
+    use tch::Device;
+
+    #[test]
+    fn a_chain_with_a_shared_input_matches_plain_autograd() {
+        tch::manual_seed(0);
+        let w1 = Tensor::randn([4, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let w2 = Tensor::randn([4, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let x = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
+        // plain: y = tanh(x w1); z = (y w2 + y); loss = sum(z^2) + sum(y)
+        let y = x.matmul(&w1).tanh();
+        let loss =
+            ((y.matmul(&w2) + &y).pow_tensor_scalar(2).sum(Kind::Float)) + y.sum(Kind::Float);
+        let want = Tensor::run_backward(&[&loss], &[&w1, &w2], false, false);
+
+        let mut tape = Tape::new(&Single);
+        let y = tape.segment(&[], |_| vec![x.matmul(&w1).tanh()])[0];
+        let z = tape.segment(&[y], |i| vec![i[0].tp.matmul(&w2) + &i[0].rep])[0];
+        let l = tape.segment(&[z, y], |i| {
+            vec![i[0].rep.pow_tensor_scalar(2).sum(Kind::Float) + i[1].rep.sum(Kind::Float)]
+        })[0];
+        tape.backward(l);
+        assert!((w1.grad() - &want[0]).abs().max().double_value(&[]) < 1e-5);
+        assert!((w2.grad() - &want[1]).abs().max().double_value(&[]) < 1e-5);
+    }
+}

@@ -1,0 +1,83 @@
+//! The segment-wise backward (tensor parallelism's machinery) at TP = 1 equals plain autograd,
+//! loss and every parameter gradient: the cut into segments loses nothing.
+
+use deberta_model::collective::Single;
+use deberta_model::segments::Tape;
+use deberta_model::{DebertaConfig, DebertaV2, Parts, IGNORE_INDEX};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+pub fn small_config() -> DebertaConfig {
+    let mut c = DebertaConfig::v2(3, 32, 4, 64);
+    c.vocab_size = 500;
+    c.max_position_embeddings = 64;
+    c.max_relative_positions = 64;
+    c.position_buckets = 8;
+    c.hidden_dropout_prob = 0.0;
+    c.attention_probs_dropout_prob = 0.0;
+    c
+}
+
+fn grads(vs: &VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.grad().copy()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn segment_backward_equals_plain_backward() {
+    for position_biased_input in [false, true] {
+        let mut cfg = small_config();
+        cfg.position_biased_input = position_biased_input;
+        tch::manual_seed(5);
+        let vs = VarStore::new(Device::Cpu);
+        let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
+        let (b, n) = (3, 20);
+        let ids = Tensor::randint_low(4, cfg.vocab_size, [b, n], (Kind::Int64, Device::Cpu));
+        let mask = Tensor::ones([b, n], (Kind::Int64, Device::Cpu));
+        let _ = mask.get(2).narrow(0, 12, 8).fill_(0);
+        let chosen = Tensor::rand([b, n], (Kind::Float, Device::Cpu))
+            .lt(0.3)
+            .logical_and(&mask.gt(0));
+        let labels = Tensor::randint(cfg.vocab_size, [b, n], (Kind::Int64, Device::Cpu))
+            .where_self(
+                &chosen,
+                &Tensor::full([b, n], IGNORE_INDEX, (Kind::Int64, Device::Cpu)),
+            );
+        let count = chosen.sum(Kind::Int64).int64_value(&[]);
+        assert!(count > 5);
+
+        let plain = model
+            .mlm_loss(&model.encode(&ids, &mask, true), &labels, true)
+            .unwrap();
+        plain.backward();
+        let want = grads(&vs);
+        vs.variables().values().for_each(|t| {
+            let mut g = t.grad();
+            let _ = g.zero_();
+        });
+
+        let mut tape = Tape::new(&Single);
+        let loss =
+            model.mlm_loss_segments(&mut tape, &ids, &mask, &labels, 1.0 / count as f64, true);
+        let value = tape.value(loss).double_value(&[]);
+        tape.backward(loss);
+        assert!(
+            (value - plain.double_value(&[])).abs() < 1e-5,
+            "loss {value} vs {}",
+            plain.double_value(&[])
+        );
+        for ((name, w), (_, g)) in want.iter().zip(grads(&vs)) {
+            let d = (w - &g).abs().max().double_value(&[]);
+            let scale = w.abs().max().double_value(&[]).max(1e-6);
+            assert!(
+                d <= 1e-5 * scale.max(1.0),
+                "{name}: gradient differs by {d:e} (max |g| {scale:e})"
+            );
+        }
+    }
+}
