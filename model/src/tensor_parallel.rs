@@ -141,6 +141,52 @@ pub fn vocab_parallel_cross_entropy_padded(
     sum_exp.log() - target_logit
 }
 
+/// This rank's shard of a full tensor (as a single-device model holds it, vocabulary rows
+/// padded or not), following the TP plan: the slicing used to load one set of weights into
+/// any TP size.
+pub fn shard_full(name: &str, full: &Tensor, vocab_size: i64, tp: TpShard) -> Tensor {
+    match sharding_of(name) {
+        Sharding::Replicated => full.shallow_clone(),
+        Sharding::Column => {
+            let n = tp.part(full.size()[0]);
+            full.narrow(0, tp.rank * n, n)
+        }
+        Sharding::Row => {
+            let n = tp.part(full.size()[1]);
+            full.narrow(1, tp.rank * n, n)
+        }
+        Sharding::Vocab => {
+            let rows = tp.part(padded_vocab_size(vocab_size, tp.size));
+            let mut shape = full.size();
+            shape[0] = rows;
+            let out = Tensor::zeros(shape.as_slice(), (full.kind(), full.device()));
+            let (lo, hi) = (tp.rank * rows, ((tp.rank + 1) * rows).min(vocab_size));
+            if hi > lo {
+                tch::no_grad(|| {
+                    out.narrow(0, 0, hi - lo)
+                        .copy_(&full.narrow(0, lo, hi - lo))
+                });
+            }
+            out
+        }
+    }
+}
+
+/// The full tensor from every TP rank's shard (collective over `tp`), vocabulary rows trimmed
+/// to `vocab_size`: the inverse of `shard_full`.
+pub fn gather_full(name: &str, local: &Tensor, vocab_size: i64, tp: &dyn Collective) -> Tensor {
+    let local = local.detach().contiguous();
+    match sharding_of(name) {
+        Sharding::Replicated => local,
+        Sharding::Column => tp.all_gather(&local),
+        Sharding::Row => tp
+            .all_gather(&local.transpose(0, 1).contiguous())
+            .transpose(0, 1)
+            .contiguous(),
+        Sharding::Vocab => tp.all_gather(&local).narrow(0, 0, vocab_size),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,5 +216,39 @@ mod tests {
         assert_eq!(padded_vocab_size(128100, 2), 128256);
         assert_eq!(padded_vocab_size(128100, 4), 128512);
         assert_eq!(padded_vocab_size(256, 2), 256);
+    }
+
+    #[test]
+    fn shards_concatenate_back_to_the_full_tensor() {
+        let w = Tensor::arange(24, (Kind::Float, Device::Cpu)).view([6, 4]);
+        let cat = |name: &str, dim: i64| {
+            let parts: Vec<Tensor> = (0..2)
+                .map(|r| shard_full(name, &w, 5, TpShard { rank: r, size: 2 }))
+                .collect();
+            Tensor::cat(&parts, dim)
+        };
+        let col = "deberta.encoder.layer.0.attention.self.query_proj.weight";
+        let row = "deberta.encoder.layer.0.output.dense.weight";
+        assert_eq!(sharding_of(col), Sharding::Column);
+        assert_eq!(sharding_of(row), Sharding::Row);
+        assert_eq!(
+            sharding_of("deberta.encoder.layer.0.output.dense.bias"),
+            Sharding::Replicated
+        );
+        assert_eq!(
+            sharding_of("lm_predictions.lm_head.dense.weight"),
+            Sharding::Replicated
+        );
+        assert!(cat(col, 0).equal(&w));
+        assert!(cat(row, 1).equal(&w));
+        // Vocabulary 5 of 6 rows, padded to 256 at tp 2: rank 0 holds rows 0..128 (5 real).
+        let v = cat("deberta.embeddings.word_embeddings.weight", 0);
+        assert_eq!(v.size(), [256, 4]);
+        assert!(v.narrow(0, 0, 5).equal(&w.narrow(0, 0, 5)));
+        assert_eq!(
+            v.narrow(0, 5, 251).abs().sum(Kind::Float).double_value(&[]),
+            0.0
+        );
+        assert!(gather_full(col, &w, 5, &Single).equal(&w));
     }
 }

@@ -1,6 +1,8 @@
 //! The per-rank worker (DESIGN.md § Parallelism, § Training): MPI start-up, the rank topology,
 //! the collectives backends, and (issue D) the trainer. Only `mpi_group` and `runtime` know MPI.
 
+pub mod grads;
+pub mod harness;
 pub mod mpi_group;
 pub mod runtime;
 pub mod selftest;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use deberta_model::DebertaConfig;
+use deberta_worker::harness::HarnessConfig;
 use deberta_worker::runtime::{abort_job_on_panic, check_not_a_stray_singleton, make_groups};
 use deberta_worker::selftest::{self, Report};
 use deberta_worker::topology::Layout;
@@ -42,7 +43,7 @@ enum Command {
     },
 }
 
-#[derive(Debug, Clone, Copy, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 enum Selftest {
     /// Every collective on the world, TP and DP groups, against hand-computed results.
     Collectives,
@@ -52,6 +53,14 @@ enum Selftest {
     Fail {
         #[arg(long, default_value_t = 1)]
         rank: usize,
+    },
+    /// Train the tiny test model a few SGD steps on synthetic batches; rank 0 writes the losses
+    /// and the gathered full parameters to OUT (compared across layouts by the tests).
+    TrainSteps {
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
     },
 }
 
@@ -106,8 +115,19 @@ fn main() -> ExitCode {
                 Selftest::Collectives => selftest::collectives(&groups, &mut report),
                 Selftest::CrossEntropy => selftest::cross_entropy(&groups, &mut report),
                 Selftest::Fail { rank: r } => selftest::fail(&groups, r),
+                Selftest::TrainSteps { out, steps } => {
+                    let hc = HarnessConfig {
+                        steps,
+                        ..HarnessConfig::default()
+                    };
+                    if let Err(e) = selftest::train_steps(&groups, &hc, &out) {
+                        eprintln!("[rank {rank}] error: {e:#}");
+                        return ExitCode::from(1);
+                    }
+                }
             }
-            if report.finish(&groups.world) {
+            let checked = report.passed + report.failed > 0;
+            if !checked || report.finish(&groups.world) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

@@ -181,3 +181,47 @@ pub fn fail(groups: &Groups, fail_rank: usize) {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// Train the test model for `hc.steps` steps on this layout; rank 0 writes `out/losses.json`
+/// (per step: loss, grad_norm) and `out/params.safetensors` (every parameter at full size).
+pub fn train_steps(
+    groups: &Groups,
+    hc: &crate::harness::HarnessConfig,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    use crate::harness::{build_sharded, gather_params, test_model_config, train_step};
+    use deberta_model::tensor_parallel::TpShard;
+    let cfg = test_model_config();
+    let tp = TpShard {
+        rank: groups.tp.rank() as i64,
+        size: groups.tp.size() as i64,
+    };
+    let (vs, model) = build_sharded(&cfg, hc.seed, tp, Device::Cpu);
+    let params = crate::grads::Params::new(&vs);
+    let mut records = Vec::new();
+    for step in 0..hc.steps {
+        let r = train_step(&model, &params, groups, hc, step);
+        if groups.topo.rank == 0 {
+            println!(
+                "[rank 0] step {}/{} loss {:.6} grad_norm {:.6}",
+                step + 1,
+                hc.steps,
+                r.loss,
+                r.grad_norm
+            );
+        }
+        records
+            .push(serde_json::json!({"step": step + 1, "loss": r.loss, "grad_norm": r.grad_norm}));
+    }
+    let full = gather_params(&vs, cfg.vocab_size, &groups.tp);
+    if groups.topo.rank == 0 {
+        std::fs::create_dir_all(out)?;
+        std::fs::write(
+            out.join("losses.json"),
+            serde_json::to_string_pretty(&records)? + "\n",
+        )?;
+        deberta_model::hf::write_safetensors_f32(&out.join("params.safetensors"), &full)?;
+    }
+    groups.world.barrier();
+    Ok(())
+}
