@@ -61,6 +61,12 @@ fi
 if ! "$py" -c 'import safetensors, numpy' 2>/dev/null; then
   "$venv/bin/pip" install -q "${PY_EXTRAS[@]}"
 fi
+# cudarc (the NCCL backend) dlopens `libnccl.so`; pip's NCCL ships only `libnccl.so.2`.
+nccl_so="$(ls "$venv"/lib/python3*/site-packages/nvidia/nccl/lib/libnccl.so.2 2>/dev/null | head -n1 || true)"
+if [ -n "$nccl_so" ]; then
+  mkdir -p "$(dirname "$venv")/nccl-link"
+  ln -sf "$nccl_so" "$(dirname "$venv")/nccl-link/libnccl.so"
+fi
 # Fail here, not in the middle of a build, if the venv is unusable.
 "$py" -c 'import torch; assert torch.__version__.startswith("'"$TORCH_VERSION"'"), torch.__version__'
 log "ready: . $here/env.sh"

@@ -13,7 +13,14 @@ if [ -n "$_torch_lib" ]; then
     *) export LD_LIBRARY_PATH="$_torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
   esac
 fi
-unset _torch_lib
+_nccl_link="$(dirname "$DEBERTA_VENV")/nccl-link"
+if [ -e "$_nccl_link/libnccl.so" ]; then
+  case ":${LD_LIBRARY_PATH:-}:" in
+    *":$_nccl_link:"*) ;;
+    *) export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$_nccl_link" ;;
+  esac
+fi
+unset _torch_lib _nccl_link
 # Open MPI refuses to run as root without these (CI and the dev machines run as root).
 if [ "$(id -u)" -eq 0 ]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1

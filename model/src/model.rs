@@ -267,6 +267,9 @@ impl DebertaV2 {
                     train,
                 )]
             })[0];
+            // Backward reaches this segment last among the uses of layer i (the EMD's reuses of
+            // the last layer come later in forward): its gradients are final after it.
+            tape.mark_ready(i);
             let mut y = tape.segment(&[a], |inp| {
                 vec![layer.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)]
             })[0];
@@ -275,6 +278,7 @@ impl DebertaV2 {
                     y = tape.segment(&[e, y], |inp| {
                         vec![conv.forward(&inp[0].rep, &inp[1].rep, &mask_f, train)]
                     })[0];
+                    tape.mark_ready(self.encoder.layers.len());
                 }
             }
             outs.push(y);
@@ -327,4 +331,15 @@ impl DebertaV2 {
             vec![ce.sum(Kind::Float) * scale]
         })[0]
     }
+}
+
+/// The parameter group whose gradients `mlm_loss_segments` reports final early (via
+/// `Tape::mark_ready`): layer i -> i, the nGiE conv -> num_hidden_layers; everything else
+/// (embeddings, relative table, EMD positions, MLM head) is final only at the end of backward.
+pub fn grad_group(name: &str, num_hidden_layers: i64) -> Option<usize> {
+    if let Some(rest) = name.strip_prefix("deberta.encoder.layer.") {
+        return rest.split('.').next().and_then(|i| i.parse().ok());
+    }
+    name.starts_with("deberta.encoder.conv.")
+        .then_some(num_hidden_layers as usize)
 }

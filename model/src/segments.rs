@@ -51,6 +51,9 @@ pub struct Tape<'c> {
     tp: &'c dyn Collective,
     boundaries: Vec<BoundaryState>,
     segments: Vec<Segment>,
+    /// (segment index, key): after that segment's backward, the parameters of group `key` have
+    /// their final gradient (see `mark_ready`).
+    ready: Vec<(usize, usize)>,
 }
 
 fn accumulate(slot: &mut Option<Tensor>, g: Tensor) {
@@ -66,6 +69,7 @@ impl<'c> Tape<'c> {
             tp,
             boundaries: Vec::new(),
             segments: Vec::new(),
+            ready: Vec::new(),
         }
     }
 
@@ -110,6 +114,18 @@ impl<'c> Tape<'c> {
         handles
     }
 
+    /// Declare that no segment recorded after the latest one uses parameter group `key`, so its
+    /// gradients are final once backward has passed that segment: `backward_with` reports it
+    /// then, and the data-parallel reduction of that group can start while backward goes on.
+    pub fn mark_ready(&mut self, key: usize) {
+        let last = self
+            .segments
+            .len()
+            .checked_sub(1)
+            .expect("mark_ready after a segment");
+        self.ready.push((last, key));
+    }
+
     /// A boundary's value (detached).
     pub fn value(&self, b: Boundary) -> &Tensor {
         &self.boundaries[b.0].value
@@ -130,35 +146,53 @@ impl<'c> Tape<'c> {
 
     /// Backpropagate from the scalar `loss`, accumulating into the parameters' `.grad`.
     /// Consumes the tape (every segment's graph is freed as soon as it has been used).
-    pub fn backward(mut self, loss: Boundary) {
+    pub fn backward(self, loss: Boundary) {
+        self.backward_with(loss, &mut |_| {});
+    }
+
+    /// `backward`, calling `on_ready(key)` as soon as the group marked by `mark_ready(key)` has
+    /// its final gradients.
+    pub fn backward_with(mut self, loss: Boundary, on_ready: &mut dyn FnMut(usize)) {
         let seed = Tensor::ones_like(&self.boundaries[loss.0].value);
         self.boundaries[loss.0].rep_grad = Some(seed);
         while let Some(seg) = self.segments.pop() {
-            let mut objective: Option<Tensor> = None;
-            for (id, out) in &seg.outputs {
-                if let Some(g) = self.full_grad(*id) {
-                    // sum(out * g) has gradient g with respect to out.
-                    let term = (out * g.to_kind(out.kind())).sum(Kind::Float);
-                    objective = Some(match objective {
-                        Some(o) => o + term,
-                        None => term,
-                    });
+            let index = self.segments.len();
+            self.backward_segment(seg);
+            while let Some(&(at, key)) = self.ready.last() {
+                if at < index {
+                    break;
                 }
+                self.ready.pop();
+                on_ready(key);
             }
-            let Some(objective) = objective else { continue };
-            if !objective.requires_grad() {
-                continue; // nothing upstream of this segment needs a gradient
+        }
+    }
+
+    fn backward_segment(&mut self, seg: Segment) {
+        let mut objective: Option<Tensor> = None;
+        for (id, out) in &seg.outputs {
+            if let Some(g) = self.full_grad(*id) {
+                // sum(out * g) has gradient g with respect to out.
+                let term = (out * g.to_kind(out.kind())).sum(Kind::Float);
+                objective = Some(match objective {
+                    Some(o) => o + term,
+                    None => term,
+                });
             }
-            objective.backward();
-            for (id, leaf) in seg.inputs {
-                let state = &mut self.boundaries[id];
-                let (gt, gr) = (leaf.tp.grad(), leaf.rep.grad());
-                if gt.defined() {
-                    accumulate(&mut state.tp_grad, gt);
-                }
-                if gr.defined() {
-                    accumulate(&mut state.rep_grad, gr);
-                }
+        }
+        let Some(objective) = objective else { return };
+        if !objective.requires_grad() {
+            return; // nothing upstream of this segment needs a gradient
+        }
+        objective.backward();
+        for (id, leaf) in seg.inputs {
+            let state = &mut self.boundaries[id];
+            let (gt, gr) = (leaf.tp.grad(), leaf.rep.grad());
+            if gt.defined() {
+                accumulate(&mut state.tp_grad, gt);
+            }
+            if gr.defined() {
+                accumulate(&mut state.rep_grad, gr);
             }
         }
     }
@@ -191,5 +225,24 @@ mod tests {
         tape.backward(l);
         assert!((w1.grad() - &want[0]).abs().max().double_value(&[]) < 1e-5);
         assert!((w2.grad() - &want[1]).abs().max().double_value(&[]) < 1e-5);
+    }
+
+    #[test]
+    fn a_group_is_reported_ready_with_its_final_gradient() {
+        tch::manual_seed(1);
+        let w1 = Tensor::randn([4, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let w2 = Tensor::randn([4, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let x = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
+        let mut tape = Tape::new(&Single);
+        let y = tape.segment(&[], |_| vec![x.matmul(&w1).tanh()])[0];
+        tape.mark_ready(1); // w1 is used by no later segment
+        let z = tape.segment(&[y], |i| vec![i[0].tp.matmul(&w2).sum(Kind::Float)])[0];
+        tape.mark_ready(2);
+        let mut seen = Vec::new();
+        tape.backward_with(z, &mut |k| {
+            seen.push((k, w1.grad().defined(), w2.grad().defined()))
+        });
+        // Reverse order: w2's group first (w1 not reached yet), then w1's.
+        assert_eq!(seen, [(2, false, true), (1, true, true)]);
     }
 }

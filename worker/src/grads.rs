@@ -2,17 +2,24 @@
 //! global gradient norm under tensor parallelism, clipping, and a plain SGD step for the test
 //! harness (issue D brings the fused flat-buffer AdamW).
 
+use std::cell::RefCell;
+
 use deberta_model::collective::Collective;
+use deberta_model::model::grad_group;
 use deberta_model::tensor_parallel::{sharding_of, Sharding};
 use tch::{Kind, Tensor};
 
-/// Parameters in a fixed order (by name: the same on every rank) with their TP sharding.
+/// Parameters in a fixed order (by name: the same on every rank), with the group each belongs
+/// to for the early data-parallel reduction (`deberta_model::model::grad_group`).
 pub struct Params {
     pub list: Vec<(String, Tensor)>,
+    group: Vec<Option<usize>>,
+    /// Which gradients the current step has reduced over DP (each exactly once).
+    reduced: RefCell<Vec<bool>>,
 }
 
 impl Params {
-    pub fn new(vs: &tch::nn::VarStore) -> Params {
+    pub fn new(vs: &tch::nn::VarStore, num_hidden_layers: i64) -> Params {
         let mut list: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         list.sort_by(|a, b| a.0.cmp(&b.0));
         // Give every parameter a (zero) gradient now, so buckets never meet an undefined one.
@@ -21,7 +28,16 @@ impl Params {
             |acc, (_, p)| acc + p.sum(Kind::Float).to_device(tch::Device::Cpu) * 0.0,
         );
         touch.backward();
-        Params { list }
+        let group = list
+            .iter()
+            .map(|(n, _)| grad_group(n, num_hidden_layers))
+            .collect();
+        let reduced = RefCell::new(vec![false; list.len()]);
+        Params {
+            list,
+            group,
+            reduced,
+        }
     }
 
     pub fn zero_grad(&self) {
@@ -33,46 +49,68 @@ impl Params {
         }
     }
 
-    /// Sum each gradient over the DP group, in contiguous buckets of at most `bucket_elems`
-    /// elements (one collective per bucket instead of one per parameter). Each rank's loss is
-    /// already divided by the global number of predicted tokens, so the sum is the gradient of
-    /// the global mean: the data-parallel average, weighted by tokens.
-    pub fn reduce_grads(&self, dp: &dyn Collective, bucket_elems: usize) {
+    /// Sum the gradients of parameter group `key` over the DP group (called by the tape as soon
+    /// as that group's gradients are final, so it overlaps the rest of backward).
+    pub fn reduce_group(&self, key: usize, dp: &dyn Collective) {
+        self.reduce_where(dp, |i| self.group[i] == Some(key));
+    }
+
+    /// Sum every gradient not reduced yet (the groups only final at the end of backward).
+    pub fn reduce_rest(&self, dp: &dyn Collective) {
+        let done = self.reduced.borrow().clone();
+        self.reduce_where(dp, |i| !done[i]);
+        let mut flags = self.reduced.borrow_mut();
+        assert!(
+            flags.iter().all(|&d| d),
+            "a gradient escaped the data-parallel reduction"
+        );
+        flags.iter_mut().for_each(|d| *d = false); // ready for the next step
+    }
+
+    /// Sum the selected gradients over DP in contiguous flat buckets of at most `BUCKET_ELEMS`
+    /// elements (one collective per bucket, not per parameter). Each rank's loss is already
+    /// divided by the global number of predicted tokens, so the sum is the gradient of the
+    /// global mean: the data-parallel average, weighted by tokens.
+    fn reduce_where(&self, dp: &dyn Collective, select: impl Fn(usize) -> bool) {
+        let chosen: Vec<usize> = (0..self.list.len()).filter(|&i| select(i)).collect();
+        {
+            let mut flags = self.reduced.borrow_mut();
+            for &i in &chosen {
+                assert!(!flags[i], "{} reduced twice in one step", self.list[i].0);
+                flags[i] = true;
+            }
+        }
         if dp.size() == 1 {
             return;
         }
-        let mut start = 0;
-        while start < self.list.len() {
-            let mut end = start;
-            let mut elems = 0;
-            while end < self.list.len()
-                && (end == start || elems + self.list[end].1.numel() <= bucket_elems)
-            {
-                elems += self.list[end].1.numel();
-                end += 1;
-            }
-            let grads: Vec<Tensor> = self.list[start..end]
+        for bucket in buckets(&chosen, |i| self.list[i].1.numel()) {
+            let grads: Vec<Tensor> = bucket
                 .iter()
-                .map(|(_, p)| p.grad().contiguous().view([-1]))
+                .map(|&i| self.list[i].1.grad().contiguous().view([-1]))
                 .collect();
             let mut flat = Tensor::cat(&grads, 0);
             dp.all_reduce_sum(&mut flat);
             let mut offset = 0;
-            for (_, p) in &self.list[start..end] {
+            for &i in &bucket {
+                let p = &self.list[i].1;
                 let n = p.numel() as i64;
                 let mut g = p.grad();
                 tch::no_grad(|| g.copy_(&flat.narrow(0, offset, n).view(p.size().as_slice())));
                 offset += n;
             }
-            start = end;
         }
     }
 
     /// The L2 norm of the whole model's gradient: sharded parameters' squares summed over TP,
     /// replicated ones counted once (every TP rank holds the same copy).
     pub fn global_grad_norm(&self, tp: &dyn Collective) -> f64 {
-        let mut sharded = Tensor::zeros([1], (Kind::Double, tch::Device::Cpu));
-        let mut replicated = Tensor::zeros([1], (Kind::Double, tch::Device::Cpu));
+        let device = self
+            .list
+            .first()
+            .map(|(_, p)| p.device())
+            .unwrap_or(tch::Device::Cpu);
+        let mut sharded = Tensor::zeros([1], (Kind::Double, device));
+        let mut replicated = Tensor::zeros([1], (Kind::Double, device));
         for (name, p) in &self.list {
             let g = p.grad();
             if !g.defined() {
@@ -81,15 +119,17 @@ impl Params {
             let sq = g
                 .to_kind(Kind::Double)
                 .pow_tensor_scalar(2)
-                .sum(Kind::Double)
-                .to_device(tch::Device::Cpu);
+                .sum(Kind::Double);
             match sharding_of(name) {
                 Sharding::Replicated => replicated += sq,
                 _ => sharded += sq,
             }
         }
         tp.all_reduce_sum(&mut sharded);
-        (sharded + replicated).double_value(&[0]).sqrt()
+        (sharded + replicated)
+            .to_device(tch::Device::Cpu)
+            .double_value(&[0])
+            .sqrt()
     }
 
     /// Scale gradients so their global norm is at most `max_norm`; returns the factor applied.
@@ -118,4 +158,28 @@ impl Params {
             }
         });
     }
+}
+
+/// Elements per data-parallel bucket (4M f32 = 16 MiB).
+pub const BUCKET_ELEMS: usize = 4 << 20;
+
+/// Consecutive runs of `items` holding at most `BUCKET_ELEMS` elements (a larger item is a
+/// bucket of its own).
+fn buckets(items: &[usize], size: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut elems = 0;
+    for &i in items {
+        let n = size(i);
+        match out.last_mut() {
+            Some(b) if elems + n <= BUCKET_ELEMS => {
+                b.push(i);
+                elems += n;
+            }
+            _ => {
+                out.push(vec![i]);
+                elems = n;
+            }
+        }
+    }
+    out
 }

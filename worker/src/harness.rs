@@ -1,6 +1,7 @@
 //! A minimal training step on the distributed runtime (issue C §5; issue D builds the trainer
 //! on it): fixed synthetic batches from a seed, the segment-wise forward/backward under TP,
-//! gradient reduction over DP, the global-norm clip, and plain SGD.
+//! gradient reduction over DP (per layer, as soon as backward has finished that layer), the
+//! global-norm clip, and plain SGD.
 //!
 //! Every layout starts from the same full weights (drawn at TP = 1 from the seed, then sliced
 //! by the TP plan) and sees the same global batch, so with dropout off every layout must give
@@ -126,7 +127,7 @@ pub fn train_step(
     hc: &HarnessConfig,
     step: usize,
 ) -> StepResult {
-    let (dp, tp) = (&groups.dp, &groups.tp);
+    let (dp, tp) = (&*groups.dp, &*groups.tp);
     let device = model.embeddings.word_embeddings.device();
     let (ids, mask, labels) =
         synthetic_batch(hc.seed, step, hc.global_batch, hc.seq, model.cfg.vocab_size);
@@ -138,7 +139,8 @@ pub fn train_step(
     let per_rank = hc.global_batch / dp.size() as i64;
     params.zero_grad();
     let mut local_loss = 0.0;
-    for micro in 0..per_rank / hc.micro_batch {
+    let micro_steps = per_rank / hc.micro_batch;
+    for micro in 0..micro_steps {
         let first = dp.rank() as i64 * per_rank + micro * hc.micro_batch;
         let rows = |t: &Tensor| t.narrow(0, first, hc.micro_batch).to_device(device);
         let mut tape = Tape::new(tp);
@@ -151,10 +153,15 @@ pub fn train_step(
             true,
         );
         local_loss += tape.value(loss).double_value(&[]);
-        tape.backward(loss);
+        if micro + 1 < micro_steps {
+            tape.backward(loss); // accumulate; reduce over DP only after the last micro-batch
+        } else {
+            // Each layer's gradients are summed over DP as soon as backward has finished them.
+            tape.backward_with(loss, &mut |group| params.reduce_group(group, dp));
+            params.reduce_rest(dp);
+        }
     }
-    params.reduce_grads(dp, 1 << 20);
-    let mut total = Tensor::from_slice(&[local_loss]);
+    let mut total = Tensor::from_slice(&[local_loss]).to_device(device);
     dp.all_reduce_sum(&mut total);
     let grad_norm = params.global_grad_norm(tp);
     params.clip(grad_norm, hc.max_grad_norm);
@@ -171,7 +178,7 @@ pub fn gather_params(vs: &VarStore, vocab: i64, tp: &dyn Collective) -> Vec<(Str
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     vars.into_iter()
         .map(|(name, t)| {
-            let full = gather_full(&name, &t.to_device(Device::Cpu), vocab, tp);
+            let full = gather_full(&name, &t, vocab, tp).to_device(Device::Cpu);
             (name, full)
         })
         .collect()

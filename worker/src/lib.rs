@@ -1,9 +1,10 @@
 //! The per-rank worker (DESIGN.md § Parallelism, § Training): MPI start-up, the rank topology,
-//! the collectives backends, and (issue D) the trainer. Only `mpi_group` and `runtime` know MPI.
+//! the collectives backends, and (issue D) the trainer. Only `mpi_group`, `nccl_group` and `runtime` know MPI or NCCL.
 
 pub mod grads;
 pub mod harness;
 pub mod mpi_group;
+pub mod nccl_group;
 pub mod runtime;
 pub mod selftest;
 pub mod topology;

@@ -4,12 +4,15 @@
 //! Exit codes: 0 success; 2 a problem with the job's settings (reported once, by rank 0);
 //! 1 anything else; a panicking rank aborts the whole job (MPI_Abort, code 101).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use deberta_model::DebertaConfig;
-use deberta_worker::harness::HarnessConfig;
-use deberta_worker::runtime::{abort_job_on_panic, check_not_a_stray_singleton, make_groups};
+use deberta_worker::harness::{test_model_config, HarnessConfig};
+use deberta_worker::runtime::{
+    abort_job_on_panic, check_not_a_stray_singleton, make_groups, Backend, Groups,
+};
 use deberta_worker::selftest::{self, Report};
 use deberta_worker::topology::Layout;
 use mpi::topology::Communicator;
@@ -37,9 +40,13 @@ enum Command {
         /// Data-parallel size [default: world / tp].
         #[arg(long, global = true)]
         dp: Option<usize>,
-        /// Check the layout against this model preset (heads and FFN divisible by tp).
+        /// Model preset: checks the layout against it (heads and FFN divisible by tp) and is
+        /// the model `train-steps` trains [default: a toy v2 model].
         #[arg(long, global = true)]
         preset: Option<String>,
+        /// Data-path collectives: cpu/mpi (CPU tensors) or cuda/nccl (GPU tensors).
+        #[arg(long, default_value = "cpu", global = true)]
+        backend: String,
     },
 }
 
@@ -54,14 +61,36 @@ enum Selftest {
         #[arg(long, default_value_t = 1)]
         rank: usize,
     },
-    /// Train the tiny test model a few SGD steps on synthetic batches; rank 0 writes the losses
-    /// and the gathered full parameters to OUT (compared across layouts by the tests).
+    /// Train a few SGD steps on synthetic batches; rank 0 writes the losses and the gathered
+    /// full parameters to OUT (compared across layouts by the tests).
     TrainSteps {
         #[arg(long)]
-        out: std::path::PathBuf,
+        out: PathBuf,
         #[arg(long, default_value_t = 3)]
         steps: usize,
     },
+    /// All-reduce a large buffer over NCCL (also at one rank) and check it (--backend cuda).
+    Nccl {
+        #[arg(long, default_value_t = 1.0)]
+        gib: f64,
+    },
+}
+
+/// A preset made deterministic for layout comparisons.
+fn without_dropout(mut c: DebertaConfig) -> DebertaConfig {
+    c.hidden_dropout_prob = 0.0;
+    c.attention_probs_dropout_prob = 0.0;
+    c
+}
+
+/// A settings error: rank 0 reports it, every rank exits with code 2.
+fn refuse(rank: usize, lines: &[String]) -> ExitCode {
+    if rank == 0 {
+        for l in lines {
+            eprintln!("{l}");
+        }
+    }
+    ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
@@ -72,66 +101,88 @@ fn main() -> ExitCode {
     abort_job_on_panic();
     let world = universe.world();
     let rank = world.rank() as usize;
+    let world_size = world.size() as usize;
     let cli = Cli::parse();
     if let Err(e) = check_not_a_stray_singleton(&world) {
         eprintln!("[rank {rank}] error: {e}");
         return ExitCode::from(2);
     }
-    match cli.command {
-        Command::Selftest {
-            which,
-            tp,
-            dp,
-            preset,
-        } => {
-            let world_size = world.size() as usize;
-            let layout = Layout {
-                tp,
-                dp: dp.unwrap_or((world_size / tp.max(1)).max(1)),
-            };
-            let cfg = match preset.as_deref().map(DebertaConfig::preset).transpose() {
-                Ok(c) => c,
-                Err(e) => {
-                    if rank == 0 {
-                        eprintln!("error: {e}");
-                    }
-                    return ExitCode::from(2);
-                }
-            };
-            // Every rank finds the same problems; rank 0 alone reports them, before any compute.
-            let problems = layout.problems(world_size, cfg.as_ref());
-            if !problems.is_empty() {
-                if rank == 0 {
-                    eprintln!("error: invalid parallel layout for {world_size} rank(s):");
-                    for p in &problems {
-                        eprintln!("  - {p}");
-                    }
-                }
-                return ExitCode::from(2);
-            }
-            let groups = make_groups(&world, layout);
-            let mut report = Report::new(rank);
-            match which {
-                Selftest::Collectives => selftest::collectives(&groups, &mut report),
-                Selftest::CrossEntropy => selftest::cross_entropy(&groups, &mut report),
-                Selftest::Fail { rank: r } => selftest::fail(&groups, r),
-                Selftest::TrainSteps { out, steps } => {
-                    let hc = HarnessConfig {
-                        steps,
-                        ..HarnessConfig::default()
-                    };
-                    if let Err(e) = selftest::train_steps(&groups, &hc, &out) {
-                        eprintln!("[rank {rank}] error: {e:#}");
-                        return ExitCode::from(1);
-                    }
-                }
-            }
-            let checked = report.passed + report.failed > 0;
-            if !checked || report.finish(&groups.world) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
+    let Command::Selftest {
+        which,
+        tp,
+        dp,
+        preset,
+        backend,
+    } = cli.command;
+    let layout = Layout {
+        tp,
+        dp: dp.unwrap_or((world_size / tp.max(1)).max(1)),
+    };
+    let cfg = match preset.as_deref().map(DebertaConfig::preset).transpose() {
+        Ok(c) => c,
+        Err(e) => return refuse(rank, &[format!("error: {e}")]),
+    };
+    // Every rank finds the same problems; rank 0 alone reports them, before any compute.
+    let problems = layout.problems(world_size, cfg.as_ref());
+    if !problems.is_empty() {
+        let mut lines = vec![format!(
+            "error: invalid parallel layout for {world_size} rank(s):"
+        )];
+        lines.extend(problems.iter().map(|p| format!("  - {p}")));
+        return refuse(rank, &lines);
+    }
+    let backend = match Backend::parse(&backend) {
+        Ok(b) => b,
+        Err(e) => return refuse(rank, &[format!("error: {e}")]),
+    };
+    let groups = match make_groups(&world, layout, backend) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("[rank {rank}] error: {e}");
+            return ExitCode::from(1);
         }
+    };
+    run_selftest(which, &groups, cfg, rank)
+}
+
+fn run_selftest(
+    which: Selftest,
+    groups: &Groups,
+    cfg: Option<DebertaConfig>,
+    rank: usize,
+) -> ExitCode {
+    let mut report = Report::new(rank);
+    let result: Result<(), String> = match which {
+        Selftest::Collectives => {
+            selftest::collectives(groups, &mut report);
+            Ok(())
+        }
+        Selftest::CrossEntropy => {
+            selftest::cross_entropy(groups, &mut report);
+            Ok(())
+        }
+        Selftest::Fail { rank: r } => {
+            selftest::fail(groups, r);
+            Ok(())
+        }
+        Selftest::TrainSteps { out, steps } => {
+            let hc = HarnessConfig {
+                steps,
+                ..HarnessConfig::default()
+            };
+            let model_cfg = cfg.map(without_dropout).unwrap_or_else(test_model_config);
+            selftest::train_steps(groups, &hc, &model_cfg, &out).map_err(|e| format!("{e:#}"))
+        }
+        Selftest::Nccl { gib } => selftest::nccl_all_reduce(groups, gib, &mut report),
+    };
+    if let Err(e) = result {
+        eprintln!("[rank {rank}] error: {e}");
+        return ExitCode::from(1);
+    }
+    let checked = report.passed + report.failed > 0;
+    if !checked || report.finish(&groups.world) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }

@@ -36,6 +36,13 @@ impl MpiGroup {
     }
 }
 
+impl MpiGroup {
+    /// Broadcast raw bytes from `root` (e.g. the NCCL unique id).
+    pub fn broadcast_bytes(&self, buf: &mut [u8], root: usize) {
+        self.comm.process_at_rank(root as i32).broadcast_into(buf);
+    }
+}
+
 fn check_cpu(t: &Tensor) {
     assert_eq!(
         t.device(),

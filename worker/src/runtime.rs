@@ -1,9 +1,12 @@
 //! MPI start-up for a worker process: the panic hook that aborts the job, the topology and one
 //! communicator per group.
 
+use deberta_model::collective::Collective;
 use mpi::topology::{Communicator, SimpleCommunicator};
+use tch::Device;
 
 use crate::mpi_group::MpiGroup;
+use crate::nccl_group::NcclGroup;
 use crate::topology::{Layout, Topology};
 
 /// A panicking rank must take the whole job down: unwinding into MPI_Finalize would block while
@@ -53,23 +56,81 @@ pub fn check_not_a_stray_singleton(world: &SimpleCommunicator) -> Result<(), Str
     Ok(())
 }
 
+/// Which implementation carries the data-path collectives (gradients, TP reductions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// CPU tensors over MPI.
+    Mpi,
+    /// CUDA tensors over NCCL.
+    Nccl,
+}
+
+impl Backend {
+    /// `cpu`/`mpi` or `cuda`/`nccl`; CUDA where libtorch sees no GPU is an error, never a CPU run.
+    pub fn parse(s: &str) -> Result<Backend, String> {
+        match s {
+            "cpu" | "mpi" => Ok(Backend::Mpi),
+            "cuda" | "nccl" => {
+                if tch::Cuda::is_available() {
+                    Ok(Backend::Nccl)
+                } else {
+                    Err(format!("parallel.backend = {s:?} needs CUDA, but libtorch sees no GPU on this machine (use \"cpu\")"))
+                }
+            }
+            _ => Err(format!(
+                "parallel.backend = {s:?}: expected cpu, mpi, cuda or nccl"
+            )),
+        }
+    }
+}
+
 /// The groups one rank takes part in.
 pub struct Groups {
     pub topo: Topology,
+    /// Where this rank's tensors live.
+    pub device: Device,
+    /// CPU control plane over the whole job (counters, reports, barriers).
     pub world: MpiGroup,
-    pub tp: MpiGroup,
-    pub dp: MpiGroup,
+    /// The MPI communicators of the TP and DP groups (the NCCL ones are built from them).
+    pub tp_mpi: MpiGroup,
+    pub dp_mpi: MpiGroup,
+    /// Data-path collectives on `device`.
+    pub tp: Box<dyn Collective>,
+    pub dp: Box<dyn Collective>,
 }
 
-/// Split the world into TP and DP groups (collective: every rank calls it).
-pub fn make_groups(world: &SimpleCommunicator, layout: Layout) -> Groups {
+/// Split the world into TP and DP groups and open the data-path backend (collective: every
+/// rank calls it). With NCCL, rank r uses GPU r mod (GPUs visible).
+pub fn make_groups(
+    world: &SimpleCommunicator,
+    layout: Layout,
+    backend: Backend,
+) -> Result<Groups, String> {
     let topo = Topology::new(layout, world.rank() as usize, world.size() as usize);
-    let tp = MpiGroup::split(world, topo.dp_rank, topo.tp_group());
-    let dp = MpiGroup::split(world, topo.tp_rank, topo.dp_group());
-    Groups {
+    let tp_mpi = MpiGroup::split(world, topo.dp_rank, topo.tp_group());
+    let dp_mpi = MpiGroup::split(world, topo.tp_rank, topo.dp_group());
+    let (device, tp, dp): (Device, Box<dyn Collective>, Box<dyn Collective>) = match backend {
+        Backend::Mpi => (
+            Device::Cpu,
+            Box::new(MpiGroup::split(world, topo.dp_rank, topo.tp_group())),
+            Box::new(MpiGroup::split(world, topo.tp_rank, topo.dp_group())),
+        ),
+        Backend::Nccl => {
+            let gpu = topo.rank % tch::Cuda::device_count().max(1) as usize;
+            (
+                Device::Cuda(gpu),
+                Box::new(NcclGroup::new(&tp_mpi, gpu)?),
+                Box::new(NcclGroup::new(&dp_mpi, gpu)?),
+            )
+        }
+    };
+    Ok(Groups {
         topo,
+        device,
         world: MpiGroup::world(world),
+        tp_mpi,
+        dp_mpi,
         tp,
         dp,
-    }
+    })
 }

@@ -122,14 +122,14 @@ fn check_group(name: &str, g: &MpiGroup, world_rank: usize, r: &mut Report) {
 pub fn collectives(groups: &Groups, r: &mut Report) {
     let rank = groups.topo.rank;
     check_group("world", &groups.world, rank, r);
-    check_group("tp", &groups.tp, rank, r);
-    check_group("dp", &groups.dp, rank, r);
+    check_group("tp", &groups.tp_mpi, rank, r);
+    check_group("dp", &groups.dp_mpi, rank, r);
 }
 
 /// The vocab-parallel cross-entropy on this rank's TP group against the plain one on the full
 /// logits (every rank draws the same full logits from the same seed).
 pub fn cross_entropy(groups: &Groups, r: &mut Report) {
-    let tp = &groups.tp;
+    let tp = &groups.tp_mpi;
     let (n, v) = (24i64, 64i64 * tp.size() as i64);
     tch::manual_seed(11);
     let full = Tensor::randn([n, v], (Kind::Float, Device::Cpu)) * 3.0;
@@ -182,22 +182,22 @@ pub fn fail(groups: &Groups, fail_rank: usize) {
     }
 }
 
-/// Train the test model for `hc.steps` steps on this layout; rank 0 writes `out/losses.json`
+/// Train `cfg` for `hc.steps` steps on this layout; rank 0 writes `out/losses.json`
 /// (per step: loss, grad_norm) and `out/params.safetensors` (every parameter at full size).
 pub fn train_steps(
     groups: &Groups,
     hc: &crate::harness::HarnessConfig,
+    cfg: &deberta_model::DebertaConfig,
     out: &std::path::Path,
 ) -> anyhow::Result<()> {
-    use crate::harness::{build_sharded, gather_params, test_model_config, train_step};
+    use crate::harness::{build_sharded, gather_params, train_step};
     use deberta_model::tensor_parallel::TpShard;
-    let cfg = test_model_config();
     let tp = TpShard {
         rank: groups.tp.rank() as i64,
         size: groups.tp.size() as i64,
     };
-    let (vs, model) = build_sharded(&cfg, hc.seed, tp, Device::Cpu);
-    let params = crate::grads::Params::new(&vs);
+    let (vs, model) = build_sharded(cfg, hc.seed, tp, groups.device);
+    let params = crate::grads::Params::new(&vs, cfg.num_hidden_layers);
     let mut records = Vec::new();
     for step in 0..hc.steps {
         let r = train_step(&model, &params, groups, hc, step);
@@ -213,7 +213,7 @@ pub fn train_steps(
         records
             .push(serde_json::json!({"step": step + 1, "loss": r.loss, "grad_norm": r.grad_norm}));
     }
-    let full = gather_params(&vs, cfg.vocab_size, &groups.tp);
+    let full = gather_params(&vs, cfg.vocab_size, &*groups.tp);
     if groups.topo.rank == 0 {
         std::fs::create_dir_all(out)?;
         std::fs::write(
@@ -223,5 +223,34 @@ pub fn train_steps(
         deberta_model::hf::write_safetensors_f32(&out.join("params.safetensors"), &full)?;
     }
     groups.world.barrier();
+    Ok(())
+}
+
+/// All-reduce a buffer of `gib` GiB over the world with NCCL (also for a single rank) and check
+/// every element; reports the time and bus bandwidth.
+pub fn nccl_all_reduce(groups: &Groups, gib: f64, r: &mut Report) -> Result<(), String> {
+    let Device::Cuda(gpu) = groups.device else {
+        return Err("selftest nccl needs --backend cuda".into());
+    };
+    let nccl = crate::nccl_group::NcclGroup::new(&groups.world, gpu)?;
+    let n = (gib * (1u64 << 30) as f64 / 4.0) as i64;
+    let mut t = Tensor::ones([n], (Kind::Float, groups.device));
+    tch::Cuda::synchronize(gpu as i64);
+    let t0 = std::time::Instant::now();
+    nccl.all_reduce_sum_always(&mut t);
+    tch::Cuda::synchronize(gpu as i64);
+    let secs = t0.elapsed().as_secs_f64();
+    let want = groups.world.size() as f64;
+    let (lo, hi) = (t.min().double_value(&[]), t.max().double_value(&[]));
+    r.check("nccl all_reduce 1 GiB", lo == want && hi == want, || {
+        format!("values in [{lo}, {hi}], want {want}")
+    });
+    if groups.topo.rank == 0 {
+        println!(
+            "[rank 0] nccl all_reduce of {gib} GiB ({n} f32) over {} rank(s): {secs:.4} s, NCCL {:?}",
+            groups.world.size(),
+            cudarc::nccl::result::get_nccl_version()
+        );
+    }
     Ok(())
 }

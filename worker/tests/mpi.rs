@@ -125,3 +125,20 @@ fn a_rank_that_fails_mid_step_ends_the_job() {
     );
     assert!(r.seconds < 30.0);
 }
+
+#[test]
+fn a_cuda_backend_without_a_gpu_is_an_error_not_a_cpu_run() {
+    if tch::Cuda::is_available() {
+        return; // cluster/gpu-check.sh exercises the NCCL backend on the GPU machine
+    }
+    let r = mpirun(2, &["selftest", "collectives", "--backend", "cuda"], MINUTE);
+    assert_ne!(r.code, Some(0));
+    assert!(r.stderr.contains("needs CUDA"), "{}", r.stderr);
+    assert_eq!(
+        r.stderr.matches("needs CUDA").count(),
+        1,
+        "reported once: {}",
+        r.stderr
+    );
+    assert!(!r.stdout.contains("passed"), "{}", r.stdout);
+}
