@@ -303,7 +303,7 @@ fn init(a: InitArgs) -> Result<()> {
     println!(
         "wrote {} ({} parameters, {})",
         a.out.display(),
-        thousands(vs.variables().values().map(|t| t.numel() as i64).sum()),
+        thousands(deberta_model::hf::saved_parameter_count(&vs, c.vocab_size)),
         deberta_model::hf::hf_architecture(parts)
     );
     Ok(())

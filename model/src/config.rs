@@ -159,6 +159,21 @@ impl DebertaConfig {
         Self::v2(2, 64, 4, 128)
     }
 
+    /// The v2 architecture (conv, shared key, rel-LN, 8 buckets < typical test lengths, EMD) at
+    /// toy size, with a 500-token vocabulary and dropout off: for tests that compare runs
+    /// number for number (layouts, segment-wise vs plain backward). 4 heads and FFN 64 divide by
+    /// tp = 1, 2, 4; the vocabulary pads differently at each.
+    pub fn toy() -> DebertaConfig {
+        let mut c = Self::v2(2, 32, 4, 64);
+        c.vocab_size = 500;
+        c.max_position_embeddings = 64;
+        c.max_relative_positions = 64;
+        c.position_buckets = 8;
+        c.hidden_dropout_prob = 0.0;
+        c.attention_probs_dropout_prob = 0.0;
+        c
+    }
+
     pub const PRESETS: [&'static str; 5] = ["tiny", "base", "large", "xlarge", "xxlarge"];
 
     pub fn preset(name: &str) -> Result<DebertaConfig, ModelError> {

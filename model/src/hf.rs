@@ -225,6 +225,18 @@ pub fn load_hf_dir(dir: &Path, device: Device) -> Result<LoadedModel, ModelError
     })
 }
 
+/// Parameters as a checkpoint holds them: the vocabulary rows without the in-memory padding
+/// (the count HF and `cost::ParamCount` report).
+pub fn saved_parameter_count(vs: &VarStore, vocab_size: i64) -> i64 {
+    vs.variables()
+        .iter()
+        .map(|(name, t)| match sharding_of(name) {
+            Sharding::Vocab => vocab_size * t.size()[1..].iter().product::<i64>(),
+            _ => t.numel() as i64,
+        })
+        .sum()
+}
+
 /// The HF class that loads what we export.
 pub fn hf_architecture(parts: Parts) -> &'static str {
     if parts.mlm {

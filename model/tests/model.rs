@@ -6,22 +6,10 @@ mod common;
 use common::{fixture, fixture_inputs, CASES};
 use deberta_model::compare::max_abs_diff;
 use deberta_model::cost::ParamCount;
-use deberta_model::hf::{load_hf_dir, save_hf_dir};
-use deberta_model::tensor_parallel::{sharding_of, Sharding};
+use deberta_model::hf::{load_hf_dir, save_hf_dir, saved_parameter_count};
 use deberta_model::{DebertaConfig, DebertaV2, ModelError, Parts, IGNORE_INDEX};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
-
-/// Parameters held, without the vocabulary padding rows (the count HF and `ParamCount` use).
-fn numel(vs: &VarStore, vocab: i64) -> i64 {
-    vs.variables()
-        .iter()
-        .map(|(name, t)| match sharding_of(name) {
-            Sharding::Vocab => vocab * t.size()[1..].iter().product::<i64>(),
-            _ => t.numel() as i64,
-        })
-        .sum()
-}
 
 #[test]
 fn every_parameter_gets_a_finite_gradient_from_the_mlm_loss() {
@@ -110,7 +98,11 @@ fn analytic_parameter_count_equals_allocated() {
         DebertaV2::new(&vs.root(), &cfg, parts).unwrap();
         let p = ParamCount::of(&cfg);
         let want = if parts.mlm { p.pretraining } else { p.backbone };
-        assert_eq!(numel(&vs, cfg.vocab_size), want, "{name} {parts:?}");
+        assert_eq!(
+            saved_parameter_count(&vs, cfg.vocab_size),
+            want,
+            "{name} {parts:?}"
+        );
     }
     // The fixtures cover the other feature combinations (separate rel projections, no conv, ...).
     for case in CASES {
@@ -129,7 +121,7 @@ fn analytic_parameter_count_equals_allocated() {
                 0
             };
         assert_eq!(
-            numel(&loaded.vs, loaded.model.cfg.vocab_size),
+            saved_parameter_count(&loaded.vs, loaded.model.cfg.vocab_size),
             want,
             "{case}"
         );

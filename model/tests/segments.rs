@@ -7,17 +7,6 @@ use deberta_model::{DebertaConfig, DebertaV2, Parts, IGNORE_INDEX};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-pub fn small_config() -> DebertaConfig {
-    let mut c = DebertaConfig::v2(3, 32, 4, 64);
-    c.vocab_size = 500;
-    c.max_position_embeddings = 64;
-    c.max_relative_positions = 64;
-    c.position_buckets = 8;
-    c.hidden_dropout_prob = 0.0;
-    c.attention_probs_dropout_prob = 0.0;
-    c
-}
-
 fn grads(vs: &VarStore) -> Vec<(String, Tensor)> {
     let mut v: Vec<(String, Tensor)> = vs
         .variables()
@@ -31,7 +20,7 @@ fn grads(vs: &VarStore) -> Vec<(String, Tensor)> {
 #[test]
 fn segment_backward_equals_plain_backward() {
     for position_biased_input in [false, true] {
-        let mut cfg = small_config();
+        let mut cfg = DebertaConfig::toy();
         cfg.position_biased_input = position_biased_input;
         tch::manual_seed(5);
         let vs = VarStore::new(Device::Cpu);

@@ -42,18 +42,9 @@ impl Default for HarnessConfig {
     }
 }
 
-/// The model the multi-rank tests train: the v2 architecture (conv, shared key, rel-LN, buckets,
-/// EMD) at toy size, dropout off so every layout is deterministic. 4 heads and FFN 64 divide by
-/// tp = 1, 2, 4; vocabulary 500 is padded differently at each tp.
+/// The model the multi-rank tests train (`DebertaConfig::toy`).
 pub fn test_model_config() -> DebertaConfig {
-    let mut c = DebertaConfig::v2(2, 32, 4, 64);
-    c.vocab_size = 500;
-    c.max_position_embeddings = 64;
-    c.max_relative_positions = 64;
-    c.position_buckets = 8;
-    c.hidden_dropout_prob = 0.0;
-    c.attention_probs_dropout_prob = 0.0;
-    c
+    DebertaConfig::toy()
 }
 
 /// This rank's shard of the model whose full weights are drawn from `seed` at TP = 1.
