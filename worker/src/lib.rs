@@ -1,10 +1,12 @@
 //! The per-rank worker (DESIGN.md § Parallelism, § Training): MPI start-up, the rank topology,
 //! the collectives backends, and (issue D) the trainer. Only `mpi_group`, `nccl_group` and `runtime` know MPI or NCCL.
 
+pub mod config;
 pub mod grads;
 pub mod harness;
 pub mod mpi_group;
 pub mod nccl_group;
+pub mod optim;
 pub mod runtime;
 pub mod selftest;
 pub mod topology;
