@@ -9,17 +9,10 @@ fn main() {
     let has_cuda_lib = std::env::var("LD_LIBRARY_PATH")
         .unwrap_or_default()
         .split(':')
-        .chain(
-            std::env::var("LIBTORCH")
-                .ok()
-                .map(|p| format!("{p}/lib"))
-                .as_deref(),
-        )
+        .chain(std::env::var("LIBTORCH").ok().map(|p| format!("{p}/lib")).as_deref())
         .any(|dir| std::path::Path::new(dir).join("libtorch_cuda.so").exists());
     if has_cuda_lib {
-        println!(
-            "cargo:rustc-link-arg-bins=-Wl,--push-state,--no-as-needed,-ltorch_cuda,--pop-state"
-        );
+        println!("cargo:rustc-link-arg-bins=-Wl,--push-state,--no-as-needed,-ltorch_cuda,--pop-state");
     } else {
         println!("cargo:warning=libtorch_cuda.so not found on LD_LIBRARY_PATH: building a CPU-only `deberta`");
     }

@@ -89,7 +89,12 @@ impl Dataset {
             if bin.len() as u64 != 4 * rec.tokens {
                 return Err(DataError::shard(
                     &bin_path,
-                    format!("{} bytes, the manifest says {} tokens ({} bytes): truncated or wrong shard", bin.len(), rec.tokens, 4 * rec.tokens),
+                    format!(
+                        "{} bytes, the manifest says {} tokens ({} bytes): truncated or wrong shard",
+                        bin.len(),
+                        rec.tokens,
+                        4 * rec.tokens
+                    ),
                 ));
             }
             let idx = map(&idx_path)?;
@@ -106,10 +111,7 @@ impl Dataset {
         // No [SEP] after the very last document.
         shard_starts.push(start.saturating_sub(1));
         let max_id = manifest.tokenizer.vocab_size;
-        if [special.pad, special.cls, special.sep]
-            .iter()
-            .any(|&i| i >= max_id)
-        {
+        if [special.pad, special.cls, special.sep].iter().any(|&i| i >= max_id) {
             return Err(DataError::manifest(
                 &manifest_path,
                 "special token ids outside the corpus' vocabulary",

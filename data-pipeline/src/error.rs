@@ -8,11 +8,7 @@ use thiserror::Error;
 pub enum DataError {
     /// An input text/jsonl file: unreadable, not UTF-8, malformed, missing a field, empty.
     #[error("{path}:{line}: {msg}")]
-    InputLine {
-        path: PathBuf,
-        line: u64,
-        msg: String,
-    },
+    InputLine { path: PathBuf, line: u64, msg: String },
     #[error("{path}: {msg}")]
     Input { path: PathBuf, msg: String },
     /// A shard (`.bin`/`.idx`) that is missing, truncated, corrupt or disagrees with the manifest.

@@ -80,10 +80,7 @@ pub fn shard_names(prefix: &Path, index: usize) -> (String, String) {
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    (
-        format!("{stem}_{index:05}.bin"),
-        format!("{stem}_{index:05}.idx"),
-    )
+    (format!("{stem}_{index:05}.bin"), format!("{stem}_{index:05}.idx"))
 }
 
 /// Accept `P`, `P.manifest.json` or a directory path to name a corpus; returns the manifest path.
@@ -97,12 +94,10 @@ pub fn resolve_manifest(p: &Path) -> PathBuf {
 
 impl Manifest {
     pub fn read(path: &Path) -> Result<Manifest> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| DataError::manifest(path, format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| DataError::manifest(path, format!("cannot read: {e}")))?;
         let de = &mut serde_json::Deserializer::from_str(&text);
-        let m: Manifest = serde_path_to_error::deserialize(de).map_err(|e| {
-            DataError::manifest(path, format!("field `{}`: {}", e.path(), e.inner()))
-        })?;
+        let m: Manifest = serde_path_to_error::deserialize(de)
+            .map_err(|e| DataError::manifest(path, format!("field `{}`: {}", e.path(), e.inner())))?;
         if m.format != MANIFEST_FORMAT || m.version != MANIFEST_VERSION {
             return Err(DataError::manifest(
                 path,
@@ -162,10 +157,7 @@ pub fn decode_idx(bytes: &[u8], path: &Path, docs: u64, tokens: u64) -> Result<V
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
         .collect();
-    if offsets[0] != 0
-        || offsets[offsets.len() - 1] != tokens
-        || offsets.windows(2).any(|w| w[0] > w[1])
-    {
+    if offsets[0] != 0 || offsets[offsets.len() - 1] != tokens || offsets.windows(2).any(|w| w[0] > w[1]) {
         return Err(DataError::shard(
             path,
             "document offsets are not increasing from 0 to the shard's token count",

@@ -56,9 +56,7 @@ impl BatchLayout {
         }
         if self.micro_batch == 0
             || self.global_batch == 0
-            || !self
-                .global_batch
-                .is_multiple_of(self.dp_size * self.micro_batch)
+            || !self.global_batch.is_multiple_of(self.dp_size * self.micro_batch)
         {
             return Err(DataError::Config(format!(
                 "global_batch {} must be a multiple of dp_size {} x micro_batch {}",
@@ -133,11 +131,8 @@ impl Batcher {
     /// The sample id trained on at consumption index g.
     pub fn sample_id(&self, g: u64) -> u64 {
         let epoch = g / self.samples_per_epoch;
-        Permutation::new(
-            self.samples_per_epoch,
-            key(&[self.layout.seed, ORDER_STREAM, epoch]),
-        )
-        .get(g % self.samples_per_epoch)
+        Permutation::new(self.samples_per_epoch, key(&[self.layout.seed, ORDER_STREAM, epoch]))
+            .get(g % self.samples_per_epoch)
     }
 
     /// Row g: (tokens after masking, attention mask, labels), each seq_len long.
@@ -147,8 +142,7 @@ impl Batcher {
         let real = self.dataset.sample(self.sample_id(g), l, &mut tokens);
         let mut lab = vec![0i64; l];
         let mut rng = Rng::new(key(&[self.layout.seed, MASK_STREAM, g]));
-        self.masker
-            .mask(&mut tokens[..real], &mut lab[..real], &mut rng);
+        self.masker.mask(&mut tokens[..real], &mut lab[..real], &mut rng);
         lab[real..].fill(crate::masking::IGNORE_LABEL);
         ids.extend(tokens.iter().map(|&t| t as i64));
         mask.extend((0..l).map(|i| i64::from(i < real)));
@@ -158,8 +152,7 @@ impl Batcher {
     /// This rank's micro-batch `micro` of optimizer step `step`.
     pub fn micro_batch(&self, step: u64, micro: u64) -> MicroBatch {
         let lay = &self.layout;
-        let first =
-            step * lay.global_batch + lay.dp_rank * lay.per_rank() + micro * lay.micro_batch;
+        let first = step * lay.global_batch + lay.dp_rank * lay.per_rank() + micro * lay.micro_batch;
         let rows = lay.micro_batch as usize;
         let mut mb = MicroBatch {
             step,
@@ -204,9 +197,7 @@ impl Loader {
             .spawn(move || {
                 for step in first_step.. {
                     for micro in 0..layout.micro_steps() {
-                        if stop_thread.load(Ordering::Relaxed)
-                            || tx.send(batcher.micro_batch(step, micro)).is_err()
-                        {
+                        if stop_thread.load(Ordering::Relaxed) || tx.send(batcher.micro_batch(step, micro)).is_err() {
                             return;
                         }
                     }
@@ -227,9 +218,7 @@ impl Loader {
 
     /// The next micro-batch (the stream never ends: epochs follow one another).
     pub fn next_micro_batch(&mut self) -> MicroBatch {
-        self.rx
-            .recv()
-            .expect("the loader thread ended unexpectedly")
+        self.rx.recv().expect("the loader thread ended unexpectedly")
     }
 
     /// All of this rank's micro-batches of the next step.

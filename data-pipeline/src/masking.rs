@@ -45,8 +45,7 @@ impl Default for MaskingConfig {
 
 impl MaskingConfig {
     pub fn validate(&self) -> Result<()> {
-        let bad =
-            |f: &str, v: f64| DataError::Config(format!("masking.{f} = {v} must be in [0, 1]"));
+        let bad = |f: &str, v: f64| DataError::Config(format!("masking.{f} = {v} must be in [0, 1]"));
         for (f, v) in [
             ("prob", self.prob),
             ("mask_frac", self.mask_frac),
@@ -62,9 +61,7 @@ impl MaskingConfig {
             ));
         }
         if self.max_span_words == 0 {
-            return Err(DataError::Config(
-                "masking.max_span_words must be >= 1".into(),
-            ));
+            return Err(DataError::Config("masking.max_span_words must be >= 1".into()));
         }
         Ok(())
     }
@@ -145,8 +142,7 @@ impl Masker {
                 continue;
             }
             candidates += 1;
-            let extends = !self.starts_word[t as usize]
-                && matches!(words.last(), Some(&(_, end)) if end == i);
+            let extends = !self.starts_word[t as usize] && matches!(words.last(), Some(&(_, end)) if end == i);
             if extends {
                 words.last_mut().unwrap().1 = i + 1;
             } else {
@@ -184,11 +180,7 @@ impl Masker {
             if chosen + (end - start) <= budget {
                 taken[w..w + n].iter_mut().for_each(|t| *t = true);
                 chosen += end - start;
-                spans.push(Span {
-                    start,
-                    end,
-                    words: n,
-                });
+                spans.push(Span { start, end, words: n });
             }
             // Taken, or over budget (only near the end): either way draw the next length.
             n = self.draw_span_words(rng);

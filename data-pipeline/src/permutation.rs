@@ -15,12 +15,7 @@ impl Permutation {
     pub fn new(n: u64, seed: u64) -> Permutation {
         let bits = 64 - n.saturating_sub(1).leading_zeros();
         let half_bits = bits.div_ceil(2).max(1);
-        let keys = [
-            key(&[seed, 0]),
-            key(&[seed, 1]),
-            key(&[seed, 2]),
-            key(&[seed, 3]),
-        ];
+        let keys = [key(&[seed, 0]), key(&[seed, 1]), key(&[seed, 2]), key(&[seed, 3])];
         Permutation { n, half_bits, keys }
     }
 

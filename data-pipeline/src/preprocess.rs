@@ -16,8 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{DataError, Result};
 use crate::format::{
-    encode_idx, manifest_path, shard_names, Manifest, ShardRecord, TokenizerRecord,
-    MANIFEST_FORMAT, MANIFEST_VERSION,
+    encode_idx, manifest_path, shard_names, Manifest, ShardRecord, TokenizerRecord, MANIFEST_FORMAT, MANIFEST_VERSION,
 };
 use crate::tokenizer::{sha256_hex, Vocab};
 
@@ -63,12 +62,7 @@ struct Batch {
 }
 
 /// Read one line as UTF-8 without its line ending; Ok(None) at end of file.
-fn read_line(
-    reader: &mut impl BufRead,
-    buf: &mut Vec<u8>,
-    path: &Path,
-    lineno: u64,
-) -> Result<Option<String>> {
+fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>, path: &Path, lineno: u64) -> Result<Option<String>> {
     buf.clear();
     let n = reader
         .read_until(b'\n', buf)
@@ -90,11 +84,7 @@ fn read_line(
 }
 
 /// The reader stage: emits documents in batches, or the first error.
-fn read_documents(
-    inputs: Vec<PathBuf>,
-    format: InputFormat,
-    tx: std::sync::mpsc::SyncSender<Result<Batch>>,
-) {
+fn read_documents(inputs: Vec<PathBuf>, format: InputFormat, tx: std::sync::mpsc::SyncSender<Result<Batch>>) {
     let mut batch = Batch {
         docs: Vec::with_capacity(BATCH_DOCS),
         bytes: 0,
@@ -163,9 +153,7 @@ fn read_documents(
             if let Some(d) = finished {
                 batch_len += d.len();
                 batch.docs.push(d);
-                if (batch.docs.len() >= BATCH_DOCS || batch_len >= BATCH_BYTES)
-                    && !send(&mut batch, &mut batch_len)
-                {
+                if (batch.docs.len() >= BATCH_DOCS || batch_len >= BATCH_BYTES) && !send(&mut batch, &mut batch_len) {
                     return;
                 }
             }
@@ -181,14 +169,10 @@ fn read_documents(
 }
 
 fn jsonl_field(line: &str, field: &str) -> std::result::Result<String, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
     match v.get(field) {
         Some(serde_json::Value::String(s)) => Ok(s.clone()),
-        Some(other) => Err(format!(
-            "field {field:?} is not a string (found {})",
-            kind_of(other)
-        )),
+        Some(other) => Err(format!("field {field:?} is not a string (found {})", kind_of(other))),
         None => Err(format!("no field {field:?} in this JSON line")),
     }
 }
@@ -233,8 +217,7 @@ impl Writer {
             let index = self.closed.len();
             let (bin_name, _) = shard_names(&self.prefix, index);
             let bin_tmp = self.tmp(&bin_name);
-            let f = File::create(&bin_tmp)
-                .map_err(|e| DataError::output(&bin_tmp, format!("cannot create: {e}")))?;
+            let f = File::create(&bin_tmp).map_err(|e| DataError::output(&bin_tmp, format!("cannot create: {e}")))?;
             self.current = Some(OpenShard {
                 index,
                 bin_tmp,
@@ -272,19 +255,13 @@ impl Writer {
         let (bin_name, idx_name) = shard_names(&self.prefix, shard.index);
         let idx_tmp = self.tmp(&idx_name);
         let idx = encode_idx(&shard.offsets);
-        std::fs::write(&idx_tmp, &idx)
-            .map_err(|e| DataError::output(&idx_tmp, format!("cannot write: {e}")))?;
+        std::fs::write(&idx_tmp, &idx).map_err(|e| DataError::output(&idx_tmp, format!("cannot write: {e}")))?;
         let record = ShardRecord {
             bin: bin_name,
             idx: idx_name,
             documents: shard.offsets.len() as u64 - 1,
             tokens: *shard.offsets.last().unwrap(),
-            bin_sha256: shard
-                .hasher
-                .finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            bin_sha256: shard.hasher.finalize().iter().map(|b| format!("{b:02x}")).collect(),
             idx_sha256: sha256_hex(&idx),
         };
         self.closed.push((record, shard.bin_tmp, idx_tmp));
@@ -315,8 +292,7 @@ pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
     let vocab = Vocab::load(&opts.tokenizer)?;
     let mut total_bytes = 0u64;
     for p in &opts.inputs {
-        let m =
-            std::fs::metadata(p).map_err(|e| DataError::input(p, format!("cannot read: {e}")))?;
+        let m = std::fs::metadata(p).map_err(|e| DataError::input(p, format!("cannot read: {e}")))?;
         total_bytes += m.len();
     }
     let file_name = opts.output_prefix.file_name().ok_or_else(|| {
@@ -329,8 +305,7 @@ pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| DataError::output(&dir, format!("cannot create directory: {e}")))?;
+    std::fs::create_dir_all(&dir).map_err(|e| DataError::output(&dir, format!("cannot create directory: {e}")))?;
     let prefix = dir.join(file_name);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.workers.max(1))
@@ -374,11 +349,7 @@ pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
     };
     if documents == 0 {
         writer.abandon();
-        let names: Vec<String> = opts
-            .inputs
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
+        let names: Vec<String> = opts.inputs.iter().map(|p| p.display().to_string()).collect();
         return Err(DataError::input(
             Path::new(&names.join(", ")),
             "no documents with any token (empty input?)",
@@ -399,17 +370,12 @@ pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
         documents,
         tokens,
         shards: writer.closed.iter().map(|(r, _, _)| r.clone()).collect(),
-        inputs: opts
-            .inputs
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect(),
+        inputs: opts.inputs.iter().map(|p| p.display().to_string()).collect(),
     };
     for (record, bin_tmp, idx_tmp) in &writer.closed {
         for (tmp, name) in [(bin_tmp, &record.bin), (idx_tmp, &record.idx)] {
             let dest = dir.join(name);
-            std::fs::rename(tmp, &dest)
-                .map_err(|e| DataError::output(&dest, format!("cannot rename: {e}")))?;
+            std::fs::rename(tmp, &dest).map_err(|e| DataError::output(&dest, format!("cannot rename: {e}")))?;
         }
     }
     let manifest_file = manifest_path(&prefix);
@@ -419,8 +385,7 @@ pub fn preprocess(opts: &PreprocessOptions) -> Result<PreprocessSummary> {
         writer.suffix
     ));
     let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises") + "\n";
-    std::fs::write(&tmp, json)
-        .map_err(|e| DataError::output(&tmp, format!("cannot write: {e}")))?;
+    std::fs::write(&tmp, json).map_err(|e| DataError::output(&tmp, format!("cannot write: {e}")))?;
     std::fs::rename(&tmp, &manifest_file)
         .map_err(|e| DataError::output(&manifest_file, format!("cannot rename: {e}")))?;
     Ok(PreprocessSummary {

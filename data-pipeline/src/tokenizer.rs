@@ -55,8 +55,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 impl Vocab {
     pub fn load(path: &Path) -> Result<Vocab> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| DataError::tokenizer(path, format!("cannot read: {e}")))?;
+        let bytes = std::fs::read(path).map_err(|e| DataError::tokenizer(path, format!("cannot read: {e}")))?;
         let tokenizer = Tokenizer::from_bytes(&bytes)
             .map_err(|e| DataError::tokenizer(path, format!("not a valid tokenizer.json: {e}")))?;
         let id = |name: &str| {
@@ -84,13 +83,7 @@ impl Vocab {
                 is_special[i as usize] = true;
             }
         }
-        for i in [
-            special.pad,
-            special.cls,
-            special.sep,
-            special.unk,
-            special.mask,
-        ] {
+        for i in [special.pad, special.cls, special.sep, special.unk, special.mask] {
             is_special[i as usize] = true;
         }
         Ok(Vocab {
@@ -138,9 +131,7 @@ impl Vocab {
     }
 
     pub fn piece(&self, id: u32) -> String {
-        self.tokenizer
-            .id_to_token(id)
-            .unwrap_or_else(|| format!("<{id}>"))
+        self.tokenizer.id_to_token(id).unwrap_or_else(|| format!("<{id}>"))
     }
 }
 
@@ -154,16 +145,12 @@ pub fn train(files: &[PathBuf], vocab_size: u32, out: &Path) -> Result<Vocab> {
         )));
     }
     for f in files {
-        let meta =
-            std::fs::metadata(f).map_err(|e| DataError::input(f, format!("cannot read: {e}")))?;
+        let meta = std::fs::metadata(f).map_err(|e| DataError::input(f, format!("cannot read: {e}")))?;
         if meta.len() == 0 {
             return Err(DataError::input(f, "is empty"));
         }
     }
-    let specials: Vec<AddedToken> = SPECIALS
-        .iter()
-        .map(|s| AddedToken::from(*s, true))
-        .collect();
+    let specials: Vec<AddedToken> = SPECIALS.iter().map(|s| AddedToken::from(*s, true)).collect();
     let trainer = UnigramTrainer::builder()
         .vocab_size(vocab_size - 1) // [MASK] comes after the learned pieces
         .special_tokens(specials)
@@ -175,21 +162,10 @@ pub fn train(files: &[PathBuf], vocab_size: u32, out: &Path) -> Result<Vocab> {
     tokenizer
         .with_normalizer(Some(NFKC))
         .map_err(|e| DataError::Config(format!("tokenizer normalizer: {e}")))?;
-    tokenizer.with_pre_tokenizer(Some(Metaspace::new(
-        WORD_START,
-        PrependScheme::Always,
-        true,
-    )));
-    tokenizer.with_decoder(Some(MetaspaceDecoder::new(
-        WORD_START,
-        PrependScheme::Always,
-        true,
-    )));
+    tokenizer.with_pre_tokenizer(Some(Metaspace::new(WORD_START, PrependScheme::Always, true)));
+    tokenizer.with_decoder(Some(MetaspaceDecoder::new(WORD_START, PrependScheme::Always, true)));
     let mut trainer: TrainerWrapper = trainer.into();
-    let names: Vec<String> = files
-        .iter()
-        .map(|f| f.to_string_lossy().into_owned())
-        .collect();
+    let names: Vec<String> = files.iter().map(|f| f.to_string_lossy().into_owned()).collect();
     tokenizer
         .train_from_files(&mut trainer, names)
         .map_err(|e| DataError::Config(format!("training failed: {e}")))?;

@@ -25,17 +25,11 @@ fn fails(dir: &Path, inputs: Vec<std::path::PathBuf>, format: InputFormat, words
     std::fs::create_dir_all(&out).unwrap();
     let mut opts = options(inputs, &out.join("corpus"), 2_000);
     opts.format = format;
-    let err = preprocess(&opts)
-        .expect_err("preprocess should fail")
-        .to_string();
+    let err = preprocess(&opts).expect_err("preprocess should fail").to_string();
     for w in words {
         assert!(err.contains(w), "{w:?} not in {err:?}");
     }
-    assert!(
-        files_in(&out).is_empty(),
-        "left behind: {:?}",
-        files_in(&out)
-    );
+    assert!(files_in(&out).is_empty(), "left behind: {:?}", files_in(&out));
 }
 
 #[test]
@@ -64,31 +58,14 @@ fn bad_text_inputs_are_named_by_file_and_line() {
 
     let jsonl = d.join("docs.jsonl");
     std::fs::write(&jsonl, "{\"text\": \"one\"}\n{\"body\": \"two\"}\n").unwrap();
-    let field = InputFormat::Jsonl {
-        field: "text".into(),
-    };
-    fails(
-        d,
-        vec![jsonl],
-        field.clone(),
-        &["docs.jsonl:2", "no field \"text\""],
-    );
+    let field = InputFormat::Jsonl { field: "text".into() };
+    fails(d, vec![jsonl], field.clone(), &["docs.jsonl:2", "no field \"text\""]);
 
     let broken = d.join("broken.jsonl");
     std::fs::write(&broken, "{\"text\": \"one\"}\n\n{\"text\": \"two\"\n").unwrap();
-    fails(
-        d,
-        vec![broken],
-        field.clone(),
-        &["broken.jsonl:3", "not valid JSON"],
-    );
+    fails(d, vec![broken], field.clone(), &["broken.jsonl:3", "not valid JSON"]);
 
-    fails(
-        d,
-        vec![d.join("missing.txt")],
-        InputFormat::Text,
-        &["missing.txt"],
-    );
+    fails(d, vec![d.join("missing.txt")], InputFormat::Text, &["missing.txt"]);
 }
 
 #[test]
@@ -101,9 +78,7 @@ fn jsonl_documents_are_read_from_the_field() {
     )
     .unwrap();
     let mut opts = options(vec![jsonl], &tmp.path().join("j"), 1 << 20);
-    opts.format = InputFormat::Jsonl {
-        field: "text".into(),
-    };
+    opts.format = InputFormat::Jsonl { field: "text".into() };
     let summary = preprocess(&opts).unwrap();
     assert_eq!(summary.documents, 2);
     let vocab = Vocab::load(&deberta_tokenizer()).unwrap();
@@ -114,11 +89,7 @@ fn jsonl_documents_are_read_from_the_field() {
 #[test]
 fn damaged_corpora_are_refused_naming_the_shard() {
     let tmp = tempfile::tempdir().unwrap();
-    let (vocab, _) = build(
-        tmp.path(),
-        vec![corpus("wikitext2_test.tokens.txt")],
-        100_000,
-    );
+    let (vocab, _) = build(tmp.path(), vec![corpus("wikitext2_test.tokens.txt")], 100_000);
     let prefix = tmp.path().join("corpus");
     let open = || Dataset::open(&prefix, Some(&vocab), vocab.special);
 
@@ -128,10 +99,7 @@ fn damaged_corpora_are_refused_naming_the_shard() {
     bytes[1000] ^= 0x40;
     std::fs::write(&bin, &bytes).unwrap();
     let err = open().unwrap().verify(|_| {}).unwrap_err().to_string();
-    assert!(
-        err.contains("corpus_00001.bin") && err.contains("sha256"),
-        "{err}"
-    );
+    assert!(err.contains("corpus_00001.bin") && err.contains("sha256"), "{err}");
     bytes[1000] ^= 0x40;
     std::fs::write(&bin, &bytes).unwrap();
     open().unwrap().verify(|_| {}).unwrap();
@@ -139,10 +107,7 @@ fn damaged_corpora_are_refused_naming_the_shard() {
     // A truncated shard.
     std::fs::write(&bin, &bytes[..bytes.len() - 6]).unwrap();
     let err = open().err().expect("truncated shard accepted").to_string();
-    assert!(
-        err.contains("corpus_00001.bin") && err.contains("truncated"),
-        "{err}"
-    );
+    assert!(err.contains("corpus_00001.bin") && err.contains("truncated"), "{err}");
     std::fs::write(&bin, &bytes).unwrap();
 
     // A truncated index.
@@ -154,8 +119,7 @@ fn damaged_corpora_are_refused_naming_the_shard() {
     std::fs::write(&idx, &ib).unwrap();
 
     // The corpus was made with another tokenizer.
-    let bert =
-        Vocab::load(&shared_data().join("tokenizers/bert-base-uncased/tokenizer.json")).unwrap();
+    let bert = Vocab::load(&shared_data().join("tokenizers/bert-base-uncased/tokenizer.json")).unwrap();
     let err = Dataset::open(&prefix, Some(&bert), vocab.special)
         .err()
         .expect("tokenizer mismatch accepted")

@@ -11,15 +11,10 @@ use deberta_data::rng::Rng;
 #[test]
 fn masking_statistics_follow_the_recipe() {
     let tmp = tempfile::tempdir().unwrap();
-    let (vocab, ds) = build(
-        tmp.path(),
-        vec![corpus("wikitext2_valid.tokens.txt")],
-        1 << 30,
-    );
+    let (vocab, ds) = build(tmp.path(), vec![corpus("wikitext2_valid.tokens.txt")], 1 << 30);
     let masker = Masker::new(&vocab, MaskingConfig::default()).unwrap();
     let seq_len = 512;
-    let (mut candidates, mut chosen, mut as_mask, mut as_random, mut kept) =
-        (0usize, 0usize, 0usize, 0usize, 0usize);
+    let (mut candidates, mut chosen, mut as_mask, mut as_random, mut kept) = (0usize, 0usize, 0usize, 0usize, 0usize);
     let mut span_words = [0usize; 4];
     let mut sample = Vec::new();
     for k in 0..ds.num_samples(seq_len).min(300) {
@@ -33,16 +28,12 @@ fn masking_statistics_follow_the_recipe() {
             span_words[s.words] += 1;
             // Whole words: the span starts a word and the next token starts one (or is special/end).
             assert!(
-                vocab.starts_word(original[s.start])
-                    || s.start == 0
-                    || vocab.is_special(original[s.start - 1]),
+                vocab.starts_word(original[s.start]) || s.start == 0 || vocab.is_special(original[s.start - 1]),
                 "span at {} starts inside a word",
                 s.start
             );
             assert!(
-                s.end == real
-                    || vocab.starts_word(original[s.end])
-                    || vocab.is_special(original[s.end]),
+                s.end == real || vocab.starts_word(original[s.end]) || vocab.is_special(original[s.end]),
                 "span ending at {} splits a word",
                 s.end
             );
@@ -53,11 +44,7 @@ fn masking_statistics_follow_the_recipe() {
                 continue;
             }
             assert_eq!(labels[i], original[i] as i64);
-            assert!(
-                !vocab.is_special(original[i]),
-                "special token {} chosen",
-                original[i]
-            );
+            assert!(!vocab.is_special(original[i]), "special token {} chosen", original[i]);
             assert!(spans.iter().any(|s| (s.start..s.end).contains(&i)));
             chosen += 1;
             if tokens[i] == vocab.special.mask {
@@ -65,10 +52,7 @@ fn masking_statistics_follow_the_recipe() {
             } else if tokens[i] == original[i] {
                 kept += 1;
             } else {
-                assert!(
-                    !vocab.is_special(tokens[i]),
-                    "random replacement is special"
-                );
+                assert!(!vocab.is_special(tokens[i]), "random replacement is special");
                 as_random += 1;
             }
         }
@@ -87,11 +71,7 @@ fn masking_statistics_follow_the_recipe() {
         "random share {:.4}",
         share(as_random)
     );
-    assert!(
-        (share(kept) - 0.1).abs() <= 0.02,
-        "kept share {:.4}",
-        share(kept)
-    );
+    assert!((share(kept) - 0.1).abs() <= 0.02, "kept share {:.4}", share(kept));
     let spans: usize = span_words.iter().sum();
     for (n, want) in [(1, 6.0 / 11.0), (2, 3.0 / 11.0), (3, 2.0 / 11.0)] {
         let got = span_words[n] as f64 / spans as f64;
@@ -111,11 +91,7 @@ fn masking_statistics_follow_the_recipe() {
 #[test]
 fn masks_are_a_function_of_seed_and_consumption_index_only() {
     let tmp = tempfile::tempdir().unwrap();
-    let (vocab, ds) = build(
-        tmp.path(),
-        vec![corpus("wikitext2_test.tokens.txt")],
-        1 << 30,
-    );
+    let (vocab, ds) = build(tmp.path(), vec![corpus("wikitext2_test.tokens.txt")], 1 << 30);
     let b = batcher(&vocab, &ds, layout(128, 4, 4, 0, 1));
     let row = |g| {
         let (mut i, mut m, mut l) = (Vec::new(), Vec::new(), Vec::new());
@@ -125,8 +101,6 @@ fn masks_are_a_function_of_seed_and_consumption_index_only() {
     assert_eq!(row(5), row(5));
     // The same sample revisited in the next epoch gets a fresh mask (dynamic masking).
     let n = b.samples_per_epoch();
-    let g2 = (n..2 * n)
-        .find(|&g| b.sample_id(g) == b.sample_id(5))
-        .unwrap();
+    let g2 = (n..2 * n).find(|&g| b.sample_id(g) == b.sample_id(5)).unwrap();
     assert_ne!(row(5).1, row(g2).1);
 }

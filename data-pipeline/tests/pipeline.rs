@@ -34,17 +34,10 @@ fn documents(path: &std::path::Path) -> Vec<String> {
 #[test]
 fn every_token_comes_back_once_in_order_across_shards_and_samples() {
     let tmp = tempfile::tempdir().unwrap();
-    let inputs = vec![
-        corpus("wikitext2_valid.tokens.txt"),
-        corpus("tinyshakespeare.txt"),
-    ];
+    let inputs = vec![corpus("wikitext2_valid.tokens.txt"), corpus("tinyshakespeare.txt")];
     // Small shards: the corpus spans many of them, so documents meet shard boundaries.
     let (vocab, ds) = build(tmp.path(), inputs.clone(), 50_000);
-    assert!(
-        ds.manifest.shards.len() >= 8,
-        "{} shards",
-        ds.manifest.shards.len()
-    );
+    assert!(ds.manifest.shards.len() >= 8, "{} shards", ds.manifest.shards.len());
 
     // Reference: each document encoded on its own.
     let docs: Vec<String> = inputs.iter().flat_map(|p| documents(p)).collect();
@@ -78,21 +71,14 @@ fn every_token_comes_back_once_in_order_across_shards_and_samples() {
             got.extend_from_slice(&sample[1..real - 1]);
         }
         assert_eq!(got.len(), want_stream.len(), "seq_len {seq_len}");
-        assert!(
-            got == want_stream,
-            "seq_len {seq_len}: token stream differs"
-        );
+        assert!(got == want_stream, "seq_len {seq_len}: token stream differs");
     }
 }
 
 #[test]
 fn an_epoch_visits_every_sample_once_and_the_next_epoch_reorders() {
     let tmp = tempfile::tempdir().unwrap();
-    let (vocab, ds) = build(
-        tmp.path(),
-        vec![corpus("wikitext2_test.tokens.txt")],
-        1 << 30,
-    );
+    let (vocab, ds) = build(tmp.path(), vec![corpus("wikitext2_test.tokens.txt")], 1 << 30);
     let b = batcher(&vocab, &ds, layout(256, 8, 8, 0, 1));
     let n = b.samples_per_epoch();
     let first: Vec<u64> = (0..n).map(|g| b.sample_id(g)).collect();
@@ -121,11 +107,7 @@ fn rows_of(mb: &deberta_data::loader::MicroBatch, seq_len: usize, into: &mut Row
 #[test]
 fn ranks_together_see_exactly_the_single_rank_global_batch() {
     let tmp = tempfile::tempdir().unwrap();
-    let (vocab, ds) = build(
-        tmp.path(),
-        vec![corpus("wikitext2_test.tokens.txt")],
-        1 << 30,
-    );
+    let (vocab, ds) = build(tmp.path(), vec![corpus("wikitext2_test.tokens.txt")], 1 << 30);
     let (seq_len, global) = (128, 16u64);
     let reference = batcher(&vocab, &ds, layout(seq_len, global, 4, 0, 1));
     for step in [0u64, 1, 7, 250] {
@@ -135,8 +117,7 @@ fn ranks_together_see_exactly_the_single_rank_global_batch() {
         }
         assert_eq!(want.len(), 16);
         assert!(
-            want.values()
-                .any(|(_, _, l)| l.iter().any(|&x| x != IGNORE_LABEL)),
+            want.values().any(|(_, _, l)| l.iter().any(|&x| x != IGNORE_LABEL)),
             "no masks?"
         );
         for (dp, micro_batch) in [(2u64, 2u64), (4, 1), (4, 4)] {
@@ -147,10 +128,7 @@ fn ranks_together_see_exactly_the_single_rank_global_batch() {
                     let mb = b.micro_batch(step, micro);
                     // Rank r's rows are the r-th contiguous slice of the global batch.
                     let lo = step * global + rank * global / dp;
-                    assert!(mb
-                        .consumed_index
-                        .iter()
-                        .all(|g| (lo..lo + global / dp).contains(g)));
+                    assert!(mb.consumed_index.iter().all(|g| (lo..lo + global / dp).contains(g)));
                     rows_of(&mb, seq_len, &mut got);
                 }
             }
@@ -165,11 +143,7 @@ fn ranks_together_see_exactly_the_single_rank_global_batch() {
 #[test]
 fn resuming_at_k_consumed_samples_continues_the_same_stream() {
     let tmp = tempfile::tempdir().unwrap();
-    let (vocab, ds) = build(
-        tmp.path(),
-        vec![corpus("wikitext2_test.tokens.txt")],
-        1 << 30,
-    );
+    let (vocab, ds) = build(tmp.path(), vec![corpus("wikitext2_test.tokens.txt")], 1 << 30);
     let lay = layout(128, 8, 2, 1, 2); // rank 1 of 2, 2 micro-batches per step
     let mut straight = Loader::start(batcher(&vocab, &ds, lay), 0, 3).unwrap();
     let all: Vec<_> = (0..10).map(|_| straight.next_step()).collect();

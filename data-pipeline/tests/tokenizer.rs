@@ -15,28 +15,22 @@ struct Row {
 #[test]
 fn deberta_v3_tokenizer_json_matches_sentencepiece_line_for_line() {
     let vocab = Vocab::load(&deberta_tokenizer()).unwrap();
-    let fixture = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/spm_ids.jsonl"
-    ))
-    .unwrap();
+    let fixture =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/spm_ids.jsonl")).unwrap();
     let mut files = std::collections::HashMap::new();
     let (mut lines, mut tokens) = (0, 0);
     for row in fixture.lines() {
         let row: Row = serde_json::from_str(row).unwrap();
-        let text = files.entry(row.file.clone()).or_insert_with(|| {
-            std::fs::read_to_string(shared_data().join("corpus").join(&row.file)).unwrap()
-        });
+        let text = files
+            .entry(row.file.clone())
+            .or_insert_with(|| std::fs::read_to_string(shared_data().join("corpus").join(&row.file)).unwrap());
         let line = text.lines().nth(row.line - 1).unwrap();
         let ours = vocab.encode(line).unwrap();
         assert_eq!(ours, row.ids, "{}:{}: {line:?}", row.file, row.line);
         lines += 1;
         tokens += ours.len();
     }
-    assert!(
-        lines >= 2000 && tokens > 50_000,
-        "{lines} lines, {tokens} tokens"
-    );
+    assert!(lines >= 2000 && tokens > 50_000, "{lines} lines, {tokens} tokens");
     assert_eq!(vocab.special.pad, 0);
     assert_eq!(vocab.special.cls, 1);
     assert_eq!(vocab.special.sep, 2);
@@ -67,10 +61,7 @@ fn trains_a_unigram_tokenizer_with_the_deberta_special_ids() {
     let ids = reloaded
         .encode("First Citizen: we are accounted poor citizens")
         .unwrap();
-    assert!(
-        ids.len() >= 6 && ids.iter().all(|&i| (4..1999).contains(&i)),
-        "{ids:?}"
-    );
+    assert!(ids.len() >= 6 && ids.iter().all(|&i| (4..1999).contains(&i)), "{ids:?}");
     assert!(reloaded.starts_word(ids[0]), "{}", reloaded.piece(ids[0]));
     let with_specials = reloaded.tokenizer.encode("we are", true).unwrap();
     assert_eq!(with_specials.get_ids().first(), Some(&1));

@@ -5,11 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "deberta",
-    version,
-    about = "Train, fine-tune and inspect DeBERTa-v2 models"
-)]
+#[command(name = "deberta", version, about = "Train, fine-tune and inspect DeBERTa-v2 models")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -11,8 +11,8 @@ use deberta_model::{DebertaConfig, DebertaV2, ModelError, Parts};
 use tch::{Device, Kind, Tensor};
 
 use crate::cli::{
-    BenchForwardArgs, Command, DataCommand, ForwardArgs, Head, InfoArgs, InitArgs, ModelSource,
-    Precision, TokenizerCommand,
+    BenchForwardArgs, Command, DataCommand, ForwardArgs, Head, InfoArgs, InitArgs, ModelSource, Precision,
+    TokenizerCommand,
 };
 use crate::data_cmds;
 
@@ -42,10 +42,7 @@ pub fn run(command: Command) -> Result<()> {
 fn model_config(src: &ModelSource) -> Result<(String, DebertaConfig)> {
     match (&src.preset, &src.config) {
         (Some(p), _) => Ok((format!("preset {p}"), DebertaConfig::preset(p)?)),
-        (None, Some(path)) => Ok((
-            path.display().to_string(),
-            DebertaConfig::from_hf_file(path)?,
-        )),
+        (None, Some(path)) => Ok((path.display().to_string(), DebertaConfig::from_hf_file(path)?)),
         (None, None) => Err(UsageError("give --preset or --config".into()).into()),
     }
 }
@@ -55,16 +52,9 @@ pub fn parse_device(s: &str) -> Result<Device> {
     let cuda_index = match s {
         "cpu" => return Ok(Device::Cpu),
         "cuda" => 0,
-        _ => match s
-            .strip_prefix("cuda:")
-            .and_then(|i| i.parse::<usize>().ok())
-        {
+        _ => match s.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok()) {
             Some(i) => i,
-            None => {
-                return Err(
-                    UsageError(format!("--device {s:?}: expected cpu, cuda or cuda:N")).into(),
-                )
-            }
+            None => return Err(UsageError(format!("--device {s:?}: expected cpu, cuda or cuda:N")).into()),
         },
     };
     if !tch::Cuda::is_available() {
@@ -75,9 +65,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
     }
     let count = tch::Cuda::device_count() as usize;
     if cuda_index >= count {
-        return Err(
-            UsageError(format!("--device {s}: only {count} CUDA device(s) visible")).into(),
-        );
+        return Err(UsageError(format!("--device {s}: only {count} CUDA device(s) visible")).into());
     }
     Ok(Device::Cuda(cuda_index))
 }
@@ -129,11 +117,7 @@ fn info(a: InfoArgs) -> Result<()> {
     let rows = [
         ("embeddings (word + LayerNorm)".to_string(), p.embeddings),
         (
-            format!(
-                "layers ({} x {})",
-                c.num_hidden_layers,
-                thousands(p.per_layer)
-            ),
+            format!("layers ({} x {})", c.num_hidden_layers, thousands(p.per_layer)),
             p.layers,
         ),
         ("relative table + LayerNorm".to_string(), p.relative),
@@ -142,10 +126,7 @@ fn info(a: InfoArgs) -> Result<()> {
         ("EMD absolute-position table".to_string(), p.emd_positions),
         ("MLM head (decoder tied)".to_string(), p.mlm_head),
         ("pretraining model total".to_string(), p.pretraining),
-        (
-            "classifier head (pooler + 2 labels)".to_string(),
-            p.classifier,
-        ),
+        ("classifier head (pooler + 2 labels)".to_string(), p.classifier),
     ];
     for (label, n) in rows {
         println!("  {label:<38} {:>15}", thousands(n));
@@ -162,11 +143,7 @@ fn info(a: InfoArgs) -> Result<()> {
     println!(
         "training memory estimate per rank (seq {}, {}, AdamW, no TP, no recomputation):",
         a.seq,
-        if bf16 {
-            "bf16 autocast + fp32 master"
-        } else {
-            "fp32"
-        }
+        if bf16 { "bf16 autocast + fp32 master" } else { "fp32" }
     );
     for &mb in &a.micro_batch {
         let m = memory_estimate(&c, mb, a.seq, bf16);
@@ -184,8 +161,8 @@ fn info(a: InfoArgs) -> Result<()> {
 
 /// Token ids of one `--ids` file: one sequence per non-empty line.
 pub fn read_ids(path: &Path) -> Result<Vec<Vec<i64>>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| UsageError(format!("{}: cannot read: {e}", path.display())))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| UsageError(format!("{}: cannot read: {e}", path.display())))?;
     let mut seqs = Vec::new();
     for (lineno, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -194,13 +171,8 @@ pub fn read_ids(path: &Path) -> Result<Vec<Vec<i64>>> {
         let ids = line
             .split_whitespace()
             .map(|tok| {
-                tok.parse::<i64>().map_err(|_| {
-                    UsageError(format!(
-                        "{}:{}: {tok:?} is not a token id",
-                        path.display(),
-                        lineno + 1
-                    ))
-                })
+                tok.parse::<i64>()
+                    .map_err(|_| UsageError(format!("{}:{}: {tok:?} is not a token id", path.display(), lineno + 1)))
             })
             .collect::<Result<Vec<i64>, UsageError>>()?;
         seqs.push(ids);
@@ -238,12 +210,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
         eprintln!("warning: {w}");
     }
     let model = &loaded.model;
-    check_vocab(
-        &seqs,
-        &a.ids,
-        model.cfg.vocab_size,
-        &a.hf_dir.join("config.json"),
-    )?;
+    check_vocab(&seqs, &a.ids, model.cfg.vocab_size, &a.hf_dir.join("config.json"))?;
     let (ids, mask) = pad_right(&seqs, 0);
     let (ids, mask) = (ids.to_device(device), mask.to_device(device));
     model
@@ -252,10 +219,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let mut outputs = tch::no_grad(|| {
         let enc = model.encode(&ids, &mask, false);
         let mut outs = vec![
-            (
-                "last_hidden_state".to_string(),
-                enc.last_hidden_state().shallow_clone(),
-            ),
+            ("last_hidden_state".to_string(), enc.last_hidden_state().shallow_clone()),
             ("attention_mask".to_string(), mask.to_kind(Kind::Float)),
         ];
         if let Some(l) = model.mlm_logits(&enc, false) {
@@ -281,10 +245,7 @@ fn init(a: InitArgs) -> Result<()> {
     let (_, mut c) = model_config(&a.model)?;
     if let Some(n) = a.num_labels {
         if a.head != Head::Classifier || n < 1 {
-            return Err(UsageError(
-                "--num-labels takes a positive count, with --head classifier".into(),
-            )
-            .into());
+            return Err(UsageError("--num-labels takes a positive count, with --head classifier".into()).into());
         }
         c.num_labels = n;
     }

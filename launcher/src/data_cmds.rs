@@ -41,11 +41,9 @@ pub fn preprocess_cmd(a: PreprocessArgs) -> Result<()> {
             field: a.jsonl_field.clone(),
         },
     };
-    let workers = a.workers.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
+    let workers = a
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let opts = PreprocessOptions {
         tokenizer: a.tokenizer,
         inputs: a.input,
@@ -118,10 +116,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         );
     }
     ds.verify(|name| eprintln!("  verifying {name}"))?;
-    println!(
-        "checksums: all {} shard(s) match the manifest",
-        m.shards.len()
-    );
+    println!("checksums: all {} shard(s) match the manifest", m.shards.len());
     let layout = BatchLayout {
         seq_len: a.seq_len,
         global_batch: 1,
@@ -180,11 +175,7 @@ pub fn bench(a: DataBenchArgs) -> Result<()> {
         dp_size: 1,
         seed: 0,
     };
-    let batcher = Batcher::new(
-        ds,
-        Arc::new(Masker::new(&vocab, MaskingConfig::default())?),
-        layout,
-    )?;
+    let batcher = Batcher::new(ds, Arc::new(Masker::new(&vocab, MaskingConfig::default())?), layout)?;
     let t0 = Instant::now();
     let mut predicted = 0usize;
     for step in 0..a.batches {

@@ -27,15 +27,7 @@ fn s(p: &Path) -> &str {
 /// `deberta forward --hf-dir DIR --ids DIR/ids.txt --out OUT [extra...]`
 fn forward(dir: &Path, out: &Path, extra: &[&str]) -> Output {
     let ids = dir.join("ids.txt");
-    let mut args = vec![
-        "forward",
-        "--hf-dir",
-        s(dir),
-        "--ids",
-        s(&ids),
-        "--out",
-        s(out),
-    ];
+    let mut args = vec!["forward", "--hf-dir", s(dir), "--ids", s(&ids), "--out", s(out)];
     args.extend_from_slice(extra);
     deberta(&args)
 }
@@ -58,12 +50,7 @@ fn get<'a>(ts: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
 #[test]
 fn forward_cli_matches_hf_on_every_fixture() {
     let tmp = tempfile::tempdir().unwrap();
-    for case in [
-        "xxlarge_family",
-        "padded_batch",
-        "no_conv_no_share",
-        "no_relative",
-    ] {
+    for case in ["xxlarge_family", "padded_batch", "no_conv_no_share", "no_relative"] {
         let dir = fixture(case);
         let out = tmp.path().join(format!("{case}.safetensors"));
         let o = forward(&dir, &out, &[]);
@@ -77,9 +64,7 @@ fn forward_cli_matches_hf_on_every_fixture() {
         let mut compared = 0;
         for (name, w) in &want {
             let diff = match name.as_str() {
-                "last_hidden_state" | "mlm_logits" => {
-                    max_abs_diff_unpadded(get(&ours, name), w, mask)
-                }
+                "last_hidden_state" | "mlm_logits" => max_abs_diff_unpadded(get(&ours, name), w, mask),
                 "logits" => max_abs_diff(get(&ours, name), w),
                 _ => continue,
             };
@@ -94,28 +79,12 @@ fn forward_cli_matches_hf_on_every_fixture() {
 fn init_writes_a_checkpoint_that_forward_reads() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("tiny");
-    let o = deberta(&[
-        "init",
-        "--preset",
-        "tiny",
-        "--head",
-        "mlm",
-        "--out",
-        s(&dir),
-    ]);
+    let o = deberta(&["init", "--preset", "tiny", "--head", "mlm", "--out", s(&dir)]);
     assert!(o.status.success(), "{}", stderr(&o));
     let ids = tmp.path().join("ids.txt");
     std::fs::write(&ids, "1 279 1538 3258 2\n1 128000 2\n").unwrap();
     let out = tmp.path().join("out.safetensors");
-    let o = deberta(&[
-        "forward",
-        "--hf-dir",
-        s(&dir),
-        "--ids",
-        s(&ids),
-        "--out",
-        s(&out),
-    ]);
+    let o = deberta(&["forward", "--hf-dir", s(&dir), "--ids", s(&ids), "--out", s(&out)]);
     assert!(o.status.success(), "{}", stderr(&o));
     let ts = tensors(&out);
     assert_eq!(get(&ts, "last_hidden_state").size(), [2, 5, 64]);
@@ -173,10 +142,7 @@ fn bad_input_is_refused_with_exit_code_2() {
         b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}",
     )
     .unwrap();
-    assert_refused(
-        &forward_in(&d),
-        &["model.safetensors", "not a valid safetensors"],
-    );
+    assert_refused(&forward_in(&d), &["model.safetensors", "not a valid safetensors"]);
 
     let d = case("shape_mismatch");
     let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
@@ -185,17 +151,11 @@ fn bad_input_is_refused_with_exit_code_2() {
         cfg.replace("\"vocab_size\": 320", "\"vocab_size\": 400"),
     )
     .unwrap();
-    assert_refused(
-        &forward_in(&d),
-        &["word_embeddings.weight", "[320, 32]", "[400, 32]"],
-    );
+    assert_refused(&forward_in(&d), &["word_embeddings.weight", "[320, 32]", "[400, 32]"]);
 
     let d = case("id_out_of_vocab");
     std::fs::write(d.join("ids.txt"), "1 5 7\n1 320 2\n").unwrap();
-    assert_refused(
-        &forward_in(&d),
-        &["ids.txt", "sequence 2", "320", "[0, 320)"],
-    );
+    assert_refused(&forward_in(&d), &["ids.txt", "sequence 2", "320", "[0, 320)"]);
 
     let d = case("not_an_id");
     std::fs::write(d.join("ids.txt"), "1 5 x7\n").unwrap();

@@ -56,37 +56,15 @@ fn preprocess_then_inspect_and_bench() {
     ]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
-    assert!(
-        out.contains("wiki.manifest.json") && out.contains("MB/s"),
-        "{out}"
-    );
+    assert!(out.contains("wiki.manifest.json") && out.contains("MB/s"), "{out}");
 
-    let o = deberta(&[
-        "data",
-        "inspect",
-        s(&prefix),
-        "--samples",
-        "2",
-        "--seq-len",
-        "64",
-    ]);
+    let o = deberta(&["data", "inspect", s(&prefix), "--samples", "2", "--seq-len", "64"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.contains("checksums: all 3 shard(s) match"), "{out}");
-    assert!(
-        out.contains("sample g=1") && out.contains("[MASK]{"),
-        "{out}"
-    );
+    assert!(out.contains("sample g=1") && out.contains("[MASK]{"), "{out}");
 
-    let o = deberta(&[
-        "data",
-        "bench",
-        s(&prefix),
-        "--batches",
-        "5",
-        "--seq-len",
-        "128",
-    ]);
+    let o = deberta(&["data", "bench", s(&prefix), "--batches", "5", "--seq-len", "128"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     let json: serde_json::Value = serde_json::from_str(out.trim()).unwrap();

@@ -23,10 +23,7 @@ fn xxlarge_reports_the_hf_parameter_count_without_allocating_the_model() {
         .find(|l| l.contains("backbone (HF DebertaV2Model)"))
         .expect(&out);
     assert!(backbone.trim_end().ends_with("1,564,549,632"), "{backbone}");
-    let total = out
-        .lines()
-        .find(|l| l.contains("pretraining model total"))
-        .expect(&out);
+    let total = out.lines().find(|l| l.contains("pretraining model total")).expect(&out);
     assert!(total.trim_end().ends_with("1,567,828,068"), "{total}");
     assert!(out.contains("training FLOPs per token"), "{out}");
     assert!(out.contains("micro-batch    8:"), "{out}");
@@ -44,18 +41,11 @@ fn flops_per_token_matches_the_hf_baseline_model() {
     // + 0.15 * (d^2 + d*128100)) with d = 1536, ff = 6144.
     let (d, ff, v, n) = (1536f64, 6144f64, 128100f64, 48f64);
     let want = 6.0
-        * (n * (4.0 * d * d
-            + 2.0 * d * ff
-            + 2.0 * 512.0 * d
-            + 2.0 * 512.0 * d
-            + 2.0 * 512.0 * d * d / 512.0)
+        * (n * (4.0 * d * d + 2.0 * d * ff + 2.0 * 512.0 * d + 2.0 * 512.0 * d + 2.0 * 512.0 * d * d / 512.0)
             + 3.0 * d * d
             + 0.15 * (d * d + d * v));
     let (out, _) = info(&["--preset", "xxlarge", "--seq", "512"]);
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("training FLOPs per token"))
-        .unwrap();
+    let line = out.lines().find(|l| l.starts_with("training FLOPs per token")).unwrap();
     let got: f64 = line
         .split(": ")
         .nth(1)
@@ -82,10 +72,7 @@ fn cuda_probe_answers_without_error() {
 fn the_binary_links_libtorch_cuda() {
     // tch links with --as-needed; without launcher/build.rs forcing it, libtorch_cuda.so is
     // dropped and CUDA is silently unavailable on GPU machines (DESIGN.md).
-    let ldd = Command::new("ldd")
-        .arg(env!("CARGO_BIN_EXE_deberta"))
-        .output()
-        .unwrap();
+    let ldd = Command::new("ldd").arg(env!("CARGO_BIN_EXE_deberta")).output().unwrap();
     let text = String::from_utf8_lossy(&ldd.stdout);
     assert!(
         text.contains("libtorch_cuda.so"),

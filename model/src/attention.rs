@@ -49,20 +49,14 @@ pub struct DisentangledSelfAttention {
 impl DisentangledSelfAttention {
     /// Column-parallel: this rank holds heads [rank·H/tp, (rank+1)·H/tp) of every projection.
     pub fn new(p: &Path, cfg: &DebertaConfig, tp: TpShard) -> Self {
-        let (d, a, std) = (
-            cfg.hidden_size,
-            tp.part(cfg.all_head_size()),
-            cfg.initializer_range,
-        );
+        let (d, a, std) = (cfg.hidden_size, tp.part(cfg.all_head_size()), cfg.initializer_range);
         let separate = cfg.relative_attention && !cfg.share_att_key;
         DisentangledSelfAttention {
             query_proj: Linear::new(&(p / "query_proj"), d, a, true, std),
             key_proj: Linear::new(&(p / "key_proj"), d, a, true, std),
             value_proj: Linear::new(&(p / "value_proj"), d, a, true, std),
-            pos_key_proj: (separate && cfg.c2p)
-                .then(|| Linear::new(&(p / "pos_key_proj"), d, a, true, std)),
-            pos_query_proj: (separate && cfg.p2c)
-                .then(|| Linear::new(&(p / "pos_query_proj"), d, a, true, std)),
+            pos_key_proj: (separate && cfg.c2p).then(|| Linear::new(&(p / "pos_key_proj"), d, a, true, std)),
+            pos_query_proj: (separate && cfg.p2c).then(|| Linear::new(&(p / "pos_query_proj"), d, a, true, std)),
             head_size: cfg.attention_head_size,
             c2p: cfg.c2p,
             p2c: cfg.p2c,
@@ -104,25 +98,13 @@ impl DisentangledSelfAttention {
         if let Some(rel) = rel.filter(|_| self.c2p || self.p2c) {
             let r = rel.table.dropout(self.pos_dropout, train); // [2S, D], per-layer dropout
             if self.c2p {
-                let k_r = self.split_table_heads(
-                    &self
-                        .pos_key_proj
-                        .as_ref()
-                        .unwrap_or(&self.key_proj)
-                        .forward(&r),
-                );
+                let k_r = self.split_table_heads(&self.pos_key_proj.as_ref().unwrap_or(&self.key_proj).forward(&r));
                 let c2p_all = q_c.matmul(&k_r.transpose(-1, -2)); // [B, H, Nq, 2S]
                 let idx = rel.rel_idx.expand([b, h, nq, n], false);
                 scores = scores + c2p_all.gather(-1, &idx, false) * self.scale;
             }
             if self.p2c {
-                let q_r = self.split_table_heads(
-                    &self
-                        .pos_query_proj
-                        .as_ref()
-                        .unwrap_or(&self.query_proj)
-                        .forward(&r),
-                );
+                let q_r = self.split_table_heads(&self.pos_query_proj.as_ref().unwrap_or(&self.query_proj).forward(&r));
                 let p2c_all = k_c.matmul(&q_r.transpose(-1, -2)); // [B, H, N, 2S]: K_c[j] . Q_r[t]
                 let idx_t = rel.rel_idx.transpose(0, 1).expand([b, h, n, nq], false); // [.., j, i] = rel_idx[i, j]
                 scores = scores + p2c_all.gather(-1, &idx_t, false).transpose(-1, -2) * self.scale;

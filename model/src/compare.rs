@@ -19,9 +19,6 @@ pub fn max_abs_diff_unpadded(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "compared tensors differ in shape");
     let sel = mask.reshape([-1]).gt(0.5).nonzero().squeeze_dim(1);
     let width = a.size()[2..].iter().product::<i64>();
-    let pick = |t: &Tensor| {
-        t.reshape([-1, width])
-            .index_select(0, &sel.to_device(t.device()))
-    };
+    let pick = |t: &Tensor| t.reshape([-1, width]).index_select(0, &sel.to_device(t.device()));
     max_abs_diff(&pick(a), &pick(b))
 }

@@ -204,11 +204,7 @@ impl DebertaConfig {
             } else {
                 format!(" (field `{field}`)")
             };
-            ModelError::Config(format!(
-                "{}: not a valid config{at}: {}",
-                path.display(),
-                e.inner()
-            ))
+            ModelError::Config(format!("{}: not a valid config{at}: {}", path.display(), e.inner()))
         })?;
         hf.into_config()
             .map_err(|msg| ModelError::Config(format!("{}: {msg}", path.display())))
@@ -235,8 +231,7 @@ impl DebertaConfig {
 
     /// 1 + [c2p] + [p2c]: the attention scale is 1/sqrt(d * this) (pitfall 3).
     pub fn scale_factor(&self) -> i64 {
-        1 + i64::from(self.relative_attention && self.c2p)
-            + i64::from(self.relative_attention && self.p2c)
+        1 + i64::from(self.relative_attention && self.c2p) + i64::from(self.relative_attention && self.p2c)
     }
 
     /// The same model as an HF `config.json`, every field explicit so no HF default applies.
@@ -269,16 +264,9 @@ impl DebertaConfig {
             position_buckets: self.position_buckets,
             pad_token_id: Some(self.pad_token_id),
             position_biased_input: self.position_biased_input,
-            pos_att_type: Some(PosAttType::List(
-                pos_att.into_iter().map(String::from).collect(),
-            )),
+            pos_att_type: Some(PosAttType::List(pos_att.into_iter().map(String::from).collect())),
             share_att_key: self.share_att_key,
-            norm_rel_ebd: if self.norm_rel_ebd {
-                "layer_norm"
-            } else {
-                "none"
-            }
-            .into(),
+            norm_rel_ebd: if self.norm_rel_ebd { "layer_norm" } else { "none" }.into(),
             conv_kernel_size: self.conv_kernel_size,
             conv_groups: self.conv_groups,
             conv_act: self.conv_act.name().into(),
@@ -462,11 +450,7 @@ impl HfDebertaV2Config {
         }
         let head = match self.attention_head_size {
             Some(d) if d > 0 => d,
-            Some(d) => {
-                return Err(format!(
-                    "field `attention_head_size` must be positive, got {d}"
-                ))
-            }
+            Some(d) => return Err(format!("field `attention_head_size` must be positive, got {d}")),
             None => {
                 if self.hidden_size % self.num_attention_heads != 0 {
                     return Err(format!(
@@ -492,16 +476,11 @@ impl HfDebertaV2Config {
             }
         }
         let act = |field: &str, name: &str| {
-            Activation::parse(name)
-                .ok_or_else(|| format!("field `{field}`: unsupported activation {name:?}"))
+            Activation::parse(name).ok_or_else(|| format!("field `{field}`: unsupported activation {name:?}"))
         };
         let kinds: Vec<String> = match &self.pos_att_type {
             None => vec![],
-            Some(PosAttType::Joined(s)) => s
-                .to_lowercase()
-                .split('|')
-                .map(|x| x.trim().to_string())
-                .collect(),
+            Some(PosAttType::Joined(s)) => s.to_lowercase().split('|').map(|x| x.trim().to_string()).collect(),
             Some(PosAttType::List(v)) => v.iter().map(|x| x.trim().to_lowercase()).collect(),
         };
         for k in &kinds {
@@ -605,11 +584,9 @@ mod tests {
     #[test]
     fn official_string_pos_att_type_and_hf_list_agree() {
         let a: HfDebertaV2Config =
-            serde_json::from_str(r#"{"relative_attention":true,"pos_att_type":"p2c|c2p"}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"relative_attention":true,"pos_att_type":"p2c|c2p"}"#).unwrap();
         let b: HfDebertaV2Config =
-            serde_json::from_str(r#"{"relative_attention":true,"pos_att_type":["p2c","c2p"]}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"relative_attention":true,"pos_att_type":["p2c","c2p"]}"#).unwrap();
         assert_eq!(a.into_config().unwrap(), b.into_config().unwrap());
     }
 

@@ -34,26 +34,13 @@ pub struct ParamCount {
 
 impl ParamCount {
     pub fn of(c: &DebertaConfig) -> ParamCount {
-        let (d, a, f, v) = (
-            c.hidden_size,
-            c.all_head_size(),
-            c.intermediate_size,
-            c.vocab_size,
-        );
+        let (d, a, f, v) = (c.hidden_size, c.all_head_size(), c.intermediate_size, c.vocab_size);
         let linear = |i: i64, o: i64| i * o + o;
         let ln = 2 * d;
         let separate_rel = c.relative_attention && !c.share_att_key;
         let per_layer = 3 * linear(d, a)
-            + if separate_rel && c.c2p {
-                linear(d, a)
-            } else {
-                0
-            }
-            + if separate_rel && c.p2c {
-                linear(d, a)
-            } else {
-                0
-            }
+            + if separate_rel && c.c2p { linear(d, a) } else { 0 }
+            + if separate_rel && c.p2c { linear(d, a) } else { 0 }
             + linear(a, d)
             + ln
             + linear(d, f)
@@ -85,8 +72,7 @@ impl ParamCount {
             emd_positions,
             mlm_head,
             pretraining: backbone + emd_positions + mlm_head,
-            classifier: linear(d, c.pooler_hidden_size)
-                + linear(c.pooler_hidden_size, c.num_labels),
+            classifier: linear(d, c.pooler_hidden_size) + linear(c.pooler_hidden_size, c.num_labels),
         }
     }
 }
@@ -142,12 +128,7 @@ impl MemoryEstimate {
 ///   their gradient for the masked tokens.
 ///
 /// It is an estimate for planning (`deberta info`, the launcher's plan), not a measurement.
-pub fn memory_estimate(
-    c: &DebertaConfig,
-    micro_batch: i64,
-    seq: i64,
-    bf16: bool,
-) -> MemoryEstimate {
+pub fn memory_estimate(c: &DebertaConfig, micro_batch: i64, seq: i64, bf16: bool) -> MemoryEstimate {
     let params = ParamCount::of(c).pretraining as f64;
     let elt = if bf16 { 2.0 } else { 4.0 };
     let states_bytes = params * (16.0 + if bf16 { 2.0 } else { 0.0 });
@@ -179,10 +160,7 @@ mod tests {
         assert_eq!(p.per_layer, 28_331_520);
         assert_eq!(p.backbone, 1_564_549_632);
         assert_eq!(p.pretraining, 1_567_828_068);
-        assert_eq!(
-            ParamCount::of(&DebertaConfig::xlarge()).backbone,
-            884_593_152
-        );
+        assert_eq!(ParamCount::of(&DebertaConfig::xlarge()).backbone, 884_593_152);
     }
 
     #[test]
@@ -190,8 +168,7 @@ mod tests {
         // tiny: d 64, 2 layers, ff 128, vocab 128100, span 512, conv 3, seq 128.
         let c = DebertaConfig::tiny();
         let (d, ff, v, span, seq) = (64.0, 128.0, 128100.0, 512.0, 128.0);
-        let per_layer =
-            4.0 * d * d + 2.0 * d * ff + 2.0 * seq * d + 2.0 * span * d + 2.0 * span * d * d / seq;
+        let per_layer = 4.0 * d * d + 2.0 * d * ff + 2.0 * seq * d + 2.0 * span * d + 2.0 * span * d * d / seq;
         let fwd = 2.0 * per_layer + 3.0 * d * d + 0.15 * (d * d + d * v);
         assert!((flops_per_token(&c, 128, 0.15) - 6.0 * fwd).abs() < 1e-6);
     }

@@ -33,20 +33,10 @@ pub struct Embeddings {
 }
 
 impl Embeddings {
-    pub fn new(
-        p: &Path,
-        cfg: &DebertaConfig,
-        with_position_table: bool,
-        tp: TpShard,
-    ) -> Embeddings {
+    pub fn new(p: &Path, cfg: &DebertaConfig, with_position_table: bool, tp: TpShard) -> Embeddings {
         let rows = tp.part(padded_vocab_size(cfg.vocab_size, tp.size));
         let vocab_start = tp.rank * rows;
-        let word_embeddings = embedding_table(
-            &(p / "word_embeddings"),
-            rows,
-            cfg.hidden_size,
-            cfg.initializer_range,
-        );
+        let word_embeddings = embedding_table(&(p / "word_embeddings"), rows, cfg.hidden_size, cfg.initializer_range);
         tch::no_grad(|| {
             let real = (cfg.vocab_size - vocab_start).clamp(0, rows);
             let _ = word_embeddings.narrow(0, real, rows - real).zero_();
@@ -87,11 +77,7 @@ impl Embeddings {
         let rows = self.word_embeddings.size()[0];
         let local = ids - self.vocab_start;
         let pad_local = self.pad_token_id - self.vocab_start;
-        let padding_idx = if (0..rows).contains(&pad_local) {
-            pad_local
-        } else {
-            -1
-        };
+        let padding_idx = if (0..rows).contains(&pad_local) { pad_local } else { -1 };
         if self.whole_vocab {
             return Tensor::embedding(&self.word_embeddings, ids, padding_idx, false, false);
         }
@@ -108,19 +94,11 @@ impl Embeddings {
 
     /// ids: [B, N] int64, mask: [B, N] float {0, 1} -> E: [B, N, D]; `g` sums the partial lookups
     /// over TP (identity without TP).
-    pub fn forward_tp(
-        &self,
-        ids: &Tensor,
-        mask: &Tensor,
-        g: &dyn Fn(&Tensor) -> Tensor,
-        train: bool,
-    ) -> Tensor {
+    pub fn forward_tp(&self, ids: &Tensor, mask: &Tensor, g: &dyn Fn(&Tensor) -> Tensor, train: bool) -> Tensor {
         let (_, n) = ids.size2().expect("input ids are [batch, seq]");
         let mut x = g(&self.lookup_local(ids));
         if self.position_biased_input {
-            x = x + self
-                .positions(n)
-                .expect("position-biased input has a position table");
+            x = x + self.positions(n).expect("position-biased input has a position table");
         }
         let e = self.layer_norm.forward(&x) * mask.unsqueeze(-1).to_kind(x.kind());
         e.dropout(self.dropout, train)

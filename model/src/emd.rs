@@ -69,8 +69,7 @@ impl MlmHead {
 
     /// The replicated transform: LN(act(h W + b)), [.., D].
     pub fn transform(&self, h: &Tensor) -> Tensor {
-        self.layer_norm
-            .forward(&self.act.apply(&self.dense.forward(h)))
+        self.layer_norm.forward(&self.act.apply(&self.dense.forward(h)))
     }
 
     /// Logits over this rank's vocabulary rows [.., V_p / tp] (padding columns included).

@@ -44,7 +44,6 @@ impl SequenceClassifier {
     pub fn forward(&self, h: &Tensor, train: bool) -> Tensor {
         let cls = h.select(1, 0).dropout(self.pooler_dropout, train); // [B, D]
         let pooled = self.pooler_act.apply(&self.pooler.forward(&cls));
-        self.classifier
-            .forward(&pooled.dropout(self.cls_dropout, train))
+        self.classifier.forward(&pooled.dropout(self.cls_dropout, train))
     }
 }

@@ -42,26 +42,15 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     }
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| {
-            ModelError::Checkpoint(format!("{}: cannot read: {e}", index.display()))
-        })?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-            ModelError::Checkpoint(format!("{}: not valid JSON: {e}", index.display()))
-        })?;
+        let text = std::fs::read_to_string(&index)
+            .map_err(|e| ModelError::Checkpoint(format!("{}: cannot read: {e}", index.display())))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Checkpoint(format!("{}: not valid JSON: {e}", index.display())))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| {
-                ModelError::Checkpoint(format!(
-                    "{}: field `weight_map` is missing",
-                    index.display()
-                ))
-            })?;
-        let mut files: Vec<PathBuf> = map
-            .values()
-            .filter_map(|v| v.as_str())
-            .map(|f| dir.join(f))
-            .collect();
+            .ok_or_else(|| ModelError::Checkpoint(format!("{}: field `weight_map` is missing", index.display())))?;
+        let mut files: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
         files.sort();
         files.dedup();
         return Ok(files);
@@ -88,12 +77,7 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
 }
 
 /// Copy a stored tensor into `var`, converting its dtype; errors name file and tensor.
-fn copy_into(
-    var: &mut Tensor,
-    view: &TensorView,
-    file: &Path,
-    name: &str,
-) -> Result<(), ModelError> {
+fn copy_into(var: &mut Tensor, view: &TensorView, file: &Path, name: &str) -> Result<(), ModelError> {
     let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
     if shape != var.size() {
         return Err(ModelError::Checkpoint(format!(
@@ -121,17 +105,13 @@ fn copy_into(
 pub fn load_hf_dir(dir: &Path, device: Device) -> Result<LoadedModel, ModelError> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
-        return Err(ModelError::Config(format!(
-            "{}: file not found",
-            config_path.display()
-        )));
+        return Err(ModelError::Config(format!("{}: file not found", config_path.display())));
     }
     let cfg = DebertaConfig::from_hf_file(&config_path)?;
     let files = weight_files(dir)?;
     let mut maps = Vec::with_capacity(files.len());
     for f in &files {
-        let file = File::open(f)
-            .map_err(|e| ModelError::Checkpoint(format!("{}: cannot open: {e}", f.display())))?;
+        let file = File::open(f).map_err(|e| ModelError::Checkpoint(format!("{}: cannot open: {e}", f.display())))?;
         // SAFETY: read-only map of a checkpoint file that we do not modify while it is mapped.
         let mmap = unsafe { Mmap::map(&file) }
             .map_err(|e| ModelError::Checkpoint(format!("{}: cannot map: {e}", f.display())))?;
@@ -139,12 +119,8 @@ pub fn load_hf_dir(dir: &Path, device: Device) -> Result<LoadedModel, ModelError
     }
     let mut stores = Vec::with_capacity(maps.len());
     for (f, m) in files.iter().zip(&maps) {
-        let st = SafeTensors::deserialize(m).map_err(|e| {
-            ModelError::Checkpoint(format!(
-                "{}: not a valid safetensors file: {e}",
-                f.display()
-            ))
-        })?;
+        let st = SafeTensors::deserialize(m)
+            .map_err(|e| ModelError::Checkpoint(format!("{}: not a valid safetensors file: {e}", f.display())))?;
         stores.push(st);
     }
     // checkpoint name -> index of the file holding it
@@ -192,9 +168,9 @@ pub fn load_hf_dir(dir: &Path, device: Device) -> Result<LoadedModel, ModelError
                 config_path.display()
             )));
         };
-        let view = stores[i].tensor(&name).map_err(|e| {
-            ModelError::Checkpoint(format!("{}: tensor `{name}`: {e}", files[i].display()))
-        })?;
+        let view = stores[i]
+            .tensor(&name)
+            .map_err(|e| ModelError::Checkpoint(format!("{}: tensor `{name}`: {e}", files[i].display())))?;
         // The vocabulary rows are padded in memory (tensor_parallel::padded_vocab_size); the
         // checkpoint holds the real ones.
         if sharding_of(&ours) == Sharding::Vocab {
@@ -211,18 +187,10 @@ pub fn load_hf_dir(dir: &Path, device: Device) -> Result<LoadedModel, ModelError
             dir.display(),
             unused.len(),
             shown.join(", "),
-            if unused.len() > shown.len() {
-                ", ..."
-            } else {
-                ""
-            }
+            if unused.len() > shown.len() { ", ..." } else { "" }
         ));
     }
-    Ok(LoadedModel {
-        vs,
-        model,
-        warnings,
-    })
+    Ok(LoadedModel { vs, model, warnings })
 }
 
 /// Parameters as a checkpoint holds them: the vocabulary rows without the in-memory padding
@@ -249,10 +217,7 @@ pub fn hf_architecture(parts: Parts) -> &'static str {
 }
 
 /// Write `content` to `path` through a temporary file in the same directory and a rename.
-pub fn write_atomically(
-    path: &Path,
-    write: impl FnOnce(&Path) -> Result<(), String>,
-) -> Result<(), ModelError> {
+pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), ModelError> {
     let tmp = path.with_extension(format!(
         "{}.tmp-{}",
         path.extension().and_then(|e| e.to_str()).unwrap_or(""),
@@ -261,10 +226,7 @@ pub fn write_atomically(
     let result = write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
-        return Err(ModelError::Checkpoint(format!(
-            "{}: cannot write: {e}",
-            path.display()
-        )));
+        return Err(ModelError::Checkpoint(format!("{}: cannot write: {e}", path.display())));
     }
     Ok(())
 }
@@ -273,11 +235,7 @@ pub fn write_atomically(
 pub fn write_safetensors_f32(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), ModelError> {
     let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let t = t
-            .detach()
-            .to_device(Device::Cpu)
-            .to_kind(Kind::Float)
-            .contiguous();
+        let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
         let mut data = vec![0u8; t.numel() * 4];
         t.copy_data_u8(&mut data, t.numel());
@@ -301,9 +259,8 @@ pub fn write_safetensors_f32(path: &Path, tensors: &[(String, Tensor)]) -> Resul
 /// Save as an HF directory that `transformers` loads with `from_pretrained` (every config field
 /// explicit, `legacy: false` so the official MLM head is the one used).
 pub fn save_hf_dir(model: &DebertaV2, vs: &VarStore, dir: &Path) -> Result<(), ModelError> {
-    std::fs::create_dir_all(dir).map_err(|e| {
-        ModelError::Checkpoint(format!("{}: cannot create directory: {e}", dir.display()))
-    })?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| ModelError::Checkpoint(format!("{}: cannot create directory: {e}", dir.display())))?;
     let mut tensors: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()

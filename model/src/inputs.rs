@@ -28,13 +28,7 @@ mod tests {
     #[test]
     fn pads_on_the_right_and_masks() {
         let (ids, mask) = pad_right(&[vec![5, 6, 7], vec![8]], 0);
-        assert_eq!(
-            Vec::<i64>::try_from(ids.reshape([-1])).unwrap(),
-            [5, 6, 7, 8, 0, 0]
-        );
-        assert_eq!(
-            Vec::<i64>::try_from(mask.reshape([-1])).unwrap(),
-            [1, 1, 1, 1, 0, 0]
-        );
+        assert_eq!(Vec::<i64>::try_from(ids.reshape([-1])).unwrap(), [5, 6, 7, 8, 0, 0]);
+        assert_eq!(Vec::<i64>::try_from(mask.reshape([-1])).unwrap(), [1, 1, 1, 1, 0, 0]);
     }
 }

@@ -32,24 +32,13 @@ pub struct DenseResidualNorm {
 impl DenseResidualNorm {
     fn new(p: &Path, in_local: i64, cfg: &DebertaConfig) -> Self {
         DenseResidualNorm {
-            dense: RowLinear::new(
-                &(p / "dense"),
-                in_local,
-                cfg.hidden_size,
-                cfg.initializer_range,
-            ),
+            dense: RowLinear::new(&(p / "dense"), in_local, cfg.hidden_size, cfg.initializer_range),
             layer_norm: LayerNorm::new(&(p / "LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps),
             dropout: cfg.hidden_dropout_prob,
         }
     }
 
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        residual: &Tensor,
-        g: &dyn Fn(&Tensor) -> Tensor,
-        train: bool,
-    ) -> Tensor {
+    pub fn forward(&self, x: &Tensor, residual: &Tensor, g: &dyn Fn(&Tensor) -> Tensor, train: bool) -> Tensor {
         self.layer_norm
             .forward(&(self.dense.forward(x, g).dropout(self.dropout, train) + residual))
     }
@@ -72,11 +61,7 @@ impl Layer {
     pub fn new(p: &Path, cfg: &DebertaConfig, tp: TpShard) -> Layer {
         Layer {
             attention: DisentangledSelfAttention::new(&(p / "attention" / "self"), cfg, tp),
-            attention_output: DenseResidualNorm::new(
-                &(p / "attention" / "output"),
-                tp.part(cfg.all_head_size()),
-                cfg,
-            ),
+            attention_output: DenseResidualNorm::new(&(p / "attention" / "output"), tp.part(cfg.all_head_size()), cfg),
             intermediate: Linear::new(
                 &(p / "intermediate" / "dense"),
                 cfg.hidden_size,
@@ -122,13 +107,7 @@ impl Layer {
     }
 
     /// y = LN2(Dropout(g(act(a W1 + b1) W2) + b2) + a_res).
-    pub fn ffn_sublayer(
-        &self,
-        a: &Tensor,
-        a_res: &Tensor,
-        g: &dyn Fn(&Tensor) -> Tensor,
-        train: bool,
-    ) -> Tensor {
+    pub fn ffn_sublayer(&self, a: &Tensor, a_res: &Tensor, g: &dyn Fn(&Tensor) -> Tensor, train: bool) -> Tensor {
         let f = self.act.apply(&self.intermediate.forward(a)); // [B, N, F / tp]
         self.output.forward(&f, a_res, g, train)
     }

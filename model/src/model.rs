@@ -78,12 +78,7 @@ impl DebertaV2 {
 
     /// This rank's shard of the model under tensor parallelism (`tensor_parallel::sharding_of`
     /// says which parameters are split and how).
-    pub fn new_tp(
-        root: &Path,
-        cfg: &DebertaConfig,
-        parts: Parts,
-        tp: TpShard,
-    ) -> Result<DebertaV2, ModelError> {
+    pub fn new_tp(root: &Path, cfg: &DebertaConfig, parts: Parts, tp: TpShard) -> Result<DebertaV2, ModelError> {
         if parts.mlm && !cfg.position_biased_input && cfg.num_hidden_layers < 2 {
             return Err(ModelError::Config(
                 "the enhanced mask decoder reads the input of the last layer: num_hidden_layers must be >= 2".into(),
@@ -105,12 +100,9 @@ impl DebertaV2 {
 
     /// Refuse inputs the model cannot take instead of failing inside libtorch.
     pub fn check_inputs(&self, ids: &Tensor, mask: &Tensor) -> Result<(), ModelError> {
-        let (b, n) = ids.size2().map_err(|_| {
-            ModelError::Input(format!(
-                "input ids must be [batch, seq], got {:?}",
-                ids.size()
-            ))
-        })?;
+        let (b, n) = ids
+            .size2()
+            .map_err(|_| ModelError::Input(format!("input ids must be [batch, seq], got {:?}", ids.size())))?;
         if mask.size() != [b, n] {
             return Err(ModelError::Input(format!(
                 "mask {:?} does not match ids [{b}, {n}]",
@@ -168,13 +160,7 @@ impl DebertaV2 {
         } else {
             self.embeddings.positions(n)
         };
-        enhanced_mask_decoder(
-            &self.encoder,
-            &enc.layers,
-            positions.as_ref(),
-            &enc.mask,
-            train,
-        )
+        enhanced_mask_decoder(&self.encoder, &enc.layers, positions.as_ref(), &enc.mask, train)
     }
 
     /// Mean cross-entropy over positions whose label is not `IGNORE_INDEX`; the vocabulary
@@ -196,11 +182,7 @@ impl DebertaV2 {
 
     /// Classification logits [B, num_labels]; None without a classifier head.
     pub fn classify(&self, enc: &Encoded, train: bool) -> Option<Tensor> {
-        Some(
-            self.classifier
-                .as_ref()?
-                .forward(enc.last_hidden_state(), train),
-        )
+        Some(self.classifier.as_ref()?.forward(enc.last_hidden_state(), train))
     }
 }
 
@@ -220,10 +202,7 @@ impl DebertaV2 {
         scale: f64,
         train: bool,
     ) -> Boundary {
-        let head = self
-            .mlm
-            .as_ref()
-            .expect("mlm_loss_segments needs the MLM head");
+        let head = self.mlm.as_ref().expect("mlm_loss_segments needs the MLM head");
         let tp = tape.tp();
         let g = |x: &Tensor| reduce_from_tp(x, tp);
         let mask_f = mask.to_kind(Kind::Float);
@@ -235,9 +214,7 @@ impl DebertaV2 {
             .as_ref()
             .map(|t| relative_index(&self.cfg, n, n, t.device()));
 
-        let e = tape.segment(&[], |_| {
-            vec![self.embeddings.forward_tp(ids, &mask_f, &g, train)]
-        })[0];
+        let e = tape.segment(&[], |_| vec![self.embeddings.forward_tp(ids, &mask_f, &g, train)])[0];
         // R = LN(E_rel), shared by every layer; each reads it through its heads (tp leaf).
         let rel = self
             .encoder
@@ -249,30 +226,19 @@ impl DebertaV2 {
                 rel_idx: rel_idx.as_ref().unwrap().shallow_clone(),
             })
         };
-        let with_rel =
-            |xs: &[Boundary]| -> Vec<Boundary> { xs.iter().copied().chain(rel).collect() };
+        let with_rel = |xs: &[Boundary]| -> Vec<Boundary> { xs.iter().copied().chain(rel).collect() };
 
         let mut outs: Vec<Boundary> = Vec::with_capacity(self.encoder.layers.len());
         for (i, layer) in self.encoder.layers.iter().enumerate() {
             let x = outs.last().copied().unwrap_or(e);
             let a = tape.segment(&with_rel(&[x]), |inp| {
                 let rc = rel_ctx(inp, 1);
-                vec![layer.attention_sublayer(
-                    &inp[0].tp,
-                    &inp[0].tp,
-                    &inp[0].rep,
-                    rc.as_ref(),
-                    &att_mask,
-                    &g,
-                    train,
-                )]
+                vec![layer.attention_sublayer(&inp[0].tp, &inp[0].tp, &inp[0].rep, rc.as_ref(), &att_mask, &g, train)]
             })[0];
             // Backward reaches this segment last among the uses of layer i (the EMD's reuses of
             // the last layer come later in forward): its gradients are final after it.
             tape.mark_ready(i);
-            let mut y = tape.segment(&[a], |inp| {
-                vec![layer.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)]
-            })[0];
+            let mut y = tape.segment(&[a], |inp| vec![layer.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)])[0];
             if i == 0 {
                 if let Some(conv) = &self.encoder.conv {
                     y = tape.segment(&[e, y], |inp| {
@@ -289,10 +255,7 @@ impl DebertaV2 {
             *outs.last().unwrap()
         } else {
             let h_kv = outs[outs.len() - 2];
-            let positions = self
-                .embeddings
-                .positions(n)
-                .expect("the EMD needs the position table");
+            let positions = self.embeddings.positions(n).expect("the EMD needs the position table");
             let mut q = tape.segment(&[h_kv], |inp| vec![&positions + &inp[0].rep])[0];
             let last = self.encoder.layers.last().unwrap();
             for _ in 0..EMD_STEPS {
@@ -308,9 +271,7 @@ impl DebertaV2 {
                         train,
                     )]
                 })[0];
-                q = tape.segment(&[a], |inp| {
-                    vec![last.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)]
-                })[0];
+                q = tape.segment(&[a], |inp| vec![last.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)])[0];
             }
             q
         };

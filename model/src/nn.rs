@@ -15,14 +15,7 @@ pub struct Linear {
 impl Linear {
     pub fn new(p: &Path, in_dim: i64, out_dim: i64, bias: bool, std: f64) -> Linear {
         Linear {
-            weight: p.var(
-                "weight",
-                &[out_dim, in_dim],
-                Init::Randn {
-                    mean: 0.0,
-                    stdev: std,
-                },
-            ),
+            weight: p.var("weight", &[out_dim, in_dim], Init::Randn { mean: 0.0, stdev: std }),
             bias: bias.then(|| p.var("bias", &[out_dim], Init::Const(0.0))),
         }
     }
@@ -46,14 +39,7 @@ pub struct RowLinear {
 impl RowLinear {
     pub fn new(p: &Path, in_local: i64, out_dim: i64, std: f64) -> RowLinear {
         RowLinear {
-            weight: p.var(
-                "weight",
-                &[out_dim, in_local],
-                Init::Randn {
-                    mean: 0.0,
-                    stdev: std,
-                },
-            ),
+            weight: p.var("weight", &[out_dim, in_local], Init::Randn { mean: 0.0, stdev: std }),
             bias: p.var("bias", &[out_dim], Init::Const(0.0)),
         }
     }
@@ -89,14 +75,7 @@ impl LayerNorm {
 
 /// An embedding table [rows, dim] drawn from N(0, std).
 pub fn embedding_table(p: &Path, rows: i64, dim: i64, std: f64) -> Tensor {
-    p.var(
-        "weight",
-        &[rows, dim],
-        Init::Randn {
-            mean: 0.0,
-            stdev: std,
-        },
-    )
+    p.var("weight", &[rows, dim], Init::Randn { mean: 0.0, stdev: std })
 }
 
 /// The most negative finite value of a floating kind: masked scores use it instead of -inf so a

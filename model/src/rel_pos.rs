@@ -13,11 +13,7 @@ use crate::config::DebertaConfig;
 /// for |r| >= K it keeps growing and the final clamp of the table index saturates it.
 pub fn log_bucket(r: i64, buckets: i64, max_position: i64) -> i64 {
     let mid = buckets / 2;
-    let abs = if r < mid && r > -mid {
-        mid - 1
-    } else {
-        r.abs()
-    };
+    let abs = if r < mid && r > -mid { mid - 1 } else { r.abs() };
     if abs <= mid {
         return r;
     }
@@ -50,9 +46,7 @@ pub fn relative_index(cfg: &DebertaConfig, q_len: i64, k_len: i64, device: Devic
             idx.push(per_distance[(i - j + offset) as usize]);
         }
     }
-    Tensor::from_slice(&idx)
-        .view([q_len, k_len])
-        .to_device(device)
+    Tensor::from_slice(&idx).view([q_len, k_len]).to_device(device)
 }
 
 #[cfg(test)]
@@ -98,9 +92,7 @@ mod tests {
             prev = b;
         }
         // 511 distinct buckets in [-255, 255]: table row 0 is never used for N <= 512.
-        let rows: std::collections::BTreeSet<i64> = (-511..=511)
-            .map(|r| log_bucket(r, 256, 512) + 256)
-            .collect();
+        let rows: std::collections::BTreeSet<i64> = (-511..=511).map(|r| log_bucket(r, 256, 512) + 256).collect();
         assert_eq!(rows.len(), 511);
         assert_eq!(*rows.iter().next().unwrap(), 1);
     }

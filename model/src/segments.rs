@@ -79,11 +79,7 @@ impl<'c> Tape<'c> {
     }
 
     /// Run `f` on fresh leaves of `inputs`; its outputs become new boundaries.
-    pub fn segment(
-        &mut self,
-        inputs: &[Boundary],
-        f: impl FnOnce(&[Input]) -> Vec<Tensor>,
-    ) -> Vec<Boundary> {
+    pub fn segment(&mut self, inputs: &[Boundary], f: impl FnOnce(&[Input]) -> Vec<Tensor>) -> Vec<Boundary> {
         let leaves: Vec<Input> = inputs
             .iter()
             .map(|b| {
@@ -118,11 +114,7 @@ impl<'c> Tape<'c> {
     /// gradients are final once backward has passed that segment: `backward_with` reports it
     /// then, and the data-parallel reduction of that group can start while backward goes on.
     pub fn mark_ready(&mut self, key: usize) {
-        let last = self
-            .segments
-            .len()
-            .checked_sub(1)
-            .expect("mark_ready after a segment");
+        let last = self.segments.len().checked_sub(1).expect("mark_ready after a segment");
         self.ready.push((last, key));
     }
 
@@ -212,8 +204,7 @@ mod tests {
         let x = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
         // plain: y = tanh(x w1); z = (y w2 + y); loss = sum(z^2) + sum(y)
         let y = x.matmul(&w1).tanh();
-        let loss =
-            ((y.matmul(&w2) + &y).pow_tensor_scalar(2).sum(Kind::Float)) + y.sum(Kind::Float);
+        let loss = ((y.matmul(&w2) + &y).pow_tensor_scalar(2).sum(Kind::Float)) + y.sum(Kind::Float);
         let want = Tensor::run_backward(&[&loss], &[&w1, &w2], false, false);
 
         let mut tape = Tape::new(&Single);
@@ -239,9 +230,7 @@ mod tests {
         let z = tape.segment(&[y], |i| vec![i[0].tp.matmul(&w2).sum(Kind::Float)])[0];
         tape.mark_ready(2);
         let mut seen = Vec::new();
-        tape.backward_with(z, &mut |k| {
-            seen.push((k, w1.grad().defined(), w2.grad().defined()))
-        });
+        tape.backward_with(z, &mut |k| seen.push((k, w1.grad().defined(), w2.grad().defined())));
         // Reverse order: w2's group first (w1 not reached yet), then w1's.
         assert_eq!(seen, [(2, false, true), (1, true, true)]);
     }

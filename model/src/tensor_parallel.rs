@@ -27,11 +27,7 @@ impl TpShard {
 
     /// This rank's share of a dimension of `n` (which the layout check made divisible).
     pub fn part(&self, n: i64) -> i64 {
-        assert!(
-            n % self.size == 0,
-            "{n} does not divide by tp = {}",
-            self.size
-        );
+        assert!(n % self.size == 0, "{n} does not divide by tp = {}", self.size);
         n / self.size
     }
 }
@@ -69,8 +65,7 @@ pub fn sharding_of(name: &str) -> Sharding {
     if name.contains(".layer.") && name.ends_with("output.dense.weight") {
         return Sharding::Row; // attention.output.dense and the FFN's output.dense
     }
-    if name.ends_with("embeddings.word_embeddings.weight") || name == "lm_predictions.lm_head.bias"
-    {
+    if name.ends_with("embeddings.word_embeddings.weight") || name == "lm_predictions.lm_head.bias" {
         return Sharding::Vocab;
     }
     Sharding::Replicated
@@ -162,10 +157,7 @@ pub fn shard_full(name: &str, full: &Tensor, vocab_size: i64, tp: TpShard) -> Te
             let out = Tensor::zeros(shape.as_slice(), (full.kind(), full.device()));
             let (lo, hi) = (tp.rank * rows, ((tp.rank + 1) * rows).min(vocab_size));
             if hi > lo {
-                tch::no_grad(|| {
-                    out.narrow(0, 0, hi - lo)
-                        .copy_(&full.narrow(0, lo, hi - lo))
-                });
+                tch::no_grad(|| out.narrow(0, 0, hi - lo).copy_(&full.narrow(0, lo, hi - lo)));
             }
             out
         }
@@ -187,6 +179,17 @@ pub fn gather_full(name: &str, local: &Tensor, vocab_size: i64, tp: &dyn Collect
     }
 }
 
+/// The full tensor from all TP shards held locally (e.g. read from a checkpoint saved at
+/// another TP size), vocabulary rows trimmed to `vocab_size`: `gather_full` without collectives.
+pub fn concat_shards(name: &str, shards: &[Tensor], vocab_size: i64) -> Tensor {
+    match sharding_of(name) {
+        Sharding::Replicated => shards[0].shallow_clone(),
+        Sharding::Column => Tensor::cat(shards, 0),
+        Sharding::Row => Tensor::cat(shards, 1),
+        Sharding::Vocab => Tensor::cat(shards, 0).narrow(0, 0, vocab_size),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,13 +202,9 @@ mod tests {
         let z = (Tensor::randn([12, 50], (Kind::Float, Device::Cpu)) * 4.0).set_requires_grad(true);
         let t = Tensor::randint(50, [12], (Kind::Int64, Device::Cpu));
         let ours = vocab_parallel_cross_entropy(&z, &t, 0, &Single).mean(Kind::Float);
-        let g_ours = Tensor::run_backward(&[&ours], &[&z], false, false)
-            .pop()
-            .unwrap();
+        let g_ours = Tensor::run_backward(&[&ours], &[&z], false, false).pop().unwrap();
         let plain = z.cross_entropy_loss::<Tensor>(&t, None, Reduction::Mean, -100, 0.0);
-        let g_plain = Tensor::run_backward(&[&plain], &[&z], false, false)
-            .pop()
-            .unwrap();
+        let g_plain = Tensor::run_backward(&[&plain], &[&z], false, false).pop().unwrap();
         assert!((ours.double_value(&[]) - plain.double_value(&[])).abs() < 1e-6);
         assert!((g_ours - g_plain).abs().max().double_value(&[]) < 1e-7);
     }
@@ -235,20 +234,14 @@ mod tests {
             sharding_of("deberta.encoder.layer.0.output.dense.bias"),
             Sharding::Replicated
         );
-        assert_eq!(
-            sharding_of("lm_predictions.lm_head.dense.weight"),
-            Sharding::Replicated
-        );
+        assert_eq!(sharding_of("lm_predictions.lm_head.dense.weight"), Sharding::Replicated);
         assert!(cat(col, 0).equal(&w));
         assert!(cat(row, 1).equal(&w));
         // Vocabulary 5 of 6 rows, padded to 256 at tp 2: rank 0 holds rows 0..128 (5 real).
         let v = cat("deberta.embeddings.word_embeddings.weight", 0);
         assert_eq!(v.size(), [256, 4]);
         assert!(v.narrow(0, 0, 5).equal(&w.narrow(0, 0, 5)));
-        assert_eq!(
-            v.narrow(0, 5, 251).abs().sum(Kind::Float).double_value(&[]),
-            0.0
-        );
+        assert_eq!(v.narrow(0, 5, 251).abs().sum(Kind::Float).double_value(&[]), 0.0);
         assert!(gather_full(col, &w, 5, &Single).equal(&w));
     }
 }

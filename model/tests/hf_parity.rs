@@ -29,11 +29,7 @@ fn check_case(name: &str) {
     for (key, want) in expected(name) {
         let diff = match key.as_str() {
             "last_hidden_state" => max_abs_diff_unpadded(&hidden, &want, &mask),
-            "mlm_logits" => max_abs_diff_unpadded(
-                mlm.as_ref().expect("checkpoint has an MLM head"),
-                &want,
-                &mask,
-            ),
+            "mlm_logits" => max_abs_diff_unpadded(mlm.as_ref().expect("checkpoint has an MLM head"), &want, &mask),
             "logits" => max_abs_diff(cls.as_ref().expect("checkpoint has a classifier"), &want),
             "attention_mask" => continue,
             other => panic!("unexpected fixture tensor {other}"),
@@ -67,25 +63,17 @@ fn no_relative_attention() {
 #[test]
 fn fixtures_exercise_what_they_claim() {
     // Guard against a fixture regenerated with the features the tests rely on switched off.
-    let a =
-        deberta_model::DebertaConfig::from_hf_file(&fixture("xxlarge_family").join("config.json"))
-            .unwrap();
+    let a = deberta_model::DebertaConfig::from_hf_file(&fixture("xxlarge_family").join("config.json")).unwrap();
     assert!(a.share_att_key && a.norm_rel_ebd && a.conv_kernel_size == 3 && a.c2p && a.p2c);
     let (ids, _) = fixture_inputs("xxlarge_family");
     assert!(
         a.position_buckets > 0 && ids.size()[1] > a.position_buckets,
         "bucketing must be active"
     );
-    let b = deberta_model::DebertaConfig::from_hf_file(
-        &fixture("no_conv_no_share").join("config.json"),
-    )
-    .unwrap();
+    let b = deberta_model::DebertaConfig::from_hf_file(&fixture("no_conv_no_share").join("config.json")).unwrap();
     assert!(!b.share_att_key && b.conv_kernel_size == 0 && b.position_buckets <= 0);
     let (_, mask) = fixture_inputs("padded_batch");
-    let lengths: Vec<i64> =
-        Vec::<i64>::try_from(mask.sum_dim_intlist(1, false, tch::Kind::Int64)).unwrap();
-    assert!(
-        lengths.iter().any(|&l| l < mask.size()[1]) && lengths.windows(2).any(|w| w[0] != w[1])
-    );
+    let lengths: Vec<i64> = Vec::<i64>::try_from(mask.sum_dim_intlist(1, false, tch::Kind::Int64)).unwrap();
+    assert!(lengths.iter().any(|&l| l < mask.size()[1]) && lengths.windows(2).any(|w| w[0] != w[1]));
     assert_eq!(CASES.len(), 4);
 }

@@ -24,10 +24,7 @@ fn every_parameter_gets_a_finite_gradient_from_the_mlm_loss() {
     let masked = Tensor::rand([b, n], (Kind::Float, Device::Cpu))
         .lt(0.3)
         .logical_and(&mask.gt(0));
-    let labels = ids.where_self(
-        &masked,
-        &Tensor::full([b, n], IGNORE_INDEX, (Kind::Int64, Device::Cpu)),
-    );
+    let labels = ids.where_self(&masked, &Tensor::full([b, n], IGNORE_INDEX, (Kind::Int64, Device::Cpu)));
     let enc = model.encode(&ids, &mask, true);
     let loss = model.mlm_loss(&enc, &labels, true).unwrap();
     assert!(loss.double_value(&[]).is_finite());
@@ -50,10 +47,7 @@ fn every_parameter_gets_a_finite_gradient_from_the_mlm_loss() {
     // tied decoder above does give it one, as in HF.
     let backbone = VarStore::new(Device::Cpu);
     let model = DebertaV2::new(&backbone.root(), &cfg, Parts::BACKBONE).unwrap();
-    let ids = ids.where_self(
-        &mask.gt(0),
-        &Tensor::zeros([b, n], (Kind::Int64, Device::Cpu)),
-    );
+    let ids = ids.where_self(&mask.gt(0), &Tensor::zeros([b, n], (Kind::Int64, Device::Cpu)));
     model
         .encode(&ids, &mask, true)
         .last_hidden_state()
@@ -62,10 +56,7 @@ fn every_parameter_gets_a_finite_gradient_from_the_mlm_loss() {
         .backward();
     let grad = model.embeddings.word_embeddings.grad();
     assert_eq!(
-        grad.get(cfg.pad_token_id)
-            .abs()
-            .sum(Kind::Double)
-            .double_value(&[]),
+        grad.get(cfg.pad_token_id).abs().sum(Kind::Double).double_value(&[]),
         0.0
     );
     assert!(grad.abs().sum(Kind::Double).double_value(&[]) > 0.0);
@@ -79,13 +70,7 @@ fn eval_mode_is_deterministic_and_train_mode_drops_out() {
     let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
     let ids = Tensor::randint_low(5, 1000, [2, 16], (Kind::Int64, Device::Cpu));
     let mask = Tensor::ones([2, 16], (Kind::Int64, Device::Cpu));
-    let run = |train| {
-        tch::no_grad(|| {
-            model
-                .mlm_logits(&model.encode(&ids, &mask, train), train)
-                .unwrap()
-        })
-    };
+    let run = |train| tch::no_grad(|| model.mlm_logits(&model.encode(&ids, &mask, train), train).unwrap());
     assert_eq!(max_abs_diff(&run(false), &run(false)), 0.0);
     assert!(max_abs_diff(&run(true), &run(true)) > 1e-3);
 }
@@ -98,11 +83,7 @@ fn analytic_parameter_count_equals_allocated() {
         DebertaV2::new(&vs.root(), &cfg, parts).unwrap();
         let p = ParamCount::of(&cfg);
         let want = if parts.mlm { p.pretraining } else { p.backbone };
-        assert_eq!(
-            saved_parameter_count(&vs, cfg.vocab_size),
-            want,
-            "{name} {parts:?}"
-        );
+        assert_eq!(saved_parameter_count(&vs, cfg.vocab_size), want, "{name} {parts:?}");
     }
     // The fixtures cover the other feature combinations (separate rel projections, no conv, ...).
     for case in CASES {
@@ -115,11 +96,7 @@ fn analytic_parameter_count_equals_allocated() {
             } else {
                 0
             }
-            + if m.classifier.is_some() {
-                p.classifier
-            } else {
-                0
-            };
+            + if m.classifier.is_some() { p.classifier } else { 0 };
         assert_eq!(
             saved_parameter_count(&loaded.vs, loaded.model.cfg.vocab_size),
             want,
@@ -132,9 +109,7 @@ fn assert_same_variables(a: &VarStore, b: &VarStore) {
     let (va, vb) = (a.variables(), b.variables());
     assert_eq!(va.len(), vb.len());
     for (name, t) in &va {
-        let u = vb
-            .get(name)
-            .unwrap_or_else(|| panic!("{name} missing after re-import"));
+        let u = vb.get(name).unwrap_or_else(|| panic!("{name} missing after re-import"));
         assert!(t.equal(u), "{name} changed in the round trip");
     }
 }
@@ -152,13 +127,7 @@ fn export_then_import_gives_identical_tensors() {
         assert_eq!(first.model.parts, second.model.parts, "{case}");
         assert_same_variables(&first.vs, &second.vs);
         let (ids, mask) = fixture_inputs(case);
-        let h = |m: &DebertaV2| {
-            tch::no_grad(|| {
-                m.encode(&ids, &mask, false)
-                    .last_hidden_state()
-                    .shallow_clone()
-            })
-        };
+        let h = |m: &DebertaV2| tch::no_grad(|| m.encode(&ids, &mask, false).last_hidden_state().shallow_clone());
         assert!(h(&first.model).equal(&h(&second.model)), "{case}");
     }
     // A fresh model (every part) survives too.
@@ -208,19 +177,13 @@ fn bad_checkpoints_are_refused_with_the_file_and_tensor_named() {
     copy_fixture("xxlarge_family", &d);
     std::fs::write(d.join("config.json"), "{ \"hidden_size\": 32, ").unwrap();
     let e = load_err(&d);
-    assert!(
-        e.contains("config.json") && e.contains("not a valid config"),
-        "{e}"
-    );
+    assert!(e.contains("config.json") && e.contains("not a valid config"), "{e}");
 
     let d = tmp.path().join("wrong_type");
     copy_fixture("xxlarge_family", &d);
     std::fs::write(d.join("config.json"), r#"{"hidden_size": "big"}"#).unwrap();
     let e = load_err(&d);
-    assert!(
-        e.contains("config.json") && e.contains("hidden_size"),
-        "{e}"
-    );
+    assert!(e.contains("config.json") && e.contains("hidden_size"), "{e}");
 
     let d = tmp.path().join("no_weights");
     copy_fixture("xxlarge_family", &d);
@@ -249,10 +212,7 @@ fn bad_checkpoints_are_refused_with_the_file_and_tensor_named() {
     .unwrap();
     let e = load_err(&d);
     assert!(
-        e.contains("model.safetensors")
-            && e.contains("intermediate.dense.")
-            && e.contains("64")
-            && e.contains("80"),
+        e.contains("model.safetensors") && e.contains("intermediate.dense.") && e.contains("64") && e.contains("80"),
         "{e}"
     );
 
@@ -266,10 +226,7 @@ fn bad_checkpoints_are_refused_with_the_file_and_tensor_named() {
     )
     .unwrap();
     let e = load_err(&d);
-    assert!(
-        e.contains("deberta.encoder.layer.3.") && e.contains("missing"),
-        "{e}"
-    );
+    assert!(e.contains("deberta.encoder.layer.3.") && e.contains("missing"), "{e}");
 }
 
 #[test]
@@ -303,10 +260,7 @@ fn hf_checkpoint_without_the_position_table_loads_without_the_emd_and_says_so() 
     let loaded = load_hf_dir(&d, Device::Cpu).unwrap();
     assert!(loaded.model.mlm.is_none());
     assert!(
-        loaded
-            .warnings
-            .iter()
-            .any(|w| w.contains("position_embeddings")),
+        loaded.warnings.iter().any(|w| w.contains("position_embeddings")),
         "{:?}",
         loaded.warnings
     );

@@ -8,11 +8,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 fn grads(vs: &VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .map(|(n, t)| (n, t.grad().copy()))
-        .collect();
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(n, t)| (n, t.grad().copy())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -33,16 +29,11 @@ fn segment_backward_equals_plain_backward() {
             .lt(0.3)
             .logical_and(&mask.gt(0));
         let labels = Tensor::randint(cfg.vocab_size, [b, n], (Kind::Int64, Device::Cpu))
-            .where_self(
-                &chosen,
-                &Tensor::full([b, n], IGNORE_INDEX, (Kind::Int64, Device::Cpu)),
-            );
+            .where_self(&chosen, &Tensor::full([b, n], IGNORE_INDEX, (Kind::Int64, Device::Cpu)));
         let count = chosen.sum(Kind::Int64).int64_value(&[]);
         assert!(count > 5);
 
-        let plain = model
-            .mlm_loss(&model.encode(&ids, &mask, true), &labels, true)
-            .unwrap();
+        let plain = model.mlm_loss(&model.encode(&ids, &mask, true), &labels, true).unwrap();
         plain.backward();
         let want = grads(&vs);
         vs.variables().values().for_each(|t| {
@@ -51,8 +42,7 @@ fn segment_backward_equals_plain_backward() {
         });
 
         let mut tape = Tape::new(&Single);
-        let loss =
-            model.mlm_loss_segments(&mut tape, &ids, &mask, &labels, 1.0 / count as f64, true);
+        let loss = model.mlm_loss_segments(&mut tape, &ids, &mask, &labels, 1.0 / count as f64, true);
         let value = tape.value(loss).double_value(&[]);
         tape.backward(loss);
         assert!(

@@ -187,12 +187,8 @@ impl RunConfig {
     /// The model this run trains (preset or HF config, with the dropout override).
     pub fn model_config(&self) -> Result<DebertaConfig, String> {
         let mut c = match (&self.model.preset, &self.model.hf_config) {
-            (Some(p), None) => {
-                DebertaConfig::preset(p).map_err(|e| format!("model.preset: {e}"))?
-            }
-            (None, Some(f)) => {
-                DebertaConfig::from_hf_file(f).map_err(|e| format!("model.hf_config: {e}"))?
-            }
+            (Some(p), None) => DebertaConfig::preset(p).map_err(|e| format!("model.preset: {e}"))?,
+            (None, Some(f)) => DebertaConfig::from_hf_file(f).map_err(|e| format!("model.hf_config: {e}"))?,
             _ => return Err("model: give exactly one of `preset` and `hf_config`".into()),
         };
         if let Some(p) = self.model.dropout {
@@ -229,18 +225,12 @@ impl RunConfig {
             ));
         }
         if !["fp32", "bf16"].contains(&t.precision.as_str()) {
-            p.push(format!(
-                "train.precision = {:?}: expected fp32 or bf16",
-                t.precision
-            ));
+            p.push(format!("train.precision = {:?}: expected fp32 or bf16", t.precision));
         }
         if t.precision == "bf16" && matches!(par.backend.as_str(), "cpu" | "mpi") {
             p.push("train.precision = \"bf16\" is the CUDA autocast mode: use fp32 with parallel.backend cpu".into());
         }
-        if t.micro_batch == 0
-            || par.data == 0
-            || t.global_batch % (par.data as u64 * t.micro_batch) != 0
-        {
+        if t.micro_batch == 0 || par.data == 0 || t.global_batch % (par.data as u64 * t.micro_batch) != 0 {
             p.push(format!(
                 "train.global_batch = {} must be a multiple of parallel.data x train.micro_batch = {} x {}",
                 t.global_batch, par.data, t.micro_batch
@@ -259,10 +249,7 @@ impl RunConfig {
             p.push(format!("train.lr = {} must be positive", t.lr));
         }
         if t.grad_clip <= 0.0 {
-            p.push(format!(
-                "train.grad_clip = {} must be positive",
-                t.grad_clip
-            ));
+            p.push(format!("train.grad_clip = {} must be positive", t.grad_clip));
         }
         for (name, v) in [
             ("train.log_every", t.log_every),
@@ -277,10 +264,7 @@ impl RunConfig {
             p.push("train.keep_checkpoints must be >= 1".into());
         }
         if !(0.0 < self.data.mask_prob && self.data.mask_prob < 1.0) {
-            p.push(format!(
-                "data.mask_prob = {} must be in (0, 1)",
-                self.data.mask_prob
-            ));
+            p.push(format!("data.mask_prob = {} must be in (0, 1)", self.data.mask_prob));
         }
         if let Some(m) = &model {
             // Pretraining reads the absolute-position table (the EMD's, or the input's).
@@ -335,10 +319,7 @@ train: {global_batch: 16, micro_batch: 2, steps: 100, lr: 5.0e-4, warmup_steps: 
                 GOOD.replace("seq_len: 128", "seq_len: 128, seqlen: 5"),
                 "data: unknown field `seqlen`",
             ),
-            (
-                GOOD.replace("steps: 100", "steps: many"),
-                "field `train.steps`",
-            ),
+            (GOOD.replace("steps: 100", "steps: many"), "field `train.steps`"),
             (
                 GOOD.replace("parallel: {tensor: 2, data: 2, backend: cpu}\n", ""),
                 "missing field `parallel`",
@@ -351,10 +332,7 @@ train: {global_batch: 16, micro_batch: 2, steps: 100, lr: 5.0e-4, warmup_steps: 
         ];
         for (text, want) in cases {
             let e = read(&text).unwrap_err();
-            assert!(
-                e.starts_with("run.yaml: ") && e.contains(want),
-                "{want:?} not in {e:?}"
-            );
+            assert!(e.starts_with("run.yaml: ") && e.contains(want), "{want:?} not in {e:?}");
         }
     }
 
@@ -392,10 +370,7 @@ train: {global_batch: 16, micro_batch: 2, steps: 100, lr: 5.0e-4, warmup_steps: 
             ),
             (GOOD.replace("lr: 5.0e-4", "lr: -1.0"), "train.lr"),
             (
-                GOOD.replace(
-                    "model: {preset: tiny}",
-                    "model: {preset: tiny, dropout: 1.5}",
-                ),
+                GOOD.replace("model: {preset: tiny}", "model: {preset: tiny, dropout: 1.5}"),
                 "model.dropout",
             ),
         ];
@@ -407,9 +382,6 @@ train: {global_batch: 16, micro_batch: 2, steps: 100, lr: 5.0e-4, warmup_steps: 
             );
         }
         let problems = read(GOOD).unwrap().problems(Some(8));
-        assert!(
-            problems.iter().any(|p| p.contains("8 rank(s)")),
-            "{problems:?}"
-        );
+        assert!(problems.iter().any(|p| p.contains("8 rank(s)")), "{problems:?}");
     }
 }

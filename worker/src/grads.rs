@@ -23,21 +23,15 @@ impl Params {
         let mut list: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         list.sort_by(|a, b| a.0.cmp(&b.0));
         // Give every parameter a (zero) gradient now, so buckets never meet an undefined one.
-        let touch = list.iter().fold(
-            Tensor::zeros([], (Kind::Float, tch::Device::Cpu)),
-            |acc, (_, p)| acc + p.sum(Kind::Float).to_device(tch::Device::Cpu) * 0.0,
-        );
-        touch.backward();
-        let group = list
+        let touch = list
             .iter()
-            .map(|(n, _)| grad_group(n, num_hidden_layers))
-            .collect();
+            .fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |acc, (_, p)| {
+                acc + p.sum(Kind::Float).to_device(tch::Device::Cpu) * 0.0
+            });
+        touch.backward();
+        let group = list.iter().map(|(n, _)| grad_group(n, num_hidden_layers)).collect();
         let reduced = RefCell::new(vec![false; list.len()]);
-        Params {
-            list,
-            group,
-            reduced,
-        }
+        Params { list, group, reduced }
     }
 
     pub fn zero_grad(&self) {
@@ -104,11 +98,7 @@ impl Params {
     /// The L2 norm of the whole model's gradient: sharded parameters' squares summed over TP,
     /// replicated ones counted once (every TP rank holds the same copy).
     pub fn global_grad_norm(&self, tp: &dyn Collective) -> f64 {
-        let device = self
-            .list
-            .first()
-            .map(|(_, p)| p.device())
-            .unwrap_or(tch::Device::Cpu);
+        let device = self.list.first().map(|(_, p)| p.device()).unwrap_or(tch::Device::Cpu);
         let mut sharded = Tensor::zeros([1], (Kind::Double, device));
         let mut replicated = Tensor::zeros([1], (Kind::Double, device));
         for (name, p) in &self.list {
@@ -116,10 +106,7 @@ impl Params {
             if !g.defined() {
                 continue;
             }
-            let sq = g
-                .to_kind(Kind::Double)
-                .pow_tensor_scalar(2)
-                .sum(Kind::Double);
+            let sq = g.to_kind(Kind::Double).pow_tensor_scalar(2).sum(Kind::Double);
             match sharding_of(name) {
                 Sharding::Replicated => replicated += sq,
                 _ => sharded += sq,

@@ -48,19 +48,13 @@ pub fn test_model_config() -> DebertaConfig {
 }
 
 /// This rank's shard of the model whose full weights are drawn from `seed` at TP = 1.
-pub fn build_sharded(
-    cfg: &DebertaConfig,
-    seed: i64,
-    tp: TpShard,
-    device: Device,
-) -> (VarStore, DebertaV2) {
+pub fn build_sharded(cfg: &DebertaConfig, seed: i64, tp: TpShard, device: Device) -> (VarStore, DebertaV2) {
     tch::manual_seed(seed);
     let full_vs = VarStore::new(Device::Cpu);
     DebertaV2::new(&full_vs.root(), cfg, Parts::PRETRAINING).expect("valid test config");
     let full = full_vs.variables();
     let vs = VarStore::new(device);
-    let model =
-        DebertaV2::new_tp(&vs.root(), cfg, Parts::PRETRAINING, tp).expect("valid test config");
+    let model = DebertaV2::new_tp(&vs.root(), cfg, Parts::PRETRAINING, tp).expect("valid test config");
     for (name, mut var) in vs.variables() {
         let shard = shard_full(&name, &full[&name], cfg.vocab_size, tp);
         assert_eq!(
@@ -75,13 +69,7 @@ pub fn build_sharded(
 
 /// The global batch of `step`: ids, attention mask and labels [G, N] (about 25% of real
 /// positions predicted; rows end in 0-3 padding positions).
-pub fn synthetic_batch(
-    seed: i64,
-    step: usize,
-    global_batch: i64,
-    seq: i64,
-    vocab: i64,
-) -> (Tensor, Tensor, Tensor) {
+pub fn synthetic_batch(seed: i64, step: usize, global_batch: i64, seq: i64, vocab: i64) -> (Tensor, Tensor, Tensor) {
     tch::manual_seed(seed * 1_000 + step as i64);
     let opts = (Kind::Int64, Device::Cpu);
     let ids = Tensor::randint_low(4, vocab, [global_batch, seq], opts);
@@ -94,10 +82,7 @@ pub fn synthetic_batch(
         .lt(0.25)
         .logical_and(&mask.gt(0));
     let targets = Tensor::randint_low(4, vocab, [global_batch, seq], opts);
-    let labels = targets.where_self(
-        &chosen,
-        &Tensor::full([global_batch, seq], IGNORE_INDEX, opts),
-    );
+    let labels = targets.where_self(&chosen, &Tensor::full([global_batch, seq], IGNORE_INDEX, opts));
     (ids, mask, labels)
 }
 
@@ -111,22 +96,11 @@ pub struct StepResult {
 
 /// One optimizer step: this rank's micro-batches (its DP slice of the global batch), each loss
 /// divided by the global predicted-token count, gradients summed over DP, clipped, SGD.
-pub fn train_step(
-    model: &DebertaV2,
-    params: &Params,
-    groups: &Groups,
-    hc: &HarnessConfig,
-    step: usize,
-) -> StepResult {
+pub fn train_step(model: &DebertaV2, params: &Params, groups: &Groups, hc: &HarnessConfig, step: usize) -> StepResult {
     let (dp, tp) = (&*groups.dp, &*groups.tp);
     let device = model.embeddings.word_embeddings.device();
-    let (ids, mask, labels) =
-        synthetic_batch(hc.seed, step, hc.global_batch, hc.seq, model.cfg.vocab_size);
-    let predicted = labels
-        .ne(IGNORE_INDEX)
-        .sum(Kind::Int64)
-        .int64_value(&[])
-        .max(1);
+    let (ids, mask, labels) = synthetic_batch(hc.seed, step, hc.global_batch, hc.seq, model.cfg.vocab_size);
+    let predicted = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]).max(1);
     let per_rank = hc.global_batch / dp.size() as i64;
     params.zero_grad();
     let mut local_loss = 0.0;

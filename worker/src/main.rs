@@ -10,9 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use deberta_model::DebertaConfig;
 use deberta_worker::harness::{test_model_config, HarnessConfig};
-use deberta_worker::runtime::{
-    abort_job_on_panic, check_not_a_stray_singleton, make_groups, Backend, Groups,
-};
+use deberta_worker::runtime::{abort_job_on_panic, check_not_a_stray_singleton, make_groups, Backend, Groups};
 use deberta_worker::selftest::{self, Report};
 use deberta_worker::topology::Layout;
 use mpi::topology::Communicator;
@@ -30,6 +28,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Pretrain from a run configuration (YAML); see configs/.
+    Train {
+        /// The run configuration.
+        config: PathBuf,
+        /// `auto`: continue from the newest complete checkpoint of the run, if there is one.
+        #[arg(long)]
+        resume: Option<String>,
+    },
     /// Checks that need real ranks; prints `N passed, N failed` on rank 0.
     Selftest {
         #[command(subcommand)]
@@ -107,13 +113,16 @@ fn main() -> ExitCode {
         eprintln!("[rank {rank}] error: {e}");
         return ExitCode::from(2);
     }
-    let Command::Selftest {
-        which,
-        tp,
-        dp,
-        preset,
-        backend,
-    } = cli.command;
+    let (which, tp, dp, preset, backend) = match cli.command {
+        Command::Train { config, resume } => return train(&world, &config, resume.as_deref()),
+        Command::Selftest {
+            which,
+            tp,
+            dp,
+            preset,
+            backend,
+        } => (which, tp, dp, preset, backend),
+    };
     let layout = Layout {
         tp,
         dp: dp.unwrap_or((world_size / tp.max(1)).max(1)),
@@ -125,9 +134,7 @@ fn main() -> ExitCode {
     // Every rank finds the same problems; rank 0 alone reports them, before any compute.
     let problems = layout.problems(world_size, cfg.as_ref());
     if !problems.is_empty() {
-        let mut lines = vec![format!(
-            "error: invalid parallel layout for {world_size} rank(s):"
-        )];
+        let mut lines = vec![format!("error: invalid parallel layout for {world_size} rank(s):")];
         lines.extend(problems.iter().map(|p| format!("  - {p}")));
         return refuse(rank, &lines);
     }
@@ -145,12 +152,58 @@ fn main() -> ExitCode {
     run_selftest(which, &groups, cfg, rank)
 }
 
-fn run_selftest(
-    which: Selftest,
-    groups: &Groups,
-    cfg: Option<DebertaConfig>,
-    rank: usize,
-) -> ExitCode {
+fn train(world: &mpi::topology::SimpleCommunicator, config: &std::path::Path, resume: Option<&str>) -> ExitCode {
+    let rank = world.rank() as usize;
+    let world_size = world.size() as usize;
+    // Every rank reads and checks the config; rank 0 alone reports, before any work starts.
+    let cfg = match deberta_worker::config::RunConfig::read(config) {
+        Ok(c) => c,
+        Err(e) => return refuse(rank, &[format!("error: {e}")]),
+    };
+    let problems = cfg.problems(Some(world_size));
+    if !problems.is_empty() {
+        let mut lines = vec![format!(
+            "error: {} has {} problem(s):",
+            config.display(),
+            problems.len()
+        )];
+        lines.extend(problems.iter().map(|p| format!("  - {p}")));
+        return refuse(rank, &lines);
+    }
+    let resume = match resume {
+        None => false,
+        Some("auto") => true,
+        Some(other) => return refuse(rank, &[format!("error: --resume {other:?}: expected `auto`")]),
+    };
+    let backend = match Backend::parse(&cfg.parallel.backend) {
+        Ok(b) => b,
+        Err(e) => return refuse(rank, &[format!("error: {}: {e}", config.display())]),
+    };
+    let layout = Layout {
+        tp: cfg.parallel.tensor,
+        dp: cfg.parallel.data,
+    };
+    let groups = match make_groups(world, layout, backend) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("[rank {rank}] error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match deberta_worker::trainer::train(config, resume, &groups) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("[rank {rank}] error: {e:#}");
+            // A data or tokenizer problem is the user's: exit 2 like the other input errors.
+            let user = e
+                .chain()
+                .any(|c| c.is::<deberta_data::DataError>() || c.is::<deberta_worker::config::ConfigError>());
+            ExitCode::from(if user { 2 } else { 1 })
+        }
+    }
+}
+
+fn run_selftest(which: Selftest, groups: &Groups, cfg: Option<DebertaConfig>, rank: usize) -> ExitCode {
     let mut report = Report::new(rank);
     let result: Result<(), String> = match which {
         Selftest::Collectives => {

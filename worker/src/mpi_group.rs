@@ -130,9 +130,7 @@ impl Collective for MpiGroup {
         let shape = t.size();
         let out = with_host_vec!(t, |send: T| {
             let mut buf = send;
-            self.comm
-                .process_at_rank(root as i32)
-                .broadcast_into(&mut buf[..]);
+            self.comm.process_at_rank(root as i32).broadcast_into(&mut buf[..]);
             Tensor::from_slice(&buf).view(shape.as_slice())
         });
         tch::no_grad(|| t.copy_(&out));

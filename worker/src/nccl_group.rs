@@ -51,9 +51,8 @@ impl NcclGroup {
         }
         let mut id_bytes = [0u8; 128];
         if mpi.rank() == 0 {
-            let id = result::get_uniqueid().map_err(|e| {
-                format!("ncclGetUniqueId: {e:?} (is libnccl.so on LD_LIBRARY_PATH?)")
-            })?;
+            let id = result::get_uniqueid()
+                .map_err(|e| format!("ncclGetUniqueId: {e:?} (is libnccl.so on LD_LIBRARY_PATH?)"))?;
             for (b, c) in id_bytes.iter_mut().zip(id.internal.iter()) {
                 *b = *c as u8;
             }
@@ -124,15 +123,7 @@ impl NcclGroup {
         let ptr = buf.data_ptr();
         // SAFETY: in-place all-reduce of a live contiguous device buffer.
         check("all_reduce", unsafe {
-            result::all_reduce(
-                ptr,
-                ptr,
-                buf.numel(),
-                dtype(buf.kind()),
-                op,
-                self.comm,
-                stream(),
-            )
+            result::all_reduce(ptr, ptr, buf.numel(), dtype(buf.kind()), op, self.comm, stream())
         });
         if !t.is_contiguous() || buf.data_ptr() != t.data_ptr() {
             tch::no_grad(|| t.copy_(&buf));

@@ -64,10 +64,7 @@ impl FlatAdamW {
     /// Move `params` (name, tensor; fp32, one device) into one flat buffer: afterwards each
     /// parameter is a view of it, so the model and the optimizer share the master weights.
     pub fn new(params: &[(String, Tensor)], cfg: AdamWConfig) -> FlatAdamW {
-        let device = params
-            .first()
-            .map(|(_, p)| p.device())
-            .unwrap_or(tch::Device::Cpu);
+        let device = params.first().map(|(_, p)| p.device()).unwrap_or(tch::Device::Cpu);
         let total: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
         let flat = Tensor::zeros([total], (Kind::Float, device));
         let decay_mask = Tensor::zeros([total], (Kind::Float, device));
@@ -129,9 +126,7 @@ impl FlatAdamW {
             let _ = self.exp_avg_sq.g_mul_scalar_(c.beta2);
             let _ = self.exp_avg_sq.g_add_(&(&g * &g * (1.0 - c.beta2)));
             // Decoupled weight decay: p <- p (1 - lr wd) where the mask allows it.
-            let _ = self
-                .flat
-                .g_mul_(&(&self.decay_mask * (-lr * c.weight_decay) + 1.0));
+            let _ = self.flat.g_mul_(&(&self.decay_mask * (-lr * c.weight_decay) + 1.0));
             let denom = (&self.exp_avg_sq / bc2).sqrt() + c.eps;
             let _ = self.flat.g_sub_(&(&self.exp_avg / &denom * (lr / bc1)));
         });
@@ -150,15 +145,24 @@ impl FlatAdamW {
     pub fn state(&self) -> Vec<(String, Tensor)> {
         vec![
             ("optimizer.exp_avg".into(), self.exp_avg.shallow_clone()),
-            (
-                "optimizer.exp_avg_sq".into(),
-                self.exp_avg_sq.shallow_clone(),
-            ),
-            (
-                "optimizer.steps".into(),
-                Tensor::from_slice(&[self.steps as i64]),
-            ),
+            ("optimizer.exp_avg_sq".into(), self.exp_avg_sq.shallow_clone()),
+            ("optimizer.steps".into(), Tensor::from_slice(&[self.steps as i64])),
         ]
+    }
+
+    /// Each parameter's (exp_avg, exp_avg_sq) as views of the flat moments, in the order given
+    /// to `new` (checkpoints save and restore them by parameter name).
+    pub fn moments(&self) -> Vec<(Tensor, Tensor)> {
+        self.params
+            .iter()
+            .map(|(p, o, n)| {
+                let shape = p.size();
+                (
+                    self.exp_avg.narrow(0, *o, *n).view(shape.as_slice()),
+                    self.exp_avg_sq.narrow(0, *o, *n).view(shape.as_slice()),
+                )
+            })
+            .collect()
     }
 
     /// Offsets of each parameter in the flat buffers, in the order given to `new`.
@@ -178,15 +182,10 @@ mod tests {
         // peak 1e-3, 4 warm-up updates, 12 in all.
         let lr = |s| linear_warmup_decay(s, 1e-3, 4, 12);
         let want = [
-            0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 8.75e-4, 7.5e-4, 6.25e-4, 5e-4, 3.75e-4, 2.5e-4,
-            1.25e-4, 0.0,
+            0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 8.75e-4, 7.5e-4, 6.25e-4, 5e-4, 3.75e-4, 2.5e-4, 1.25e-4, 0.0,
         ];
         for (s, w) in want.iter().enumerate() {
-            assert!(
-                (lr(s as u64) - w).abs() < 1e-15,
-                "step {s}: {} vs {w}",
-                lr(s as u64)
-            );
+            assert!((lr(s as u64) - w).abs() < 1e-15, "step {s}: {} vs {w}", lr(s as u64));
         }
         assert_eq!(lr(100), 0.0);
         assert_eq!(linear_warmup_decay(0, 1.0, 0, 10), 1.0);
@@ -194,15 +193,11 @@ mod tests {
 
     #[test]
     fn decay_mask_follows_the_official_regex() {
-        assert!(decays(
-            "deberta.encoder.layer.0.attention.self.query_proj.weight"
-        ));
+        assert!(decays("deberta.encoder.layer.0.attention.self.query_proj.weight"));
         assert!(decays("deberta.embeddings.word_embeddings.weight"));
         assert!(decays("deberta.encoder.rel_embeddings.weight"));
         assert!(decays("deberta.encoder.conv.conv.weight"));
-        assert!(!decays(
-            "deberta.encoder.layer.0.attention.self.query_proj.bias"
-        ));
+        assert!(!decays("deberta.encoder.layer.0.attention.self.query_proj.bias"));
         assert!(!decays("deberta.encoder.LayerNorm.weight"));
         assert!(!decays("deberta.embeddings.LayerNorm.bias"));
         assert!(!decays("lm_predictions.lm_head.bias"));
@@ -210,10 +205,7 @@ mod tests {
 
     fn make(vs: &VarStore) -> (Tensor, Tensor) {
         let root = vs.root();
-        (
-            root.randn("w", &[5, 3], 0.0, 1.0),
-            root.randn("b", &[7], 0.0, 1.0),
-        )
+        (root.randn("w", &[5, 3], 0.0, 1.0), root.randn("b", &[7], 0.0, 1.0))
     }
 
     #[test]
@@ -260,8 +252,7 @@ mod tests {
         for step in 0..5 {
             let x = Tensor::randn([4, 5], (Kind::Float, Device::Cpu));
             let loss = |w: &Tensor, b: &Tensor| {
-                x.matmul(w).sum(Kind::Float).pow_tensor_scalar(2)
-                    + b.sin().sum(Kind::Float) * (step as f64 + 1.0)
+                x.matmul(w).sum(Kind::Float).pow_tensor_scalar(2) + b.sin().sum(Kind::Float) * (step as f64 + 1.0)
             };
             reference.zero_grad();
             reference_nodecay.zero_grad();
@@ -281,10 +272,7 @@ mod tests {
         let dw = (&w - &w_ref).abs().max().double_value(&[]);
         let db = (&b - &b_nodecay).abs().max().double_value(&[]);
         assert!(dw < 1e-6, "weight differs from libtorch AdamW by {dw:e}");
-        assert!(
-            db < 1e-6,
-            "undecayed bias differs from libtorch AdamW (wd 0) by {db:e}"
-        );
+        assert!(db < 1e-6, "undecayed bias differs from libtorch AdamW (wd 0) by {db:e}");
         // The parameters really are views of the flat buffer.
         assert_eq!(ours.len(), 15 + 7);
         assert!(w.data_ptr() == ours.flat.data_ptr());

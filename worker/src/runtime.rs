@@ -15,10 +15,7 @@ pub fn abort_job_on_panic() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default(info);
-        eprintln!(
-            "[rank {}] panicked: aborting the MPI job",
-            world_rank_or_unknown()
-        );
+        eprintln!("[rank {}] panicked: aborting the MPI job", world_rank_or_unknown());
         // SAFETY: MPI is initialised for the life of the process; MPI_Abort never returns.
         unsafe {
             mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 101);
@@ -42,10 +39,7 @@ pub fn check_not_a_stray_singleton(world: &SimpleCommunicator) -> Result<(), Str
         return Ok(());
     }
     for var in ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"] {
-        if let Some(n) = std::env::var(var)
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-        {
+        if let Some(n) = std::env::var(var).ok().and_then(|v| v.parse::<usize>().ok()) {
             if n > 1 {
                 return Err(format!(
                     "MPI reports 1 rank but {var}={n}: the launcher and this MPI library do not match (e.g. srun --mpi=pmix for Open MPI)"
@@ -74,12 +68,12 @@ impl Backend {
                 if tch::Cuda::is_available() {
                     Ok(Backend::Nccl)
                 } else {
-                    Err(format!("parallel.backend = {s:?} needs CUDA, but libtorch sees no GPU on this machine (use \"cpu\")"))
+                    Err(format!(
+                        "parallel.backend = {s:?} needs CUDA, but libtorch sees no GPU on this machine (use \"cpu\")"
+                    ))
                 }
             }
-            _ => Err(format!(
-                "parallel.backend = {s:?}: expected cpu, mpi, cuda or nccl"
-            )),
+            _ => Err(format!("parallel.backend = {s:?}: expected cpu, mpi, cuda or nccl")),
         }
     }
 }
@@ -101,11 +95,7 @@ pub struct Groups {
 
 /// Split the world into TP and DP groups and open the data-path backend (collective: every
 /// rank calls it). With NCCL, rank r uses GPU r mod (GPUs visible).
-pub fn make_groups(
-    world: &SimpleCommunicator,
-    layout: Layout,
-    backend: Backend,
-) -> Result<Groups, String> {
+pub fn make_groups(world: &SimpleCommunicator, layout: Layout, backend: Backend) -> Result<Groups, String> {
     let topo = Topology::new(layout, world.rank() as usize, world.size() as usize);
     let tp_mpi = MpiGroup::split(world, topo.dp_rank, topo.tp_group());
     let dp_mpi = MpiGroup::split(world, topo.tp_rank, topo.dp_group());

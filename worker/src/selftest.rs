@@ -58,11 +58,9 @@ fn check_group(name: &str, g: &MpiGroup, world_rank: usize, r: &mut Report) {
     r.check(&format!("{name}: size"), n == g.members.len(), || {
         format!("{n} vs {:?}", g.members)
     });
-    r.check(
-        &format!("{name}: rank"),
-        g.members[g.rank()] == world_rank,
-        || format!("rank {}", g.rank()),
-    );
+    r.check(&format!("{name}: rank"), g.members[g.rank()] == world_rank, || {
+        format!("rank {}", g.rank())
+    });
 
     for kind in [Kind::Float, Kind::Double, Kind::Int64] {
         let mut t = Tensor::full([3, 2], me, (kind, Device::Cpu));
@@ -80,11 +78,9 @@ fn check_group(name: &str, g: &MpiGroup, world_rank: usize, r: &mut Report) {
         m.iter().cloned().fold(f64::MIN, f64::max),
         -m.iter().cloned().fold(f64::MAX, f64::min),
     ];
-    r.check(
-        &format!("{name}: all_reduce_max"),
-        values(&t) == want,
-        || format!("{:?}, want {want:?}", values(&t)),
-    );
+    r.check(&format!("{name}: all_reduce_max"), values(&t) == want, || {
+        format!("{:?}, want {want:?}", values(&t))
+    });
 
     let t = g.all_gather(&Tensor::from_slice(&[me, 10.0 * me]).view([1, 2]));
     let want: Vec<f64> = m.iter().flat_map(|&v| [v, 10.0 * v]).collect();
@@ -110,11 +106,9 @@ fn check_group(name: &str, g: &MpiGroup, world_rank: usize, r: &mut Report) {
     let want: Vec<f64> = (2 * g.rank()..2 * g.rank() + 2)
         .map(|i| total * (i as f64 + 1.0))
         .collect();
-    r.check(
-        &format!("{name}: reduce_scatter"),
-        values(&t) == want,
-        || format!("{:?}, want {want:?}", values(&t)),
-    );
+    r.check(&format!("{name}: reduce_scatter"), values(&t) == want, || {
+        format!("{:?}, want {want:?}", values(&t))
+    });
 
     g.barrier();
 }
@@ -137,27 +131,18 @@ pub fn cross_entropy(groups: &Groups, r: &mut Report) {
     let v_local = v / tp.size() as i64;
     let start = tp.rank() as i64 * v_local;
 
-    let local = full
-        .narrow(1, start, v_local)
-        .detach()
-        .set_requires_grad(true);
+    let local = full.narrow(1, start, v_local).detach().set_requires_grad(true);
     let loss = vocab_parallel_cross_entropy(&local, &targets, start, tp).mean(Kind::Float);
-    let grad = Tensor::run_backward(&[&loss], &[&local], false, false)
-        .pop()
-        .unwrap();
+    let grad = Tensor::run_backward(&[&loss], &[&local], false, false).pop().unwrap();
 
     let whole = full.detach().set_requires_grad(true);
     let plain = whole.cross_entropy_loss::<Tensor>(&targets, None, Reduction::Mean, -100, 0.0);
-    let plain_grad = Tensor::run_backward(&[&plain], &[&whole], false, false)
-        .pop()
-        .unwrap();
+    let plain_grad = Tensor::run_backward(&[&plain], &[&whole], false, false).pop().unwrap();
 
     let dl = (loss.double_value(&[]) - plain.double_value(&[])).abs();
-    r.check(
-        &format!("cross-entropy tp={}: loss", tp.size()),
-        dl < 1e-5,
-        || format!("differs by {dl:e}"),
-    );
+    r.check(&format!("cross-entropy tp={}: loss", tp.size()), dl < 1e-5, || {
+        format!("differs by {dl:e}")
+    });
     let dg = (grad - plain_grad.narrow(1, start, v_local))
         .abs()
         .max()
@@ -210,16 +195,12 @@ pub fn train_steps(
                 r.grad_norm
             );
         }
-        records
-            .push(serde_json::json!({"step": step + 1, "loss": r.loss, "grad_norm": r.grad_norm}));
+        records.push(serde_json::json!({"step": step + 1, "loss": r.loss, "grad_norm": r.grad_norm}));
     }
     let full = gather_params(&vs, cfg.vocab_size, &*groups.tp);
     if groups.topo.rank == 0 {
         std::fs::create_dir_all(out)?;
-        std::fs::write(
-            out.join("losses.json"),
-            serde_json::to_string_pretty(&records)? + "\n",
-        )?;
+        std::fs::write(out.join("losses.json"), serde_json::to_string_pretty(&records)? + "\n")?;
         deberta_model::hf::write_safetensors_f32(&out.join("params.safetensors"), &full)?;
     }
     groups.world.barrier();

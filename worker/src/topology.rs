@@ -84,9 +84,7 @@ impl Topology {
 
     /// World ranks of this rank's DP group, in DP-rank order.
     pub fn dp_group(&self) -> Vec<usize> {
-        (0..self.layout.dp)
-            .map(|d| d * self.layout.tp + self.tp_rank)
-            .collect()
+        (0..self.layout.dp).map(|d| d * self.layout.tp + self.tp_rank).collect()
     }
 }
 
@@ -107,16 +105,10 @@ mod tests {
         let cfg = DebertaConfig::tiny(); // 4 heads, FFN 128
         assert!(Layout { tp: 2, dp: 2 }.problems(4, Some(&cfg)).is_empty());
         let p = Layout { tp: 3, dp: 1 }.problems(3, Some(&cfg));
-        assert!(
-            p.iter().any(|m| m.contains("num_attention_heads = 4")),
-            "{p:?}"
-        );
+        assert!(p.iter().any(|m| m.contains("num_attention_heads = 4")), "{p:?}");
         let p = Layout { tp: 2, dp: 3 }.problems(4, None);
         assert!(p.iter().any(|m| m.contains("2 x 3 = 6")), "{p:?}");
         let p = Layout { tp: 8, dp: 1 }.problems(4, None);
-        assert!(
-            p.iter().any(|m| m.contains("larger than the 4 rank")),
-            "{p:?}"
-        );
+        assert!(p.iter().any(|m| m.contains("larger than the 4 rank")), "{p:?}");
     }
 }

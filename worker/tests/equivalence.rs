@@ -9,11 +9,7 @@ use tch::Tensor;
 
 fn run_layout(tp: usize, dp: usize, out: &Path) {
     let o = Command::new("mpirun")
-        .args([
-            "-np",
-            &(tp * dp).to_string(),
-            env!("CARGO_BIN_EXE_deberta-worker"),
-        ])
+        .args(["-np", &(tp * dp).to_string(), env!("CARGO_BIN_EXE_deberta-worker")])
         .args([
             "selftest",
             "train-steps",

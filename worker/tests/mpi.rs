@@ -59,11 +59,7 @@ const MINUTE: Duration = Duration::from_secs(60);
 #[test]
 fn collectives_on_world_and_sub_communicators_at_1_2_and_4_ranks() {
     for (np, tp) in [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4)] {
-        let r = mpirun(
-            np,
-            &["selftest", "collectives", "--tp", &tp.to_string()],
-            MINUTE,
-        );
+        let r = mpirun(np, &["selftest", "collectives", "--tp", &tp.to_string()], MINUTE);
         assert_all_passed(&r, &format!("np {np} tp {tp}"));
     }
 }
@@ -71,11 +67,7 @@ fn collectives_on_world_and_sub_communicators_at_1_2_and_4_ranks() {
 #[test]
 fn vocab_parallel_cross_entropy_equals_the_plain_one() {
     for (np, tp) in [(2, 2), (4, 4), (4, 2)] {
-        let r = mpirun(
-            np,
-            &["selftest", "cross-entropy", "--tp", &tp.to_string()],
-            MINUTE,
-        );
+        let r = mpirun(np, &["selftest", "cross-entropy", "--tp", &tp.to_string()], MINUTE);
         assert_all_passed(&r, &format!("np {np} tp {tp}"));
     }
 }
@@ -102,21 +94,13 @@ fn invalid_layouts_are_reported_once_by_rank_0_and_every_rank_exits_non_zero() {
             "{args:?}: {}",
             r.stderr
         );
-        assert!(
-            !r.stdout.contains("passed"),
-            "{args:?}: compute ran: {}",
-            r.stdout
-        );
+        assert!(!r.stdout.contains("passed"), "{args:?}: compute ran: {}", r.stdout);
     }
 }
 
 #[test]
 fn a_rank_that_fails_mid_step_ends_the_job() {
-    let r = mpirun(
-        4,
-        &["selftest", "fail", "--rank", "2"],
-        Duration::from_secs(30),
-    );
+    let r = mpirun(4, &["selftest", "fail", "--rank", "2"], Duration::from_secs(30));
     assert_ne!(r.code, Some(0));
     assert!(
         r.stderr.contains("[rank 2] panicked: aborting the MPI job"),
@@ -134,11 +118,6 @@ fn a_cuda_backend_without_a_gpu_is_an_error_not_a_cpu_run() {
     let r = mpirun(2, &["selftest", "collectives", "--backend", "cuda"], MINUTE);
     assert_ne!(r.code, Some(0));
     assert!(r.stderr.contains("needs CUDA"), "{}", r.stderr);
-    assert_eq!(
-        r.stderr.matches("needs CUDA").count(),
-        1,
-        "reported once: {}",
-        r.stderr
-    );
+    assert_eq!(r.stderr.matches("needs CUDA").count(), 1, "reported once: {}", r.stderr);
     assert!(!r.stdout.contains("passed"), "{}", r.stdout);
 }

@@ -52,13 +52,7 @@ pub fn batcher(vocab: &Vocab, ds: &Arc<Dataset>, layout: BatchLayout) -> Batcher
     .unwrap()
 }
 
-pub fn layout(
-    seq_len: usize,
-    global_batch: u64,
-    micro_batch: u64,
-    dp_rank: u64,
-    dp_size: u64,
-) -> BatchLayout {
+pub fn layout(seq_len: usize, global_batch: u64, micro_batch: u64, dp_rank: u64, dp_size: u64) -> BatchLayout {
     BatchLayout {
         seq_len,
         global_batch,

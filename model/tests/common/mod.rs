@@ -6,12 +6,7 @@ use std::path::PathBuf;
 use deberta_model::inputs::pad_right;
 use tch::Tensor;
 
-pub const CASES: [&str; 4] = [
-    "xxlarge_family",
-    "padded_batch",
-    "no_conv_no_share",
-    "no_relative",
-];
+pub const CASES: [&str; 4] = ["xxlarge_family", "padded_batch", "no_conv_no_share", "no_relative"];
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

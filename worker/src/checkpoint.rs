@@ -1,0 +1,183 @@
+//! Checkpoints: a directory per step under `<output_dir>/checkpoints/`, written as
+//! `.tmp-step-NNNNNNNN` and renamed to `step-NNNNNNNN` only when complete (a killed writer leaves
+//! no directory that looks complete, and the previous checkpoint intact).
+//!
+//! | file | written by | content |
+//! |---|---|---|
+//! | `tp-KK.safetensors` | the DP-rank-0 member of TP rank KK | its shard of every parameter (HF names), and `exp_avg/<name>`, `exp_avg_sq/<name>` |
+//! | `manifest.json` | world rank 0, last | step, consumed samples, tp/dp, seed, tokenizer sha256, optimizer steps, the run config |
+//!
+//! The data order and the masks are functions of the consumed-sample count and the seed, and
+//! dropout is reseeded from (seed, step) every step, so this is the whole resume state. Loading
+//! at another TP size rebuilds each full tensor from the saved shards and slices it by the TP
+//! plan; another DP size needs nothing.
+
+use std::path::{Path, PathBuf};
+
+use deberta_model::collective::Collective;
+use deberta_model::tensor_parallel::{concat_shards, shard_full, TpShard};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+use crate::grads::Params;
+use crate::optim::FlatAdamW;
+use crate::runtime::Groups;
+
+pub const FORMAT: &str = "deberta-checkpoint";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub step: u64,
+    pub consumed_samples: u64,
+    pub tp: usize,
+    pub dp: usize,
+    pub seed: u64,
+    pub vocab_size: i64,
+    pub tokenizer_sha256: String,
+    pub optimizer_steps: u64,
+    /// The run configuration as given (YAML).
+    pub config: String,
+}
+
+fn step_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// Complete checkpoints under `root`, oldest first.
+pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step-")?.parse::<u64>().ok()?;
+            e.path().join("manifest.json").exists().then(|| (step, e.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+pub fn read_manifest(dir: &Path) -> anyhow::Result<Manifest> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    anyhow::ensure!(m.format == FORMAT, "{}: not a {FORMAT} manifest", path.display());
+    Ok(m)
+}
+
+/// Write a checkpoint (collective over the world). Returns its directory.
+pub fn save(
+    root: &Path,
+    manifest: &Manifest,
+    groups: &Groups,
+    params: &Params,
+    opt: &FlatAdamW,
+    keep: usize,
+) -> anyhow::Result<PathBuf> {
+    let final_dir = root.join(step_name(manifest.step));
+    let tmp = root.join(format!(".tmp-{}", step_name(manifest.step)));
+    let world = &groups.world;
+    if groups.topo.rank == 0 {
+        std::fs::create_dir_all(root)?;
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
+    }
+    world.barrier();
+    if groups.topo.dp_rank == 0 {
+        let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(3 * params.list.len());
+        for ((name, p), (m, v)) in params.list.iter().zip(opt.moments()) {
+            tensors.push((name.clone(), p.detach().to_device(Device::Cpu)));
+            tensors.push((format!("exp_avg/{name}"), m.to_device(Device::Cpu)));
+            tensors.push((format!("exp_avg_sq/{name}"), v.to_device(Device::Cpu)));
+        }
+        let file = tmp.join(format!("tp-{:02}.safetensors", groups.topo.tp_rank));
+        deberta_model::hf::write_safetensors_f32(&file, &tensors)?;
+    }
+    world.barrier();
+    if groups.topo.rank == 0 {
+        let json = serde_json::to_string_pretty(manifest)? + "\n";
+        std::fs::write(tmp.join("manifest.json"), json)?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir)?; // a checkpoint of the same step, from a previous attempt
+        }
+        std::fs::rename(&tmp, &final_dir)?;
+        let all = list(root);
+        for (_, old) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+    world.barrier();
+    Ok(final_dir)
+}
+
+/// Load a checkpoint into this rank's parameters and optimizer moments, resharding when it was
+/// saved at another TP size.
+pub fn load(
+    dir: &Path,
+    manifest: &Manifest,
+    groups: &Groups,
+    params: &Params,
+    opt: &mut FlatAdamW,
+) -> anyhow::Result<()> {
+    let tp = TpShard {
+        rank: groups.tp.rank() as i64,
+        size: groups.tp.size() as i64,
+    };
+    let files: Vec<Vec<(String, Tensor)>> = if manifest.tp == groups.tp.size() {
+        let f = dir.join(format!("tp-{:02}.safetensors", tp.rank));
+        vec![Tensor::read_safetensors(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?]
+    } else {
+        (0..manifest.tp)
+            .map(|k| {
+                let f = dir.join(format!("tp-{k:02}.safetensors"));
+                Tensor::read_safetensors(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    let same_tp = files.len() == 1 && manifest.tp == groups.tp.size();
+    let fetch = |name: &str| -> anyhow::Result<Tensor> {
+        let shards: Vec<Tensor> = files
+            .iter()
+            .map(|f| {
+                f.iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, t)| t.shallow_clone())
+                    .ok_or_else(|| anyhow::anyhow!("{}: tensor `{name}` is missing", dir.display()))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        if same_tp {
+            return Ok(shards[0].shallow_clone());
+        }
+        let base = name.rsplit('/').next().unwrap_or(name);
+        let full = concat_shards(base, &shards, manifest.vocab_size);
+        Ok(shard_full(base, &full, manifest.vocab_size, tp))
+    };
+    tch::no_grad(|| -> anyhow::Result<()> {
+        for ((name, p), (m, v)) in params.list.iter().zip(opt.moments()) {
+            for (target, key) in [
+                (p, name.clone()),
+                (&m, format!("exp_avg/{name}")),
+                (&v, format!("exp_avg_sq/{name}")),
+            ] {
+                let t = fetch(&key)?;
+                anyhow::ensure!(
+                    t.size() == target.size(),
+                    "{}: `{key}` has shape {:?}, the model needs {:?}",
+                    dir.display(),
+                    t.size(),
+                    target.size()
+                );
+                target.shallow_clone().copy_(&t.to_device(target.device()));
+            }
+        }
+        Ok(())
+    })?;
+    opt.steps = manifest.optimizer_steps;
+    Ok(())
+}

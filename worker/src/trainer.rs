@@ -1,0 +1,425 @@
+//! Pretraining (spec §9): MLM with the enhanced mask decoder on the data pipeline's loader, the
+//! segment-wise TP forward/backward, gradient accumulation to the global batch, DP reduction per
+//! layer, global-norm clip, flat AdamW with linear warmup/decay, held-out loss, checkpoints,
+//! metrics (progress line, metrics.jsonl, TensorBoard) and SIGTERM/SIGUSR1 handling.
+//!
+//! `train` reads like the loop it runs: set up, then per step `train_step`, log, evaluate,
+//! checkpoint; everything a step needs is in `Run`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use deberta_data::dataset::Dataset;
+use deberta_data::loader::{BatchLayout, Batcher, Loader, MicroBatch};
+use deberta_data::masking::{Masker, MaskingConfig};
+use deberta_data::tokenizer::Vocab;
+use deberta_model::collective::Collective;
+use deberta_model::cost::{flops_per_token, MASK_FRACTION};
+use deberta_model::segments::Tape;
+use deberta_model::tensor_parallel::TpShard;
+use deberta_model::{DebertaConfig, DebertaV2};
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+
+use crate::checkpoint::{self, Manifest};
+use crate::config::RunConfig;
+use crate::grads::Params;
+use crate::harness::build_sharded;
+use crate::optim::{linear_warmup_decay, AdamWConfig, FlatAdamW};
+use crate::runtime::Groups;
+
+/// Global batches of the held-out corpus that make up one evaluation.
+const EVAL_BATCHES: u64 = 4;
+/// Assumed peak for `perf/mfu` (H100 SXM dense bf16, as ../shared/bench uses).
+const PEAK_TFLOPS: f64 = 989.0;
+
+/// Set by SIGTERM / SIGUSR1 (SLURM's warning before the time limit).
+fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
+        signal_hook::flag::register(sig, flag.clone()).context("installing the signal handler")?;
+    }
+    Ok(flag)
+}
+
+struct Run<'g> {
+    cfg: RunConfig,
+    config_text: String,
+    model_cfg: DebertaConfig,
+    groups: &'g Groups,
+    model: DebertaV2,
+    _vs: VarStore,
+    params: Params,
+    opt: FlatAdamW,
+    vocab_sha: String,
+    train_loader: Loader,
+    valid: Option<Batcher>,
+}
+
+fn to_tensor(v: &[i64], rows: i64, device: Device) -> Tensor {
+    Tensor::from_slice(v).view([rows, -1]).to_device(device)
+}
+
+/// Sum of CE over predicted tokens, and their count, for one micro-batch (forward only).
+fn eval_micro(run: &Run, mb: &MicroBatch) -> (f64, i64) {
+    let rows = mb.consumed_index.len() as i64;
+    let d = run.groups.device;
+    let mut tape = Tape::new(&*run.groups.tp);
+    let (ids, mask, labels) = (
+        to_tensor(&mb.ids, rows, d),
+        to_tensor(&mb.attention_mask, rows, d),
+        to_tensor(&mb.labels, rows, d),
+    );
+    let loss = tch::no_grad(|| run.model.mlm_loss_segments(&mut tape, &ids, &mask, &labels, 1.0, false));
+    (tape.value(loss).double_value(&[]), mb.predicted_tokens() as i64)
+}
+
+/// Held-out MLM loss: the same first `EVAL_BATCHES` global batches every time (fixed masks).
+fn evaluate(run: &Run) -> Option<f64> {
+    let b = run.valid.as_ref()?;
+    let (mut sum, mut count) = (0.0, 0i64);
+    for step in 0..EVAL_BATCHES {
+        for micro in 0..b.layout.micro_steps() {
+            let (s, c) = eval_micro(run, &b.micro_batch(step, micro));
+            sum += s;
+            count += c;
+        }
+    }
+    let mut t = Tensor::from_slice(&[sum, count as f64]).to_device(run.groups.device);
+    run.groups.dp.all_reduce_sum(&mut t);
+    let t = t.to_device(Device::Cpu);
+    Some(t.double_value(&[0]) / t.double_value(&[1]).max(1.0))
+}
+
+pub struct StepStats {
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub skipped: bool,
+}
+
+/// One optimizer step on this rank's micro-batches of global batch `step`.
+fn train_step(run: &mut Run, step: u64) -> StepStats {
+    let g = run.groups;
+    let (tp, dp, device) = (&*g.tp, &*g.dp, g.device);
+    // Dropout is reseeded from (seed, step): resuming needs no RNG state. TP ranks of a DP group
+    // share the stream (replicated dropout must agree across them); DP ranks differ.
+    tch::manual_seed((run.cfg.run.seed as i64).wrapping_mul(1_000_003) + step as i64 * 1_009 + g.topo.dp_rank as i64);
+    let micro = run.train_loader.next_step();
+    // Normalise by the global number of predicted tokens (one scalar collective before backward).
+    let mut count =
+        Tensor::from_slice(&[micro.iter().map(|m| m.predicted_tokens() as f64).sum::<f64>()]).to_device(device);
+    dp.all_reduce_sum(&mut count);
+    let predicted = count.to_device(Device::Cpu).double_value(&[0]).max(1.0);
+    run.params.zero_grad();
+    let mut local = 0.0;
+    let last = micro.len() - 1;
+    for (k, mb) in micro.iter().enumerate() {
+        let rows = mb.consumed_index.len() as i64;
+        let (ids, mask, labels) = (
+            to_tensor(&mb.ids, rows, device),
+            to_tensor(&mb.attention_mask, rows, device),
+            to_tensor(&mb.labels, rows, device),
+        );
+        let mut tape = Tape::new(tp);
+        let loss = run
+            .model
+            .mlm_loss_segments(&mut tape, &ids, &mask, &labels, 1.0 / predicted, true);
+        local += tape.value(loss).double_value(&[]);
+        if k < last {
+            tape.backward(loss);
+        } else {
+            let params = &run.params;
+            tape.backward_with(loss, &mut |group| params.reduce_group(group, dp));
+            params.reduce_rest(dp);
+        }
+    }
+    let mut total = Tensor::from_slice(&[local]).to_device(device);
+    dp.all_reduce_sum(&mut total);
+    let loss = total.to_device(Device::Cpu).double_value(&[0]);
+    let grad_norm = run.params.global_grad_norm(tp);
+    if !loss.is_finite() || !grad_norm.is_finite() {
+        return StepStats {
+            loss,
+            grad_norm,
+            skipped: true,
+        };
+    }
+    run.params.clip(grad_norm, run.cfg.train.grad_clip);
+    let t = &run.cfg.train;
+    run.opt.step(linear_warmup_decay(step, t.lr, t.warmup_steps, t.steps));
+    StepStats {
+        loss,
+        grad_norm,
+        skipped: false,
+    }
+}
+
+/// Peak resident memory of this process (GiB), from /proc.
+fn peak_rss_gib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|kib| kib / (1u64 << 20) as f64)
+        .unwrap_or(0.0)
+}
+
+/// Rank 0's outputs: the progress line, metrics.jsonl, TensorBoard events.
+struct Monitor {
+    metrics: std::fs::File,
+    tb: tensorboard_rs::summary_writer::SummaryWriter,
+}
+
+impl Monitor {
+    fn new(dir: &Path) -> Result<Monitor> {
+        std::fs::create_dir_all(dir.join("tensorboard"))?;
+        let metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("metrics.jsonl"))?;
+        let tb = tensorboard_rs::summary_writer::SummaryWriter::new(dir.join("tensorboard"));
+        Ok(Monitor { metrics, tb })
+    }
+
+    fn log(&mut self, step: u64, values: &[(&str, f64)]) -> Result<()> {
+        use std::io::Write;
+        let mut obj = serde_json::Map::new();
+        obj.insert("step".into(), step.into());
+        for (k, v) in values {
+            obj.insert((*k).into(), serde_json::json!(v));
+            self.tb.add_scalar(k, *v as f32, step as usize);
+        }
+        writeln!(self.metrics, "{}", serde_json::Value::Object(obj))?;
+        self.metrics.flush()?;
+        self.tb.flush();
+        Ok(())
+    }
+}
+
+fn eta(seconds_per_step: f64, remaining: u64) -> String {
+    let s = (seconds_per_step * remaining as f64).round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// Set up everything, resume if asked and possible, then train to `train.steps`.
+pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
+    let rank = groups.topo.rank;
+    let config_text = std::fs::read_to_string(config_path).with_context(|| format!("{}", config_path.display()))?;
+    let cfg = RunConfig::from_yaml(config_path, &config_text)?;
+    let model_cfg = cfg.model_config().map_err(anyhow::Error::msg)?;
+    let stop = stop_flag()?;
+    let out_dir = cfg.run.output_dir.clone();
+    let ckpt_root = out_dir.join("checkpoints");
+
+    let vocab = Vocab::load(&cfg.data.tokenizer)?;
+    if vocab.vocab_size as i64 > model_cfg.vocab_size {
+        bail!(
+            "data.tokenizer has {} ids but the model's vocabulary is {}",
+            vocab.vocab_size,
+            model_cfg.vocab_size
+        );
+    }
+    let masking = MaskingConfig {
+        prob: cfg.data.mask_prob,
+        ..MaskingConfig::default()
+    };
+    let masker = Arc::new(Masker::new(&vocab, masking)?);
+    let layout = BatchLayout {
+        seq_len: cfg.data.seq_len,
+        global_batch: cfg.train.global_batch,
+        micro_batch: cfg.train.micro_batch,
+        dp_rank: groups.topo.dp_rank as u64,
+        dp_size: groups.topo.layout.dp as u64,
+        seed: cfg.run.seed,
+    };
+    let train_set = Arc::new(Dataset::open(&cfg.data.corpus, Some(&vocab), vocab.special)?);
+    let valid = match &cfg.data.valid_corpus {
+        Some(p) => Some(Batcher::new(
+            Arc::new(Dataset::open(p, Some(&vocab), vocab.special)?),
+            masker.clone(),
+            layout,
+        )?),
+        None => None,
+    };
+
+    let tp = TpShard {
+        rank: groups.tp.rank() as i64,
+        size: groups.tp.size() as i64,
+    };
+    let (vs, model) = build_sharded(&model_cfg, cfg.run.seed as i64, tp, groups.device);
+    let params = Params::new(&vs, model_cfg.num_hidden_layers);
+    let mut opt = FlatAdamW::new(
+        &params.list,
+        AdamWConfig {
+            weight_decay: cfg.train.weight_decay,
+            ..AdamWConfig::default()
+        },
+    );
+
+    let (mut step, mut consumed) = (0u64, 0u64);
+    if resume {
+        if let Some((_, dir)) = checkpoint::list(&ckpt_root).pop() {
+            let m = checkpoint::read_manifest(&dir)?;
+            if m.tokenizer_sha256 != vocab.sha256 {
+                bail!(
+                    "{}: saved with tokenizer sha256 {}, the config's tokenizer has {}",
+                    dir.display(),
+                    m.tokenizer_sha256,
+                    vocab.sha256
+                );
+            }
+            checkpoint::load(&dir, &m, groups, &params, &mut opt)?;
+            (step, consumed) = (m.step, m.consumed_samples);
+            if rank == 0 {
+                println!(
+                    "[rank 0] resumed from {} (step {step}, {consumed} samples; saved at tp {} x dp {})",
+                    dir.display(),
+                    m.tp,
+                    m.dp
+                );
+            }
+        } else if rank == 0 {
+            println!(
+                "[rank 0] --resume auto: no checkpoint in {}, starting fresh",
+                ckpt_root.display()
+            );
+        }
+    }
+    let train_loader = Loader::start(Batcher::new(train_set, masker, layout)?, consumed, 4)?;
+    let mut run = Run {
+        cfg,
+        config_text,
+        model_cfg,
+        groups,
+        model,
+        _vs: vs,
+        params,
+        opt,
+        vocab_sha: vocab.sha256.clone(),
+        train_loader,
+        valid,
+    };
+
+    let mut monitor = if rank == 0 { Some(Monitor::new(&out_dir)?) } else { None };
+    let tokens_per_step = (run.cfg.train.global_batch as usize * run.cfg.data.seq_len) as f64;
+    let fpt = flops_per_token(&run.model_cfg, run.cfg.data.seq_len as i64, MASK_FRACTION);
+    let (mut bad_in_a_row, mut skipped_total) = (0usize, 0u64);
+    if step == 0 {
+        if let (Some(m), Some(l)) = (monitor.as_mut(), evaluate(&run)) {
+            println!("[rank 0] step 0/{} eval/loss {l:.4}", run.cfg.train.steps);
+            m.log(0, &[("eval/loss", l)])?;
+        }
+    }
+    let mut window = Instant::now();
+    let mut window_steps = 0u64;
+    let total = run.cfg.train.steps;
+    while step < total {
+        let stats = train_step(&mut run, step);
+        step += 1;
+        consumed += run.cfg.train.global_batch;
+        window_steps += 1;
+        if stats.skipped {
+            skipped_total += 1;
+            bad_in_a_row += 1;
+            if rank == 0 {
+                eprintln!(
+                    "[rank 0] step {step}: non-finite loss {} / grad norm {}: update skipped",
+                    stats.loss, stats.grad_norm
+                );
+            }
+            if bad_in_a_row >= run.cfg.train.max_bad_steps {
+                bail!("{bad_in_a_row} consecutive non-finite steps (train.max_bad_steps): stopping");
+            }
+        } else {
+            bad_in_a_row = 0;
+        }
+        let t = &run.cfg.train;
+        if step % t.log_every == 0 || step == total {
+            let secs = window.elapsed().as_secs_f64() / window_steps as f64;
+            let tok_s = tokens_per_step / secs;
+            let lr = linear_warmup_decay(step - 1, t.lr, t.warmup_steps, t.steps);
+            if let Some(m) = monitor.as_mut() {
+                println!(
+                    "[rank 0] step {step}/{total} loss {:.4} lr {lr:.3e} grad_norm {:.3} {tok_s:.0} tokens/s ETA {}",
+                    stats.loss,
+                    stats.grad_norm,
+                    eta(secs, total - step)
+                );
+                m.log(
+                    step,
+                    &[
+                        ("train/loss", stats.loss),
+                        ("train/lr", lr),
+                        ("train/grad_norm", stats.grad_norm),
+                        ("perf/tokens_per_s", tok_s),
+                        ("perf/mfu", tok_s * fpt / (PEAK_TFLOPS * 1e12)),
+                        ("mem/peak_gib", peak_rss_gib()),
+                        ("train/skipped_steps", skipped_total as f64),
+                    ],
+                )?;
+            }
+            window = Instant::now();
+            window_steps = 0;
+        }
+        if step % run.cfg.train.eval_every == 0 || step == total {
+            if let Some(l) = evaluate(&run) {
+                if let Some(m) = monitor.as_mut() {
+                    println!("[rank 0] step {step}/{total} eval/loss {l:.4}");
+                    m.log(step, &[("eval/loss", l)])?;
+                }
+            }
+        }
+        // Every rank must agree to stop: a signal may have reached only some of them.
+        let mut flag = Tensor::from_slice(&[i64::from(stop.load(Ordering::Relaxed))]);
+        groups.world.all_reduce_max(&mut flag);
+        let stopping = flag.int64_value(&[0]) == 1;
+        if step % run.cfg.train.checkpoint_every == 0 || step == total || stopping {
+            let dir = save(&run, step, consumed, &ckpt_root)?;
+            if rank == 0 {
+                println!("[rank 0] checkpoint {}", dir.display());
+            }
+        }
+        if stopping {
+            if rank == 0 {
+                println!("[rank 0] stop requested (SIGTERM/SIGUSR1): checkpoint written at step {step}, exiting");
+            }
+            return Ok(());
+        }
+    }
+    if rank == 0 {
+        println!(
+            "[rank 0] done: {total} steps; run directory {} (metrics.jsonl, checkpoints/); TensorBoard: tensorboard --logdir {}",
+            out_dir.display(),
+            out_dir.join("tensorboard").display()
+        );
+    }
+    Ok(())
+}
+
+fn save(run: &Run, step: u64, consumed: u64, root: &Path) -> Result<PathBuf> {
+    let m = Manifest {
+        format: checkpoint::FORMAT.into(),
+        version: 1,
+        step,
+        consumed_samples: consumed,
+        tp: run.groups.topo.layout.tp,
+        dp: run.groups.topo.layout.dp,
+        seed: run.cfg.run.seed,
+        vocab_size: run.model_cfg.vocab_size,
+        tokenizer_sha256: run.vocab_sha.clone(),
+        optimizer_steps: run.opt.steps,
+        config: run.config_text.clone(),
+    };
+    checkpoint::save(
+        root,
+        &m,
+        run.groups,
+        &run.params,
+        &run.opt,
+        run.cfg.train.keep_checkpoints,
+    )
+}
