@@ -8,7 +8,8 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TORCH_VERSION=2.11.0
-PY_EXTRAS=(safetensors==0.7.0 numpy)
+# safetensors/numpy for the reference scripts; tensorboard for reading our event files in tests.
+PY_EXTRAS=(safetensors numpy tensorboard)
 
 log() { echo "[bootstrap] $*"; }
 
@@ -58,7 +59,7 @@ if [ "$have" != "$TORCH_VERSION" ]; then
 else
   log "venv $venv already has torch $have"
 fi
-if ! "$py" -c 'import safetensors, numpy' 2>/dev/null; then
+if ! "$py" -c 'import safetensors, numpy, tensorboard' 2>/dev/null; then
   "$venv/bin/pip" install -q "${PY_EXTRAS[@]}"
 fi
 # cudarc (the NCCL backend) dlopens `libnccl.so`; pip's NCCL ships only `libnccl.so.2`.

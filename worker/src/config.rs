@@ -52,6 +52,9 @@ pub struct ModelSection {
     /// Dropout override (hidden and attention), e.g. 0 for bit-exact comparisons.
     #[serde(default)]
     pub dropout: Option<f64>,
+    /// Vocabulary override, for a tokenizer smaller than the preset's 128K.
+    #[serde(default)]
+    pub vocab_size: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -194,6 +197,12 @@ impl RunConfig {
         if let Some(p) = self.model.dropout {
             c.hidden_dropout_prob = p;
             c.attention_probs_dropout_prob = p;
+        }
+        if let Some(v) = self.model.vocab_size {
+            if v < 8 {
+                return Err(format!("model.vocab_size = {v} must be >= 8"));
+            }
+            c.vocab_size = v;
         }
         Ok(c)
     }

@@ -193,11 +193,16 @@ fn train(world: &mpi::topology::SimpleCommunicator, config: &std::path::Path, re
     match deberta_worker::trainer::train(config, resume, &groups) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("[rank {rank}] error: {e:#}");
-            // A data or tokenizer problem is the user's: exit 2 like the other input errors.
-            let user = e
-                .chain()
-                .any(|c| c.is::<deberta_data::DataError>() || c.is::<deberta_worker::config::ConfigError>());
+            // A data, tokenizer or config problem is the user's: every rank meets it, rank 0
+            // reports it, exit 2 like the other input errors.
+            let user = e.chain().any(|c| {
+                c.is::<deberta_data::DataError>()
+                    || c.is::<deberta_worker::config::ConfigError>()
+                    || c.is::<deberta_worker::trainer::SetupError>()
+            });
+            if !user || rank == 0 {
+                eprintln!("[rank {rank}] error: {e:#}");
+            }
             ExitCode::from(if user { 2 } else { 1 })
         }
     }

@@ -36,6 +36,11 @@ const EVAL_BATCHES: u64 = 4;
 /// Assumed peak for `perf/mfu` (H100 SXM dense bf16, as ../shared/bench uses).
 const PEAK_TFLOPS: f64 = 989.0;
 
+/// A run that cannot start because of what the user gave it (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SetupError(pub String);
+
 /// Set by SIGTERM / SIGUSR1 (SLURM's warning before the time limit).
 fn stop_flag() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
@@ -216,13 +221,6 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
     let ckpt_root = out_dir.join("checkpoints");
 
     let vocab = Vocab::load(&cfg.data.tokenizer)?;
-    if vocab.vocab_size as i64 > model_cfg.vocab_size {
-        bail!(
-            "data.tokenizer has {} ids but the model's vocabulary is {}",
-            vocab.vocab_size,
-            model_cfg.vocab_size
-        );
-    }
     let masking = MaskingConfig {
         prob: cfg.data.mask_prob,
         ..MaskingConfig::default()
@@ -237,6 +235,13 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
         seed: cfg.run.seed,
     };
     let train_set = Arc::new(Dataset::open(&cfg.data.corpus, Some(&vocab), vocab.special)?);
+    if vocab.vocab_size as i64 > model_cfg.vocab_size {
+        return Err(SetupError(format!(
+            "data.tokenizer has {} ids but the model's vocabulary is {} (set model.vocab_size)",
+            vocab.vocab_size, model_cfg.vocab_size
+        ))
+        .into());
+    }
     let valid = match &cfg.data.valid_corpus {
         Some(p) => Some(Batcher::new(
             Arc::new(Dataset::open(p, Some(&vocab), vocab.special)?),
@@ -265,12 +270,13 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
         if let Some((_, dir)) = checkpoint::list(&ckpt_root).pop() {
             let m = checkpoint::read_manifest(&dir)?;
             if m.tokenizer_sha256 != vocab.sha256 {
-                bail!(
+                return Err(SetupError(format!(
                     "{}: saved with tokenizer sha256 {}, the config's tokenizer has {}",
                     dir.display(),
                     m.tokenizer_sha256,
                     vocab.sha256
-                );
+                ))
+                .into());
             }
             checkpoint::load(&dir, &m, groups, &params, &mut opt)?;
             (step, consumed) = (m.step, m.consumed_samples);
