@@ -2,8 +2,8 @@
 # (cluster/bootstrap.sh is idempotent and fast once the machine has its venv).
 SHELL := /bin/bash
 ENV := source cluster/env.sh &&
-FIXTURE := model/tests/fixtures/xxlarge_family
-DEMO_DIR := runs/demo
+TOKENIZER := ../shared/data/tokenizers/deberta-v3-base/tokenizer.json
+CORPUS := ../shared/data/corpus
 
 .PHONY: demo test bootstrap build lint bench-cpu-forward bench-data
 
@@ -11,14 +11,19 @@ bootstrap:
 	bash cluster/bootstrap.sh
 
 build: bootstrap
-	$(ENV) cargo build --release --bin deberta
+	$(ENV) cargo build --release --bin deberta --bin deberta-worker
 
-# The main job (for now): describe the 1.5B model, then run a shipped checkpoint's forward pass.
+# The main job: preprocess the shared corpora with the DeBERTa-v3 tokenizer, then pretrain a
+# small DeBERTa on the CPU with 4 MPI ranks (tensor 2 x data 2): TensorBoard events, metrics and
+# checkpoints in runs/cpu-demo/.
 demo: build
-	$(ENV) ./target/release/deberta info --preset xxlarge
-	mkdir -p $(DEMO_DIR)
-	$(ENV) ./target/release/deberta forward --hf-dir $(FIXTURE) --ids $(FIXTURE)/ids.txt \
-		--out $(DEMO_DIR)/forward.safetensors
+	mkdir -p runs/data
+	$(ENV) ./target/release/deberta preprocess --tokenizer $(TOKENIZER) --output-prefix runs/data/train \
+		--input $(CORPUS)/tinyshakespeare.txt $(CORPUS)/wikitext2_valid.tokens.txt
+	$(ENV) ./target/release/deberta preprocess --tokenizer $(TOKENIZER) --output-prefix runs/data/valid \
+		--input $(CORPUS)/wikitext2_test.tokens.txt
+	rm -rf runs/cpu-demo
+	$(ENV) ./target/release/deberta train configs/cpu-demo.yaml
 
 lint: bootstrap
 	$(ENV) cargo fmt --all -- --check

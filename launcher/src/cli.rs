@@ -30,6 +30,20 @@ pub enum Command {
     /// Look at a preprocessed corpus.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Pretrain from a run configuration: validate it, then start the ranks with `mpirun`.
+    Train(TrainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The run configuration (YAML; see configs/).
+    pub config: PathBuf,
+    /// MPI ranks [default: parallel.tensor x parallel.data].
+    #[arg(long)]
+    pub np: Option<usize>,
+    /// `auto`: continue from the newest complete checkpoint of the run, if there is one.
+    #[arg(long)]
+    pub resume: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::cli::{
     BenchForwardArgs, Command, DataCommand, ForwardArgs, Head, InfoArgs, InitArgs, ModelSource, Precision,
-    TokenizerCommand,
+    TokenizerCommand, TrainArgs,
 };
 use crate::data_cmds;
 
@@ -36,6 +36,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Preprocess(a) => data_cmds::preprocess_cmd(a),
         Command::Data(DataCommand::Inspect(a)) => data_cmds::inspect(a),
         Command::Data(DataCommand::Bench(a)) => data_cmds::bench(a),
+        Command::Train(a) => train(a),
     }
 }
 
@@ -305,4 +306,60 @@ fn bench_forward(a: BenchForwardArgs) -> Result<()> {
     });
     println!("{out}");
     Ok(())
+}
+
+/// Validate the run configuration here, before any rank starts, then run the job under
+/// `mpirun` (issue E grows this into the supervising launcher) and pass its exit code on.
+fn train(a: TrainArgs) -> Result<()> {
+    use deberta_worker::config::RunConfig;
+    let cfg = RunConfig::read(&a.config).map_err(|e| UsageError(e.to_string()))?;
+    let layout = cfg.parallel.tensor * cfg.parallel.data;
+    let np = a.np.unwrap_or(layout);
+    let problems = cfg.problems(Some(np));
+    if !problems.is_empty() {
+        let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
+        return Err(UsageError(format!(
+            "{} has {} problem(s):\n{}",
+            a.config.display(),
+            problems.len(),
+            list.join("\n")
+        ))
+        .into());
+    }
+    if let Some(r) = &a.resume {
+        if r != "auto" {
+            return Err(UsageError(format!("--resume {r:?}: expected `auto`")).into());
+        }
+    }
+    let worker = std::env::current_exe()?.with_file_name("deberta-worker");
+    if !worker.exists() {
+        anyhow::bail!(
+            "{} not found: build it with `cargo build --release --bin deberta-worker`",
+            worker.display()
+        );
+    }
+    println!(
+        "starting {np} rank(s) (tensor {} x data {}, backend {}): mpirun -np {np} {} train {}",
+        cfg.parallel.tensor,
+        cfg.parallel.data,
+        cfg.parallel.backend,
+        worker.display(),
+        a.config.display()
+    );
+    let mut cmd = std::process::Command::new("mpirun");
+    cmd.args(["-np", &np.to_string()])
+        .arg(&worker)
+        .arg("train")
+        .arg(&a.config);
+    if let Some(r) = &a.resume {
+        cmd.args(["--resume", r]);
+    }
+    let status = cmd
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot run mpirun ({e}): run cluster/bootstrap.sh, which installs Open MPI"))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(2) => Err(UsageError("the job refused its configuration (see above)".into()).into()),
+        code => anyhow::bail!("the job failed (mpirun exit code {code:?})"),
+    }
 }

@@ -155,3 +155,31 @@ fn tokenizer_train_cli() {
     ]);
     assert_refused(&o, &["nope.txt"]);
 }
+
+#[test]
+fn train_refuses_a_bad_config_before_starting_any_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("bad.yaml");
+    std::fs::write(
+        &cfg,
+        "run: {name: x, output_dir: /tmp/never}
+model: {preset: tiny}
+parallel: {tensor: 3, data: 1}
+data: {corpus: c, tokenizer: t.json, seq_len: 64}
+train: {global_batch: 8, micro_batch: 3, steps: 10, lr: 1.0e-3, lr_max: 2}
+",
+    )
+    .unwrap();
+    assert_refused(&deberta(&["train", s(&cfg)]), &["bad.yaml", "unknown field `lr_max`"]);
+    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace(", lr_max: 2", "")).unwrap();
+    let o = deberta(&["train", s(&cfg)]);
+    assert_refused(
+        &o,
+        &[
+            "3 problem(s)",
+            "train.global_batch = 8",
+            "does not divide model.num_attention_heads",
+        ],
+    );
+    assert!(!text(&o).0.contains("starting"), "a job was started");
+}

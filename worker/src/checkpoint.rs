@@ -181,3 +181,29 @@ pub fn load(
     opt.steps = manifest.optimizer_steps;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_complete_checkpoints_count() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        for (name, complete) in [
+            ("step-00000005", true),
+            ("step-00000010", true),
+            (".tmp-step-00000015", true),
+            ("step-00000020", false),
+        ] {
+            std::fs::create_dir_all(root.join(name)).unwrap();
+            std::fs::write(root.join(name).join("tp-00.safetensors"), b"x").unwrap();
+            if complete {
+                std::fs::write(root.join(name).join("manifest.json"), b"{}").unwrap();
+            }
+        }
+        // A writer killed mid-save leaves `.tmp-*` (or a directory without its manifest): ignored.
+        let found: Vec<u64> = list(root).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(found, [5, 10]);
+    }
+}

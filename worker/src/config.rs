@@ -393,4 +393,25 @@ train: {global_batch: 16, micro_batch: 2, steps: 100, lr: 5.0e-4, warmup_steps: 
         let problems = read(GOOD).unwrap().problems(Some(8));
         assert!(problems.iter().any(|p| p.contains("8 rank(s)")), "{problems:?}");
     }
+
+    #[test]
+    fn the_shipped_configs_are_valid_and_the_paper_recipe_is_the_paper_s() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        for name in ["deberta-1.5b-pretrain.yaml", "cpu-demo.yaml"] {
+            let c = RunConfig::read(&dir.join(name)).unwrap();
+            assert!(c.problems(None).is_empty(), "{name}: {:?}", c.problems(None));
+        }
+        let c = RunConfig::read(&dir.join("deberta-1.5b-pretrain.yaml")).unwrap();
+        assert_eq!(c.model_config().unwrap(), DebertaConfig::xxlarge());
+        let t = &c.train;
+        assert_eq!(
+            (c.data.seq_len, t.global_batch, t.steps, t.warmup_steps),
+            (512, 2048, 1_000_000, 10_000)
+        );
+        assert_eq!(
+            (t.lr, t.weight_decay, t.grad_clip, t.precision.as_str()),
+            (1.5e-4, 0.01, 1.0, "bf16")
+        );
+        assert!(c.data.tokenizer.ends_with("deberta-v3-base/tokenizer.json"));
+    }
 }
