@@ -16,4 +16,11 @@ ldd target/release/deberta-worker | awk '/=> \//{print $1" "$3}' \
   | while read -r _ path; do cp -L "$path" gpu-bundle/lib/; done
 cp -rL /usr/lib/x86_64-linux-gnu/openmpi/lib/openmpi3 gpu-bundle/openmpi3
 cp -rL /usr/share/openmpi gpu-bundle/openmpi-share
+# For gpu-train-check.sh: the corpus `make demo` preprocessed, its tokenizer, the HF baseline.
+if [ -f runs/data/train.manifest.json ]; then
+  mkdir -p gpu-bundle/data
+  cp runs/data/train* gpu-bundle/data/
+  cp ../shared/data/tokenizers/deberta-v3-base/tokenizer.json gpu-bundle/data/tokenizer.json
+fi
+cp ../shared/bench/hf_deberta_baseline.py gpu-bundle/
 du -sh gpu-bundle

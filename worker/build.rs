@@ -1,1 +1,41 @@
-include!("../launcher/build.rs");
+// 1. Force-link libtorch_cuda.so exactly as the launcher does (shared file).
+// 2. Compile the tiny libtorch shim that sets the CUDA autocast dtype to bf16 (tch lacks it),
+//    against the headers of the torch that tch-sys links (LIBTORCH_USE_PYTORCH=1: the venv's).
+include!("../launcher/link_torch_cuda.rs");
+
+mod shim {
+    use std::process::Command;
+
+    fn torch_dir() -> Option<String> {
+        if let Ok(dir) = std::env::var("LIBTORCH") {
+            return Some(dir);
+        }
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        let out = Command::new(python)
+            .args(["-c", "import torch,os;print(os.path.dirname(torch.__file__))"])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    pub fn build() {
+        println!("cargo:rerun-if-changed=csrc/autocast.cpp");
+        let dir = torch_dir().expect("torch not found: source cluster/env.sh (LIBTORCH_USE_PYTORCH=1 with the venv)");
+        cc::Build::new()
+            .cpp(true)
+            .file("csrc/autocast.cpp")
+            .include(format!("{dir}/include"))
+            .include(format!("{dir}/include/torch/csrc/api/include"))
+            .flag("-std=c++17")
+            .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+            .warnings(false)
+            .compile("deberta_autocast");
+    }
+}
+
+fn main() {
+    link_torch_cuda();
+    shim::build();
+}

@@ -8,6 +8,7 @@ pub mod harness;
 pub mod mpi_group;
 pub mod nccl_group;
 pub mod optim;
+pub mod precision;
 pub mod runtime;
 pub mod selftest;
 pub mod topology;

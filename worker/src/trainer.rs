@@ -62,6 +62,8 @@ struct Run<'g> {
     vocab_sha: String,
     train_loader: Loader,
     valid: Option<Batcher>,
+    /// bf16 autocast (CUDA only; the config check refuses it on the CPU).
+    bf16: bool,
 }
 
 fn to_tensor(v: &[i64], rows: i64, device: Device) -> Tensor {
@@ -78,7 +80,11 @@ fn eval_micro(run: &Run, mb: &MicroBatch) -> (f64, i64) {
         to_tensor(&mb.attention_mask, rows, d),
         to_tensor(&mb.labels, rows, d),
     );
-    let loss = tch::no_grad(|| run.model.mlm_loss_segments(&mut tape, &ids, &mask, &labels, 1.0, false));
+    let loss = tch::no_grad(|| {
+        tch::autocast(run.bf16, || {
+            run.model.mlm_loss_segments(&mut tape, &ids, &mask, &labels, 1.0, false)
+        })
+    });
     (tape.value(loss).double_value(&[]), mb.predicted_tokens() as i64)
 }
 
@@ -129,9 +135,11 @@ fn train_step(run: &mut Run, step: u64) -> StepStats {
             to_tensor(&mb.labels, rows, device),
         );
         let mut tape = Tape::new(tp);
-        let loss = run
-            .model
-            .mlm_loss_segments(&mut tape, &ids, &mask, &labels, 1.0 / predicted, true);
+        let bf16 = run.bf16;
+        let loss = tch::autocast(bf16, || {
+            run.model
+                .mlm_loss_segments(&mut tape, &ids, &mask, &labels, 1.0 / predicted, true)
+        });
         local += tape.value(loss).double_value(&[]);
         if k < last {
             tape.backward(loss);
@@ -171,6 +179,14 @@ fn peak_rss_gib() -> f64 {
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .map(|kib| kib / (1u64 << 20) as f64)
         .unwrap_or(0.0)
+}
+
+/// Memory to report: the GPU's in-use memory on CUDA, the process's peak RSS on the CPU.
+fn memory_gib(device: Device) -> f64 {
+    match device {
+        Device::Cuda(_) => crate::precision::cuda_used_gib().unwrap_or(0.0),
+        _ => peak_rss_gib(),
+    }
 }
 
 /// Rank 0's outputs: the progress line, metrics.jsonl, TensorBoard events.
@@ -217,6 +233,10 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
     let cfg = RunConfig::from_yaml(config_path, &config_text)?;
     let model_cfg = cfg.model_config().map_err(anyhow::Error::msg)?;
     let stop = stop_flag()?;
+    let bf16 = cfg.train.precision == "bf16";
+    if bf16 && !crate::precision::use_bf16_for_cuda_autocast() {
+        bail!("could not set libtorch's CUDA autocast dtype to bf16");
+    }
     let out_dir = cfg.run.output_dir.clone();
     let ckpt_root = out_dir.join("checkpoints");
 
@@ -308,6 +328,7 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
         vocab_sha: vocab.sha256.clone(),
         train_loader,
         valid,
+        bf16,
     };
 
     let mut monitor = if rank == 0 { Some(Monitor::new(&out_dir)?) } else { None };
@@ -363,7 +384,7 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
                         ("train/grad_norm", stats.grad_norm),
                         ("perf/tokens_per_s", tok_s),
                         ("perf/mfu", tok_s * fpt / (PEAK_TFLOPS * 1e12)),
-                        ("mem/peak_gib", peak_rss_gib()),
+                        ("mem/peak_gib", memory_gib(run.groups.device)),
                         ("train/skipped_steps", skipped_total as f64),
                     ],
                 )?;
