@@ -151,7 +151,10 @@ fn train_step(run: &mut Run, step: u64) -> StepStats {
     }
     let mut total = Tensor::from_slice(&[local]).to_device(device);
     dp.all_reduce_sum(&mut total);
-    let loss = total.to_device(Device::Cpu).double_value(&[0]);
+    let mut loss = total.to_device(Device::Cpu).double_value(&[0]);
+    if injected_non_finite(step) {
+        loss = f64::NAN;
+    }
     let grad_norm = run.params.global_grad_norm(tp);
     if !loss.is_finite() || !grad_norm.is_finite() {
         return StepStats {
@@ -168,6 +171,14 @@ fn train_step(run: &mut Run, step: u64) -> StepStats {
         grad_norm,
         skipped: false,
     }
+}
+
+/// Fault injection for the tests of the non-finite-loss handling: `DEBERTA_INJECT_NAN_STEPS`
+/// lists 0-based step indices (comma-separated) whose loss is replaced by NaN on every rank.
+fn injected_non_finite(step: u64) -> bool {
+    std::env::var("DEBERTA_INJECT_NAN_STEPS")
+        .map(|v| v.split(',').any(|s| s.trim().parse() == Ok(step)))
+        .unwrap_or(false)
 }
 
 /// Peak resident memory of this process (GiB), from /proc.

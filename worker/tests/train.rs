@@ -474,3 +474,59 @@ train: {{global_batch: 8, micro_batch: 2, steps: 5, lr: 1.0e-3}}
 fn tch_has_cuda() -> bool {
     tch::Cuda::is_available()
 }
+
+#[test]
+fn non_finite_losses_skip_the_update_and_stop_after_max_bad_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("nan");
+    let cfg = out.with_extension("yaml");
+    write_config(
+        &Job {
+            tp: 1,
+            dp: 2,
+            steps: 6,
+            dropout: 0.0,
+            out: &out,
+        },
+        &cfg,
+    );
+    // Two bad steps in a row (of 3 allowed): both skipped and counted, the run goes on.
+    let o = mpirun(2, &["train", cfg.to_str().unwrap()])
+        .env("DEBERTA_INJECT_NAN_STEPS", "1,2")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("update skipped"));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let last_train_line = metrics
+        .lines()
+        .filter(|l| l.contains("train/skipped_steps"))
+        .last()
+        .unwrap();
+    let last: serde_json::Value = serde_json::from_str(last_train_line).unwrap();
+    assert_eq!(last["step"], 6);
+    assert_eq!(last["train/skipped_steps"], 2.0);
+    // Three in a row (train.max_bad_steps = 3 by default) stop the run with an error.
+    let out2 = tmp.path().join("nan3");
+    let cfg2 = out2.with_extension("yaml");
+    write_config(
+        &Job {
+            tp: 1,
+            dp: 2,
+            steps: 6,
+            dropout: 0.0,
+            out: &out2,
+        },
+        &cfg2,
+    );
+    let o = mpirun(2, &["train", cfg2.to_str().unwrap()])
+        .env("DEBERTA_INJECT_NAN_STEPS", "1,2,3")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("3 consecutive non-finite steps"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
