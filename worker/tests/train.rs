@@ -498,11 +498,7 @@ fn non_finite_losses_skip_the_update_and_stop_after_max_bad_steps() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("update skipped"));
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let last_train_line = metrics
-        .lines()
-        .filter(|l| l.contains("train/skipped_steps"))
-        .last()
-        .unwrap();
+    let last_train_line = metrics.lines().rfind(|l| l.contains("train/skipped_steps")).unwrap();
     let last: serde_json::Value = serde_json::from_str(last_train_line).unwrap();
     assert_eq!(last["step"], 6);
     assert_eq!(last["train/skipped_steps"], 2.0);
