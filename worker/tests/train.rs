@@ -61,6 +61,16 @@ struct Job<'a> {
     out: &'a Path,
 }
 
+fn job(tp: usize, dp: usize, steps: u64, dropout: f64, out: &Path) -> Job<'_> {
+    Job {
+        tp,
+        dp,
+        steps,
+        dropout,
+        out,
+    }
+}
+
 fn write_config(j: &Job, path: &Path) {
     let d = data();
     let yaml = format!(
@@ -145,30 +155,12 @@ fn resume_is_exact_and_survives_a_change_of_dp_size() {
     let tmp = tempfile::tempdir().unwrap();
     // With dropout: the same layout must continue loss for loss.
     let a = tmp.path().join("a");
-    run(
-        &Job {
-            tp: 1,
-            dp: 2,
-            steps: 10,
-            dropout: 0.1,
-            out: &a,
-        },
-        false,
-    );
+    run(&job(1, 2, 10, 0.1, &a), false);
     let all = losses(&a);
     assert_eq!(all.len(), 10);
     let b = tmp.path().join("b");
     copy_checkpoint(&a, 5, &b);
-    let o = run(
-        &Job {
-            tp: 1,
-            dp: 2,
-            steps: 10,
-            dropout: 0.1,
-            out: &b,
-        },
-        true,
-    );
+    let o = run(&job(1, 2, 10, 0.1, &b), true);
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("resumed from"),
         "{}",
@@ -179,28 +171,10 @@ fn resume_is_exact_and_survives_a_change_of_dp_size() {
 
     // Without dropout (whose masks depend on the DP rank), DP 2 -> DP 1 continues the same run.
     let c = tmp.path().join("c");
-    run(
-        &Job {
-            tp: 1,
-            dp: 2,
-            steps: 10,
-            dropout: 0.0,
-            out: &c,
-        },
-        false,
-    );
+    run(&job(1, 2, 10, 0.0, &c), false);
     let d = tmp.path().join("d");
     copy_checkpoint(&c, 5, &d);
-    run(
-        &Job {
-            tp: 1,
-            dp: 1,
-            steps: 10,
-            dropout: 0.0,
-            out: &d,
-        },
-        true,
-    );
+    run(&job(1, 1, 10, 0.0, &d), true);
     assert_close(&losses(&c)[5..], &losses(&d), 1e-5, "resume at dp 1");
 }
 
@@ -208,28 +182,10 @@ fn resume_is_exact_and_survives_a_change_of_dp_size() {
 fn a_tp2_checkpoint_resumes_at_tp1() {
     let tmp = tempfile::tempdir().unwrap();
     let a = tmp.path().join("a");
-    run(
-        &Job {
-            tp: 2,
-            dp: 1,
-            steps: 6,
-            dropout: 0.0,
-            out: &a,
-        },
-        false,
-    );
+    run(&job(2, 1, 6, 0.0, &a), false);
     let b = tmp.path().join("b");
     copy_checkpoint(&a, 5, &b);
-    run(
-        &Job {
-            tp: 1,
-            dp: 1,
-            steps: 6,
-            dropout: 0.0,
-            out: &b,
-        },
-        true,
-    );
+    run(&job(1, 1, 6, 0.0, &b), true);
     assert_close(&losses(&a)[5..], &losses(&b), 1e-5, "tp 2 -> tp 1");
 }
 
@@ -237,16 +193,7 @@ fn a_tp2_checkpoint_resumes_at_tp1() {
 fn tensorboard_reads_every_tag_at_the_logged_steps() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("tb");
-    run(
-        &Job {
-            tp: 2,
-            dp: 1,
-            steps: 5,
-            dropout: 0.1,
-            out: &out,
-        },
-        false,
-    );
+    run(&job(2, 1, 5, 0.1, &out), false);
     let script = r#"
 import sys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -317,16 +264,7 @@ fn sigusr1_and_sigterm_stop_with_a_complete_resumable_checkpoint() {
     // SIGUSR1 to mpirun (as SLURM's --signal does), which forwards it to the ranks.
     let out = tmp.path().join("usr1");
     let cfg = out.with_extension("yaml");
-    write_config(
-        &Job {
-            tp: 1,
-            dp: 2,
-            steps: 100_000,
-            dropout: 0.1,
-            out: &out,
-        },
-        &cfg,
-    );
+    write_config(&job(1, 2, 100_000, 0.1, &out), &cfg);
     let mut child = mpirun(2, &["train", cfg.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -354,16 +292,7 @@ fn sigusr1_and_sigterm_stop_with_a_complete_resumable_checkpoint() {
     // SIGTERM straight to a one-rank job (an MPI singleton, no mpirun).
     let out = tmp.path().join("term");
     let cfg = out.with_extension("yaml");
-    write_config(
-        &Job {
-            tp: 1,
-            dp: 1,
-            steps: 100_000,
-            dropout: 0.1,
-            out: &out,
-        },
-        &cfg,
-    );
+    write_config(&job(1, 1, 100_000, 0.1, &out), &cfg);
     let mut child = Command::new(env!("CARGO_BIN_EXE_deberta-worker"))
         .args(["train", cfg.to_str().unwrap()])
         .stdout(Stdio::null())
@@ -480,16 +409,7 @@ fn non_finite_losses_skip_the_update_and_stop_after_max_bad_steps() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("nan");
     let cfg = out.with_extension("yaml");
-    write_config(
-        &Job {
-            tp: 1,
-            dp: 2,
-            steps: 6,
-            dropout: 0.0,
-            out: &out,
-        },
-        &cfg,
-    );
+    write_config(&job(1, 2, 6, 0.0, &out), &cfg);
     // Two bad steps in a row (of 3 allowed): both skipped and counted, the run goes on.
     let o = mpirun(2, &["train", cfg.to_str().unwrap()])
         .env("DEBERTA_INJECT_NAN_STEPS", "1,2")
@@ -505,16 +425,7 @@ fn non_finite_losses_skip_the_update_and_stop_after_max_bad_steps() {
     // Three in a row (train.max_bad_steps = 3 by default) stop the run with an error.
     let out2 = tmp.path().join("nan3");
     let cfg2 = out2.with_extension("yaml");
-    write_config(
-        &Job {
-            tp: 1,
-            dp: 2,
-            steps: 6,
-            dropout: 0.0,
-            out: &out2,
-        },
-        &cfg2,
-    );
+    write_config(&job(1, 2, 6, 0.0, &out2), &cfg2);
     let o = mpirun(2, &["train", cfg2.to_str().unwrap()])
         .env("DEBERTA_INJECT_NAN_STEPS", "1,2,3")
         .output()
