@@ -8,7 +8,6 @@
 //! the losses and parameters of the one-process run (DESIGN.md's invariant).
 
 use deberta_model::collective::Collective;
-use deberta_model::segments::Tape;
 use deberta_model::tensor_parallel::{gather_full, shard_full, TpShard};
 use deberta_model::{DebertaConfig, DebertaV2, Parts, IGNORE_INDEX};
 use tch::nn::VarStore;
@@ -16,6 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::grads::Params;
 use crate::runtime::Groups;
+use crate::step::{forward_backward, Rows};
 
 #[derive(Debug, Clone, Copy)]
 pub struct HarnessConfig {
@@ -97,44 +97,22 @@ pub struct StepResult {
 /// One optimizer step: this rank's micro-batches (its DP slice of the global batch), each loss
 /// divided by the global predicted-token count, gradients summed over DP, clipped, SGD.
 pub fn train_step(model: &DebertaV2, params: &Params, groups: &Groups, hc: &HarnessConfig, step: usize) -> StepResult {
-    let (dp, tp) = (&*groups.dp, &*groups.tp);
-    let device = model.embeddings.word_embeddings.device();
+    let (dp, device) = (&*groups.dp, groups.device);
     let (ids, mask, labels) = synthetic_batch(hc.seed, step, hc.global_batch, hc.seq, model.cfg.vocab_size);
-    let predicted = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]).max(1);
+    let predicted = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]).max(1) as f64;
     let per_rank = hc.global_batch / dp.size() as i64;
-    params.zero_grad();
-    let mut local_loss = 0.0;
-    let micro_steps = per_rank / hc.micro_batch;
-    for micro in 0..micro_steps {
-        let first = dp.rank() as i64 * per_rank + micro * hc.micro_batch;
-        let rows = |t: &Tensor| t.narrow(0, first, hc.micro_batch).to_device(device);
-        let mut tape = Tape::new(tp);
-        let loss = model.mlm_loss_segments(
-            &mut tape,
-            &rows(&ids),
-            &rows(&mask),
-            &rows(&labels),
-            1.0 / predicted as f64,
-            true,
-        );
-        local_loss += tape.value(loss).double_value(&[]);
-        if micro + 1 < micro_steps {
-            tape.backward(loss); // accumulate; reduce over DP only after the last micro-batch
-        } else {
-            // Each layer's gradients are summed over DP as soon as backward has finished them.
-            tape.backward_with(loss, &mut |group| params.reduce_group(group, dp));
-            params.reduce_rest(dp);
-        }
-    }
-    let mut total = Tensor::from_slice(&[local_loss]).to_device(device);
-    dp.all_reduce_sum(&mut total);
-    let grad_norm = params.global_grad_norm(tp);
+    let micro: Vec<Rows> = (0..per_rank / hc.micro_batch)
+        .map(|m| {
+            let first = dp.rank() as i64 * per_rank + m * hc.micro_batch;
+            let rows = |t: &Tensor| t.narrow(0, first, hc.micro_batch).to_device(device);
+            (rows(&ids), rows(&mask), rows(&labels))
+        })
+        .collect();
+    let loss = forward_backward(model, params, groups, &micro, predicted, false);
+    let grad_norm = params.global_grad_norm(&*groups.tp);
     params.clip(grad_norm, hc.max_grad_norm);
     params.sgd_step(hc.lr);
-    StepResult {
-        loss: total.double_value(&[0]),
-        grad_norm,
-    }
+    StepResult { loss, grad_norm }
 }
 
 /// Every parameter at full size (collective over the TP group), sorted by name.

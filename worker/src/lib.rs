@@ -11,5 +11,6 @@ pub mod optim;
 pub mod precision;
 pub mod runtime;
 pub mod selftest;
+pub mod step;
 pub mod topology;
 pub mod trainer;

@@ -30,6 +30,7 @@ use crate::grads::Params;
 use crate::harness::build_sharded;
 use crate::optim::{linear_warmup_decay, AdamWConfig, FlatAdamW};
 use crate::runtime::Groups;
+use crate::step::{forward_backward, Rows};
 
 /// Global batches of the held-out corpus that make up one evaluation.
 const EVAL_BATCHES: u64 = 4;
@@ -124,34 +125,18 @@ fn train_step(run: &mut Run, step: u64) -> StepStats {
         Tensor::from_slice(&[micro.iter().map(|m| m.predicted_tokens() as f64).sum::<f64>()]).to_device(device);
     dp.all_reduce_sum(&mut count);
     let predicted = count.to_device(Device::Cpu).double_value(&[0]).max(1.0);
-    run.params.zero_grad();
-    let mut local = 0.0;
-    let last = micro.len() - 1;
-    for (k, mb) in micro.iter().enumerate() {
-        let rows = mb.consumed_index.len() as i64;
-        let (ids, mask, labels) = (
-            to_tensor(&mb.ids, rows, device),
-            to_tensor(&mb.attention_mask, rows, device),
-            to_tensor(&mb.labels, rows, device),
-        );
-        let mut tape = Tape::new(tp);
-        let bf16 = run.bf16;
-        let loss = tch::autocast(bf16, || {
-            run.model
-                .mlm_loss_segments(&mut tape, &ids, &mask, &labels, 1.0 / predicted, true)
-        });
-        local += tape.value(loss).double_value(&[]);
-        if k < last {
-            tape.backward(loss);
-        } else {
-            let params = &run.params;
-            tape.backward_with(loss, &mut |group| params.reduce_group(group, dp));
-            params.reduce_rest(dp);
-        }
-    }
-    let mut total = Tensor::from_slice(&[local]).to_device(device);
-    dp.all_reduce_sum(&mut total);
-    let mut loss = total.to_device(Device::Cpu).double_value(&[0]);
+    let rows: Vec<Rows> = micro
+        .iter()
+        .map(|mb| {
+            let n = mb.consumed_index.len() as i64;
+            (
+                to_tensor(&mb.ids, n, device),
+                to_tensor(&mb.attention_mask, n, device),
+                to_tensor(&mb.labels, n, device),
+            )
+        })
+        .collect();
+    let mut loss = forward_backward(&run.model, &run.params, g, &rows, predicted, run.bf16);
     if injected_non_finite(step) {
         loss = f64::NAN;
     }

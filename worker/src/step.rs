@@ -1,0 +1,46 @@
+//! The part of an optimizer step that the trainer and the test harness share: forward and
+//! backward over this rank's micro-batches, with the DP reduction of the gradients.
+
+use deberta_model::segments::Tape;
+use deberta_model::DebertaV2;
+use tch::{Device, Tensor};
+
+use crate::grads::Params;
+use crate::runtime::Groups;
+
+/// One micro-batch on this rank's device: ids, attention mask, labels, each [rows, seq].
+pub type Rows = (Tensor, Tensor, Tensor);
+
+/// Zero the gradients, then run each micro-batch's segment-wise forward (under bf16 autocast if
+/// asked) and backward, each loss being sum(CE) / `predicted` (the global batch's predicted
+/// tokens), so accumulation and DP give the gradient of the global mean. Only the last
+/// micro-batch's backward reduces over DP, each layer as soon as backward has finished it.
+/// Returns the mean loss over the global batch (summed over DP).
+pub fn forward_backward(
+    model: &DebertaV2,
+    params: &Params,
+    groups: &Groups,
+    micro: &[Rows],
+    predicted: f64,
+    bf16: bool,
+) -> f64 {
+    let (tp, dp) = (&*groups.tp, &*groups.dp);
+    params.zero_grad();
+    let mut local = 0.0;
+    for (k, (ids, mask, labels)) in micro.iter().enumerate() {
+        let mut tape = Tape::new(tp);
+        let loss = tch::autocast(bf16, || {
+            model.mlm_loss_segments(&mut tape, ids, mask, labels, 1.0 / predicted, true)
+        });
+        local += tape.value(loss).double_value(&[]);
+        if k + 1 < micro.len() {
+            tape.backward(loss);
+        } else {
+            tape.backward_with(loss, &mut |group| params.reduce_group(group, dp));
+            params.reduce_rest(dp);
+        }
+    }
+    let mut total = Tensor::from_slice(&[local]).to_device(groups.device);
+    dp.all_reduce_sum(&mut total);
+    total.to_device(Device::Cpu).double_value(&[0])
+}
