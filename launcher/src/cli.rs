@@ -30,8 +30,12 @@ pub enum Command {
     /// Look at a preprocessed corpus.
     #[command(subcommand)]
     Data(DataCommand),
-    /// Pretrain from a run configuration: validate it, then start the ranks with `mpirun`.
+    /// Pretrain from a run configuration: check it and the machine, print the plan, then run
+    /// and supervise the ranks under `mpirun` (restarts from checkpoints on failure).
     Train(TrainArgs),
+    /// Submit a pretraining run to SLURM: check, print the plan, render the batch script from
+    /// cluster/templates/, keep it in the run directory and `sbatch` it.
+    Submit(SubmitArgs),
 }
 
 #[derive(Debug, Args)]
@@ -41,9 +45,57 @@ pub struct TrainArgs {
     /// MPI ranks [default: parallel.tensor x parallel.data].
     #[arg(long)]
     pub np: Option<usize>,
+    /// Open MPI hostfile (`host slots=N` per line): ranks fill the hosts in order.
+    #[arg(long)]
+    pub hostfile: Option<PathBuf>,
     /// `auto`: continue from the newest complete checkpoint of the run, if there is one.
     #[arg(long)]
     pub resume: Option<String>,
+    /// Check everything and print the plan, start nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// MFU assumed by the plan's time-to-finish figure (GPU backends).
+    #[arg(long, default_value_t = 0.4)]
+    pub assume_mfu: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The run configuration (YAML; see configs/).
+    pub config: PathBuf,
+    /// Nodes to allocate.
+    #[arg(long)]
+    pub nodes: usize,
+    /// GPUs per node, one task each (GPU backends).
+    #[arg(long)]
+    pub gpus_per_node: Option<usize>,
+    /// Tasks per node for the CPU backend [default: ranks / nodes].
+    #[arg(long)]
+    pub tasks_per_node: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub cpus_per_task: usize,
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// Time limit (SLURM syntax); the ranks checkpoint 120 s before it and the job requeues.
+    #[arg(long, default_value = "24:00:00")]
+    pub time: String,
+    #[arg(long)]
+    pub account: Option<String>,
+    /// srun's PMI plugin: pmix for Open MPI, pmi2 for MPICH.
+    #[arg(long, default_value = "pmix")]
+    pub mpi: String,
+    /// A batch-script template of your own (placeholders as in cluster/templates/pretrain.sbatch).
+    #[arg(long)]
+    pub template: Option<PathBuf>,
+    /// `auto`: the run directory may already hold checkpoints, and the job continues from them.
+    #[arg(long)]
+    pub resume: Option<String>,
+    /// Check everything, print the plan and the batch script, submit nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// MFU assumed by the plan's time-to-finish figure.
+    #[arg(long, default_value_t = 0.4)]
+    pub assume_mfu: f64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,6 +215,9 @@ pub struct InfoArgs {
     /// Activation precision assumed by the memory estimate.
     #[arg(long, value_enum, default_value_t = Precision::Bf16)]
     pub precision: Precision,
+    /// Tensor-parallel size: the memory estimate is per rank of a TP group this large.
+    #[arg(long, default_value_t = 1)]
+    pub tp: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use deberta_model::cost::{flops_per_token, memory_estimate, ParamCount, MASK_FRACTION};
+use deberta_model::cost::{flops_per_token, memory_estimate_tp, ParamCount, MASK_FRACTION};
 use deberta_model::hf::{load_hf_dir, save_hf_dir, write_safetensors_f32};
 use deberta_model::inputs::pad_right;
 use deberta_model::{DebertaConfig, DebertaV2, ModelError, Parts};
@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::cli::{
     BenchForwardArgs, Command, DataCommand, ForwardArgs, Head, InfoArgs, InitArgs, ModelSource, Precision,
-    TokenizerCommand, TrainArgs,
+    TokenizerCommand,
 };
 use crate::data_cmds;
 
@@ -36,7 +36,8 @@ pub fn run(command: Command) -> Result<()> {
         Command::Preprocess(a) => data_cmds::preprocess_cmd(a),
         Command::Data(DataCommand::Inspect(a)) => data_cmds::inspect(a),
         Command::Data(DataCommand::Bench(a)) => data_cmds::bench(a),
-        Command::Train(a) => train(a),
+        Command::Train(a) => crate::launch::train(a),
+        Command::Submit(a) => crate::launch::submit(a),
     }
 }
 
@@ -141,13 +142,17 @@ fn info(a: InfoArgs) -> Result<()> {
         fpt * 1e6 / 1e12
     );
     let bf16 = a.precision == Precision::Bf16;
+    if a.tp < 1 {
+        return Err(UsageError(format!("--tp must be >= 1, got {}", a.tp)).into());
+    }
     println!(
-        "training memory estimate per rank (seq {}, {}, AdamW, no TP, no recomputation):",
+        "training memory estimate per rank (seq {}, {}, AdamW, tp {}, no recomputation):",
         a.seq,
-        if bf16 { "bf16 autocast + fp32 master" } else { "fp32" }
+        if bf16 { "bf16 autocast + fp32 master" } else { "fp32" },
+        a.tp
     );
     for &mb in &a.micro_batch {
-        let m = memory_estimate(&c, mb, a.seq, bf16);
+        let m = memory_estimate_tp(&c, mb, a.seq, bf16, a.tp);
         let gib = |b: f64| b / (1u64 << 30) as f64;
         println!(
             "  micro-batch {mb:>4}: {:>8.2} GiB  (weights+grads+optimizer {:.2} GiB, activations {:.2} GiB)",
@@ -306,60 +311,4 @@ fn bench_forward(a: BenchForwardArgs) -> Result<()> {
     });
     println!("{out}");
     Ok(())
-}
-
-/// Validate the run configuration here, before any rank starts, then run the job under
-/// `mpirun` (issue E grows this into the supervising launcher) and pass its exit code on.
-fn train(a: TrainArgs) -> Result<()> {
-    use deberta_worker::config::RunConfig;
-    let cfg = RunConfig::read(&a.config).map_err(|e| UsageError(e.to_string()))?;
-    let layout = cfg.parallel.tensor * cfg.parallel.data;
-    let np = a.np.unwrap_or(layout);
-    let problems = cfg.problems(Some(np));
-    if !problems.is_empty() {
-        let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
-        return Err(UsageError(format!(
-            "{} has {} problem(s):\n{}",
-            a.config.display(),
-            problems.len(),
-            list.join("\n")
-        ))
-        .into());
-    }
-    if let Some(r) = &a.resume {
-        if r != "auto" {
-            return Err(UsageError(format!("--resume {r:?}: expected `auto`")).into());
-        }
-    }
-    let worker = std::env::current_exe()?.with_file_name("deberta-worker");
-    if !worker.exists() {
-        anyhow::bail!(
-            "{} not found: build it with `cargo build --release --bin deberta-worker`",
-            worker.display()
-        );
-    }
-    println!(
-        "starting {np} rank(s) (tensor {} x data {}, backend {}): mpirun -np {np} {} train {}",
-        cfg.parallel.tensor,
-        cfg.parallel.data,
-        cfg.parallel.backend,
-        worker.display(),
-        a.config.display()
-    );
-    let mut cmd = std::process::Command::new("mpirun");
-    cmd.args(["-np", &np.to_string()])
-        .arg(&worker)
-        .arg("train")
-        .arg(&a.config);
-    if let Some(r) = &a.resume {
-        cmd.args(["--resume", r]);
-    }
-    let status = cmd
-        .status()
-        .map_err(|e| anyhow::anyhow!("cannot run mpirun ({e}): run cluster/bootstrap.sh, which installs Open MPI"))?;
-    match status.code() {
-        Some(0) => Ok(()),
-        Some(2) => Err(UsageError("the job refused its configuration (see above)".into()).into()),
-        code => anyhow::bail!("the job failed (mpirun exit code {code:?})"),
-    }
 }

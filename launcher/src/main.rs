@@ -6,6 +6,9 @@
 mod cli;
 mod commands;
 mod data_cmds;
+mod launch;
+mod plan;
+mod supervise;
 
 // The loader's "no prediction" label must be the model loss's ignore index.
 const _: () = assert!(deberta_data::masking::IGNORE_LABEL == deberta_model::IGNORE_INDEX);

@@ -129,20 +129,33 @@ impl MemoryEstimate {
 ///
 /// It is an estimate for planning (`deberta info`, the launcher's plan), not a measurement.
 pub fn memory_estimate(c: &DebertaConfig, micro_batch: i64, seq: i64, bf16: bool) -> MemoryEstimate {
-    let params = ParamCount::of(c).pretraining as f64;
-    let elt = if bf16 { 2.0 } else { 4.0 };
-    let states_bytes = params * (16.0 + if bf16 { 2.0 } else { 0.0 });
-    let (d, a, f) = (
+    memory_estimate_tp(c, micro_batch, seq, bf16, 1)
+}
+
+/// `memory_estimate` for one rank of a tensor-parallel group of `tp` ranks (Megatron's split):
+/// the layers' q/k/v/o and FFN matrices, the word embeddings and the vocabulary bias are
+/// sharded, LayerNorms, the relative table, the conv and the EMD table are replicated; the
+/// attention/FFN activations, the scores (by head) and the logits (by vocabulary) are sharded,
+/// the hidden-size activations are replicated.
+pub fn memory_estimate_tp(c: &DebertaConfig, micro_batch: i64, seq: i64, bf16: bool, tp: i64) -> MemoryEstimate {
+    let tp = tp.max(1) as f64;
+    let (d, a, f, v) = (
         c.hidden_size as f64,
         c.all_head_size() as f64,
         c.intermediate_size as f64,
+        c.vocab_size as f64,
     );
+    let all = ParamCount::of(c).pretraining as f64;
+    let sharded = c.num_hidden_layers as f64 * (4.0 * d * a + 3.0 * a + 2.0 * d * f + f) + v * d + v;
+    let params = (all - sharded) + sharded / tp;
+    let elt = if bf16 { 2.0 } else { 4.0 };
+    let states_bytes = params * (16.0 + if bf16 { 2.0 } else { 0.0 });
     let tokens = (micro_batch * seq) as f64;
-    let per_token = (8.0 * d + 4.0 * a + 2.0 * f) * elt;
+    let per_token = (8.0 * d + (4.0 * a + 2.0 * f) / tp) * elt;
     let per_score = 5.0 * elt + 1.0;
-    let scores = micro_batch as f64 * c.num_attention_heads as f64 * (seq * seq) as f64;
+    let scores = micro_batch as f64 * c.num_attention_heads as f64 / tp * (seq * seq) as f64;
     let layers = c.num_hidden_layers as f64 + 2.0;
-    let head = tokens * MASK_FRACTION * c.vocab_size as f64 * 4.0 * 2.0;
+    let head = tokens * MASK_FRACTION * v / tp * 4.0 * 2.0;
     MemoryEstimate {
         states_bytes,
         activation_bytes: layers * (tokens * per_token + scores * per_score) + head,
@@ -161,6 +174,18 @@ mod tests {
         assert_eq!(p.backbone, 1_564_549_632);
         assert_eq!(p.pretraining, 1_567_828_068);
         assert_eq!(ParamCount::of(&DebertaConfig::xlarge()).backbone, 884_593_152);
+    }
+
+    #[test]
+    fn tensor_parallel_memory_shards_what_megatron_shards() {
+        let c = DebertaConfig::xxlarge();
+        let one = memory_estimate(&c, 8, 512, true);
+        assert_eq!(memory_estimate_tp(&c, 8, 512, true, 1), one);
+        let eight = memory_estimate_tp(&c, 8, 512, true, 8);
+        // Nearly all 1.57B parameters are in sharded matrices; the replicated rest is small.
+        let ratio = eight.states_bytes / one.states_bytes;
+        assert!((0.125..0.135).contains(&ratio), "{ratio}");
+        assert!(eight.activation_bytes < one.activation_bytes / 2.0);
     }
 
     #[test]

@@ -38,6 +38,16 @@ pub struct RunSection {
     /// Seeds the weights, the sample order and the masks.
     #[serde(default)]
     pub seed: u64,
+    /// Seconds without a heartbeat from a rank (no step, evaluation or checkpoint finished)
+    /// after which the launcher calls the job hung, ends it and restarts it. Covers start-up too.
+    #[serde(default = "hang_timeout")]
+    pub hang_timeout: f64,
+    /// Restarts from the newest checkpoint after a rank dies or hangs; then the launcher gives up.
+    #[serde(default = "three_u32")]
+    pub max_restarts: u32,
+    /// Seconds before the first restart, doubled for each further one (at most 10 minutes).
+    #[serde(default = "restart_backoff")]
+    pub restart_backoff: f64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -130,6 +140,15 @@ fn one() -> usize {
 }
 fn three() -> usize {
     3
+}
+fn three_u32() -> u32 {
+    3
+}
+fn hang_timeout() -> f64 {
+    900.0
+}
+fn restart_backoff() -> f64 {
+    10.0
 }
 fn ten() -> u64 {
     10
@@ -268,6 +287,22 @@ impl RunConfig {
             if v == 0 {
                 p.push(format!("{name} must be >= 1"));
             }
+        }
+        let r = &self.run;
+        if !(r.hang_timeout > 0.0 && r.hang_timeout.is_finite()) {
+            p.push(format!(
+                "run.hang_timeout = {} must be a positive number of seconds",
+                r.hang_timeout
+            ));
+        }
+        if !(r.restart_backoff >= 0.0 && r.restart_backoff.is_finite()) {
+            p.push(format!(
+                "run.restart_backoff = {} must be >= 0 seconds",
+                r.restart_backoff
+            ));
+        }
+        if r.name.is_empty() {
+            p.push("run.name must not be empty".into());
         }
         if t.keep_checkpoints == 0 {
             p.push("train.keep_checkpoints must be >= 1".into());

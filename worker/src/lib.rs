@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod grads;
 pub mod harness;
+pub mod heartbeat;
 pub mod mpi_group;
 pub mod nccl_group;
 pub mod optim;

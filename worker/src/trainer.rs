@@ -28,6 +28,7 @@ use crate::checkpoint::{self, Manifest};
 use crate::config::RunConfig;
 use crate::grads::Params;
 use crate::harness::build_sharded;
+use crate::heartbeat::{self, Heartbeat, Status};
 use crate::optim::{linear_warmup_decay, AdamWConfig, FlatAdamW};
 use crate::runtime::Groups;
 use crate::step::{forward_backward, Rows};
@@ -192,8 +193,13 @@ struct Monitor {
 }
 
 impl Monitor {
-    fn new(dir: &Path) -> Result<Monitor> {
+    /// `resumed_at`: the checkpoint step a resumed run continues from. Lines of metrics.jsonl
+    /// after it (written by the attempt that died) are dropped, so the file holds each step once.
+    fn new(dir: &Path, resumed_at: Option<u64>) -> Result<Monitor> {
         std::fs::create_dir_all(dir.join("tensorboard"))?;
+        if let Some(step) = resumed_at {
+            truncate_metrics(&dir.join("metrics.jsonl"), step)?;
+        }
         let metrics = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -217,6 +223,27 @@ impl Monitor {
     }
 }
 
+/// Keep the lines of `path` whose `step` is at most `step` (atomically: temp file + rename).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let keep: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, keep.iter().map(|l| format!("{l}\n")).collect::<String>())
+        .with_context(|| tmp.display().to_string())?;
+    std::fs::rename(&tmp, path).with_context(|| path.display().to_string())?;
+    Ok(())
+}
+
 fn eta(seconds_per_step: f64, remaining: u64) -> String {
     let s = (seconds_per_step * remaining as f64).round() as u64;
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
@@ -235,6 +262,11 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
     }
     let out_dir = cfg.run.output_dir.clone();
     let ckpt_root = out_dir.join("checkpoints");
+    let mut hb = Heartbeat::new(&out_dir, rank).with_context(|| format!("{}", heartbeat::dir(&out_dir).display()))?;
+    if rank == 0 {
+        // A status left by an earlier attempt no longer describes this one.
+        let _ = std::fs::remove_file(heartbeat::status_path(&out_dir));
+    }
 
     let vocab = Vocab::load(&cfg.data.tokenizer)?;
     let masking = MaskingConfig {
@@ -282,6 +314,7 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
     );
 
     let (mut step, mut consumed) = (0u64, 0u64);
+    let mut resumed_at = None;
     if resume {
         if let Some((_, dir)) = checkpoint::list(&ckpt_root).pop() {
             let m = checkpoint::read_manifest(&dir)?;
@@ -296,6 +329,7 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
             }
             checkpoint::load(&dir, &m, groups, &params, &mut opt)?;
             (step, consumed) = (m.step, m.consumed_samples);
+            resumed_at = Some(step);
             if rank == 0 {
                 println!(
                     "[rank 0] resumed from {} (step {step}, {consumed} samples; saved at tp {} x dp {})",
@@ -327,7 +361,12 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
         bf16,
     };
 
-    let mut monitor = if rank == 0 { Some(Monitor::new(&out_dir)?) } else { None };
+    let mut monitor = if rank == 0 {
+        Some(Monitor::new(&out_dir, resumed_at)?)
+    } else {
+        None
+    };
+    hb.beat(step, "setup");
     let tokens_per_step = (run.cfg.train.global_batch as usize * run.cfg.data.seq_len) as f64;
     let fpt = flops_per_token(&run.model_cfg, run.cfg.data.seq_len as i64, MASK_FRACTION);
     let (mut bad_in_a_row, mut skipped_total) = (0usize, 0u64);
@@ -341,8 +380,10 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
     let mut window_steps = 0u64;
     let total = run.cfg.train.steps;
     while step < total {
+        heartbeat::test_hang_point(rank, step);
         let stats = train_step(&mut run, step);
         step += 1;
+        hb.beat(step, "train");
         consumed += run.cfg.train.global_batch;
         window_steps += 1;
         if stats.skipped {
@@ -395,6 +436,7 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
                     m.log(step, &[("eval/loss", l)])?;
                 }
             }
+            hb.beat(step, "eval");
         }
         // Every rank must agree to stop: a signal may have reached only some of them.
         let mut flag = Tensor::from_slice(&[i64::from(stop.load(Ordering::Relaxed))]);
@@ -405,8 +447,18 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
             if rank == 0 {
                 println!("[rank 0] checkpoint {}", dir.display());
             }
+            hb.beat(step, "checkpoint");
         }
         if stopping {
+            if rank == 0 {
+                let status = Status {
+                    state: "stopped".into(),
+                    step,
+                    steps: total,
+                };
+                heartbeat::write_status(&out_dir, &status)?;
+            }
+            hb.beat(step, "exit");
             if rank == 0 {
                 println!("[rank 0] stop requested (SIGTERM/SIGUSR1): checkpoint written at step {step}, exiting");
             }
@@ -414,12 +466,19 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
         }
     }
     if rank == 0 {
+        let status = Status {
+            state: "done".into(),
+            step,
+            steps: total,
+        };
+        heartbeat::write_status(&out_dir, &status)?;
         println!(
             "[rank 0] done: {total} steps; run directory {} (metrics.jsonl, checkpoints/); TensorBoard: tensorboard --logdir {}",
             out_dir.display(),
             out_dir.join("tensorboard").display()
         );
     }
+    hb.beat(step, "exit");
     Ok(())
 }
 
