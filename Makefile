@@ -5,7 +5,7 @@ ENV := source cluster/env.sh &&
 TOKENIZER := ../shared/data/tokenizers/deberta-v3-base/tokenizer.json
 CORPUS := ../shared/data/corpus
 
-.PHONY: demo test bootstrap build lint bench-cpu-forward bench-data
+.PHONY: demo test bootstrap build lint slurm-up slurm-down bench-cpu-forward bench-data
 
 bootstrap:
 	bash cluster/bootstrap.sh
@@ -29,9 +29,16 @@ lint: bootstrap
 	$(ENV) cargo fmt --all -- --check
 	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
 
+# The one-node SLURM the SLURM test submits to (idempotent; ~15 s the first time, then 0.1 s).
+slurm-up:
+	bash cluster/slurm-local/up.sh
+
+slurm-down:
+	bash cluster/slurm-local/down.sh
+
 # Everything CI runs. nextest (on the machine image) ends with one summary line for all crates;
 # plain `cargo test` is the fallback where it is missing.
-test: lint
+test: lint slurm-up
 	$(ENV) if cargo nextest --version >/dev/null 2>&1; then \
 		cargo nextest run --workspace --no-fail-fast; \
 	else \

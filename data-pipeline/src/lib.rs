@@ -15,6 +15,7 @@
 
 pub mod dataset;
 pub mod error;
+pub mod fixtures;
 pub mod format;
 pub mod loader;
 pub mod masking;

@@ -422,7 +422,7 @@ pub fn submit(a: SubmitArgs) -> Result<()> {
         ("account_line", opt("account", &a.account)),
         ("time", a.time.clone()),
         ("log_dir", out.join("logs").display().to_string()),
-        ("workdir", absolute(Path::new(".")).display().to_string()),
+        ("workdir", std::env::current_dir()?.display().to_string()),
         ("mpi", a.mpi.clone()),
         ("ld_library_path", sh(&ld)),
         (
@@ -440,12 +440,15 @@ pub fn submit(a: SubmitArgs) -> Result<()> {
         problems.push(format!("--template: {e}"));
         e
     });
+    if let (true, Ok(script)) = (a.dry_run, &script) {
+        println!("dry run: the batch script would be\n{script}");
+    }
     if !problems.is_empty() {
         return Err(refuse(&format!("the job ({})", a.config.display()), &problems));
     }
     let script = script.map_err(UsageError)?;
     if a.dry_run {
-        println!("dry run: the batch script would be\n{script}");
+        println!("dry run: configuration and environment are ready; nothing submitted");
         return Ok(());
     }
     let Some(sbatch) = sbatch else {

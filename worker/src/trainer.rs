@@ -193,13 +193,11 @@ struct Monitor {
 }
 
 impl Monitor {
-    /// `resumed_at`: the checkpoint step a resumed run continues from. Lines of metrics.jsonl
-    /// after it (written by the attempt that died) are dropped, so the file holds each step once.
-    fn new(dir: &Path, resumed_at: Option<u64>) -> Result<Monitor> {
+    /// `start`: the step this run continues from (0 when fresh). Lines of metrics.jsonl after
+    /// it (written by an attempt that died) are dropped, so the file holds each step once.
+    fn new(dir: &Path, start: u64) -> Result<Monitor> {
         std::fs::create_dir_all(dir.join("tensorboard"))?;
-        if let Some(step) = resumed_at {
-            truncate_metrics(&dir.join("metrics.jsonl"), step)?;
-        }
+        truncate_metrics(&dir.join("metrics.jsonl"), start)?;
         let metrics = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -314,7 +312,6 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
     );
 
     let (mut step, mut consumed) = (0u64, 0u64);
-    let mut resumed_at = None;
     if resume {
         if let Some((_, dir)) = checkpoint::list(&ckpt_root).pop() {
             let m = checkpoint::read_manifest(&dir)?;
@@ -329,7 +326,6 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
             }
             checkpoint::load(&dir, &m, groups, &params, &mut opt)?;
             (step, consumed) = (m.step, m.consumed_samples);
-            resumed_at = Some(step);
             if rank == 0 {
                 println!(
                     "[rank 0] resumed from {} (step {step}, {consumed} samples; saved at tp {} x dp {})",
@@ -362,7 +358,7 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
     };
 
     let mut monitor = if rank == 0 {
-        Some(Monitor::new(&out_dir, resumed_at)?)
+        Some(Monitor::new(&out_dir, step)?)
     } else {
         None
     };

@@ -5,52 +5,27 @@
 //! The corpus: Tiny Shakespeare with a 1000-piece tokenizer trained on it (fast), WikiText-2
 //! test as the held-out set; the model: the `tiny` preset with that vocabulary.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use deberta_data::preprocess::{preprocess, InputFormat, PreprocessOptions};
-
-fn shared(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data")
-        .join(rel)
-}
+use deberta_data::fixtures::{shared, TinyCorpus};
 
 /// Tokenizer + train/valid corpora, built once per test binary.
 struct Data {
     _dir: tempfile::TempDir,
-    tokenizer: PathBuf,
-    corpus: PathBuf,
-    valid: PathBuf,
+    corpus: TinyCorpus,
 }
 
-fn data() -> &'static Data {
+fn data() -> &'static TinyCorpus {
     static DATA: OnceLock<Data> = OnceLock::new();
-    DATA.get_or_init(|| {
+    let d = DATA.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let tokenizer = dir.path().join("tok.json");
-        deberta_data::tokenizer::train(&[shared("corpus/tinyshakespeare.txt")], 1000, &tokenizer).unwrap();
-        let opts = |input: &str, prefix: &str| PreprocessOptions {
-            tokenizer: tokenizer.clone(),
-            inputs: vec![shared(input)],
-            output_prefix: dir.path().join(prefix),
-            format: InputFormat::Text,
-            shard_tokens: 100_000,
-            workers: 2,
-            progress: false,
-        };
-        preprocess(&opts("corpus/tinyshakespeare.txt", "train")).unwrap();
-        preprocess(&opts("corpus/wikitext2_test.tokens.txt", "valid")).unwrap();
-        let (corpus, valid) = (dir.path().join("train"), dir.path().join("valid"));
-        Data {
-            _dir: dir,
-            tokenizer,
-            corpus,
-            valid,
-        }
-    })
+        let corpus = TinyCorpus::build(dir.path()).unwrap();
+        Data { _dir: dir, corpus }
+    });
+    &d.corpus
 }
 
 struct Job<'a> {
