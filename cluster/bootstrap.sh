@@ -8,8 +8,9 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TORCH_VERSION=2.11.0
-# safetensors/numpy for the reference scripts; tensorboard for reading our event files in tests.
-PY_EXTRAS=(safetensors numpy tensorboard)
+# safetensors/numpy for the reference scripts; tensorboard for reading our event files in tests;
+# scikit-learn as the independent reference for the SuperGLUE metrics.
+PY_EXTRAS=(safetensors numpy tensorboard scikit-learn)
 
 log() { echo "[bootstrap] $*"; }
 
@@ -59,7 +60,7 @@ if [ "$have" != "$TORCH_VERSION" ]; then
 else
   log "venv $venv already has torch $have"
 fi
-if ! "$py" -c 'import safetensors, numpy, tensorboard' 2>/dev/null; then
+if ! "$py" -c 'import safetensors, numpy, tensorboard, sklearn' 2>/dev/null; then
   "$venv/bin/pip" install -q "${PY_EXTRAS[@]}"
 fi
 # cudarc (the NCCL backend) dlopens `libnccl.so`; pip's NCCL ships only `libnccl.so.2`.

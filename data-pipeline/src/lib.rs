@@ -11,7 +11,7 @@
 //!    one number, the consumed samples; a background thread prefetches and masks.
 //! 5. `masking`: whole-word MLM masks seeded per global sample index.
 //!
-//! Issue F adds the SuperGLUE readers and metrics here.
+//! 6. `superglue`: the SuperGLUE task files, their model inputs, metrics and submission files.
 
 pub mod dataset;
 pub mod error;
@@ -22,6 +22,7 @@ pub mod masking;
 pub mod permutation;
 pub mod preprocess;
 pub mod rng;
+pub mod superglue;
 pub mod tokenizer;
 
 pub use error::{DataError, Result};
