@@ -66,7 +66,7 @@ fn char_span(seg: &Segment, start: usize, end: usize) -> Option<(usize, usize)> 
 /// The official truncation: while too long, sort the segments by length (longest first, stable)
 /// and pop a token from the longest, at the front or the back by a fair coin. Returns, in the
 /// final order, (original segment index, tokens popped from its front).
-fn truncate(segs: &mut Vec<(usize, Segment, usize)>, max_tokens: usize, rng: &mut Rng) {
+fn truncate(segs: &mut [(usize, Segment, usize)], max_tokens: usize, rng: &mut Rng) {
     while segs.iter().map(|s| s.1.ids.len()).sum::<usize>() > max_tokens {
         segs.sort_by_key(|s| std::cmp::Reverse(s.1.ids.len()));
         let (_, seg, front) = &mut segs[0];
