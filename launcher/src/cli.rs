@@ -36,6 +36,21 @@ pub enum Command {
     /// Submit a pretraining run to SLURM: check, print the plan, render the batch script from
     /// cluster/templates/, keep it in the run directory and `sbatch` it.
     Submit(SubmitArgs),
+    /// Fine-tune on a SuperGLUE task (configs/superglue/): check, then run and supervise the
+    /// ranks; writes val metrics, the best checkpoint and the leaderboard prediction files.
+    Finetune(FinetuneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    /// The fine-tuning configuration (YAML; see configs/superglue/).
+    pub config: PathBuf,
+    /// MPI ranks [default: parallel.tensor x parallel.data].
+    #[arg(long)]
+    pub np: Option<usize>,
+    /// Check everything, start nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

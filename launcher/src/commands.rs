@@ -38,6 +38,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Data(DataCommand::Bench(a)) => data_cmds::bench(a),
         Command::Train(a) => crate::launch::train(a),
         Command::Submit(a) => crate::launch::submit(a),
+        Command::Finetune(a) => crate::launch::finetune(a),
     }
 }
 

@@ -14,7 +14,7 @@ use deberta_worker::checkpoint;
 use deberta_worker::config::RunConfig;
 use deberta_worker::topology::Layout;
 
-use crate::cli::{SubmitArgs, TrainArgs};
+use crate::cli::{FinetuneArgs, SubmitArgs, TrainArgs};
 use crate::commands::UsageError;
 use crate::plan::{self, Host, Placement};
 use crate::supervise::{self, Job, Outcome};
@@ -226,6 +226,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         unreachable!("checked above")
     };
     let job = Job {
+        command: "train",
         config: a.config.clone(),
         output_dir: cfg.run.output_dir.clone(),
         np,
@@ -287,6 +288,116 @@ fn summary(job: &Job, cfg: &RunConfig, outcome: &Outcome, elapsed: Duration) {
             "[launcher] resume with: deberta train {} --resume auto",
             job.config.display()
         );
+    }
+}
+
+/// `deberta finetune`: check the fine-tuning config, its task files, the initial weights and
+/// the machine, then run it under the supervisor (no restarts: fine-tuning runs are short).
+pub fn finetune(a: FinetuneArgs) -> Result<()> {
+    use deberta_data::superglue::read::read;
+    use deberta_data::superglue::Split;
+    use deberta_worker::finetune::FinetuneConfig;
+    let cfg = FinetuneConfig::read(&a.config).map_err(|e| UsageError(e.to_string()))?;
+    let np = a.np.unwrap_or(cfg.parallel.tensor * cfg.parallel.data);
+    let mut problems = cfg.problems(Some(np));
+    if let Ok(task) = cfg.task() {
+        let mut tasks = vec![task];
+        if task == deberta_data::superglue::Task::Rte {
+            tasks.extend([deberta_data::superglue::Task::AxB, deberta_data::superglue::Task::AxG]);
+        }
+        for t in tasks {
+            let splits: &[Split] = if t == task {
+                &[Split::Train, Split::Val, Split::Test]
+            } else {
+                &[Split::Test]
+            };
+            for &split in splits {
+                if let Err(e) = read(t, &cfg.file(t, split), split) {
+                    problems.push(format!("task ({} {}): {e}", t.name(), split.name()));
+                }
+            }
+        }
+    }
+    if let Err(e) = Vocab::load(&cfg.task.tokenizer) {
+        problems.push(format!("task.tokenizer: {e}"));
+    }
+    if let Some(dir) = &cfg.init.checkpoint {
+        if let Err(e) = checkpoint::read_manifest(dir) {
+            problems.push(format!("init.checkpoint: {e:#}"));
+        }
+    }
+    if let Some(dir) = &cfg.init.hf_dir {
+        if !dir.join("config.json").is_file() {
+            problems.push(format!("init.hf_dir: {} has no config.json", dir.display()));
+        }
+    }
+    if matches!(cfg.parallel.backend.as_str(), "cuda" | "nccl") && local_gpus() < np {
+        problems.push(format!(
+            "parallel.backend = {:?}: {np} rank(s) need as many GPUs, this machine shows {}",
+            cfg.parallel.backend,
+            local_gpus()
+        ));
+    }
+    problems.extend(writable_dir_problem(&cfg.run.output_dir));
+    let worker = worker_path().map_err(|e| problems.push(e)).ok();
+    let mpirun = find_program("mpirun", "DEBERTA_MPIRUN");
+    if mpirun.is_none() {
+        problems.push("mpirun not found on PATH: install Open MPI (bash cluster/bootstrap.sh does)".into());
+    }
+    if !problems.is_empty() {
+        return Err(refuse(&format!("the job ({})", a.config.display()), &problems));
+    }
+    println!(
+        "fine-tuning {}: {np} rank(s) = tensor {} x data {} ({}), batch {} (micro-batch {}), {} epoch(s), lr {}{}; output {}",
+        cfg.task.name,
+        cfg.parallel.tensor,
+        cfg.parallel.data,
+        cfg.parallel.backend,
+        cfg.train.batch,
+        cfg.train.micro_batch,
+        cfg.train.epochs,
+        cfg.train.lr,
+        if cfg.sift.enabled { ", SiFT" } else { "" },
+        cfg.run.output_dir.display()
+    );
+    if a.dry_run {
+        println!("dry run: configuration and environment are ready; nothing started");
+        return Ok(());
+    }
+    let (Some(worker), Some(mpirun)) = (worker, mpirun) else {
+        unreachable!("checked above")
+    };
+    let job = Job {
+        command: "finetune",
+        config: a.config.clone(),
+        output_dir: cfg.run.output_dir.clone(),
+        np,
+        hostfile: None,
+        mpirun,
+        worker,
+        resume: false,
+        hang_timeout: Duration::from_secs(1800),
+        max_restarts: 0,
+        backoff: Duration::ZERO,
+    };
+    match supervise::supervise(&job)? {
+        Outcome::Done { .. } => {
+            println!(
+                "[launcher] results {}; predictions in {}",
+                cfg.run.output_dir.join("results.json").display(),
+                cfg.run.output_dir.join("predictions").display()
+            );
+            Ok(())
+        }
+        Outcome::Stopped { .. } => {
+            println!(
+                "[launcher] stopped: the best checkpoint so far is in {}",
+                cfg.run.output_dir.join("best").display()
+            );
+            Ok(())
+        }
+        Outcome::Refused => Err(UsageError("the ranks refused the job's settings (see above)".into()).into()),
+        Outcome::GaveUp { last_failure, .. } => anyhow::bail!("fine-tuning failed: {last_failure}"),
     }
 }
 

@@ -21,6 +21,8 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 /// Everything the supervisor needs, already validated by the caller.
 #[derive(Debug, Clone)]
 pub struct Job {
+    /// The worker's subcommand: `train` or `finetune`.
+    pub command: &'static str,
     pub config: PathBuf,
     pub output_dir: PathBuf,
     pub np: usize,
@@ -318,7 +320,7 @@ async fn attempt(job: &Job, number: u32, resume: bool, signals: &mut Signals) ->
             cmd.arg("-x").arg(k);
         }
     }
-    cmd.arg(&job.worker).arg("train").arg(&job.config);
+    cmd.arg(&job.worker).arg(job.command).arg(&job.config);
     if resume {
         cmd.args(["--resume", "auto"]);
     }

@@ -30,7 +30,13 @@ pub struct Embeddings {
     dropout: f64,
     /// No TP: this rank holds every row, the lookup needs no masking.
     whole_vocab: bool,
+    /// SiFT (spec §10): the summed embeddings are normalised by a LayerNorm without affine
+    /// parameters before the model's own LayerNorm, in training and evaluation alike (pitfall 20).
+    pub sift_prenorm: bool,
 }
+
+/// SiFT's LN₀ epsilon (spec §10).
+const SIFT_EPS: f64 = 1e-7;
 
 impl Embeddings {
     pub fn new(p: &Path, cfg: &DebertaConfig, with_position_table: bool, tp: TpShard) -> Embeddings {
@@ -62,6 +68,7 @@ impl Embeddings {
             position_biased_input: cfg.position_biased_input,
             dropout: cfg.hidden_dropout_prob,
             whole_vocab: tp.size == 1,
+            sift_prenorm: false,
         }
     }
 
@@ -95,10 +102,32 @@ impl Embeddings {
     /// ids: [B, N] int64, mask: [B, N] float {0, 1} -> E: [B, N, D]; `g` sums the partial lookups
     /// over TP (identity without TP).
     pub fn forward_tp(&self, ids: &Tensor, mask: &Tensor, g: &dyn Fn(&Tensor) -> Tensor, train: bool) -> Tensor {
+        self.forward_perturbed(ids, mask, g, train, None)
+    }
+
+    /// `forward_tp` with SiFT's adversarial perturbation `delta` [B, N, D] added to the
+    /// normalised embeddings (needs `sift_prenorm`).
+    pub fn forward_perturbed(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        g: &dyn Fn(&Tensor) -> Tensor,
+        train: bool,
+        delta: Option<&Tensor>,
+    ) -> Tensor {
         let (_, n) = ids.size2().expect("input ids are [batch, seq]");
         let mut x = g(&self.lookup_local(ids));
         if self.position_biased_input {
             x = x + self.positions(n).expect("position-biased input has a position table");
+        }
+        if self.sift_prenorm {
+            let d = x.size()[2];
+            x = x.layer_norm([d], None::<&Tensor>, None::<&Tensor>, SIFT_EPS, false);
+            if let Some(delta) = delta {
+                x = x + delta;
+            }
+        } else {
+            assert!(delta.is_none(), "a SiFT perturbation needs sift_prenorm");
         }
         let e = self.layer_norm.forward(&x) * mask.unsqueeze(-1).to_kind(x.kind());
         e.dropout(self.dropout, train)

@@ -9,7 +9,7 @@ use crate::embeddings::Embeddings;
 use crate::emd::{enhanced_mask_decoder, MlmHead, EMD_STEPS};
 use crate::encoder::Encoder;
 use crate::error::ModelError;
-use crate::heads::SequenceClassifier;
+use crate::heads::{SequenceClassifier, TaskHead};
 use crate::rel_pos::relative_index;
 use crate::segments::{Boundary, Input, Tape};
 use crate::tensor_parallel::{reduce_from_tp, vocab_parallel_cross_entropy_padded, TpShard};
@@ -186,9 +186,108 @@ impl DebertaV2 {
     }
 }
 
-/// Pretraining under tensor parallelism: the MLM + EMD loss built segment by segment on a
-/// `Tape` (see `segments`), one segment per sublayer.
+/// The backbone recorded on a `Tape` (one segment per sublayer): the boundaries of E and of
+/// every layer's output, and what a head that reuses layers (the EMD) needs.
+pub struct SegmentedEncoding {
+    pub embeddings: Boundary,
+    pub layers: Vec<Boundary>,
+    /// R = LN(E_rel), shared by every layer; each reads it through its heads (tp leaf).
+    rel: Option<Boundary>,
+    rel_idx: Option<Tensor>,
+    att_mask: Tensor,
+    mask: Tensor,
+}
+
+impl SegmentedEncoding {
+    /// `xs` followed by the relative table's boundary, if any.
+    fn with_rel(&self, xs: &[Boundary]) -> Vec<Boundary> {
+        xs.iter().copied().chain(self.rel).collect()
+    }
+
+    /// The relative context from a segment's inputs, the table being input `at`.
+    fn rel_ctx(&self, inputs: &[Input], at: usize) -> Option<RelativeContext> {
+        self.rel.map(|_| RelativeContext {
+            table: inputs[at].tp.shallow_clone(),
+            rel_idx: self.rel_idx.as_ref().unwrap().shallow_clone(),
+        })
+    }
+}
+
+/// Training under tensor parallelism: the backbone, the pretraining loss and the fine-tuning
+/// logits built segment by segment on a `Tape` (see `segments`).
 impl DebertaV2 {
+    /// Records the embeddings and every layer. `delta`: SiFT's perturbation of the normalised
+    /// embeddings; `mark_ready`: report each layer's gradients final once backward has passed it
+    /// (only for the last pass over the layers in forward order, i.e. the first in backward).
+    pub fn encoder_segments(
+        &self,
+        tape: &mut Tape,
+        ids: &Tensor,
+        mask: &Tensor,
+        train: bool,
+        delta: Option<&Tensor>,
+        mark_ready: bool,
+    ) -> SegmentedEncoding {
+        let tp = tape.tp();
+        let g = |x: &Tensor| reduce_from_tp(x, tp);
+        let mask_f = mask.to_kind(Kind::Float);
+        let n = ids.size()[1];
+        let att_mask = attention_mask(&mask_f, &mask_f);
+        let rel_idx = self
+            .encoder
+            .rel_embeddings
+            .as_ref()
+            .map(|t| relative_index(&self.cfg, n, n, t.device()));
+        let e = tape.segment(&[], |_| {
+            vec![self.embeddings.forward_perturbed(ids, &mask_f, &g, train, delta)]
+        })[0];
+        let rel = self
+            .encoder
+            .relative_context(n, n)
+            .map(|r| tape.segment(&[], |_| vec![r.table])[0]);
+        let mut enc = SegmentedEncoding {
+            embeddings: e,
+            layers: Vec::with_capacity(self.encoder.layers.len()),
+            rel,
+            rel_idx,
+            att_mask,
+            mask: mask_f,
+        };
+        for (i, layer) in self.encoder.layers.iter().enumerate() {
+            let x = enc.layers.last().copied().unwrap_or(e);
+            let a = tape.segment(&enc.with_rel(&[x]), |inp| {
+                let rc = enc.rel_ctx(inp, 1);
+                vec![layer.attention_sublayer(
+                    &inp[0].tp,
+                    &inp[0].tp,
+                    &inp[0].rep,
+                    rc.as_ref(),
+                    &enc.att_mask,
+                    &g,
+                    train,
+                )]
+            })[0];
+            // Backward reaches this segment last among the uses of layer i (the EMD's reuses of
+            // the last layer come later in forward): its gradients are final after it.
+            if mark_ready {
+                tape.mark_ready(i);
+            }
+            let mut y = tape.segment(&[a], |inp| vec![layer.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)])[0];
+            if i == 0 {
+                if let Some(conv) = &self.encoder.conv {
+                    y = tape.segment(&[e, y], |inp| {
+                        vec![conv.forward(&inp[0].rep, &inp[1].rep, &enc.mask, train)]
+                    })[0];
+                    if mark_ready {
+                        tape.mark_ready(self.encoder.layers.len());
+                    }
+                }
+            }
+            enc.layers.push(y);
+        }
+        enc
+    }
+
     /// Records the forward pass of sum over predicted positions of CE, times `scale` (e.g.
     /// 1 / predicted tokens in the global batch), and returns the loss boundary; call
     /// `tape.backward(loss)` for the gradients. ids, mask, labels: [B, N] int64 on this rank
@@ -205,50 +304,9 @@ impl DebertaV2 {
         let head = self.mlm.as_ref().expect("mlm_loss_segments needs the MLM head");
         let tp = tape.tp();
         let g = |x: &Tensor| reduce_from_tp(x, tp);
-        let mask_f = mask.to_kind(Kind::Float);
         let n = ids.size()[1];
-        let att_mask = attention_mask(&mask_f, &mask_f);
-        let rel_idx = self
-            .encoder
-            .rel_embeddings
-            .as_ref()
-            .map(|t| relative_index(&self.cfg, n, n, t.device()));
-
-        let e = tape.segment(&[], |_| vec![self.embeddings.forward_tp(ids, &mask_f, &g, train)])[0];
-        // R = LN(E_rel), shared by every layer; each reads it through its heads (tp leaf).
-        let rel = self
-            .encoder
-            .relative_context(n, n)
-            .map(|r| tape.segment(&[], |_| vec![r.table])[0]);
-        let rel_ctx = |inputs: &[Input], at: usize| {
-            rel.map(|_| RelativeContext {
-                table: inputs[at].tp.shallow_clone(),
-                rel_idx: rel_idx.as_ref().unwrap().shallow_clone(),
-            })
-        };
-        let with_rel = |xs: &[Boundary]| -> Vec<Boundary> { xs.iter().copied().chain(rel).collect() };
-
-        let mut outs: Vec<Boundary> = Vec::with_capacity(self.encoder.layers.len());
-        for (i, layer) in self.encoder.layers.iter().enumerate() {
-            let x = outs.last().copied().unwrap_or(e);
-            let a = tape.segment(&with_rel(&[x]), |inp| {
-                let rc = rel_ctx(inp, 1);
-                vec![layer.attention_sublayer(&inp[0].tp, &inp[0].tp, &inp[0].rep, rc.as_ref(), &att_mask, &g, train)]
-            })[0];
-            // Backward reaches this segment last among the uses of layer i (the EMD's reuses of
-            // the last layer come later in forward): its gradients are final after it.
-            tape.mark_ready(i);
-            let mut y = tape.segment(&[a], |inp| vec![layer.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)])[0];
-            if i == 0 {
-                if let Some(conv) = &self.encoder.conv {
-                    y = tape.segment(&[e, y], |inp| {
-                        vec![conv.forward(&inp[0].rep, &inp[1].rep, &mask_f, train)]
-                    })[0];
-                    tape.mark_ready(self.encoder.layers.len());
-                }
-            }
-            outs.push(y);
-        }
+        let enc = self.encoder_segments(tape, ids, mask, train, None, true);
+        let outs = &enc.layers;
 
         // The enhanced mask decoder (spec §7.1): the last layer twice on outs[-2].
         let q_final = if self.cfg.position_biased_input {
@@ -259,14 +317,14 @@ impl DebertaV2 {
             let mut q = tape.segment(&[h_kv], |inp| vec![&positions + &inp[0].rep])[0];
             let last = self.encoder.layers.last().unwrap();
             for _ in 0..EMD_STEPS {
-                let a = tape.segment(&with_rel(&[h_kv, q]), |inp| {
-                    let rc = rel_ctx(inp, 2);
+                let a = tape.segment(&enc.with_rel(&[h_kv, q]), |inp| {
+                    let rc = enc.rel_ctx(inp, 2);
                     vec![last.attention_sublayer(
                         &inp[0].tp,
                         &inp[1].tp,
                         &inp[1].rep,
                         rc.as_ref(),
-                        &att_mask,
+                        &enc.att_mask,
                         &g,
                         train,
                     )]
@@ -291,6 +349,26 @@ impl DebertaV2 {
             let ce = vocab_parallel_cross_entropy_padded(&logits, &targets, start, vocab, tp);
             vec![ce.sum(Kind::Float) * scale]
         })[0]
+    }
+
+    /// Fine-tuning: the logits [B, labels] of a (replicated) task head on the final hidden
+    /// states, recorded on the tape. `spans` as `TaskHead::forward` takes them; `delta` and
+    /// `mark_ready` as in `encoder_segments`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn classify_segments(
+        &self,
+        tape: &mut Tape,
+        head: &TaskHead,
+        ids: &Tensor,
+        mask: &Tensor,
+        spans: Option<&Tensor>,
+        train: bool,
+        delta: Option<&Tensor>,
+        mark_ready: bool,
+    ) -> Boundary {
+        let enc = self.encoder_segments(tape, ids, mask, train, delta, mark_ready);
+        let last = *enc.layers.last().expect("at least one layer");
+        tape.segment(&[last], |inp| vec![head.forward(&inp[0].rep, spans, train)])[0]
     }
 }
 

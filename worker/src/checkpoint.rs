@@ -116,6 +116,76 @@ pub fn save(
     Ok(final_dir)
 }
 
+/// A checkpoint's tensors as this rank needs them: its own file when the TP size matches,
+/// otherwise every TP file, each tensor rebuilt whole and re-sliced for this rank.
+struct Shards<'a> {
+    dir: &'a Path,
+    manifest: &'a Manifest,
+    files: Vec<Vec<(String, Tensor)>>,
+    tp: TpShard,
+}
+
+impl<'a> Shards<'a> {
+    fn open(dir: &'a Path, manifest: &'a Manifest, groups: &Groups) -> anyhow::Result<Shards<'a>> {
+        let tp = TpShard {
+            rank: groups.tp.rank() as i64,
+            size: groups.tp.size() as i64,
+        };
+        let read = |k: i64| {
+            let f = dir.join(format!("tp-{k:02}.safetensors"));
+            Tensor::read_safetensors(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))
+        };
+        let files = if manifest.tp == groups.tp.size() {
+            vec![read(tp.rank)?]
+        } else {
+            (0..manifest.tp as i64).map(read).collect::<anyhow::Result<_>>()?
+        };
+        Ok(Shards {
+            dir,
+            manifest,
+            files,
+            tp,
+        })
+    }
+
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.files[0].iter().map(|(n, _)| n.as_str())
+    }
+
+    fn fetch(&self, name: &str) -> anyhow::Result<Tensor> {
+        let shards: Vec<Tensor> = self
+            .files
+            .iter()
+            .map(|f| {
+                f.iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, t)| t.shallow_clone())
+                    .ok_or_else(|| anyhow::anyhow!("{}: tensor `{name}` is missing", self.dir.display()))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        if self.manifest.tp == self.tp.size as usize {
+            return Ok(shards[0].shallow_clone());
+        }
+        let base = name.rsplit('/').next().unwrap_or(name);
+        let full = concat_shards(base, &shards, self.manifest.vocab_size);
+        Ok(shard_full(base, &full, self.manifest.vocab_size, self.tp))
+    }
+
+    /// Copy tensor `key` into `target`, which must have its shape.
+    fn copy_into(&self, key: &str, target: &Tensor) -> anyhow::Result<()> {
+        let t = self.fetch(key)?;
+        anyhow::ensure!(
+            t.size() == target.size(),
+            "{}: `{key}` has shape {:?}, the model needs {:?}",
+            self.dir.display(),
+            t.size(),
+            target.size()
+        );
+        tch::no_grad(|| target.shallow_clone().copy_(&t.to_device(target.device())));
+        Ok(())
+    }
+}
+
 /// Load a checkpoint into this rank's parameters and optimizer moments, resharding when it was
 /// saved at another TP size.
 pub fn load(
@@ -125,61 +195,34 @@ pub fn load(
     params: &Params,
     opt: &mut FlatAdamW,
 ) -> anyhow::Result<()> {
-    let tp = TpShard {
-        rank: groups.tp.rank() as i64,
-        size: groups.tp.size() as i64,
-    };
-    let files: Vec<Vec<(String, Tensor)>> = if manifest.tp == groups.tp.size() {
-        let f = dir.join(format!("tp-{:02}.safetensors", tp.rank));
-        vec![Tensor::read_safetensors(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?]
-    } else {
-        (0..manifest.tp)
-            .map(|k| {
-                let f = dir.join(format!("tp-{k:02}.safetensors"));
-                Tensor::read_safetensors(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))
-            })
-            .collect::<anyhow::Result<_>>()?
-    };
-    let same_tp = files.len() == 1 && manifest.tp == groups.tp.size();
-    let fetch = |name: &str| -> anyhow::Result<Tensor> {
-        let shards: Vec<Tensor> = files
-            .iter()
-            .map(|f| {
-                f.iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, t)| t.shallow_clone())
-                    .ok_or_else(|| anyhow::anyhow!("{}: tensor `{name}` is missing", dir.display()))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        if same_tp {
-            return Ok(shards[0].shallow_clone());
-        }
-        let base = name.rsplit('/').next().unwrap_or(name);
-        let full = concat_shards(base, &shards, manifest.vocab_size);
-        Ok(shard_full(base, &full, manifest.vocab_size, tp))
-    };
-    tch::no_grad(|| -> anyhow::Result<()> {
-        for ((name, p), (m, v)) in params.list.iter().zip(opt.moments()) {
-            for (target, key) in [
-                (p, name.clone()),
-                (&m, format!("exp_avg/{name}")),
-                (&v, format!("exp_avg_sq/{name}")),
-            ] {
-                let t = fetch(&key)?;
-                anyhow::ensure!(
-                    t.size() == target.size(),
-                    "{}: `{key}` has shape {:?}, the model needs {:?}",
-                    dir.display(),
-                    t.size(),
-                    target.size()
-                );
-                target.shallow_clone().copy_(&t.to_device(target.device()));
-            }
-        }
-        Ok(())
-    })?;
+    let shards = Shards::open(dir, manifest, groups)?;
+    for ((name, p), (m, v)) in params.list.iter().zip(opt.moments()) {
+        shards.copy_into(name, p)?;
+        shards.copy_into(&format!("exp_avg/{name}"), &m)?;
+        shards.copy_into(&format!("exp_avg_sq/{name}"), &v)?;
+    }
     opt.steps = manifest.optimizer_steps;
     Ok(())
+}
+
+/// Load the weights named in `targets` (any subset of the checkpoint's parameters, e.g. the
+/// backbone of a pretraining checkpoint for fine-tuning), resharding as `load` does. Returns
+/// the checkpoint's parameters that were not asked for.
+pub fn load_weights(
+    dir: &Path,
+    manifest: &Manifest,
+    groups: &Groups,
+    targets: &[(String, Tensor)],
+) -> anyhow::Result<Vec<String>> {
+    let shards = Shards::open(dir, manifest, groups)?;
+    for (name, t) in targets {
+        shards.copy_into(name, t)?;
+    }
+    Ok(shards
+        .names()
+        .filter(|n| !n.starts_with("exp_avg") && !targets.iter().any(|(t, _)| t == n))
+        .map(str::to_string)
+        .collect())
 }
 
 #[cfg(test)]

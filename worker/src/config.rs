@@ -135,10 +135,10 @@ pub struct TrainSection {
     pub max_bad_steps: usize,
 }
 
-fn one() -> usize {
+pub(crate) fn one() -> usize {
     1
 }
-fn three() -> usize {
+pub(crate) fn three() -> usize {
     3
 }
 fn three_u32() -> u32 {
@@ -150,25 +150,25 @@ fn hang_timeout() -> f64 {
 fn restart_backoff() -> f64 {
     10.0
 }
-fn ten() -> u64 {
+pub(crate) fn ten() -> u64 {
     10
 }
-fn hundred() -> u64 {
+pub(crate) fn hundred() -> u64 {
     100
 }
-fn cpu() -> String {
+pub(crate) fn cpu() -> String {
     "cpu".into()
 }
-fn fp32() -> String {
+pub(crate) fn fp32() -> String {
     "fp32".into()
 }
 fn mask_prob() -> f64 {
     0.15
 }
-fn weight_decay() -> f64 {
+pub(crate) fn weight_decay() -> f64 {
     0.01
 }
-fn grad_clip() -> f64 {
+pub(crate) fn grad_clip() -> f64 {
     1.0
 }
 
@@ -180,30 +180,40 @@ pub struct ConfigError {
     pub msg: String,
 }
 
+/// Any of the job configs from YAML: unknown fields and wrong types name the field path.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let msg = e.inner().to_string();
+        let msg = if field == "." {
+            msg
+        } else {
+            format!("field `{field}`: {msg}")
+        };
+        ConfigError {
+            path: path.to_path_buf(),
+            msg,
+        }
+    })
+}
+
+/// Read and parse a YAML config file.
+pub fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        path: path.to_path_buf(),
+        msg: format!("cannot read: {e}"),
+    })?;
+    parse_yaml(path, &text)
+}
+
 impl RunConfig {
     pub fn from_yaml(path: &Path, text: &str) -> Result<RunConfig, ConfigError> {
-        let de = serde_yaml::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            let msg = e.inner().to_string();
-            let msg = if field == "." {
-                msg
-            } else {
-                format!("field `{field}`: {msg}")
-            };
-            ConfigError {
-                path: path.to_path_buf(),
-                msg,
-            }
-        })
+        parse_yaml(path, text)
     }
 
     pub fn read(path: &Path) -> Result<RunConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            path: path.to_path_buf(),
-            msg: format!("cannot read: {e}"),
-        })?;
-        Self::from_yaml(path, &text)
+        read_yaml(path)
     }
 
     /// The model this run trains (preset or HF config, with the dropout override).

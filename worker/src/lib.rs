@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod finetune;
 pub mod grads;
 pub mod harness;
 pub mod heartbeat;

@@ -36,6 +36,8 @@ enum Command {
         #[arg(long)]
         resume: Option<String>,
     },
+    /// Fine-tune on a SuperGLUE task from a fine-tuning configuration (YAML; configs/superglue/).
+    Finetune { config: PathBuf },
     /// Checks that need real ranks; prints `N passed, N failed` on rank 0.
     Selftest {
         #[command(subcommand)]
@@ -115,6 +117,7 @@ fn main() -> ExitCode {
     }
     let (which, tp, dp, preset, backend) = match cli.command {
         Command::Train { config, resume } => return train(&world, &config, resume.as_deref()),
+        Command::Finetune { config } => return finetune(&world, &config),
         Command::Selftest {
             which,
             tp,
@@ -192,19 +195,60 @@ fn train(world: &mpi::topology::SimpleCommunicator, config: &std::path::Path, re
     };
     match deberta_worker::trainer::train(config, resume, &groups) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => report_error(rank, &e),
+    }
+}
+
+/// A data, tokenizer or config problem is the user's: every rank meets it, rank 0 reports it,
+/// exit 2 like the other input errors; anything else every rank reports, exit 1.
+fn report_error(rank: usize, e: &anyhow::Error) -> ExitCode {
+    let user = e.chain().any(|c| {
+        c.is::<deberta_data::DataError>()
+            || c.is::<deberta_worker::config::ConfigError>()
+            || c.is::<deberta_worker::trainer::SetupError>()
+            || c.is::<deberta_model::ModelError>()
+    });
+    if !user || rank == 0 {
+        eprintln!("[rank {rank}] error: {e:#}");
+    }
+    ExitCode::from(if user { 2 } else { 1 })
+}
+
+fn finetune(world: &mpi::topology::SimpleCommunicator, config: &std::path::Path) -> ExitCode {
+    use deberta_worker::finetune::FinetuneConfig;
+    let rank = world.rank() as usize;
+    let cfg = match FinetuneConfig::read(config) {
+        Ok(c) => c,
+        Err(e) => return refuse(rank, &[format!("error: {e}")]),
+    };
+    let problems = cfg.problems(Some(world.size() as usize));
+    if !problems.is_empty() {
+        let mut lines = vec![format!(
+            "error: {} has {} problem(s):",
+            config.display(),
+            problems.len()
+        )];
+        lines.extend(problems.iter().map(|p| format!("  - {p}")));
+        return refuse(rank, &lines);
+    }
+    let backend = match Backend::parse(&cfg.parallel.backend) {
+        Ok(b) => b,
+        Err(e) => return refuse(rank, &[format!("error: {}: {e}", config.display())]),
+    };
+    let layout = Layout {
+        tp: cfg.parallel.tensor,
+        dp: cfg.parallel.data,
+    };
+    let groups = match make_groups(world, layout, backend) {
+        Ok(g) => g,
         Err(e) => {
-            // A data, tokenizer or config problem is the user's: every rank meets it, rank 0
-            // reports it, exit 2 like the other input errors.
-            let user = e.chain().any(|c| {
-                c.is::<deberta_data::DataError>()
-                    || c.is::<deberta_worker::config::ConfigError>()
-                    || c.is::<deberta_worker::trainer::SetupError>()
-            });
-            if !user || rank == 0 {
-                eprintln!("[rank {rank}] error: {e:#}");
-            }
-            ExitCode::from(if user { 2 } else { 1 })
+            eprintln!("[rank {rank}] error: {e}");
+            return ExitCode::from(1);
         }
+    };
+    match deberta_worker::finetune::finetune(config, &groups) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => report_error(rank, &e),
     }
 }
 

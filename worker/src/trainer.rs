@@ -187,7 +187,7 @@ fn memory_gib(device: Device) -> f64 {
 }
 
 /// Rank 0's outputs: the progress line, metrics.jsonl, TensorBoard events.
-struct Monitor {
+pub(crate) struct Monitor {
     metrics: std::fs::File,
     tb: tensorboard_rs::summary_writer::SummaryWriter,
 }
@@ -195,7 +195,7 @@ struct Monitor {
 impl Monitor {
     /// `start`: the step this run continues from (0 when fresh). Lines of metrics.jsonl after
     /// it (written by an attempt that died) are dropped, so the file holds each step once.
-    fn new(dir: &Path, start: u64) -> Result<Monitor> {
+    pub(crate) fn new(dir: &Path, start: u64) -> Result<Monitor> {
         std::fs::create_dir_all(dir.join("tensorboard"))?;
         truncate_metrics(&dir.join("metrics.jsonl"), start)?;
         let metrics = std::fs::OpenOptions::new()
@@ -206,7 +206,7 @@ impl Monitor {
         Ok(Monitor { metrics, tb })
     }
 
-    fn log(&mut self, step: u64, values: &[(&str, f64)]) -> Result<()> {
+    pub(crate) fn log(&mut self, step: u64, values: &[(&str, f64)]) -> Result<()> {
         use std::io::Write;
         let mut obj = serde_json::Map::new();
         obj.insert("step".into(), step.into());

@@ -1,0 +1,208 @@
+//! SuperGLUE fine-tuning under real `mpirun` on the CPU (the `tiny` preset with a 1000-piece
+//! tokenizer, random weights): CB trains, is evaluated with its metrics and writes a complete
+//! `CB.jsonl`; 2 data-parallel ranks give the 1-rank run's metrics; SiFT adds exactly λ times
+//! its adversarial loss and is off by default; bad task files are refused with file and line.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use deberta_data::fixtures::{shared, TinyCorpus};
+
+struct Data {
+    _dir: tempfile::TempDir,
+    corpus: TinyCorpus,
+}
+
+fn tokenizer() -> &'static Path {
+    static DATA: OnceLock<Data> = OnceLock::new();
+    let d = DATA.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = TinyCorpus::build(dir.path()).unwrap();
+        Data { _dir: dir, corpus }
+    });
+    &d.corpus.tokenizer
+}
+
+fn config(dir: &Path, name: &str, ranks: usize, train_extra: &str, more: &str) -> (PathBuf, PathBuf) {
+    let out = dir.join(name);
+    let yaml = format!(
+        "run: {{name: {name}, output_dir: {out}, seed: 3}}
+init: {{preset: tiny, vocab_size: 1000}}
+task: {{name: CB, data_dir: {data}, tokenizer: {tok}, max_seq_len: 96}}
+parallel: {{tensor: 1, data: {ranks}, backend: cpu}}
+train: {{batch: 16, micro_batch: 4, epochs: 2, lr: 1.0e-3, warmup_steps: 2, dropout: 0.0, cls_dropout: 0.0,
+        eval_every: 15, log_every: 1{train_extra}}}
+{more}",
+        out = out.display(),
+        data = shared("superglue").display(),
+        tok = tokenizer().display(),
+    );
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    (path, out)
+}
+
+fn finetune(np: usize, cfg: &Path) -> Output {
+    Command::new("mpirun")
+        .args(["-np", &np.to_string(), env!("CARGO_BIN_EXE_deberta-worker"), "finetune"])
+        .arg(cfg)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn series(m: &[serde_json::Value], key: &str) -> Vec<f64> {
+    m.iter().filter_map(|v| v.get(key)?.as_f64()).collect()
+}
+
+#[test]
+fn cb_trains_evaluates_and_predicts_and_two_ranks_match_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, out1) = config(dir.path(), "one", 1, "", "");
+    let o = finetune(1, &one);
+    assert!(o.status.success(), "{}", text(&o));
+    let m = metrics(&out1);
+    let loss = series(&m, "train/loss");
+    assert_eq!(loss.len(), 30, "2 epochs x 15 steps");
+    let (first, last) = (
+        loss[..5].iter().sum::<f64>() / 5.0,
+        loss[25..].iter().sum::<f64>() / 5.0,
+    );
+    assert!(last < first - 0.05, "training loss {first} -> {last}");
+    let f1 = series(&m, "val/f1_macro");
+    assert_eq!(f1.len(), 2, "val metrics at steps 15 and 30");
+    assert!(series(&m, "val/accuracy").iter().all(|a| (0.0..=1.0).contains(a)));
+    // The submission: every test item once, in order, with a CB label.
+    let sub = std::fs::read_to_string(out1.join("predictions/CB.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = sub.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 250);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["idx"], i as i64);
+        assert!(
+            ["contradiction", "neutral", "entailment"].contains(&l["label"].as_str().unwrap()),
+            "{l}"
+        );
+    }
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out1.join("results.json")).unwrap()).unwrap();
+    assert!(results["majority_baseline"]["f1_macro"].as_f64().is_some(), "{results}");
+    assert!(checkpoints(&out1.join("best")) == 1);
+
+    let (two, out2) = config(dir.path(), "two", 2, "", "");
+    let o = finetune(2, &two);
+    assert!(o.status.success(), "{}", text(&o));
+    let m2 = metrics(&out2);
+    for key in ["val/f1_macro", "val/accuracy"] {
+        assert_eq!(series(&m2, key), series(&m, key), "{key}");
+    }
+    for (a, b) in series(&m2, "train/loss").iter().zip(&loss) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    assert_eq!(std::fs::read_to_string(out2.join("predictions/CB.jsonl")).unwrap(), sub);
+}
+
+fn checkpoints(root: &Path) -> usize {
+    std::fs::read_dir(root)
+        .map(|d| d.flatten().filter(|e| e.path().join("manifest.json").is_file()).count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn sift_adds_lambda_times_its_adversarial_loss_and_is_off_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, sift: &str| {
+        let (cfg, out) = config(dir.path(), name, 1, ", max_steps: 1", sift);
+        let o = finetune(1, &cfg);
+        assert!(o.status.success(), "{}", text(&o));
+        let m = metrics(&out);
+        (
+            series(&m, "train/loss")[0],
+            series(&m, "train/adv_loss").first().copied(),
+        )
+    };
+    let (plain, plain_adv) = run("plain", "");
+    assert_eq!(plain_adv, None, "SiFT is off unless enabled");
+    let (zero, _) = run("lambda0", "sift: {enabled: true, lambda: 0.0}\n");
+    let (five, adv) = run("lambda5", "sift: {enabled: true, lambda: 5.0}\n");
+    let adv = adv.unwrap();
+    assert!(adv > 0.0, "{adv}");
+    // Same clean pass (the perturbation is drawn after it): the difference is λ · L_adv.
+    assert!((five - zero - 5.0 * adv).abs() < 1e-6, "{five} - {zero} vs 5 x {adv}");
+    // SiFT's extra LayerNorm before the embedding LayerNorm changes the clean loss only by eps.
+    assert!((zero - plain).abs() < 1e-3, "{zero} vs {plain}");
+}
+
+#[test]
+fn bad_task_files_and_settings_are_refused_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let copa_val = shared("superglue/COPA/val.jsonl");
+    let cases = [
+        // COPA's file given as CB's val split: a task/file mismatch.
+        (
+            format!("\n  val_file: {}", copa_val.display()),
+            "",
+            format!("{}:1: missing field `hypothesis`", copa_val.display()),
+        ),
+        (
+            String::new(),
+            ", max_steps: 0",
+            "train.max_steps must be >= 1".to_string(),
+        ),
+    ];
+    for (task_extra, train_extra, want) in cases {
+        let (cfg, out) = config(dir.path(), "bad", 1, train_extra, "");
+        let yaml = std::fs::read_to_string(&cfg).unwrap();
+        let yaml = if task_extra.is_empty() {
+            yaml
+        } else {
+            yaml.replace(
+                "max_seq_len: 96}",
+                &format!("max_seq_len: 96,{}}}", task_extra.trim_start_matches('\n')),
+            )
+        };
+        std::fs::write(&cfg, yaml).unwrap();
+        let o = finetune(1, &cfg);
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert!(text(&o).contains(&want), "{want} not in {}", text(&o));
+        let _ = std::fs::remove_dir_all(out);
+    }
+    // An unknown label in a line: file and line named.
+    let bad = dir.path().join("val.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"premise\": \"p\", \"hypothesis\": \"h\", \"label\": \"neutral\", \"idx\": 0}\n{\"premise\": \"p\", \"hypothesis\": \"h\", \"label\": \"perhaps\", \"idx\": 1}\n",
+    )
+    .unwrap();
+    let (cfg, _) = config(dir.path(), "bad2", 1, "", "");
+    let yaml = std::fs::read_to_string(&cfg).unwrap().replace(
+        "max_seq_len: 96}",
+        &format!("max_seq_len: 96, val_file: {}}}", bad.display()),
+    );
+    std::fs::write(&cfg, yaml).unwrap();
+    let o = finetune(1, &cfg);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!(
+            "{}:2: field `label`: unknown label \"perhaps\"",
+            bad.display()
+        )),
+        "{}",
+        text(&o)
+    );
+}
