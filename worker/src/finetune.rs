@@ -892,3 +892,76 @@ fn manifest(
         config: text.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shipped(name: &str) -> FinetuneConfig {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/superglue");
+        FinetuneConfig::read(&dir.join(name)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn every_shipped_superglue_config_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/superglue");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let c = shipped(&name);
+            assert!(c.problems(None).is_empty(), "{name}: {:?}", c.problems(None));
+            n += 1;
+        }
+        assert!(n >= 10, "the 8 tasks and the two CPU demos");
+    }
+
+    #[test]
+    fn scripted_tasks_carry_the_official_1_5b_hyperparameters() {
+        // spec §11: (task file, epochs, warmup, lr, batch, cls dropout, max_seq_len)
+        for (f, epochs, warmup, lr, batch, cls, len) in [
+            ("record.yaml", 3, 1000, 3e-6, 64, 0.15, 512),
+            ("copa.yaml", 8, 30, 1e-6, 24, 0.1, 136),
+            ("rte.yaml", 6, 50, 3e-6, 48, 0.2, 320),
+        ] {
+            let c = shipped(f);
+            let t = &c.train;
+            assert_eq!(
+                (
+                    t.epochs,
+                    t.warmup_steps,
+                    t.lr,
+                    t.batch,
+                    t.cls_dropout,
+                    c.task.max_seq_len
+                ),
+                (epochs, warmup, lr, batch, cls, len),
+                "{f}"
+            );
+            assert!(c.sift.enabled && c.sift.lambda == 5.0 && c.sift.learning_rate == 1e-4);
+        }
+        assert!(
+            !FinetuneConfig::read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/superglue/cpu-demo-cb.yaml"))
+                .unwrap()
+                .sift
+                .enabled
+        );
+    }
+
+    #[test]
+    fn problems_name_their_fields() {
+        let mut c = shipped("cb.yaml");
+        c.task.name = "MNLI".into();
+        c.parallel.tensor = 2;
+        c.init.preset = Some("tiny".into());
+        let p = c.problems(Some(16));
+        for want in [
+            "task.name = \"MNLI\"",
+            "init: give exactly one",
+            "sift.enabled with parallel.tensor > 1",
+        ] {
+            assert!(p.iter().any(|m| m.contains(want)), "{want} not in {p:?}");
+        }
+        c.task.name = "AX-b".into();
+        assert!(c.task().unwrap_err().contains("predicted by the RTE model"));
+    }
+}

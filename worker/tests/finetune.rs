@@ -115,6 +115,23 @@ fn cb_trains_evaluates_and_predicts_and_two_ranks_match_one() {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
     assert_eq!(std::fs::read_to_string(out2.join("predictions/CB.jsonl")).unwrap(), sub);
+
+    // Tensor parallelism: 2 ranks sharing the model, same numbers.
+    let (tp2, out3) = config(dir.path(), "tp2", 2, "", "");
+    std::fs::write(
+        &tp2,
+        std::fs::read_to_string(&tp2)
+            .unwrap()
+            .replace("{tensor: 1, data: 2,", "{tensor: 2, data: 1,"),
+    )
+    .unwrap();
+    let o = finetune(2, &tp2);
+    assert!(o.status.success(), "{}", text(&o));
+    let m3 = metrics(&out3);
+    assert_eq!(series(&m3, "val/f1_macro"), series(&m, "val/f1_macro"));
+    for (a, b) in series(&m3, "train/loss").iter().zip(&loss) {
+        assert!((a - b).abs() < 1e-5, "tp 2: {a} vs {b}");
+    }
 }
 
 fn checkpoints(root: &Path) -> usize {
@@ -205,4 +222,110 @@ fn bad_task_files_and_settings_are_refused_with_file_and_line() {
         "{}",
         text(&o)
     );
+}
+
+#[test]
+fn an_hf_directory_initialises_the_backbone() {
+    use deberta_model::{DebertaConfig, DebertaV2, Parts};
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    let mut c = DebertaConfig::tiny();
+    c.vocab_size = 1000;
+    tch::manual_seed(11);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let model = DebertaV2::new(&vs.root(), &c, Parts::BACKBONE).unwrap();
+    deberta_model::hf::save_hf_dir(&model, &vs, &hf).unwrap();
+    // One step at a negligible learning rate: the saved weights are the HF ones.
+    let (cfg, out) = config(dir.path(), "hf", 1, ", max_steps: 1", "");
+    let yaml = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(
+            "init: {preset: tiny, vocab_size: 1000}",
+            &format!("init: {{hf_dir: {}}}", hf.display()),
+        )
+        .replace("lr: 1.0e-3", "lr: 1.0e-12");
+    std::fs::write(&cfg, yaml).unwrap();
+    let o = finetune(1, &cfg);
+    assert!(o.status.success(), "{}", text(&o));
+    let best = out.join("best/step-00000001/tp-00.safetensors");
+    let saved = tch::Tensor::read_safetensors(&best).unwrap();
+    let hf_vars = vs.variables();
+    let mut compared = 0;
+    for (name, t) in saved.iter().filter(|(n, _)| n.starts_with("deberta.encoder.layer.")) {
+        let diff = (t - &hf_vars[name]).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "{name}: {diff}");
+        compared += 1;
+    }
+    assert!(compared > 10, "{compared}");
+}
+
+#[test]
+fn a_tp2_pretraining_checkpoint_initialises_a_tp1_fine_tune() {
+    use deberta_model::tensor_parallel::concat_shards;
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = {
+        static C: OnceLock<Data> = OnceLock::new();
+        let d = C.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let corpus = TinyCorpus::build(dir.path()).unwrap();
+            Data { _dir: dir, corpus }
+        });
+        &d.corpus
+    };
+    let pre = dir.path().join("pre");
+    let pre_cfg = dir.path().join("pre.yaml");
+    std::fs::write(
+        &pre_cfg,
+        format!(
+            "run: {{name: pre, output_dir: {}, seed: 2}}
+model: {{preset: tiny, vocab_size: 1000}}
+parallel: {{tensor: 2, data: 1, backend: cpu}}
+data: {{corpus: {}, tokenizer: {}, seq_len: 32}}
+train: {{global_batch: 4, micro_batch: 2, steps: 2, lr: 1.0e-3, checkpoint_every: 2}}
+",
+            pre.display(),
+            corpus.corpus.display(),
+            corpus.tokenizer.display()
+        ),
+    )
+    .unwrap();
+    let o = Command::new("mpirun")
+        .args(["-np", "2", env!("CARGO_BIN_EXE_deberta-worker"), "train"])
+        .arg(&pre_cfg)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let ckpt = pre.join("checkpoints/step-00000002");
+    let (cfg, out) = config(dir.path(), "from-tp2", 1, ", max_steps: 1", "");
+    let yaml = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(
+            "init: {preset: tiny, vocab_size: 1000}",
+            &format!("init: {{checkpoint: {}}}", ckpt.display()),
+        )
+        .replace(
+            &tokenizer().display().to_string(),
+            &corpus.tokenizer.display().to_string(),
+        )
+        .replace("lr: 1.0e-3", "lr: 1.0e-12");
+    std::fs::write(&cfg, yaml).unwrap();
+    let o = finetune(1, &cfg);
+    assert!(o.status.success(), "{}", text(&o));
+    let saved = tch::Tensor::read_safetensors(out.join("best/step-00000001/tp-00.safetensors")).unwrap();
+    let shards: Vec<Vec<(String, tch::Tensor)>> = (0..2)
+        .map(|k| tch::Tensor::read_safetensors(ckpt.join(format!("tp-{k:02}.safetensors"))).unwrap())
+        .collect();
+    let get = |f: &[(String, tch::Tensor)], n: &str| f.iter().find(|(m, _)| m == n).unwrap().1.shallow_clone();
+    for name in [
+        "deberta.embeddings.word_embeddings.weight",
+        "deberta.encoder.layer.0.attention.self.query_proj.weight",
+        "deberta.encoder.layer.1.attention.output.dense.weight",
+        "deberta.encoder.layer.1.output.LayerNorm.weight",
+    ] {
+        let full = concat_shards(name, &[get(&shards[0], name), get(&shards[1], name)], 1000);
+        let ours = get(&saved, name);
+        let ours = ours.narrow(0, 0, full.size()[0]);
+        let diff = (&ours - &full).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "{name}: {diff}");
+    }
 }
