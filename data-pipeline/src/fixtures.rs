@@ -3,6 +3,7 @@
 //! out, both from ../shared/data.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use crate::preprocess::{preprocess, InputFormat, PreprocessOptions};
 
@@ -41,4 +42,17 @@ impl TinyCorpus {
             valid: dir.join("valid"),
         })
     }
+}
+
+/// The tiny corpus, built once per process in a temporary directory (the multi-rank test
+/// binaries share it between their tests).
+pub fn tiny_corpus() -> &'static TinyCorpus {
+    static DATA: OnceLock<(tempfile::TempDir, TinyCorpus)> = OnceLock::new();
+    &DATA
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let corpus = TinyCorpus::build(dir.path()).expect("the tiny corpus builds");
+            (dir, corpus)
+        })
+        .1
 }

@@ -73,6 +73,16 @@ fn worker_path() -> Result<PathBuf, String> {
     }
 }
 
+/// The worker binary and `mpirun`; each one missing is recorded as a problem.
+fn programs(problems: &mut Vec<String>) -> Option<(PathBuf, PathBuf)> {
+    let worker = worker_path().map_err(|e| problems.push(e)).ok();
+    let mpirun = find_program("mpirun", "DEBERTA_MPIRUN");
+    if mpirun.is_none() {
+        problems.push("mpirun not found on PATH: install Open MPI (bash cluster/bootstrap.sh does)".into());
+    }
+    worker.zip(mpirun)
+}
+
 /// Can `dir` be created (or written, if it exists) without creating anything now?
 fn writable_dir_problem(dir: &Path) -> Option<String> {
     let field = format!("run.output_dir = {}", dir.display());
@@ -199,11 +209,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     } else {
         problems.extend(placement.problems(layout, gpus));
     }
-    let worker = worker_path().map_err(|e| problems.push(e)).ok();
-    let mpirun = find_program("mpirun", "DEBERTA_MPIRUN");
-    if mpirun.is_none() {
-        problems.push("mpirun not found on PATH: install Open MPI (bash cluster/bootstrap.sh does)".into());
-    }
+    let programs = programs(&mut problems);
     if let Some(h) = &a.hostfile {
         if !h.is_file() {
             problems.push(format!("--hostfile {}: not a file", h.display()));
@@ -222,7 +228,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         println!("dry run: configuration and environment are ready; nothing started");
         return Ok(());
     }
-    let (Some(worker), Some(mpirun)) = (worker, mpirun) else {
+    let Some((worker, mpirun)) = programs else {
         unreachable!("checked above")
     };
     let job = Job {
@@ -339,11 +345,7 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         ));
     }
     problems.extend(writable_dir_problem(&cfg.run.output_dir));
-    let worker = worker_path().map_err(|e| problems.push(e)).ok();
-    let mpirun = find_program("mpirun", "DEBERTA_MPIRUN");
-    if mpirun.is_none() {
-        problems.push("mpirun not found on PATH: install Open MPI (bash cluster/bootstrap.sh does)".into());
-    }
+    let programs = programs(&mut problems);
     if !problems.is_empty() {
         return Err(refuse(&format!("the job ({})", a.config.display()), &problems));
     }
@@ -364,7 +366,7 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         println!("dry run: configuration and environment are ready; nothing started");
         return Ok(());
     }
-    let (Some(worker), Some(mpirun)) = (worker, mpirun) else {
+    let Some((worker, mpirun)) = programs else {
         unreachable!("checked above")
     };
     let job = Job {

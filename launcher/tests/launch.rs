@@ -6,25 +6,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
-use deberta_data::fixtures::TinyCorpus;
-
-struct Data {
-    _dir: tempfile::TempDir,
-    corpus: TinyCorpus,
-}
-
-fn data() -> &'static TinyCorpus {
-    static DATA: OnceLock<Data> = OnceLock::new();
-    let d = DATA.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let corpus = TinyCorpus::build(dir.path()).unwrap();
-        Data { _dir: dir, corpus }
-    });
-    &d.corpus
-}
+use deberta_data::fixtures::tiny_corpus as data;
 
 fn worker() -> PathBuf {
     let w = Path::new(env!("CARGO_BIN_EXE_deberta")).with_file_name("deberta-worker");
@@ -492,4 +476,40 @@ fn the_dry_run_plan_of_the_1_5b_config_agrees_with_deberta_info() {
     let days: f64 = after(&plan_text, "time").parse().unwrap();
     let want = 1e6 * per_step / (64.0 * 989e12 * 0.4) / 86_400.0;
     assert!((days - want).abs() < 0.06, "{days} vs {want}");
+}
+
+#[test]
+fn finetune_refuses_bad_configs_before_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("ft.yaml");
+    let out = dir.path().join("ft-out");
+    std::fs::write(
+        &cfg,
+        format!(
+            "run: {{name: ft, output_dir: {}}}
+init: {{checkpoint: {}}}
+task: {{name: MNLI, data_dir: {}, tokenizer: {}}}
+train: {{batch: 16, micro_batch: 3, epochs: 1, lr: 1.0e-5}}
+",
+            out.display(),
+            dir.path().join("no-such-checkpoint").display(),
+            deberta_data::fixtures::shared("superglue").display(),
+            dir.path().join("tok.json").display()
+        ),
+    )
+    .unwrap();
+    let o = deberta(&["finetune", cfg.to_str().unwrap(), "--dry-run"])
+        .output()
+        .unwrap();
+    let log = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{log}");
+    for want in [
+        "task.name = \"MNLI\"",
+        "train.batch = 16 must be a multiple of parallel.data x train.micro_batch = 1 x 3",
+        "task.tokenizer:",
+        "init.checkpoint:",
+    ] {
+        assert!(log.contains(want), "{want} not in {log}");
+    }
+    assert!(!out.exists());
 }

@@ -11,71 +11,83 @@ use tch::Tensor;
 use crate::config::{Activation, DebertaConfig};
 use crate::nn::Linear;
 
+/// pooled = act(Dropout_p(H[:, 0]) W_p + b_p): `pooler.dense`, shared by both heads.
+#[derive(Debug)]
+pub struct Pooler {
+    pub dense: Linear,
+    act: Activation,
+    dropout: f64,
+}
+
+impl Pooler {
+    fn new(root: &Path, cfg: &DebertaConfig) -> Pooler {
+        Pooler {
+            dense: Linear::new(
+                &(root / "pooler" / "dense"),
+                cfg.hidden_size,
+                cfg.pooler_hidden_size,
+                true,
+                cfg.initializer_range,
+            ),
+            act: cfg.pooler_hidden_act,
+            dropout: cfg.pooler_dropout,
+        }
+    }
+
+    /// h: [B, N, D] -> [B, P]
+    fn forward(&self, h: &Tensor, train: bool) -> Tensor {
+        let cls = h.select(1, 0).dropout(self.dropout, train);
+        self.act.apply(&self.dense.forward(&cls))
+    }
+}
+
 #[derive(Debug)]
 pub struct SequenceClassifier {
-    pub pooler: Linear,
+    pub pooler: Pooler,
     pub classifier: Linear,
-    pooler_act: Activation,
-    pooler_dropout: f64,
     cls_dropout: f64,
 }
 
 impl SequenceClassifier {
     pub fn new(root: &Path, cfg: &DebertaConfig) -> SequenceClassifier {
-        let std = cfg.initializer_range;
         SequenceClassifier {
-            pooler: Linear::new(
-                &(root / "pooler" / "dense"),
-                cfg.hidden_size,
-                cfg.pooler_hidden_size,
-                true,
-                std,
-            ),
+            pooler: Pooler::new(root, cfg),
             classifier: Linear::new(
                 &(root / "classifier"),
                 cfg.pooler_hidden_size,
                 cfg.num_labels,
                 true,
-                std,
+                cfg.initializer_range,
             ),
-            pooler_act: cfg.pooler_hidden_act,
-            pooler_dropout: cfg.pooler_dropout,
             cls_dropout: cfg.cls_dropout,
         }
     }
 
     /// h: final hidden states [B, N, D] -> logits [B, num_labels].
     pub fn forward(&self, h: &Tensor, train: bool) -> Tensor {
-        let cls = h.select(1, 0).dropout(self.pooler_dropout, train); // [B, D]
-        let pooled = self.pooler_act.apply(&self.pooler.forward(&cls));
+        let pooled = self.pooler.forward(h, train);
         self.classifier.forward(&pooled.dropout(self.cls_dropout, train))
     }
 }
 
 #[derive(Debug)]
 pub struct SpanClassifier {
-    pub pooler: Linear,
+    pub pooler: Pooler,
     pub classifier: Linear,
-    pooler_act: Activation,
-    pooler_dropout: f64,
     cls_dropout: f64,
 }
 
 impl SpanClassifier {
     pub fn new(root: &Path, cfg: &DebertaConfig) -> SpanClassifier {
-        let std = cfg.initializer_range;
-        let p = cfg.pooler_hidden_size;
         SpanClassifier {
-            pooler: Linear::new(&(root / "pooler" / "dense"), cfg.hidden_size, p, true, std),
+            pooler: Pooler::new(root, cfg),
             classifier: Linear::new(
                 &(root / "span_classifier"),
-                p + 2 * cfg.hidden_size,
+                cfg.pooler_hidden_size + 2 * cfg.hidden_size,
                 cfg.num_labels,
                 true,
-                std,
+                cfg.initializer_range,
             ),
-            pooler_act: cfg.pooler_hidden_act,
-            pooler_dropout: cfg.pooler_dropout,
             cls_dropout: cfg.cls_dropout,
         }
     }
@@ -83,8 +95,7 @@ impl SpanClassifier {
     /// h: [B, N, D]; spans: [B, 2, N] float weights (1 / span length on a span's tokens, 0
     /// elsewhere) -> logits [B, num_labels].
     pub fn forward(&self, h: &Tensor, spans: &Tensor, train: bool) -> Tensor {
-        let cls = h.select(1, 0).dropout(self.pooler_dropout, train);
-        let pooled = self.pooler_act.apply(&self.pooler.forward(&cls)); // [B, P]
+        let pooled = self.pooler.forward(h, train); // [B, P]
         let means = spans.to_kind(h.kind()).matmul(h); // [B, 2, D]
         let (b, d) = (h.size()[0], h.size()[2]);
         let x = Tensor::cat(&[pooled, means.reshape([b, 2 * d])], 1);

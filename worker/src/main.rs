@@ -101,6 +101,20 @@ fn refuse(rank: usize, lines: &[String]) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// A config's rule violations, reported once by rank 0 (exit 2); None when there are none.
+fn refuse_problems(rank: usize, config: &std::path::Path, problems: &[String]) -> Option<ExitCode> {
+    if problems.is_empty() {
+        return None;
+    }
+    let mut lines = vec![format!(
+        "error: {} has {} problem(s):",
+        config.display(),
+        problems.len()
+    )];
+    lines.extend(problems.iter().map(|p| format!("  - {p}")));
+    Some(refuse(rank, &lines))
+}
+
 fn main() -> ExitCode {
     let Some(universe) = mpi::initialize() else {
         eprintln!("error: MPI was already initialised");
@@ -163,15 +177,8 @@ fn train(world: &mpi::topology::SimpleCommunicator, config: &std::path::Path, re
         Ok(c) => c,
         Err(e) => return refuse(rank, &[format!("error: {e}")]),
     };
-    let problems = cfg.problems(Some(world_size));
-    if !problems.is_empty() {
-        let mut lines = vec![format!(
-            "error: {} has {} problem(s):",
-            config.display(),
-            problems.len()
-        )];
-        lines.extend(problems.iter().map(|p| format!("  - {p}")));
-        return refuse(rank, &lines);
+    if let Some(code) = refuse_problems(rank, config, &cfg.problems(Some(world_size))) {
+        return code;
     }
     let resume = match resume {
         None => false,
@@ -221,15 +228,8 @@ fn finetune(world: &mpi::topology::SimpleCommunicator, config: &std::path::Path)
         Ok(c) => c,
         Err(e) => return refuse(rank, &[format!("error: {e}")]),
     };
-    let problems = cfg.problems(Some(world.size() as usize));
-    if !problems.is_empty() {
-        let mut lines = vec![format!(
-            "error: {} has {} problem(s):",
-            config.display(),
-            problems.len()
-        )];
-        lines.extend(problems.iter().map(|p| format!("  - {p}")));
-        return refuse(rank, &lines);
+    if let Some(code) = refuse_problems(rank, config, &cfg.problems(Some(world.size() as usize))) {
+        return code;
     }
     let backend = match Backend::parse(&cfg.parallel.backend) {
         Ok(b) => b,

@@ -5,23 +5,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
-use deberta_data::fixtures::{shared, TinyCorpus};
-
-struct Data {
-    _dir: tempfile::TempDir,
-    corpus: TinyCorpus,
-}
+use deberta_data::fixtures::{shared, tiny_corpus};
 
 fn tokenizer() -> &'static Path {
-    static DATA: OnceLock<Data> = OnceLock::new();
-    let d = DATA.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let corpus = TinyCorpus::build(dir.path()).unwrap();
-        Data { _dir: dir, corpus }
-    });
-    &d.corpus.tokenizer
+    &tiny_corpus().tokenizer
 }
 
 fn config(dir: &Path, name: &str, ranks: usize, train_extra: &str, more: &str) -> (PathBuf, PathBuf) {
@@ -263,15 +251,7 @@ fn an_hf_directory_initialises_the_backbone() {
 fn a_tp2_pretraining_checkpoint_initialises_a_tp1_fine_tune() {
     use deberta_model::tensor_parallel::concat_shards;
     let dir = tempfile::tempdir().unwrap();
-    let corpus = {
-        static C: OnceLock<Data> = OnceLock::new();
-        let d = C.get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let corpus = TinyCorpus::build(dir.path()).unwrap();
-            Data { _dir: dir, corpus }
-        });
-        &d.corpus
-    };
+    let corpus = tiny_corpus();
     let pre = dir.path().join("pre");
     let pre_cfg = dir.path().join("pre.yaml");
     std::fs::write(

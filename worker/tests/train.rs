@@ -7,26 +7,9 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use deberta_data::fixtures::{shared, TinyCorpus};
-
-/// Tokenizer + train/valid corpora, built once per test binary.
-struct Data {
-    _dir: tempfile::TempDir,
-    corpus: TinyCorpus,
-}
-
-fn data() -> &'static TinyCorpus {
-    static DATA: OnceLock<Data> = OnceLock::new();
-    let d = DATA.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let corpus = TinyCorpus::build(dir.path()).unwrap();
-        Data { _dir: dir, corpus }
-    });
-    &d.corpus
-}
+use deberta_data::fixtures::{shared, tiny_corpus as data};
 
 struct Job<'a> {
     tp: usize,
