@@ -101,6 +101,26 @@ fn refuse(rank: usize, lines: &[String]) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// The groups of a job config's `parallel` section (collective). A backend this machine cannot
+/// run is the user's problem (exit 2); a failure to build the groups is not (exit 1).
+fn job_groups(
+    world: &mpi::topology::SimpleCommunicator,
+    config: &std::path::Path,
+    parallel: &deberta_worker::config::ParallelSection,
+) -> Result<Groups, ExitCode> {
+    let rank = world.rank() as usize;
+    let backend =
+        Backend::parse(&parallel.backend).map_err(|e| refuse(rank, &[format!("error: {}: {e}", config.display())]))?;
+    let layout = Layout {
+        tp: parallel.tensor,
+        dp: parallel.data,
+    };
+    make_groups(world, layout, backend).map_err(|e| {
+        eprintln!("[rank {rank}] error: {e}");
+        ExitCode::from(1)
+    })
+}
+
 /// A config's rule violations, reported once by rank 0 (exit 2); None when there are none.
 fn refuse_problems(rank: usize, config: &std::path::Path, problems: &[String]) -> Option<ExitCode> {
     if problems.is_empty() {
@@ -185,20 +205,9 @@ fn train(world: &mpi::topology::SimpleCommunicator, config: &std::path::Path, re
         Some("auto") => true,
         Some(other) => return refuse(rank, &[format!("error: --resume {other:?}: expected `auto`")]),
     };
-    let backend = match Backend::parse(&cfg.parallel.backend) {
-        Ok(b) => b,
-        Err(e) => return refuse(rank, &[format!("error: {}: {e}", config.display())]),
-    };
-    let layout = Layout {
-        tp: cfg.parallel.tensor,
-        dp: cfg.parallel.data,
-    };
-    let groups = match make_groups(world, layout, backend) {
+    let groups = match job_groups(world, config, &cfg.parallel) {
         Ok(g) => g,
-        Err(e) => {
-            eprintln!("[rank {rank}] error: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     match deberta_worker::trainer::train(config, resume, &groups) {
         Ok(()) => ExitCode::SUCCESS,
@@ -231,20 +240,9 @@ fn finetune(world: &mpi::topology::SimpleCommunicator, config: &std::path::Path)
     if let Some(code) = refuse_problems(rank, config, &cfg.problems(Some(world.size() as usize))) {
         return code;
     }
-    let backend = match Backend::parse(&cfg.parallel.backend) {
-        Ok(b) => b,
-        Err(e) => return refuse(rank, &[format!("error: {}: {e}", config.display())]),
-    };
-    let layout = Layout {
-        tp: cfg.parallel.tensor,
-        dp: cfg.parallel.data,
-    };
-    let groups = match make_groups(world, layout, backend) {
+    let groups = match job_groups(world, config, &cfg.parallel) {
         Ok(g) => g,
-        Err(e) => {
-            eprintln!("[rank {rank}] error: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     match deberta_worker::finetune::finetune(config, &groups) {
         Ok(()) => ExitCode::SUCCESS,
