@@ -39,6 +39,34 @@ pub enum Command {
     /// Fine-tune on a SuperGLUE task (configs/superglue/): check, then run and supervise the
     /// ranks; writes val metrics, the best checkpoint and the leaderboard prediction files.
     Finetune(FinetuneArgs),
+    /// Training throughput of one GPU (or the CPU): full optimizer steps of a preset on a random
+    /// batch, one JSON line per batch size with the HF baseline's fields (bench/, docs/performance.md).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value = "xxlarge")]
+    pub preset: String,
+    /// Batch sizes, each measured in turn.
+    #[arg(long, num_args = 1.., default_values_t = vec![8])]
+    pub batch: Vec<i64>,
+    #[arg(long, default_value_t = 512)]
+    pub seq: i64,
+    /// Timed steps (the median is reported), after --warmup untimed ones.
+    #[arg(long, default_value_t = 8)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// cuda (bf16 autocast) or cpu (fp32). CUDA without a GPU is an error, not a CPU run.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Dense bf16 peak for the MFU (H100 SXM: 989).
+    #[arg(long, default_value_t = 989.0)]
+    pub peak_tflops: f64,
+    /// fp32 on CUDA instead of bf16 autocast.
+    #[arg(long)]
+    pub fp32: bool,
 }
 
 #[derive(Debug, Args)]

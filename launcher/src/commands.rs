@@ -39,6 +39,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Train(a) => crate::launch::train(a),
         Command::Submit(a) => crate::launch::submit(a),
         Command::Finetune(a) => crate::launch::finetune(a),
+        Command::Bench(a) => crate::launch::bench(a),
     }
 }
 

@@ -14,7 +14,7 @@ use deberta_worker::checkpoint;
 use deberta_worker::config::RunConfig;
 use deberta_worker::topology::Layout;
 
-use crate::cli::{FinetuneArgs, SubmitArgs, TrainArgs};
+use crate::cli::{BenchArgs, FinetuneArgs, SubmitArgs, TrainArgs};
 use crate::commands::UsageError;
 use crate::plan::{self, Host, Placement};
 use crate::supervise::{self, Job, Outcome};
@@ -400,6 +400,31 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         }
         Outcome::Refused => Err(UsageError("the ranks refused the job's settings (see above)".into()).into()),
         Outcome::GaveUp { last_failure, .. } => anyhow::bail!("fine-tuning failed: {last_failure}"),
+    }
+}
+
+/// `deberta bench`: one process of `deberta-worker bench` (an MPI singleton; the launcher
+/// itself runs no tensors), its JSON lines passed through.
+pub fn bench(a: BenchArgs) -> Result<()> {
+    if !["cpu", "cuda"].contains(&a.device.as_str()) {
+        return Err(UsageError(format!("--device {:?}: expected cpu or cuda", a.device)).into());
+    }
+    let worker = worker_path().map_err(UsageError)?;
+    let mut cmd = std::process::Command::new(&worker);
+    cmd.arg("bench")
+        .args(["--preset", &a.preset, "--seq", &a.seq.to_string()])
+        .args(["--steps", &a.steps.to_string(), "--warmup", &a.warmup.to_string()])
+        .args(["--device", &a.device, "--peak-tflops", &a.peak_tflops.to_string()])
+        .arg("--batch")
+        .args(a.batch.iter().map(|b| b.to_string()));
+    if a.fp32 {
+        cmd.arg("--fp32");
+    }
+    let status = cmd.status().with_context(|| format!("running {}", worker.display()))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(2) => Err(UsageError("the benchmark refused its settings (see above)".into()).into()),
+        code => anyhow::bail!("the benchmark failed (exit code {code:?})"),
     }
 }
 

@@ -513,3 +513,59 @@ train: {{batch: 16, micro_batch: 3, epochs: 1, lr: 1.0e-5}}
     }
     assert!(!out.exists());
 }
+
+#[test]
+fn bench_prints_one_json_line_per_batch_with_the_baseline_s_fields() {
+    let o = deberta(&[
+        "bench", "--preset", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--seq", "32", "--batch", "2",
+        "4",
+    ])
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert_eq!(rows.len(), 2);
+    // The baseline's keys (../shared/bench/hf_deberta_baseline.py), in its order.
+    let keys = [
+        "system",
+        "preset",
+        "params",
+        "batch",
+        "seq",
+        "step_s",
+        "tokens_per_s",
+        "loss",
+        "model_tflops_per_s",
+        "mfu",
+        "peak_mem_gib",
+    ];
+    for (row, batch) in rows.iter().zip([2, 4]) {
+        let got: Vec<&str> = row.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        let mut want = keys.to_vec();
+        want.sort_unstable(); // serde_json's map is sorted; the line itself keeps the order
+        assert_eq!(got, want, "{row}");
+        assert_eq!(
+            (row["preset"].as_str(), row["batch"].as_i64(), row["seq"].as_i64()),
+            (Some("tiny"), Some(batch), Some(32))
+        );
+        assert!(row["step_s"].as_f64().unwrap() > 0.0 && row["tokens_per_s"].as_f64().unwrap() > 0.0);
+        // Random ids over 128,100 classes: the first steps' loss is about ln(128100) = 11.76.
+        assert!((row["loss"].as_f64().unwrap() - 11.76).abs() < 0.5, "{row}");
+        assert!(row["peak_mem_gib"].is_null());
+    }
+    let first_line = String::from_utf8_lossy(&o.stdout).lines().next().unwrap().to_string();
+    let positions: Vec<usize> = keys
+        .iter()
+        .map(|k| first_line.find(&format!("\"{k}\"")).unwrap())
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "key order: {first_line}");
+    // CUDA where there is none is an error, never a CPU run.
+    let o = deberta(&["bench", "--preset", "tiny", "--device", "cuda", "--steps", "1"])
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}

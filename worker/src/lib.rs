@@ -1,6 +1,7 @@
 //! The per-rank worker (DESIGN.md § Parallelism, § Training): MPI start-up, the rank topology,
 //! the collectives backends, and (issue D) the trainer. Only `mpi_group`, `nccl_group` and `runtime` know MPI or NCCL.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod finetune;

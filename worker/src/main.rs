@@ -14,6 +14,7 @@ use deberta_worker::runtime::{abort_job_on_panic, check_not_a_stray_singleton, m
 use deberta_worker::selftest::{self, Report};
 use deberta_worker::topology::Layout;
 use mpi::topology::Communicator;
+use tch::Device;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +39,28 @@ enum Command {
     },
     /// Fine-tune on a SuperGLUE task from a fine-tuning configuration (YAML; configs/superglue/).
     Finetune { config: PathBuf },
+    /// Training throughput of one process (one JSON line per batch size, the HF baseline's
+    /// fields); `deberta bench` runs it.
+    Bench {
+        #[arg(long, default_value = "xxlarge")]
+        preset: String,
+        #[arg(long, num_args = 1.., default_values_t = vec![8])]
+        batch: Vec<i64>,
+        #[arg(long, default_value_t = 512)]
+        seq: i64,
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// cpu or cuda.
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        #[arg(long, default_value_t = 989.0)]
+        peak_tflops: f64,
+        /// fp32 instead of bf16 autocast on CUDA (the CPU is always fp32).
+        #[arg(long)]
+        fp32: bool,
+    },
     /// Checks that need real ranks; prints `N passed, N failed` on rank 0.
     Selftest {
         #[command(subcommand)]
@@ -121,6 +144,79 @@ fn job_groups(
     })
 }
 
+/// One JSON line per batch size; a size that does not fit in memory prints the baseline's
+/// `{"preset", "batch", "error": "out of memory"}` line and the next one is tried.
+fn bench(
+    world: &mpi::topology::SimpleCommunicator,
+    device: &str,
+    batches: &[i64],
+    cfg: deberta_worker::bench::BenchConfig,
+) -> ExitCode {
+    if world.size() != 1 {
+        eprintln!("error: bench runs as one process (no mpirun)");
+        return ExitCode::from(2);
+    }
+    let backend = match device {
+        "cpu" => Backend::Mpi,
+        "cuda" => match Backend::parse("cuda") {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("error: --device cuda: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        other => {
+            eprintln!("error: --device {other:?}: expected cpu or cuda");
+            return ExitCode::from(2);
+        }
+    };
+    let groups = match make_groups(world, Layout { tp: 1, dp: 1 }, backend) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    for &b in batches {
+        let c = deberta_worker::bench::BenchConfig {
+            batch: b,
+            ..cfg.clone()
+        };
+        // libtorch reports an out-of-memory as a panic through tch: catch it for this size only.
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| deberta_worker::bench::run(&groups, &c)));
+        std::panic::set_hook(prev);
+        match result {
+            Ok(Ok(row)) => println!("{}", serde_json::to_string(&row).expect("a row serialises")),
+            Ok(Err(e)) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(2);
+            }
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                if msg.to_lowercase().contains("out of memory") {
+                    println!(
+                        "{}",
+                        serde_json::json!({"preset": c.preset, "batch": b, "error": "out of memory"})
+                    );
+                    if let Device::Cuda(_) = groups.device {
+                        tch::Cuda::synchronize(0);
+                    }
+                } else {
+                    eprintln!("error: batch {b}: {msg}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 /// A config's rule violations, reported once by rank 0 (exit 2); None when there are none.
 fn refuse_problems(rank: usize, config: &std::path::Path, problems: &[String]) -> Option<ExitCode> {
     if problems.is_empty() {
@@ -152,6 +248,27 @@ fn main() -> ExitCode {
     let (which, tp, dp, preset, backend) = match cli.command {
         Command::Train { config, resume } => return train(&world, &config, resume.as_deref()),
         Command::Finetune { config } => return finetune(&world, &config),
+        Command::Bench {
+            preset,
+            batch,
+            seq,
+            steps,
+            warmup,
+            device,
+            peak_tflops,
+            fp32,
+        } => {
+            let cfg = deberta_worker::bench::BenchConfig {
+                preset,
+                batch: 0,
+                seq,
+                steps,
+                warmup,
+                peak_tflops,
+                bf16: device == "cuda" && !fp32,
+            };
+            return bench(&world, &device, &batch, cfg);
+        }
         Command::Selftest {
             which,
             tp,

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Issue G's benchmark, on the GPU machine (torch + transformers, no Rust, no MPI), in one call:
+# the HF baseline (../shared/bench/hf_deberta_baseline.py) and `deberta-worker bench` for the same
+# preset, sequence length and batch sizes, then both tables and our/HF tokens-per-second ratio.
+# Build and carry the bundle first: bash cluster/gpu-bundle.sh, then run with carry [gpu-bundle].
+#
+#   bash cluster/gpu-bench.sh [PRESET] [SEQ] [BATCH...]      # default: xxlarge 512 8 16
+set -uo pipefail
+cd "$(dirname "$0")/.."
+preset="${1:-xxlarge}"; seq="${2:-512}"; shift 2 2>/dev/null || shift $#
+batches=("$@"); [ ${#batches[@]} -gt 0 ] || batches=(8 16)
+steps="${BENCH_STEPS:-8}"
+torch_dir="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')"
+mkdir -p /tmp/nccl-link && ln -sf "$torch_dir/../nvidia/nccl/lib/libnccl.so.2" /tmp/nccl-link/libnccl.so
+export LD_LIBRARY_PATH="$PWD/gpu-bundle/lib:$torch_dir/lib:/tmp/nccl-link${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# One rank without mpirun: an isolated Open MPI singleton with the bundled components.
+export OMPI_MCA_ess_singleton_isolated=1 OMPI_MCA_mca_base_component_path="$PWD/gpu-bundle/openmpi3"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+out=/tmp/gpu-bench; rm -rf "$out"; mkdir -p "$out"
+# Each system in its own processes, one batch size at a time (an OOM at one size does not
+# poison the next).
+for b in "${batches[@]}"; do
+  timeout 500 python3 gpu-bundle/hf_deberta_baseline.py --preset "$preset" --seq "$seq" --batch "$b" --steps "$steps" \
+    | tee -a "$out/hf.jsonl" || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"HF baseline failed\"}" >> "$out/hf.jsonl"
+  timeout 500 gpu-bundle/deberta-worker bench --preset "$preset" --seq "$seq" --batch "$b" --steps "$steps" --device cuda \
+    | tee -a "$out/ours.jsonl" || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"deberta bench failed\"}" >> "$out/ours.jsonl"
+done
+python3 - "$out" <<'PY'
+import json, sys
+d = sys.argv[1]
+def rows(f):
+    out = {}
+    for l in open(f"{d}/{f}"):
+        l = l.strip()
+        if l.startswith("{"):
+            r = json.loads(l); out[r["batch"]] = r
+    return out
+hf, ours = rows("hf.jsonl"), rows("ours.jsonl")
+cols = ["batch", "tokens_per_s", "step_s", "mfu", "model_tflops_per_s", "peak_mem_gib", "loss"]
+for name, t in [("HF transformers (bf16 autocast, fused AdamW)", hf), ("deberta-rs", ours)]:
+    print(f"\n{name}")
+    print(" | ".join(f"{c:>18}" for c in cols))
+    for b in sorted(t):
+        r = t[b]
+        print(" | ".join(f"{str(r.get(c, r.get('error', ''))):>18}" for c in cols))
+print("\nratio (ours / HF tokens/s):")
+best_hf = max((r["tokens_per_s"] for r in hf.values() if "tokens_per_s" in r), default=None)
+for b in sorted(set(hf) | set(ours)):
+    h, o = hf.get(b, {}), ours.get(b, {})
+    if "tokens_per_s" in h and "tokens_per_s" in o:
+        print(f"  batch {b}: {o['tokens_per_s'] / h['tokens_per_s']:.2f}x")
+best_ours = max((r["tokens_per_s"] for r in ours.values() if "tokens_per_s" in r), default=None)
+if best_hf and best_ours:
+    print(f"  best vs best: {best_ours:.1f} / {best_hf:.1f} tokens/s = {best_ours / best_hf:.2f}x (target >= 4x)")
+PY

@@ -1,0 +1,123 @@
+//! Training throughput of one process, measured the way ../shared/bench/hf_deberta_baseline.py
+//! measures HF's: full optimizer steps (MLM + EMD forward, backward, global-norm clip, AdamW with
+//! the baseline's betas (0.9, 0.98), ε 1e-6, weight decay 0.01) on a fixed random batch, 15% of
+//! the positions predicted, timed after warm-up, the median step reported as one JSON line with
+//! the baseline's fields under the same FLOPs model (`deberta_model::cost::flops_per_token`).
+
+use std::time::Instant;
+
+use deberta_model::cost::{flops_per_token, ParamCount, MASK_FRACTION};
+use deberta_model::tensor_parallel::TpShard;
+use deberta_model::{DebertaConfig, IGNORE_INDEX};
+use tch::{Device, Kind, Tensor};
+
+use crate::grads::Params;
+use crate::harness::build_sharded;
+use crate::optim::{AdamWConfig, FlatAdamW};
+use crate::runtime::Groups;
+use crate::step::forward_backward;
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub preset: String,
+    pub batch: i64,
+    pub seq: i64,
+    pub steps: usize,
+    pub warmup: usize,
+    /// Dense bf16 peak for the MFU (H100 SXM: 989).
+    pub peak_tflops: f64,
+    /// bf16 autocast (CUDA) or fp32.
+    pub bf16: bool,
+}
+
+/// One benchmark row: the baseline's keys, in its order. `peak_mem_gib` is null on the CPU and
+/// the GPU memory in use (driver view, allocator cache included) on CUDA.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct BenchRow {
+    pub system: String,
+    pub preset: String,
+    pub params: i64,
+    pub batch: i64,
+    pub seq: i64,
+    pub step_s: f64,
+    pub tokens_per_s: f64,
+    pub loss: f64,
+    pub model_tflops_per_s: f64,
+    pub mfu: f64,
+    pub peak_mem_gib: Option<f64>,
+}
+
+pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
+    let cfg = DebertaConfig::preset(&b.preset)?;
+    anyhow::ensure!(
+        b.batch >= 1 && b.seq >= 3 && b.steps >= 1,
+        "--batch, --seq >= 3 and --steps must be positive"
+    );
+    anyhow::ensure!(
+        b.seq <= cfg.max_position_embeddings,
+        "--seq {} exceeds max_position_embeddings {}",
+        b.seq,
+        cfg.max_position_embeddings
+    );
+    if b.bf16 {
+        anyhow::ensure!(
+            crate::precision::use_bf16_for_cuda_autocast(),
+            "could not set libtorch's autocast dtype to bf16"
+        );
+    }
+    let device = groups.device;
+    let (vs, model) = build_sharded(&cfg, 0, TpShard::NONE, device);
+    let params = Params::new(&vs, cfg.num_hidden_layers);
+    let mut opt = FlatAdamW::new(
+        &params.list,
+        AdamWConfig {
+            beta2: 0.98,
+            ..AdamWConfig::default()
+        },
+    );
+    tch::manual_seed(0);
+    let opts = (Kind::Int64, device);
+    let ids = Tensor::randint_low(5, cfg.vocab_size, [b.batch, b.seq], opts);
+    let masked = Tensor::rand([b.batch, b.seq], (Kind::Float, device)).lt(MASK_FRACTION);
+    let labels = ids.where_self(&masked, &Tensor::full([b.batch, b.seq], IGNORE_INDEX, opts));
+    let mask = Tensor::ones([b.batch, b.seq], opts);
+    let predicted = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]).max(1) as f64;
+    let micro = [(ids, mask, labels)];
+    let mut times = Vec::with_capacity(b.steps);
+    let mut loss = 0.0;
+    for i in 0..b.warmup + b.steps {
+        let t0 = Instant::now();
+        // The loss comes back to the host every step: that is the step's synchronisation.
+        loss = forward_backward(&model, &params, groups, &micro, predicted, b.bf16);
+        let norm = params.global_grad_norm(&*groups.tp);
+        params.clip(norm, 1.0);
+        opt.step(1e-4);
+        if let Device::Cuda(_) = device {
+            tch::Cuda::synchronize(0);
+        }
+        if i >= b.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let step = times[times.len() / 2];
+    let tok_s = (b.batch * b.seq) as f64 / step;
+    let fpt = flops_per_token(&cfg, b.seq, MASK_FRACTION);
+    let round = |x: f64, digits: i32| (x * 10f64.powi(digits)).round() / 10f64.powi(digits);
+    Ok(BenchRow {
+        system: "deberta-rs".into(),
+        preset: b.preset.clone(),
+        params: ParamCount::of(&cfg).pretraining,
+        batch: b.batch,
+        seq: b.seq,
+        step_s: round(step, 4),
+        tokens_per_s: round(tok_s, 1),
+        loss: round(loss, 4),
+        model_tflops_per_s: round(tok_s * fpt / 1e12, 1),
+        mfu: round(tok_s * fpt / (b.peak_tflops * 1e12), 4),
+        peak_mem_gib: match device {
+            Device::Cuda(_) => Some(round(crate::precision::cuda_used_gib().unwrap_or(0.0), 2)),
+            _ => None,
+        },
+    })
+}
