@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue G's benchmark, on the GPU machine (torch + transformers, no Rust, no MPI), in one call:
-# the HF baseline (../shared/bench/hf_deberta_baseline.py) and `deberta-worker bench` for the same
-# preset, sequence length and batch sizes, then both tables and our/HF tokens-per-second ratio.
+# the HF baseline (../shared/bench/hf_deberta_baseline.py) and `deberta-worker bench` (relative
+# terms by gather and by skew) for the same preset, sequence length and batch sizes, then the
+# tables and our/HF tokens-per-second ratios.
 # Build and carry the bundle first: bash cluster/gpu-bundle.sh, then run with carry [gpu-bundle].
 #
 #   bash cluster/gpu-bench.sh [PRESET] [SEQ] [BATCH...]      # default: xxlarge 512 8 16
@@ -22,8 +23,11 @@ out=/tmp/gpu-bench; rm -rf "$out"; mkdir -p "$out"
 for b in "${batches[@]}"; do
   timeout 500 python3 gpu-bundle/hf_deberta_baseline.py --preset "$preset" --seq "$seq" --batch "$b" --steps "$steps" \
     | tee -a "$out/hf.jsonl" || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"HF baseline failed\"}" >> "$out/hf.jsonl"
-  timeout 500 gpu-bundle/deberta-worker bench --preset "$preset" --seq "$seq" --batch "$b" --steps "$steps" --device cuda \
-    | tee -a "$out/ours.jsonl" || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"deberta bench failed\"}" >> "$out/ours.jsonl"
+  for att in gather skew; do
+    DEBERTA_ATTENTION=$att timeout 500 gpu-bundle/deberta-worker bench --preset "$preset" --seq "$seq" --batch "$b" \
+      --steps "$steps" --device cuda | tee -a "$out/ours-$att.jsonl" \
+      || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"deberta bench failed\"}" >> "$out/ours-$att.jsonl"
+  done
 done
 python3 - "$out" <<'PY'
 import json, sys
@@ -35,21 +39,24 @@ def rows(f):
         if l.startswith("{"):
             r = json.loads(l); out[r["batch"]] = r
     return out
-hf, ours = rows("hf.jsonl"), rows("ours.jsonl")
+hf = rows("hf.jsonl")
+variants = {att: rows(f"ours-{att}.jsonl") for att in ["gather", "skew"]}
 cols = ["batch", "tokens_per_s", "step_s", "mfu", "model_tflops_per_s", "peak_mem_gib", "loss"]
-for name, t in [("HF transformers (bf16 autocast, fused AdamW)", hf), ("deberta-rs", ours)]:
+tables = [("HF transformers (bf16 autocast, fused AdamW)", hf)] + [(f"deberta-rs, relative terms by {a}", t) for a, t in variants.items()]
+for name, t in tables:
     print(f"\n{name}")
     print(" | ".join(f"{c:>18}" for c in cols))
     for b in sorted(t):
         r = t[b]
         print(" | ".join(f"{str(r.get(c, r.get('error', ''))):>18}" for c in cols))
-print("\nratio (ours / HF tokens/s):")
 best_hf = max((r["tokens_per_s"] for r in hf.values() if "tokens_per_s" in r), default=None)
-for b in sorted(set(hf) | set(ours)):
-    h, o = hf.get(b, {}), ours.get(b, {})
-    if "tokens_per_s" in h and "tokens_per_s" in o:
-        print(f"  batch {b}: {o['tokens_per_s'] / h['tokens_per_s']:.2f}x")
-best_ours = max((r["tokens_per_s"] for r in ours.values() if "tokens_per_s" in r), default=None)
-if best_hf and best_ours:
-    print(f"  best vs best: {best_ours:.1f} / {best_hf:.1f} tokens/s = {best_ours / best_hf:.2f}x (target >= 4x)")
+for att, ours in variants.items():
+    print(f"\nratio (ours with {att} / HF tokens/s):")
+    for b in sorted(set(hf) | set(ours)):
+        h, o = hf.get(b, {}), ours.get(b, {})
+        if "tokens_per_s" in h and "tokens_per_s" in o:
+            print(f"  batch {b}: {o['tokens_per_s'] / h['tokens_per_s']:.2f}x")
+    best = max((r["tokens_per_s"] for r in ours.values() if "tokens_per_s" in r), default=None)
+    if best_hf and best:
+        print(f"  best vs best: {best:.1f} / {best_hf:.1f} tokens/s = {best / best_hf:.2f}x (target >= 4x)")
 PY

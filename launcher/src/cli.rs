@@ -67,6 +67,9 @@ pub struct BenchArgs {
     /// fp32 on CUDA instead of bf16 autocast.
     #[arg(long)]
     pub fp32: bool,
+    /// How the relative terms are computed: gather (HF's way) or skew (gather-free).
+    #[arg(long, default_value = "gather")]
+    pub attention: String,
 }
 
 #[derive(Debug, Args)]

@@ -409,6 +409,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if !["cpu", "cuda"].contains(&a.device.as_str()) {
         return Err(UsageError(format!("--device {:?}: expected cpu or cuda", a.device)).into());
     }
+    if !["gather", "skew"].contains(&a.attention.as_str()) {
+        return Err(UsageError(format!("--attention {:?}: expected gather or skew", a.attention)).into());
+    }
     let worker = worker_path().map_err(UsageError)?;
     let mut cmd = std::process::Command::new(&worker);
     cmd.arg("bench")
@@ -420,6 +423,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.fp32 {
         cmd.arg("--fp32");
     }
+    cmd.env("DEBERTA_ATTENTION", &a.attention);
     let status = cmd.status().with_context(|| format!("running {}", worker.display()))?;
     match status.code() {
         Some(0) => Ok(()),

@@ -30,6 +30,51 @@ pub fn attention_mask(q_mask: &Tensor, k_mask: &Tensor) -> Tensor {
     q.logical_and(&k)
 }
 
+/// How the relative terms c2p and p2c reach the [B, H, N, N] scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelativePath {
+    /// Project the 2S-row table, then `gather` each (i, j)'s row (HF's and the official way).
+    Gather,
+    /// Expand the table to one row per distance (2N-1 rows, a gather on the small table), one
+    /// GEMM, then a strided "skew" view picks (i, j) ← distance i - j: no [B, H, N, N] index
+    /// tensors and no scatter in backward (issue G). Self-attention only (Nq = N).
+    Skew,
+}
+
+impl RelativePath {
+    /// `DEBERTA_ATTENTION=skew` selects the skew path (read once); gather otherwise.
+    pub fn chosen() -> RelativePath {
+        static PATH: std::sync::OnceLock<RelativePath> = std::sync::OnceLock::new();
+        *PATH.get_or_init(|| match std::env::var("DEBERTA_ATTENTION").as_deref() {
+            Ok("skew") => RelativePath::Skew,
+            _ => RelativePath::Gather,
+        })
+    }
+}
+
+/// The table rows of every distance, from rel_idx [N, N] (rel_idx[i, j] depends on i - j only):
+/// descending (N-1 .. -(N-1)) and ascending (-(N-1) .. N-1), each [2N-1].
+fn distance_rows(rel_idx: &Tensor) -> (Tensor, Tensor) {
+    let n = rel_idx.size()[0];
+    let non_negative = rel_idx.select(1, 0); // distance 0..N-1 (i = d, j = 0)
+    let negative = rel_idx.select(0, 0).narrow(0, 1, n - 1); // distance -1..-(N-1) (i = 0, j = -d)
+    let desc = Tensor::cat(&[non_negative.flip([0]), negative.shallow_clone()], 0);
+    let asc = Tensor::cat(&[negative.flip([0]), non_negative], 0);
+    (desc, asc)
+}
+
+/// full: [B, H, N, 2N-1] with full[i, m] for distance index m -> [B, H, N, N] with
+/// out[i, j] = full[i, (N-1-i) + j]. Flat, that is element i(2N-2) + (N-1) + j: drop the first
+/// N-1 elements, read rows of 2N-2, keep N columns (views only).
+fn skew_view(full: &Tensor) -> Tensor {
+    let (b, h, n, w) = full.size4().expect("[B, H, N, 2N-1]");
+    full.contiguous()
+        .reshape([b, h, n * w])
+        .narrow(2, n - 1, n * (w - 1))
+        .reshape([b, h, n, w - 1])
+        .narrow(3, 0, n)
+}
+
 #[derive(Debug)]
 pub struct DisentangledSelfAttention {
     pub query_proj: Linear,
@@ -88,14 +133,55 @@ impl DisentangledSelfAttention {
         mask: &Tensor,
         train: bool,
     ) -> Tensor {
+        self.forward_using(x, xq, rel, mask, train, RelativePath::chosen())
+    }
+
+    /// `forward` with the relative terms computed by `path`.
+    pub fn forward_using(
+        &self,
+        x: &Tensor,
+        xq: &Tensor,
+        rel: Option<&RelativeContext>,
+        mask: &Tensor,
+        train: bool,
+        path: RelativePath,
+    ) -> Tensor {
         let q_c = self.split_heads(&self.query_proj.forward(xq)); // [B, H, Nq, d]
         let k_c = self.split_heads(&self.key_proj.forward(x)); // [B, H, N, d]
         let v_c = self.split_heads(&self.value_proj.forward(x)); // [B, H, N, d]
         let (b, h, nq, _) = q_c.size4().expect("[batch, heads, query, d]");
         let n = k_c.size()[2];
 
-        let mut scores = q_c.matmul(&k_c.transpose(-1, -2)) * self.scale; // c2c: [B, H, Nq, N]
-        if let Some(rel) = rel.filter(|_| self.c2p || self.p2c) {
+        let skew = path == RelativePath::Skew && nq == n;
+        // The skew path folds the scale into the (small) query side instead of scaling [B, H, N, N].
+        let q_c = if skew { q_c * self.scale } else { q_c };
+        let c2c = q_c.matmul(&k_c.transpose(-1, -2)); // [B, H, Nq, N]
+        let mut scores = if skew { c2c } else { c2c * self.scale };
+        if let Some(rel) = rel.filter(|_| skew && (self.c2p || self.p2c)) {
+            let r = rel.table.dropout(self.pos_dropout, train);
+            let (by_desc, by_asc) = distance_rows(&rel.rel_idx);
+            if self.c2p {
+                // T[m] = K_r[row of distance N-1-m]: c2p[i, j] = (Q_c T^T)[i, (N-1-i) + j].
+                let k_r = self
+                    .pos_key_proj
+                    .as_ref()
+                    .unwrap_or(&self.key_proj)
+                    .forward(&r.index_select(0, &by_desc));
+                let full = q_c.matmul(&self.split_table_heads(&k_r).transpose(-1, -2)); // [B, H, N, 2N-1]
+                scores = scores + skew_view(&full);
+            }
+            if self.p2c {
+                // T[m] = Q_r[row of distance m-(N-1)]: p2c[i, j] = (K_c T^T)[j, (N-1-j) + i].
+                let q_r = self
+                    .pos_query_proj
+                    .as_ref()
+                    .unwrap_or(&self.query_proj)
+                    .forward(&r.index_select(0, &by_asc));
+                let q_r = self.split_table_heads(&q_r) * self.scale;
+                let full = k_c.matmul(&q_r.transpose(-1, -2)); // [B, H, N, 2N-1]
+                scores = scores + skew_view(&full).transpose(-1, -2);
+            }
+        } else if let Some(rel) = rel.filter(|_| self.c2p || self.p2c) {
             let r = rel.table.dropout(self.pos_dropout, train); // [2S, D], per-layer dropout
             if self.c2p {
                 let k_r = self.split_table_heads(&self.pos_key_proj.as_ref().unwrap_or(&self.key_proj).forward(&r));
@@ -119,5 +205,81 @@ impl DisentangledSelfAttention {
             .masked_fill(&hidden, 0.0);
         let ctx = probs.dropout(self.attention_dropout, train).matmul(&v_c); // [B, H, Nq, d]
         ctx.transpose(1, 2).reshape([b, nq, -1]) // [B, Nq, H*d]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encoder::Encoder;
+    use tch::{Device, Kind};
+
+    /// Output and gradients (input, every projection) of one attention call.
+    fn run(cfg: &DebertaConfig, path: RelativePath, seed: i64) -> Vec<Tensor> {
+        tch::manual_seed(seed);
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let enc = Encoder::new(&(vs.root() / "encoder"), cfg, TpShard::NONE);
+        let (b, n, d) = (3, 21, cfg.hidden_size);
+        let x = Tensor::randn([b, n, d], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        // Rows of length 21, 17 and 9: padding in two of them.
+        let lengths = Tensor::from_slice(&[21i64, 17, 9]);
+        let m = Tensor::arange(n, (Kind::Int64, Device::Cpu))
+            .unsqueeze(0)
+            .lt_tensor(&lengths.unsqueeze(1))
+            .to_kind(Kind::Float);
+        let rel = enc.relative_context(n, n);
+        let att = &enc.layers[0].attention;
+        let out = att.forward_using(&x, &x, rel.as_ref(), &attention_mask(&m, &m), false, path);
+        // A loss that weighs every output element differently.
+        let w = Tensor::randn(out.size().as_slice(), (Kind::Float, Device::Cpu));
+        (&out * &w).sum(Kind::Float).backward();
+        let mut all = vec![out.detach(), x.grad()];
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, v) in vars {
+            if name.contains("layer.0.attention.self")
+                || name.contains("rel_embeddings")
+                || name.contains("encoder.LayerNorm")
+            {
+                all.push(v.grad());
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn the_skew_path_equals_the_gather_path_with_padding_and_buckets() {
+        let shared = DebertaConfig::toy(); // shared key, 8 buckets < 21 positions, rel-LN
+        let mut separate = DebertaConfig::toy();
+        separate.share_att_key = false; // pos_key_proj / pos_query_proj
+        separate.position_buckets = 0;
+        separate.max_relative_positions = 16; // distances clamped at ±16
+        for (name, cfg) in [
+            ("shared key, buckets", shared),
+            ("separate projections, clamp", separate),
+        ] {
+            let (a, b) = (run(&cfg, RelativePath::Gather, 5), run(&cfg, RelativePath::Skew, 5));
+            assert!(a.len() >= 5, "{name}: {}", a.len());
+            for (k, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!(x.defined() && y.defined(), "{name}: tensor {k} has no gradient");
+                let diff = (x - y).abs().max().double_value(&[]);
+                let scale = x.abs().max().double_value(&[]).max(1.0);
+                assert!(diff <= 1e-5 * scale, "{name}: tensor {k} differs by {diff:e}");
+            }
+        }
+    }
+
+    #[test]
+    fn distance_rows_read_rel_idx_by_distance() {
+        let cfg = DebertaConfig::toy();
+        let n = 21;
+        let idx = crate::rel_pos::relative_index(&cfg, n, n, Device::Cpu);
+        let (desc, asc) = distance_rows(&idx);
+        for m in 0..2 * n - 1 {
+            let d = n - 1 - m; // distance i - j
+            let (i, j) = if d >= 0 { (d, 0) } else { (0, -d) };
+            assert_eq!(desc.int64_value(&[m]), idx.int64_value(&[i, j]));
+            assert_eq!(asc.int64_value(&[2 * n - 2 - m]), idx.int64_value(&[i, j]));
+        }
     }
 }

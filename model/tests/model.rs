@@ -265,3 +265,68 @@ fn hf_checkpoint_without_the_position_table_loads_without_the_emd_and_says_so() 
         loaded.warnings
     );
 }
+
+/// Loss and every parameter's gradient.
+fn loss_and_grads(vs: &VarStore, loss: &Tensor) -> (f64, Vec<(String, Tensor)>) {
+    for (_, v) in vs.variables() {
+        let mut g = v.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+    loss.backward();
+    let mut grads: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(n, v)| (n, v.grad().copy())).collect();
+    grads.sort_by(|a, b| a.0.cmp(&b.0));
+    (loss.double_value(&[]), grads)
+}
+
+#[test]
+fn the_masked_only_mlm_head_gives_the_full_head_s_loss_and_gradients() {
+    tch::manual_seed(3);
+    let cfg = DebertaConfig::toy();
+    let vs = VarStore::new(Device::Cpu);
+    let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
+    let (b, n) = (3, 24);
+    let opts = (Kind::Int64, Device::Cpu);
+    let ids = Tensor::randint_low(5, cfg.vocab_size, [b, n], opts);
+    let mask = Tensor::ones([b, n], opts);
+    let _ = mask.get(2).narrow(0, 15, 9).fill_(0);
+    let masked = Tensor::rand([b, n], (Kind::Float, Device::Cpu))
+        .lt(0.2)
+        .logical_and(&mask.gt(0));
+    let labels = ids.where_self(&masked, &Tensor::full([b, n], IGNORE_INDEX, opts));
+    // Reference: logits at every position [B, N, V], then CE ignoring the unpredicted ones.
+    let enc = model.encode(&ids, &mask, false);
+    let full = model.mlm_logits(&enc, false).unwrap();
+    let reference = full.reshape([-1, cfg.vocab_size]).cross_entropy_loss::<Tensor>(
+        &labels.reshape([-1]),
+        None,
+        tch::Reduction::Mean,
+        IGNORE_INDEX,
+        0.0,
+    );
+    let (want, want_grads) = loss_and_grads(&vs, &reference);
+    // Ours: the transform and the decoder on the predicted rows only.
+    let enc = model.encode(&ids, &mask, false);
+    let ours = model.mlm_loss(&enc, &labels, false).unwrap();
+    let (got, got_grads) = loss_and_grads(&vs, &ours);
+    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    // The segment-wise (TP) path too, at one rank: sum over predicted tokens x 1/count.
+    let count = masked.sum(Kind::Int64).int64_value(&[]) as f64;
+    let single = deberta_model::collective::Single;
+    let mut tape = deberta_model::segments::Tape::new(&single);
+    let seg = model.mlm_loss_segments(&mut tape, &ids, &mask, &labels, 1.0 / count, false);
+    let seg_loss = tape.value(seg).double_value(&[]);
+    assert!((seg_loss - want).abs() < 1e-6, "{seg_loss} vs {want}");
+    for (_, v) in vs.variables() {
+        let _ = v.grad().zero_();
+    }
+    tape.backward(seg);
+    for ((name, w), (_, g)) in want_grads.iter().zip(&got_grads) {
+        let diff = (w - g).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "{name}: masked-only head gradient differs by {diff:e}");
+        let s = vs.variables()[name].grad();
+        let diff = (w - &s).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "{name}: segment-wise gradient differs by {diff:e}");
+    }
+}

@@ -105,7 +105,10 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     let fpt = flops_per_token(&cfg, b.seq, MASK_FRACTION);
     let round = |x: f64, digits: i32| (x * 10f64.powi(digits)).round() / 10f64.powi(digits);
     Ok(BenchRow {
-        system: "deberta-rs".into(),
+        system: match deberta_model::attention::RelativePath::chosen() {
+            deberta_model::attention::RelativePath::Gather => "deberta-rs".into(),
+            deberta_model::attention::RelativePath::Skew => "deberta-rs+skew".into(),
+        },
         preset: b.preset.clone(),
         params: ParamCount::of(&cfg).pretraining,
         batch: b.batch,
