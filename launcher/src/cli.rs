@@ -70,6 +70,9 @@ pub struct BenchArgs {
     /// How the relative terms are computed: gather (HF's way) or skew (gather-free).
     #[arg(long, default_value = "gather")]
     pub attention: String,
+    /// Activation recomputation per segment (`train.recompute`).
+    #[arg(long)]
+    pub recompute: bool,
 }
 
 #[derive(Debug, Args)]

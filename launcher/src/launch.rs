@@ -423,6 +423,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.fp32 {
         cmd.arg("--fp32");
     }
+    if a.recompute {
+        cmd.arg("--recompute");
+    }
     cmd.env("DEBERTA_ATTENTION", &a.attention);
     let status = cmd.status().with_context(|| format!("running {}", worker.display()))?;
     match status.code() {

@@ -203,25 +203,31 @@ impl SegmentedEncoding {
     fn with_rel(&self, xs: &[Boundary]) -> Vec<Boundary> {
         xs.iter().copied().chain(self.rel).collect()
     }
+}
 
-    /// The relative context from a segment's inputs, the table being input `at`.
-    fn rel_ctx(&self, inputs: &[Input], at: usize) -> Option<RelativeContext> {
-        self.rel.map(|_| RelativeContext {
-            table: inputs[at].tp.shallow_clone(),
-            rel_idx: self.rel_idx.as_ref().unwrap().shallow_clone(),
-        })
-    }
+/// The relative context from a segment's inputs, the table being input `at` (None without
+/// relative attention).
+fn rel_ctx(rel_idx: &Option<Tensor>, inputs: &[Input], at: usize) -> Option<RelativeContext> {
+    rel_idx.as_ref().map(|idx| RelativeContext {
+        table: inputs[at].tp.shallow_clone(),
+        rel_idx: idx.shallow_clone(),
+    })
+}
+
+fn clone_opt(t: &Option<Tensor>) -> Option<Tensor> {
+    t.as_ref().map(Tensor::shallow_clone)
 }
 
 /// Training under tensor parallelism: the backbone, the pretraining loss and the fine-tuning
-/// logits built segment by segment on a `Tape` (see `segments`).
+/// logits built segment by segment on a `Tape` (see `segments`). Each segment's closure owns
+/// (shallow clones of) what it reads besides the model, so the tape can re-run it in backward.
 impl DebertaV2 {
     /// Records the embeddings and every layer. `delta`: SiFT's perturbation of the normalised
     /// embeddings; `mark_ready`: report each layer's gradients final once backward has passed it
     /// (only for the last pass over the layers in forward order, i.e. the first in backward).
-    pub fn encoder_segments(
-        &self,
-        tape: &mut Tape,
+    pub fn encoder_segments<'c>(
+        &'c self,
+        tape: &mut Tape<'c>,
         ids: &Tensor,
         mask: &Tensor,
         train: bool,
@@ -229,7 +235,6 @@ impl DebertaV2 {
         mark_ready: bool,
     ) -> SegmentedEncoding {
         let tp = tape.tp();
-        let g = |x: &Tensor| reduce_from_tp(x, tp);
         let mask_f = mask.to_kind(Kind::Float);
         let n = ids.size()[1];
         let att_mask = attention_mask(&mask_f, &mask_f);
@@ -238,13 +243,24 @@ impl DebertaV2 {
             .rel_embeddings
             .as_ref()
             .map(|t| relative_index(&self.cfg, n, n, t.device()));
-        let e = tape.segment(&[], |_| {
-            vec![self.embeddings.forward_perturbed(ids, &mask_f, &g, train, delta)]
-        })[0];
-        let rel = self
-            .encoder
-            .relative_context(n, n)
-            .map(|r| tape.segment(&[], |_| vec![r.table])[0]);
+        let e = {
+            let (ids, mask_f, delta) = (
+                ids.shallow_clone(),
+                mask_f.shallow_clone(),
+                delta.map(Tensor::shallow_clone),
+            );
+            tape.segment(&[], move |_| {
+                let g = |x: &Tensor| reduce_from_tp(x, tp);
+                vec![self
+                    .embeddings
+                    .forward_perturbed(&ids, &mask_f, &g, train, delta.as_ref())]
+            })[0]
+        };
+        let rel = rel_idx.as_ref().map(|_| {
+            tape.segment(&[], move |_| {
+                vec![self.encoder.relative_context(n, n).expect("relative attention").table]
+            })[0]
+        });
         let mut enc = SegmentedEncoding {
             embeddings: e,
             layers: Vec::with_capacity(self.encoder.layers.len()),
@@ -255,28 +271,26 @@ impl DebertaV2 {
         };
         for (i, layer) in self.encoder.layers.iter().enumerate() {
             let x = enc.layers.last().copied().unwrap_or(e);
-            let a = tape.segment(&enc.with_rel(&[x]), |inp| {
-                let rc = enc.rel_ctx(inp, 1);
-                vec![layer.attention_sublayer(
-                    &inp[0].tp,
-                    &inp[0].tp,
-                    &inp[0].rep,
-                    rc.as_ref(),
-                    &enc.att_mask,
-                    &g,
-                    train,
-                )]
+            let (rel_idx, att_mask) = (clone_opt(&enc.rel_idx), enc.att_mask.shallow_clone());
+            let a = tape.segment(&enc.with_rel(&[x]), move |inp| {
+                let g = |x: &Tensor| reduce_from_tp(x, tp);
+                let rc = rel_ctx(&rel_idx, inp, 1);
+                vec![layer.attention_sublayer(&inp[0].tp, &inp[0].tp, &inp[0].rep, rc.as_ref(), &att_mask, &g, train)]
             })[0];
             // Backward reaches this segment last among the uses of layer i (the EMD's reuses of
             // the last layer come later in forward): its gradients are final after it.
             if mark_ready {
                 tape.mark_ready(i);
             }
-            let mut y = tape.segment(&[a], |inp| vec![layer.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)])[0];
+            let mut y = tape.segment(&[a], move |inp| {
+                let g = |x: &Tensor| reduce_from_tp(x, tp);
+                vec![layer.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)]
+            })[0];
             if i == 0 {
                 if let Some(conv) = &self.encoder.conv {
-                    y = tape.segment(&[e, y], |inp| {
-                        vec![conv.forward(&inp[0].rep, &inp[1].rep, &enc.mask, train)]
+                    let mask_f = enc.mask.shallow_clone();
+                    y = tape.segment(&[e, y], move |inp| {
+                        vec![conv.forward(&inp[0].rep, &inp[1].rep, &mask_f, train)]
                     })[0];
                     if mark_ready {
                         tape.mark_ready(self.encoder.layers.len());
@@ -292,9 +306,9 @@ impl DebertaV2 {
     /// 1 / predicted tokens in the global batch), and returns the loss boundary; call
     /// `tape.backward(loss)` for the gradients. ids, mask, labels: [B, N] int64 on this rank
     /// (the same on every rank of a TP group).
-    pub fn mlm_loss_segments(
-        &self,
-        tape: &mut Tape,
+    pub fn mlm_loss_segments<'c>(
+        &'c self,
+        tape: &mut Tape<'c>,
         ids: &Tensor,
         mask: &Tensor,
         labels: &Tensor,
@@ -303,7 +317,6 @@ impl DebertaV2 {
     ) -> Boundary {
         let head = self.mlm.as_ref().expect("mlm_loss_segments needs the MLM head");
         let tp = tape.tp();
-        let g = |x: &Tensor| reduce_from_tp(x, tp);
         let n = ids.size()[1];
         let enc = self.encoder_segments(tape, ids, mask, train, None, true);
         let outs = &enc.layers;
@@ -314,22 +327,27 @@ impl DebertaV2 {
         } else {
             let h_kv = outs[outs.len() - 2];
             let positions = self.embeddings.positions(n).expect("the EMD needs the position table");
-            let mut q = tape.segment(&[h_kv], |inp| vec![&positions + &inp[0].rep])[0];
+            let mut q = tape.segment(&[h_kv], move |inp| vec![&positions + &inp[0].rep])[0];
             let last = self.encoder.layers.last().unwrap();
             for _ in 0..EMD_STEPS {
-                let a = tape.segment(&enc.with_rel(&[h_kv, q]), |inp| {
-                    let rc = enc.rel_ctx(inp, 2);
+                let (rel_idx, att_mask) = (clone_opt(&enc.rel_idx), enc.att_mask.shallow_clone());
+                let a = tape.segment(&enc.with_rel(&[h_kv, q]), move |inp| {
+                    let g = |x: &Tensor| reduce_from_tp(x, tp);
+                    let rc = rel_ctx(&rel_idx, inp, 2);
                     vec![last.attention_sublayer(
                         &inp[0].tp,
                         &inp[1].tp,
                         &inp[1].rep,
                         rc.as_ref(),
-                        &enc.att_mask,
+                        &att_mask,
                         &g,
                         train,
                     )]
                 })[0];
-                q = tape.segment(&[a], |inp| vec![last.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)])[0];
+                q = tape.segment(&[a], move |inp| {
+                    let g = |x: &Tensor| reduce_from_tp(x, tp);
+                    vec![last.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)]
+                })[0];
             }
             q
         };
@@ -340,11 +358,11 @@ impl DebertaV2 {
         let flat = labels.reshape([-1]);
         let sel = flat.ne(IGNORE_INDEX).nonzero().squeeze_dim(1);
         let targets = flat.index_select(0, &sel);
-        let h = tape.segment(&[q_final], |inp| {
+        let h = tape.segment(&[q_final], move |inp| {
             vec![head.transform(&inp[0].rep.reshape([-1, d]).index_select(0, &sel))]
         })[0];
         let (start, vocab) = (self.embeddings.vocab_start, self.cfg.vocab_size);
-        tape.segment(&[h], |inp| {
+        tape.segment(&[h], move |inp| {
             let logits = head.decode_local(&inp[0].tp, &self.embeddings.word_embeddings);
             let ce = vocab_parallel_cross_entropy_padded(&logits, &targets, start, vocab, tp);
             vec![ce.sum(Kind::Float) * scale]
@@ -355,10 +373,10 @@ impl DebertaV2 {
     /// states, recorded on the tape. `spans` as `TaskHead::forward` takes them; `delta` and
     /// `mark_ready` as in `encoder_segments`.
     #[allow(clippy::too_many_arguments)]
-    pub fn classify_segments(
-        &self,
-        tape: &mut Tape,
-        head: &TaskHead,
+    pub fn classify_segments<'c>(
+        &'c self,
+        tape: &mut Tape<'c>,
+        head: &'c TaskHead,
         ids: &Tensor,
         mask: &Tensor,
         spans: Option<&Tensor>,
@@ -368,7 +386,10 @@ impl DebertaV2 {
     ) -> Boundary {
         let enc = self.encoder_segments(tape, ids, mask, train, delta, mark_ready);
         let last = *enc.layers.last().expect("at least one layer");
-        tape.segment(&[last], |inp| vec![head.forward(&inp[0].rep, spans, train)])[0]
+        let spans = spans.map(Tensor::shallow_clone);
+        tape.segment(&[last], move |inp| {
+            vec![head.forward(&inp[0].rep, spans.as_ref(), train)]
+        })[0]
     }
 }
 

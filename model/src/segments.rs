@@ -18,6 +18,11 @@
 //!
 //! Replicated parameters inside a segment receive the full gradient on every rank; sharded ones
 //! their shard's gradient. Nothing else needs a TP all-reduce.
+//!
+//! Activation recomputation (`Tape::seeded(.., recompute = true)`): forward runs every segment
+//! without a graph, keeping only the boundaries; backward re-runs each segment's forward, with
+//! the same dropout seed and autocast setting, just before its backward. Memory then holds the
+//! boundaries (two [B, N, D] per layer) instead of every activation inside the sublayers.
 
 use tch::{Kind, Tensor};
 
@@ -41,19 +46,33 @@ struct BoundaryState {
     tp_grad: Option<Tensor>,
 }
 
-struct Segment {
+/// A segment's forward, kept to be re-run when recomputing.
+type Forward<'c> = Box<dyn Fn(&[Input]) -> Vec<Tensor> + 'c>;
+
+struct Segment<'c> {
     inputs: Vec<(usize, Input)>,
-    /// (boundary, output with its autograd graph)
+    /// (boundary, output with its autograd graph); empty until recomputed.
     outputs: Vec<(usize, Tensor)>,
+    /// Recomputation: the forward, its output boundaries and its dropout seed.
+    rerun: Option<(Forward<'c>, Vec<usize>, i64)>,
+}
+
+/// Per-segment dropout seeding and recomputation (see `Tape::seeded`).
+#[derive(Debug, Clone, Copy)]
+struct Seeding {
+    seed: i64,
+    recompute: bool,
+    autocast: bool,
 }
 
 pub struct Tape<'c> {
     tp: &'c dyn Collective,
     boundaries: Vec<BoundaryState>,
-    segments: Vec<Segment>,
+    segments: Vec<Segment<'c>>,
     /// (segment index, key): after that segment's backward, the parameters of group `key` have
     /// their final gradient (see `mark_ready`).
     ready: Vec<(usize, usize)>,
+    seeding: Option<Seeding>,
 }
 
 fn accumulate(slot: &mut Option<Tensor>, g: Tensor) {
@@ -70,7 +89,31 @@ impl<'c> Tape<'c> {
             boundaries: Vec::new(),
             segments: Vec::new(),
             ready: Vec::new(),
+            seeding: None,
         }
+    }
+
+    /// A tape that reseeds libtorch's generator before each segment from (`seed`, segment
+    /// index), so a segment's dropout can be replayed; with `recompute`, activations are
+    /// recomputed in backward (module docs). `autocast`: the bf16 autocast setting the caller's
+    /// forward runs under, re-applied when recomputing.
+    pub fn seeded(tp: &'c dyn Collective, seed: i64, recompute: bool, autocast: bool) -> Tape<'c> {
+        Tape {
+            seeding: Some(Seeding {
+                seed,
+                recompute,
+                autocast,
+            }),
+            ..Tape::new(tp)
+        }
+    }
+
+    fn segment_seed(base: i64, index: usize) -> i64 {
+        // A 64-bit mix of (base, index), kept non-negative for manual_seed.
+        let mut z = (base as u64) ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) >> 1) as i64
     }
 
     /// The TP group the tape reduces over.
@@ -78,19 +121,37 @@ impl<'c> Tape<'c> {
         self.tp
     }
 
-    /// Run `f` on fresh leaves of `inputs`; its outputs become new boundaries.
-    pub fn segment(&mut self, inputs: &[Boundary], f: impl FnOnce(&[Input]) -> Vec<Tensor>) -> Vec<Boundary> {
-        let leaves: Vec<Input> = inputs
+    /// Fresh leaves of boundaries.
+    fn leaves(&self, inputs: &[usize]) -> Vec<Input> {
+        inputs
             .iter()
-            .map(|b| {
-                let v = &self.boundaries[b.0].value;
+            .map(|&b| {
+                let v = &self.boundaries[b].value;
                 Input {
                     tp: v.detach().set_requires_grad(true),
                     rep: v.detach().set_requires_grad(true),
                 }
             })
-            .collect();
-        let outputs = f(&leaves);
+            .collect()
+    }
+
+    /// Run `f` on fresh leaves of `inputs`; its outputs become new boundaries. `f` must be a
+    /// pure function of its inputs, the parameters and the generator's state (it may run again).
+    pub fn segment(&mut self, inputs: &[Boundary], f: impl Fn(&[Input]) -> Vec<Tensor> + 'c) -> Vec<Boundary> {
+        let ids: Vec<usize> = inputs.iter().map(|b| b.0).collect();
+        let leaves = self.leaves(&ids);
+        let seeding = self
+            .seeding
+            .map(|s| (s, Self::segment_seed(s.seed, self.segments.len())));
+        if let Some((_, seed)) = seeding {
+            tch::manual_seed(seed);
+        }
+        let recompute = seeding.filter(|(s, _)| s.recompute);
+        let outputs = if recompute.is_some() {
+            tch::no_grad(|| f(&leaves))
+        } else {
+            f(&leaves)
+        };
         let mut handles = Vec::with_capacity(outputs.len());
         let mut outs = Vec::with_capacity(outputs.len());
         for out in outputs {
@@ -103,10 +164,30 @@ impl<'c> Tape<'c> {
             handles.push(Boundary(id));
             outs.push((id, out));
         }
-        self.segments.push(Segment {
-            inputs: inputs.iter().map(|b| b.0).zip(leaves).collect(),
-            outputs: outs,
-        });
+        let segment = match recompute {
+            Some((_, seed)) => Segment {
+                inputs: ids
+                    .into_iter()
+                    .map(|b| {
+                        (
+                            b,
+                            Input {
+                                tp: Tensor::new(),
+                                rep: Tensor::new(),
+                            },
+                        )
+                    })
+                    .collect(),
+                rerun: Some((Box::new(f), outs.iter().map(|(id, _)| *id).collect(), seed)),
+                outputs: Vec::new(),
+            },
+            None => Segment {
+                inputs: ids.into_iter().zip(leaves).collect(),
+                outputs: outs,
+                rerun: None,
+            },
+        };
+        self.segments.push(segment);
         handles
     }
 
@@ -160,7 +241,17 @@ impl<'c> Tape<'c> {
         }
     }
 
-    fn backward_segment(&mut self, seg: Segment) {
+    fn backward_segment(&mut self, mut seg: Segment) {
+        if let Some((f, out_ids, seed)) = seg.rerun.take() {
+            // Recompute: the same leaves, dropout and autocast as in forward, now with a graph.
+            let ids: Vec<usize> = seg.inputs.iter().map(|(b, _)| *b).collect();
+            let leaves = self.leaves(&ids);
+            tch::manual_seed(seed);
+            let autocast = self.seeding.is_some_and(|s| s.autocast);
+            let outputs = tch::autocast(autocast, || f(&leaves));
+            seg.inputs = ids.into_iter().zip(leaves).collect();
+            seg.outputs = out_ids.into_iter().zip(outputs).collect();
+        }
         let mut objective: Option<Tensor> = None;
         for (id, out) in &seg.outputs {
             if let Some(g) = self.full_grad(*id) {
@@ -216,6 +307,37 @@ mod tests {
         tape.backward(l);
         assert!((w1.grad() - &want[0]).abs().max().double_value(&[]) < 1e-5);
         assert!((w2.grad() - &want[1]).abs().max().double_value(&[]) < 1e-5);
+    }
+
+    /// Gradients of w1, w2 through a chain with dropout, on a tape made by `make`.
+    fn dropout_chain(make: impl Fn() -> Tape<'static>) -> (f64, Tensor, Tensor) {
+        tch::manual_seed(2);
+        let w1 = Tensor::randn([8, 8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let w2 = Tensor::randn([8, 8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let x = Tensor::randn([5, 8], (Kind::Float, Device::Cpu));
+        let mut tape = make();
+        let (a, b) = (w1.shallow_clone(), w2.shallow_clone());
+        let y = tape.segment(&[], move |_| vec![x.matmul(&a).tanh().dropout(0.3, true)])[0];
+        let z = tape.segment(&[y], move |i| vec![i[0].tp.matmul(&b).dropout(0.3, true) + &i[0].rep])[0];
+        let l = tape.segment(&[z, y], |i| {
+            vec![i[0].rep.pow_tensor_scalar(2).sum(Kind::Float) + i[1].rep.sum(Kind::Float)]
+        })[0];
+        let loss = tape.value(l).double_value(&[]);
+        tape.backward(l);
+        (loss, w1.grad(), w2.grad())
+    }
+
+    #[test]
+    fn recomputing_in_backward_gives_the_stored_activations_gradients_dropout_included() {
+        static SINGLE: Single = Single;
+        let (l1, a1, b1) = dropout_chain(|| Tape::seeded(&SINGLE, 42, false, false));
+        let (l2, a2, b2) = dropout_chain(|| Tape::seeded(&SINGLE, 42, true, false));
+        assert_eq!(l1, l2);
+        assert!((&a1 - &a2).abs().max().double_value(&[]) < 1e-6);
+        assert!((&b1 - &b2).abs().max().double_value(&[]) < 1e-6);
+        // The dropout really acts (another seed, another loss).
+        let (l3, _, _) = dropout_chain(|| Tape::seeded(&SINGLE, 43, true, false));
+        assert_ne!(l1, l3);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::grads::Params;
 use crate::harness::build_sharded;
 use crate::optim::{AdamWConfig, FlatAdamW};
 use crate::runtime::Groups;
-use crate::step::forward_backward;
+use crate::step::{forward_backward, StepMode};
 
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -28,6 +28,8 @@ pub struct BenchConfig {
     pub peak_tflops: f64,
     /// bf16 autocast (CUDA) or fp32.
     pub bf16: bool,
+    /// Activation recomputation per segment.
+    pub recompute: bool,
 }
 
 /// One benchmark row: the baseline's keys, in its order. `peak_mem_gib` is null on the CPU and
@@ -88,7 +90,17 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     for i in 0..b.warmup + b.steps {
         let t0 = Instant::now();
         // The loss comes back to the host every step: that is the step's synchronisation.
-        loss = forward_backward(&model, &params, groups, &micro, predicted, b.bf16);
+        loss = forward_backward(
+            &model,
+            &params,
+            groups,
+            &micro,
+            predicted,
+            StepMode {
+                bf16: b.bf16,
+                recompute: b.recompute.then_some(i as i64),
+            },
+        );
         let norm = params.global_grad_norm(&*groups.tp);
         params.clip(norm, 1.0);
         opt.step(1e-4);

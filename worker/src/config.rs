@@ -133,6 +133,10 @@ pub struct TrainSection {
     /// Stop after this many consecutive non-finite losses (each skips its update).
     #[serde(default = "three")]
     pub max_bad_steps: usize,
+    /// Activation recomputation: keep only the sublayer boundaries in forward and re-run each
+    /// sublayer in backward (about a third more compute, far less activation memory).
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 pub(crate) fn one() -> usize {

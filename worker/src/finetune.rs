@@ -134,6 +134,9 @@ pub struct FtTrain {
     pub log_every: u64,
     #[serde(default = "fp32")]
     pub precision: String,
+    /// Activation recomputation per segment, as in pretraining (`train.recompute`).
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 /// SiFT (spec §10): adversarial perturbation of the normalised word embeddings.
@@ -483,13 +486,17 @@ impl Ft<'_> {
 
     /// Forward + backward of this rank's micro-batches of one global batch; gradients reduced
     /// over DP. `scale` = 1 / examples in the global batch.
-    fn forward_backward(&self, micro: &[Batch], scale: f64) -> StepLoss {
+    fn forward_backward(&self, micro: &[Batch], scale: f64, seed: i64) -> StepLoss {
         let (tp, dp) = (&*self.groups.tp, &*self.groups.dp);
         self.params.zero_grad();
         let (mut total, mut adv_total) = (0.0, 0.0);
         let sift = &self.cfg.sift;
         for (k, mb) in micro.iter().enumerate() {
-            let mut tape = Tape::new(tp);
+            let mut tape = if self.cfg.train.recompute {
+                Tape::seeded(tp, seed.wrapping_add(k as i64), true, self.bf16)
+            } else {
+                Tape::new(tp)
+            };
             let spans = mb.spans.as_ref();
             let logits = tch::autocast(self.bf16, || {
                 self.model
@@ -742,8 +749,9 @@ pub fn finetune(config_path: &Path, groups: &Groups) -> Result<()> {
             })
             .collect();
         // Dropout reseeded from (seed, step, DP rank), as in pretraining.
-        tch::manual_seed((cfg.run.seed as i64).wrapping_mul(1_000_003) + step as i64 * 1_009 + dp_rank as i64);
-        let loss = ft.forward_backward(&micro, 1.0 / t.batch as f64);
+        let seed = (cfg.run.seed as i64).wrapping_mul(1_000_003) + step as i64 * 1_009 + dp_rank as i64;
+        tch::manual_seed(seed);
+        let loss = ft.forward_backward(&micro, 1.0 / t.batch as f64, seed);
         let norm = ft.params.global_grad_norm(&*groups.tp);
         if loss.total.is_finite() && norm.is_finite() {
             ft.params.clip(norm, t.grad_clip);

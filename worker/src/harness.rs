@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::grads::Params;
 use crate::runtime::Groups;
-use crate::step::{forward_backward, Rows};
+use crate::step::{forward_backward, Rows, StepMode};
 
 #[derive(Debug, Clone, Copy)]
 pub struct HarnessConfig {
@@ -108,7 +108,7 @@ pub fn train_step(model: &DebertaV2, params: &Params, groups: &Groups, hc: &Harn
             (rows(&ids), rows(&mask), rows(&labels))
         })
         .collect();
-    let loss = forward_backward(model, params, groups, &micro, predicted, false);
+    let loss = forward_backward(model, params, groups, &micro, predicted, StepMode::default());
     let grad_norm = params.global_grad_norm(&*groups.tp);
     params.clip(grad_norm, hc.max_grad_norm);
     params.sgd_step(hc.lr);

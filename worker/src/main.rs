@@ -60,6 +60,9 @@ enum Command {
         /// fp32 instead of bf16 autocast on CUDA (the CPU is always fp32).
         #[arg(long)]
         fp32: bool,
+        /// Activation recomputation per segment.
+        #[arg(long)]
+        recompute: bool,
     },
     /// Checks that need real ranks; prints `N passed, N failed` on rank 0.
     Selftest {
@@ -257,6 +260,7 @@ fn main() -> ExitCode {
             device,
             peak_tflops,
             fp32,
+            recompute,
         } => {
             let cfg = deberta_worker::bench::BenchConfig {
                 preset,
@@ -266,6 +270,7 @@ fn main() -> ExitCode {
                 warmup,
                 peak_tflops,
                 bf16: device == "cuda" && !fp32,
+                recompute,
             };
             return bench(&world, &device, &batch, cfg);
         }

@@ -16,19 +16,33 @@ pub type Rows = (Tensor, Tensor, Tensor);
 /// tokens), so accumulation and DP give the gradient of the global mean. Only the last
 /// micro-batch's backward reduces over DP, each layer as soon as backward has finished it.
 /// Returns the mean loss over the global batch (summed over DP).
+/// How the step runs besides its data.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepMode {
+    /// bf16 autocast (CUDA).
+    pub bf16: bool,
+    /// Recompute each segment's activations in backward (`train.recompute`); the dropout of
+    /// micro-batch k then comes from per-segment seeds derived from `seed` + k.
+    pub recompute: Option<i64>,
+}
+
 pub fn forward_backward(
     model: &DebertaV2,
     params: &Params,
     groups: &Groups,
     micro: &[Rows],
     predicted: f64,
-    bf16: bool,
+    mode: StepMode,
 ) -> f64 {
     let (tp, dp) = (&*groups.tp, &*groups.dp);
+    let bf16 = mode.bf16;
     params.zero_grad();
     let mut local = 0.0;
     for (k, (ids, mask, labels)) in micro.iter().enumerate() {
-        let mut tape = Tape::new(tp);
+        let mut tape = match mode.recompute {
+            Some(seed) => Tape::seeded(tp, seed.wrapping_add(k as i64), true, bf16),
+            None => Tape::new(tp),
+        };
         let loss = tch::autocast(bf16, || {
             model.mlm_loss_segments(&mut tape, ids, mask, labels, 1.0 / predicted, true)
         });

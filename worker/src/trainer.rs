@@ -31,7 +31,7 @@ use crate::harness::build_sharded;
 use crate::heartbeat::{self, Heartbeat, Status};
 use crate::optim::{linear_warmup_decay, AdamWConfig, FlatAdamW};
 use crate::runtime::Groups;
-use crate::step::{forward_backward, Rows};
+use crate::step::{forward_backward, Rows, StepMode};
 
 /// Global batches of the held-out corpus that make up one evaluation.
 const EVAL_BATCHES: u64 = 4;
@@ -119,7 +119,8 @@ fn train_step(run: &mut Run, step: u64) -> StepStats {
     let (tp, dp, device) = (&*g.tp, &*g.dp, g.device);
     // Dropout is reseeded from (seed, step): resuming needs no RNG state. TP ranks of a DP group
     // share the stream (replicated dropout must agree across them); DP ranks differ.
-    tch::manual_seed((run.cfg.run.seed as i64).wrapping_mul(1_000_003) + step as i64 * 1_009 + g.topo.dp_rank as i64);
+    let seed = (run.cfg.run.seed as i64).wrapping_mul(1_000_003) + step as i64 * 1_009 + g.topo.dp_rank as i64;
+    tch::manual_seed(seed);
     let micro = run.train_loader.next_step();
     // Normalise by the global number of predicted tokens (one scalar collective before backward).
     let mut count =
@@ -137,7 +138,11 @@ fn train_step(run: &mut Run, step: u64) -> StepStats {
             )
         })
         .collect();
-    let mut loss = forward_backward(&run.model, &run.params, g, &rows, predicted, run.bf16);
+    let mode = StepMode {
+        bf16: run.bf16,
+        recompute: run.cfg.train.recompute.then_some(seed),
+    };
+    let mut loss = forward_backward(&run.model, &run.params, g, &rows, predicted, mode);
     if injected_non_finite(step) {
         loss = f64::NAN;
     }
