@@ -1,7 +1,8 @@
 //! `deberta submit` against a real SLURM: the one-node cluster of cluster/slurm-local (which
 //! `make test` and CI bring up). A tiny pretraining job of 4 tasks (tp 2 x dp 2, CPU) runs to the
 //! end through `srun --mpi=pmix`; a second submit with `--resume auto` continues from its final
-//! checkpoint to more steps.
+//! checkpoint to more steps. A job that gets the time-limit warning (SIGUSR1) checkpoints,
+//! requeues itself and finishes after SLURM's requeue delay (about two minutes).
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -76,6 +77,24 @@ fn train_steps(out: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// A tiny 4-task pretraining config of `steps` steps, a checkpoint every `every`.
+fn write_config(cfg: &Path, out: &Path, data: &TinyCorpus, steps: u64, every: u64) {
+    let yaml = format!(
+        "run: {{name: slurm-test, output_dir: {out}, seed: 5}}
+model: {{preset: tiny, vocab_size: 1000}}
+parallel: {{tensor: 2, data: 2, backend: cpu}}
+data: {{corpus: {corpus}, valid_corpus: {valid}, tokenizer: {tok}, seq_len: 32}}
+train: {{global_batch: 8, micro_batch: 2, steps: {steps}, lr: 2.0e-3, warmup_steps: 2, log_every: 1,
+        eval_every: 5, checkpoint_every: {every}, keep_checkpoints: 2}}
+",
+        out = out.display(),
+        corpus = data.corpus.display(),
+        valid = data.valid.display(),
+        tok = data.tokenizer.display(),
+    );
+    std::fs::write(cfg, yaml).unwrap();
+}
+
 #[test]
 fn a_submitted_job_trains_and_a_resubmit_continues_from_its_checkpoint() {
     slurm_is_up();
@@ -83,22 +102,7 @@ fn a_submitted_job_trains_and_a_resubmit_continues_from_its_checkpoint() {
     let data = TinyCorpus::build(dir.path()).unwrap();
     let out = dir.path().join("run");
     let cfg = dir.path().join("slurm.yaml");
-    let write = |steps: u64| {
-        let yaml = format!(
-            "run: {{name: slurm-test, output_dir: {out}, seed: 5}}
-model: {{preset: tiny, vocab_size: 1000}}
-parallel: {{tensor: 2, data: 2, backend: cpu}}
-data: {{corpus: {corpus}, valid_corpus: {valid}, tokenizer: {tok}, seq_len: 32}}
-train: {{global_batch: 8, micro_batch: 2, steps: {steps}, lr: 2.0e-3, warmup_steps: 2, log_every: 1,
-        eval_every: 5, checkpoint_every: 5, keep_checkpoints: 2}}
-",
-            out = out.display(),
-            corpus = data.corpus.display(),
-            valid = data.valid.display(),
-            tok = data.tokenizer.display(),
-        );
-        std::fs::write(&cfg, yaml).unwrap();
-    };
+    let write = |steps: u64| write_config(&cfg, &out, &data, steps, 5);
 
     write(10);
     let job = submit(&cfg, &[]);
@@ -159,4 +163,51 @@ train: {{global_batch: 8, micro_batch: 2, steps: {steps}, lr: 2.0e-3, warmup_ste
     );
     assert_eq!(train_steps(&out), (1..=16).collect::<Vec<_>>(), "{slurm_log}");
     assert!(out.join("checkpoints/step-00000016/manifest.json").is_file());
+}
+
+#[test]
+fn the_time_limit_warning_checkpoints_requeues_and_the_job_finishes() {
+    slurm_is_up();
+    let dir = tempfile::tempdir().unwrap();
+    let data = TinyCorpus::build(dir.path()).unwrap();
+    let out = dir.path().join("run");
+    let cfg = dir.path().join("warned.yaml");
+    let steps = 400;
+    write_config(&cfg, &out, &data, steps, 10_000); // checkpoints only at the stop and the end
+    let job = submit(&cfg, &[]);
+    // Once training runs, send what `--signal=USR1@120` sends before the time limit.
+    let beat = out.join("heartbeat/rank-00000");
+    let t0 = Instant::now();
+    loop {
+        let step = std::fs::read_to_string(&beat)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["step"].as_u64())
+            .unwrap_or(0);
+        if step >= 3 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "job {job} did not start training"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = Command::new("scancel").args(["--signal=USR1", &job]).status().unwrap();
+    assert!(s.success());
+    // Stop, checkpoint, requeue, SLURM's requeue delay (~2 min), resume, finish.
+    let state = wait_for(&job, Duration::from_secs(420));
+    let log = std::fs::read_to_string(out.join(format!("logs/slurm-{job}.out"))).unwrap_or_default();
+    assert!(state.contains("JobState=COMPLETED"), "{state}\n{log}");
+    for want in [
+        "run state: stopped",
+        "requeueing job",
+        "(restart 1)",
+        "resumed from",
+        "run state: done",
+    ] {
+        assert!(log.contains(want), "{want:?} not in {log}");
+    }
+    assert_eq!(train_steps(&out), (1..=steps).collect::<Vec<_>>(), "{log}");
+    assert!(out.join(format!("checkpoints/step-{steps:08}/manifest.json")).is_file());
 }
