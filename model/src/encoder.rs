@@ -49,13 +49,18 @@ impl Encoder {
 
     /// R = LN_rel(E_rel) and rel_idx for a q_len x k_len attention.
     pub fn relative_context(&self, q_len: i64, k_len: i64) -> Option<RelativeContext> {
-        let table = self.rel_embeddings.as_ref()?;
-        let table = match &self.rel_layer_norm {
-            Some(ln) => ln.forward(table),
-            None => table.shallow_clone(),
-        };
+        let table = self.relative_table()?;
         let rel_idx = relative_index(&self.cfg, q_len, k_len, table.device());
         Some(RelativeContext { table, rel_idx })
+    }
+
+    /// R = LN_rel(E_rel): [2S, D].
+    pub fn relative_table(&self) -> Option<Tensor> {
+        let table = self.rel_embeddings.as_ref()?;
+        Some(match &self.rel_layer_norm {
+            Some(ln) => ln.forward(table),
+            None => table.shallow_clone(),
+        })
     }
 
     /// e: [B, N, D], mask: [B, N] float -> the L layer outputs (post-conv for layer 0), each [B, N, D].

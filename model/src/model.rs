@@ -258,7 +258,7 @@ impl DebertaV2 {
         };
         let rel = rel_idx.as_ref().map(|_| {
             tape.segment(&[], move |_| {
-                vec![self.encoder.relative_context(n, n).expect("relative attention").table]
+                vec![self.encoder.relative_table().expect("relative attention")]
             })[0]
         });
         let mut enc = SegmentedEncoding {

@@ -184,6 +184,34 @@ pub struct ConfigError {
     pub msg: String,
 }
 
+/// The rules every job config shares: the layout for `world` ranks (and the model, if known),
+/// the backend, the precision and its fit with the backend.
+pub fn runtime_problems(
+    par: &ParallelSection,
+    precision: &str,
+    world: Option<usize>,
+    model: Option<&DebertaConfig>,
+) -> Vec<String> {
+    let layout = crate::topology::Layout {
+        tp: par.tensor,
+        dp: par.data,
+    };
+    let mut p = layout.problems(world.unwrap_or(par.tensor * par.data), model);
+    if !["cpu", "mpi", "cuda", "nccl"].contains(&par.backend.as_str()) {
+        p.push(format!(
+            "parallel.backend = {:?}: expected cpu, mpi, cuda or nccl",
+            par.backend
+        ));
+    }
+    if !["fp32", "bf16"].contains(&precision) {
+        p.push(format!("train.precision = {precision:?}: expected fp32 or bf16"));
+    }
+    if precision == "bf16" && matches!(par.backend.as_str(), "cpu" | "mpi") {
+        p.push("train.precision = \"bf16\" is the CUDA autocast mode: use fp32 with parallel.backend cpu".into());
+    }
+    p
+}
+
 /// Any of the job configs from YAML: unknown fields and wrong types name the field path.
 pub fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
     let de = serde_yaml::Deserializer::from_str(text);
@@ -255,23 +283,7 @@ impl RunConfig {
         if let Some(d) = self.model.dropout.filter(|d| !(0.0..1.0).contains(d)) {
             p.push(format!("model.dropout = {d} must be in [0, 1)"));
         }
-        let layout = crate::topology::Layout {
-            tp: par.tensor,
-            dp: par.data,
-        };
-        p.extend(layout.problems(world.unwrap_or(par.tensor * par.data), model.as_ref()));
-        if !["cpu", "mpi", "cuda", "nccl"].contains(&par.backend.as_str()) {
-            p.push(format!(
-                "parallel.backend = {:?}: expected cpu, mpi, cuda or nccl",
-                par.backend
-            ));
-        }
-        if !["fp32", "bf16"].contains(&t.precision.as_str()) {
-            p.push(format!("train.precision = {:?}: expected fp32 or bf16", t.precision));
-        }
-        if t.precision == "bf16" && matches!(par.backend.as_str(), "cpu" | "mpi") {
-            p.push("train.precision = \"bf16\" is the CUDA autocast mode: use fp32 with parallel.backend cpu".into());
-        }
+        p.extend(runtime_problems(par, &t.precision, world, model.as_ref()));
         if t.micro_batch == 0 || par.data == 0 || t.global_batch % (par.data as u64 * t.micro_batch) != 0 {
             p.push(format!(
                 "train.global_batch = {} must be a multiple of parallel.data x train.micro_batch = {} x {}",

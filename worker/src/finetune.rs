@@ -14,8 +14,7 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -28,7 +27,7 @@ use deberta_data::tokenizer::Vocab;
 use deberta_model::collective::Collective;
 use deberta_model::heads::{SequenceClassifier, SpanClassifier, TaskHead};
 use deberta_model::segments::Tape;
-use deberta_model::tensor_parallel::{shard_full, TpShard};
+use deberta_model::tensor_parallel::TpShard;
 use deberta_model::{DebertaConfig, DebertaV2, Parts, IGNORE_INDEX};
 use serde::Deserialize;
 use tch::nn::VarStore;
@@ -37,10 +36,11 @@ use tch::{Device, Kind, Reduction, Tensor};
 use crate::checkpoint::{self, Manifest};
 use crate::config::{fp32, grad_clip, one, weight_decay, ConfigError, ParallelSection};
 use crate::grads::Params;
+use crate::harness::load_shards;
 use crate::heartbeat::{self, Heartbeat, Status};
 use crate::optim::{linear_warmup_decay, AdamWConfig, FlatAdamW};
 use crate::runtime::Groups;
-use crate::trainer::{Monitor, SetupError};
+use crate::trainer::{dropout_seed, stop_flag, Monitor, SetupError};
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -226,17 +226,7 @@ impl FinetuneConfig {
             p.push("init: give exactly one of `checkpoint`, `hf_dir` and `preset`".into());
         }
         let par = &self.parallel;
-        let layout = crate::topology::Layout {
-            tp: par.tensor,
-            dp: par.data,
-        };
-        p.extend(layout.problems(world.unwrap_or(par.tensor * par.data), None));
-        if !["cpu", "mpi", "cuda", "nccl"].contains(&par.backend.as_str()) {
-            p.push(format!(
-                "parallel.backend = {:?}: expected cpu, mpi, cuda or nccl",
-                par.backend
-            ));
-        }
+        p.extend(crate::config::runtime_problems(par, &self.train.precision, world, None));
         let t = &self.train;
         if t.micro_batch == 0 || par.data == 0 || !t.batch.is_multiple_of(par.data * t.micro_batch) {
             p.push(format!(
@@ -261,12 +251,6 @@ impl FinetuneConfig {
         }
         if t.eval_every == 0 || t.log_every == 0 {
             p.push("train.eval_every and train.log_every must be >= 1".into());
-        }
-        if !["fp32", "bf16"].contains(&t.precision.as_str()) {
-            p.push(format!("train.precision = {:?}: expected fp32 or bf16", t.precision));
-        }
-        if t.precision == "bf16" && matches!(par.backend.as_str(), "cpu" | "mpi") {
-            p.push("train.precision = \"bf16\" is the CUDA autocast mode: use fp32 with parallel.backend cpu".into());
         }
         if self.task.max_seq_len < 8 {
             p.push(format!("task.max_seq_len = {} must be >= 8", self.task.max_seq_len));
@@ -379,12 +363,7 @@ fn build(cfg: &FinetuneConfig, task: Task, groups: &Groups) -> Result<(VarStore,
     let mut model = DebertaV2::new_tp(&vs.root(), &c, Parts::BACKBONE, tp)?;
     model.embeddings.sift_prenorm = cfg.sift.enabled;
     let head = new_head(&vs.root(), &c, task);
-    tch::no_grad(|| {
-        for (name, mut var) in vs.variables() {
-            let shard = shard_full(&name, &full[&name], c.vocab_size, tp);
-            var.copy_(&shard.to_device(groups.device));
-        }
-    });
+    load_shards(&vs, &full, c.vocab_size, tp);
     if let Some(dir) = &init.checkpoint {
         let m = checkpoint::read_manifest(dir)?;
         let targets: Vec<(String, Tensor)> = vs
@@ -612,13 +591,9 @@ impl Ft<'_> {
         }
         let mut all = all.to_device(self.groups.device);
         dp.all_reduce_sum(&mut all);
-        let all = all.to_device(Device::Cpu);
-        (0..n)
-            .map(|i| {
-                let row = all.get(i as i64);
-                (0..labels).map(|j| row.double_value(&[j]) as f32).collect()
-            })
-            .collect()
+        // One copy to the host, then rows of `labels` values.
+        let flat = Vec::<f32>::try_from(&all.to_device(Device::Cpu).reshape([-1])).expect("f32 logits");
+        flat.chunks(labels as usize).map(<[f32]>::to_vec).collect()
     }
 
     fn predict(&self, data: &TaskData) -> Vec<usize> {
@@ -642,14 +617,6 @@ fn majority(data: &TaskData) -> Scores {
         .max_by_key(|&(k, c)| (c, std::cmp::Reverse(k)))
         .map_or(0, |(k, _)| k);
     score(data.task, &data.records, &vec![top; data.items])
-}
-
-fn stop_flag() -> Result<Arc<AtomicBool>> {
-    let flag = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
-        signal_hook::flag::register(sig, flag.clone()).context("installing the signal handler")?;
-    }
-    Ok(flag)
 }
 
 /// Fine-tune, evaluate, keep the best, predict test. Collective: every rank calls it.
@@ -749,7 +716,7 @@ pub fn finetune(config_path: &Path, groups: &Groups) -> Result<()> {
             })
             .collect();
         // Dropout reseeded from (seed, step, DP rank), as in pretraining.
-        let seed = (cfg.run.seed as i64).wrapping_mul(1_000_003) + step as i64 * 1_009 + dp_rank as i64;
+        let seed = dropout_seed(cfg.run.seed, step, dp_rank);
         tch::manual_seed(seed);
         let loss = ft.forward_backward(&micro, 1.0 / t.batch as f64, seed);
         let norm = ft.params.global_grad_norm(&*groups.tp);

@@ -55,8 +55,15 @@ pub fn build_sharded(cfg: &DebertaConfig, seed: i64, tp: TpShard, device: Device
     let full = full_vs.variables();
     let vs = VarStore::new(device);
     let model = DebertaV2::new_tp(&vs.root(), cfg, Parts::PRETRAINING, tp).expect("valid test config");
+    load_shards(&vs, &full, cfg.vocab_size, tp);
+    (vs, model)
+}
+
+/// Copy into every variable of `vs` (a TP shard of a model) its slice of the full weights `full`
+/// (by HF name), following the TP plan.
+pub fn load_shards(vs: &VarStore, full: &std::collections::HashMap<String, Tensor>, vocab: i64, tp: TpShard) {
     for (name, mut var) in vs.variables() {
-        let shard = shard_full(&name, &full[&name], cfg.vocab_size, tp);
+        let shard = shard_full(&name, &full[&name], vocab, tp);
         assert_eq!(
             shard.size(),
             var.size(),
@@ -64,7 +71,6 @@ pub fn build_sharded(cfg: &DebertaConfig, seed: i64, tp: TpShard, device: Device
         );
         tch::no_grad(|| var.copy_(&shard));
     }
-    (vs, model)
 }
 
 /// The global batch of `step`: ids, attention mask and labels [G, N] (about 25% of real

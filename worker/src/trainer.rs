@@ -44,12 +44,18 @@ const PEAK_TFLOPS: f64 = 989.0;
 pub struct SetupError(pub String);
 
 /// Set by SIGTERM / SIGUSR1 (SLURM's warning before the time limit).
-fn stop_flag() -> Result<Arc<AtomicBool>> {
+pub(crate) fn stop_flag() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
         signal_hook::flag::register(sig, flag.clone()).context("installing the signal handler")?;
     }
     Ok(flag)
+}
+
+/// The generator's seed for optimizer step `step` on DP rank `dp_rank`: resuming needs no RNG
+/// state, TP ranks of a DP group share the stream, DP ranks differ.
+pub(crate) fn dropout_seed(seed: u64, step: u64, dp_rank: usize) -> i64 {
+    (seed as i64).wrapping_mul(1_000_003) + step as i64 * 1_009 + dp_rank as i64
 }
 
 struct Run<'g> {
@@ -119,7 +125,7 @@ fn train_step(run: &mut Run, step: u64) -> StepStats {
     let (tp, dp, device) = (&*g.tp, &*g.dp, g.device);
     // Dropout is reseeded from (seed, step): resuming needs no RNG state. TP ranks of a DP group
     // share the stream (replicated dropout must agree across them); DP ranks differ.
-    let seed = (run.cfg.run.seed as i64).wrapping_mul(1_000_003) + step as i64 * 1_009 + g.topo.dp_rank as i64;
+    let seed = dropout_seed(run.cfg.run.seed, step, g.topo.dp_rank);
     tch::manual_seed(seed);
     let micro = run.train_loader.next_step();
     // Normalise by the global number of predicted tokens (one scalar collective before backward).
