@@ -20,7 +20,15 @@ if [ -e "$_nccl_link/libnccl.so" ]; then
     *) export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$_nccl_link" ;;
   esac
 fi
-unset _torch_lib _nccl_link
+# libnvrtc (pip's nvidia/cu13/lib) compiles the fused attention kernels at run time.
+_nvrtc_lib="$(ls -d "$DEBERTA_VENV"/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -n1)"
+if [ -n "$_nvrtc_lib" ]; then
+  case ":${LD_LIBRARY_PATH:-}:" in
+    *":$_nvrtc_lib:"*) ;;
+    *) export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$_nvrtc_lib" ;;
+  esac
+fi
+unset _torch_lib _nccl_link _nvrtc_lib
 # Open MPI refuses to run as root without these (CI and the dev machines run as root).
 if [ "$(id -u)" -eq 0 ]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue G's benchmark, on the GPU machine (torch + transformers, no Rust, no MPI), in one call:
+# first `deberta-worker kernel-check` (the fused attention kernels against the reference), then
 # the HF baseline (../shared/bench/hf_deberta_baseline.py) and `deberta-worker bench` (relative
-# terms by gather and by skew) for the same preset, sequence length and batch sizes, then the
-# tables and our/HF tokens-per-second ratios.
+# terms by the fused kernels, by skew and by gather; VARIANTS picks) for the same preset,
+# sequence length and batch sizes, then the tables and our/HF tokens-per-second ratios.
 # Build and carry the bundle first: bash cluster/gpu-bundle.sh, then run with carry [gpu-bundle].
 #
 #   bash cluster/gpu-bench.sh [PRESET] [SEQ] [BATCH...]      # default: xxlarge 512 8 16
@@ -10,37 +11,48 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 preset="${1:-xxlarge}"; seq="${2:-512}"; shift 2 2>/dev/null || shift $#
 batches=("$@"); [ ${#batches[@]} -gt 0 ] || batches=(8 16)
-steps="${BENCH_STEPS:-8}"
+steps="${BENCH_STEPS:-8}"; warmup="${BENCH_WARMUP:-3}"
+read -r -a variants <<< "${VARIANTS:-fused skew gather}"
 torch_dir="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')"
 mkdir -p /tmp/nccl-link && ln -sf "$torch_dir/../nvidia/nccl/lib/libnccl.so.2" /tmp/nccl-link/libnccl.so
-export LD_LIBRARY_PATH="$PWD/gpu-bundle/lib:$torch_dir/lib:/tmp/nccl-link${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# libnvrtc (pip's nvidia/cu13/lib) compiles the fused attention kernels at run time.
+export LD_LIBRARY_PATH="$PWD/gpu-bundle/lib:$torch_dir/lib:/tmp/nccl-link:$torch_dir/../nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # One rank without mpirun: an isolated Open MPI singleton with the bundled components.
 export OMPI_MCA_ess_singleton_isolated=1 OMPI_MCA_mca_base_component_path="$PWD/gpu-bundle/openmpi3"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 out=/tmp/gpu-bench; rm -rf "$out"; mkdir -p "$out"
+if [ "${KERNEL_CHECK:-1}" = 1 ]; then
+  echo "== deberta-worker kernel-check"
+  timeout 300 gpu-bundle/deberta-worker kernel-check || echo "kernel-check FAILED (exit $?)"
+fi
 # Each system in its own processes, one batch size at a time (an OOM at one size does not
-# poison the next).
+# poison the next); ours first, so a cut-short run still shows them beside HF's.
 for b in "${batches[@]}"; do
-  timeout 500 python3 gpu-bundle/hf_deberta_baseline.py --preset "$preset" --seq "$seq" --batch "$b" --steps "$steps" \
-    | tee -a "$out/hf.jsonl" || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"HF baseline failed\"}" >> "$out/hf.jsonl"
-  for att in gather skew; do
+  for att in "${variants[@]}"; do
     DEBERTA_ATTENTION=$att timeout 500 gpu-bundle/deberta-worker bench --preset "$preset" --seq "$seq" --batch "$b" \
-      --steps "$steps" --device cuda | tee -a "$out/ours-$att.jsonl" \
+      --steps "$steps" --warmup "$warmup" --device cuda | tee -a "$out/ours-$att.jsonl" \
       || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"deberta bench failed\"}" >> "$out/ours-$att.jsonl"
+    if [ "$att" = "${variants[0]}" ]; then
+      timeout 500 python3 gpu-bundle/hf_deberta_baseline.py --preset "$preset" --seq "$seq" --batch "$b" --steps "$steps" \
+        --warmup "$warmup" | tee -a "$out/hf.jsonl" \
+        || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"HF baseline failed\"}" >> "$out/hf.jsonl"
+    fi
   done
 done
-python3 - "$out" <<'PY'
+python3 - "$out" "${variants[@]}" <<'PY'
 import json, sys
 d = sys.argv[1]
 def rows(f):
     out = {}
     for l in open(f"{d}/{f}"):
         l = l.strip()
+        if not l.startswith("{") or '"batch"' not in l:
+            continue
         if l.startswith("{"):
             r = json.loads(l); out[r["batch"]] = r
     return out
 hf = rows("hf.jsonl")
-variants = {att: rows(f"ours-{att}.jsonl") for att in ["gather", "skew"]}
+variants = {att: rows(f"ours-{att}.jsonl") for att in sys.argv[2:]}
 cols = ["batch", "tokens_per_s", "step_s", "mfu", "model_tflops_per_s", "peak_mem_gib", "loss"]
 tables = [("HF transformers (bf16 autocast, fused AdamW)", hf)] + [(f"deberta-rs, relative terms by {a}", t) for a, t in variants.items()]
 for name, t in tables:

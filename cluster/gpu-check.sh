@@ -18,7 +18,7 @@ WORKER="${DEBERTA_WORKER:-gpu-bundle/deberta-worker}"
 torch_dir="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')"
 # cudarc loads libnccl.so; pip ships libnccl.so.2 only.
 mkdir -p /tmp/nccl-link && ln -sf "$torch_dir/../nvidia/nccl/lib/libnccl.so.2" /tmp/nccl-link/libnccl.so
-export LD_LIBRARY_PATH="$PWD/gpu-bundle/lib:$torch_dir/lib:/tmp/nccl-link${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$PWD/gpu-bundle/lib:$torch_dir/lib:/tmp/nccl-link:$torch_dir/../nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # One rank without mpirun: an Open MPI singleton that starts no daemon, with bundled components.
 export OMPI_MCA_ess_singleton_isolated=1 OMPI_MCA_mca_base_component_path="$PWD/gpu-bundle/openmpi3"
 pass=0; fail=0

@@ -67,8 +67,10 @@ pub struct BenchArgs {
     /// fp32 on CUDA instead of bf16 autocast.
     #[arg(long)]
     pub fp32: bool,
-    /// How the relative terms are computed: gather (HF's way) or skew (gather-free).
-    #[arg(long, default_value = "gather")]
+    /// How the relative terms are computed: gather (HF's way), skew (gather-free), fused (the
+    /// CUDA kernels of deberta_model::fused_attention; on the CPU their reference formulas), or
+    /// auto (fused on CUDA, gather on the CPU).
+    #[arg(long, default_value = "auto")]
     pub attention: String,
     /// Activation recomputation per segment (`train.recompute`).
     #[arg(long)]

@@ -409,8 +409,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if !["cpu", "cuda"].contains(&a.device.as_str()) {
         return Err(UsageError(format!("--device {:?}: expected cpu or cuda", a.device)).into());
     }
-    if !["gather", "skew"].contains(&a.attention.as_str()) {
-        return Err(UsageError(format!("--attention {:?}: expected gather or skew", a.attention)).into());
+    if !["auto", "gather", "skew", "fused"].contains(&a.attention.as_str()) {
+        return Err(UsageError(format!(
+            "--attention {:?}: expected auto, gather, skew or fused",
+            a.attention
+        ))
+        .into());
     }
     let worker = worker_path().map_err(UsageError)?;
     let mut cmd = std::process::Command::new(&worker);
@@ -426,7 +430,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.recompute {
         cmd.arg("--recompute");
     }
-    cmd.env("DEBERTA_ATTENTION", &a.attention);
+    if a.attention != "auto" {
+        cmd.env("DEBERTA_ATTENTION", &a.attention);
+    }
     let status = cmd.status().with_context(|| format!("running {}", worker.display()))?;
     match status.code() {
         Some(0) => Ok(()),

@@ -11,6 +11,7 @@ use tch::nn::Path;
 use tch::Tensor;
 
 use crate::config::DebertaConfig;
+use crate::fused_attention::CoreInputs;
 use crate::nn::{finite_min, Linear};
 use crate::tensor_parallel::TpShard;
 
@@ -39,16 +40,51 @@ pub enum RelativePath {
     /// GEMM, then a strided "skew" view picks (i, j) ← distance i - j: no [B, H, N, N] index
     /// tensors and no scatter in backward (issue G). Self-attention only (Nq = N).
     Skew,
+    /// The fused kernels (`fused_attention`), on the segment tape: the projections, then the
+    /// core as a custom segment (softmax(q k^T + c2p + p2c) v, never materialising [B, H, N, N]
+    /// on CUDA), then the output. Without a tape (one-process forward) it takes the skew path.
+    Fused,
+}
+
+thread_local! {
+    /// A per-thread choice that overrides the environment (tests compare the paths).
+    static OVERRIDE: std::cell::Cell<Option<RelativePath>> = const { std::cell::Cell::new(None) };
 }
 
 impl RelativePath {
-    /// `DEBERTA_ATTENTION=skew` selects the skew path (read once); gather otherwise.
-    pub fn chosen() -> RelativePath {
-        static PATH: std::sync::OnceLock<RelativePath> = std::sync::OnceLock::new();
+    /// The path `DEBERTA_ATTENTION=gather|skew|fused` names (read once), if any.
+    fn from_env() -> Option<RelativePath> {
+        static PATH: std::sync::OnceLock<Option<RelativePath>> = std::sync::OnceLock::new();
+        if let Some(p) = OVERRIDE.with(|o| o.get()) {
+            return Some(p);
+        }
         *PATH.get_or_init(|| match std::env::var("DEBERTA_ATTENTION").as_deref() {
-            Ok("skew") => RelativePath::Skew,
-            _ => RelativePath::Gather,
+            Ok("gather") => Some(RelativePath::Gather),
+            Ok("skew") => Some(RelativePath::Skew),
+            Ok("fused") => Some(RelativePath::Fused),
+            _ => None,
         })
+    }
+
+    /// The path of the one-process forward: the one named, gather by default.
+    pub fn chosen() -> RelativePath {
+        Self::from_env().unwrap_or(RelativePath::Gather)
+    }
+
+    /// The path of training (the segment tape) on `device`: the one named; by default the fused
+    /// kernels on CUDA (the H100 bench: 1.5x HF's best throughput, where gather and skew are
+    /// below HF) and gather on the CPU (where the fused path runs reference formulas).
+    pub fn for_device(device: tch::Device) -> RelativePath {
+        Self::from_env().unwrap_or(if device.is_cuda() {
+            RelativePath::Fused
+        } else {
+            RelativePath::Gather
+        })
+    }
+
+    /// Use `path` on this thread from now on, whatever the environment says.
+    pub fn set_for_this_thread(path: RelativePath) {
+        OVERRIDE.with(|o| o.set(Some(path)));
     }
 }
 
@@ -66,7 +102,7 @@ fn distance_rows(rel_idx: &Tensor) -> (Tensor, Tensor) {
 /// full: [B, H, N, 2N-1] with full[i, m] for distance index m -> [B, H, N, N] with
 /// out[i, j] = full[i, (N-1-i) + j]. Flat, that is element i(2N-2) + (N-1) + j: drop the first
 /// N-1 elements, read rows of 2N-2, keep N columns (views only).
-fn skew_view(full: &Tensor) -> Tensor {
+pub(crate) fn skew_view(full: &Tensor) -> Tensor {
     let (b, h, n, w) = full.size4().expect("[B, H, N, 2N-1]");
     full.contiguous()
         .reshape([b, h, n * w])
@@ -123,6 +159,49 @@ impl DisentangledSelfAttention {
         x.view([rows, -1, self.head_size]).transpose(0, 1)
     }
 
+    /// The fused path's inputs (`fused_attention::CoreInputs`): q (scaled), k, v as
+    /// [B, N, heads, d], then K_r per distance [heads, 2N-1, d] if c2p and Q_r per distance
+    /// (scaled) if p2c, when `rel` is given. Self-attention shapes only (Nq = N).
+    pub fn project(&self, x: &Tensor, xq: &Tensor, rel: Option<&RelativeContext>, train: bool) -> Vec<Tensor> {
+        let (b, n, _) = x.size3().expect("[batch, seq, hidden]");
+        let heads = |t: Tensor| t.view([b, n, -1, self.head_size]);
+        let mut out = vec![
+            heads(self.query_proj.forward(xq) * self.scale),
+            heads(self.key_proj.forward(x)),
+            heads(self.value_proj.forward(x)),
+        ];
+        if let Some(rel) = rel.filter(|_| self.c2p || self.p2c) {
+            let r = rel.table.dropout(self.pos_dropout, train); // [2S, D], per-layer dropout
+            let (by_desc, by_asc) = distance_rows(&rel.rel_idx);
+            // Project the 2S table rows, then pick one row per distance (a gather on the small table).
+            if self.c2p {
+                let k_r = self.pos_key_proj.as_ref().unwrap_or(&self.key_proj).forward(&r);
+                out.push(self.split_table_heads(&k_r.index_select(0, &by_desc)));
+            }
+            if self.p2c {
+                let q_r = self.pos_query_proj.as_ref().unwrap_or(&self.query_proj).forward(&r);
+                out.push(self.split_table_heads(&q_r.index_select(0, &by_asc)) * self.scale);
+            }
+        }
+        out
+    }
+
+    /// The core's inputs from `project`'s outputs; `mask` [B, N] is the token mask.
+    pub fn core_inputs(&self, parts: &[Tensor], has_rel: bool, mask: &Tensor, train: bool) -> CoreInputs {
+        let mut rest = parts[3..].iter().map(Tensor::shallow_clone);
+        let kr = (has_rel && self.c2p).then(|| rest.next().expect("K_r"));
+        let qr = (has_rel && self.p2c).then(|| rest.next().expect("Q_r"));
+        CoreInputs {
+            q: parts[0].shallow_clone(),
+            k: parts[1].shallow_clone(),
+            v: parts[2].shallow_clone(),
+            kr,
+            qr,
+            mask: mask.shallow_clone(),
+            dropout: if train { self.attention_dropout } else { 0.0 },
+        }
+    }
+
     /// x: keys/values source [B, N, D]; xq: query source [B, Nq, D] (x itself except in the EMD);
     /// mask: [B, 1, Nq, N] bool. Returns the context [B, Nq, heads*d].
     pub fn forward(
@@ -152,7 +231,7 @@ impl DisentangledSelfAttention {
         let (b, h, nq, _) = q_c.size4().expect("[batch, heads, query, d]");
         let n = k_c.size()[2];
 
-        let skew = path == RelativePath::Skew && nq == n;
+        let skew = path != RelativePath::Gather && nq == n;
         // The skew path folds the scale into the (small) query side instead of scaling [B, H, N, N].
         let q_c = if skew { q_c * self.scale } else { q_c };
         let c2c = q_c.matmul(&k_c.transpose(-1, -2)); // [B, H, Nq, N]

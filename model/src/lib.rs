@@ -7,6 +7,8 @@
 //! | `embeddings` | §2 | word embeddings, LayerNorm, mask |
 //! | `rel_pos` | §3.1 | relative positions and log buckets |
 //! | `attention` | §3 | disentangled attention: c2c + c2p + p2c |
+//! | `fused_attention` | §3 | the same as fused CUDA kernels (NVRTC) with a custom backward |
+//! | `cuda` | — | CUDA C compiled at run time (NVRTC) and launched on libtorch's buffers |
 //! | `layer` | §4 | post-LN transformer layer |
 //! | `conv` | §5 | nGiE convolution beside layer 0 |
 //! | `encoder` | §6 | the layer stack and the shared relative table |
@@ -31,10 +33,12 @@ pub mod compare;
 pub mod config;
 pub mod conv;
 pub mod cost;
+pub mod cuda;
 pub mod embeddings;
 pub mod emd;
 pub mod encoder;
 pub mod error;
+pub mod fused_attention;
 pub mod heads;
 pub mod hf;
 pub mod inputs;

@@ -3,15 +3,17 @@
 use tch::nn::Path;
 use tch::{Kind, Reduction, Tensor};
 
-use crate::attention::{attention_mask, RelativeContext};
+use crate::attention::{attention_mask, RelativeContext, RelativePath};
 use crate::config::DebertaConfig;
 use crate::embeddings::Embeddings;
 use crate::emd::{enhanced_mask_decoder, MlmHead, EMD_STEPS};
 use crate::encoder::Encoder;
 use crate::error::ModelError;
+use crate::fused_attention;
 use crate::heads::{SequenceClassifier, TaskHead};
+use crate::layer::Layer;
 use crate::rel_pos::relative_index;
-use crate::segments::{Boundary, Input, Tape};
+use crate::segments::{Boundary, CustomBackward, Input, Tape};
 use crate::tensor_parallel::{reduce_from_tp, vocab_parallel_cross_entropy_padded, TpShard};
 
 /// Label value that the MLM loss ignores (HF's convention; the official code uses 0, pitfall 18).
@@ -218,6 +220,61 @@ fn clone_opt(t: &Option<Tensor>) -> Option<Tensor> {
     t.as_ref().map(Tensor::shallow_clone)
 }
 
+/// One attention sublayer on the tape: `kv` feeds the keys and values, `q` the queries and the
+/// residual (the same boundary except in the EMD). One segment, or with the fused path three:
+/// the projections, the core as a custom segment (`fused_attention`), the output dense +
+/// residual + LayerNorm.
+fn attention_segments<'c>(
+    tape: &mut Tape<'c>,
+    layer: &'c Layer,
+    kv: Boundary,
+    q: Boundary,
+    enc: &SegmentedEncoding,
+    train: bool,
+) -> Boundary {
+    let tp = tape.tp();
+    let (rel_idx, att_mask) = (clone_opt(&enc.rel_idx), enc.att_mask.shallow_clone());
+    if RelativePath::for_device(enc.mask.device()) != RelativePath::Fused {
+        let inputs = if kv == q { vec![kv] } else { vec![kv, q] };
+        let at = inputs.len(); // the relative table's input
+        return tape.segment(&enc.with_rel(&inputs), move |inp| {
+            let g = |x: &Tensor| reduce_from_tp(x, tp);
+            let rc = rel_ctx(&rel_idx, inp, at);
+            let (x, xq) = (&inp[0], &inp[at - 1]);
+            vec![layer.attention_sublayer(&x.tp, &xq.tp, &xq.rep, rc.as_ref(), &att_mask, &g, train)]
+        })[0];
+    }
+    let att = &layer.attention;
+    let has_rel = rel_idx.is_some();
+    // This rank's heads' q, k, v and relative tables.
+    let parts = tape.segment(&enc.with_rel(&[kv, q]), move |inp| {
+        let rc = rel_ctx(&rel_idx, inp, 2);
+        att.project(&inp[0].tp, &inp[1].tp, rc.as_ref(), train)
+    });
+    let mask = enc.mask.shallow_clone();
+    let ctx = tape.custom(&parts, move |values| {
+        let x = att.core_inputs(values, has_rel, &mask, train);
+        // The kernels' dropout seed, from the (tape-seeded) CPU generator: no device sync.
+        let seed = Tensor::randint(i64::MAX, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0]) as u64;
+        let (out, saved) = fused_attention::forward(x, seed).unwrap_or_else(|e| panic!("{e}"));
+        let shape = out.size();
+        let ctx = out.reshape([shape[0], shape[1], -1]); // [B, N, heads * d]
+        let backward: CustomBackward<'c> = Box::new(move |grads| {
+            let Some(dctx) = &grads[0] else { return Vec::new() };
+            let g = fused_attention::backward(saved, &dctx.view(shape.as_slice())).unwrap_or_else(|e| panic!("{e}"));
+            let mut out = vec![Some(g.q), Some(g.k), Some(g.v)];
+            out.extend(g.kr.map(Some));
+            out.extend(g.qr.map(Some));
+            out
+        });
+        (vec![ctx], backward)
+    })[0];
+    tape.segment(&[ctx, q], move |inp| {
+        let g = |x: &Tensor| reduce_from_tp(x, tp);
+        vec![layer.attention_output.forward(&inp[0].rep, &inp[1].rep, &g, train)]
+    })[0]
+}
+
 /// Training under tensor parallelism: the backbone, the pretraining loss and the fine-tuning
 /// logits built segment by segment on a `Tape` (see `segments`). Each segment's closure owns
 /// (shallow clones of) what it reads besides the model, so the tape can re-run it in backward.
@@ -271,12 +328,7 @@ impl DebertaV2 {
         };
         for (i, layer) in self.encoder.layers.iter().enumerate() {
             let x = enc.layers.last().copied().unwrap_or(e);
-            let (rel_idx, att_mask) = (clone_opt(&enc.rel_idx), enc.att_mask.shallow_clone());
-            let a = tape.segment(&enc.with_rel(&[x]), move |inp| {
-                let g = |x: &Tensor| reduce_from_tp(x, tp);
-                let rc = rel_ctx(&rel_idx, inp, 1);
-                vec![layer.attention_sublayer(&inp[0].tp, &inp[0].tp, &inp[0].rep, rc.as_ref(), &att_mask, &g, train)]
-            })[0];
+            let a = attention_segments(tape, layer, x, x, &enc, train);
             // Backward reaches this segment last among the uses of layer i (the EMD's reuses of
             // the last layer come later in forward): its gradients are final after it.
             if mark_ready {
@@ -330,20 +382,7 @@ impl DebertaV2 {
             let mut q = tape.segment(&[h_kv], move |inp| vec![&positions + &inp[0].rep])[0];
             let last = self.encoder.layers.last().unwrap();
             for _ in 0..EMD_STEPS {
-                let (rel_idx, att_mask) = (clone_opt(&enc.rel_idx), enc.att_mask.shallow_clone());
-                let a = tape.segment(&enc.with_rel(&[h_kv, q]), move |inp| {
-                    let g = |x: &Tensor| reduce_from_tp(x, tp);
-                    let rc = rel_ctx(&rel_idx, inp, 2);
-                    vec![last.attention_sublayer(
-                        &inp[0].tp,
-                        &inp[1].tp,
-                        &inp[1].rep,
-                        rc.as_ref(),
-                        &att_mask,
-                        &g,
-                        train,
-                    )]
-                })[0];
+                let a = attention_segments(tape, last, h_kv, q, &enc, train);
                 q = tape.segment(&[a], move |inp| {
                     let g = |x: &Tensor| reduce_from_tp(x, tp);
                     vec![last.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)]

@@ -49,12 +49,18 @@ struct BoundaryState {
 /// A segment's forward, kept to be re-run when recomputing.
 type Forward<'c> = Box<dyn Fn(&[Input]) -> Vec<Tensor> + 'c>;
 
+/// A custom segment's backward: the gradients of its outputs (None where nothing reached one)
+/// -> the gradients of its inputs (None for an input it does not differentiate).
+pub type CustomBackward<'c> = Box<dyn FnOnce(&[Option<Tensor>]) -> Vec<Option<Tensor>> + 'c>;
+
 struct Segment<'c> {
     inputs: Vec<(usize, Input)>,
     /// (boundary, output with its autograd graph); empty until recomputed.
     outputs: Vec<(usize, Tensor)>,
     /// Recomputation: the forward, its output boundaries and its dropout seed.
     rerun: Option<(Forward<'c>, Vec<usize>, i64)>,
+    /// A custom segment (`Tape::custom`): its hand-written backward and output boundaries.
+    custom: Option<(CustomBackward<'c>, Vec<usize>)>,
 }
 
 /// Per-segment dropout seeding and recomputation (see `Tape::seeded`).
@@ -180,14 +186,54 @@ impl<'c> Tape<'c> {
                     .collect(),
                 rerun: Some((Box::new(f), outs.iter().map(|(id, _)| *id).collect(), seed)),
                 outputs: Vec::new(),
+                custom: None,
             },
             None => Segment {
                 inputs: ids.into_iter().zip(leaves).collect(),
                 outputs: outs,
                 rerun: None,
+                custom: None,
             },
         };
         self.segments.push(segment);
+        handles
+    }
+
+    /// A segment with a hand-written backward (a fused kernel, which autograd cannot see): `f`
+    /// gets the inputs' values and returns the outputs and the backward. Its input gradients are
+    /// taken as complete (no TP sum): the inputs must be this rank's own values, e.g. its heads'
+    /// projections, and the outputs are used the same way. The forward runs once, without a
+    /// graph, also under recomputation (what it saves for backward is its own business).
+    pub fn custom(
+        &mut self,
+        inputs: &[Boundary],
+        f: impl FnOnce(&[Tensor]) -> (Vec<Tensor>, CustomBackward<'c>),
+    ) -> Vec<Boundary> {
+        if let Some(s) = self.seeding {
+            tch::manual_seed(Self::segment_seed(s.seed, self.segments.len()));
+        }
+        let ids: Vec<usize> = inputs.iter().map(|b| b.0).collect();
+        let values: Vec<Tensor> = ids.iter().map(|&b| self.boundaries[b].value.shallow_clone()).collect();
+        let (outputs, backward) = tch::no_grad(|| f(&values));
+        let mut handles = Vec::with_capacity(outputs.len());
+        for out in outputs {
+            handles.push(Boundary(self.boundaries.len()));
+            self.boundaries.push(BoundaryState {
+                value: out.detach(),
+                rep_grad: None,
+                tp_grad: None,
+            });
+        }
+        let no_leaf = || Input {
+            tp: Tensor::new(),
+            rep: Tensor::new(),
+        };
+        self.segments.push(Segment {
+            inputs: ids.into_iter().map(|b| (b, no_leaf())).collect(),
+            outputs: Vec::new(),
+            rerun: None,
+            custom: Some((backward, handles.iter().map(|b| b.0).collect())),
+        });
         handles
     }
 
@@ -242,6 +288,19 @@ impl<'c> Tape<'c> {
     }
 
     fn backward_segment(&mut self, mut seg: Segment) {
+        if let Some((backward, out_ids)) = seg.custom.take() {
+            let grads: Vec<Option<Tensor>> = out_ids.iter().map(|&id| self.full_grad(id)).collect();
+            if grads.iter().all(Option::is_none) {
+                return;
+            }
+            let input_grads = tch::no_grad(|| backward(&grads));
+            for ((id, _), g) in seg.inputs.into_iter().zip(input_grads) {
+                if let Some(g) = g {
+                    accumulate(&mut self.boundaries[id].rep_grad, g);
+                }
+            }
+            return;
+        }
         if let Some((f, out_ids, seed)) = seg.rerun.take() {
             // Recompute: the same leaves, dropout and autocast as in forward, now with a graph.
             let ids: Vec<usize> = seg.inputs.iter().map(|(b, _)| *b).collect();

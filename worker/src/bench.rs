@@ -68,6 +68,7 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
         );
     }
     let device = groups.device;
+    crate::runtime::check_attention_path(device, &cfg)?;
     let (vs, model) = build_sharded(&cfg, 0, TpShard::NONE, device);
     let params = Params::new(&vs, cfg.num_hidden_layers);
     let mut opt = FlatAdamW::new(
@@ -87,6 +88,13 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     let micro = [(ids, mask, labels)];
     let mut times = Vec::with_capacity(b.steps);
     let mut loss = 0.0;
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    // Where the median-ish step goes (stderr; the JSON row keeps the baseline's fields only).
+    let mut parts = [0.0f64; 3];
     for i in 0..b.warmup + b.steps {
         let t0 = Instant::now();
         // The loss comes back to the host every step: that is the step's synchronisation.
@@ -101,25 +109,42 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
                 recompute: b.recompute.then_some(i as i64),
             },
         );
+        let last = i + 1 == b.warmup + b.steps;
+        if last {
+            sync();
+            parts[0] = t0.elapsed().as_secs_f64();
+        }
+        let t1 = Instant::now();
         let norm = params.global_grad_norm(&*groups.tp);
         params.clip(norm, 1.0);
+        if last {
+            sync();
+            parts[1] = t1.elapsed().as_secs_f64();
+        }
+        let t2 = Instant::now();
         opt.step(1e-4);
-        if let Device::Cuda(_) = device {
-            tch::Cuda::synchronize(0);
+        sync();
+        if last {
+            parts[2] = t2.elapsed().as_secs_f64();
         }
         if i >= b.warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
+    eprintln!(
+        "bench breakdown (last step, batch {}): forward+backward {:.4} s, grad norm + clip {:.4} s, AdamW {:.4} s",
+        b.batch, parts[0], parts[1], parts[2]
+    );
     times.sort_by(f64::total_cmp);
     let step = times[times.len() / 2];
     let tok_s = (b.batch * b.seq) as f64 / step;
     let fpt = flops_per_token(&cfg, b.seq, MASK_FRACTION);
     let round = |x: f64, digits: i32| (x * 10f64.powi(digits)).round() / 10f64.powi(digits);
     Ok(BenchRow {
-        system: match deberta_model::attention::RelativePath::chosen() {
+        system: match deberta_model::attention::RelativePath::for_device(device) {
             deberta_model::attention::RelativePath::Gather => "deberta-rs".into(),
             deberta_model::attention::RelativePath::Skew => "deberta-rs+skew".into(),
+            deberta_model::attention::RelativePath::Fused => "deberta-rs+fused".into(),
         },
         preset: b.preset.clone(),
         params: ParamCount::of(&cfg).pretraining,

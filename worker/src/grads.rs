@@ -99,21 +99,29 @@ impl Params {
     /// replicated ones counted once (every TP rank holds the same copy).
     pub fn global_grad_norm(&self, tp: &dyn Collective) -> f64 {
         let device = self.list.first().map(|(_, p)| p.device()).unwrap_or(tch::Device::Cpu);
-        let mut sharded = Tensor::zeros([1], (Kind::Double, device));
-        let mut replicated = Tensor::zeros([1], (Kind::Double, device));
+        // One norm kernel per gradient (no full-size temporaries), squared and summed in fp64.
+        let (mut sharded, mut replicated) = (Vec::new(), Vec::new());
         for (name, p) in &self.list {
             let g = p.grad();
             if !g.defined() {
                 continue;
             }
-            let sq = g.to_kind(Kind::Double).pow_tensor_scalar(2).sum(Kind::Double);
             match sharding_of(name) {
-                Sharding::Replicated => replicated += sq,
-                _ => sharded += sq,
+                Sharding::Replicated => replicated.push(g.norm()),
+                _ => sharded.push(g.norm()),
             }
         }
+        let sum_sq = |norms: &[Tensor]| match norms {
+            [] => Tensor::zeros([1], (Kind::Double, device)),
+            _ => Tensor::stack(norms, 0)
+                .to_kind(Kind::Double)
+                .square()
+                .sum(Kind::Double)
+                .reshape([1]),
+        };
+        let mut sharded = sum_sq(&sharded);
         tp.all_reduce_sum(&mut sharded);
-        (sharded + replicated)
+        (sharded + sum_sq(&replicated))
             .to_device(tch::Device::Cpu)
             .double_value(&[0])
             .sqrt()

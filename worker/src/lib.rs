@@ -8,6 +8,7 @@ pub mod finetune;
 pub mod grads;
 pub mod harness;
 pub mod heartbeat;
+pub mod kernel_check;
 pub mod mpi_group;
 pub mod nccl_group;
 pub mod optim;

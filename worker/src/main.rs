@@ -65,6 +65,8 @@ enum Command {
         recompute: bool,
     },
     /// Checks that need real ranks; prints `N passed, N failed` on rank 0.
+    /// The fused attention kernels against the reference on the GPU (deberta_worker::kernel_check).
+    KernelCheck,
     Selftest {
         #[command(subcommand)]
         which: Selftest,
@@ -234,6 +236,24 @@ fn refuse_problems(rank: usize, config: &std::path::Path, problems: &[String]) -
     Some(refuse(rank, &lines))
 }
 
+fn kernel_check(world: &mpi::topology::SimpleCommunicator) -> ExitCode {
+    let groups = match Backend::parse("cuda").and_then(|b| make_groups(world, Layout { tp: 1, dp: 1 }, b)) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: kernel-check: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match deberta_worker::kernel_check::run(&groups) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: kernel-check: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let Some(universe) = mpi::initialize() else {
         eprintln!("error: MPI was already initialised");
@@ -274,6 +294,7 @@ fn main() -> ExitCode {
             };
             return bench(&world, &device, &batch, cfg);
         }
+        Command::KernelCheck => return kernel_check(&world),
         Command::Selftest {
             which,
             tp,

@@ -47,11 +47,38 @@ pub fn linear_warmup_decay(step: u64, peak: f64, warmup: u64, total: u64) -> f64
     }
 }
 
+/// The update as one CUDA kernel (through `deberta_model::cuda`): one pass that reads the
+/// weights, gradients, moments and decay mask and writes weights and moments, where the tensor
+/// ops take ten passes and full-size temporaries.
+const ADAMW_SOURCE: &str = r#"
+extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
+                                      float* __restrict__ v, const unsigned char* __restrict__ decay, long long n,
+                                      float lr, float beta1, float beta2, float eps, float wd, float bc1, float bc2) {
+  const float step = lr / bc1, shrink = 1.f - lr * wd;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    const float gi = g[i];
+    const float mi = beta1 * m[i] + (1.f - beta1) * gi;
+    const float vi = beta2 * v[i] + (1.f - beta2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    const float pi = decay[i] ? p[i] * shrink : p[i];
+    p[i] = pi - step * mi / (sqrtf(vi / bc2) + eps);
+  }
+}
+"#;
+
 pub struct FlatAdamW {
     cfg: AdamWConfig,
     /// (parameter, offset, numel) in the flat buffers.
     params: Vec<(Tensor, i64, i64)>,
     flat: Tensor,
+    /// The gradients, flat: every parameter's `.grad` (libtorch accumulates in place) is a view
+    /// of it, so the update reads them without gathering.
+    grad: Tensor,
+    /// The decay mask as bytes, for the CUDA kernel.
+    decay_bytes: Tensor,
+    /// Update with the CUDA kernel (on CUDA) or with tensor ops.
+    pub kernel: bool,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     /// 1 where weight decay applies, 0 elsewhere.
@@ -67,6 +94,7 @@ impl FlatAdamW {
         let device = params.first().map(|(_, p)| p.device()).unwrap_or(tch::Device::Cpu);
         let total: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
         let flat = Tensor::zeros([total], (Kind::Float, device));
+        let grad = Tensor::zeros([total], (Kind::Float, device));
         let decay_mask = Tensor::zeros([total], (Kind::Float, device));
         let mut list = Vec::with_capacity(params.len());
         let mut offset = 0;
@@ -81,6 +109,13 @@ impl FlatAdamW {
                 }
                 let mut p = p.shallow_clone();
                 p.set_data(&view.view(p.size().as_slice()));
+                // The gradient too, when it exists (set_data on the handle rebinds p's .grad).
+                let mut g = p.grad();
+                if g.defined() && g.kind() == Kind::Float {
+                    let gview = grad.narrow(0, offset, n);
+                    gview.shallow_clone().copy_(&g.reshape([-1]));
+                    g.set_data(&gview.view(p.size().as_slice()));
+                }
                 list.push((p, offset, n));
                 offset += n;
             }
@@ -90,14 +125,30 @@ impl FlatAdamW {
             params: list,
             exp_avg: flat.zeros_like(),
             exp_avg_sq: flat.zeros_like(),
+            decay_bytes: decay_mask.to_kind(Kind::Uint8),
+            kernel: device.is_cuda(),
             flat,
+            grad,
             decay_mask,
             steps: 0,
         }
     }
 
-    /// The gradients gathered into one flat buffer (zeros where a parameter has none).
+    /// Whether every parameter's gradient is (still) its view of the flat gradient buffer.
+    fn grads_are_flat(&self) -> bool {
+        let base = self.grad.data_ptr() as usize;
+        self.params.iter().all(|(p, o, _)| {
+            let g = p.grad();
+            g.defined() && g.data_ptr() as usize == base + 4 * *o as usize
+        })
+    }
+
+    /// The gradients as one flat buffer (gathered, zeros where a parameter has none, unless
+    /// they already are views of one).
     fn flat_grad(&self) -> Tensor {
+        if self.grads_are_flat() {
+            return self.grad.shallow_clone();
+        }
         let parts: Vec<Tensor> = self
             .params
             .iter()
@@ -120,6 +171,9 @@ impl FlatAdamW {
         let g = self.flat_grad();
         let bc1 = 1.0 - c.beta1.powi(self.steps as i32);
         let bc2 = 1.0 - c.beta2.powi(self.steps as i32);
+        if self.kernel && self.flat.device().is_cuda() {
+            return self.kernel_step(&g, lr, bc1, bc2);
+        }
         tch::no_grad(|| {
             let _ = self.exp_avg.g_mul_scalar_(c.beta1);
             let _ = self.exp_avg.g_add_(&(&g * (1.0 - c.beta1)));
@@ -130,6 +184,38 @@ impl FlatAdamW {
             let denom = (&self.exp_avg_sq / bc2).sqrt() + c.eps;
             let _ = self.flat.g_sub_(&(&self.exp_avg / &denom * (lr / bc1)));
         });
+    }
+
+    fn kernel_step(&mut self, g: &Tensor, lr: f64, bc1: f64, bc2: f64) {
+        use cudarc::driver::{LaunchConfig, PushKernelArg};
+        use deberta_model::cuda::{self, ptr};
+        let c = self.cfg;
+        let m = cuda::load(self.flat.device(), ADAMW_SOURCE, "adamw.cu", &[], &[("adamw_step", 0)])
+            .unwrap_or_else(|e| panic!("the AdamW kernel: {e}"));
+        let ptrs = [
+            ptr(&self.flat),
+            ptr(g),
+            ptr(&self.exp_avg),
+            ptr(&self.exp_avg_sq),
+            ptr(&self.decay_bytes),
+        ];
+        let n = self.flat.numel() as i64;
+        let scalars = [lr, c.beta1, c.beta2, c.eps, c.weight_decay, bc1, bc2].map(|x| x as f32);
+        let mut launch = m.stream.launch_builder(m.function("adamw_step"));
+        for a in &ptrs {
+            launch.arg(a);
+        }
+        launch.arg(&n);
+        for a in &scalars {
+            launch.arg(a);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (132 * 8, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: every buffer holds n elements of the kernel's types, on this device.
+        unsafe { launch.launch(cfg) }.unwrap_or_else(|e| panic!("the AdamW kernel: {e}"));
     }
 
     /// Element count of the flat buffers.
@@ -242,6 +328,9 @@ mod tests {
         }
         .build(&vs_nodecay, 1e-2)
         .unwrap();
+        // Gradients exist before the optimizer (as Params::new makes sure), so it rebinds them
+        // to its flat buffer.
+        (w.sum(Kind::Float) + b.sum(Kind::Float)).backward();
         let mut ours = FlatAdamW::new(
             &[
                 ("layer.w".into(), w.shallow_clone()),
@@ -276,5 +365,13 @@ mod tests {
         // The parameters really are views of the flat buffer.
         assert_eq!(ours.len(), 15 + 7);
         assert!(w.data_ptr() == ours.flat.data_ptr());
+        // So are the gradients, and libtorch kept accumulating into them.
+        assert!(ours.grads_are_flat());
+    }
+
+    #[test]
+    fn the_adamw_kernel_compiles_with_nvrtc() {
+        let ptx = deberta_model::cuda::compile(ADAMW_SOURCE, "adamw.cu", "sm_90", &[]).unwrap();
+        assert!(ptx.to_src().contains("adamw_step"));
     }
 }

@@ -124,3 +124,16 @@ pub fn make_groups(world: &SimpleCommunicator, layout: Layout, backend: Backend)
         dp,
     })
 }
+
+/// When training on `device` takes the fused attention path (CUDA by default, see
+/// `RelativePath::for_device`), compile and load its kernels now, so that a missing libnvrtc or
+/// an unsupported head size is an error before any step, with the way out named.
+pub fn check_attention_path(device: Device, cfg: &deberta_model::DebertaConfig) -> anyhow::Result<()> {
+    use deberta_model::attention::RelativePath;
+    if RelativePath::for_device(device) == RelativePath::Fused && device.is_cuda() {
+        deberta_model::fused_attention::check(device, cfg.attention_head_size).map_err(|e| {
+            anyhow::anyhow!("the fused attention kernels: {e} (DEBERTA_ATTENTION=gather or skew avoids them)")
+        })?;
+    }
+    Ok(())
+}

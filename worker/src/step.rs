@@ -37,7 +37,9 @@ pub fn forward_backward(
     let (tp, dp) = (&*groups.tp, &*groups.dp);
     let bf16 = mode.bf16;
     params.zero_grad();
-    let mut local = 0.0;
+    // The losses stay on the device until backward is queued: reading one back before would
+    // stall the host while the GPU drains.
+    let mut local: Option<Tensor> = None;
     for (k, (ids, mask, labels)) in micro.iter().enumerate() {
         let mut tape = match mode.recompute {
             Some(seed) => Tape::seeded(tp, seed.wrapping_add(k as i64), true, bf16),
@@ -46,7 +48,11 @@ pub fn forward_backward(
         let loss = tch::autocast(bf16, || {
             model.mlm_loss_segments(&mut tape, ids, mask, labels, 1.0 / predicted, true)
         });
-        local += tape.value(loss).double_value(&[]);
+        let value = tape.value(loss).to_kind(tch::Kind::Double);
+        local = Some(match local {
+            Some(l) => l + value,
+            None => value,
+        });
         if k + 1 < micro.len() {
             tape.backward(loss);
         } else {
@@ -54,7 +60,10 @@ pub fn forward_backward(
             params.reduce_rest(dp);
         }
     }
-    let mut total = Tensor::from_slice(&[local]).to_device(groups.device);
+    let mut total = match local {
+        Some(l) => l.reshape([1]).to_device(groups.device),
+        None => Tensor::zeros([1], (tch::Kind::Double, groups.device)),
+    };
     dp.all_reduce_sum(&mut total);
     total.to_device(Device::Cpu).double_value(&[0])
 }

@@ -1,0 +1,498 @@
+//! The fused disentangled attention core (issue G): softmax(q k^T + c2p + p2c) v without any
+//! [B, H, N, N] tensor in memory, forward and backward, as CUDA kernels compiled at run time
+//! (`kernels/disentangled_attention.cu`, through `cuda`).
+//!
+//! The core's inputs are what `DisentangledSelfAttention::project` returns: q (scale folded
+//! in), k, v as [B, N, H, d] and the relative tables per distance, K_r [H, 2N-1, d] (row m:
+//! distance N-1-m) and Q_r [H, 2N-1, d] (row m: distance m-(N-1), scale folded in). The c2p/p2c
+//! terms per distance, [B, H, N, 2N-1], are two GEMMs; the kernels read each (i, j)'s element
+//! at column N-1-i+j (the skew of `attention::skew_view`). Backward recomputes those GEMMs,
+//! gets dq, dk, dv and the per-distance table gradients from the kernels, and finishes with
+//! GEMMs. The tape runs it as a custom segment (`segments::Tape::custom`).
+//!
+//! On the CPU the same core runs as reference formulas through autograd (`reference`), which
+//! is also what the kernels are tested against on the GPU (`deberta-worker kernel-check`).
+
+use std::sync::Arc;
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+use tch::{Device, Kind, Tensor};
+
+use crate::attention::{attention_mask, skew_view};
+use crate::cuda::{self, ptr, Module};
+use crate::nn::finite_min;
+
+/// The kernels' CUDA C source.
+pub const SOURCE: &str = include_str!("kernels/disentangled_attention.cu");
+
+/// Tile sizes and warps per block, as in the source.
+const TILE: i64 = 64;
+const WARPS: i64 = 4;
+
+/// The core's inputs (see the module docs for shapes).
+pub struct CoreInputs {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    /// K_r per distance, None without c2p.
+    pub kr: Option<Tensor>,
+    /// Q_r per distance, None without p2c.
+    pub qr: Option<Tensor>,
+    /// Key/query validity [B, N] (bool or {0, 1}).
+    pub mask: Tensor,
+    /// Attention-probability dropout.
+    pub dropout: f64,
+}
+
+/// The inputs' gradients, in `CoreInputs` order.
+pub struct CoreGrads {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub kr: Option<Tensor>,
+    pub qr: Option<Tensor>,
+}
+
+fn heads_first(x: &Tensor) -> Tensor {
+    x.permute([0, 2, 1, 3]) // [B, N, H, d] <-> [B, H, N, d]
+}
+
+/// A per-distance table [H, 2N-1, d] with a zero row appended, [H, 2N, d]: the kernels' tables
+/// then have aligned rows of 2N.
+fn pad_row(t: &Tensor) -> Tensor {
+    t.constant_pad_nd([0, 0, 0, 1])
+}
+
+/// [B, N, H, d] -> [H, B*N, d], a strided view (no copy): per head, all tokens as GEMM rows.
+fn tokens_per_head(x: &Tensor) -> Tensor {
+    let (b, n, h, d) = x.size4().expect("[B, N, H, d]");
+    x.view([b * n, h, d]).transpose(0, 1)
+}
+
+impl CoreInputs {
+    /// c2p and p2c per distance, [B, H, N, 2N-1] each (those enabled).
+    fn tables(&self) -> (Option<Tensor>, Option<Tensor>) {
+        let c2p = self
+            .kr
+            .as_ref()
+            .map(|kr| heads_first(&self.q).matmul(&kr.transpose(-1, -2)));
+        let p2c = self
+            .qr
+            .as_ref()
+            .map(|qr| heads_first(&self.k).matmul(&qr.transpose(-1, -2)));
+        (c2p, p2c)
+    }
+
+    /// The kernels' tables: [H, B*N, 2N] (rows padded to 2N), one GEMM per head over every
+    /// token (M = B*N), on strided views: no copies.
+    fn kernel_tables(&self) -> (Option<Tensor>, Option<Tensor>) {
+        let table =
+            |x: &Tensor, t: &Tensor| tokens_per_head(x).matmul(&pad_row(&t.to_kind(Kind::BFloat16)).transpose(1, 2));
+        (
+            self.kr.as_ref().map(|kr| table(&self.q, kr)),
+            self.qr.as_ref().map(|qr| table(&self.k, qr)),
+        )
+    }
+
+    fn head_dim(&self) -> i64 {
+        self.q.size()[3]
+    }
+}
+
+/// The core by formulas: [B, N, H, d]. `keep`: the dropout mask [B, H, N, N] (1 = kept) to
+/// apply, None for no dropout.
+pub fn reference(x: &CoreInputs, keep: Option<&Tensor>) -> Tensor {
+    let (c2p, p2c) = x.tables();
+    let mut s = heads_first(&x.q).matmul(&heads_first(&x.k).transpose(-1, -2)); // [B, H, N, N]
+    if let Some(c2p) = c2p {
+        s = s + skew_view(&c2p);
+    }
+    if let Some(p2c) = p2c {
+        s = s + skew_view(&p2c).transpose(-1, -2);
+    }
+    let m = x.mask.to_kind(Kind::Float);
+    let hidden = attention_mask(&m, &m).logical_not();
+    let mut probs = s
+        .masked_fill(&hidden, finite_min(s.kind()))
+        .softmax(-1, s.kind())
+        .masked_fill(&hidden, 0.0);
+    if let Some(keep) = keep {
+        let kind = probs.kind();
+        probs = probs * keep.to_kind(kind) / (1.0 - x.dropout);
+    }
+    heads_first(&probs.matmul(&heads_first(&x.v)))
+}
+
+/// The reference's gradients for output gradient `dout`, by autograd.
+pub fn reference_backward(x: &CoreInputs, keep: Option<&Tensor>, dout: &Tensor) -> CoreGrads {
+    let leaf = |t: &Tensor| t.detach().set_requires_grad(true);
+    let leaves = CoreInputs {
+        q: leaf(&x.q),
+        k: leaf(&x.k),
+        v: leaf(&x.v),
+        kr: x.kr.as_ref().map(leaf),
+        qr: x.qr.as_ref().map(leaf),
+        mask: x.mask.shallow_clone(),
+        dropout: x.dropout,
+    };
+    let out = tch::with_grad(|| reference(&leaves, keep));
+    let objective = tch::with_grad(|| (&out * dout.to_kind(out.kind())).sum(Kind::Float));
+    let mut wrt = vec![&leaves.q, &leaves.k, &leaves.v];
+    wrt.extend(leaves.kr.iter());
+    wrt.extend(leaves.qr.iter());
+    let mut g = Tensor::run_backward(&[objective], &wrt, false, false).into_iter();
+    let (q, k, v) = (g.next().unwrap(), g.next().unwrap(), g.next().unwrap());
+    CoreGrads {
+        q,
+        k,
+        v,
+        kr: leaves.kr.as_ref().map(|_| g.next().unwrap()),
+        qr: leaves.qr.as_ref().map(|_| g.next().unwrap()),
+    }
+}
+
+/// What the forward keeps for backward.
+pub struct Saved {
+    inputs: CoreInputs,
+    out: Tensor,
+    /// Log-sum-exp per query [B, H, N] (CUDA); the dropout mask (CPU).
+    lse: Option<Tensor>,
+    keep: Option<Tensor>,
+    seed: u64,
+}
+
+/// The core's forward on the inputs' device: the kernels on CUDA, the reference on the CPU.
+/// `seed` draws the attention dropout (when `dropout > 0`). Returns [B, N, H, d] and what
+/// `backward` needs.
+pub fn forward(x: CoreInputs, seed: u64) -> Result<(Tensor, Saved), String> {
+    if x.q.device().is_cuda() {
+        let (out, lse) = cuda_forward(&x, seed)?;
+        Ok((
+            out.to_kind(x.q.kind()), // the kernels compute in bf16
+            Saved {
+                inputs: x,
+                out,
+                lse: Some(lse),
+                keep: None,
+                seed,
+            },
+        ))
+    } else {
+        let keep = (x.dropout > 0.0).then(|| {
+            let (b, n, h, _) = x.q.size4().expect("[B, N, H, d]");
+            Tensor::rand([b, h, n, n], (Kind::Float, x.q.device())).ge(x.dropout)
+        });
+        let out = reference(&x, keep.as_ref());
+        Ok((
+            out.shallow_clone(),
+            Saved {
+                inputs: x,
+                out,
+                lse: None,
+                keep,
+                seed,
+            },
+        ))
+    }
+}
+
+/// The core's backward for output gradient `dout` [B, N, H, d].
+pub fn backward(saved: Saved, dout: &Tensor) -> Result<CoreGrads, String> {
+    if saved.inputs.q.device().is_cuda() {
+        cuda_backward(&saved, dout)
+    } else {
+        Ok(reference_backward(&saved.inputs, saved.keep.as_ref(), dout))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA
+
+/// (stage, ms) in order.
+pub type Stages = Vec<(&'static str, f64)>;
+
+thread_local! {
+    /// Stage timings while `profile` runs, each stage ended by a device sync.
+    static STAGES: std::cell::RefCell<Option<(std::time::Instant, Stages)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// End a stage (only while profiling: then it synchronises the device).
+fn stage(device: Device, name: &'static str) {
+    STAGES.with(|s| {
+        if let Some((t0, v)) = s.borrow_mut().as_mut() {
+            if let Device::Cuda(i) = device {
+                tch::Cuda::synchronize(i as i64);
+            }
+            v.push((name, t0.elapsed().as_secs_f64() * 1e3));
+            *t0 = std::time::Instant::now();
+        }
+    });
+}
+
+/// One forward and backward of the core on CUDA with each stage timed (ms, synchronised).
+pub fn profile(x: CoreInputs, dout: &Tensor, seed: u64) -> Result<Stages, String> {
+    let device = x.q.device();
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+    STAGES.with(|s| *s.borrow_mut() = Some((std::time::Instant::now(), Vec::new())));
+    let result = forward(x, seed).and_then(|(_, saved)| backward(saved, dout));
+    let stages = STAGES
+        .with(|s| s.borrow_mut().take())
+        .map(|(_, v)| v)
+        .unwrap_or_default();
+    result.map(|_| stages)
+}
+
+/// Dynamic shared memory per block, as the kernels lay it out (bytes): [64][d + 8] bf16 tiles,
+/// [64][72] bf16 bands, 64 mask bytes, and in backward 2 x 64 floats.
+fn shared_bytes(head_dim: i64) -> (u32, u32, u32) {
+    let tiles = |n: i64| n * TILE * (head_dim + 8) * 2;
+    let bands = |n: i64| n * TILE * (TILE + 8) * 2;
+    let fwd = tiles(3) + bands(2) + TILE;
+    let bwd = 2 * TILE * 4 + tiles(4) + bands(3) + TILE;
+    (fwd as u32, bwd as u32, bwd as u32)
+}
+
+fn head_dim_ok(head_dim: i64) -> Result<(), String> {
+    if head_dim % 16 != 0 || head_dim > 64 {
+        return Err(format!(
+            "the fused attention kernel takes head sizes that are multiples of 16 up to 64, not {head_dim}"
+        ));
+    }
+    Ok(())
+}
+
+/// Compile the kernels for head size `head_dim` and `arch` (e.g. "sm_90") to PTX (no GPU
+/// needed: the CPU tests check that the source compiles).
+pub fn compile(head_dim: i64, arch: &'static str) -> Result<Ptx, String> {
+    head_dim_ok(head_dim)?;
+    cuda::compile(
+        SOURCE,
+        "disentangled_attention.cu",
+        arch,
+        &[format!("-DHEAD_DIM={head_dim}")],
+    )
+}
+
+fn kernels(device: Device, head_dim: i64) -> Result<Arc<Module>, String> {
+    head_dim_ok(head_dim)?;
+    let (s_fwd, s_kv, s_q) = shared_bytes(head_dim);
+    cuda::load(
+        device,
+        SOURCE,
+        "disentangled_attention.cu",
+        &[format!("-DHEAD_DIM={head_dim}")],
+        &[
+            ("dattn_fwd", s_fwd),
+            ("dattn_bwd_kv", s_kv),
+            ("dattn_bwd_q", s_q),
+            ("dattn_dropout_mask", 0),
+        ],
+    )
+}
+
+/// Whether the kernels can run on `device` for head size `head_dim` (compiles and loads them).
+pub fn check(device: Device, head_dim: i64) -> Result<(), String> {
+    kernels(device, head_dim).map(|_| ())
+}
+
+fn opt_ptr(t: &Option<Tensor>) -> u64 {
+    t.as_ref().map_or(0, ptr)
+}
+
+fn bf16(t: &Tensor) -> Tensor {
+    t.to_kind(Kind::BFloat16).contiguous()
+}
+
+/// Launch geometry: one block per 64 rows of one (batch, head).
+fn grid(b: i64, h: i64, n: i64, shared: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (((n + TILE - 1) / TILE) as u32, (b * h) as u32, 1),
+        block_dim: ((WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: shared,
+    }
+}
+
+/// The kernels' operands: inputs in bf16, contiguous; the tables computed.
+struct Operands {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    c2p: Option<Tensor>,
+    p2c: Option<Tensor>,
+    mask: Tensor,
+}
+
+fn operands(x: &CoreInputs) -> Operands {
+    let (q, k) = (bf16(&x.q), bf16(&x.k));
+    let x16 = CoreInputs {
+        q: q.shallow_clone(),
+        k: k.shallow_clone(),
+        v: x.v.shallow_clone(),
+        kr: x.kr.as_ref().map(Tensor::shallow_clone),
+        qr: x.qr.as_ref().map(Tensor::shallow_clone),
+        mask: x.mask.shallow_clone(),
+        dropout: x.dropout,
+    };
+    let (c2p, p2c) = x16.kernel_tables();
+    Operands {
+        q,
+        k,
+        v: bf16(&x.v),
+        c2p: c2p.as_ref().map(bf16),
+        p2c: p2c.as_ref().map(bf16),
+        mask: x.mask.to_kind(Kind::Bool).to_kind(Kind::Uint8).contiguous(),
+    }
+}
+
+fn cuda_forward(x: &CoreInputs, seed: u64) -> Result<(Tensor, Tensor), String> {
+    let d = x.head_dim();
+    let k = kernels(x.q.device(), d)?;
+    let o = operands(x);
+    stage(x.q.device(), "forward: tables (2 GEMMs)");
+    let (b, n, h, _) = o.q.size4().map_err(|e| e.to_string())?;
+    let out = Tensor::empty([b, n, h, d], (Kind::BFloat16, x.q.device()));
+    let lse = Tensor::empty([b, h, n], (Kind::Float, x.q.device()));
+    let (ptrs, outs) = (
+        [
+            ptr(&o.q),
+            ptr(&o.k),
+            ptr(&o.v),
+            opt_ptr(&o.c2p),
+            opt_ptr(&o.p2c),
+            ptr(&o.mask),
+        ],
+        [ptr(&out), ptr(&lse)],
+    );
+    let (hh, nn, p) = (h as i32, n as i32, x.dropout as f32);
+    let mut launch = k.stream.launch_builder(k.function("dattn_fwd"));
+    for a in &ptrs {
+        launch.arg(a);
+    }
+    for a in &outs {
+        launch.arg(a);
+    }
+    launch.arg(&hh).arg(&nn).arg(&p).arg(&seed);
+    // SAFETY: the pointers are live, contiguous tensors of the shapes the kernel reads/writes.
+    unsafe { launch.launch(grid(b, h, n, shared_bytes(d).0)) }.map_err(|e| format!("dattn_fwd: {e}"))?;
+    stage(x.q.device(), "forward: kernel");
+    Ok((out, lse))
+}
+
+fn cuda_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
+    let x = &saved.inputs;
+    let d = x.head_dim();
+    let k = kernels(x.q.device(), d)?;
+    let o = operands(x);
+    let (b, n, h, _) = o.q.size4().map_err(|e| e.to_string())?;
+    let dout = bf16(&dout.view([b, n, h, d]));
+    // D_i = dO_i . O_i = sum_j P_ij dP_ij (dropout included), [B, H, N].
+    let dvec = (dout.to_kind(Kind::Float) * saved.out.to_kind(Kind::Float))
+        .sum_dim_intlist([-1i64].as_slice(), false, Kind::Float)
+        .permute([0, 2, 1])
+        .contiguous();
+    let lse = saved.lse.as_ref().expect("the CUDA forward saved the log-sum-exp");
+    let (dq, dk, dv) = (o.q.empty_like(), o.k.empty_like(), o.v.empty_like());
+    // Per-distance table gradients: the kernels write every (row, N-1-row+col) once; the rest
+    // of each row (distances no pair has) stays zero.
+    let dc2p = o.c2p.as_ref().map(Tensor::zeros_like);
+    let dp2c = o.p2c.as_ref().map(Tensor::zeros_like);
+    stage(x.q.device(), "backward: tables again, D_i, zeroed gradients");
+    let common = [
+        ptr(&o.q),
+        ptr(&o.k),
+        ptr(&o.v),
+        opt_ptr(&o.c2p),
+        opt_ptr(&o.p2c),
+        ptr(&o.mask),
+        ptr(&dout),
+        ptr(lse),
+        ptr(&dvec),
+    ];
+    let (hh, nn, p, seed) = (h as i32, n as i32, x.dropout as f32, saved.seed);
+    let (_, s_kv, s_q) = shared_bytes(d);
+    let kv_outs = [ptr(&dk), ptr(&dv), opt_ptr(&dp2c)];
+    let mut launch = k.stream.launch_builder(k.function("dattn_bwd_kv"));
+    for a in common.iter().chain(&kv_outs) {
+        launch.arg(a);
+    }
+    launch.arg(&hh).arg(&nn).arg(&p).arg(&seed);
+    // SAFETY: as in cuda_forward.
+    unsafe { launch.launch(grid(b, h, n, s_kv)) }.map_err(|e| format!("dattn_bwd_kv: {e}"))?;
+    stage(x.q.device(), "backward: keys kernel");
+    let q_outs = [ptr(&dq), opt_ptr(&dc2p)];
+    let mut launch = k.stream.launch_builder(k.function("dattn_bwd_q"));
+    for a in common.iter().chain(&q_outs) {
+        launch.arg(a);
+    }
+    launch.arg(&hh).arg(&nn).arg(&p).arg(&seed);
+    // SAFETY: as in cuda_forward.
+    unsafe { launch.launch(grid(b, h, n, s_q)) }.map_err(|e| format!("dattn_bwd_q: {e}"))?;
+    stage(x.q.device(), "backward: queries kernel");
+
+    // Through the table GEMMs (per head, over every token): c2p = q K_r^T, p2c = k Q_r^T.
+    let (mut dq, mut dk) = (dq.to_kind(x.q.kind()), dk.to_kind(x.k.kind()));
+    let w = 2 * n - 1;
+    // [H, B*N, d] -> [B, N, H, d]
+    let back = |t: Tensor| t.transpose(0, 1).reshape([b, n, h, d]);
+    let mut dkr = None;
+    if let (Some(dc2p), Some(kr)) = (&dc2p, &x.kr) {
+        dq += back(dc2p.matmul(&pad_row(&kr.to_kind(Kind::BFloat16)))).to_kind(dq.kind());
+        // sum over every token inside the GEMM: [H, 2N, B*N] x [H, B*N, d]
+        let g = dc2p.transpose(1, 2).matmul(&tokens_per_head(&o.q));
+        dkr = Some(g.narrow(1, 0, w).to_kind(kr.kind()));
+    }
+    let mut dqr = None;
+    if let (Some(dp2c), Some(qr)) = (&dp2c, &x.qr) {
+        dk += back(dp2c.matmul(&pad_row(&qr.to_kind(Kind::BFloat16)))).to_kind(dk.kind());
+        let g = dp2c.transpose(1, 2).matmul(&tokens_per_head(&o.k));
+        dqr = Some(g.narrow(1, 0, w).to_kind(qr.kind()));
+    }
+    stage(x.q.device(), "backward: table-gradient GEMMs");
+    Ok(CoreGrads {
+        q: dq,
+        k: dk,
+        v: dv.to_kind(x.v.kind()),
+        kr: dkr,
+        qr: dqr,
+    })
+}
+
+/// The dropout mask the kernels apply for `seed`, [B, H, N, N] u8 (1 = kept): for tests.
+pub fn cuda_dropout_mask(device: Device, shape: [i64; 3], p: f64, seed: u64, head_dim: i64) -> Result<Tensor, String> {
+    let k = kernels(device, head_dim)?;
+    let [b, h, n] = shape;
+    let keep = Tensor::empty([b, h, n, n], (Kind::Uint8, device));
+    let total = b * h * n * n;
+    let (ptr_keep, p) = (ptr(&keep), p as f32);
+    let mut launch = k.stream.launch_builder(k.function("dattn_dropout_mask"));
+    launch.arg(&ptr_keep).arg(&total).arg(&p).arg(&seed);
+    let cfg = LaunchConfig {
+        grid_dim: (1024, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: keep holds `total` bytes.
+    unsafe { launch.launch(cfg) }.map_err(|e| format!("dattn_dropout_mask: {e}"))?;
+    Ok(keep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_source_compiles_with_nvrtc() {
+        // NVRTC needs no GPU: this catches a broken kernel before any device run.
+        for d in [32, 64] {
+            let ptx = compile(d, "sm_90").unwrap_or_else(|e| panic!("head size {d}: {e}"));
+            let text = ptx.to_src();
+            for kernel in ["dattn_fwd", "dattn_bwd_kv", "dattn_bwd_q", "dattn_dropout_mask"] {
+                assert!(text.contains(kernel), "head size {d}: {kernel} missing from the PTX");
+            }
+        }
+        assert!(compile(80, "sm_90").unwrap_err().contains("multiples of 16 up to 64"));
+    }
+}

@@ -1,0 +1,478 @@
+// Fused disentangled attention (issue G), compiled at run time by NVRTC (model/src/fused_attention.rs).
+//
+// For one (batch b, head h), with i a query and j a key (both < N):
+//   s[i, j] = q[i] . k[j] + c2p[i, (N-1-i) + j] + p2c[j, (N-1-j) + i]
+// q is already scaled; c2p and p2c are the relative terms per distance ([B, H, N, 2N-1], column
+// N-1-i+j holds distance i-j, bucketing already applied by expanding the table), also scaled.
+//   P = softmax_j(s) over the keys with mask[b, j], rows with mask[b, i] = 0 give 0 (XSoftmax);
+//   out[i] = sum_j dropout(P)[i, j] v[j].
+// Flash-attention style (FA2): key tiles stream through shared memory, scores and
+// probabilities stay in registers (the mma accumulator layout doubles as the next mma's A
+// operand) with an online softmax, so no [N, N] tensor reaches global memory. The relative
+// terms a tile needs are two 64 x 64 bands of the tables, staged in shared memory by coalesced
+// loads. The backward recomputes P from the saved log-sum-exp in
+// two kernels (keys-major for dK, dV and the p2c table gradient; queries-major for dQ and the
+// c2p table gradient), so every output element has one owner: no atomics. The table gradients
+// are written per distance, dS[i, j] at (i, N-1-i+j) and (j, N-1-j+i): one writer each.
+//
+// Layouts: q, k, v, out, dout, dq, dk, dv are [B, N, H, D] (the projections' own layout);
+// lse and dvec [B, H, N] fp32; c2p, p2c and their gradients [H, B, N, 2N] (head-major: one GEMM
+// per head over every token makes them; 2N-1 distances and one padding column, so rows stay
+// aligned); mask [B, N] u8.
+// Tensor cores through mma.sync (bf16 in, fp32 accumulate). 4 warps per block; a warp owns 16 rows.
+
+// No headers (NVRTC ships none of CUDA's): bf16 is its bit pattern, and the tensor cores are
+// reached by `mma.sync.m16n8k16` (PTX ISA, "Matrix Fragments for mma.m16n8k16"). In a warp,
+// lane = 4 g + t: A (16x16, row) holds (g, 2t..2t+1), (g+8, ..), (g, 2t+8..), (g+8, 2t+8..);
+// B (16x8, col) holds (2t..2t+1, g), (2t+8.., g); C (16x8 fp32) holds (g, 2t..2t+1), (g+8, ..).
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 64
+#endif
+#define D HEAD_DIM
+#if D % 16 != 0 || D > 64
+#error "HEAD_DIM must be a multiple of 16, at most 64"
+#endif
+#define BM 64
+#define BN 64
+#define LDS (D + 8)   // padded shared row of a [64][D] tile (bf16): conflict-free fragment loads
+#define LDR (BN + 8)  // padded shared row of a [64][64] band
+#define WARPS 4
+#define NEG_INF (-__int_as_float(0x7f800000))
+#define POS_INF (__int_as_float(0x7f800000))
+
+typedef unsigned short bf16;
+struct FragA { unsigned int x[4]; };
+struct FragB { unsigned int x[2]; };
+
+__device__ __forceinline__ float bf2f(bf16 h) { return __uint_as_float(((unsigned int)h) << 16); }
+__device__ __forceinline__ bf16 f2bf(float f) {
+  bf16 r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+  return r;
+}
+__device__ __forceinline__ unsigned int ld32(const bf16* p) { return *reinterpret_cast<const unsigned int*>(p); }
+__device__ __forceinline__ unsigned int pack(bf16 lo, bf16 hi) { return (unsigned int)lo | ((unsigned int)hi << 16); }
+
+// A = the 16x16 tile at p, element (r, c) at p[r * ld + c].
+__device__ __forceinline__ void load_a(FragA& a, const bf16* p, int ld) {
+  const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  a.x[0] = ld32(p + g * ld + 2 * t);
+  a.x[1] = ld32(p + (g + 8) * ld + 2 * t);
+  a.x[2] = ld32(p + g * ld + 2 * t + 8);
+  a.x[3] = ld32(p + (g + 8) * ld + 2 * t + 8);
+}
+// B (16 k x 8 n) with element (k, n) at p[n * ld + k] (a row-major [n][k] tile: B = tile^T).
+__device__ __forceinline__ void load_b_t(FragB& b, const bf16* p, int ld) {
+  const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  b.x[0] = ld32(p + g * ld + 2 * t);
+  b.x[1] = ld32(p + g * ld + 2 * t + 8);
+}
+// B (16 k x 8 n) with element (k, n) at p[k * ld + n] (a row-major [k][n] tile).
+__device__ __forceinline__ void load_b(FragB& b, const bf16* p, int ld) {
+  const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  b.x[0] = pack(p[(2 * t) * ld + g], p[(2 * t + 1) * ld + g]);
+  b.x[1] = pack(p[(2 * t + 8) * ld + g], p[(2 * t + 9) * ld + g]);
+}
+// c += A B
+__device__ __forceinline__ void mma(float* c, const FragA& a, const FragB& b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
+}
+// Attention dropout: a counter-based hash of (seed, b, h, i, j), the same in every kernel.
+__device__ __forceinline__ bool keep(unsigned long long seed, long long idx, unsigned int threshold) {
+  unsigned long long z = seed + (unsigned long long)idx * 0x9e3779b97f4a7c15ULL;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  z ^= z >> 31;
+  return (unsigned int)(z >> 32) >= threshold;
+}
+
+// The kernels run 128 threads per block; the tile loaders below issue all of a thread's global
+// loads before its shared stores, so their latencies overlap instead of adding up.
+#define THREADS 128
+
+// Rows [r0, r0 + 64) of head h of batch b from a [B, N, H, D] tensor into dst [64][LDS]; rows past N are zero.
+__device__ __forceinline__ void load_tile(bf16* __restrict__ dst, const bf16* __restrict__ src, int b, int h, int r0,
+                                          int N, int H) {
+  constexpr int CHUNKS = D / 8, PER = BN * CHUNKS / THREADS;
+  uint4 v[PER];
+#pragma unroll
+  for (int it = 0; it < PER; ++it) {
+    const int c = threadIdx.x + it * THREADS, r = c / CHUNKS, k = (c % CHUNKS) * 8, row = r0 + r;
+    v[it] = make_uint4(0, 0, 0, 0);
+    if (row < N) v[it] = *reinterpret_cast<const uint4*>(src + (((long long)b * N + row) * H + h) * D + k);
+  }
+#pragma unroll
+  for (int it = 0; it < PER; ++it) {
+    const int c = threadIdx.x + it * THREADS, r = c / CHUNKS, k = (c % CHUNKS) * 8;
+    *reinterpret_cast<uint4*>(dst + r * LDS + k) = v[it];
+  }
+}
+
+// band[r][c] = table[row0 + r][(N-1-(row0+r)) + col0 + c] for r, c < 64 (0 outside [0, N)): the
+// relative term of (row0 + r, col0 + c) in a table indexed (row, N-1-row+col). Coalesced: each
+// band row is a contiguous run of the table row.
+__device__ __forceinline__ void load_band(bf16* __restrict__ band, const bf16* __restrict__ table, long long tb, int N,
+                                          int row0, int col0) {
+  const int W = 2 * N;  // row stride: 2N-1 distances, padded to 2N
+  constexpr int PER = 64 * 64 / THREADS;
+  const int c = threadIdx.x % 64, col = col0 + c;
+  bf16 v[PER];
+#pragma unroll
+  for (int it = 0; it < PER; ++it) {
+    const int r = it * (THREADS / 64) + threadIdx.x / 64, row = row0 + r;
+    v[it] = 0;
+    if (table && row < N && col < N) v[it] = table[(tb * N + row) * W + (N - 1 - row) + col];
+  }
+#pragma unroll
+  for (int it = 0; it < PER; ++it) band[(it * (THREADS / 64) + threadIdx.x / 64) * LDR + c] = v[it];
+}
+
+// The inverse for a gradient: table[row0 + r][(N-1-(row0+r)) + col0 + c] = band[r][c] (in range).
+__device__ __forceinline__ void store_band(bf16* __restrict__ table, const bf16* __restrict__ band, long long tb,
+                                           int N, int row0, int col0) {
+  const int W = 2 * N;
+  for (int e = threadIdx.x; e < 64 * 64; e += THREADS) {
+    const int r = e / 64, c = e % 64, row = row0 + r, col = col0 + c;
+    if (row < N && col < N) table[(tb * N + row) * W + (N - 1 - row) + col] = band[r * LDR + c];
+  }
+}
+
+// The warp's 16 rows of a [64][LDS] tile as A fragments.
+__device__ __forceinline__ void load_rows(FragA* a, const bf16* p) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) load_a(a[kk], p + kk * 16, LDS);
+}
+
+// acc[n8] (the 16 x 64 block, 8 columns per n8) = rows . tile^T (tile [64][LDS], row-major).
+__device__ __forceinline__ void rows_times_tile_t(float (*acc)[4], const FragA* a, const bf16* tile) {
+#pragma unroll
+  for (int n8 = 0; n8 < BN / 8; ++n8) {
+    acc[n8][0] = acc[n8][1] = acc[n8][2] = acc[n8][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      FragB b;
+      load_b_t(b, tile + n8 * 8 * LDS + kk * 16, LDS);
+      mma(acc[n8], a[kk], b);
+    }
+  }
+}
+
+// A [16 x 64] block held as accumulators (8 columns per n8) -> A fragments (16 columns per kk):
+// the accumulator layout of columns 2t, 2t+1 (n8 = 2kk) and 2t+8, 2t+9 (n8 = 2kk+1) is the A
+// layout, so no shared memory is needed.
+__device__ __forceinline__ void to_a(FragA* a, float (*x)[4]) {
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    a[kk].x[0] = pack(f2bf(x[2 * kk][0]), f2bf(x[2 * kk][1]));
+    a[kk].x[1] = pack(f2bf(x[2 * kk][2]), f2bf(x[2 * kk][3]));
+    a[kk].x[2] = pack(f2bf(x[2 * kk + 1][0]), f2bf(x[2 * kk + 1][1]));
+    a[kk].x[3] = pack(f2bf(x[2 * kk + 1][2]), f2bf(x[2 * kk + 1][3]));
+  }
+}
+
+// acc[n8] (16 x D) += W [16 x 64] (A fragments) . tile [64][LDS].
+__device__ __forceinline__ void weights_times_tile(float (*acc)[4], const FragA* w, const bf16* tile) {
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+    for (int n8 = 0; n8 < D / 8; ++n8) {
+      FragB b;
+      load_b(b, tile + kk * 16 * LDS + n8 * 8, LDS);
+      mma(acc[n8], w[kk], b);
+    }
+  }
+}
+
+// Write the accumulators acc (a warp's [16][D]) as bf16 rows row0 + g, row0 + g + 8 of head h of
+// a [B, N, H, D] tensor, scaled by s0 and s1.
+__device__ __forceinline__ void write_rows(bf16* dst, float (*acc)[4], float s0, float s1, int b, int h, int row0,
+                                           int N, int H) {
+  const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = row0 + g + 8 * half;
+    if (row >= N) continue;
+    const float s = half ? s1 : s0;
+    bf16* p = dst + (((long long)b * N + row) * H + h) * D + 2 * t;
+#pragma unroll
+    for (int n8 = 0; n8 < D / 8; ++n8)
+      *reinterpret_cast<unsigned int*>(p + n8 * 8) = pack(f2bf(acc[n8][2 * half] * s), f2bf(acc[n8][2 * half + 1] * s));
+  }
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Shared memory of the forward: Q, K, V tiles, the c2p band (queries x keys) and the p2c band
+// (keys x queries), the key mask of the tile.
+extern "C" __global__ void __launch_bounds__(128)
+dattn_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+          const bf16* __restrict__ c2p, const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
+          bf16* __restrict__ out, float* __restrict__ lse, int H, int N, float p_drop,
+          unsigned long long seed) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* Qs = reinterpret_cast<bf16*>(smem);
+  bf16* Ks = Qs + BM * LDS;
+  bf16* Vs = Ks + BN * LDS;
+  bf16* Cb = Vs + BN * LDS;  // Cb[query][key]
+  bf16* Pb = Cb + BM * LDR;  // Pb[key][query]
+  unsigned char* kok = reinterpret_cast<unsigned char*>(Pb + BN * LDR);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int bh = blockIdx.y, b = bh / H, h = bh % H;
+  const long long tb = (long long)h * (gridDim.y / H) + b;  // the tables' (head, batch) row block
+  const int m_blk = blockIdx.x * BM, i0 = m_blk + warp * 16;
+  const int ra = warp * 16 + g, rb = ra + 8;  // this lane's two rows within the block
+  const bool oka = m_blk + ra < N && mask[(long long)b * N + m_blk + ra];
+  const bool okb = m_blk + rb < N && mask[(long long)b * N + m_blk + rb];
+  const unsigned int threshold = (unsigned int)(p_drop * 4294967296.0);
+  const float inv_keep = p_drop > 0.f ? 1.f / (1.f - p_drop) : 1.f;
+
+  load_tile(Qs, q, b, h, m_blk, N, H);
+  __syncthreads();
+  FragA qa[D / 16];
+  load_rows(qa, Qs + warp * 16 * LDS);
+  float o[D / 8][4];
+#pragma unroll
+  for (int n8 = 0; n8 < D / 8; ++n8) o[n8][0] = o[n8][1] = o[n8][2] = o[n8][3] = 0.f;
+  float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;
+
+  for (int n0 = 0; n0 < N; n0 += BN) {
+    __syncthreads();
+    load_tile(Ks, k, b, h, n0, N, H);
+    load_tile(Vs, v, b, h, n0, N, H);
+    load_band(Cb, c2p, tb, N, m_blk, n0);
+    load_band(Pb, p2c, tb, N, n0, m_blk);
+    for (int c = threadIdx.x; c < BN; c += blockDim.x) kok[c] = n0 + c < N && mask[(long long)b * N + n0 + c];
+    __syncthreads();
+    float s[BN / 8][4];
+    rows_times_tile_t(s, qa, Ks);  // c2c
+    float mx_a = NEG_INF, mx_b = NEG_INF;
+#pragma unroll
+    for (int n8 = 0; n8 < BN / 8; ++n8)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e < 2 ? ra : rb, c = n8 * 8 + 2 * t + (e & 1);
+        const bool ok = (e < 2 ? oka : okb) && kok[c];
+        const float x = s[n8][e] + bf2f(Cb[r * LDR + c]) + bf2f(Pb[c * LDR + r]);
+        s[n8][e] = ok ? x : NEG_INF;
+        if (e < 2) mx_a = fmaxf(mx_a, s[n8][e]);
+        else mx_b = fmaxf(mx_b, s[n8][e]);
+      }
+    const float new_a = fmaxf(m_a, quad_max(mx_a)), new_b = fmaxf(m_b, quad_max(mx_b));
+    const float al_a = new_a == NEG_INF ? 1.f : __expf(m_a - new_a);
+    const float al_b = new_b == NEG_INF ? 1.f : __expf(m_b - new_b);
+    float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+    for (int n8 = 0; n8 < BN / 8; ++n8)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float mrow = e < 2 ? new_a : new_b;
+        const float p = s[n8][e] == NEG_INF ? 0.f : __expf(s[n8][e] - mrow);
+        if (e < 2) sum_a += p;
+        else sum_b += p;
+        float pz = p;
+        if (p_drop > 0.f) {
+          const int i = m_blk + (e < 2 ? ra : rb), j = n0 + n8 * 8 + 2 * t + (e & 1);
+          pz = keep(seed, ((long long)bh * N + i) * N + j, threshold) ? p * inv_keep : 0.f;
+        }
+        s[n8][e] = pz;
+      }
+    l_a = l_a * al_a + quad_sum(sum_a);
+    l_b = l_b * al_b + quad_sum(sum_b);
+    m_a = new_a;
+    m_b = new_b;
+#pragma unroll
+    for (int n8 = 0; n8 < D / 8; ++n8) {
+      o[n8][0] *= al_a;
+      o[n8][1] *= al_a;
+      o[n8][2] *= al_b;
+      o[n8][3] *= al_b;
+    }
+    FragA pa[BN / 16];
+    to_a(pa, s);
+    weights_times_tile(o, pa, Vs);  // O += dropout(P) V
+  }
+  const float inv_a = oka && l_a > 0.f ? 1.f / l_a : 0.f, inv_b = okb && l_b > 0.f ? 1.f / l_b : 0.f;
+  write_rows(out, o, inv_a, inv_b, b, h, i0, N, H);
+  if (t == 0) {
+    if (i0 + g < N) lse[(long long)bh * N + i0 + g] = oka ? m_a + __logf(l_a) : POS_INF;
+    if (i0 + g + 8 < N) lse[(long long)bh * N + i0 + g + 8] = okb ? m_b + __logf(l_b) : POS_INF;
+  }
+}
+
+// Shared memory of the backward kernels: the per-query log-sum-exp and D_i of the block's
+// queries, four tiles, the c2p and p2c bands, the dS band, and a validity mask.
+#define BWD_SMEM_SETUP                                                             \
+  extern __shared__ __align__(16) unsigned char smem[];                            \
+  float* lse_s = reinterpret_cast<float*>(smem);                                   \
+  float* dvec_s = lse_s + 64;                                                      \
+  bf16* T0 = reinterpret_cast<bf16*>(dvec_s + 64);                                 \
+  bf16* T1 = T0 + 64 * LDS;                                                        \
+  bf16* T2 = T1 + 64 * LDS;                                                        \
+  bf16* T3 = T2 + 64 * LDS;                                                        \
+  bf16* Cb = T3 + 64 * LDS;                                                        \
+  bf16* Pb = Cb + 64 * LDR;                                                        \
+  bf16* DSb = Pb + 64 * LDR;                                                       \
+  unsigned char* okm = reinterpret_cast<unsigned char*>(DSb + 64 * LDR);           \
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3; \
+  const int bh = blockIdx.y, b = bh / H, h = bh % H;                               \
+  const long long tb = (long long)h * (gridDim.y / H) + b;                         \
+  const unsigned int threshold = (unsigned int)(p_drop * 4294967296.0);            \
+  const float inv_keep = p_drop > 0.f ? 1.f / (1.f - p_drop) : 1.f;                \
+  const int ra = warp * 16 + g, rb = ra + 8;
+
+// Keys-major backward: this block owns keys [kb, kb + 64): dK, dV and the p2c gradient rows
+// d_p2c[j, .]. The warp's 16 keys are the rows of S^T = K Q^T, the tile's 64 queries its columns.
+extern "C" __global__ void __launch_bounds__(128)
+dattn_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+             const bf16* __restrict__ c2p, const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
+             const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dvec,
+             bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ dp2c, int H, int N, float p_drop,
+             unsigned long long seed) {
+  BWD_SMEM_SETUP
+  bf16 *Ks = T0, *Vs = T1, *Qs = T2, *dOs = T3;
+  const int kb = blockIdx.x * BN, j0 = kb + warp * 16;
+  const bool oka = kb + ra < N && mask[(long long)b * N + kb + ra];
+  const bool okb = kb + rb < N && mask[(long long)b * N + kb + rb];
+  load_tile(Ks, k, b, h, kb, N, H);
+  load_tile(Vs, v, b, h, kb, N, H);
+  __syncthreads();
+  FragA ka[D / 16], va[D / 16];
+  load_rows(ka, Ks + warp * 16 * LDS);
+  load_rows(va, Vs + warp * 16 * LDS);
+  float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+  for (int n8 = 0; n8 < D / 8; ++n8)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk_acc[n8][e] = dv_acc[n8][e] = 0.f;
+
+  for (int m0 = 0; m0 < N; m0 += BM) {
+    __syncthreads();
+    load_tile(Qs, q, b, h, m0, N, H);
+    load_tile(dOs, dout, b, h, m0, N, H);
+    load_band(Cb, c2p, tb, N, m0, kb);  // Cb[query][key]
+    load_band(Pb, p2c, tb, N, kb, m0);  // Pb[key][query]
+    for (int e = threadIdx.x; e < BM; e += blockDim.x) {
+      const int i = m0 + e;
+      const bool in = i < N;
+      lse_s[e] = in ? lse[(long long)bh * N + i] : POS_INF;
+      dvec_s[e] = in ? dvec[(long long)bh * N + i] : 0.f;
+      okm[e] = in && mask[(long long)b * N + i];
+    }
+    __syncthreads();
+    float st[BM / 8][4], dpt[BM / 8][4];
+    rows_times_tile_t(st, ka, Qs);    // S^T = K_w Q^T
+    rows_times_tile_t(dpt, va, dOs);  // dP^T = V_w dO^T
+#pragma unroll
+    for (int n8 = 0; n8 < BM / 8; ++n8)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e < 2 ? ra : rb, c = n8 * 8 + 2 * t + (e & 1);  // key r, query c
+        float pz = 0.f, ds = 0.f;
+        if ((e < 2 ? oka : okb) && okm[c]) {
+          const float x = st[n8][e] + bf2f(Cb[c * LDR + r]) + bf2f(Pb[r * LDR + c]);
+          const float p = __expf(x - lse_s[c]);
+          float z = 1.f;
+          if (p_drop > 0.f) z = keep(seed, ((long long)bh * N + m0 + c) * N + kb + r, threshold) ? inv_keep : 0.f;
+          pz = p * z;
+          ds = p * (dpt[n8][e] * z - dvec_s[c]);
+        }
+        st[n8][e] = pz;
+        dpt[n8][e] = ds;
+        DSb[r * LDR + c] = f2bf(ds);
+      }
+    FragA pza[BM / 16], dsa[BM / 16];
+    to_a(pza, st);
+    to_a(dsa, dpt);
+    weights_times_tile(dv_acc, pza, dOs);  // dV += dropout(P)^T dO
+    weights_times_tile(dk_acc, dsa, Qs);   // dK += dS^T Q
+    __syncthreads();
+    if (dp2c) store_band(dp2c, DSb, tb, N, kb, m0);  // d_p2c[j, N-1-j+i] = dS[i, j]
+  }
+  write_rows(dk, dk_acc, 1.f, 1.f, b, h, j0, N, H);
+  write_rows(dv, dv_acc, 1.f, 1.f, b, h, j0, N, H);
+}
+
+// Queries-major backward: this block owns queries [mb, mb + 64): dQ and the c2p gradient rows
+// d_c2p[i, .]. The warp's 16 queries are the rows of S = Q K^T, the tile's 64 keys its columns.
+extern "C" __global__ void __launch_bounds__(128)
+dattn_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+            const bf16* __restrict__ c2p, const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
+            const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dvec,
+            bf16* __restrict__ dq, bf16* __restrict__ dc2p, int H, int N, float p_drop, unsigned long long seed) {
+  BWD_SMEM_SETUP
+  bf16 *Qs = T0, *dOs = T1, *Ks = T2, *Vs = T3;
+  const int mb = blockIdx.x * BM, i0 = mb + warp * 16;
+  const bool oka = mb + ra < N && mask[(long long)b * N + mb + ra];
+  const bool okb = mb + rb < N && mask[(long long)b * N + mb + rb];
+  load_tile(Qs, q, b, h, mb, N, H);
+  load_tile(dOs, dout, b, h, mb, N, H);
+  for (int e = threadIdx.x; e < BM; e += blockDim.x) {
+    const int i = mb + e;
+    lse_s[e] = i < N ? lse[(long long)bh * N + i] : POS_INF;
+    dvec_s[e] = i < N ? dvec[(long long)bh * N + i] : 0.f;
+  }
+  __syncthreads();
+  FragA qa[D / 16], da[D / 16];
+  load_rows(qa, Qs + warp * 16 * LDS);
+  load_rows(da, dOs + warp * 16 * LDS);
+  const float lse_a = lse_s[ra], lse_b = lse_s[rb], dv_a = dvec_s[ra], dv_b = dvec_s[rb];
+  float dq_acc[D / 8][4];
+#pragma unroll
+  for (int n8 = 0; n8 < D / 8; ++n8) dq_acc[n8][0] = dq_acc[n8][1] = dq_acc[n8][2] = dq_acc[n8][3] = 0.f;
+
+  for (int n0 = 0; n0 < N; n0 += BN) {
+    __syncthreads();
+    load_tile(Ks, k, b, h, n0, N, H);
+    load_tile(Vs, v, b, h, n0, N, H);
+    load_band(Cb, c2p, tb, N, mb, n0);  // Cb[query][key]
+    load_band(Pb, p2c, tb, N, n0, mb);  // Pb[key][query]
+    for (int c = threadIdx.x; c < BN; c += blockDim.x) okm[c] = n0 + c < N && mask[(long long)b * N + n0 + c];
+    __syncthreads();
+    float s[BN / 8][4], dp[BN / 8][4];
+    rows_times_tile_t(s, qa, Ks);   // S = Q_w K^T
+    rows_times_tile_t(dp, da, Vs);  // dP = dO_w V^T
+#pragma unroll
+    for (int n8 = 0; n8 < BN / 8; ++n8)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e < 2 ? ra : rb, c = n8 * 8 + 2 * t + (e & 1);  // query r, key c
+        float ds = 0.f;
+        if ((e < 2 ? oka : okb) && okm[c]) {
+          const float x = s[n8][e] + bf2f(Cb[r * LDR + c]) + bf2f(Pb[c * LDR + r]);
+          const float p = __expf(x - (e < 2 ? lse_a : lse_b));
+          float z = 1.f;
+          if (p_drop > 0.f) z = keep(seed, ((long long)bh * N + mb + r) * N + n0 + c, threshold) ? inv_keep : 0.f;
+          ds = p * (dp[n8][e] * z - (e < 2 ? dv_a : dv_b));
+        }
+        s[n8][e] = ds;
+        DSb[r * LDR + c] = f2bf(ds);
+      }
+    FragA dsa[BN / 16];
+    to_a(dsa, s);
+    weights_times_tile(dq_acc, dsa, Ks);  // dQ += dS K
+    __syncthreads();
+    if (dc2p) store_band(dc2p, DSb, tb, N, mb, n0);  // d_c2p[i, N-1-i+j] = dS[i, j]
+  }
+  write_rows(dq, dq_acc, 1.f, 1.f, b, h, i0, N, H);
+}
+
+// The dropout mask the kernels apply, [B, H, N, N] u8 (1 = kept), for tests against the reference.
+extern "C" __global__ void dattn_dropout_mask(unsigned char* keep_out, long long total, float p_drop,
+                                              unsigned long long seed) {
+  const unsigned int threshold = (unsigned int)(p_drop * 4294967296.0);
+  for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+       idx += (long long)gridDim.x * blockDim.x)
+    keep_out[idx] = keep(seed, idx, threshold) ? 1 : 0;
+}

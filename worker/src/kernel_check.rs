@@ -1,0 +1,339 @@
+//! `deberta-worker kernel-check`: the fused attention kernels (`deberta_model::fused_attention`)
+//! against the reference formulas on the GPU, then their speed against the reference core at
+//! the 1.5B model's attention shape, then 20 training steps of a small model on the fused path
+//! against the gather (HF) path. Prints one line per comparison; fails if any is off.
+
+use std::time::Instant;
+
+use deberta_model::attention::RelativePath;
+use deberta_model::fused_attention::{self, CoreGrads, CoreInputs};
+use deberta_model::tensor_parallel::TpShard;
+use deberta_model::{DebertaConfig, IGNORE_INDEX};
+use tch::{Device, Kind, Tensor};
+
+use crate::grads::Params;
+use crate::harness::build_sharded;
+use crate::optim::{AdamWConfig, FlatAdamW};
+use crate::runtime::Groups;
+use crate::step::{forward_backward, StepMode};
+
+struct Case {
+    name: &'static str,
+    b: i64,
+    h: i64,
+    n: i64,
+    d: i64,
+    /// Valid tokens per row (the rest is padding).
+    lengths: &'static [i64],
+    c2p: bool,
+    p2c: bool,
+    dropout: f64,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "N 80 (not a tile multiple), padding",
+        b: 2,
+        h: 3,
+        n: 80,
+        d: 64,
+        lengths: &[80, 37],
+        c2p: true,
+        p2c: true,
+        dropout: 0.0,
+    },
+    Case {
+        name: "N 512, xxlarge heads, padding",
+        b: 2,
+        h: 4,
+        n: 512,
+        d: 64,
+        lengths: &[512, 300],
+        c2p: true,
+        p2c: true,
+        dropout: 0.0,
+    },
+    Case {
+        name: "dropout 0.1 (the kernels' mask)",
+        b: 2,
+        h: 3,
+        n: 130,
+        d: 64,
+        lengths: &[130, 71],
+        c2p: true,
+        p2c: true,
+        dropout: 0.1,
+    },
+    Case {
+        name: "head size 32, c2p only",
+        b: 1,
+        h: 2,
+        n: 96,
+        d: 32,
+        lengths: &[90],
+        c2p: true,
+        p2c: false,
+        dropout: 0.0,
+    },
+];
+
+/// Relative difference of `got` from `want`: max |got - want| / max |want|.
+fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    let got = got.to_kind(Kind::Float);
+    let diff = (&got - want).abs().max().double_value(&[]);
+    diff / want.abs().max().double_value(&[]).max(1e-6)
+}
+
+fn inputs(c: &Case, device: Device, kind: Kind) -> CoreInputs {
+    tch::manual_seed(11);
+    let f = (Kind::Float, device);
+    // bf16-representable values, so the fp32 reference sees exactly the kernels' inputs.
+    let draw = |shape: &[i64], scale: f64| (Tensor::randn(shape, f) * scale).to_kind(Kind::BFloat16).to_kind(kind);
+    let lengths = Tensor::from_slice(c.lengths).to_device(device);
+    let mask = Tensor::arange(c.n, (Kind::Int64, device))
+        .unsqueeze(0)
+        .lt_tensor(&lengths.unsqueeze(1));
+    CoreInputs {
+        q: draw(&[c.b, c.n, c.h, c.d], 0.35),
+        k: draw(&[c.b, c.n, c.h, c.d], 0.35),
+        v: draw(&[c.b, c.n, c.h, c.d], 1.0),
+        kr: c.c2p.then(|| draw(&[c.h, 2 * c.n - 1, c.d], 0.35)),
+        qr: c.p2c.then(|| draw(&[c.h, 2 * c.n - 1, c.d], 0.35)),
+        mask,
+        dropout: c.dropout,
+    }
+}
+
+fn check_case(c: &Case, device: Device) -> anyhow::Result<bool> {
+    const TOL: f64 = 3e-2; // bf16 operands (8 bits of mantissa), fp32 accumulation
+    let seed = 0x5eed_u64;
+    let keep = (c.dropout > 0.0)
+        .then(|| fused_attention::cuda_dropout_mask(device, [c.b, c.h, c.n], c.dropout, seed, c.d))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    if let Some(keep) = &keep {
+        let rate = keep.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+        println!(
+            "  {}: kept fraction {rate:.4} (expected {:.4})",
+            c.name,
+            1.0 - c.dropout
+        );
+    }
+    let x32 = inputs(c, device, Kind::Float);
+    let x16 = inputs(c, device, Kind::BFloat16);
+    let (out, saved) = fused_attention::forward(x16, seed).map_err(anyhow::Error::msg)?;
+    let want = fused_attention::reference(&x32, keep.as_ref());
+    let dout = (Tensor::randn(want.size().as_slice(), (Kind::Float, device)))
+        .to_kind(Kind::BFloat16)
+        .to_kind(Kind::Float);
+    let got: CoreGrads = fused_attention::backward(saved, &dout).map_err(anyhow::Error::msg)?;
+    let refg = fused_attention::reference_backward(&x32, keep.as_ref(), &dout);
+    let mut pairs = vec![
+        ("out", out, want),
+        ("dq", got.q, refg.q),
+        ("dk", got.k, refg.k),
+        ("dv", got.v, refg.v),
+    ];
+    if let (Some(a), Some(b)) = (got.kr, refg.kr) {
+        pairs.push(("dK_r", a, b));
+    }
+    if let (Some(a), Some(b)) = (got.qr, refg.qr) {
+        pairs.push(("dQ_r", a, b));
+    }
+    let mut ok = true;
+    for (what, got, want) in pairs {
+        let e = rel_err(&got, &want);
+        let pass = e <= TOL && got.isfinite().all().int64_value(&[]) == 1;
+        ok &= pass;
+        println!(
+            "  {:<40} {what:<5} rel err {e:.2e}  {}",
+            c.name,
+            if pass { "ok" } else { "FAIL" }
+        );
+    }
+    Ok(ok)
+}
+
+/// Milliseconds per call of `f` (after one warm-up call), synchronised.
+fn time_ms(device: Device, iters: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+    t0.elapsed().as_secs_f64() * 1e3 / iters as f64
+}
+
+/// The attention core at the 1.5B model's shape (24 heads of 64, seq 512, batch 8): the kernels
+/// against the reference formulas in bf16 through autograd, forward + backward.
+fn speed(device: Device) -> anyhow::Result<()> {
+    let c = Case {
+        name: "xxlarge core, batch 8 x 512",
+        b: 8,
+        h: 24,
+        n: 512,
+        d: 64,
+        lengths: &[512; 8],
+        c2p: true,
+        p2c: true,
+        dropout: 0.1,
+    };
+    let x = inputs(&c, device, Kind::BFloat16);
+    let dout = Tensor::randn([c.b, c.n, c.h, c.d], (Kind::BFloat16, device));
+    let fused = time_ms(device, 10, || {
+        let x = CoreInputs { ..clone_inputs(&x) };
+        let (_, saved) = fused_attention::forward(x, 7).expect("fused forward");
+        let _ = fused_attention::backward(saved, &dout).expect("fused backward");
+    });
+    let keep = Tensor::rand([c.b, c.h, c.n, c.n], (Kind::Float, device)).ge(c.dropout);
+    let reference = time_ms(device, 10, || {
+        let _ = fused_attention::reference_backward(&x, Some(&keep), &dout);
+    });
+    println!(
+        "  {}: fused kernels {fused:.2} ms, reference (bf16, autograd) {reference:.2} ms per forward+backward: {:.2}x",
+        c.name,
+        reference / fused
+    );
+    let stages = fused_attention::profile(clone_inputs(&x), &dout, 7).map_err(anyhow::Error::msg)?;
+    for (stage, ms) in stages {
+        println!("    {stage:<48} {ms:.3} ms");
+    }
+    Ok(())
+}
+
+fn clone_inputs(x: &CoreInputs) -> CoreInputs {
+    CoreInputs {
+        q: x.q.shallow_clone(),
+        k: x.k.shallow_clone(),
+        v: x.v.shallow_clone(),
+        kr: x.kr.as_ref().map(Tensor::shallow_clone),
+        qr: x.qr.as_ref().map(Tensor::shallow_clone),
+        mask: x.mask.shallow_clone(),
+        dropout: x.dropout,
+    }
+}
+
+/// 20 identical AdamW steps (bf16 autocast, dropout off) of a 4-layer `base` model on the gather
+/// path and on the fused path: the losses, step by step.
+fn training(groups: &Groups) -> anyhow::Result<bool> {
+    let mut cfg = DebertaConfig::preset("base")?;
+    cfg.num_hidden_layers = 4;
+    cfg.hidden_dropout_prob = 0.0;
+    cfg.attention_probs_dropout_prob = 0.0;
+    let device = groups.device;
+    let (b, n) = (8, 256);
+    let run = |path: RelativePath| -> Vec<f64> {
+        RelativePath::set_for_this_thread(path);
+        let (vs, model) = build_sharded(&cfg, 3, TpShard::NONE, device);
+        let params = Params::new(&vs, cfg.num_hidden_layers);
+        let mut opt = FlatAdamW::new(&params.list, AdamWConfig::default());
+        tch::manual_seed(5);
+        let opts = (Kind::Int64, device);
+        let ids = Tensor::randint_low(5, cfg.vocab_size, [b, n], opts);
+        let masked = Tensor::rand([b, n], (Kind::Float, device)).lt(0.15);
+        let labels = ids.where_self(&masked, &Tensor::full([b, n], IGNORE_INDEX, opts));
+        let mask = Tensor::ones([b, n], opts);
+        let _ = mask.get(1).narrow(0, 200, 56).fill_(0);
+        let predicted = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]) as f64;
+        let micro = [(ids, mask, labels)];
+        (0..20)
+            .map(|_| {
+                let loss = forward_backward(
+                    &model,
+                    &params,
+                    groups,
+                    &micro,
+                    predicted,
+                    StepMode {
+                        bf16: true,
+                        recompute: None,
+                    },
+                );
+                let norm = params.global_grad_norm(&*groups.tp);
+                params.clip(norm, 1.0);
+                opt.step(3e-4);
+                loss
+            })
+            .collect()
+    };
+    let gather = run(RelativePath::Gather);
+    let fused = run(RelativePath::Fused);
+    let worst = gather
+        .iter()
+        .zip(&fused)
+        .map(|(a, b)| (a - b).abs() / a.abs())
+        .fold(0.0, f64::max);
+    let ok = worst <= 2e-2 && fused.iter().all(|l| l.is_finite()) && fused[19] < fused[0];
+    println!(
+        "  20 steps, base x 4 layers, batch 8 x 256: loss gather {:.4} -> {:.4}, fused {:.4} -> {:.4}, worst step rel diff {worst:.2e}  {}",
+        gather[0],
+        gather[19],
+        fused[0],
+        fused[19],
+        if ok { "ok" } else { "FAIL" }
+    );
+    Ok(ok)
+}
+
+/// The AdamW kernel against the tensor-op update, 3 steps on the same gradients.
+fn adamw(device: Device) -> bool {
+    let run = |kernel: bool| {
+        tch::manual_seed(9);
+        let w = Tensor::randn([1000, 37], (Kind::Float, device)).set_requires_grad(true);
+        let b = Tensor::randn([37], (Kind::Float, device)).set_requires_grad(true);
+        (w.sum(Kind::Float) + b.sum(Kind::Float)).backward();
+        let mut opt = FlatAdamW::new(
+            &[("w".into(), w.shallow_clone()), ("x.bias".into(), b.shallow_clone())],
+            AdamWConfig::default(),
+        );
+        opt.kernel = kernel;
+        for step in 0..3 {
+            for t in [&w, &b] {
+                let _ = t.grad().zero_();
+            }
+            ((&w * (step as f64 + 1.0)).sin().sum(Kind::Float) + b.square().sum(Kind::Float)).backward();
+            opt.step(1e-2);
+        }
+        Tensor::cat(&[w.detach().reshape([-1]), b.detach()], 0)
+    };
+    let (kernel, ops) = (run(true), run(false));
+    let e = rel_err(&kernel, &ops);
+    let ok = e < 1e-5;
+    println!(
+        "  AdamW kernel vs tensor ops, 3 steps: rel err {e:.2e}  {}",
+        if ok { "ok" } else { "FAIL" }
+    );
+    ok
+}
+
+/// All checks on `groups.device`; Ok(false) if one failed.
+pub fn run(groups: &Groups) -> anyhow::Result<bool> {
+    let device = groups.device;
+    anyhow::ensure!(device.is_cuda(), "kernel-check needs a CUDA device");
+    anyhow::ensure!(
+        crate::precision::use_bf16_for_cuda_autocast(),
+        "could not set libtorch's autocast dtype to bf16"
+    );
+    for d in [32, 64] {
+        fused_attention::check(device, d).map_err(anyhow::Error::msg)?;
+    }
+    println!("fused attention kernels vs the reference formulas (fp32 on the same bf16 inputs):");
+    let mut ok = true;
+    for c in CASES {
+        ok &= check_case(c, device)?;
+    }
+    println!("optimizer:");
+    ok &= adamw(device);
+    println!("speed:");
+    speed(device)?;
+    println!("training:");
+    ok &= training(groups)?;
+    println!("kernel-check: {}", if ok { "all ok" } else { "FAILED" });
+    Ok(ok)
+}
