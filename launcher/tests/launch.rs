@@ -562,6 +562,40 @@ fn bench_prints_one_json_line_per_batch_with_the_baseline_s_fields() {
         .map(|k| first_line.find(&format!("\"{k}\"")).unwrap())
         .collect();
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "key order: {first_line}");
+    assert_eq!(rows[0]["system"], "deberta-rs", "the CPU default is the gather path");
+    // Each relative path names itself; the fused one runs its reference formulas on the CPU.
+    for (attention, system) in [("skew", "deberta-rs+skew"), ("fused", "deberta-rs+fused")] {
+        let o = deberta(&[
+            "bench",
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--seq",
+            "32",
+            "--attention",
+            attention,
+        ])
+        .output()
+        .unwrap();
+        assert!(o.status.success(), "{attention}: {}", text(&o));
+        let row: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+        assert_eq!(row["system"], system);
+        assert!((row["loss"].as_f64().unwrap() - 11.76).abs() < 0.5, "{row}");
+    }
+    let o = deberta(&["bench", "--preset", "tiny", "--device", "cpu", "--attention", "flash"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("expected auto, gather, skew or fused"),
+        "{}",
+        text(&o)
+    );
     // CUDA where there is none is an error, never a CPU run.
     let o = deberta(&["bench", "--preset", "tiny", "--device", "cuda", "--steps", "1"])
         .env("CUDA_VISIBLE_DEVICES", "")

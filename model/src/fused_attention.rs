@@ -71,6 +71,19 @@ fn tokens_per_head(x: &Tensor) -> Tensor {
 }
 
 impl CoreInputs {
+    /// The same inputs with `f` applied to every tensor but the mask.
+    pub fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> CoreInputs {
+        CoreInputs {
+            q: f(&self.q),
+            k: f(&self.k),
+            v: f(&self.v),
+            kr: self.kr.as_ref().map(&f),
+            qr: self.qr.as_ref().map(&f),
+            mask: self.mask.shallow_clone(),
+            dropout: self.dropout,
+        }
+    }
+
     /// c2p and p2c per distance, [B, H, N, 2N-1] each (those enabled).
     fn tables(&self) -> (Option<Tensor>, Option<Tensor>) {
         let c2p = self
@@ -126,16 +139,7 @@ pub fn reference(x: &CoreInputs, keep: Option<&Tensor>) -> Tensor {
 
 /// The reference's gradients for output gradient `dout`, by autograd.
 pub fn reference_backward(x: &CoreInputs, keep: Option<&Tensor>, dout: &Tensor) -> CoreGrads {
-    let leaf = |t: &Tensor| t.detach().set_requires_grad(true);
-    let leaves = CoreInputs {
-        q: leaf(&x.q),
-        k: leaf(&x.k),
-        v: leaf(&x.v),
-        kr: x.kr.as_ref().map(leaf),
-        qr: x.qr.as_ref().map(leaf),
-        mask: x.mask.shallow_clone(),
-        dropout: x.dropout,
-    };
+    let leaves = x.map(|t| t.detach().set_requires_grad(true));
     let out = tch::with_grad(|| reference(&leaves, keep));
     let objective = tch::with_grad(|| (&out * dout.to_kind(out.kind())).sum(Kind::Float));
     let mut wrt = vec![&leaves.q, &leaves.k, &leaves.v];
@@ -326,21 +330,12 @@ struct Operands {
 }
 
 fn operands(x: &CoreInputs) -> Operands {
-    let (q, k) = (bf16(&x.q), bf16(&x.k));
-    let x16 = CoreInputs {
-        q: q.shallow_clone(),
-        k: k.shallow_clone(),
-        v: x.v.shallow_clone(),
-        kr: x.kr.as_ref().map(Tensor::shallow_clone),
-        qr: x.qr.as_ref().map(Tensor::shallow_clone),
-        mask: x.mask.shallow_clone(),
-        dropout: x.dropout,
-    };
+    let x16 = x.map(bf16);
     let (c2p, p2c) = x16.kernel_tables();
     Operands {
-        q,
-        k,
-        v: bf16(&x.v),
+        q: x16.q,
+        k: x16.k,
+        v: x16.v,
         c2p: c2p.as_ref().map(bf16),
         p2c: p2c.as_ref().map(bf16),
         mask: x.mask.to_kind(Kind::Bool).to_kind(Kind::Uint8).contiguous(),

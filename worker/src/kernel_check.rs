@@ -187,7 +187,7 @@ fn speed(device: Device) -> anyhow::Result<()> {
     let x = inputs(&c, device, Kind::BFloat16);
     let dout = Tensor::randn([c.b, c.n, c.h, c.d], (Kind::BFloat16, device));
     let fused = time_ms(device, 10, || {
-        let x = CoreInputs { ..clone_inputs(&x) };
+        let x = x.map(Tensor::shallow_clone);
         let (_, saved) = fused_attention::forward(x, 7).expect("fused forward");
         let _ = fused_attention::backward(saved, &dout).expect("fused backward");
     });
@@ -200,23 +200,11 @@ fn speed(device: Device) -> anyhow::Result<()> {
         c.name,
         reference / fused
     );
-    let stages = fused_attention::profile(clone_inputs(&x), &dout, 7).map_err(anyhow::Error::msg)?;
+    let stages = fused_attention::profile(x.map(Tensor::shallow_clone), &dout, 7).map_err(anyhow::Error::msg)?;
     for (stage, ms) in stages {
         println!("    {stage:<48} {ms:.3} ms");
     }
     Ok(())
-}
-
-fn clone_inputs(x: &CoreInputs) -> CoreInputs {
-    CoreInputs {
-        q: x.q.shallow_clone(),
-        k: x.k.shallow_clone(),
-        v: x.v.shallow_clone(),
-        kr: x.kr.as_ref().map(Tensor::shallow_clone),
-        qr: x.qr.as_ref().map(Tensor::shallow_clone),
-        mask: x.mask.shallow_clone(),
-        dropout: x.dropout,
-    }
 }
 
 /// 20 identical AdamW steps (bf16 autocast, dropout off) of a 4-layer `base` model on the gather
