@@ -5,10 +5,11 @@
 //! The core's inputs are what `DisentangledSelfAttention::project` returns: q (scale folded
 //! in), k, v as [B, N, H, d] and the relative tables per distance, K_r [H, 2N-1, d] (row m:
 //! distance N-1-m) and Q_r [H, 2N-1, d] (row m: distance m-(N-1), scale folded in). The c2p/p2c
-//! terms per distance, [B, H, N, 2N-1], are two GEMMs; the kernels read each (i, j)'s element
-//! at column N-1-i+j (the skew of `attention::skew_view`). Backward recomputes those GEMMs,
-//! gets dq, dk, dv and the per-distance table gradients from the kernels, and finishes with
-//! GEMMs. The tape runs it as a custom segment (`segments::Tape::custom`).
+//! terms per distance are two GEMMs, one per head over every token, into [H, B*N, 2N] (rows
+//! padded from 2N-1); the kernels read each (i, j)'s element at column N-1-i+j (the skew of
+//! `attention::skew_view`). Backward recomputes those GEMMs, gets dq, dk, dv and the
+//! per-distance table gradients from the kernels, and finishes with GEMMs. The tape runs it as
+//! a custom segment (`segments::Tape::custom`). docs/performance.md has the design and figures.
 //!
 //! On the CPU the same core runs as reference formulas through autograd (`reference`), which
 //! is also what the kernels are tested against on the GPU (`deberta-worker kernel-check`).
@@ -160,8 +161,9 @@ pub fn reference_backward(x: &CoreInputs, keep: Option<&Tensor>, dout: &Tensor) 
 pub struct Saved {
     inputs: CoreInputs,
     out: Tensor,
-    /// Log-sum-exp per query [B, H, N] (CUDA); the dropout mask (CPU).
+    /// Log-sum-exp per query [B, H, N] (CUDA).
     lse: Option<Tensor>,
+    /// The dropout mask drawn (CPU).
     keep: Option<Tensor>,
     seed: u64,
 }

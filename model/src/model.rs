@@ -328,11 +328,13 @@ impl DebertaV2 {
         };
         for (i, layer) in self.encoder.layers.iter().enumerate() {
             let x = enc.layers.last().copied().unwrap_or(e);
+            let first = tape.next_segment();
             let a = attention_segments(tape, layer, x, x, &enc, train);
-            // Backward reaches this segment last among the uses of layer i (the EMD's reuses of
-            // the last layer come later in forward): its gradients are final after it.
+            // Backward reaches the sublayer's first segment last among the uses of layer i (the
+            // EMD's reuses of the last layer come later in forward): its gradients are final
+            // after it.
             if mark_ready {
-                tape.mark_ready(i);
+                tape.mark_ready_at(first, i);
             }
             let mut y = tape.segment(&[a], move |inp| {
                 let g = |x: &Tensor| reduce_from_tp(x, tp);

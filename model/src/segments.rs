@@ -242,7 +242,27 @@ impl<'c> Tape<'c> {
     /// then, and the data-parallel reduction of that group can start while backward goes on.
     pub fn mark_ready(&mut self, key: usize) {
         let last = self.segments.len().checked_sub(1).expect("mark_ready after a segment");
-        self.ready.push((last, key));
+        self.mark_ready_at(last, key);
+    }
+
+    /// The index the next recorded segment gets.
+    pub fn next_segment(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// `mark_ready` for an earlier segment (an index from `next_segment`): the group's
+    /// gradients are final once backward has passed *that* segment, e.g. the first of the
+    /// several a sublayer is cut into. Marks must come in the order of their segments.
+    pub fn mark_ready_at(&mut self, segment: usize, key: usize) {
+        assert!(
+            segment < self.segments.len(),
+            "mark_ready_at a segment not recorded yet"
+        );
+        assert!(
+            self.ready.last().is_none_or(|&(at, _)| at <= segment),
+            "mark_ready_at out of segment order"
+        );
+        self.ready.push((segment, key));
     }
 
     /// A boundary's value (detached).
@@ -414,5 +434,34 @@ mod tests {
         tape.backward_with(z, &mut |k| seen.push((k, w1.grad().defined(), w2.grad().defined())));
         // Reverse order: w2's group first (w1 not reached yet), then w1's.
         assert_eq!(seen, [(2, false, true), (1, true, true)]);
+    }
+
+    #[test]
+    fn a_group_marked_at_its_first_segment_waits_for_that_segment() {
+        // w is used by two segments in a row (as a sublayer cut into pieces is): marked at the
+        // first, it is reported only once backward has passed both.
+        tch::manual_seed(1);
+        let w = Tensor::randn([4, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let x = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
+        let mut tape = Tape::new(&Single);
+        let first = tape.next_segment();
+        let y = tape.segment(&[], |_| vec![x.matmul(&w).tanh()])[0];
+        let z = tape.segment(&[y], |i| vec![i[0].tp.matmul(&w).sum(Kind::Float)])[0];
+        tape.mark_ready_at(first, 7);
+        let want = {
+            let y = x.matmul(&w).tanh();
+            Tensor::run_backward(&[y.matmul(&w).sum(Kind::Float)], &[&w], false, false).remove(0)
+        };
+        let mut seen = Vec::new();
+        tape.backward_with(z, &mut |k| {
+            seen.push((k, (w.grad() - &want).abs().max().double_value(&[])))
+        });
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].0, 7);
+        assert!(
+            seen[0].1 < 1e-6,
+            "reported before its gradient was final: {}",
+            seen[0].1
+        );
     }
 }

@@ -83,26 +83,31 @@ fn every_layout_matches_the_single_process_run() {
 }
 
 #[test]
-fn the_fused_attention_path_under_tensor_parallelism_matches_the_gather_run() {
+fn the_fused_attention_path_under_tensor_and_data_parallelism_matches_the_gather_run() {
     // The fused path's core is a custom segment whose gradients stay on their rank (each rank's
-    // heads): at TP 2 it must still give the one-process gather run's losses and parameters.
+    // heads), and it splits the attention sublayer into three segments, so a layer's
+    // data-parallel reduction must wait for the first of them: at TP 2 and at TP 2 x DP 2 it
+    // must still give the one-process gather run's losses and parameters.
     let tmp = tempfile::tempdir().unwrap();
-    let (base, fused) = (tmp.path().join("gather"), tmp.path().join("fused"));
+    let base = tmp.path().join("gather");
     run_layout(1, 1, &base);
-    run_layout_with(2, 1, "fused", &fused);
-    for (step, (a, b)) in losses(&base).iter().zip(losses(&fused)).enumerate() {
-        let rel = (a - b).abs() / a.abs();
-        assert!(
-            rel <= 1e-5,
-            "step {}: fused tp 2 loss {b} vs gather {a} (rel {rel:e})",
-            step + 1
-        );
-    }
-    // The toy model's init makes attention gradients small: scaling dq by 1.5 in the custom
-    // backward moves parameters by ~2e-7 after 3 steps, while a correct run differs by < 1e-8
-    // (reduction order), so the bound is tight on purpose.
-    for ((n1, t1), (_, t2)) in params(&base).iter().zip(&params(&fused)) {
-        let d = (t1 - t2).abs().max().double_value(&[]);
-        assert!(d <= 5e-8, "fused tp 2: {n1} differs by {d:e}");
+    for (tp, dp) in [(2, 1), (2, 2)] {
+        let fused = tmp.path().join(format!("fused-tp{tp}dp{dp}"));
+        run_layout_with(tp, dp, "fused", &fused);
+        for (step, (a, b)) in losses(&base).iter().zip(losses(&fused)).enumerate() {
+            let rel = (a - b).abs() / a.abs();
+            assert!(
+                rel <= 1e-5,
+                "tp {tp} dp {dp} step {}: fused loss {b} vs gather {a} (rel {rel:e})",
+                step + 1
+            );
+        }
+        // The toy model's init makes attention gradients small: scaling dq by 1.5 in the
+        // custom backward moves parameters by ~2e-7 after 3 steps, while a correct run differs
+        // by < 1e-8 (reduction order), so the bound is tight on purpose.
+        for ((n1, t1), (_, t2)) in params(&base).iter().zip(&params(&fused)) {
+            let d = (t1 - t2).abs().max().double_value(&[]);
+            assert!(d <= 5e-8, "fused tp {tp} dp {dp}: {n1} differs by {d:e}");
+        }
     }
 }
