@@ -46,6 +46,9 @@ pub enum RelativePath {
     Fused,
 }
 
+/// This process trains in fp32 on CUDA (`RelativePath::set_fp32_training`).
+static FP32_TRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 thread_local! {
     /// A per-thread choice that overrides the environment (tests compare the paths).
     static OVERRIDE: std::cell::Cell<Option<RelativePath>> = const { std::cell::Cell::new(None) };
@@ -72,14 +75,22 @@ impl RelativePath {
     }
 
     /// The path of training (the segment tape) on `device`: the one named; by default the fused
-    /// kernels on CUDA (the H100 bench: 1.5x HF's best throughput, where gather and skew are
-    /// below HF) and gather on the CPU (where the fused path runs reference formulas).
+    /// kernels on CUDA in bf16 (the H100 bench: 1.5x HF's best throughput, where gather and
+    /// skew are below HF), gather on the CPU (where the fused path runs reference formulas)
+    /// and in fp32 (the kernels compute in bf16; see `set_fp32_training`).
     pub fn for_device(device: tch::Device) -> RelativePath {
-        Self::from_env().unwrap_or(if device.is_cuda() {
+        let fp32 = FP32_TRAINING.load(std::sync::atomic::Ordering::Relaxed);
+        Self::from_env().unwrap_or(if device.is_cuda() && !fp32 {
             RelativePath::Fused
         } else {
             RelativePath::Gather
         })
+    }
+
+    /// Declare that this process trains in fp32 (no bf16 autocast): the default path then
+    /// stays off the bf16 kernels.
+    pub fn set_fp32_training(fp32: bool) {
+        FP32_TRAINING.store(fp32, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Use `path` on this thread from now on, whatever the environment says.

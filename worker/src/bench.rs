@@ -68,7 +68,7 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
         );
     }
     let device = groups.device;
-    crate::runtime::check_attention_path(device, &cfg)?;
+    crate::runtime::check_attention_path(device, &cfg, b.bf16)?;
     let (vs, model) = build_sharded(&cfg, 0, TpShard::NONE, device);
     let params = Params::new(&vs, cfg.num_hidden_layers);
     let mut opt = FlatAdamW::new(

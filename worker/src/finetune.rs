@@ -359,7 +359,7 @@ fn build(cfg: &FinetuneConfig, task: Task, groups: &Groups) -> Result<(VarStore,
     }
     drop(full_model);
     let full = full_vs.variables();
-    crate::runtime::check_attention_path(groups.device, &c)?;
+    crate::runtime::check_attention_path(groups.device, &c, cfg.train.precision == "bf16")?;
     let vs = VarStore::new(groups.device);
     let mut model = DebertaV2::new_tp(&vs.root(), &c, Parts::BACKBONE, tp)?;
     model.embeddings.sift_prenorm = cfg.sift.enabled;

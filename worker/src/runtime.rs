@@ -125,12 +125,20 @@ pub fn make_groups(world: &SimpleCommunicator, layout: Layout, backend: Backend)
     })
 }
 
-/// When training on `device` takes the fused attention path (CUDA by default, see
-/// `RelativePath::for_device`), compile and load its kernels now, so that a missing libnvrtc or
-/// an unsupported head size is an error before any step, with the way out named.
-pub fn check_attention_path(device: Device, cfg: &deberta_model::DebertaConfig) -> anyhow::Result<()> {
+/// Settle the attention path of training on `device` at precision `bf16` (autocast) or fp32:
+/// by default the fused kernels on CUDA in bf16 (`RelativePath::for_device`). When the fused
+/// path is taken, compile and load its kernels now, so that a missing libnvrtc or an
+/// unsupported head size is an error before any step, with the way out named; the fused path
+/// named for an fp32 run is refused (its kernels compute in bf16).
+pub fn check_attention_path(device: Device, cfg: &deberta_model::DebertaConfig, bf16: bool) -> anyhow::Result<()> {
     use deberta_model::attention::RelativePath;
+    RelativePath::set_fp32_training(!bf16);
     if RelativePath::for_device(device) == RelativePath::Fused && device.is_cuda() {
+        anyhow::ensure!(
+            bf16,
+            "DEBERTA_ATTENTION=fused computes in bf16, but this run is fp32: use bf16 precision, or \
+             DEBERTA_ATTENTION=gather or skew"
+        );
         deberta_model::fused_attention::check(device, cfg.attention_head_size).map_err(|e| {
             anyhow::anyhow!("the fused attention kernels: {e} (DEBERTA_ATTENTION=gather or skew avoids them)")
         })?;

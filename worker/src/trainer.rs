@@ -312,7 +312,7 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
         rank: groups.tp.rank() as i64,
         size: groups.tp.size() as i64,
     };
-    crate::runtime::check_attention_path(groups.device, &model_cfg)?;
+    crate::runtime::check_attention_path(groups.device, &model_cfg, bf16)?;
     let (vs, model) = build_sharded(&model_cfg, cfg.run.seed as i64, tp, groups.device);
     let params = Params::new(&vs, model_cfg.num_hidden_layers);
     let mut opt = FlatAdamW::new(
