@@ -31,6 +31,16 @@ pub fn attention_mask(q_mask: &Tensor, k_mask: &Tensor) -> Tensor {
     q.logical_and(&k)
 }
 
+/// Softmax over the keys of `scores` [B, H, Nq, N] where `mask` [B, 1, Nq, N] allows; padded
+/// query rows become all-zero, as in the official XSoftmax.
+pub fn xsoftmax(scores: &Tensor, mask: &Tensor) -> Tensor {
+    let hidden = mask.logical_not();
+    scores
+        .masked_fill(&hidden, finite_min(scores.kind()))
+        .softmax(-1, scores.kind())
+        .masked_fill(&hidden, 0.0)
+}
+
 /// How the relative terms c2p and p2c reach the [B, H, N, N] scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelativePath {
@@ -170,6 +180,24 @@ impl DisentangledSelfAttention {
         x.view([rows, -1, self.head_size]).transpose(0, 1)
     }
 
+    /// The relative tables per distance of the skew and fused paths: K_r [heads, 2N-1, d]
+    /// (row m: distance N-1-m) if c2p and Q_r (row m: distance m-(N-1), scale folded in) if
+    /// p2c. The 2S table rows are projected, then one row per distance is picked (a gather on
+    /// the small table); R gets this layer's dropout first.
+    fn distance_tables(&self, rel: &RelativeContext, train: bool) -> (Option<Tensor>, Option<Tensor>) {
+        let r = rel.table.dropout(self.pos_dropout, train); // [2S, D]
+        let (by_desc, by_asc) = distance_rows(&rel.rel_idx);
+        let k_r = self.c2p.then(|| {
+            let k_r = self.pos_key_proj.as_ref().unwrap_or(&self.key_proj).forward(&r);
+            self.split_table_heads(&k_r.index_select(0, &by_desc))
+        });
+        let q_r = self.p2c.then(|| {
+            let q_r = self.pos_query_proj.as_ref().unwrap_or(&self.query_proj).forward(&r);
+            self.split_table_heads(&q_r.index_select(0, &by_asc)) * self.scale
+        });
+        (k_r, q_r)
+    }
+
     /// The fused path's inputs (`fused_attention::CoreInputs`): q (scaled), k, v as
     /// [B, N, heads, d], then K_r per distance [heads, 2N-1, d] if c2p and Q_r per distance
     /// (scaled) if p2c, when `rel` is given. Self-attention shapes only (Nq = N).
@@ -182,17 +210,9 @@ impl DisentangledSelfAttention {
             heads(self.value_proj.forward(x)),
         ];
         if let Some(rel) = rel.filter(|_| self.c2p || self.p2c) {
-            let r = rel.table.dropout(self.pos_dropout, train); // [2S, D], per-layer dropout
-            let (by_desc, by_asc) = distance_rows(&rel.rel_idx);
-            // Project the 2S table rows, then pick one row per distance (a gather on the small table).
-            if self.c2p {
-                let k_r = self.pos_key_proj.as_ref().unwrap_or(&self.key_proj).forward(&r);
-                out.push(self.split_table_heads(&k_r.index_select(0, &by_desc)));
-            }
-            if self.p2c {
-                let q_r = self.pos_query_proj.as_ref().unwrap_or(&self.query_proj).forward(&r);
-                out.push(self.split_table_heads(&q_r.index_select(0, &by_asc)) * self.scale);
-            }
+            let (k_r, q_r) = self.distance_tables(rel, train);
+            out.extend(k_r);
+            out.extend(q_r);
         }
         out
     }
@@ -248,26 +268,14 @@ impl DisentangledSelfAttention {
         let c2c = q_c.matmul(&k_c.transpose(-1, -2)); // [B, H, Nq, N]
         let mut scores = if skew { c2c } else { c2c * self.scale };
         if let Some(rel) = rel.filter(|_| skew && (self.c2p || self.p2c)) {
-            let r = rel.table.dropout(self.pos_dropout, train);
-            let (by_desc, by_asc) = distance_rows(&rel.rel_idx);
-            if self.c2p {
-                // T[m] = K_r[row of distance N-1-m]: c2p[i, j] = (Q_c T^T)[i, (N-1-i) + j].
-                let k_r = self
-                    .pos_key_proj
-                    .as_ref()
-                    .unwrap_or(&self.key_proj)
-                    .forward(&r.index_select(0, &by_desc));
-                let full = q_c.matmul(&self.split_table_heads(&k_r).transpose(-1, -2)); // [B, H, N, 2N-1]
+            let (k_r, q_r) = self.distance_tables(rel, train);
+            if let Some(k_r) = k_r {
+                // k_r[m] = K_r at distance N-1-m: c2p[i, j] = (Q_c k_r^T)[i, (N-1-i) + j].
+                let full = q_c.matmul(&k_r.transpose(-1, -2)); // [B, H, N, 2N-1]
                 scores = scores + skew_view(&full);
             }
-            if self.p2c {
-                // T[m] = Q_r[row of distance m-(N-1)]: p2c[i, j] = (K_c T^T)[j, (N-1-j) + i].
-                let q_r = self
-                    .pos_query_proj
-                    .as_ref()
-                    .unwrap_or(&self.query_proj)
-                    .forward(&r.index_select(0, &by_asc));
-                let q_r = self.split_table_heads(&q_r) * self.scale;
+            if let Some(q_r) = q_r {
+                // q_r[m] = Q_r at distance m-(N-1): p2c[i, j] = (K_c q_r^T)[j, (N-1-j) + i].
                 let full = k_c.matmul(&q_r.transpose(-1, -2)); // [B, H, N, 2N-1]
                 scores = scores + skew_view(&full).transpose(-1, -2);
             }
@@ -287,12 +295,7 @@ impl DisentangledSelfAttention {
             }
         }
 
-        // Softmax over keys; padded query rows become all-zero as in the official XSoftmax.
-        let hidden = mask.logical_not();
-        let probs = scores
-            .masked_fill(&hidden, finite_min(scores.kind()))
-            .softmax(-1, scores.kind())
-            .masked_fill(&hidden, 0.0);
+        let probs = xsoftmax(&scores, mask);
         let ctx = probs.dropout(self.attention_dropout, train).matmul(&v_c); // [B, H, Nq, d]
         ctx.transpose(1, 2).reshape([b, nq, -1]) // [B, Nq, H*d]
     }

@@ -20,9 +20,8 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 use tch::{Device, Kind, Tensor};
 
-use crate::attention::{attention_mask, skew_view};
+use crate::attention::{attention_mask, skew_view, xsoftmax};
 use crate::cuda::{self, ptr, Module};
-use crate::nn::finite_min;
 
 /// The kernels' CUDA C source.
 pub const SOURCE: &str = include_str!("kernels/disentangled_attention.cu");
@@ -126,11 +125,7 @@ pub fn reference(x: &CoreInputs, keep: Option<&Tensor>) -> Tensor {
         s = s + skew_view(&p2c).transpose(-1, -2);
     }
     let m = x.mask.to_kind(Kind::Float);
-    let hidden = attention_mask(&m, &m).logical_not();
-    let mut probs = s
-        .masked_fill(&hidden, finite_min(s.kind()))
-        .softmax(-1, s.kind())
-        .masked_fill(&hidden, 0.0);
+    let mut probs = xsoftmax(&s, &attention_mask(&m, &m));
     if let Some(keep) = keep {
         let kind = probs.kind();
         probs = probs * keep.to_kind(kind) / (1.0 - x.dropout);
