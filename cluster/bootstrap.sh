@@ -71,4 +71,10 @@ if [ -n "$nccl_so" ]; then
 fi
 # Fail here, not in the middle of a build, if the venv is unusable.
 "$py" -c 'import torch; assert torch.__version__.startswith("'"$TORCH_VERSION"'"), torch.__version__'
+# libnvrtc compiles the CUDA kernels at run time (and in the CPU tests); torch's Linux wheel
+# brings it through cuda-toolkit[nvrtc], into nvidia/cu13/lib, which env.sh puts on the path.
+if ! ls "$venv"/lib/python3*/site-packages/nvidia/cu13/lib/libnvrtc.so.13 >/dev/null 2>&1; then
+  echo "[bootstrap] error: libnvrtc.so.13 missing from $venv (torch's cuda-toolkit[nvrtc] dependency)" >&2
+  exit 1
+fi
 log "ready: . $here/env.sh"
