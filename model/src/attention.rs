@@ -20,7 +20,8 @@ use crate::tensor_parallel::TpShard;
 pub struct RelativeContext {
     /// R = LayerNorm(E_rel): [2S, D].
     pub table: Tensor,
-    /// rel_idx: [q_len, k_len] rows of `table`.
+    /// rel_idx: rows of `table`, [q_len, k_len], or [B, 1, q_len, k_len] where each batch row
+    /// has its own query positions (the EMD at the predicted positions).
     pub rel_idx: Tensor,
 }
 
@@ -262,7 +263,10 @@ impl DisentangledSelfAttention {
         let (b, h, nq, _) = q_c.size4().expect("[batch, heads, query, d]");
         let n = k_c.size()[2];
 
-        let skew = path != RelativePath::Gather && nq == n;
+        // The skew view needs self-attention's shared [N, N] index; the EMD's predicted rows
+        // ([B, 1, M, N], `emd::Predicted`) take the gather.
+        let shared_idx = rel.is_none_or(|r| r.rel_idx.dim() == 2);
+        let skew = path != RelativePath::Gather && nq == n && shared_idx;
         // The skew path folds the scale into the (small) query side instead of scaling [B, H, N, N].
         let q_c = if skew { q_c * self.scale } else { q_c };
         let c2c = q_c.matmul(&k_c.transpose(-1, -2)); // [B, H, Nq, N]
@@ -290,7 +294,7 @@ impl DisentangledSelfAttention {
             if self.p2c {
                 let q_r = self.split_table_heads(&self.pos_query_proj.as_ref().unwrap_or(&self.query_proj).forward(&r));
                 let p2c_all = k_c.matmul(&q_r.transpose(-1, -2)); // [B, H, N, 2S]: K_c[j] . Q_r[t]
-                let idx_t = rel.rel_idx.transpose(0, 1).expand([b, h, n, nq], false); // [.., j, i] = rel_idx[i, j]
+                let idx_t = rel.rel_idx.transpose(-1, -2).expand([b, h, n, nq], false); // [.., j, i] = rel_idx[.., i, j]
                 scores = scores + p2c_all.gather(-1, &idx_t, false).transpose(-1, -2) * self.scale;
             }
         }

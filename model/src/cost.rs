@@ -124,8 +124,9 @@ impl MemoryEstimate {
 ///   FFN pre- and post-activation: about 8 D + 4 A + 2 F elements;
 /// - per layer and (batch, head, query, key): c2p and p2c gathered, scores, probabilities and
 ///   their dropout: 5 elements + a 1-byte mask;
-/// - the EMD re-runs the last layer twice (2 more layers) and the MLM head keeps fp32 logits and
-///   their gradient for the masked tokens.
+/// - the EMD re-runs the last layer twice on the masked rows only (2 more layers at the masked
+///   fraction; its keys and values are a few D per token more, left out) and the MLM head keeps
+///   fp32 logits and their gradient for the masked tokens.
 ///
 /// It is an estimate for planning (`deberta info`, the launcher's plan), not a measurement.
 pub fn memory_estimate(c: &DebertaConfig, micro_batch: i64, seq: i64, bf16: bool) -> MemoryEstimate {
@@ -154,7 +155,7 @@ pub fn memory_estimate_tp(c: &DebertaConfig, micro_batch: i64, seq: i64, bf16: b
     let per_token = (8.0 * d + (4.0 * a + 2.0 * f) / tp) * elt;
     let per_score = 5.0 * elt + 1.0;
     let scores = micro_batch as f64 * c.num_attention_heads as f64 / tp * (seq * seq) as f64;
-    let layers = c.num_hidden_layers as f64 + 2.0;
+    let layers = c.num_hidden_layers as f64 + 2.0 * MASK_FRACTION;
     let head = tokens * MASK_FRACTION * v / tp * 4.0 * 2.0;
     MemoryEstimate {
         states_bytes,

@@ -6,7 +6,7 @@ use tch::{Kind, Reduction, Tensor};
 use crate::attention::{attention_mask, RelativeContext, RelativePath};
 use crate::config::DebertaConfig;
 use crate::embeddings::Embeddings;
-use crate::emd::{enhanced_mask_decoder, MlmHead, EMD_STEPS};
+use crate::emd::{enhanced_mask_decoder, enhanced_mask_decoder_at, MlmHead, Predicted, EMD_STEPS};
 use crate::encoder::Encoder;
 use crate::error::ModelError;
 use crate::fused_attention;
@@ -165,21 +165,23 @@ impl DebertaV2 {
         enhanced_mask_decoder(&self.encoder, &enc.layers, positions.as_ref(), &enc.mask, train)
     }
 
-    /// Mean cross-entropy over positions whose label is not `IGNORE_INDEX`; the vocabulary
-    /// projection runs on those positions only. labels: [B, N] int64.
+    /// Mean cross-entropy over positions whose label is not `IGNORE_INDEX`; the EMD and the
+    /// vocabulary projection run on those positions only. labels: [B, N] int64.
     pub fn mlm_loss(&self, enc: &Encoded, labels: &Tensor, train: bool) -> Option<Tensor> {
         let head = self.mlm.as_ref()?;
-        let q = self.emd_states(enc, train);
+        let at = Predicted::of(labels);
+        let n = enc.embeddings.size()[1];
+        let positions = (!self.cfg.position_biased_input)
+            .then(|| self.embeddings.positions(n))
+            .flatten();
+        let q = enhanced_mask_decoder_at(&self.encoder, &enc.layers, positions.as_ref(), &enc.mask, &at, train);
         let d = q.size()[2];
-        let flat_labels = labels.reshape([-1]);
-        let sel = flat_labels.ne(IGNORE_INDEX).nonzero().squeeze_dim(1); // [n_masked]
-        let h = q.reshape([-1, d]).index_select(0, &sel); // [n_masked, D]
+        let h = q.reshape([-1, d]).index_select(0, &at.sel); // [n_predicted, D]
         let logits = head
             .forward(&h, &self.embeddings.word_embeddings)
             .narrow(-1, 0, self.cfg.vocab_size) // drop the padding columns
             .to_kind(Kind::Float);
-        let target = flat_labels.index_select(0, &sel);
-        Some(logits.cross_entropy_loss::<Tensor>(&target, None, Reduction::Mean, IGNORE_INDEX, 0.0))
+        Some(logits.cross_entropy_loss::<Tensor>(&at.targets, None, Reduction::Mean, IGNORE_INDEX, 0.0))
     }
 
     /// Classification logits [B, num_labels]; None without a classifier head.
@@ -220,21 +222,32 @@ fn clone_opt(t: &Option<Tensor>) -> Option<Tensor> {
     t.as_ref().map(Tensor::shallow_clone)
 }
 
+/// The EMD's attention from the predicted rows (`Predicted::attention`): its relative index
+/// [B, 1, M, N] and mask [B, 1, M, N].
+struct RowQueries {
+    rel_idx: Option<Tensor>,
+    att_mask: Tensor,
+}
+
 /// One attention sublayer on the tape: `kv` feeds the keys and values, `q` the queries and the
-/// residual (the same boundary except in the EMD). One segment, or with the fused path three:
-/// the projections, the core as a custom segment (`fused_attention`), the output dense +
-/// residual + LayerNorm.
+/// residual (the same boundary except in the EMD, whose query rows are `rows`). One segment, or
+/// with the fused path (self-attention shapes) three: the projections, the core as a custom
+/// segment (`fused_attention`), the output dense + residual + LayerNorm.
 fn attention_segments<'c>(
     tape: &mut Tape<'c>,
     layer: &'c Layer,
     kv: Boundary,
     q: Boundary,
     enc: &SegmentedEncoding,
+    rows: Option<&RowQueries>,
     train: bool,
 ) -> Boundary {
     let tp = tape.tp();
-    let (rel_idx, att_mask) = (clone_opt(&enc.rel_idx), enc.att_mask.shallow_clone());
-    if RelativePath::for_device(enc.mask.device()) != RelativePath::Fused {
+    let (rel_idx, att_mask) = match rows {
+        Some(r) => (clone_opt(&r.rel_idx), r.att_mask.shallow_clone()),
+        None => (clone_opt(&enc.rel_idx), enc.att_mask.shallow_clone()),
+    };
+    if rows.is_some() || RelativePath::for_device(enc.mask.device()) != RelativePath::Fused {
         let inputs = if kv == q { vec![kv] } else { vec![kv, q] };
         let at = inputs.len(); // the relative table's input
         return tape.segment(&enc.with_rel(&inputs), move |inp| {
@@ -329,7 +342,7 @@ impl DebertaV2 {
         for (i, layer) in self.encoder.layers.iter().enumerate() {
             let x = enc.layers.last().copied().unwrap_or(e);
             let first = tape.next_segment();
-            let a = attention_segments(tape, layer, x, x, &enc, train);
+            let a = attention_segments(tape, layer, x, x, &enc, None, train);
             // Backward reaches the sublayer's first segment last among the uses of layer i (the
             // EMD's reuses of the last layer come later in forward): its gradients are final
             // after it.
@@ -374,17 +387,25 @@ impl DebertaV2 {
         let n = ids.size()[1];
         let enc = self.encoder_segments(tape, ids, mask, train, None, true);
         let outs = &enc.layers;
+        let at = std::rc::Rc::new(Predicted::of(labels));
 
-        // The enhanced mask decoder (spec §7.1): the last layer twice on outs[-2].
+        // The enhanced mask decoder (spec §7.1), at the predicted rows only: the last layer
+        // twice, keys and values from outs[-2].
         let q_final = if self.cfg.position_biased_input {
-            *outs.last().unwrap()
+            let at = at.clone();
+            tape.segment(&[*outs.last().unwrap()], move |inp| vec![at.rows(&inp[0].rep)])[0]
         } else {
             let h_kv = outs[outs.len() - 2];
             let positions = self.embeddings.positions(n).expect("the EMD needs the position table");
-            let mut q = tape.segment(&[h_kv], move |inp| vec![&positions + &inp[0].rep])[0];
+            let (rel_idx, att_mask) = at.attention(enc.rel_idx.as_ref(), &enc.mask);
+            let rows = RowQueries { rel_idx, att_mask };
+            let at_q = at.clone();
+            let mut q = tape.segment(&[h_kv], move |inp| {
+                vec![at_q.rows(&positions.expand_as(&inp[0].rep)) + at_q.rows(&inp[0].rep)]
+            })[0];
             let last = self.encoder.layers.last().unwrap();
             for _ in 0..EMD_STEPS {
-                let a = attention_segments(tape, last, h_kv, q, &enc, train);
+                let a = attention_segments(tape, last, h_kv, q, &enc, Some(&rows), train);
                 q = tape.segment(&[a], move |inp| {
                     let g = |x: &Tensor| reduce_from_tp(x, tp);
                     vec![last.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)]
@@ -393,14 +414,12 @@ impl DebertaV2 {
             q
         };
 
-        // Head on the predicted positions only: replicated transform, then the vocab-parallel
-        // decoder and cross-entropy.
+        // The head on the predicted rows: replicated transform, then the vocab-parallel decoder
+        // and cross-entropy.
         let d = self.cfg.hidden_size;
-        let flat = labels.reshape([-1]);
-        let sel = flat.ne(IGNORE_INDEX).nonzero().squeeze_dim(1);
-        let targets = flat.index_select(0, &sel);
+        let targets = at.targets.shallow_clone();
         let h = tape.segment(&[q_final], move |inp| {
-            vec![head.transform(&inp[0].rep.reshape([-1, d]).index_select(0, &sel))]
+            vec![head.transform(&inp[0].rep.reshape([-1, d]).index_select(0, &at.sel))]
         })[0];
         let (start, vocab) = (self.embeddings.vocab_start, self.cfg.vocab_size);
         tape.segment(&[h], move |inp| {

@@ -281,54 +281,112 @@ fn loss_and_grads(vs: &VarStore, loss: &Tensor) -> (f64, Vec<(String, Tensor)>) 
 }
 
 #[test]
-fn the_masked_only_mlm_head_gives_the_full_head_s_loss_and_gradients() {
-    tch::manual_seed(3);
-    let cfg = DebertaConfig::toy();
-    let vs = VarStore::new(Device::Cpu);
-    let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
-    let (b, n) = (3, 24);
+fn the_emd_and_head_on_the_predicted_rows_give_the_full_loss_and_gradients() {
+    // The reference runs the EMD and the head at every position ([B, N, V] logits, as HF does);
+    // the loss runs both on the predicted rows only (`emd::Predicted`), with per-row relative
+    // indices. Rows: none predicted, some, some with padding after them.
+    let shared = DebertaConfig::toy(); // shared key, 8 buckets < 24 positions, rel-LN
+    let mut separate = DebertaConfig::toy();
+    separate.share_att_key = false;
+    separate.position_buckets = 0;
+    separate.max_relative_positions = 10; // clamped distances
+    for (name, cfg) in [
+        ("shared key, buckets", shared),
+        ("separate projections, clamp", separate),
+    ] {
+        tch::manual_seed(3);
+        let vs = VarStore::new(Device::Cpu);
+        let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
+        // Attention scores of order one, so that the relative terms weigh in the check.
+        tch::no_grad(|| {
+            for (pname, mut v) in vs.variables() {
+                if pname.contains("attention.self") || pname.contains("rel_embeddings") {
+                    let _ = v.g_mul_scalar_(8.0);
+                }
+            }
+        });
+        let (b, n) = (3, 24);
+        let opts = (Kind::Int64, Device::Cpu);
+        let ids = Tensor::randint_low(5, cfg.vocab_size, [b, n], opts);
+        let mask = Tensor::ones([b, n], opts);
+        let _ = mask.get(2).narrow(0, 15, 9).fill_(0);
+        let masked = Tensor::rand([b, n], (Kind::Float, Device::Cpu))
+            .lt(0.3)
+            .logical_and(&mask.gt(0));
+        let _ = masked.get(0).fill_(0); // a row with nothing to predict
+        let labels = ids.where_self(&masked, &Tensor::full([b, n], IGNORE_INDEX, opts));
+        let count = masked.sum(Kind::Int64).int64_value(&[]);
+        assert!(count >= 6, "{name}: {count} predicted");
+        // Reference: logits at every position [B, N, V], then CE ignoring the unpredicted ones.
+        let enc = model.encode(&ids, &mask, false);
+        let full = model.mlm_logits(&enc, false).unwrap();
+        let reference = full.reshape([-1, cfg.vocab_size]).cross_entropy_loss::<Tensor>(
+            &labels.reshape([-1]),
+            None,
+            tch::Reduction::Mean,
+            IGNORE_INDEX,
+            0.0,
+        );
+        let (want, want_grads) = loss_and_grads(&vs, &reference);
+        // Ours: the EMD, the transform and the decoder on the predicted rows only.
+        let enc = model.encode(&ids, &mask, false);
+        let ours = model.mlm_loss(&enc, &labels, false).unwrap();
+        let (got, got_grads) = loss_and_grads(&vs, &ours);
+        assert!((got - want).abs() < 1e-6 * want.max(1.0), "{name}: {got} vs {want}");
+        // The segment-wise (TP) path too, at one rank: sum over predicted tokens x 1/count.
+        let single = deberta_model::collective::Single;
+        let mut tape = deberta_model::segments::Tape::new(&single);
+        let seg = model.mlm_loss_segments(&mut tape, &ids, &mask, &labels, 1.0 / count as f64, false);
+        let seg_loss = tape.value(seg).double_value(&[]);
+        assert!(
+            (seg_loss - want).abs() < 1e-6 * want.max(1.0),
+            "{name}: {seg_loss} vs {want}"
+        );
+        for (_, v) in vs.variables() {
+            let _ = v.grad().zero_();
+        }
+        tape.backward(seg);
+        let mut checked = 0;
+        for ((pname, w), (_, g)) in want_grads.iter().zip(&got_grads) {
+            let scale = w.abs().max().double_value(&[]).max(1.0);
+            let diff = (w - g).abs().max().double_value(&[]);
+            assert!(
+                diff < 1e-5 * scale,
+                "{name}: {pname}: predicted-rows gradient differs by {diff:e}"
+            );
+            let s = vs.variables()[pname].grad();
+            let diff = (w - &s).abs().max().double_value(&[]);
+            assert!(
+                diff < 1e-5 * scale,
+                "{name}: {pname}: segment-wise gradient differs by {diff:e}"
+            );
+            checked += 1;
+        }
+        assert!(checked > 20, "{name}: only {checked} gradients");
+    }
+}
+
+#[test]
+fn predicted_rows_keep_the_order_of_the_labels() {
     let opts = (Kind::Int64, Device::Cpu);
-    let ids = Tensor::randint_low(5, cfg.vocab_size, [b, n], opts);
-    let mask = Tensor::ones([b, n], opts);
-    let _ = mask.get(2).narrow(0, 15, 9).fill_(0);
-    let masked = Tensor::rand([b, n], (Kind::Float, Device::Cpu))
-        .lt(0.2)
-        .logical_and(&mask.gt(0));
-    let labels = ids.where_self(&masked, &Tensor::full([b, n], IGNORE_INDEX, opts));
-    // Reference: logits at every position [B, N, V], then CE ignoring the unpredicted ones.
-    let enc = model.encode(&ids, &mask, false);
-    let full = model.mlm_logits(&enc, false).unwrap();
-    let reference = full.reshape([-1, cfg.vocab_size]).cross_entropy_loss::<Tensor>(
-        &labels.reshape([-1]),
-        None,
-        tch::Reduction::Mean,
-        IGNORE_INDEX,
-        0.0,
+    let ig = IGNORE_INDEX;
+    let labels = Tensor::from_slice(&[ig, 7, ig, 9, 4, ig, ig, ig, ig, ig, ig, ig, 5, ig, ig, 6, ig, 8]).view([3, 6]);
+    let at = deberta_model::emd::Predicted::of(&labels);
+    // Row 0 predicts 1, 3, 4; row 1 nothing; row 2 predicts 0, 3, 5.
+    assert_eq!(
+        Vec::<i64>::try_from(at.pos.reshape([-1])).unwrap(),
+        [1, 3, 4, 0, 1, 2, 0, 3, 5]
     );
-    let (want, want_grads) = loss_and_grads(&vs, &reference);
-    // Ours: the transform and the decoder on the predicted rows only.
-    let enc = model.encode(&ids, &mask, false);
-    let ours = model.mlm_loss(&enc, &labels, false).unwrap();
-    let (got, got_grads) = loss_and_grads(&vs, &ours);
-    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
-    // The segment-wise (TP) path too, at one rank: sum over predicted tokens x 1/count.
-    let count = masked.sum(Kind::Int64).int64_value(&[]) as f64;
-    let single = deberta_model::collective::Single;
-    let mut tape = deberta_model::segments::Tape::new(&single);
-    let seg = model.mlm_loss_segments(&mut tape, &ids, &mask, &labels, 1.0 / count, false);
-    let seg_loss = tape.value(seg).double_value(&[]);
-    assert!((seg_loss - want).abs() < 1e-6, "{seg_loss} vs {want}");
-    for (_, v) in vs.variables() {
-        let _ = v.grad().zero_();
-    }
-    tape.backward(seg);
-    for ((name, w), (_, g)) in want_grads.iter().zip(&got_grads) {
-        let diff = (w - g).abs().max().double_value(&[]);
-        assert!(diff < 1e-6, "{name}: masked-only head gradient differs by {diff:e}");
-        let s = vs.variables()[name].grad();
-        let diff = (w - &s).abs().max().double_value(&[]);
-        assert!(diff < 1e-6, "{name}: segment-wise gradient differs by {diff:e}");
-    }
+    let valid: Vec<i64> = Vec::try_from(at.valid.to_kind(Kind::Int64).reshape([-1])).unwrap();
+    assert_eq!(valid, [1, 1, 1, 0, 0, 0, 1, 1, 1]);
+    assert_eq!(Vec::<i64>::try_from(&at.targets).unwrap(), [7, 9, 4, 5, 6, 8]);
+    let x = Tensor::arange(3 * 6, opts).view([3, 6, 1]).to_kind(Kind::Float);
+    let rows: Vec<f32> = Vec::try_from(at.rows(&x).reshape([-1]).index_select(0, &at.sel)).unwrap();
+    assert_eq!(rows, [1.0, 3.0, 4.0, 12.0, 15.0, 17.0]);
+    // Nothing predicted anywhere: one padded row per sequence, no targets.
+    let none = deberta_model::emd::Predicted::of(&Tensor::full([2, 4], ig, opts));
+    assert_eq!(none.pos.size(), [2, 1]);
+    assert_eq!(none.targets.size(), [0]);
 }
 
 #[test]
