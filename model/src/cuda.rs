@@ -1,12 +1,15 @@
 //! CUDA C compiled at run time by NVRTC (through cudarc) and launched on libtorch's buffers and
 //! default stream: nothing CUDA is needed at build time, and NVRTC needs neither a GPU nor CUDA's
 //! headers (the kernels include none), so the CPU tests compile every kernel.
+//!
+//! The same sources also build, as C++, into a CPU emulator (`kernels/emulate.cpp`, `emulate`):
+//! on CPU tensors a launch runs there, so the tests check what the kernels compute without a GPU.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 use tch::{Device, Tensor};
 
@@ -88,4 +91,135 @@ pub fn load(
 /// A tensor's device address, as a kernel argument.
 pub fn ptr(t: &Tensor) -> u64 {
     t.data_ptr() as u64
+}
+
+/// A kernel argument: what cuLaunchKernel and the emulator take (the kernel's C types).
+#[derive(Debug, Clone, Copy)]
+pub enum Arg {
+    /// A pointer (`T*`): a tensor's `ptr`, or 0 for none.
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+    U64(u64),
+}
+
+/// Where a kernel source's functions run.
+pub enum Kernels {
+    /// Loaded on a GPU (`load`).
+    Gpu(Arc<Module>),
+    /// The CPU emulator's build of the source for this variant (e.g. the head size).
+    Emulated { variant: i32 },
+}
+
+impl Kernels {
+    /// Launch `function` over `cfg` with `args`, on the GPU's default stream or in the emulator.
+    ///
+    /// # Safety
+    /// The pointers in `args` must be live buffers of the sizes and types the kernel reads and
+    /// writes, on the kernels' device (host memory for the emulator).
+    pub unsafe fn launch(&self, function: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<(), String> {
+        match self {
+            Kernels::Gpu(m) => {
+                let mut launch = m.stream.launch_builder(m.function(function));
+                for a in args {
+                    match a {
+                        Arg::Ptr(v) | Arg::U64(v) => launch.arg(v),
+                        Arg::I32(v) => launch.arg(v),
+                        Arg::I64(v) => launch.arg(v),
+                        Arg::F32(v) => launch.arg(v),
+                    };
+                }
+                // SAFETY: the caller's contract.
+                unsafe { launch.launch(cfg) }
+                    .map(|_| ())
+                    .map_err(|e| format!("{function}: {e}"))
+            }
+            // SAFETY: the caller's contract.
+            Kernels::Emulated { variant } => unsafe { emulate(function, *variant, cfg, args) },
+        }
+    }
+}
+
+extern "C" {
+    fn deberta_emulate_launch(
+        name: *const std::ffi::c_char,
+        variant: std::ffi::c_int,
+        grid: *const u32,
+        block: *const u32,
+        shared: u32,
+        params: *mut *mut std::ffi::c_void,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> std::ffi::c_int;
+}
+
+/// Run `function` of the emulator's build `variant` on the CPU, block by block (see
+/// `kernels/emulate.cpp`: barriers, warp shuffles and mma.sync emulated; an unreached barrier
+/// or a write past the dynamic shared memory is an error).
+///
+/// # Safety
+/// As `Kernels::launch`, with host pointers.
+pub unsafe fn emulate(function: &str, variant: i32, cfg: LaunchConfig, args: &[Arg]) -> Result<(), String> {
+    let name = std::ffi::CString::new(function).map_err(|e| e.to_string())?;
+    let mut params: Vec<*mut std::ffi::c_void> = args
+        .iter()
+        .map(|a| match a {
+            Arg::Ptr(v) | Arg::U64(v) => v as *const u64 as *mut std::ffi::c_void,
+            Arg::I32(v) => v as *const i32 as *mut std::ffi::c_void,
+            Arg::I64(v) => v as *const i64 as *mut std::ffi::c_void,
+            Arg::F32(v) => v as *const f32 as *mut std::ffi::c_void,
+        })
+        .collect();
+    let grid = [cfg.grid_dim.0, cfg.grid_dim.1, cfg.grid_dim.2];
+    let block = [cfg.block_dim.0, cfg.block_dim.1, cfg.block_dim.2];
+    let mut err = vec![0u8; 512];
+    // SAFETY: every pointer lives for the call; the kernel's own contract is the caller's.
+    let rc = unsafe {
+        deberta_emulate_launch(
+            name.as_ptr(),
+            variant,
+            grid.as_ptr(),
+            block.as_ptr(),
+            cfg.shared_mem_bytes,
+            params.as_mut_ptr(),
+            err.as_mut_ptr().cast(),
+            err.len(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let end = err.iter().position(|&c| c == 0).unwrap_or(err.len());
+    Err(format!("emulated {}", String::from_utf8_lossy(&err[..end])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(threads: u32, shared: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (2, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: shared,
+        }
+    }
+
+    #[test]
+    fn the_emulator_reports_what_would_hang_or_corrupt_a_gpu() {
+        let out = Tensor::zeros([128], (tch::Kind::Int, Device::Cpu));
+        // SAFETY (all launches): `out` holds 128 elements of the kernels' types.
+        let e = unsafe { emulate("barrier_in_a_branch", 0, block(128, 0), &[Arg::Ptr(ptr(&out))]) }.unwrap_err();
+        assert!(e.contains("__syncthreads() reached by 32 threads"), "{e}");
+        let out = Tensor::zeros([64], (tch::Kind::Float, Device::Cpu));
+        let e = unsafe { emulate("shuffle_in_half_a_warp", 0, block(64, 0), &[Arg::Ptr(ptr(&out))]) }.unwrap_err();
+        assert!(e.contains("only 16 of its 32 lanes"), "{e}");
+        // The last byte of the dynamic shared memory is fine, the next one is not.
+        unsafe { emulate("shared_store", 0, block(32, 64), &[Arg::I32(63)]) }.unwrap();
+        let e = unsafe { emulate("shared_store", 0, block(32, 64), &[Arg::I32(64)]) }.unwrap_err();
+        assert!(e.contains("wrote past its 64 bytes"), "{e}");
+        let e = unsafe { emulate("dattn_fwd", 48, block(128, 0), &[]) }.unwrap_err();
+        assert!(e.contains("no emulated kernel dattn_fwd for head size 48"), "{e}");
+    }
 }

@@ -11,17 +11,17 @@
 //! per-distance table gradients from the kernels, and finishes with GEMMs. The tape runs it as
 //! a custom segment (`segments::Tape::custom`). docs/performance.md has the design and figures.
 //!
-//! On the CPU the same core runs as reference formulas through autograd (`reference`), which
-//! is also what the kernels are tested against on the GPU (`deberta-worker kernel-check`).
+//! On the CPU, training runs the same core as reference formulas through autograd
+//! (`reference`). The kernels are tested against those formulas on the GPU (`deberta-worker
+//! kernel-check`) and, through the CPU emulator of `cuda::emulate`, in CI
+//! (`forward_kernels` on CPU tensors).
 
-use std::sync::Arc;
-
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use cudarc::nvrtc::Ptx;
 use tch::{Device, Kind, Tensor};
 
 use crate::attention::{attention_mask, skew_view, xsoftmax};
-use crate::cuda::{self, ptr, Module};
+use crate::cuda::{self, ptr, Arg, Kernels};
 
 /// The kernels' CUDA C source.
 pub const SOURCE: &str = include_str!("kernels/disentangled_attention.cu");
@@ -156,9 +156,9 @@ pub fn reference_backward(x: &CoreInputs, keep: Option<&Tensor>, dout: &Tensor) 
 pub struct Saved {
     inputs: CoreInputs,
     out: Tensor,
-    /// Log-sum-exp per query [B, H, N] (CUDA).
+    /// Log-sum-exp per query [B, H, N] (the kernels).
     lse: Option<Tensor>,
-    /// The dropout mask drawn (CPU).
+    /// The dropout mask drawn (the reference).
     keep: Option<Tensor>,
     seed: u64,
 }
@@ -168,17 +168,7 @@ pub struct Saved {
 /// `backward` needs.
 pub fn forward(x: CoreInputs, seed: u64) -> Result<(Tensor, Saved), String> {
     if x.q.device().is_cuda() {
-        let (out, lse) = cuda_forward(&x, seed)?;
-        Ok((
-            out.to_kind(x.q.kind()), // the kernels compute in bf16
-            Saved {
-                inputs: x,
-                out,
-                lse: Some(lse),
-                keep: None,
-                seed,
-            },
-        ))
+        forward_kernels(x, seed)
     } else {
         let keep = (x.dropout > 0.0).then(|| {
             let (b, n, h, _) = x.q.size4().expect("[B, N, H, d]");
@@ -198,10 +188,27 @@ pub fn forward(x: CoreInputs, seed: u64) -> Result<(Tensor, Saved), String> {
     }
 }
 
-/// The core's backward for output gradient `dout` [B, N, H, d].
+/// The core's forward by the kernels: on the GPU for CUDA tensors, in the CPU emulator for CPU
+/// tensors (slow: for tests). `backward` then runs the kernels too.
+pub fn forward_kernels(x: CoreInputs, seed: u64) -> Result<(Tensor, Saved), String> {
+    let (out, lse) = kernel_forward(&x, seed)?;
+    Ok((
+        out.to_kind(x.q.kind()), // the kernels compute in bf16
+        Saved {
+            inputs: x,
+            out,
+            lse: Some(lse),
+            keep: None,
+            seed,
+        },
+    ))
+}
+
+/// The core's backward for output gradient `dout` [B, N, H, d], by the kernels if they ran the
+/// forward.
 pub fn backward(saved: Saved, dout: &Tensor) -> Result<CoreGrads, String> {
-    if saved.inputs.q.device().is_cuda() {
-        cuda_backward(&saved, dout)
+    if saved.lse.is_some() {
+        kernel_backward(&saved, dout)
     } else {
         Ok(reference_backward(&saved.inputs, saved.keep.as_ref(), dout))
     }
@@ -277,8 +284,14 @@ pub fn compile(head_dim: i64, arch: &'static str) -> Result<Ptx, String> {
     )
 }
 
-fn kernels(device: Device, head_dim: i64) -> Result<Arc<Module>, String> {
+/// The kernels for `device`: compiled and loaded on a GPU, the emulator's build on the CPU.
+fn kernels(device: Device, head_dim: i64) -> Result<Kernels, String> {
     head_dim_ok(head_dim)?;
+    if !device.is_cuda() {
+        return Ok(Kernels::Emulated {
+            variant: head_dim as i32,
+        });
+    }
     let (s_fwd, s_kv, s_q) = shared_bytes(head_dim);
     cuda::load(
         device,
@@ -292,15 +305,21 @@ fn kernels(device: Device, head_dim: i64) -> Result<Arc<Module>, String> {
             ("dattn_dropout_mask", 0),
         ],
     )
+    .map(Kernels::Gpu)
 }
 
-/// Whether the kernels can run on `device` for head size `head_dim` (compiles and loads them).
+/// Whether the kernels can run on `device` for head size `head_dim` (compiles and loads them;
+/// on the CPU, the emulator's build).
 pub fn check(device: Device, head_dim: i64) -> Result<(), String> {
     kernels(device, head_dim).map(|_| ())
 }
 
-fn opt_ptr(t: &Option<Tensor>) -> u64 {
-    t.as_ref().map_or(0, ptr)
+fn arg(t: &Tensor) -> Arg {
+    Arg::Ptr(ptr(t))
+}
+
+fn opt_arg(t: &Option<Tensor>) -> Arg {
+    Arg::Ptr(t.as_ref().map_or(0, ptr))
 }
 
 fn bf16(t: &Tensor) -> Tensor {
@@ -339,7 +358,7 @@ fn operands(x: &CoreInputs) -> Operands {
     }
 }
 
-fn cuda_forward(x: &CoreInputs, seed: u64) -> Result<(Tensor, Tensor), String> {
+fn kernel_forward(x: &CoreInputs, seed: u64) -> Result<(Tensor, Tensor), String> {
     let d = x.head_dim();
     let k = kernels(x.q.device(), d)?;
     let o = operands(x);
@@ -347,33 +366,27 @@ fn cuda_forward(x: &CoreInputs, seed: u64) -> Result<(Tensor, Tensor), String> {
     let (b, n, h, _) = o.q.size4().map_err(|e| e.to_string())?;
     let out = Tensor::empty([b, n, h, d], (Kind::BFloat16, x.q.device()));
     let lse = Tensor::empty([b, h, n], (Kind::Float, x.q.device()));
-    let (ptrs, outs) = (
-        [
-            ptr(&o.q),
-            ptr(&o.k),
-            ptr(&o.v),
-            opt_ptr(&o.c2p),
-            opt_ptr(&o.p2c),
-            ptr(&o.mask),
-        ],
-        [ptr(&out), ptr(&lse)],
-    );
-    let (hh, nn, p) = (h as i32, n as i32, x.dropout as f32);
-    let mut launch = k.stream.launch_builder(k.function("dattn_fwd"));
-    for a in &ptrs {
-        launch.arg(a);
-    }
-    for a in &outs {
-        launch.arg(a);
-    }
-    launch.arg(&hh).arg(&nn).arg(&p).arg(&seed);
+    let args = [
+        arg(&o.q),
+        arg(&o.k),
+        arg(&o.v),
+        opt_arg(&o.c2p),
+        opt_arg(&o.p2c),
+        arg(&o.mask),
+        arg(&out),
+        arg(&lse),
+        Arg::I32(h as i32),
+        Arg::I32(n as i32),
+        Arg::F32(x.dropout as f32),
+        Arg::U64(seed),
+    ];
     // SAFETY: the pointers are live, contiguous tensors of the shapes the kernel reads/writes.
-    unsafe { launch.launch(grid(b, h, n, shared_bytes(d).0)) }.map_err(|e| format!("dattn_fwd: {e}"))?;
+    unsafe { k.launch("dattn_fwd", grid(b, h, n, shared_bytes(d).0), &args) }?;
     stage(x.q.device(), "forward: kernel");
     Ok((out, lse))
 }
 
-fn cuda_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
+fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     let x = &saved.inputs;
     let d = x.head_dim();
     let k = kernels(x.q.device(), d)?;
@@ -385,7 +398,7 @@ fn cuda_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
         .sum_dim_intlist([-1i64].as_slice(), false, Kind::Float)
         .permute([0, 2, 1])
         .contiguous();
-    let lse = saved.lse.as_ref().expect("the CUDA forward saved the log-sum-exp");
+    let lse = saved.lse.as_ref().expect("the kernels' forward saved the log-sum-exp");
     let (dq, dk, dv) = (o.q.empty_like(), o.k.empty_like(), o.v.empty_like());
     // Per-distance table gradients: the kernels write every (row, N-1-row+col) once; the rest
     // of each row (distances no pair has) stays zero.
@@ -393,35 +406,30 @@ fn cuda_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     let dp2c = o.p2c.as_ref().map(Tensor::zeros_like);
     stage(x.q.device(), "backward: tables again, D_i, zeroed gradients");
     let common = [
-        ptr(&o.q),
-        ptr(&o.k),
-        ptr(&o.v),
-        opt_ptr(&o.c2p),
-        opt_ptr(&o.p2c),
-        ptr(&o.mask),
-        ptr(&dout),
-        ptr(lse),
-        ptr(&dvec),
+        arg(&o.q),
+        arg(&o.k),
+        arg(&o.v),
+        opt_arg(&o.c2p),
+        opt_arg(&o.p2c),
+        arg(&o.mask),
+        arg(&dout),
+        arg(lse),
+        arg(&dvec),
     ];
-    let (hh, nn, p, seed) = (h as i32, n as i32, x.dropout as f32, saved.seed);
+    let scalars = [
+        Arg::I32(h as i32),
+        Arg::I32(n as i32),
+        Arg::F32(x.dropout as f32),
+        Arg::U64(saved.seed),
+    ];
     let (_, s_kv, s_q) = shared_bytes(d);
-    let kv_outs = [ptr(&dk), ptr(&dv), opt_ptr(&dp2c)];
-    let mut launch = k.stream.launch_builder(k.function("dattn_bwd_kv"));
-    for a in common.iter().chain(&kv_outs) {
-        launch.arg(a);
-    }
-    launch.arg(&hh).arg(&nn).arg(&p).arg(&seed);
-    // SAFETY: as in cuda_forward.
-    unsafe { launch.launch(grid(b, h, n, s_kv)) }.map_err(|e| format!("dattn_bwd_kv: {e}"))?;
+    let kv_args = [&common[..], &[arg(&dk), arg(&dv), opt_arg(&dp2c)], &scalars].concat();
+    // SAFETY: as in kernel_forward.
+    unsafe { k.launch("dattn_bwd_kv", grid(b, h, n, s_kv), &kv_args) }?;
     stage(x.q.device(), "backward: keys kernel");
-    let q_outs = [ptr(&dq), opt_ptr(&dc2p)];
-    let mut launch = k.stream.launch_builder(k.function("dattn_bwd_q"));
-    for a in common.iter().chain(&q_outs) {
-        launch.arg(a);
-    }
-    launch.arg(&hh).arg(&nn).arg(&p).arg(&seed);
-    // SAFETY: as in cuda_forward.
-    unsafe { launch.launch(grid(b, h, n, s_q)) }.map_err(|e| format!("dattn_bwd_q: {e}"))?;
+    let q_args = [&common[..], &[arg(&dq), opt_arg(&dc2p)], &scalars].concat();
+    // SAFETY: as in kernel_forward.
+    unsafe { k.launch("dattn_bwd_q", grid(b, h, n, s_q), &q_args) }?;
     stage(x.q.device(), "backward: queries kernel");
 
     // Through the table GEMMs (per head, over every token): c2p = q K_r^T, p2c = k Q_r^T.
@@ -452,22 +460,27 @@ fn cuda_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     })
 }
 
-/// The dropout mask the kernels apply for `seed`, [B, H, N, N] u8 (1 = kept): for tests.
-pub fn cuda_dropout_mask(device: Device, shape: [i64; 3], p: f64, seed: u64, head_dim: i64) -> Result<Tensor, String> {
+/// The dropout mask the kernels apply for `seed`, [B, H, N, N] u8 (1 = kept): for tests. On
+/// the CPU, the emulator computes it.
+pub fn kernel_dropout_mask(
+    device: Device,
+    shape: [i64; 3],
+    p: f64,
+    seed: u64,
+    head_dim: i64,
+) -> Result<Tensor, String> {
     let k = kernels(device, head_dim)?;
     let [b, h, n] = shape;
     let keep = Tensor::empty([b, h, n, n], (Kind::Uint8, device));
     let total = b * h * n * n;
-    let (ptr_keep, p) = (ptr(&keep), p as f32);
-    let mut launch = k.stream.launch_builder(k.function("dattn_dropout_mask"));
-    launch.arg(&ptr_keep).arg(&total).arg(&p).arg(&seed);
     let cfg = LaunchConfig {
-        grid_dim: (1024, 1, 1),
+        grid_dim: (if device.is_cuda() { 1024 } else { 4 }, 1, 1), // a grid-stride loop
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
+    let args = [arg(&keep), Arg::I64(total), Arg::F32(p as f32), Arg::U64(seed)];
     // SAFETY: keep holds `total` bytes.
-    unsafe { launch.launch(cfg) }.map_err(|e| format!("dattn_dropout_mask: {e}"))?;
+    unsafe { k.launch("dattn_dropout_mask", cfg, &args) }?;
     Ok(keep)
 }
 
@@ -478,7 +491,7 @@ mod tests {
     #[test]
     fn the_kernel_source_compiles_with_nvrtc() {
         // NVRTC needs no GPU: this catches a broken kernel before any device run.
-        for d in [32, 64] {
+        for d in [16, 32, 64] {
             let ptx = compile(d, "sm_90").unwrap_or_else(|e| panic!("head size {d}: {e}"));
             let text = ptx.to_src();
             for kernel in ["dattn_fwd", "dattn_bwd_kv", "dattn_bwd_q", "dattn_dropout_mask"] {

@@ -42,6 +42,7 @@ pub mod fused_attention;
 pub mod heads;
 pub mod hf;
 pub mod inputs;
+pub mod kernel_check;
 pub mod layer;
 pub mod model;
 pub mod nn;

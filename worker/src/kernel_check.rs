@@ -1,12 +1,14 @@
 //! `deberta-worker kernel-check`: the fused attention kernels (`deberta_model::fused_attention`)
-//! against the reference formulas on the GPU, then their speed against the reference core at
+//! against the reference formulas on the GPU (the cases of `deberta_model::kernel_check`, whose
+//! small ones CI also runs through the CPU emulator), then their speed against the reference core at
 //! the 1.5B model's attention shape, then 20 training steps of a small model on the fused path
 //! against the gather (HF) path. Prints one line per comparison; fails if any is off.
 
 use std::time::Instant;
 
 use deberta_model::attention::RelativePath;
-use deberta_model::fused_attention::{self, CoreGrads, CoreInputs};
+use deberta_model::fused_attention;
+use deberta_model::kernel_check::{self, inputs, rel_err, Case, CASES};
 use deberta_model::tensor_parallel::TpShard;
 use deberta_model::{DebertaConfig, IGNORE_INDEX};
 use tch::{Device, Kind, Tensor};
@@ -17,141 +19,24 @@ use crate::optim::{AdamWConfig, FlatAdamW};
 use crate::runtime::Groups;
 use crate::step::{forward_backward, StepMode};
 
-struct Case {
-    name: &'static str,
-    b: i64,
-    h: i64,
-    n: i64,
-    d: i64,
-    /// Valid tokens per row (the rest is padding).
-    lengths: &'static [i64],
-    c2p: bool,
-    p2c: bool,
-    dropout: f64,
-}
-
-const CASES: &[Case] = &[
-    Case {
-        name: "N 80 (not a tile multiple), padding",
-        b: 2,
-        h: 3,
-        n: 80,
-        d: 64,
-        lengths: &[80, 37],
-        c2p: true,
-        p2c: true,
-        dropout: 0.0,
-    },
-    Case {
-        name: "N 512, xxlarge heads, padding",
-        b: 2,
-        h: 4,
-        n: 512,
-        d: 64,
-        lengths: &[512, 300],
-        c2p: true,
-        p2c: true,
-        dropout: 0.0,
-    },
-    Case {
-        name: "dropout 0.1 (the kernels' mask)",
-        b: 2,
-        h: 3,
-        n: 130,
-        d: 64,
-        lengths: &[130, 71],
-        c2p: true,
-        p2c: true,
-        dropout: 0.1,
-    },
-    Case {
-        name: "head size 32, c2p only",
-        b: 1,
-        h: 2,
-        n: 96,
-        d: 32,
-        lengths: &[90],
-        c2p: true,
-        p2c: false,
-        dropout: 0.0,
-    },
-];
-
-/// Relative difference of `got` from `want`: max |got - want| / max |want|.
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    let got = got.to_kind(Kind::Float);
-    let diff = (&got - want).abs().max().double_value(&[]);
-    diff / want.abs().max().double_value(&[]).max(1e-6)
-}
-
-fn inputs(c: &Case, device: Device, kind: Kind) -> CoreInputs {
-    tch::manual_seed(11);
-    let f = (Kind::Float, device);
-    // bf16-representable values, so the fp32 reference sees exactly the kernels' inputs.
-    let draw = |shape: &[i64], scale: f64| (Tensor::randn(shape, f) * scale).to_kind(Kind::BFloat16).to_kind(kind);
-    let lengths = Tensor::from_slice(c.lengths).to_device(device);
-    let mask = Tensor::arange(c.n, (Kind::Int64, device))
-        .unsqueeze(0)
-        .lt_tensor(&lengths.unsqueeze(1));
-    CoreInputs {
-        q: draw(&[c.b, c.n, c.h, c.d], 0.35),
-        k: draw(&[c.b, c.n, c.h, c.d], 0.35),
-        v: draw(&[c.b, c.n, c.h, c.d], 1.0),
-        kr: c.c2p.then(|| draw(&[c.h, 2 * c.n - 1, c.d], 0.35)),
-        qr: c.p2c.then(|| draw(&[c.h, 2 * c.n - 1, c.d], 0.35)),
-        mask,
-        dropout: c.dropout,
-    }
-}
-
 fn check_case(c: &Case, device: Device) -> anyhow::Result<bool> {
-    const TOL: f64 = 3e-2; // bf16 operands (8 bits of mantissa), fp32 accumulation
-    let seed = 0x5eed_u64;
-    let keep = (c.dropout > 0.0)
-        .then(|| fused_attention::cuda_dropout_mask(device, [c.b, c.h, c.n], c.dropout, seed, c.d))
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
-    if let Some(keep) = &keep {
-        let rate = keep.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+    let o = kernel_check::compare(c, device).map_err(anyhow::Error::msg)?;
+    if let Some(rate) = o.kept {
         println!(
             "  {}: kept fraction {rate:.4} (expected {:.4})",
             c.name,
             1.0 - c.dropout
         );
     }
-    let x32 = inputs(c, device, Kind::Float);
-    let x16 = inputs(c, device, Kind::BFloat16);
-    let (out, saved) = fused_attention::forward(x16, seed).map_err(anyhow::Error::msg)?;
-    let want = fused_attention::reference(&x32, keep.as_ref());
-    let dout = (Tensor::randn(want.size().as_slice(), (Kind::Float, device)))
-        .to_kind(Kind::BFloat16)
-        .to_kind(Kind::Float);
-    let got: CoreGrads = fused_attention::backward(saved, &dout).map_err(anyhow::Error::msg)?;
-    let refg = fused_attention::reference_backward(&x32, keep.as_ref(), &dout);
-    let mut pairs = vec![
-        ("out", out, want),
-        ("dq", got.q, refg.q),
-        ("dk", got.k, refg.k),
-        ("dv", got.v, refg.v),
-    ];
-    if let (Some(a), Some(b)) = (got.kr, refg.kr) {
-        pairs.push(("dK_r", a, b));
-    }
-    if let (Some(a), Some(b)) = (got.qr, refg.qr) {
-        pairs.push(("dQ_r", a, b));
-    }
-    let mut ok = true;
-    for (what, got, want) in pairs {
-        let e = rel_err(&got, &want);
-        let pass = e <= TOL && got.isfinite().all().int64_value(&[]) == 1;
-        ok &= pass;
+    for &(what, e, finite) in &o.errors {
+        let pass = finite && e <= kernel_check::TOLERANCE;
         println!(
-            "  {:<40} {what:<5} rel err {e:.2e}  {}",
+            "  {:<44} {what:<5} rel err {e:.2e}  {}",
             c.name,
             if pass { "ok" } else { "FAIL" }
         );
     }
-    Ok(ok)
+    Ok(o.passed())
 }
 
 /// Milliseconds per call of `f` (after one warm-up call), synchronised.
@@ -308,12 +193,12 @@ pub fn run(groups: &Groups) -> anyhow::Result<bool> {
         crate::precision::use_bf16_for_cuda_autocast(),
         "could not set libtorch's autocast dtype to bf16"
     );
-    for d in [32, 64] {
+    for d in [16, 32, 64] {
         fused_attention::check(device, d).map_err(anyhow::Error::msg)?;
     }
     println!("fused attention kernels vs the reference formulas (fp32 on the same bf16 inputs):");
     let mut ok = true;
-    for c in CASES {
+    for (c, _) in CASES {
         ok &= check_case(c, device)?;
     }
     println!("optimizer:");

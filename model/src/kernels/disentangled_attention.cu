@@ -41,16 +41,29 @@
 #define NEG_INF (-__int_as_float(0x7f800000))
 #define POS_INF (__int_as_float(0x7f800000))
 
+// The CPU emulator (emulate.cpp, tests) compiles this file as C++ with its own definitions of
+// these three and of the two PTX instructions below.
+#ifndef KERNEL
+#define KERNEL extern "C" __global__
+#endif
+#ifndef DYNAMIC_SMEM
+#define DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 typedef unsigned short bf16;
 struct FragA { unsigned int x[4]; };
 struct FragB { unsigned int x[2]; };
 
 __device__ __forceinline__ float bf2f(bf16 h) { return __uint_as_float(((unsigned int)h) << 16); }
+#ifdef DEBERTA_EMULATE
+__device__ __forceinline__ bf16 f2bf(float f) { return emu_f2bf(f); }
+#else
 __device__ __forceinline__ bf16 f2bf(float f) {
   bf16 r;
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
   return r;
 }
+#endif
 __device__ __forceinline__ unsigned int ld32(const bf16* p) { return *reinterpret_cast<const unsigned int*>(p); }
 __device__ __forceinline__ unsigned int pack(bf16 lo, bf16 hi) { return (unsigned int)lo | ((unsigned int)hi << 16); }
 
@@ -75,6 +88,9 @@ __device__ __forceinline__ void load_b(FragB& b, const bf16* p, int ld) {
   b.x[1] = pack(p[(2 * t + 8) * ld + g], p[(2 * t + 9) * ld + g]);
 }
 // c += A B
+#ifdef DEBERTA_EMULATE
+__device__ __forceinline__ void mma(float* c, const FragA& a, const FragB& b) { emu_mma(c, a.x, b.x); }
+#else
 __device__ __forceinline__ void mma(float* c, const FragA& a, const FragB& b) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -82,6 +98,7 @@ __device__ __forceinline__ void mma(float* c, const FragA& a, const FragB& b) {
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
 }
+#endif
 // Attention dropout: a counter-based hash of (seed, b, h, i, j), the same in every kernel.
 __device__ __forceinline__ bool keep(unsigned long long seed, long long idx, unsigned int threshold) {
   unsigned long long z = seed + (unsigned long long)idx * 0x9e3779b97f4a7c15ULL;
@@ -216,12 +233,12 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // Shared memory of the forward: Q, K, V tiles, the c2p band (queries x keys) and the p2c band
 // (keys x queries), the key mask of the tile.
-extern "C" __global__ void __launch_bounds__(128)
+KERNEL void __launch_bounds__(128)
 dattn_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
           const bf16* __restrict__ c2p, const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
           bf16* __restrict__ out, float* __restrict__ lse, int H, int N, float p_drop,
           unsigned long long seed) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  DYNAMIC_SMEM(smem);
   bf16* Qs = reinterpret_cast<bf16*>(smem);
   bf16* Ks = Qs + BM * LDS;
   bf16* Vs = Ks + BN * LDS;
@@ -314,7 +331,7 @@ dattn_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __
 // Shared memory of the backward kernels: the per-query log-sum-exp and D_i of the block's
 // queries, four tiles, the c2p and p2c bands, the dS band, and a validity mask.
 #define BWD_SMEM_SETUP                                                             \
-  extern __shared__ __align__(16) unsigned char smem[];                            \
+  DYNAMIC_SMEM(smem);                                                              \
   float* lse_s = reinterpret_cast<float*>(smem);                                   \
   float* dvec_s = lse_s + 64;                                                      \
   bf16* T0 = reinterpret_cast<bf16*>(dvec_s + 64);                                 \
@@ -334,7 +351,7 @@ dattn_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __
 
 // Keys-major backward: this block owns keys [kb, kb + 64): dK, dV and the p2c gradient rows
 // d_p2c[j, .]. The warp's 16 keys are the rows of S^T = K Q^T, the tile's 64 queries its columns.
-extern "C" __global__ void __launch_bounds__(128)
+KERNEL void __launch_bounds__(128)
 dattn_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
              const bf16* __restrict__ c2p, const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
              const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dvec,
@@ -406,7 +423,7 @@ dattn_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16*
 
 // Queries-major backward: this block owns queries [mb, mb + 64): dQ and the c2p gradient rows
 // d_c2p[i, .]. The warp's 16 queries are the rows of S = Q K^T, the tile's 64 keys its columns.
-extern "C" __global__ void __launch_bounds__(128)
+KERNEL void __launch_bounds__(128)
 dattn_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
             const bf16* __restrict__ c2p, const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
             const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dvec,
@@ -469,7 +486,7 @@ dattn_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* 
 }
 
 // The dropout mask the kernels apply, [B, H, N, N] u8 (1 = kept), for tests against the reference.
-extern "C" __global__ void dattn_dropout_mask(unsigned char* keep_out, long long total, float p_drop,
+KERNEL void dattn_dropout_mask(unsigned char* keep_out, long long total, float p_drop,
                                               unsigned long long seed) {
   const unsigned int threshold = (unsigned int)(p_drop * 4294967296.0);
   for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;

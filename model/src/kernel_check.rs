@@ -1,0 +1,236 @@
+//! The fused attention kernels (`fused_attention`) against the reference formulas: the cases and
+//! the comparison. `deberta-worker kernel-check` runs them on the GPU; the tests run the small
+//! ones through the CPU emulator (`cuda::emulate`), so CI checks what the kernels compute.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::fused_attention::{self, CoreGrads, CoreInputs};
+
+/// One comparison's shapes and options.
+pub struct Case {
+    pub name: &'static str,
+    pub b: i64,
+    pub h: i64,
+    pub n: i64,
+    pub d: i64,
+    /// Valid tokens per row (the rest is padding).
+    pub lengths: &'static [i64],
+    pub c2p: bool,
+    pub p2c: bool,
+    pub dropout: f64,
+}
+
+/// Relative error allowed: bf16 operands (8 bits of mantissa), fp32 accumulation.
+pub const TOLERANCE: f64 = 3e-2;
+
+/// The GPU's cases; `small` marks those the emulator runs in CI.
+pub const CASES: &[(Case, bool)] = &[
+    (
+        Case {
+            name: "N 80 (not a tile multiple), padding",
+            b: 2,
+            h: 3,
+            n: 80,
+            d: 64,
+            lengths: &[80, 37],
+            c2p: true,
+            p2c: true,
+            dropout: 0.0,
+        },
+        true,
+    ),
+    (
+        Case {
+            name: "N 512, xxlarge heads, padding",
+            b: 2,
+            h: 4,
+            n: 512,
+            d: 64,
+            lengths: &[512, 300],
+            c2p: true,
+            p2c: true,
+            dropout: 0.0,
+        },
+        false,
+    ),
+    (
+        Case {
+            name: "dropout 0.1 (the kernels' mask)",
+            b: 2,
+            h: 3,
+            n: 130,
+            d: 64,
+            lengths: &[130, 71],
+            c2p: true,
+            p2c: true,
+            dropout: 0.1,
+        },
+        true,
+    ),
+    (
+        Case {
+            name: "dropout 0.2, three key tiles",
+            b: 1,
+            h: 2,
+            n: 140,
+            d: 32,
+            lengths: &[133],
+            c2p: true,
+            p2c: true,
+            dropout: 0.2,
+        },
+        true,
+    ),
+    (
+        Case {
+            name: "head size 32, c2p only",
+            b: 1,
+            h: 2,
+            n: 96,
+            d: 32,
+            lengths: &[90],
+            c2p: true,
+            p2c: false,
+            dropout: 0.0,
+        },
+        true,
+    ),
+    (
+        Case {
+            name: "head size 16, p2c only, a fully padded row",
+            b: 2,
+            h: 1,
+            n: 70,
+            d: 16,
+            lengths: &[70, 0],
+            c2p: false,
+            p2c: true,
+            dropout: 0.0,
+        },
+        true,
+    ),
+];
+
+/// Relative difference of `got` from `want`: max |got - want| / max |want|.
+pub fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    let got = got.to_kind(Kind::Float);
+    let diff = (&got - want).abs().max().double_value(&[]);
+    diff / want.abs().max().double_value(&[]).max(1e-6)
+}
+
+/// The case's inputs in `kind`: bf16-representable values, so that the fp32 reference sees
+/// exactly the kernels' inputs.
+pub fn inputs(c: &Case, device: Device, kind: Kind) -> CoreInputs {
+    tch::manual_seed(11);
+    let f = (Kind::Float, device);
+    let draw = |shape: &[i64], scale: f64| (Tensor::randn(shape, f) * scale).to_kind(Kind::BFloat16).to_kind(kind);
+    let lengths = Tensor::from_slice(c.lengths).to_device(device);
+    let mask = Tensor::arange(c.n, (Kind::Int64, device))
+        .unsqueeze(0)
+        .lt_tensor(&lengths.unsqueeze(1));
+    CoreInputs {
+        q: draw(&[c.b, c.n, c.h, c.d], 0.35),
+        k: draw(&[c.b, c.n, c.h, c.d], 0.35),
+        v: draw(&[c.b, c.n, c.h, c.d], 1.0),
+        kr: c.c2p.then(|| draw(&[c.h, 2 * c.n - 1, c.d], 0.35)),
+        qr: c.p2c.then(|| draw(&[c.h, 2 * c.n - 1, c.d], 0.35)),
+        mask,
+        dropout: c.dropout,
+    }
+}
+
+/// What one case measured.
+pub struct Outcome {
+    /// The kept fraction of the kernels' dropout mask, with dropout.
+    pub kept: Option<f64>,
+    /// (output or gradient, relative error, all finite) for out, dq, dk, dv, dK_r, dQ_r.
+    pub errors: Vec<(&'static str, f64, bool)>,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        self.errors.iter().all(|&(_, e, finite)| finite && e <= TOLERANCE)
+    }
+}
+
+/// The kernels (`fused_attention::forward_kernels`: the GPU on CUDA, the emulator on the CPU)
+/// against the reference in fp32 on the same inputs and the kernels' own dropout mask: the
+/// output and every gradient.
+pub fn compare(c: &Case, device: Device) -> Result<Outcome, String> {
+    let seed = 0x5eed_u64;
+    let keep = (c.dropout > 0.0)
+        .then(|| fused_attention::kernel_dropout_mask(device, [c.b, c.h, c.n], c.dropout, seed, c.d))
+        .transpose()?;
+    let kept = keep
+        .as_ref()
+        .map(|k| k.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]));
+    let x32 = inputs(c, device, Kind::Float);
+    let x16 = inputs(c, device, Kind::BFloat16);
+    let (out, saved) = fused_attention::forward_kernels(x16, seed)?;
+    let want = fused_attention::reference(&x32, keep.as_ref());
+    let dout = Tensor::randn(want.size().as_slice(), (Kind::Float, device))
+        .to_kind(Kind::BFloat16)
+        .to_kind(Kind::Float);
+    let got: CoreGrads = fused_attention::backward(saved, &dout)?;
+    let refg = fused_attention::reference_backward(&x32, keep.as_ref(), &dout);
+    let mut pairs = vec![
+        ("out", out, want),
+        ("dq", got.q, refg.q),
+        ("dk", got.k, refg.k),
+        ("dv", got.v, refg.v),
+    ];
+    if let (Some(a), Some(b)) = (got.kr, refg.kr) {
+        pairs.push(("dK_r", a, b));
+    }
+    if let (Some(a), Some(b)) = (got.qr, refg.qr) {
+        pairs.push(("dQ_r", a, b));
+    }
+    let errors = pairs
+        .into_iter()
+        .map(|(what, got, want)| {
+            let finite = got.isfinite().all().int64_value(&[]) == 1;
+            (what, rel_err(&got, &want), finite)
+        })
+        .collect();
+    Ok(Outcome { kept, errors })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(c: &Case) {
+        let o = compare(c, Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        for (what, e, finite) in &o.errors {
+            eprintln!(
+                "{}: {what} rel err {e:.2e}{}",
+                c.name,
+                if *finite { "" } else { ", not finite" }
+            );
+        }
+        assert!(o.passed(), "{}: the emulated kernels differ from the reference", c.name);
+        assert_eq!(o.errors.len(), 4 + c.c2p as usize + c.p2c as usize, "{}", c.name);
+        if let Some(kept) = o.kept {
+            assert!((kept - (1.0 - c.dropout)).abs() < 0.01, "{}: kept {kept}", c.name);
+        }
+    }
+
+    #[test]
+    fn the_kernels_match_the_reference_in_the_cpu_emulator() {
+        for (c, small) in CASES {
+            if *small {
+                check(c);
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "about 25 s in the emulator: cargo test -p deberta-model -- --ignored"]
+    fn the_kernels_match_the_reference_in_the_cpu_emulator_at_n_512() {
+        for (c, small) in CASES {
+            if !*small {
+                check(c);
+            }
+        }
+    }
+}

@@ -1,0 +1,328 @@
+// A CPU emulator for this crate's CUDA kernels, so that the tests check what the kernels
+// compute on machines without a GPU (CI, most development sessions). It compiles the kernel
+// sources themselves as C++ (`DEBERTA_EMULATE`) and runs a launch block by block, each CUDA
+// thread a fiber (ucontext) on the calling OS thread:
+//   - __syncthreads() parks the fiber until every thread of the block has arrived;
+//   - warp-synchronous operations (__shfl_xor_sync, mma.sync) deposit the lane's operands,
+//     wait for the 32 lanes of the warp, and compute each lane's result from the others';
+//   - mma.sync.m16n8k16 (bf16 in, fp32 accumulate) is rebuilt from the fragment layout of the
+//     PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating point type"), written here
+//     independently of the kernels' own loaders, so a loader that misplaces an element fails;
+//   - dynamic shared memory starts as NaN bytes each block (reading a slot nobody wrote shows
+//     up), and a guard past its end catches writes beyond the launch's size;
+//   - a barrier that not every thread reaches is reported as an error instead of hanging.
+// It checks semantics, not speed, and cannot see races between warps of a block that the
+// schedule happens to order (it runs each fiber until it blocks).
+
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+
+thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace emu {
+
+enum Wait { RUNNABLE, AT_BLOCK_BARRIER, AT_WARP_BARRIER, DONE };
+
+struct Lane {
+  unsigned a[4], b[2];
+  float x;
+};
+
+struct Fiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  Wait wait = RUNNABLE;
+};
+
+constexpr std::size_t STACK_BYTES = 256 << 10;
+constexpr std::size_t GUARD_BYTES = 256;
+constexpr unsigned char GUARD = 0xA5;
+
+struct State {
+  std::vector<Fiber> fibers;
+  std::vector<Lane> lanes;
+  ucontext_t scheduler;
+  int current = 0;
+  std::vector<unsigned char> shared;
+  void (*run)(void**) = nullptr;
+  void** params = nullptr;
+};
+thread_local State st;
+
+static int lane_id() { return st.current % 32; }
+
+static void park(Wait w) {
+  st.fibers[st.current].wait = w;
+  swapcontext(&st.fibers[st.current].ctx, &st.scheduler);
+}
+
+void syncthreads() { park(AT_BLOCK_BARRIER); }
+
+float shfl_xor(float x, int mask) {
+  const int me = st.current, base = me - lane_id();
+  st.lanes[me].x = x;
+  park(AT_WARP_BARRIER);
+  const float r = st.lanes[base + (lane_id() ^ mask)].x;
+  park(AT_WARP_BARRIER);  // nobody overwrites a slot before every lane has read it
+  return r;
+}
+
+static float bf16_bits_to_float(unsigned bits) {
+  const std::uint32_t u = bits << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// One half of a 32-bit register holding two bf16 (low half first).
+static float half_of(unsigned reg, int which) { return bf16_bits_to_float(which ? reg >> 16 : reg & 0xffffu); }
+
+// D = A B + C for the warp, m16n8k16, A row-major 16x16, B column-major 16x8, bf16 -> fp32.
+// PTX fragment layout, lane = 4 g + t:
+//   A: a0 = (g, 2t..2t+1), a1 = (g+8, 2t..2t+1), a2 = (g, 2t+8..2t+9), a3 = (g+8, 2t+8..2t+9)
+//   B: b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
+//   C, D: c0, c1 = (g, 2t), (g, 2t+1); c2, c3 = (g+8, 2t), (g+8, 2t+1)
+void mma_m16n8k16(float* c, const unsigned* a, const unsigned* b) {
+  const int me = st.current, base = me - lane_id();
+  std::memcpy(st.lanes[me].a, a, sizeof st.lanes[me].a);
+  std::memcpy(st.lanes[me].b, b, sizeof st.lanes[me].b);
+  park(AT_WARP_BARRIER);
+  auto A = [&](int r, int k) {
+    const Lane& l = st.lanes[base + 4 * (r % 8) + (k % 8) / 2];
+    return half_of(l.a[(r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k % 2);
+  };
+  auto B = [&](int k, int n) {
+    const Lane& l = st.lanes[base + 4 * n + (k % 8) / 2];
+    return half_of(l.b[k >= 8 ? 1 : 0], k % 2);
+  };
+  const int g = lane_id() / 4, t = lane_id() % 4;
+  float d[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e % 2);
+    float acc = c[e];
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    d[e] = acc;
+  }
+  park(AT_WARP_BARRIER);
+  std::memcpy(c, d, sizeof d);
+}
+
+unsigned char* shared_memory() { return st.shared.data(); }
+
+static void fiber_main() {
+  st.run(st.params);
+  st.fibers[st.current].wait = DONE;  // returning resumes the scheduler (uc_link)
+}
+
+// Runs one block; returns an error message, empty on success.
+static std::string run_block(unsigned threads) {
+  if (st.fibers.size() < threads) st.fibers.resize(threads);
+  st.lanes.assign(threads, Lane{});
+  for (unsigned i = 0; i < threads; ++i) {
+    Fiber& f = st.fibers[i];
+    if (f.stack.empty()) f.stack.resize(STACK_BYTES);
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack.data();
+    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_link = &st.scheduler;
+    makecontext(&f.ctx, fiber_main, 0);
+    f.wait = RUNNABLE;
+  }
+  for (;;) {
+    for (unsigned i = 0; i < threads; ++i) {
+      if (st.fibers[i].wait != RUNNABLE) continue;
+      st.current = static_cast<int>(i);
+      threadIdx.x = i % blockDim.x;
+      threadIdx.y = (i / blockDim.x) % blockDim.y;
+      threadIdx.z = i / (blockDim.x * blockDim.y);
+      swapcontext(&st.scheduler, &st.fibers[i].ctx);
+    }
+    // Every fiber is parked or done: release a warp barrier or the block barrier.
+    unsigned done = 0, at_block = 0;
+    bool released = false;
+    for (unsigned w = 0; w * 32 < threads; ++w) {
+      const unsigned lo = w * 32, hi = lo + 32 < threads ? lo + 32 : threads;
+      unsigned at_warp = 0;
+      for (unsigned i = lo; i < hi; ++i) at_warp += st.fibers[i].wait == AT_WARP_BARRIER;
+      if (at_warp == 0) continue;
+      if (at_warp != hi - lo)
+        return "warp " + std::to_string(w) + ": a warp-synchronous operation that only " + std::to_string(at_warp) +
+               " of its " + std::to_string(hi - lo) + " lanes reached";
+      for (unsigned i = lo; i < hi; ++i) st.fibers[i].wait = RUNNABLE;
+      released = true;
+    }
+    if (released) continue;
+    for (unsigned i = 0; i < threads; ++i) {
+      done += st.fibers[i].wait == DONE;
+      at_block += st.fibers[i].wait == AT_BLOCK_BARRIER;
+    }
+    if (done == threads) return "";
+    if (at_block == threads) {
+      for (unsigned i = 0; i < threads; ++i) st.fibers[i].wait = RUNNABLE;
+      continue;
+    }
+    return "__syncthreads() reached by " + std::to_string(at_block) + " threads while " + std::to_string(done) +
+           " of " + std::to_string(threads) + " had exited";
+  }
+}
+
+}  // namespace emu
+
+// The kernels' view of the device.
+#define DEBERTA_EMULATE 1
+#define KERNEL
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __launch_bounds__(n)
+#define DYNAMIC_SMEM(name) unsigned char* name = emu::shared_memory()
+#define __syncthreads() emu::syncthreads()
+#define __shfl_xor_sync(mask, x, lane) emu::shfl_xor((x), (lane))
+#define __expf expf
+#define __logf logf
+static inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+static inline float __uint_as_float(unsigned i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+// cvt.rn.bf16.f32: round to nearest, ties to even; NaN stays NaN.
+static inline unsigned short emu_f2bf(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<unsigned short>(u >> 16);
+}
+static inline void emu_mma(float* c, const unsigned* a, const unsigned* b) { emu::mma_m16n8k16(c, a, b); }
+
+namespace hd16 {
+#define HEAD_DIM 16
+#include "disentangled_attention.cu"
+#undef HEAD_DIM
+}  // namespace hd16
+namespace hd32 {
+#define HEAD_DIM 32
+#include "disentangled_attention.cu"
+#undef HEAD_DIM
+}  // namespace hd32
+namespace hd64 {
+#define HEAD_DIM 64
+#include "disentangled_attention.cu"
+#undef HEAD_DIM
+}  // namespace hd64
+
+// Kernels that break the rules on purpose: the emulator's own tests (cuda.rs).
+namespace misuse {
+void barrier_in_a_branch(int* out) {
+  if (threadIdx.x < 32) __syncthreads();
+  out[threadIdx.x] = 1;
+}
+void shuffle_in_half_a_warp(float* out) {
+  if (threadIdx.x % 32 < 16) out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+}
+void shared_store(int at) {
+  DYNAMIC_SMEM(s);
+  s[at] = 0;
+}
+}  // namespace misuse
+
+namespace {
+
+// The launch's parameters as cuLaunchKernel takes them: p[i] points at argument i.
+template <class... A, std::size_t... I>
+void call(void (*f)(A...), void** p, std::index_sequence<I...>) {
+  f(*static_cast<A*>(p[I])...);
+}
+template <class... A>
+void invoke(void (*f)(A...), void** p) {
+  call(f, p, std::index_sequence_for<A...>{});
+}
+
+struct Entry {
+  const char* name;
+  int head_dim;  // 0: any
+  void (*run)(void**);
+};
+
+#define ENTRY(ns, d, f) \
+  Entry { #f, d, [](void** p) { invoke(ns::f, p); } }
+const Entry KERNELS[] = {
+    ENTRY(hd16, 16, dattn_fwd),          ENTRY(hd16, 16, dattn_bwd_kv), ENTRY(hd16, 16, dattn_bwd_q),
+    ENTRY(hd32, 32, dattn_fwd),          ENTRY(hd32, 32, dattn_bwd_kv), ENTRY(hd32, 32, dattn_bwd_q),
+    ENTRY(hd64, 64, dattn_fwd),          ENTRY(hd64, 64, dattn_bwd_kv), ENTRY(hd64, 64, dattn_bwd_q),
+    ENTRY(hd64, 0, dattn_dropout_mask),
+    ENTRY(misuse, 0, barrier_in_a_branch), ENTRY(misuse, 0, shuffle_in_half_a_warp), ENTRY(misuse, 0, shared_store),
+};
+
+void set_error(char* err, std::size_t len, const std::string& msg) {
+  if (len == 0) return;
+  std::snprintf(err, len, "%s", msg.c_str());
+}
+
+}  // namespace
+
+// Runs kernel `name` (built for `head_dim`) over grid[3] x block[3] with `shared` bytes of
+// dynamic shared memory; `params` as cuLaunchKernel's. Returns 0, or 1 with a message in err.
+extern "C" int deberta_emulate_launch(const char* name, int head_dim, const unsigned* grid, const unsigned* block,
+                                      unsigned shared, void** params, char* err, std::size_t err_len) {
+  const Entry* entry = nullptr;
+  for (const Entry& e : KERNELS)
+    if (std::strcmp(e.name, name) == 0 && (e.head_dim == 0 || e.head_dim == head_dim)) entry = &e;
+  if (!entry) {
+    set_error(err, err_len, std::string("no emulated kernel ") + name + " for head size " + std::to_string(head_dim));
+    return 1;
+  }
+  blockDim = dim3{block[0], block[1], block[2]};
+  gridDim = dim3{grid[0], grid[1], grid[2]};
+  const unsigned threads = block[0] * block[1] * block[2];
+  if (threads == 0 || threads > 1024) {
+    set_error(err, err_len, std::string(name) + ": " + std::to_string(threads) + " threads per block");
+    return 1;
+  }
+  emu::st.run = entry->run;
+  emu::st.params = params;
+  for (unsigned z = 0; z < grid[2]; ++z)
+    for (unsigned y = 0; y < grid[1]; ++y)
+      for (unsigned x = 0; x < grid[0]; ++x) {
+        blockIdx = dim3{x, y, z};
+        emu::st.shared.assign(shared + emu::GUARD_BYTES, 0xff);  // NaN in bf16 and fp32
+        std::memset(emu::st.shared.data() + shared, emu::GUARD, emu::GUARD_BYTES);
+        const std::string e = emu::run_block(threads);
+        if (!e.empty()) {
+          set_error(err, err_len,
+                    std::string(name) + ", block (" + std::to_string(x) + ", " + std::to_string(y) + ", " +
+                        std::to_string(z) + "): " + e);
+          return 1;
+        }
+        for (std::size_t i = 0; i < emu::GUARD_BYTES; ++i)
+          if (emu::st.shared[shared + i] != emu::GUARD) {
+            set_error(err, err_len,
+                      std::string(name) + ": wrote past its " + std::to_string(shared) +
+                          " bytes of dynamic shared memory");
+            return 1;
+          }
+      }
+  return 0;
+}
