@@ -26,6 +26,27 @@ use crate::cuda::{self, ptr, Arg, Kernels};
 /// The kernels' CUDA C source.
 pub const SOURCE: &str = include_str!("kernels/disentangled_attention.cu");
 
+/// How the kernels get the relative terms c2p and p2c.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelativeTerms {
+    /// From the [H, B*N, 2N] tables that two GEMMs per head write first (measured on the H100).
+    Tables,
+    /// Computed inside the forward kernel from K_r and Q_r, 64 x 128 windows per tile on the
+    /// tensor cores: no tables in forward (`dattn_fwd_rel`). Backward still uses the tables.
+    InKernel,
+}
+
+impl RelativeTerms {
+    /// `DEBERTA_FUSED_RELATIVE=tables|kernel` (default tables); another value is an error.
+    pub fn chosen() -> Result<RelativeTerms, String> {
+        match std::env::var("DEBERTA_FUSED_RELATIVE").as_deref() {
+            Err(_) | Ok("tables") => Ok(RelativeTerms::Tables),
+            Ok("kernel") => Ok(RelativeTerms::InKernel),
+            Ok(other) => Err(format!("DEBERTA_FUSED_RELATIVE={other}: expected tables or kernel")),
+        }
+    }
+}
+
 /// Tile sizes and warps per block, as in the source.
 const TILE: i64 = 64;
 const WARPS: i64 = 4;
@@ -189,9 +210,15 @@ pub fn forward(x: CoreInputs, seed: u64) -> Result<(Tensor, Saved), String> {
 }
 
 /// The core's forward by the kernels: on the GPU for CUDA tensors, in the CPU emulator for CPU
-/// tensors (slow: for tests). `backward` then runs the kernels too.
+/// tensors (slow: for tests). `backward` then runs the kernels too. The relative terms as
+/// `RelativeTerms::chosen`.
 pub fn forward_kernels(x: CoreInputs, seed: u64) -> Result<(Tensor, Saved), String> {
-    let (out, lse) = kernel_forward(&x, seed)?;
+    forward_kernels_with(x, seed, RelativeTerms::chosen()?)
+}
+
+/// `forward_kernels` with the relative terms by `rel`.
+pub fn forward_kernels_with(x: CoreInputs, seed: u64, rel: RelativeTerms) -> Result<(Tensor, Saved), String> {
+    let (out, lse) = kernel_forward(&x, seed, rel)?;
     Ok((
         out.to_kind(x.q.kind()), // the kernels compute in bf16
         Saved {
@@ -238,14 +265,15 @@ fn stage(device: Device, name: &'static str) {
     });
 }
 
-/// One forward and backward of the core on CUDA with each stage timed (ms, synchronised).
-pub fn profile(x: CoreInputs, dout: &Tensor, seed: u64) -> Result<Stages, String> {
+/// One forward and backward of the core by the kernels (relative terms by `rel`) with each
+/// stage timed (ms, synchronised on CUDA).
+pub fn profile(x: CoreInputs, dout: &Tensor, seed: u64, rel: RelativeTerms) -> Result<Stages, String> {
     let device = x.q.device();
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
     }
     STAGES.with(|s| *s.borrow_mut() = Some((std::time::Instant::now(), Vec::new())));
-    let result = forward(x, seed).and_then(|(_, saved)| backward(saved, dout));
+    let result = forward_kernels_with(x, seed, rel).and_then(|(_, saved)| backward(saved, dout));
     let stages = STAGES
         .with(|s| s.borrow_mut().take())
         .map(|(_, v)| v)
@@ -254,13 +282,24 @@ pub fn profile(x: CoreInputs, dout: &Tensor, seed: u64) -> Result<Stages, String
 }
 
 /// Dynamic shared memory per block, as the kernels lay it out (bytes): [64][d + 8] bf16 tiles,
-/// [64][72] bf16 bands, 64 mask bytes, and in backward 2 x 64 floats.
-fn shared_bytes(head_dim: i64) -> (u32, u32, u32) {
+/// [64][72] bf16 bands, 64 mask bytes, and in backward 2 x 64 floats. The forward with the
+/// relative terms inside (`dattn_fwd_rel`) adds two [128][d + 8] windows of K_r and Q_r.
+struct Shared {
+    fwd: u32,
+    fwd_rel: u32,
+    bwd: u32,
+}
+
+fn shared_bytes(head_dim: i64) -> Shared {
     let tiles = |n: i64| n * TILE * (head_dim + 8) * 2;
     let bands = |n: i64| n * TILE * (TILE + 8) * 2;
     let fwd = tiles(3) + bands(2) + TILE;
     let bwd = 2 * TILE * 4 + tiles(4) + bands(3) + TILE;
-    (fwd as u32, bwd as u32, bwd as u32)
+    Shared {
+        fwd: fwd as u32,
+        fwd_rel: (fwd + tiles(4)) as u32,
+        bwd: bwd as u32,
+    }
 }
 
 fn head_dim_ok(head_dim: i64) -> Result<(), String> {
@@ -292,16 +331,17 @@ fn kernels(device: Device, head_dim: i64) -> Result<Kernels, String> {
             variant: head_dim as i32,
         });
     }
-    let (s_fwd, s_kv, s_q) = shared_bytes(head_dim);
+    let shared = shared_bytes(head_dim);
     cuda::load(
         device,
         SOURCE,
         "disentangled_attention.cu",
         &[format!("-DHEAD_DIM={head_dim}")],
         &[
-            ("dattn_fwd", s_fwd),
-            ("dattn_bwd_kv", s_kv),
-            ("dattn_bwd_q", s_q),
+            ("dattn_fwd", shared.fwd),
+            ("dattn_fwd_rel", shared.fwd_rel),
+            ("dattn_bwd_kv", shared.bwd),
+            ("dattn_bwd_q", shared.bwd),
             ("dattn_dropout_mask", 0),
         ],
     )
@@ -340,7 +380,9 @@ struct Operands {
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    /// The c2p table, or K_r for the `_rel` kernel.
     c2p: Option<Tensor>,
+    /// The p2c table, or Q_r for the `_rel` kernel.
     p2c: Option<Tensor>,
     mask: Tensor,
 }
@@ -358,11 +400,28 @@ fn operands(x: &CoreInputs) -> Operands {
     }
 }
 
-fn kernel_forward(x: &CoreInputs, seed: u64) -> Result<(Tensor, Tensor), String> {
+/// The in-kernel forward's operands: q, k, v and mask as `operands`, and in place of the tables
+/// K_r and Q_r themselves, [H, 2N, d] (one zero row appended) in bf16.
+fn operands_rel(x: &CoreInputs) -> Operands {
+    let x16 = x.map(bf16);
+    Operands {
+        c2p: x16.kr.as_ref().map(|t| pad_row(t).contiguous()),
+        p2c: x16.qr.as_ref().map(|t| pad_row(t).contiguous()),
+        q: x16.q,
+        k: x16.k,
+        v: x16.v,
+        mask: x.mask.to_kind(Kind::Bool).to_kind(Kind::Uint8).contiguous(),
+    }
+}
+
+fn kernel_forward(x: &CoreInputs, seed: u64, rel: RelativeTerms) -> Result<(Tensor, Tensor), String> {
     let d = x.head_dim();
     let k = kernels(x.q.device(), d)?;
-    let o = operands(x);
-    stage(x.q.device(), "forward: tables (2 GEMMs)");
+    let (o, function, shared) = match rel {
+        RelativeTerms::Tables => (operands(x), "dattn_fwd", shared_bytes(d).fwd),
+        RelativeTerms::InKernel => (operands_rel(x), "dattn_fwd_rel", shared_bytes(d).fwd_rel),
+    };
+    stage(x.q.device(), "forward: tables (2 GEMMs) or K_r, Q_r in bf16");
     let (b, n, h, _) = o.q.size4().map_err(|e| e.to_string())?;
     let out = Tensor::empty([b, n, h, d], (Kind::BFloat16, x.q.device()));
     let lse = Tensor::empty([b, h, n], (Kind::Float, x.q.device()));
@@ -381,7 +440,7 @@ fn kernel_forward(x: &CoreInputs, seed: u64) -> Result<(Tensor, Tensor), String>
         Arg::U64(seed),
     ];
     // SAFETY: the pointers are live, contiguous tensors of the shapes the kernel reads/writes.
-    unsafe { k.launch("dattn_fwd", grid(b, h, n, shared_bytes(d).0), &args) }?;
+    unsafe { k.launch(function, grid(b, h, n, shared), &args) }?;
     stage(x.q.device(), "forward: kernel");
     Ok((out, lse))
 }
@@ -422,14 +481,14 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
         Arg::F32(x.dropout as f32),
         Arg::U64(saved.seed),
     ];
-    let (_, s_kv, s_q) = shared_bytes(d);
+    let s = shared_bytes(d).bwd;
     let kv_args = [&common[..], &[arg(&dk), arg(&dv), opt_arg(&dp2c)], &scalars].concat();
     // SAFETY: as in kernel_forward.
-    unsafe { k.launch("dattn_bwd_kv", grid(b, h, n, s_kv), &kv_args) }?;
+    unsafe { k.launch("dattn_bwd_kv", grid(b, h, n, s), &kv_args) }?;
     stage(x.q.device(), "backward: keys kernel");
     let q_args = [&common[..], &[arg(&dq), opt_arg(&dc2p)], &scalars].concat();
     // SAFETY: as in kernel_forward.
-    unsafe { k.launch("dattn_bwd_q", grid(b, h, n, s_q), &q_args) }?;
+    unsafe { k.launch("dattn_bwd_q", grid(b, h, n, s), &q_args) }?;
     stage(x.q.device(), "backward: queries kernel");
 
     // Through the table GEMMs (per head, over every token): c2p = q K_r^T, p2c = k Q_r^T.
@@ -494,7 +553,13 @@ mod tests {
         for d in [16, 32, 64] {
             let ptx = compile(d, "sm_90").unwrap_or_else(|e| panic!("head size {d}: {e}"));
             let text = ptx.to_src();
-            for kernel in ["dattn_fwd", "dattn_bwd_kv", "dattn_bwd_q", "dattn_dropout_mask"] {
+            for kernel in [
+                "dattn_fwd",
+                "dattn_fwd_rel",
+                "dattn_bwd_kv",
+                "dattn_bwd_q",
+                "dattn_dropout_mask",
+            ] {
                 assert!(text.contains(kernel), "head size {d}: {kernel} missing from the PTX");
             }
         }

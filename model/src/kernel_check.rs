@@ -4,7 +4,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::fused_attention::{self, CoreGrads, CoreInputs};
+use crate::fused_attention::{self, CoreGrads, CoreInputs, RelativeTerms};
 
 /// One comparison's shapes and options.
 pub struct Case {
@@ -153,10 +153,10 @@ impl Outcome {
     }
 }
 
-/// The kernels (`fused_attention::forward_kernels`: the GPU on CUDA, the emulator on the CPU)
-/// against the reference in fp32 on the same inputs and the kernels' own dropout mask: the
-/// output and every gradient.
-pub fn compare(c: &Case, device: Device) -> Result<Outcome, String> {
+/// The kernels (`fused_attention::forward_kernels_with`: the GPU on CUDA, the emulator on the
+/// CPU), with the relative terms by `rel`, against the reference in fp32 on the same inputs and
+/// the kernels' own dropout mask: the output and every gradient.
+pub fn compare(c: &Case, device: Device, rel: RelativeTerms) -> Result<Outcome, String> {
     let seed = 0x5eed_u64;
     let keep = (c.dropout > 0.0)
         .then(|| fused_attention::kernel_dropout_mask(device, [c.b, c.h, c.n], c.dropout, seed, c.d))
@@ -166,7 +166,7 @@ pub fn compare(c: &Case, device: Device) -> Result<Outcome, String> {
         .map(|k| k.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]));
     let x32 = inputs(c, device, Kind::Float);
     let x16 = inputs(c, device, Kind::BFloat16);
-    let (out, saved) = fused_attention::forward_kernels(x16, seed)?;
+    let (out, saved) = fused_attention::forward_kernels_with(x16, seed, rel)?;
     let want = fused_attention::reference(&x32, keep.as_ref());
     let dout = Tensor::randn(want.size().as_slice(), (Kind::Float, device))
         .to_kind(Kind::BFloat16)
@@ -200,15 +200,25 @@ mod tests {
     use super::*;
 
     fn check(c: &Case) {
-        let o = compare(c, Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        for rel in [RelativeTerms::Tables, RelativeTerms::InKernel] {
+            check_with(c, rel);
+        }
+    }
+
+    fn check_with(c: &Case, rel: RelativeTerms) {
+        let o = compare(c, Device::Cpu, rel).unwrap_or_else(|e| panic!("{} ({rel:?}): {e}", c.name));
         for (what, e, finite) in &o.errors {
             eprintln!(
-                "{}: {what} rel err {e:.2e}{}",
+                "{} ({rel:?}): {what} rel err {e:.2e}{}",
                 c.name,
                 if *finite { "" } else { ", not finite" }
             );
         }
-        assert!(o.passed(), "{}: the emulated kernels differ from the reference", c.name);
+        assert!(
+            o.passed(),
+            "{} ({rel:?}): the emulated kernels differ from the reference",
+            c.name
+        );
         assert_eq!(o.errors.len(), 4 + c.c2p as usize + c.p2c as usize, "{}", c.name);
         if let Some(kept) = o.kept {
             assert!((kept - (1.0 - c.dropout)).abs() < 0.01, "{}: kept {kept}", c.name);

@@ -144,7 +144,12 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
         system: match deberta_model::attention::RelativePath::for_device(device) {
             deberta_model::attention::RelativePath::Gather => "deberta-rs".into(),
             deberta_model::attention::RelativePath::Skew => "deberta-rs+skew".into(),
-            deberta_model::attention::RelativePath::Fused => "deberta-rs+fused".into(),
+            deberta_model::attention::RelativePath::Fused => {
+                match deberta_model::fused_attention::RelativeTerms::chosen() {
+                    Ok(deberta_model::fused_attention::RelativeTerms::InKernel) => "deberta-rs+fused-rel".into(),
+                    _ => "deberta-rs+fused".into(),
+                }
+            }
         },
         preset: b.preset.clone(),
         params: ParamCount::of(&cfg).pretraining,

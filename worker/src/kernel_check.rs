@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use deberta_model::attention::RelativePath;
-use deberta_model::fused_attention;
+use deberta_model::fused_attention::{self, RelativeTerms};
 use deberta_model::kernel_check::{self, inputs, rel_err, Case, CASES};
 use deberta_model::tensor_parallel::TpShard;
 use deberta_model::{DebertaConfig, IGNORE_INDEX};
@@ -19,8 +19,8 @@ use crate::optim::{AdamWConfig, FlatAdamW};
 use crate::runtime::Groups;
 use crate::step::{forward_backward, StepMode};
 
-fn check_case(c: &Case, device: Device) -> anyhow::Result<bool> {
-    let o = kernel_check::compare(c, device).map_err(anyhow::Error::msg)?;
+fn check_case(c: &Case, device: Device, rel: RelativeTerms) -> anyhow::Result<bool> {
+    let o = kernel_check::compare(c, device, rel).map_err(anyhow::Error::msg)?;
     if let Some(rate) = o.kept {
         println!(
             "  {}: kept fraction {rate:.4} (expected {:.4})",
@@ -71,23 +71,26 @@ fn speed(device: Device) -> anyhow::Result<()> {
     };
     let x = inputs(&c, device, Kind::BFloat16);
     let dout = Tensor::randn([c.b, c.n, c.h, c.d], (Kind::BFloat16, device));
-    let fused = time_ms(device, 10, || {
-        let x = x.map(Tensor::shallow_clone);
-        let (_, saved) = fused_attention::forward(x, 7).expect("fused forward");
-        let _ = fused_attention::backward(saved, &dout).expect("fused backward");
-    });
     let keep = Tensor::rand([c.b, c.h, c.n, c.n], (Kind::Float, device)).ge(c.dropout);
     let reference = time_ms(device, 10, || {
         let _ = fused_attention::reference_backward(&x, Some(&keep), &dout);
     });
-    println!(
-        "  {}: fused kernels {fused:.2} ms, reference (bf16, autograd) {reference:.2} ms per forward+backward: {:.2}x",
-        c.name,
-        reference / fused
-    );
-    let stages = fused_attention::profile(x.map(Tensor::shallow_clone), &dout, 7).map_err(anyhow::Error::msg)?;
-    for (stage, ms) in stages {
-        println!("    {stage:<48} {ms:.3} ms");
+    for rel in [RelativeTerms::Tables, RelativeTerms::InKernel] {
+        let fused = time_ms(device, 10, || {
+            let x = x.map(Tensor::shallow_clone);
+            let (_, saved) = fused_attention::forward_kernels_with(x, 7, rel).expect("fused forward");
+            let _ = fused_attention::backward(saved, &dout).expect("fused backward");
+        });
+        println!(
+            "  {} ({rel:?}): fused kernels {fused:.2} ms, reference (bf16, autograd) {reference:.2} ms per forward+backward: {:.2}x",
+            c.name,
+            reference / fused
+        );
+        let stages =
+            fused_attention::profile(x.map(Tensor::shallow_clone), &dout, 7, rel).map_err(anyhow::Error::msg)?;
+        for (stage, ms) in stages {
+            println!("    {stage:<48} {ms:.3} ms");
+        }
     }
     Ok(())
 }
@@ -198,8 +201,11 @@ pub fn run(groups: &Groups) -> anyhow::Result<bool> {
     }
     println!("fused attention kernels vs the reference formulas (fp32 on the same bf16 inputs):");
     let mut ok = true;
-    for (c, _) in CASES {
-        ok &= check_case(c, device)?;
+    for rel in [RelativeTerms::Tables, RelativeTerms::InKernel] {
+        println!(" relative terms: {rel:?}");
+        for (c, _) in CASES {
+            ok &= check_case(c, device, rel)?;
+        }
     }
     println!("optimizer:");
     ok &= adamw(device);

@@ -139,6 +139,7 @@ pub fn check_attention_path(device: Device, cfg: &deberta_model::DebertaConfig, 
             "DEBERTA_ATTENTION=fused computes in bf16, but this run is fp32: use bf16 precision, or \
              DEBERTA_ATTENTION=gather or skew"
         );
+        deberta_model::fused_attention::RelativeTerms::chosen().map_err(anyhow::Error::msg)?;
         deberta_model::fused_attention::check(device, cfg.attention_head_size).map_err(|e| {
             anyhow::anyhow!("the fused attention kernels: {e} (DEBERTA_ATTENTION=gather or skew avoids them)")
         })?;

@@ -231,13 +231,69 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// ---- Relative terms computed in the kernel (the `_rel` kernels) ----------------------------
+// Instead of the [H, B, N, 2N] tables, these kernels read the per-distance tables themselves,
+// K_r and Q_r as [H][2N][D] (row m: distance N-1-m for K_r, m-(N-1) for Q_r; row 2N-1 is
+// padding), and compute the bands on the tensor cores. For query rows [i0, i0 + 64) and key
+// columns [j0, j0 + 64), c2p(i, j) = q_i . K_r[N-1-i+j]: with r = i - i0, c = j - j0 that is row
+// 63 - r + c of the 128-row window of K_r from N-1-(i0+63)+j0. p2c(i, j) = k_j . Q_r[N-1-j+i]
+// is row 63 - c + r of the window of Q_r from N-1-(j0+63)+i0.
+
+// Rows [m0, m0 + 128) of head h of a per-distance table into dst [128][LDS]; rows outside
+// [0, 2N-1) are zero.
+__device__ __forceinline__ void load_window(bf16* __restrict__ dst, const bf16* __restrict__ table, int h, int m0,
+                                            int N) {
+  constexpr int CHUNKS = D / 8, PER = 2 * BN * CHUNKS / THREADS;
+  uint4 v[PER];
+#pragma unroll
+  for (int it = 0; it < PER; ++it) {
+    const int c = threadIdx.x + it * THREADS, r = c / CHUNKS, k = (c % CHUNKS) * 8, m = m0 + r;
+    v[it] = make_uint4(0, 0, 0, 0);
+    if (m >= 0 && m < 2 * N - 1) v[it] = *reinterpret_cast<const uint4*>(table + ((long long)h * 2 * N + m) * D + k);
+  }
+#pragma unroll
+  for (int it = 0; it < PER; ++it) {
+    const int c = threadIdx.x + it * THREADS, r = c / CHUNKS, k = (c % CHUNKS) * 8;
+    *reinterpret_cast<uint4*>(dst + r * LDS + k) = v[it];
+  }
+}
+
+// band[r][c] = row_r . window[63 - r + c] for this warp's 16 band rows r = 16 warp + (0..15)
+// (their A fragments in a) and every c < 64. Those rows read window rows [48 - 16 warp,
+// 127 - 16 warp]: ten 8-row groups, each one mma per 16 of D; each (r, c) is written once.
+__device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragA* a, const bf16* __restrict__ window) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int x0 = 48 - 16 * warp;
+#pragma unroll
+  for (int n8 = 0; n8 < 10; ++n8) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      FragB bw;
+      load_b_t(bw, window + (x0 + n8 * 8) * LDS + kk * 16, LDS);
+      mma(acc, a[kk], bw);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = 16 * warp + g + (e >= 2 ? 8 : 0), c = x0 + n8 * 8 + 2 * t + (e & 1) - 63 + r;
+      if (c >= 0 && c < 64) band[r * LDR + c] = f2bf(acc[e]);
+    }
+  }
+}
+
+__device__ __forceinline__ void zero_band(bf16* band) {
+  for (int e = threadIdx.x; e < 64 * LDR; e += THREADS) band[e] = 0;
+}
+
 // Shared memory of the forward: Q, K, V tiles, the c2p band (queries x keys) and the p2c band
-// (keys x queries), the key mask of the tile.
-KERNEL void __launch_bounds__(128)
-dattn_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
-          const bf16* __restrict__ c2p, const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
-          bf16* __restrict__ out, float* __restrict__ lse, int H, int N, float p_drop,
-          unsigned long long seed) {
+// (keys x queries), the key mask of the tile; with REL, the K_r and Q_r windows of the tile.
+// REL: c2p and p2c are K_r and Q_r [H][2N][D] (the `_rel` kernels), else the tables [H, B, N, 2N].
+template <bool REL>
+__device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                    const bf16* __restrict__ v, const bf16* __restrict__ c2p,
+                                    const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
+                                    bf16* __restrict__ out, float* __restrict__ lse, int H, int N, float p_drop,
+                                    unsigned long long seed) {
   DYNAMIC_SMEM(smem);
   bf16* Qs = reinterpret_cast<bf16*>(smem);
   bf16* Ks = Qs + BM * LDS;
@@ -245,6 +301,8 @@ dattn_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __
   bf16* Cb = Vs + BN * LDS;  // Cb[query][key]
   bf16* Pb = Cb + BM * LDR;  // Pb[key][query]
   unsigned char* kok = reinterpret_cast<unsigned char*>(Pb + BN * LDR);
+  bf16* KRw = reinterpret_cast<bf16*>(kok + 64);  // REL: [128][LDS]
+  bf16* QRw = KRw + 2 * BN * LDS;                 // REL: [128][LDS]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int bh = blockIdx.y, b = bh / H, h = bh % H;
   const long long tb = (long long)h * (gridDim.y / H) + b;  // the tables' (head, batch) row block
@@ -256,6 +314,8 @@ dattn_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __
   const float inv_keep = p_drop > 0.f ? 1.f / (1.f - p_drop) : 1.f;
 
   load_tile(Qs, q, b, h, m_blk, N, H);
+  if (REL && !c2p) zero_band(Cb);
+  if (REL && !p2c) zero_band(Pb);
   __syncthreads();
   FragA qa[D / 16];
   load_rows(qa, Qs + warp * 16 * LDS);
@@ -268,10 +328,24 @@ dattn_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __
     __syncthreads();
     load_tile(Ks, k, b, h, n0, N, H);
     load_tile(Vs, v, b, h, n0, N, H);
-    load_band(Cb, c2p, tb, N, m_blk, n0);
-    load_band(Pb, p2c, tb, N, n0, m_blk);
+    if (REL) {
+      if (c2p) load_window(KRw, c2p, h, N - 1 - (m_blk + 63) + n0, N);
+      if (p2c) load_window(QRw, p2c, h, N - 1 - (n0 + 63) + m_blk, N);
+    } else {
+      load_band(Cb, c2p, tb, N, m_blk, n0);
+      load_band(Pb, p2c, tb, N, n0, m_blk);
+    }
     for (int c = threadIdx.x; c < BN; c += blockDim.x) kok[c] = n0 + c < N && mask[(long long)b * N + n0 + c];
     __syncthreads();
+    if (REL) {
+      if (c2p) skewed_band(Cb, qa, KRw);
+      if (p2c) {
+        FragA ka[D / 16];
+        load_rows(ka, Ks + warp * 16 * LDS);
+        skewed_band(Pb, ka, QRw);
+      }
+      __syncthreads();
+    }
     float s[BN / 8][4];
     rows_times_tile_t(s, qa, Ks);  // c2c
     float mx_a = NEG_INF, mx_b = NEG_INF;
@@ -326,6 +400,18 @@ dattn_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __
     if (i0 + g < N) lse[(long long)bh * N + i0 + g] = oka ? m_a + __logf(l_a) : POS_INF;
     if (i0 + g + 8 < N) lse[(long long)bh * N + i0 + g + 8] = okb ? m_b + __logf(l_b) : POS_INF;
   }
+}
+
+
+#define FWD_PARAMS                                                                                              \
+  const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v, const bf16 *__restrict__ c2p, \
+      const bf16 *__restrict__ p2c, const unsigned char *__restrict__ mask, bf16 *__restrict__ out,                \
+      float *__restrict__ lse, int H, int N, float p_drop, unsigned long long seed
+KERNEL void __launch_bounds__(128) dattn_fwd(FWD_PARAMS) {
+  fwd<false>(q, k, v, c2p, p2c, mask, out, lse, H, N, p_drop, seed);
+}
+KERNEL void __launch_bounds__(128) dattn_fwd_rel(FWD_PARAMS) {
+  fwd<true>(q, k, v, c2p, p2c, mask, out, lse, H, N, p_drop, seed);
 }
 
 // Shared memory of the backward kernels: the per-query log-sum-exp and D_i of the block's
