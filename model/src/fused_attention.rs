@@ -31,8 +31,10 @@ pub const SOURCE: &str = include_str!("kernels/disentangled_attention.cu");
 pub enum RelativeTerms {
     /// From the [H, B*N, 2N] tables that two GEMMs per head write first (measured on the H100).
     Tables,
-    /// Computed inside the forward kernel from K_r and Q_r, 64 x 128 windows per tile on the
-    /// tensor cores: no tables in forward (`dattn_fwd_rel`). Backward still uses the tables.
+    /// Computed inside the kernels from K_r and Q_r, a 128-row window per tile on the tensor
+    /// cores: no tables (`dattn_fwd_rel`, `dattn_bwd_*_rel`). Backward adds their part of dq
+    /// and dk in the kernels and sums the table gradients per distance from per-block partials
+    /// (`dattn_rel_reduce`): no atomics.
     InKernel,
 }
 
@@ -181,6 +183,8 @@ pub struct Saved {
     lse: Option<Tensor>,
     /// The dropout mask drawn (the reference).
     keep: Option<Tensor>,
+    /// How the kernels' forward got the relative terms; backward does the same.
+    rel: RelativeTerms,
     seed: u64,
 }
 
@@ -203,6 +207,7 @@ pub fn forward(x: CoreInputs, seed: u64) -> Result<(Tensor, Saved), String> {
                 out,
                 lse: None,
                 keep,
+                rel: RelativeTerms::Tables,
                 seed,
             },
         ))
@@ -226,6 +231,7 @@ pub fn forward_kernels_with(x: CoreInputs, seed: u64, rel: RelativeTerms) -> Res
             out,
             lse: Some(lse),
             keep: None,
+            rel,
             seed,
         },
     ))
@@ -288,6 +294,7 @@ struct Shared {
     fwd: u32,
     fwd_rel: u32,
     bwd: u32,
+    bwd_rel: u32,
 }
 
 fn shared_bytes(head_dim: i64) -> Shared {
@@ -295,10 +302,13 @@ fn shared_bytes(head_dim: i64) -> Shared {
     let bands = |n: i64| n * TILE * (TILE + 8) * 2;
     let fwd = tiles(3) + bands(2) + TILE;
     let bwd = 2 * TILE * 4 + tiles(4) + bands(3) + TILE;
+    // In the `_rel` backward the dS band becomes its skewed copy [64][136] beside two windows.
+    let bwd_rel = bwd - bands(1) + TILE * (2 * TILE + 8) * 2 + tiles(4);
     Shared {
         fwd: fwd as u32,
         fwd_rel: (fwd + tiles(4)) as u32,
         bwd: bwd as u32,
+        bwd_rel: bwd_rel as u32,
     }
 }
 
@@ -342,6 +352,9 @@ fn kernels(device: Device, head_dim: i64) -> Result<Kernels, String> {
             ("dattn_fwd_rel", shared.fwd_rel),
             ("dattn_bwd_kv", shared.bwd),
             ("dattn_bwd_q", shared.bwd),
+            ("dattn_bwd_kv_rel", shared.bwd_rel),
+            ("dattn_bwd_q_rel", shared.bwd_rel),
+            ("dattn_rel_reduce", 0),
             ("dattn_dropout_mask", 0),
         ],
     )
@@ -449,7 +462,8 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     let x = &saved.inputs;
     let d = x.head_dim();
     let k = kernels(x.q.device(), d)?;
-    let o = operands(x);
+    let in_kernel = saved.rel == RelativeTerms::InKernel;
+    let o = if in_kernel { operands_rel(x) } else { operands(x) };
     let (b, n, h, _) = o.q.size4().map_err(|e| e.to_string())?;
     let dout = bf16(&dout.view([b, n, h, d]));
     // D_i = dO_i . O_i = sum_j P_ij dP_ij (dropout included), [B, H, N].
@@ -459,11 +473,15 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
         .contiguous();
     let lse = saved.lse.as_ref().expect("the kernels' forward saved the log-sum-exp");
     let (dq, dk, dv) = (o.q.empty_like(), o.k.empty_like(), o.v.empty_like());
-    // Per-distance table gradients: the kernels write every (row, N-1-row+col) once; the rest
-    // of each row (distances no pair has) stays zero.
-    let dc2p = o.c2p.as_ref().map(Tensor::zeros_like);
-    let dp2c = o.p2c.as_ref().map(Tensor::zeros_like);
-    stage(x.q.device(), "backward: tables again, D_i, zeroed gradients");
+    // The table gradients' first stage. Tables: per-distance rows, each (row, N-1-row+col)
+    // written once, the rest (distances no pair has) zero. In the kernels: each block's partial
+    // sums over a window of 64 (blocks + 1) distances, every element written.
+    let blocks = (n + TILE - 1) / TILE;
+    let partial = |t: &Tensor| Tensor::empty([b * h, blocks, TILE * (blocks + 1), d], (Kind::Float, t.device()));
+    let grad_buffer = |t: &Tensor| if in_kernel { partial(t) } else { t.zeros_like() };
+    let dc2p = o.c2p.as_ref().map(grad_buffer);
+    let dp2c = o.p2c.as_ref().map(grad_buffer);
+    stage(x.q.device(), "backward: tables again, D_i, gradient buffers");
     let common = [
         arg(&o.q),
         arg(&o.k),
@@ -481,35 +499,68 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
         Arg::F32(x.dropout as f32),
         Arg::U64(saved.seed),
     ];
-    let s = shared_bytes(d).bwd;
+    let (kv_kernel, q_kernel, s) = if in_kernel {
+        ("dattn_bwd_kv_rel", "dattn_bwd_q_rel", shared_bytes(d).bwd_rel)
+    } else {
+        ("dattn_bwd_kv", "dattn_bwd_q", shared_bytes(d).bwd)
+    };
     let kv_args = [&common[..], &[arg(&dk), arg(&dv), opt_arg(&dp2c)], &scalars].concat();
     // SAFETY: as in kernel_forward.
-    unsafe { k.launch("dattn_bwd_kv", grid(b, h, n, s), &kv_args) }?;
+    unsafe { k.launch(kv_kernel, grid(b, h, n, s), &kv_args) }?;
     stage(x.q.device(), "backward: keys kernel");
     let q_args = [&common[..], &[arg(&dq), opt_arg(&dc2p)], &scalars].concat();
     // SAFETY: as in kernel_forward.
-    unsafe { k.launch("dattn_bwd_q", grid(b, h, n, s), &q_args) }?;
+    unsafe { k.launch(q_kernel, grid(b, h, n, s), &q_args) }?;
     stage(x.q.device(), "backward: queries kernel");
 
-    // Through the table GEMMs (per head, over every token): c2p = q K_r^T, p2c = k Q_r^T.
     let (mut dq, mut dk) = (dq.to_kind(x.q.kind()), dk.to_kind(x.k.kind()));
     let w = 2 * n - 1;
-    // [H, B*N, d] -> [B, N, H, d]
-    let back = |t: Tensor| t.transpose(0, 1).reshape([b, n, h, d]);
-    let mut dkr = None;
-    if let (Some(dc2p), Some(kr)) = (&dc2p, &x.kr) {
-        dq += back(dc2p.matmul(&pad_row(&kr.to_kind(Kind::BFloat16)))).to_kind(dq.kind());
-        // sum over every token inside the GEMM: [H, 2N, B*N] x [H, B*N, d]
-        let g = dc2p.transpose(1, 2).matmul(&tokens_per_head(&o.q));
-        dkr = Some(g.narrow(1, 0, w).to_kind(kr.kind()));
+    let (mut dkr, mut dqr) = (None, None);
+    if in_kernel {
+        // The kernels added the relative terms' part of dq and dk; the table gradients are the
+        // sums of the blocks' partials.
+        let reduce = |part: &Tensor| -> Result<Tensor, String> {
+            let out = Tensor::empty([h, 2 * n, d], (Kind::Float, part.device()));
+            let cfg = LaunchConfig {
+                grid_dim: (if part.device().is_cuda() { 1024 } else { 8 }, 1, 1), // a grid-stride loop
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let args = [
+                arg(part),
+                arg(&out),
+                Arg::I32(b as i32),
+                Arg::I32(h as i32),
+                Arg::I32(n as i32),
+            ];
+            // SAFETY: part holds the kernels' partials for (b, h, n), out [h, 2n, d] fp32.
+            unsafe { k.launch("dattn_rel_reduce", cfg, &args) }?;
+            Ok(out.narrow(1, 0, w))
+        };
+        if let (Some(part), Some(kr)) = (&dc2p, &x.kr) {
+            dkr = Some(reduce(part)?.to_kind(kr.kind()));
+        }
+        if let (Some(part), Some(qr)) = (&dp2c, &x.qr) {
+            dqr = Some(reduce(part)?.to_kind(qr.kind()));
+        }
+        stage(x.q.device(), "backward: table-gradient reductions");
+    } else {
+        // Through the table GEMMs (per head, over every token): c2p = q K_r^T, p2c = k Q_r^T.
+        // [H, B*N, d] -> [B, N, H, d]
+        let back = |t: Tensor| t.transpose(0, 1).reshape([b, n, h, d]);
+        if let (Some(dc2p), Some(kr)) = (&dc2p, &x.kr) {
+            dq += back(dc2p.matmul(&pad_row(&kr.to_kind(Kind::BFloat16)))).to_kind(dq.kind());
+            // sum over every token inside the GEMM: [H, 2N, B*N] x [H, B*N, d]
+            let g = dc2p.transpose(1, 2).matmul(&tokens_per_head(&o.q));
+            dkr = Some(g.narrow(1, 0, w).to_kind(kr.kind()));
+        }
+        if let (Some(dp2c), Some(qr)) = (&dp2c, &x.qr) {
+            dk += back(dp2c.matmul(&pad_row(&qr.to_kind(Kind::BFloat16)))).to_kind(dk.kind());
+            let g = dp2c.transpose(1, 2).matmul(&tokens_per_head(&o.k));
+            dqr = Some(g.narrow(1, 0, w).to_kind(qr.kind()));
+        }
+        stage(x.q.device(), "backward: table-gradient GEMMs");
     }
-    let mut dqr = None;
-    if let (Some(dp2c), Some(qr)) = (&dp2c, &x.qr) {
-        dk += back(dp2c.matmul(&pad_row(&qr.to_kind(Kind::BFloat16)))).to_kind(dk.kind());
-        let g = dp2c.transpose(1, 2).matmul(&tokens_per_head(&o.k));
-        dqr = Some(g.narrow(1, 0, w).to_kind(qr.kind()));
-    }
-    stage(x.q.device(), "backward: table-gradient GEMMs");
     Ok(CoreGrads {
         q: dq,
         k: dk,

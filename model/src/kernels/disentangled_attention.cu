@@ -415,7 +415,9 @@ KERNEL void __launch_bounds__(128) dattn_fwd_rel(FWD_PARAMS) {
 }
 
 // Shared memory of the backward kernels: the per-query log-sum-exp and D_i of the block's
-// queries, four tiles, the c2p and p2c bands, the dS band, and a validity mask.
+// queries, four tiles, the c2p and p2c bands, a validity mask, then the dS band (tables) or its
+// skewed copy DSK [64][LDK] and the K_r, Q_r windows [128][LDS] (REL).
+#define LDK (2 * BN + 8)  // padded shared row of the skewed dS band
 #define BWD_SMEM_SETUP                                                             \
   DYNAMIC_SMEM(smem);                                                              \
   float* lse_s = reinterpret_cast<float*>(smem);                                   \
@@ -426,30 +428,113 @@ KERNEL void __launch_bounds__(128) dattn_fwd_rel(FWD_PARAMS) {
   bf16* T3 = T2 + 64 * LDS;                                                        \
   bf16* Cb = T3 + 64 * LDS;                                                        \
   bf16* Pb = Cb + 64 * LDR;                                                        \
-  bf16* DSb = Pb + 64 * LDR;                                                       \
-  unsigned char* okm = reinterpret_cast<unsigned char*>(DSb + 64 * LDR);           \
+  unsigned char* okm = reinterpret_cast<unsigned char*>(Pb + 64 * LDR);            \
+  bf16* DSb = reinterpret_cast<bf16*>(okm + 64);                                   \
+  bf16* DSK = DSb;                         /* REL: [64][LDK] */                    \
+  bf16* KRw = DSK + 64 * LDK;              /* REL: [128][LDS] */                   \
+  bf16* QRw = KRw + 128 * LDS;             /* REL: [128][LDS] */                   \
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3; \
   const int bh = blockIdx.y, b = bh / H, h = bh % H;                               \
   const long long tb = (long long)h * (gridDim.y / H) + b;                         \
   const unsigned int threshold = (unsigned int)(p_drop * 4294967296.0);            \
   const float inv_keep = p_drop > 0.f ? 1.f / (1.f - p_drop) : 1.f;                \
-  const int ra = warp * 16 + g, rb = ra + 8;
+  const int ra = warp * 16 + g, rb = ra + 8;                                       \
+  if (REL) /* the skewed band's entries outside the band stay zero */              \
+    for (int e = threadIdx.x; e < 64 * LDK; e += THREADS) DSK[e] = 0;
 
-// Keys-major backward: this block owns keys [kb, kb + 64): dK, dV and the p2c gradient rows
-// d_p2c[j, .]. The warp's 16 keys are the rows of S^T = K Q^T, the tile's 64 queries its columns.
-KERNEL void __launch_bounds__(128)
-dattn_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
-             const bf16* __restrict__ c2p, const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
-             const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dvec,
-             bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ dp2c, int H, int N, float p_drop,
-             unsigned long long seed) {
+// A (16x16) with element (r, c) at p[c * ld + r]: a column-major tile, i.e. the transpose of a
+// row-major one.
+__device__ __forceinline__ void load_a_t(FragA& a, const bf16* p, int ld) {
+  const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  a.x[0] = pack(p[(2 * t) * ld + g], p[(2 * t + 1) * ld + g]);
+  a.x[1] = pack(p[(2 * t) * ld + g + 8], p[(2 * t + 1) * ld + g + 8]);
+  a.x[2] = pack(p[(2 * t + 8) * ld + g], p[(2 * t + 9) * ld + g]);
+  a.x[3] = pack(p[(2 * t + 8) * ld + g + 8], p[(2 * t + 9) * ld + g + 8]);
+}
+
+// The relative half of a backward tile (REL), from DSK, the skewed dS of the block's 64 own rows
+// (DSK[r][63 - r + c] = dS[r][c] for the tile's column c, zero elsewhere), and the window W of
+// the per-distance table the own rows read (W[x] is distance row m0 + x):
+//  - own-row gradient: acc (the warp's 16 rows x D) += DSK[warp's rows] W, over the 80 window
+//    rows those rows touch;
+//  - table gradient: G = DSK^T own (128 x D; `own` the block's [64][LDS] rows), the sum over the
+//    own rows of each window row, added to this block's partial rows [off, off + 128) of
+//    `part` ([rows][D] fp32). The rows [off, off + 64) were written by the previous tile, unless
+//    off = 0; the rest are new. Each element has one writer.
+__device__ __forceinline__ void relative_grads(float (*acc)[4], const bf16* DSK, const bf16* W, const bf16* own,
+                                               float* __restrict__ part, int off) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int x0 = 48 - 16 * warp;
+#pragma unroll
+  for (int kk = 0; kk < 5; ++kk) {
+    FragA a;
+    load_a(a, DSK + warp * 16 * LDK + x0 + kk * 16, LDK);
+#pragma unroll
+    for (int n8 = 0; n8 < D / 8; ++n8) {
+      FragB bw;
+      load_b(bw, W + (x0 + kk * 16) * LDS + n8 * 8, LDS);
+      mma(acc[n8], a, bw);
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+    const int x_base = 32 * warp + 16 * mt;
+    float gacc[D / 8][4];
+#pragma unroll
+    for (int n8 = 0; n8 < D / 8; ++n8) gacc[n8][0] = gacc[n8][1] = gacc[n8][2] = gacc[n8][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      FragA a;
+      load_a_t(a, DSK + kk * 16 * LDK + x_base, LDK);
+#pragma unroll
+      for (int n8 = 0; n8 < D / 8; ++n8) {
+        FragB bo;
+        load_b(bo, own + kk * 16 * LDS + n8 * 8, LDS);
+        mma(gacc[n8], a, bo);
+      }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int x = x_base + g + 8 * half;
+      float* row = part + (long long)(off + x) * D + 2 * t;
+      const bool add = x < 64 && off > 0;
+#pragma unroll
+      for (int n8 = 0; n8 < D / 8; ++n8) {
+        float2* p2 = reinterpret_cast<float2*>(row + n8 * 8);
+        float2 val = make_float2(gacc[n8][2 * half], gacc[n8][2 * half + 1]);
+        if (add) {
+          const float2 old = *p2;
+          val.x += old.x;
+          val.y += old.y;
+        }
+        *p2 = val;
+      }
+    }
+  }
+}
+
+// Keys-major backward: this block owns keys [kb, kb + 64): dK, dV, and the p2c gradient: the
+// rows d_p2c[j, .] of the table (tables), or (REL) the p2c part of dK and this block's partial
+// sums of dQ_r. The warp's 16 keys are the rows of S^T = K Q^T, the tile's 64 queries its columns.
+template <bool REL>
+__device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                       const bf16* __restrict__ v, const bf16* __restrict__ c2p,
+                                       const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
+                                       const bf16* __restrict__ dout, const float* __restrict__ lse,
+                                       const float* __restrict__ dvec, bf16* __restrict__ dk, bf16* __restrict__ dv,
+                                       float* __restrict__ dp2c, int H, int N, float p_drop,
+                                       unsigned long long seed) {
   BWD_SMEM_SETUP
   bf16 *Ks = T0, *Vs = T1, *Qs = T2, *dOs = T3;
   const int kb = blockIdx.x * BN, j0 = kb + warp * 16;
   const bool oka = kb + ra < N && mask[(long long)b * N + kb + ra];
   const bool okb = kb + rb < N && mask[(long long)b * N + kb + rb];
+  // REL: this block's partial dQ_r rows, [rows][D] from window row N-64-kb (see relative_grads).
+  float* part = REL && dp2c ? dp2c + ((long long)bh * gridDim.x + blockIdx.x) * (gridDim.x * 64 + 64) * D : nullptr;
   load_tile(Ks, k, b, h, kb, N, H);
   load_tile(Vs, v, b, h, kb, N, H);
+  if (REL && !c2p) zero_band(Cb);
+  if (REL && !p2c) zero_band(Pb);
   __syncthreads();
   FragA ka[D / 16], va[D / 16];
   load_rows(ka, Ks + warp * 16 * LDS);
@@ -464,8 +549,13 @@ dattn_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16*
     __syncthreads();
     load_tile(Qs, q, b, h, m0, N, H);
     load_tile(dOs, dout, b, h, m0, N, H);
-    load_band(Cb, c2p, tb, N, m0, kb);  // Cb[query][key]
-    load_band(Pb, p2c, tb, N, kb, m0);  // Pb[key][query]
+    if (REL) {
+      if (c2p) load_window(KRw, c2p, h, N - 1 - (m0 + 63) + kb, N);
+      if (p2c) load_window(QRw, p2c, h, N - 1 - (kb + 63) + m0, N);
+    } else {
+      load_band(Cb, c2p, tb, N, m0, kb);  // Cb[query][key]
+      load_band(Pb, p2c, tb, N, kb, m0);  // Pb[key][query]
+    }
     for (int e = threadIdx.x; e < BM; e += blockDim.x) {
       const int i = m0 + e;
       const bool in = i < N;
@@ -474,6 +564,15 @@ dattn_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16*
       okm[e] = in && mask[(long long)b * N + i];
     }
     __syncthreads();
+    if (REL) {
+      if (c2p) {
+        FragA qw[D / 16];
+        load_rows(qw, Qs + warp * 16 * LDS);
+        skewed_band(Cb, qw, KRw);  // Cb[query][key]
+      }
+      if (p2c) skewed_band(Pb, ka, QRw);  // Pb[key][query]
+      __syncthreads();
+    }
     float st[BM / 8][4], dpt[BM / 8][4];
     rows_times_tile_t(st, ka, Qs);    // S^T = K_w Q^T
     rows_times_tile_t(dpt, va, dOs);  // dP^T = V_w dO^T
@@ -493,7 +592,8 @@ dattn_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16*
         }
         st[n8][e] = pz;
         dpt[n8][e] = ds;
-        DSb[r * LDR + c] = f2bf(ds);
+        if (REL) DSK[r * LDK + 63 - r + c] = f2bf(ds);
+        else DSb[r * LDR + c] = f2bf(ds);
       }
     FragA pza[BM / 16], dsa[BM / 16];
     to_a(pza, st);
@@ -501,26 +601,38 @@ dattn_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16*
     weights_times_tile(dv_acc, pza, dOs);  // dV += dropout(P)^T dO
     weights_times_tile(dk_acc, dsa, Qs);   // dK += dS^T Q
     __syncthreads();
-    if (dp2c) store_band(dp2c, DSb, tb, N, kb, m0);  // d_p2c[j, N-1-j+i] = dS[i, j]
+    if (REL) {
+      // p2c(i, j) = k_j . Q_r[N-1-j+i]: dK += dS^T Q_r (skewed), dQ_r += (skewed dS)^T K.
+      if (p2c) relative_grads(dk_acc, DSK, QRw, Ks, part, m0);
+    } else if (dp2c) {
+      store_band(reinterpret_cast<bf16*>(dp2c), DSb, tb, N, kb, m0);  // d_p2c[j, N-1-j+i] = dS[i, j]
+    }
   }
   write_rows(dk, dk_acc, 1.f, 1.f, b, h, j0, N, H);
   write_rows(dv, dv_acc, 1.f, 1.f, b, h, j0, N, H);
 }
 
-// Queries-major backward: this block owns queries [mb, mb + 64): dQ and the c2p gradient rows
-// d_c2p[i, .]. The warp's 16 queries are the rows of S = Q K^T, the tile's 64 keys its columns.
-KERNEL void __launch_bounds__(128)
-dattn_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
-            const bf16* __restrict__ c2p, const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
-            const bf16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dvec,
-            bf16* __restrict__ dq, bf16* __restrict__ dc2p, int H, int N, float p_drop, unsigned long long seed) {
+// Queries-major backward: this block owns queries [mb, mb + 64): dQ, and the c2p gradient: the
+// rows d_c2p[i, .] of the table (tables), or (REL) the c2p part of dQ and this block's partial
+// sums of dK_r. The warp's 16 queries are the rows of S = Q K^T, the tile's 64 keys its columns.
+template <bool REL>
+__device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                      const bf16* __restrict__ v, const bf16* __restrict__ c2p,
+                                      const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
+                                      const bf16* __restrict__ dout, const float* __restrict__ lse,
+                                      const float* __restrict__ dvec, bf16* __restrict__ dq, float* __restrict__ dc2p,
+                                      int H, int N, float p_drop, unsigned long long seed) {
   BWD_SMEM_SETUP
   bf16 *Qs = T0, *dOs = T1, *Ks = T2, *Vs = T3;
   const int mb = blockIdx.x * BM, i0 = mb + warp * 16;
   const bool oka = mb + ra < N && mask[(long long)b * N + mb + ra];
   const bool okb = mb + rb < N && mask[(long long)b * N + mb + rb];
+  // REL: this block's partial dK_r rows, [rows][D] from window row N-64-mb (see relative_grads).
+  float* part = REL && dc2p ? dc2p + ((long long)bh * gridDim.x + blockIdx.x) * (gridDim.x * 64 + 64) * D : nullptr;
   load_tile(Qs, q, b, h, mb, N, H);
   load_tile(dOs, dout, b, h, mb, N, H);
+  if (REL && !c2p) zero_band(Cb);
+  if (REL && !p2c) zero_band(Pb);
   for (int e = threadIdx.x; e < BM; e += blockDim.x) {
     const int i = mb + e;
     lse_s[e] = i < N ? lse[(long long)bh * N + i] : POS_INF;
@@ -539,10 +651,24 @@ dattn_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* 
     __syncthreads();
     load_tile(Ks, k, b, h, n0, N, H);
     load_tile(Vs, v, b, h, n0, N, H);
-    load_band(Cb, c2p, tb, N, mb, n0);  // Cb[query][key]
-    load_band(Pb, p2c, tb, N, n0, mb);  // Pb[key][query]
+    if (REL) {
+      if (c2p) load_window(KRw, c2p, h, N - 1 - (mb + 63) + n0, N);
+      if (p2c) load_window(QRw, p2c, h, N - 1 - (n0 + 63) + mb, N);
+    } else {
+      load_band(Cb, c2p, tb, N, mb, n0);  // Cb[query][key]
+      load_band(Pb, p2c, tb, N, n0, mb);  // Pb[key][query]
+    }
     for (int c = threadIdx.x; c < BN; c += blockDim.x) okm[c] = n0 + c < N && mask[(long long)b * N + n0 + c];
     __syncthreads();
+    if (REL) {
+      if (c2p) skewed_band(Cb, qa, KRw);  // Cb[query][key]
+      if (p2c) {
+        FragA kw[D / 16];
+        load_rows(kw, Ks + warp * 16 * LDS);
+        skewed_band(Pb, kw, QRw);  // Pb[key][query]
+      }
+      __syncthreads();
+    }
     float s[BN / 8][4], dp[BN / 8][4];
     rows_times_tile_t(s, qa, Ks);   // S = Q_w K^T
     rows_times_tile_t(dp, da, Vs);  // dP = dO_w V^T
@@ -560,15 +686,68 @@ dattn_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* 
           ds = p * (dp[n8][e] * z - (e < 2 ? dv_a : dv_b));
         }
         s[n8][e] = ds;
-        DSb[r * LDR + c] = f2bf(ds);
+        if (REL) DSK[r * LDK + 63 - r + c] = f2bf(ds);
+        else DSb[r * LDR + c] = f2bf(ds);
       }
     FragA dsa[BN / 16];
     to_a(dsa, s);
     weights_times_tile(dq_acc, dsa, Ks);  // dQ += dS K
     __syncthreads();
-    if (dc2p) store_band(dc2p, DSb, tb, N, mb, n0);  // d_c2p[i, N-1-i+j] = dS[i, j]
+    if (REL) {
+      // c2p(i, j) = q_i . K_r[N-1-i+j]: dQ += dS K_r (skewed), dK_r += (skewed dS)^T Q.
+      if (c2p) relative_grads(dq_acc, DSK, KRw, Qs, part, n0);
+    } else if (dc2p) {
+      store_band(reinterpret_cast<bf16*>(dc2p), DSb, tb, N, mb, n0);  // d_c2p[i, N-1-i+j] = dS[i, j]
+    }
   }
   write_rows(dq, dq_acc, 1.f, 1.f, b, h, i0, N, H);
+}
+
+#define BWD_COMMON                                                                                          \
+  const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,                         \
+      const bf16 *__restrict__ c2p, const bf16 *__restrict__ p2c, const unsigned char *__restrict__ mask,     \
+      const bf16 *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ dvec
+// dp2c / dc2p: the table gradients as bf16 [H, B, N, 2N] (tables), or (REL) the blocks' partial
+// sums of dQ_r / dK_r, fp32 [B * H][blocks][64 (blocks + 1)][D], for dattn_rel_reduce.
+KERNEL void __launch_bounds__(128)
+dattn_bwd_kv(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ dp2c, int H, int N,
+             float p_drop, unsigned long long seed) {
+  bwd_kv<false>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, reinterpret_cast<float*>(dp2c), H, N, p_drop, seed);
+}
+KERNEL void __launch_bounds__(128)
+dattn_bwd_kv_rel(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dp2c, int H, int N,
+                 float p_drop, unsigned long long seed) {
+  bwd_kv<true>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, dp2c, H, N, p_drop, seed);
+}
+KERNEL void __launch_bounds__(128)
+dattn_bwd_q(BWD_COMMON, bf16* __restrict__ dq, bf16* __restrict__ dc2p, int H, int N, float p_drop,
+            unsigned long long seed) {
+  bwd_q<false>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dq, reinterpret_cast<float*>(dc2p), H, N, p_drop, seed);
+}
+KERNEL void __launch_bounds__(128)
+dattn_bwd_q_rel(BWD_COMMON, bf16* __restrict__ dq, float* __restrict__ dc2p, int H, int N, float p_drop,
+                unsigned long long seed) {
+  bwd_q<true>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dq, dc2p, H, N, p_drop, seed);
+}
+
+// The table gradient from the backward kernels' partial sums (REL): out[h][m][d] (fp32
+// [H][2N][D], row 2N-1 zero) = sum over batches b and blocks k of part[b, h, k][m - (N-64-64k)]
+// where that row is in the block's window [0, 64 (blocks + 1)). One writer per element.
+KERNEL void dattn_rel_reduce(const float* __restrict__ part, float* __restrict__ out, int B, int H, int N) {
+  const int blocks = (N + 63) / 64, rows = 64 * blocks + 64;
+  const long long total = (long long)H * 2 * N * D;
+  for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+       idx += (long long)gridDim.x * blockDim.x) {
+    const int d = idx % D, m = (idx / D) % (2 * N), h = idx / ((long long)D * 2 * N);
+    float acc = 0.f;
+    if (m < 2 * N - 1)
+      for (int b = 0; b < B; ++b)
+        for (int kblk = 0; kblk < blocks; ++kblk) {
+          const int row = m - (N - 64 - 64 * kblk);
+          if (row >= 0 && row < rows) acc += part[(((long long)(b * H + h) * blocks + kblk) * rows + row) * D + d];
+        }
+    out[idx] = acc;
+  }
 }
 
 // The dropout mask the kernels apply, [B, H, N, N] u8 (1 = kept), for tests against the reference.
