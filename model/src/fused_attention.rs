@@ -38,14 +38,27 @@ pub enum RelativeTerms {
     InKernel,
 }
 
+thread_local! {
+    /// A per-thread choice that overrides the environment (kernel-check compares the two).
+    static RELATIVE_OVERRIDE: std::cell::Cell<Option<RelativeTerms>> = const { std::cell::Cell::new(None) };
+}
+
 impl RelativeTerms {
     /// `DEBERTA_FUSED_RELATIVE=tables|kernel` (default tables); another value is an error.
     pub fn chosen() -> Result<RelativeTerms, String> {
+        if let Some(rel) = RELATIVE_OVERRIDE.with(|o| o.get()) {
+            return Ok(rel);
+        }
         match std::env::var("DEBERTA_FUSED_RELATIVE").as_deref() {
             Err(_) | Ok("tables") => Ok(RelativeTerms::Tables),
             Ok("kernel") => Ok(RelativeTerms::InKernel),
             Ok(other) => Err(format!("DEBERTA_FUSED_RELATIVE={other}: expected tables or kernel")),
         }
+    }
+
+    /// Use `rel` on this thread from now on (None: the environment again).
+    pub fn set_for_this_thread(rel: Option<RelativeTerms>) {
+        RELATIVE_OVERRIDE.with(|o| o.set(rel));
     }
 }
 
@@ -188,11 +201,22 @@ pub struct Saved {
     seed: u64,
 }
 
-/// The core's forward on the inputs' device: the kernels on CUDA, the reference on the CPU.
-/// `seed` draws the attention dropout (when `dropout > 0`). Returns [B, N, H, d] and what
-/// `backward` needs.
+thread_local! {
+    /// Run the kernels in the emulator for CPU tensors (`emulate_on_cpu`).
+    static EMULATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Tests: from now on `forward` on this thread runs CPU tensors through the emulated kernels
+/// instead of the reference formulas.
+pub fn emulate_on_cpu(on: bool) {
+    EMULATE.with(|e| e.set(on));
+}
+
+/// The core's forward on the inputs' device: the kernels on CUDA, the reference on the CPU
+/// (or the emulated kernels, see `emulate_on_cpu`). `seed` draws the attention dropout (when
+/// `dropout > 0`). Returns [B, N, H, d] and what `backward` needs.
 pub fn forward(x: CoreInputs, seed: u64) -> Result<(Tensor, Saved), String> {
-    if x.q.device().is_cuda() {
+    if x.q.device().is_cuda() || EMULATE.with(|e| e.get()) {
         forward_kernels(x, seed)
     } else {
         let keep = (x.dropout > 0.0).then(|| {

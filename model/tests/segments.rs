@@ -140,3 +140,59 @@ fn the_fused_path_s_custom_segment_equals_the_gather_path() {
         assert!(checked > 20, "{name}: only {checked} gradients");
     }
 }
+
+#[test]
+fn the_fused_path_through_the_emulated_kernels_trains_like_the_gather_path() {
+    // The model's fused segments with the real kernels (in the CPU emulator, bf16 inside), both
+    // ways of getting the relative terms, against the gather path in fp32: the same loss and
+    // gradients up to bf16 rounding. It checks the wiring around the kernels (layouts, the
+    // custom segment, the table gradients' way back to K_r and Q_r).
+    use deberta_model::fused_attention::{self, RelativeTerms};
+    let mut cfg = DebertaConfig::toy(); // shared key, buckets, rel-LN, conv
+    cfg.max_position_embeddings = 128;
+    cfg.num_attention_heads = 2;
+    cfg.attention_head_size = 16; // the kernels' smallest head size
+    tch::manual_seed(7);
+    let vs = VarStore::new(Device::Cpu);
+    let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
+    tch::no_grad(|| {
+        for (pname, mut v) in vs.variables() {
+            if pname.contains("attention.self") || pname.contains("rel_embeddings") {
+                let _ = v.g_mul_scalar_(8.0);
+            }
+        }
+    });
+    let (b, n) = (2, 70); // two tiles of 64, the second partial
+    let opts = (Kind::Int64, Device::Cpu);
+    let ids = Tensor::randint_low(4, cfg.vocab_size, [b, n], opts);
+    let mask = Tensor::ones([b, n], opts);
+    let _ = mask.get(1).narrow(0, 50, 20).fill_(0);
+    let chosen = Tensor::rand([b, n], (Kind::Float, Device::Cpu))
+        .lt(0.3)
+        .logical_and(&mask.gt(0));
+    let labels = ids.where_self(&chosen, &Tensor::full([b, n], IGNORE_INDEX, opts));
+    let batch = (ids, mask, labels);
+    let (want, want_grads) = tape_loss(&model, &vs, RelativePath::Gather, &batch);
+    for rel in [RelativeTerms::Tables, RelativeTerms::InKernel] {
+        fused_attention::emulate_on_cpu(true);
+        RelativeTerms::set_for_this_thread(Some(rel));
+        let (got, got_grads) = tape_loss(&model, &vs, RelativePath::Fused, &batch);
+        fused_attention::emulate_on_cpu(false);
+        RelativeTerms::set_for_this_thread(None);
+        assert!((got - want).abs() <= 1e-2 * want.abs(), "{rel:?}: loss {got} vs {want}");
+        let mut checked = 0;
+        for ((pname, w), (_, g)) in want_grads.iter().zip(&got_grads) {
+            if !w.defined() || !pname.contains("attention.self") && !pname.contains("rel_embeddings") {
+                continue;
+            }
+            let d = (w - g).abs().max().double_value(&[]);
+            let scale = w.abs().max().double_value(&[]);
+            assert!(
+                d <= 5e-2 * scale,
+                "{rel:?}: {pname} differs by {d:e} (max |g| {scale:e})"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 7, "{rel:?}: only {checked} attention gradients");
+    }
+}
