@@ -95,6 +95,10 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     };
     // Where the median-ish step goes (stderr; the JSON row keeps the baseline's fields only).
     let mut parts = [0.0f64; 3];
+    // The peak over warm-up and timed steps, as the baseline measures it.
+    if let Device::Cuda(i) = device {
+        crate::precision::reset_cuda_peak_memory(i);
+    }
     for i in 0..b.warmup + b.steps {
         let t0 = Instant::now();
         // The loss comes back to the host every step: that is the step's synchronisation.
@@ -161,8 +165,31 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
         model_tflops_per_s: round(tok_s * fpt / 1e12, 1),
         mfu: round(tok_s * fpt / (b.peak_tflops * 1e12), 4),
         peak_mem_gib: match device {
-            Device::Cuda(_) => Some(round(crate::precision::cuda_used_gib().unwrap_or(0.0), 2)),
+            Device::Cuda(i) => Some(round(peak_cuda_gib(i), 2)),
             _ => None,
         },
     })
+}
+
+/// The peak of libtorch's allocator (HF's max_memory_allocated) on GPU `i`, in GiB; the driver's
+/// view, said so on stderr, if the allocator's statistics cannot be read.
+fn peak_cuda_gib(i: usize) -> f64 {
+    let gib = |bytes: i64| bytes as f64 / (1u64 << 30) as f64;
+    let driver = crate::precision::cuda_used_gib().unwrap_or(0.0);
+    match crate::precision::cuda_allocator_stats(i) {
+        Some(s) => {
+            eprintln!(
+                "bench memory: allocated peak {:.2} GiB (peak_mem_gib), reserved peak {:.2} GiB, in use by the driver's count {driver:.2} GiB",
+                gib(s.peak_allocated),
+                gib(s.peak_reserved)
+            );
+            gib(s.peak_allocated)
+        }
+        None => {
+            eprintln!(
+                "bench memory: the allocator's statistics are unreadable; peak_mem_gib is the driver's view ({driver:.2} GiB), not comparable to HF's"
+            );
+            driver
+        }
+    }
 }

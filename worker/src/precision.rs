@@ -4,6 +4,38 @@
 extern "C" {
     fn deberta_set_cuda_autocast_bf16();
     fn deberta_cuda_autocast_dtype_is_bf16() -> i32;
+    fn deberta_cuda_memory_stats(device: i32, out: *mut i64) -> i32;
+    fn deberta_cuda_reset_peak_memory(device: i32) -> i32;
+}
+
+/// libtorch's CUDA caching allocator on one GPU, in bytes: what torch.cuda.memory_allocated(),
+/// max_memory_allocated(), memory_reserved() and max_memory_reserved() read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocatorStats {
+    pub allocated: i64,
+    pub peak_allocated: i64,
+    pub reserved: i64,
+    pub peak_reserved: i64,
+}
+
+/// The allocator's statistics on GPU `device`; None without a CUDA allocator (no GPU).
+pub fn cuda_allocator_stats(device: usize) -> Option<AllocatorStats> {
+    let mut out = [0i64; 4];
+    // SAFETY: `out` has the four slots the shim writes (csrc/memory.cpp).
+    let rc = unsafe { deberta_cuda_memory_stats(device as i32, out.as_mut_ptr()) };
+    (rc == 0).then_some(AllocatorStats {
+        allocated: out[0],
+        peak_allocated: out[1],
+        reserved: out[2],
+        peak_reserved: out[3],
+    })
+}
+
+/// Restart the allocator's peaks on GPU `device` from the current values
+/// (torch.cuda.reset_peak_memory_stats()); false without a CUDA allocator.
+pub fn reset_cuda_peak_memory(device: usize) -> bool {
+    // SAFETY: a plain call into the shim.
+    unsafe { deberta_cuda_reset_peak_memory(device as i32) == 0 }
 }
 
 /// Make libtorch's CUDA autocast produce bf16 (its default is fp16, and tch only switches
@@ -31,5 +63,14 @@ mod tests {
     #[test]
     fn the_cuda_autocast_dtype_becomes_bf16() {
         assert!(super::use_bf16_for_cuda_autocast());
+    }
+
+    #[test]
+    fn without_a_gpu_the_allocator_statistics_are_absent_not_zero() {
+        if tch::Cuda::is_available() {
+            return; // the GPU machine checks them through the bench
+        }
+        assert_eq!(super::cuda_allocator_stats(0), None);
+        assert!(!super::reset_cuda_peak_memory(0));
     }
 }

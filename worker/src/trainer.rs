@@ -189,10 +189,15 @@ fn peak_rss_gib() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Memory to report: the GPU's in-use memory on CUDA, the process's peak RSS on the CPU.
+/// Memory to report: the peak of libtorch's CUDA allocator (torch.cuda.max_memory_allocated)
+/// on CUDA, or the driver's in-use figure if that is unreadable; the process's peak RSS on the
+/// CPU.
 fn memory_gib(device: Device) -> f64 {
     match device {
-        Device::Cuda(_) => crate::precision::cuda_used_gib().unwrap_or(0.0),
+        Device::Cuda(i) => match crate::precision::cuda_allocator_stats(i) {
+            Some(s) => s.peak_allocated as f64 / (1u64 << 30) as f64,
+            None => crate::precision::cuda_used_gib().unwrap_or(0.0),
+        },
         _ => peak_rss_gib(),
     }
 }
