@@ -35,7 +35,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::checkpoint::{self, Manifest};
 use crate::config::{fp32, grad_clip, one, weight_decay, ConfigError, ParallelSection};
-use crate::grads::Params;
+use crate::grads::{clip_factor, Params};
 use crate::harness::load_shards;
 use crate::heartbeat::{self, Heartbeat, Status};
 use crate::optim::{linear_warmup_decay, AdamWConfig, FlatAdamW};
@@ -720,10 +720,10 @@ pub fn finetune(config_path: &Path, groups: &Groups) -> Result<()> {
         let seed = dropout_seed(cfg.run.seed, step, dp_rank);
         tch::manual_seed(seed);
         let loss = ft.forward_backward(&micro, 1.0 / t.batch as f64, seed);
-        let norm = ft.params.global_grad_norm(&*groups.tp);
+        let norm = opt.global_grad_norm(&*groups.tp);
         if loss.total.is_finite() && norm.is_finite() {
-            ft.params.clip(norm, t.grad_clip);
-            opt.step(linear_warmup_decay(step, t.lr, t.warmup_steps, total));
+            let lr = linear_warmup_decay(step, t.lr, t.warmup_steps, total);
+            opt.step_clipped(lr, clip_factor(norm, t.grad_clip));
         } else if rank == 0 {
             eprintln!("[rank 0] step {}: non-finite loss/grad norm: update skipped", step + 1);
         }

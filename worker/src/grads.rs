@@ -128,8 +128,9 @@ impl Params {
     }
 
     /// Scale gradients so their global norm is at most `max_norm`; returns the factor applied.
+    /// (The AdamW step applies the factor itself: `FlatAdamW::step_clipped`.)
     pub fn clip(&self, norm: f64, max_norm: f64) -> f64 {
-        let coef = (max_norm / (norm + 1e-6)).min(1.0);
+        let coef = clip_factor(norm, max_norm);
         if coef < 1.0 {
             for (_, p) in &self.list {
                 let mut g = p.grad();
@@ -153,6 +154,12 @@ impl Params {
             }
         });
     }
+}
+
+/// The factor that brings a gradient of global norm `norm` to at most `max_norm`
+/// (torch.nn.utils.clip_grad_norm_'s).
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
 }
 
 /// Elements per data-parallel bucket (4M f32 = 16 MiB).

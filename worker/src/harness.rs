@@ -14,6 +14,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::grads::Params;
+use crate::optim::FlatAdamW;
 use crate::runtime::Groups;
 use crate::step::{forward_backward, Rows, StepMode};
 
@@ -102,7 +103,16 @@ pub struct StepResult {
 
 /// One optimizer step: this rank's micro-batches (its DP slice of the global batch), each loss
 /// divided by the global predicted-token count, gradients summed over DP, clipped, SGD.
-pub fn train_step(model: &DebertaV2, params: &Params, groups: &Groups, hc: &HarnessConfig, step: usize) -> StepResult {
+/// The global norm is the optimizer's (two norm kernels over its flat gradient, as in training),
+/// checked against the per-parameter one.
+pub fn train_step(
+    model: &DebertaV2,
+    params: &Params,
+    flat: &FlatAdamW,
+    groups: &Groups,
+    hc: &HarnessConfig,
+    step: usize,
+) -> StepResult {
     let (dp, device) = (&*groups.dp, groups.device);
     let (ids, mask, labels) = synthetic_batch(hc.seed, step, hc.global_batch, hc.seq, model.cfg.vocab_size);
     let predicted = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]).max(1) as f64;
@@ -115,7 +125,12 @@ pub fn train_step(model: &DebertaV2, params: &Params, groups: &Groups, hc: &Harn
         })
         .collect();
     let loss = forward_backward(model, params, groups, &micro, predicted, StepMode::default());
-    let grad_norm = params.global_grad_norm(&*groups.tp);
+    let grad_norm = flat.global_grad_norm(&*groups.tp);
+    let per_parameter = params.global_grad_norm(&*groups.tp);
+    assert!(
+        (grad_norm - per_parameter).abs() <= 1e-5 * per_parameter,
+        "the flat gradient norm {grad_norm} differs from the per-parameter one {per_parameter}"
+    );
     params.clip(grad_norm, hc.max_grad_norm);
     params.sgd_step(hc.lr);
     StepResult { loss, grad_norm }

@@ -13,7 +13,7 @@ use deberta_model::tensor_parallel::TpShard;
 use deberta_model::{DebertaConfig, IGNORE_INDEX};
 use tch::{Device, Kind, Tensor};
 
-use crate::grads::Params;
+use crate::grads::{clip_factor, Params};
 use crate::harness::build_sharded;
 use crate::optim::{AdamWConfig, FlatAdamW};
 use crate::runtime::Groups;
@@ -131,9 +131,8 @@ fn training(groups: &Groups) -> anyhow::Result<bool> {
                         recompute: None,
                     },
                 );
-                let norm = params.global_grad_norm(&*groups.tp);
-                params.clip(norm, 1.0);
-                opt.step(3e-4);
+                let norm = opt.global_grad_norm(&*groups.tp);
+                opt.step_clipped(3e-4, clip_factor(norm, 1.0));
                 loss
             })
             .collect()
@@ -180,7 +179,7 @@ fn adamw(device: Device) -> bool {
                 let _ = t.grad().zero_();
             }
             ((&w * (step as f64 + 1.0)).sin().sum(Kind::Float) + b.square().sum(Kind::Float)).backward();
-            opt.step(1e-2);
+            opt.step_clipped(1e-2, 0.7); // a clip factor, applied inside the update
         }
         Tensor::cat(&[w.detach().reshape([-1]), b.detach()], 0)
     };

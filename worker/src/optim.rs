@@ -8,6 +8,8 @@
 //! official XAdam (no bias correction, spec pitfall 17): the choice is recorded here and the
 //! test compares against libtorch's AdamW.
 
+use deberta_model::collective::Collective;
+use deberta_model::tensor_parallel::{sharding_of, Sharding};
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -53,10 +55,11 @@ pub fn linear_warmup_decay(step: u64, peak: f64, warmup: u64, total: u64) -> f64
 const ADAMW_SOURCE: &str = r#"
 extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
                                       float* __restrict__ v, const unsigned char* __restrict__ decay, long long n,
-                                      float lr, float beta1, float beta2, float eps, float wd, float bc1, float bc2) {
+                                      float lr, float beta1, float beta2, float eps, float wd, float bc1, float bc2,
+                                      float gscale) {
   const float step = lr / bc1, shrink = 1.f - lr * wd;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-    const float gi = g[i];
+    const float gi = g[i] * gscale;  // the clip factor, applied on the fly
     const float mi = beta1 * m[i] + (1.f - beta1) * gi;
     const float vi = beta2 * v[i] + (1.f - beta2) * gi * gi;
     m[i] = mi;
@@ -69,8 +72,11 @@ extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __rest
 
 pub struct FlatAdamW {
     cfg: AdamWConfig,
-    /// (parameter, offset, numel) in the flat buffers.
+    /// (parameter, offset, numel) in the flat buffers, in the order given to `new`.
     params: Vec<(Tensor, i64, i64)>,
+    /// The flat buffers hold the tensor-parallel-sharded parameters first, then the replicated
+    /// ones: elements [0, sharded) and [sharded, len), so the global norm is two norm kernels.
+    sharded: i64,
     flat: Tensor,
     /// The gradients, flat: every parameter's `.grad` (libtorch accumulates in place) is a view
     /// of it, so the update reads them without gathering.
@@ -90,16 +96,29 @@ pub struct FlatAdamW {
 impl FlatAdamW {
     /// Move `params` (name, tensor; fp32, one device) into one flat buffer: afterwards each
     /// parameter is a view of it, so the model and the optimizer share the master weights.
+    /// The tensor-parallel-sharded ones (`sharding_of`) come first in the buffer.
     pub fn new(params: &[(String, Tensor)], cfg: AdamWConfig) -> FlatAdamW {
         let device = params.first().map(|(_, p)| p.device()).unwrap_or(tch::Device::Cpu);
         let total: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
         let flat = Tensor::zeros([total], (Kind::Float, device));
         let grad = Tensor::zeros([total], (Kind::Float, device));
         let decay_mask = Tensor::zeros([total], (Kind::Float, device));
+        let replicated = |name: &str| sharding_of(name) == Sharding::Replicated;
+        let sharded: i64 = params
+            .iter()
+            .filter(|(name, _)| !replicated(name))
+            .map(|(_, p)| p.numel() as i64)
+            .sum();
         let mut list = Vec::with_capacity(params.len());
-        let mut offset = 0;
+        let (mut next_sharded, mut next_replicated) = (0, sharded);
         tch::no_grad(|| {
             for (name, p) in params {
+                let at = if replicated(name) {
+                    &mut next_replicated
+                } else {
+                    &mut next_sharded
+                };
+                let offset = *at;
                 assert_eq!(p.kind(), Kind::Float, "{name}: master weights are fp32");
                 let n = p.numel() as i64;
                 let mut view = flat.narrow(0, offset, n);
@@ -117,12 +136,13 @@ impl FlatAdamW {
                     g.set_data(&gview.view(p.size().as_slice()));
                 }
                 list.push((p, offset, n));
-                offset += n;
+                *at += n;
             }
         });
         FlatAdamW {
             cfg,
             params: list,
+            sharded,
             exp_avg: flat.zeros_like(),
             exp_avg_sq: flat.zeros_like(),
             decay_bytes: decay_mask.to_kind(Kind::Uint8),
@@ -143,37 +163,56 @@ impl FlatAdamW {
         })
     }
 
-    /// The gradients as one flat buffer (gathered, zeros where a parameter has none, unless
-    /// they already are views of one).
+    /// The gradients as one flat buffer in the buffers' layout (gathered, zeros where a
+    /// parameter has none, unless they already are views of one).
     fn flat_grad(&self) -> Tensor {
         if self.grads_are_flat() {
             return self.grad.shallow_clone();
         }
-        let parts: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|(p, _, n)| {
+        let out = self.grad.zeros_like();
+        tch::no_grad(|| {
+            for (p, o, n) in &self.params {
                 let g = p.grad();
                 if g.defined() {
-                    g.to_kind(Kind::Float).reshape([-1])
-                } else {
-                    Tensor::zeros([*n], (Kind::Float, p.device()))
+                    out.narrow(0, *o, *n).copy_(&g.to_kind(Kind::Float).reshape([-1]));
                 }
-            })
-            .collect();
-        Tensor::cat(&parts, 0)
+            }
+        });
+        out
+    }
+
+    /// The L2 norm of the whole model's gradient: the sharded part's square summed over `tp`,
+    /// the replicated part (the same on every TP rank) counted once. Two norm kernels over the
+    /// flat gradient, one scalar collective, one read-back.
+    pub fn global_grad_norm(&self, tp: &dyn Collective) -> f64 {
+        let g = self.flat_grad();
+        let sq = |t: Tensor| t.norm().to_kind(Kind::Double).square().reshape([1]);
+        let mut sharded = sq(g.narrow(0, 0, self.sharded));
+        tp.all_reduce_sum(&mut sharded);
+        let replicated = sq(g.narrow(0, self.sharded, self.len() - self.sharded));
+        (sharded + replicated)
+            .to_device(tch::Device::Cpu)
+            .double_value(&[0])
+            .sqrt()
     }
 
     /// One AdamW update at learning rate `lr`, over the flat buffers.
     pub fn step(&mut self, lr: f64) {
+        self.step_clipped(lr, 1.0);
+    }
+
+    /// One AdamW update on the gradients times `grad_scale` (the clip factor, `clip_factor`),
+    /// applied inside the update: the gradients themselves are left as they are.
+    pub fn step_clipped(&mut self, lr: f64, grad_scale: f64) {
         let c = self.cfg;
         self.steps += 1;
         let g = self.flat_grad();
         let bc1 = 1.0 - c.beta1.powi(self.steps as i32);
         let bc2 = 1.0 - c.beta2.powi(self.steps as i32);
         if self.kernel && self.flat.device().is_cuda() {
-            return self.kernel_step(&g, lr, bc1, bc2);
+            return self.kernel_step(&g, lr, bc1, bc2, grad_scale);
         }
+        let g = if grad_scale == 1.0 { g } else { g * grad_scale };
         tch::no_grad(|| {
             let _ = self.exp_avg.g_mul_scalar_(c.beta1);
             let _ = self.exp_avg.g_add_(&(&g * (1.0 - c.beta1)));
@@ -186,7 +225,7 @@ impl FlatAdamW {
         });
     }
 
-    fn kernel_step(&mut self, g: &Tensor, lr: f64, bc1: f64, bc2: f64) {
+    fn kernel_step(&mut self, g: &Tensor, lr: f64, bc1: f64, bc2: f64, grad_scale: f64) {
         use cudarc::driver::{LaunchConfig, PushKernelArg};
         use deberta_model::cuda::{self, ptr};
         let c = self.cfg;
@@ -200,7 +239,7 @@ impl FlatAdamW {
             ptr(&self.decay_bytes),
         ];
         let n = self.flat.numel() as i64;
-        let scalars = [lr, c.beta1, c.beta2, c.eps, c.weight_decay, bc1, bc2].map(|x| x as f32);
+        let scalars = [lr, c.beta1, c.beta2, c.eps, c.weight_decay, bc1, bc2, grad_scale].map(|x| x as f32);
         let mut launch = m.stream.launch_builder(m.function("adamw_step"));
         for a in &ptrs {
             launch.arg(a);
@@ -367,6 +406,71 @@ mod tests {
         assert!(w.data_ptr() == ours.flat.data_ptr());
         // So are the gradients, and libtorch kept accumulating into them.
         assert!(ours.grads_are_flat());
+    }
+
+    #[test]
+    fn the_flat_norm_and_the_clip_inside_the_step_equal_the_per_parameter_ones() {
+        // Sharded and replicated parameters interleaved by name, so the flat layout reorders them.
+        let names = [
+            "deberta.encoder.layer.0.attention.output.LayerNorm.weight",
+            "deberta.encoder.layer.0.attention.self.query_proj.weight",
+            "deberta.encoder.layer.0.attention.self.query_proj.bias",
+            "deberta.encoder.rel_embeddings.weight",
+            "deberta.encoder.layer.0.output.dense.weight",
+        ];
+        let make = || {
+            tch::manual_seed(3);
+            let vs = VarStore::new(Device::Cpu);
+            let list: Vec<(String, Tensor)> = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    (
+                        n.to_string(),
+                        vs.root().randn(&format!("p{i}"), &[3 + i as i64, 4], 0.0, 1.0),
+                    )
+                })
+                .collect();
+            let loss = list
+                .iter()
+                .enumerate()
+                .fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |acc, (i, (_, p))| {
+                    acc + (p * (i as f64 + 1.0)).sin().sum(Kind::Float)
+                });
+            loss.backward();
+            (vs, list)
+        };
+        let (_vs_a, a) = make();
+        let (_vs_b, b) = make();
+        // Reference: per-parameter norms, sharded squares (summed over TP: one rank here) plus
+        // replicated ones, then the gradients scaled in place and a plain step.
+        let want = a
+            .iter()
+            .map(|(_, p)| p.grad().norm().double_value(&[]).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let mut reference = FlatAdamW::new(&a, AdamWConfig::default());
+        let mut ours = FlatAdamW::new(&b, AdamWConfig::default());
+        let single = deberta_model::collective::Single;
+        let got = ours.global_grad_norm(&single);
+        assert!((got - want).abs() < 1e-6 * want, "{got} vs {want}");
+        assert!(ours.sharded > 0 && ours.sharded < ours.len());
+        let c = crate::grads::clip_factor(got, 1.0);
+        assert!(c < 0.5, "the test wants a real clip: {c}");
+        tch::no_grad(|| {
+            for (_, p) in &a {
+                let _ = p.grad().g_mul_scalar_(c);
+            }
+        });
+        reference.step(1e-2);
+        ours.step_clipped(1e-2, c);
+        for ((name, x), (_, y)) in a.iter().zip(&b) {
+            let d = (x - y).abs().max().double_value(&[]);
+            assert!(d < 1e-7, "{name}: {d:e}");
+        }
+        // The optimizer left our gradients unscaled.
+        let g = b[1].1.grad().norm().double_value(&[]);
+        assert!((g - a[1].1.grad().norm().double_value(&[]) / c).abs() < 1e-4 * g);
     }
 
     #[test]

@@ -183,9 +183,11 @@ pub fn train_steps(
     };
     let (vs, model) = build_sharded(cfg, hc.seed, tp, groups.device);
     let params = crate::grads::Params::new(&vs, cfg.num_hidden_layers);
+    // Only for its flat gradient (the norm); the harness steps with SGD.
+    let flat = crate::optim::FlatAdamW::new(&params.list, crate::optim::AdamWConfig::default());
     let mut records = Vec::new();
     for step in 0..hc.steps {
-        let r = train_step(&model, &params, groups, hc, step);
+        let r = train_step(&model, &params, &flat, groups, hc, step);
         if groups.topo.rank == 0 {
             println!(
                 "[rank 0] step {}/{} loss {:.6} grad_norm {:.6}",

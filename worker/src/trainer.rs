@@ -26,7 +26,7 @@ use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, Manifest};
 use crate::config::RunConfig;
-use crate::grads::Params;
+use crate::grads::{clip_factor, Params};
 use crate::harness::build_sharded;
 use crate::heartbeat::{self, Heartbeat, Status};
 use crate::optim::{linear_warmup_decay, AdamWConfig, FlatAdamW};
@@ -152,7 +152,7 @@ fn train_step(run: &mut Run, step: u64) -> StepStats {
     if injected_non_finite(step) {
         loss = f64::NAN;
     }
-    let grad_norm = run.params.global_grad_norm(tp);
+    let grad_norm = run.opt.global_grad_norm(tp);
     if !loss.is_finite() || !grad_norm.is_finite() {
         return StepStats {
             loss,
@@ -160,9 +160,9 @@ fn train_step(run: &mut Run, step: u64) -> StepStats {
             skipped: true,
         };
     }
-    run.params.clip(grad_norm, run.cfg.train.grad_clip);
     let t = &run.cfg.train;
-    run.opt.step(linear_warmup_decay(step, t.lr, t.warmup_steps, t.steps));
+    let lr = linear_warmup_decay(step, t.lr, t.warmup_steps, t.steps);
+    run.opt.step_clipped(lr, clip_factor(grad_norm, t.grad_clip));
     StepStats {
         loss,
         grad_norm,

@@ -104,10 +104,14 @@ fn the_fused_attention_path_under_tensor_and_data_parallelism_matches_the_gather
         }
         // The toy model's init makes attention gradients small: scaling dq by 1.5 in the
         // custom backward moves parameters by ~2e-7 after 3 steps, while a correct run differs
-        // by < 1e-8 (reduction order), so the bound is tight on purpose.
+        // by < 1e-8 (reduction order) plus a rounding flip of the last bit (the clip factor's
+        // norm sums in another order under TP: one ulp is 1.2e-7 at the LayerNorm weights' 1.0),
+        // so the bound is tight on purpose: 5e-8 plus two ulps of each element.
         for ((n1, t1), (_, t2)) in params(&base).iter().zip(&params(&fused)) {
+            let allowed = t1.abs() * (2.0 * f32::EPSILON as f64) + 5e-8;
+            let over = ((t1 - t2).abs() - allowed).max().double_value(&[]);
             let d = (t1 - t2).abs().max().double_value(&[]);
-            assert!(d <= 5e-8, "fused tp {tp} dp {dp}: {n1} differs by {d:e}");
+            assert!(over <= 0.0, "fused tp {tp} dp {dp}: {n1} differs by {d:e}");
         }
     }
 }
