@@ -36,6 +36,8 @@ pub enum RelativeTerms {
     /// and dk in the kernels and sums the table gradients per distance from per-block partials
     /// (`dattn_rel_reduce`): no atomics.
     InKernel,
+    /// Inside the forward kernel only; backward from the tables (to measure each half).
+    InKernelForward,
 }
 
 thread_local! {
@@ -44,7 +46,8 @@ thread_local! {
 }
 
 impl RelativeTerms {
-    /// `DEBERTA_FUSED_RELATIVE=tables|kernel` (default tables); another value is an error.
+    /// `DEBERTA_FUSED_RELATIVE=tables|kernel|kernel-forward` (default tables); another value is
+    /// an error.
     pub fn chosen() -> Result<RelativeTerms, String> {
         if let Some(rel) = RELATIVE_OVERRIDE.with(|o| o.get()) {
             return Ok(rel);
@@ -52,7 +55,10 @@ impl RelativeTerms {
         match std::env::var("DEBERTA_FUSED_RELATIVE").as_deref() {
             Err(_) | Ok("tables") => Ok(RelativeTerms::Tables),
             Ok("kernel") => Ok(RelativeTerms::InKernel),
-            Ok(other) => Err(format!("DEBERTA_FUSED_RELATIVE={other}: expected tables or kernel")),
+            Ok("kernel-forward") => Ok(RelativeTerms::InKernelForward),
+            Ok(other) => Err(format!(
+                "DEBERTA_FUSED_RELATIVE={other}: expected tables, kernel or kernel-forward"
+            )),
         }
     }
 
@@ -456,7 +462,9 @@ fn kernel_forward(x: &CoreInputs, seed: u64, rel: RelativeTerms) -> Result<(Tens
     let k = kernels(x.q.device(), d)?;
     let (o, function, shared) = match rel {
         RelativeTerms::Tables => (operands(x), "dattn_fwd", shared_bytes(d).fwd),
-        RelativeTerms::InKernel => (operands_rel(x), "dattn_fwd_rel", shared_bytes(d).fwd_rel),
+        RelativeTerms::InKernel | RelativeTerms::InKernelForward => {
+            (operands_rel(x), "dattn_fwd_rel", shared_bytes(d).fwd_rel)
+        }
     };
     stage(x.q.device(), "forward: tables (2 GEMMs) or K_r, Q_r in bf16");
     let (b, n, h, _) = o.q.size4().map_err(|e| e.to_string())?;

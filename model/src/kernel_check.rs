@@ -200,7 +200,11 @@ mod tests {
     use super::*;
 
     fn check(c: &Case) {
-        for rel in [RelativeTerms::Tables, RelativeTerms::InKernel] {
+        for rel in [
+            RelativeTerms::Tables,
+            RelativeTerms::InKernel,
+            RelativeTerms::InKernelForward,
+        ] {
             check_with(c, rel);
         }
     }

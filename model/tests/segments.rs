@@ -173,7 +173,11 @@ fn the_fused_path_through_the_emulated_kernels_trains_like_the_gather_path() {
     let labels = ids.where_self(&chosen, &Tensor::full([b, n], IGNORE_INDEX, opts));
     let batch = (ids, mask, labels);
     let (want, want_grads) = tape_loss(&model, &vs, RelativePath::Gather, &batch);
-    for rel in [RelativeTerms::Tables, RelativeTerms::InKernel] {
+    for rel in [
+        RelativeTerms::Tables,
+        RelativeTerms::InKernel,
+        RelativeTerms::InKernelForward,
+    ] {
         fused_attention::emulate_on_cpu(true);
         RelativeTerms::set_for_this_thread(Some(rel));
         let (got, got_grads) = tape_loss(&model, &vs, RelativePath::Fused, &batch);

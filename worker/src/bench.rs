@@ -150,6 +150,9 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
             deberta_model::attention::RelativePath::Fused => {
                 match deberta_model::fused_attention::RelativeTerms::chosen() {
                     Ok(deberta_model::fused_attention::RelativeTerms::InKernel) => "deberta-rs+fused-rel".into(),
+                    Ok(deberta_model::fused_attention::RelativeTerms::InKernelForward) => {
+                        "deberta-rs+fused-relfwd".into()
+                    }
                     _ => "deberta-rs+fused".into(),
                 }
             }

@@ -75,7 +75,11 @@ fn speed(device: Device) -> anyhow::Result<()> {
     let reference = time_ms(device, 10, || {
         let _ = fused_attention::reference_backward(&x, Some(&keep), &dout);
     });
-    for rel in [RelativeTerms::Tables, RelativeTerms::InKernel] {
+    for rel in [
+        RelativeTerms::Tables,
+        RelativeTerms::InKernel,
+        RelativeTerms::InKernelForward,
+    ] {
         let fused = time_ms(device, 10, || {
             let x = x.map(Tensor::shallow_clone);
             let (_, saved) = fused_attention::forward_kernels_with(x, 7, rel).expect("fused forward");
@@ -139,7 +143,11 @@ fn training(groups: &Groups) -> anyhow::Result<bool> {
     };
     let gather = run(RelativePath::Gather);
     let mut ok = true;
-    for rel in [RelativeTerms::Tables, RelativeTerms::InKernel] {
+    for rel in [
+        RelativeTerms::Tables,
+        RelativeTerms::InKernel,
+        RelativeTerms::InKernelForward,
+    ] {
         RelativeTerms::set_for_this_thread(Some(rel));
         let fused = run(RelativePath::Fused);
         RelativeTerms::set_for_this_thread(None);
@@ -206,7 +214,11 @@ pub fn run(groups: &Groups) -> anyhow::Result<bool> {
     }
     println!("fused attention kernels vs the reference formulas (fp32 on the same bf16 inputs):");
     let mut ok = true;
-    for rel in [RelativeTerms::Tables, RelativeTerms::InKernel] {
+    for rel in [
+        RelativeTerms::Tables,
+        RelativeTerms::InKernel,
+        RelativeTerms::InKernelForward,
+    ] {
         println!(" relative terms: {rel:?}");
         for (c, _) in CASES {
             ok &= check_case(c, device, rel)?;
