@@ -385,9 +385,10 @@ impl DebertaV2 {
         let head = self.mlm.as_ref().expect("mlm_loss_segments needs the MLM head");
         let tp = tape.tp();
         let n = ids.size()[1];
+        // Before the encoder is queued: finding the predicted rows reads a count back.
+        let at = std::rc::Rc::new(Predicted::of(labels));
         let enc = self.encoder_segments(tape, ids, mask, train, None, true);
         let outs = &enc.layers;
-        let at = std::rc::Rc::new(Predicted::of(labels));
 
         // The enhanced mask decoder (spec §7.1), at the predicted rows only: the last layer
         // twice, keys and values from outs[-2].
