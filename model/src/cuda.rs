@@ -142,6 +142,7 @@ impl Kernels {
 }
 
 extern "C" {
+    fn deberta_emulate_reverse_schedule(on: std::ffi::c_int);
     fn deberta_emulate_launch(
         name: *const std::ffi::c_char,
         variant: std::ffi::c_int,
@@ -152,6 +153,14 @@ extern "C" {
         err: *mut std::ffi::c_char,
         err_len: usize,
     ) -> std::ffi::c_int;
+}
+
+/// From now on, emulated launches on this thread resume their threads last-to-first (true) or
+/// first-to-last (false, the default): running a kernel both ways and comparing the results
+/// exposes a missing barrier that one order hides.
+pub fn emulate_in_reverse(on: bool) {
+    // SAFETY: sets a flag of this thread's emulator state.
+    unsafe { deberta_emulate_reverse_schedule(on as std::ffi::c_int) }
 }
 
 /// Run `function` of the emulator's build `variant` on the CPU, block by block (see

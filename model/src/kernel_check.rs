@@ -164,8 +164,9 @@ pub fn compare(c: &Case, device: Device, rel: RelativeTerms) -> Result<Outcome, 
     let kept = keep
         .as_ref()
         .map(|k| k.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]));
+    // One draw (the RNG is process-wide: tests on other threads may draw in between).
     let x32 = inputs(c, device, Kind::Float);
-    let x16 = inputs(c, device, Kind::BFloat16);
+    let x16 = x32.map(|t| t.to_kind(Kind::BFloat16)); // exact: the values are bf16's
     let (out, saved) = fused_attention::forward_kernels_with(x16, seed, rel)?;
     let want = fused_attention::reference(&x32, keep.as_ref());
     let dout = Tensor::randn(want.size().as_slice(), (Kind::Float, device))
@@ -234,6 +235,36 @@ mod tests {
         for (c, small) in CASES {
             if *small {
                 check(c);
+            }
+        }
+    }
+
+    #[test]
+    fn the_kernels_give_the_same_bits_whatever_the_order_of_their_threads() {
+        // A missing barrier makes the result depend on which thread runs first; the emulator
+        // runs first-to-last by default and last-to-first on request.
+        let run = |x: &CoreInputs, rel: RelativeTerms, reverse: bool| {
+            crate::cuda::emulate_in_reverse(reverse);
+            let (out, saved) = fused_attention::forward_kernels_with(x.map(Tensor::shallow_clone), 3, rel)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let dout = out.ones_like();
+            let g = fused_attention::backward(saved, &dout).unwrap_or_else(|e| panic!("{e}"));
+            crate::cuda::emulate_in_reverse(false);
+            let mut all = vec![out, g.q, g.k, g.v];
+            all.extend(g.kr);
+            all.extend(g.qr);
+            all
+        };
+        for (c, small) in CASES {
+            if !*small || c.d != 32 && c.n != 80 {
+                continue;
+            }
+            let x = inputs(c, Device::Cpu, Kind::BFloat16);
+            for rel in [RelativeTerms::Tables, RelativeTerms::InKernel] {
+                let (a, b) = (run(&x, rel, false), run(&x, rel, true));
+                for (x, y) in a.iter().zip(&b) {
+                    assert!(x.equal(y), "{} ({rel:?}): the result depends on the schedule", c.name);
+                }
             }
         }
     }

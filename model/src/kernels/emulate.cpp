@@ -11,8 +11,8 @@
 //   - dynamic shared memory starts as NaN bytes each block (reading a slot nobody wrote shows
 //     up), and a guard past its end catches writes beyond the launch's size;
 //   - a barrier that not every thread reaches is reported as an error instead of hanging.
-// It checks semantics, not speed, and cannot see races between warps of a block that the
-// schedule happens to order (it runs each fiber until it blocks).
+// It checks semantics, not speed. It runs each fiber until it blocks, first thread first, or last
+// first (`deberta_emulate_reverse_schedule`): a race that both orders hide stays hidden.
 
 #include <ucontext.h>
 
@@ -66,6 +66,9 @@ struct State {
   std::vector<unsigned char> shared;
   void (*run)(void**) = nullptr;
   void** params = nullptr;
+  // Resume fibers from the last thread to the first: a missing barrier that the forward order
+  // hides (a later thread reading what an earlier one wrote) shows up in this one.
+  bool reverse = false;
 };
 thread_local State st;
 
@@ -149,7 +152,8 @@ static std::string run_block(unsigned threads) {
     f.wait = RUNNABLE;
   }
   for (;;) {
-    for (unsigned i = 0; i < threads; ++i) {
+    for (unsigned k = 0; k < threads; ++k) {
+      const unsigned i = st.reverse ? threads - 1 - k : k;
       if (st.fibers[i].wait != RUNNABLE) continue;
       st.current = static_cast<int>(i);
       threadIdx.x = i % blockDim.x;
@@ -289,6 +293,9 @@ void set_error(char* err, std::size_t len, const std::string& msg) {
 }
 
 }  // namespace
+
+// Schedule the fibers of this OS thread's later launches last-to-first (on != 0) or first-to-last.
+extern "C" void deberta_emulate_reverse_schedule(int on) { emu::st.reverse = on != 0; }
 
 // Runs kernel `name` (built for `head_dim`) over grid[3] x block[3] with `shared` bytes of
 // dynamic shared memory; `params` as cuLaunchKernel's. Returns 0, or 1 with a message in err.
