@@ -25,7 +25,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 out=/tmp/gpu-bench; rm -rf "$out"; mkdir -p "$out"
 if [ "${KERNEL_CHECK:-1}" = 1 ]; then
   echo "== deberta-worker kernel-check"
-  timeout 300 gpu-bundle/deberta-worker kernel-check || echo "kernel-check FAILED (exit $?)"
+  # The whole report to a file; failures, timings and the verdict to the console.
+  timeout 400 gpu-bundle/deberta-worker kernel-check > "$out/kernel-check.txt" 2>&1 || echo "kernel-check FAILED (exit $?)"
+  grep -E "FAIL|ms|20 steps|kernel-check:|error" "$out/kernel-check.txt"
 fi
 # Each system in its own processes, one batch size at a time (an OOM at one size does not
 # poison the next); ours first, so a cut-short run still shows them beside HF's.
@@ -34,9 +36,12 @@ for b in "${batches[@]}"; do
     path="$att"; relative=tables
     [ "$att" = fused-rel ] && { path=fused; relative=kernel; }
     [ "$att" = fused-relfwd ] && { path=fused; relative=kernel-forward; }
+    # stderr (breakdown, memory, the segment profile) to a file; its head to the console.
     DEBERTA_ATTENTION=$path DEBERTA_FUSED_RELATIVE=$relative timeout 500 gpu-bundle/deberta-worker bench --preset "$preset" --seq "$seq" --batch "$b" \
-      --steps "$steps" --warmup "$warmup" --device cuda | tee -a "$out/ours-$att.jsonl" \
+      --steps "$steps" --warmup "$warmup" --device cuda --profile 2> "$out/ours-$att-b$b.err" | tee -a "$out/ours-$att.jsonl" \
       || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"deberta bench failed\"}" >> "$out/ours-$att.jsonl"
+    grep -E "^bench (breakdown|memory)|^error" "$out/ours-$att-b$b.err"
+    grep -A10 "^bench profile" "$out/ours-$att-b$b.err"
     if [ "$att" = "${variants[0]}" ]; then
       timeout 500 python3 gpu-bundle/hf_deberta_baseline.py --preset "$preset" --seq "$seq" --batch "$b" --steps "$steps" \
         --warmup "$warmup" | tee -a "$out/hf.jsonl" \
@@ -44,6 +49,8 @@ for b in "${batches[@]}"; do
     fi
   done
 done
+# Everything, the full profiles included, comes back under $OUT when the device runner sets it.
+[ -n "${OUT:-}" ] && cp -r "$out" "$OUT/"
 python3 - "$out" "${variants[@]}" <<'PY'
 import json, sys
 d = sys.argv[1]

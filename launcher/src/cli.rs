@@ -75,6 +75,10 @@ pub struct BenchArgs {
     /// Activation recomputation per segment (`train.recompute`).
     #[arg(long)]
     pub recompute: bool,
+    /// After the timed steps, one more step timed segment by segment (each synchronised), as a
+    /// table on stderr: where the step goes.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Debug, Args)]

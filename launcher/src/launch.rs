@@ -430,6 +430,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.recompute {
         cmd.arg("--recompute");
     }
+    if a.profile {
+        cmd.arg("--profile");
+    }
     if a.attention != "auto" {
         cmd.env("DEBERTA_ATTENTION", &a.attention);
     }

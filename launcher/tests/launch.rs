@@ -579,6 +579,7 @@ fn bench_prints_one_json_line_per_batch_with_the_baseline_s_fields() {
             "32",
             "--attention",
             attention,
+            "--profile",
         ])
         .output()
         .unwrap();
@@ -586,6 +587,25 @@ fn bench_prints_one_json_line_per_batch_with_the_baseline_s_fields() {
         let row: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
         assert_eq!(row["system"], system);
         assert!((row["loss"].as_f64().unwrap() - 11.76).abs() < 0.5, "{row}");
+        // --profile: one more step, segment by segment, on stderr (the fused path's core is
+        // its own segment).
+        let err = String::from_utf8_lossy(&o.stderr);
+        let profile = err
+            .split("bench profile")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no profile: {err}"));
+        let mut names = vec![
+            "forward: ffn",
+            "backward: ffn",
+            "backward: mlm head",
+            "AdamW (clip inside)",
+        ];
+        if attention == "fused" {
+            names.extend(["forward: attention: core", "backward: attention: core"]);
+        }
+        for name in names {
+            assert!(profile.contains(name), "{attention}: {name} missing from {profile}");
+        }
     }
     let o = deberta(&["bench", "--preset", "tiny", "--device", "cpu", "--attention", "flash"])
         .output()

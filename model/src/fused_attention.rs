@@ -280,40 +280,20 @@ pub fn backward(saved: Saved, dout: &Tensor) -> Result<CoreGrads, String> {
 // ---------------------------------------------------------------------------------------------
 // CUDA
 
-/// (stage, ms) in order.
-pub type Stages = Vec<(&'static str, f64)>;
+/// (stage, ms, intervals) in order.
+pub type Stages = Vec<(String, f64, usize)>;
 
-thread_local! {
-    /// Stage timings while `profile` runs, each stage ended by a device sync.
-    static STAGES: std::cell::RefCell<Option<(std::time::Instant, Stages)>> = const { std::cell::RefCell::new(None) };
-}
-
-/// End a stage (only while profiling: then it synchronises the device).
-fn stage(device: Device, name: &'static str) {
-    STAGES.with(|s| {
-        if let Some((t0, v)) = s.borrow_mut().as_mut() {
-            if let Device::Cuda(i) = device {
-                tch::Cuda::synchronize(i as i64);
-            }
-            v.push((name, t0.elapsed().as_secs_f64() * 1e3));
-            *t0 = std::time::Instant::now();
-        }
-    });
+/// End a stage of the core (charged while `profile` collects; see `crate::profile`).
+fn stage(name: &'static str) {
+    crate::profile::mark(|| format!("attention core: {name}"));
 }
 
 /// One forward and backward of the core by the kernels (relative terms by `rel`) with each
 /// stage timed (ms, synchronised on CUDA).
 pub fn profile(x: CoreInputs, dout: &Tensor, seed: u64, rel: RelativeTerms) -> Result<Stages, String> {
-    let device = x.q.device();
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
-    STAGES.with(|s| *s.borrow_mut() = Some((std::time::Instant::now(), Vec::new())));
+    crate::profile::start(x.q.device());
     let result = forward_kernels_with(x, seed, rel).and_then(|(_, saved)| backward(saved, dout));
-    let stages = STAGES
-        .with(|s| s.borrow_mut().take())
-        .map(|(_, v)| v)
-        .unwrap_or_default();
+    let stages = crate::profile::finish();
     result.map(|_| stages)
 }
 
@@ -466,7 +446,7 @@ fn kernel_forward(x: &CoreInputs, seed: u64, rel: RelativeTerms) -> Result<(Tens
             (operands_rel(x), "dattn_fwd_rel", shared_bytes(d).fwd_rel)
         }
     };
-    stage(x.q.device(), "forward: tables (2 GEMMs) or K_r, Q_r in bf16");
+    stage("forward: tables (2 GEMMs) or K_r, Q_r in bf16");
     let (b, n, h, _) = o.q.size4().map_err(|e| e.to_string())?;
     let out = Tensor::empty([b, n, h, d], (Kind::BFloat16, x.q.device()));
     let lse = Tensor::empty([b, h, n], (Kind::Float, x.q.device()));
@@ -486,7 +466,7 @@ fn kernel_forward(x: &CoreInputs, seed: u64, rel: RelativeTerms) -> Result<(Tens
     ];
     // SAFETY: the pointers are live, contiguous tensors of the shapes the kernel reads/writes.
     unsafe { k.launch(function, grid(b, h, n, shared), &args) }?;
-    stage(x.q.device(), "forward: kernel");
+    stage("forward: kernel");
     Ok((out, lse))
 }
 
@@ -513,7 +493,7 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     let grad_buffer = |t: &Tensor| if in_kernel { partial(t) } else { t.zeros_like() };
     let dc2p = o.c2p.as_ref().map(grad_buffer);
     let dp2c = o.p2c.as_ref().map(grad_buffer);
-    stage(x.q.device(), "backward: tables again, D_i, gradient buffers");
+    stage("backward: tables again, D_i, gradient buffers");
     let common = [
         arg(&o.q),
         arg(&o.k),
@@ -539,11 +519,11 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     let kv_args = [&common[..], &[arg(&dk), arg(&dv), opt_arg(&dp2c)], &scalars].concat();
     // SAFETY: as in kernel_forward.
     unsafe { k.launch(kv_kernel, grid(b, h, n, s), &kv_args) }?;
-    stage(x.q.device(), "backward: keys kernel");
+    stage("backward: keys kernel");
     let q_args = [&common[..], &[arg(&dq), opt_arg(&dc2p)], &scalars].concat();
     // SAFETY: as in kernel_forward.
     unsafe { k.launch(q_kernel, grid(b, h, n, s), &q_args) }?;
-    stage(x.q.device(), "backward: queries kernel");
+    stage("backward: queries kernel");
 
     let (mut dq, mut dk) = (dq.to_kind(x.q.kind()), dk.to_kind(x.k.kind()));
     let w = 2 * n - 1;
@@ -575,7 +555,7 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
         if let (Some(part), Some(qr)) = (&dp2c, &x.qr) {
             dqr = Some(reduce(part)?.to_kind(qr.kind()));
         }
-        stage(x.q.device(), "backward: table-gradient reductions");
+        stage("backward: table-gradient reductions");
     } else {
         // Through the table GEMMs (per head, over every token): c2p = q K_r^T, p2c = k Q_r^T.
         // [H, B*N, d] -> [B, N, H, d]
@@ -591,7 +571,7 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
             let g = dp2c.transpose(1, 2).matmul(&tokens_per_head(&o.k));
             dqr = Some(g.narrow(1, 0, w).to_kind(qr.kind()));
         }
-        stage(x.q.device(), "backward: table-gradient GEMMs");
+        stage("backward: table-gradient GEMMs");
     }
     Ok(CoreGrads {
         q: dq,

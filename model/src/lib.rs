@@ -46,6 +46,7 @@ pub mod kernel_check;
 pub mod layer;
 pub mod model;
 pub mod nn;
+pub mod profile;
 pub mod rel_pos;
 pub mod segments;
 pub mod tensor_parallel;

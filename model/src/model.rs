@@ -247,7 +247,9 @@ fn attention_segments<'c>(
         Some(r) => (clone_opt(&r.rel_idx), r.att_mask.shallow_clone()),
         None => (clone_opt(&enc.rel_idx), enc.att_mask.shallow_clone()),
     };
-    if rows.is_some() || RelativePath::for_device(enc.mask.device()) != RelativePath::Fused {
+    let emd = rows.is_some();
+    if emd || RelativePath::for_device(enc.mask.device()) != RelativePath::Fused {
+        tape.set_label(if emd { "emd attention" } else { "attention" });
         let inputs = if kv == q { vec![kv] } else { vec![kv, q] };
         let at = inputs.len(); // the relative table's input
         return tape.segment(&enc.with_rel(&inputs), move |inp| {
@@ -260,11 +262,13 @@ fn attention_segments<'c>(
     let att = &layer.attention;
     let has_rel = rel_idx.is_some();
     // This rank's heads' q, k, v and relative tables.
+    tape.set_label("attention: projections");
     let parts = tape.segment(&enc.with_rel(&[kv, q]), move |inp| {
         let rc = rel_ctx(&rel_idx, inp, 2);
         att.project(&inp[0].tp, &inp[1].tp, rc.as_ref(), train)
     });
     let mask = enc.mask.shallow_clone();
+    tape.set_label("attention: core");
     let ctx = tape.custom(&parts, move |values| {
         let x = att.core_inputs(values, has_rel, &mask, train);
         // The kernels' dropout seed, from the (tape-seeded) CPU generator: no device sync.
@@ -282,6 +286,7 @@ fn attention_segments<'c>(
         });
         (vec![ctx], backward)
     })[0];
+    tape.set_label("attention: output");
     tape.segment(&[ctx, q], move |inp| {
         let g = |x: &Tensor| reduce_from_tp(x, tp);
         vec![layer.attention_output.forward(&inp[0].rep, &inp[1].rep, &g, train)]
@@ -319,6 +324,7 @@ impl DebertaV2 {
                 mask_f.shallow_clone(),
                 delta.map(Tensor::shallow_clone),
             );
+            tape.set_label("embeddings");
             tape.segment(&[], move |_| {
                 let g = |x: &Tensor| reduce_from_tp(x, tp);
                 vec![self
@@ -327,6 +333,7 @@ impl DebertaV2 {
             })[0]
         };
         let rel = rel_idx.as_ref().map(|_| {
+            tape.set_label("relative table");
             tape.segment(&[], move |_| {
                 vec![self.encoder.relative_table().expect("relative attention")]
             })[0]
@@ -349,6 +356,7 @@ impl DebertaV2 {
             if mark_ready {
                 tape.mark_ready_at(first, i);
             }
+            tape.set_label("ffn");
             let mut y = tape.segment(&[a], move |inp| {
                 let g = |x: &Tensor| reduce_from_tp(x, tp);
                 vec![layer.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)]
@@ -356,6 +364,7 @@ impl DebertaV2 {
             if i == 0 {
                 if let Some(conv) = &self.encoder.conv {
                     let mask_f = enc.mask.shallow_clone();
+                    tape.set_label("conv");
                     y = tape.segment(&[e, y], move |inp| {
                         vec![conv.forward(&inp[0].rep, &inp[1].rep, &mask_f, train)]
                     })[0];
@@ -394,6 +403,7 @@ impl DebertaV2 {
         // twice, keys and values from outs[-2].
         let q_final = if self.cfg.position_biased_input {
             let at = at.clone();
+            tape.set_label("mlm head");
             tape.segment(&[*outs.last().unwrap()], move |inp| vec![at.rows(&inp[0].rep)])[0]
         } else {
             let h_kv = outs[outs.len() - 2];
@@ -401,12 +411,14 @@ impl DebertaV2 {
             let (rel_idx, att_mask) = at.attention(enc.rel_idx.as_ref(), &enc.mask);
             let rows = RowQueries { rel_idx, att_mask };
             let at_q = at.clone();
+            tape.set_label("emd queries");
             let mut q = tape.segment(&[h_kv], move |inp| {
                 vec![at_q.rows(&positions.expand_as(&inp[0].rep)) + at_q.rows(&inp[0].rep)]
             })[0];
             let last = self.encoder.layers.last().unwrap();
             for _ in 0..EMD_STEPS {
                 let a = attention_segments(tape, last, h_kv, q, &enc, Some(&rows), train);
+                tape.set_label("emd ffn");
                 q = tape.segment(&[a], move |inp| {
                     let g = |x: &Tensor| reduce_from_tp(x, tp);
                     vec![last.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)]
@@ -419,6 +431,7 @@ impl DebertaV2 {
         // and cross-entropy.
         let d = self.cfg.hidden_size;
         let targets = at.targets.shallow_clone();
+        tape.set_label("mlm head");
         let h = tape.segment(&[q_final], move |inp| {
             vec![head.transform(&inp[0].rep.reshape([-1, d]).index_select(0, &at.sel))]
         })[0];
@@ -448,6 +461,7 @@ impl DebertaV2 {
         let enc = self.encoder_segments(tape, ids, mask, train, delta, mark_ready);
         let last = *enc.layers.last().expect("at least one layer");
         let spans = spans.map(Tensor::shallow_clone);
+        tape.set_label("task head");
         tape.segment(&[last], move |inp| {
             vec![head.forward(&inp[0].rep, spans.as_ref(), train)]
         })[0]

@@ -54,6 +54,8 @@ type Forward<'c> = Box<dyn Fn(&[Input]) -> Vec<Tensor> + 'c>;
 pub type CustomBackward<'c> = Box<dyn FnOnce(&[Option<Tensor>]) -> Vec<Option<Tensor>> + 'c>;
 
 struct Segment<'c> {
+    /// What it computes, for `crate::profile` (`Tape::set_label`).
+    label: &'static str,
     inputs: Vec<(usize, Input)>,
     /// (boundary, output with its autograd graph); empty until recomputed.
     outputs: Vec<(usize, Tensor)>,
@@ -79,6 +81,8 @@ pub struct Tape<'c> {
     /// their final gradient (see `mark_ready`).
     ready: Vec<(usize, usize)>,
     seeding: Option<Seeding>,
+    /// The label of the segments recorded from now on.
+    label: &'static str,
 }
 
 fn accumulate(slot: &mut Option<Tensor>, g: Tensor) {
@@ -96,7 +100,14 @@ impl<'c> Tape<'c> {
             segments: Vec::new(),
             ready: Vec::new(),
             seeding: None,
+            label: "unlabelled",
         }
+    }
+
+    /// Name the segments recorded from now on (`crate::profile` charges each one's forward and
+    /// backward time to "forward: label" and "backward: label").
+    pub fn set_label(&mut self, label: &'static str) {
+        self.label = label;
     }
 
     /// A tape that reseeds libtorch's generator before each segment from (`seed`, segment
@@ -158,6 +169,8 @@ impl<'c> Tape<'c> {
         } else {
             f(&leaves)
         };
+        let label = self.label;
+        crate::profile::mark(|| format!("forward: {label}"));
         let mut handles = Vec::with_capacity(outputs.len());
         let mut outs = Vec::with_capacity(outputs.len());
         for out in outputs {
@@ -172,6 +185,7 @@ impl<'c> Tape<'c> {
         }
         let segment = match recompute {
             Some((_, seed)) => Segment {
+                label,
                 inputs: ids
                     .into_iter()
                     .map(|b| {
@@ -189,6 +203,7 @@ impl<'c> Tape<'c> {
                 custom: None,
             },
             None => Segment {
+                label,
                 inputs: ids.into_iter().zip(leaves).collect(),
                 outputs: outs,
                 rerun: None,
@@ -215,6 +230,8 @@ impl<'c> Tape<'c> {
         let ids: Vec<usize> = inputs.iter().map(|b| b.0).collect();
         let values: Vec<Tensor> = ids.iter().map(|&b| self.boundaries[b].value.shallow_clone()).collect();
         let (outputs, backward) = tch::no_grad(|| f(&values));
+        let label = self.label;
+        crate::profile::mark(|| format!("forward: {label}"));
         let mut handles = Vec::with_capacity(outputs.len());
         for out in outputs {
             handles.push(Boundary(self.boundaries.len()));
@@ -229,6 +246,7 @@ impl<'c> Tape<'c> {
             rep: Tensor::new(),
         };
         self.segments.push(Segment {
+            label,
             inputs: ids.into_iter().map(|b| (b, no_leaf())).collect(),
             outputs: Vec::new(),
             rerun: None,
@@ -296,7 +314,9 @@ impl<'c> Tape<'c> {
         self.boundaries[loss.0].rep_grad = Some(seed);
         while let Some(seg) = self.segments.pop() {
             let index = self.segments.len();
+            let label = seg.label;
             self.backward_segment(seg);
+            crate::profile::mark(|| format!("backward: {label}"));
             while let Some(&(at, key)) = self.ready.last() {
                 if at < index {
                     break;

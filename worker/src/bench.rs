@@ -30,10 +30,12 @@ pub struct BenchConfig {
     pub bf16: bool,
     /// Activation recomputation per segment.
     pub recompute: bool,
+    /// One more step, timed segment by segment (`deberta_model::profile`), on stderr.
+    pub profile: bool,
 }
 
 /// One benchmark row: the baseline's keys, in its order. `peak_mem_gib` is null on the CPU and
-/// the GPU memory in use (driver view, allocator cache included) on CUDA.
+/// the caching allocator's peak (HF's max_memory_allocated) on CUDA.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct BenchRow {
     pub system: String,
@@ -138,6 +140,21 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
         "bench breakdown (last step, batch {}): forward+backward {:.4} s, grad norm {:.4} s, AdamW (clip inside) {:.4} s",
         b.batch, parts[0], parts[1], parts[2]
     );
+    if b.profile {
+        use deberta_model::profile;
+        let i = b.warmup + b.steps;
+        profile::start(device);
+        let mode = StepMode {
+            bf16: b.bf16,
+            recompute: b.recompute.then_some(i as i64),
+        };
+        forward_backward(&model, &params, groups, &micro, predicted, mode);
+        let norm = opt.global_grad_norm(&*groups.tp);
+        profile::mark(|| "grad norm".into());
+        opt.step_clipped(1e-4, clip_factor(norm, 1.0));
+        profile::mark(|| "AdamW (clip inside)".into());
+        print_profile(b.batch, profile::finish());
+    }
     times.sort_by(f64::total_cmp);
     let step = times[times.len() / 2];
     let tok_s = (b.batch * b.seq) as f64 / step;
@@ -193,5 +210,18 @@ fn peak_cuda_gib(i: usize) -> f64 {
             );
             driver
         }
+    }
+}
+
+/// The profiled step's table on stderr, the largest share first.
+fn print_profile(batch: i64, mut rows: Vec<(String, f64, usize)>) {
+    let total: f64 = rows.iter().map(|r| r.1).sum();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    eprintln!("bench profile (one more step, batch {batch}, each segment synchronised): {total:.1} ms");
+    for (name, ms, count) in rows {
+        eprintln!(
+            "  {name:<56} {ms:>9.2} ms {:>5.1}%  ({count}x)",
+            100.0 * ms / total.max(1e-9)
+        );
     }
 }

@@ -63,6 +63,10 @@ enum Command {
         /// Activation recomputation per segment.
         #[arg(long)]
         recompute: bool,
+        /// After the timed steps, one more step timed segment by segment (device-synchronised),
+        /// printed on stderr.
+        #[arg(long)]
+        profile: bool,
     },
     /// Checks that need real ranks; prints `N passed, N failed` on rank 0.
     /// The fused attention kernels against the reference on the GPU (deberta_worker::kernel_check).
@@ -281,6 +285,7 @@ fn main() -> ExitCode {
             peak_tflops,
             fp32,
             recompute,
+            profile,
         } => {
             let cfg = deberta_worker::bench::BenchConfig {
                 preset,
@@ -291,6 +296,7 @@ fn main() -> ExitCode {
                 peak_tflops,
                 bf16: device == "cuda" && !fp32,
                 recompute,
+                profile,
             };
             return bench(&world, &device, &batch, cfg);
         }

@@ -37,6 +37,7 @@ pub fn forward_backward(
     let (tp, dp) = (&*groups.tp, &*groups.dp);
     let bf16 = mode.bf16;
     params.zero_grad();
+    deberta_model::profile::mark(|| "step: zero gradients".into());
     // The losses stay on the device until backward is queued: reading one back before would
     // stall the host while the GPU drains.
     let mut local: Option<Tensor> = None;
@@ -60,6 +61,7 @@ pub fn forward_backward(
             params.reduce_rest(dp);
         }
     }
+    deberta_model::profile::mark(|| "step: data-parallel reduction of the rest".into());
     let mut total = match local {
         Some(l) => l.reshape([1]).to_device(groups.device),
         None => Tensor::zeros([1], (tch::Kind::Double, groups.device)),
