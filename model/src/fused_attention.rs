@@ -410,6 +410,20 @@ struct Operands {
     mask: Tensor,
 }
 
+impl Operands {
+    /// The kernels' first six arguments: q, k, v, the c2p and p2c sources, the mask.
+    fn args(&self) -> [Arg; 6] {
+        [
+            arg(&self.q),
+            arg(&self.k),
+            arg(&self.v),
+            opt_arg(&self.c2p),
+            opt_arg(&self.p2c),
+            arg(&self.mask),
+        ]
+    }
+}
+
 fn operands(x: &CoreInputs) -> Operands {
     let x16 = x.map(bf16);
     let (c2p, p2c) = x16.kernel_tables();
@@ -451,19 +465,17 @@ fn kernel_forward(x: &CoreInputs, seed: u64, rel: RelativeTerms) -> Result<(Tens
     let out = Tensor::empty([b, n, h, d], (Kind::BFloat16, x.q.device()));
     let lse = Tensor::empty([b, h, n], (Kind::Float, x.q.device()));
     let args = [
-        arg(&o.q),
-        arg(&o.k),
-        arg(&o.v),
-        opt_arg(&o.c2p),
-        opt_arg(&o.p2c),
-        arg(&o.mask),
-        arg(&out),
-        arg(&lse),
-        Arg::I32(h as i32),
-        Arg::I32(n as i32),
-        Arg::F32(x.dropout as f32),
-        Arg::U64(seed),
-    ];
+        &o.args()[..],
+        &[
+            arg(&out),
+            arg(&lse),
+            Arg::I32(h as i32),
+            Arg::I32(n as i32),
+            Arg::F32(x.dropout as f32),
+            Arg::U64(seed),
+        ],
+    ]
+    .concat();
     // SAFETY: the pointers are live, contiguous tensors of the shapes the kernel reads/writes.
     unsafe { k.launch(function, grid(b, h, n, shared), &args) }?;
     stage("forward: kernel");
@@ -494,17 +506,7 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     let dc2p = o.c2p.as_ref().map(grad_buffer);
     let dp2c = o.p2c.as_ref().map(grad_buffer);
     stage("backward: tables again, D_i, gradient buffers");
-    let common = [
-        arg(&o.q),
-        arg(&o.k),
-        arg(&o.v),
-        opt_arg(&o.c2p),
-        opt_arg(&o.p2c),
-        arg(&o.mask),
-        arg(&dout),
-        arg(lse),
-        arg(&dvec),
-    ];
+    let common = [&o.args()[..], &[arg(&dout), arg(lse), arg(&dvec)]].concat();
     let scalars = [
         Arg::I32(h as i32),
         Arg::I32(n as i32),

@@ -297,25 +297,10 @@ fn the_emd_and_head_on_the_predicted_rows_give_the_full_loss_and_gradients() {
         tch::manual_seed(3);
         let vs = VarStore::new(Device::Cpu);
         let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
-        // Attention scores of order one, so that the relative terms weigh in the check.
-        tch::no_grad(|| {
-            for (pname, mut v) in vs.variables() {
-                if pname.contains("attention.self") || pname.contains("rel_embeddings") {
-                    let _ = v.g_mul_scalar_(8.0);
-                }
-            }
-        });
-        let (b, n) = (3, 24);
-        let opts = (Kind::Int64, Device::Cpu);
-        let ids = Tensor::randint_low(5, cfg.vocab_size, [b, n], opts);
-        let mask = Tensor::ones([b, n], opts);
-        let _ = mask.get(2).narrow(0, 15, 9).fill_(0);
-        let masked = Tensor::rand([b, n], (Kind::Float, Device::Cpu))
-            .lt(0.3)
-            .logical_and(&mask.gt(0));
-        let _ = masked.get(0).fill_(0); // a row with nothing to predict
-        let labels = ids.where_self(&masked, &Tensor::full([b, n], IGNORE_INDEX, opts));
-        let count = masked.sum(Kind::Int64).int64_value(&[]);
+        common::scale_attention(&vs, 8.0); // scores of order one: the relative terms weigh in
+        let (ids, mask, labels) = common::mlm_batch(cfg.vocab_size, 3, 24, &[(2, 15)], 0.3);
+        let _ = labels.get(0).fill_(IGNORE_INDEX); // a row with nothing to predict
+        let count = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]);
         assert!(count >= 6, "{name}: {count} predicted");
         // Reference: logits at every position [B, N, V], then CE ignoring the unpredicted ones.
         let enc = model.encode(&ids, &mask, false);

@@ -1,6 +1,8 @@
 //! The segment-wise backward (tensor parallelism's machinery) at TP = 1 equals plain autograd,
 //! loss and every parameter gradient: the cut into segments loses nothing.
 
+mod common;
+
 use deberta_model::attention::RelativePath;
 use deberta_model::collective::Single;
 use deberta_model::segments::Tape;
@@ -101,25 +103,8 @@ fn the_fused_path_s_custom_segment_equals_the_gather_path() {
         tch::manual_seed(6);
         let vs = VarStore::new(Device::Cpu);
         let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
-        // Scores of order one (the init's are ~1e-3), so that every term weighs in the check.
-        tch::no_grad(|| {
-            for (pname, mut v) in vs.variables() {
-                if pname.contains("attention.self") || pname.contains("rel_embeddings") {
-                    let _ = v.g_mul_scalar_(8.0);
-                }
-            }
-        });
-        let (b, n) = (3, 20);
-        let opts = (Kind::Int64, Device::Cpu);
-        let ids = Tensor::randint_low(4, cfg.vocab_size, [b, n], opts);
-        let mask = Tensor::ones([b, n], opts);
-        let _ = mask.get(1).narrow(0, 13, 7).fill_(0);
-        let _ = mask.get(2).narrow(0, 6, 14).fill_(0);
-        let chosen = Tensor::rand([b, n], (Kind::Float, Device::Cpu))
-            .lt(0.3)
-            .logical_and(&mask.gt(0));
-        let labels = ids.where_self(&chosen, &Tensor::full([b, n], IGNORE_INDEX, opts));
-        let batch = (ids, mask, labels);
+        common::scale_attention(&vs, 8.0); // scores of order one: every term weighs in
+        let batch = common::mlm_batch(cfg.vocab_size, 3, 20, &[(1, 13), (2, 6)], 0.3);
         let (want, want_grads) = tape_loss(&model, &vs, RelativePath::Gather, &batch);
         let (got, got_grads) = tape_loss(&model, &vs, RelativePath::Fused, &batch);
         assert!(
@@ -155,23 +140,9 @@ fn the_fused_path_through_the_emulated_kernels_trains_like_the_gather_path() {
     tch::manual_seed(7);
     let vs = VarStore::new(Device::Cpu);
     let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
-    tch::no_grad(|| {
-        for (pname, mut v) in vs.variables() {
-            if pname.contains("attention.self") || pname.contains("rel_embeddings") {
-                let _ = v.g_mul_scalar_(8.0);
-            }
-        }
-    });
-    let (b, n) = (2, 70); // two tiles of 64, the second partial
-    let opts = (Kind::Int64, Device::Cpu);
-    let ids = Tensor::randint_low(4, cfg.vocab_size, [b, n], opts);
-    let mask = Tensor::ones([b, n], opts);
-    let _ = mask.get(1).narrow(0, 50, 20).fill_(0);
-    let chosen = Tensor::rand([b, n], (Kind::Float, Device::Cpu))
-        .lt(0.3)
-        .logical_and(&mask.gt(0));
-    let labels = ids.where_self(&chosen, &Tensor::full([b, n], IGNORE_INDEX, opts));
-    let batch = (ids, mask, labels);
+    common::scale_attention(&vs, 8.0);
+    // Two tiles of 64 keys, the second partial; padding in the second row.
+    let batch = common::mlm_batch(cfg.vocab_size, 2, 70, &[(1, 50)], 0.3);
     let (want, want_grads) = tape_loss(&model, &vs, RelativePath::Gather, &batch);
     for rel in [
         RelativeTerms::Tables,

@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 use deberta_model::inputs::pad_right;
-use tch::Tensor;
+use deberta_model::IGNORE_INDEX;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
 
 pub const CASES: [&str; 4] = ["xxlarge_family", "padded_batch", "no_conv_no_share", "no_relative"];
 
@@ -27,4 +29,33 @@ pub fn fixture_inputs(name: &str) -> (Tensor, Tensor) {
 
 pub fn expected(name: &str) -> Vec<(String, Tensor)> {
     Tensor::read_safetensors(fixture(name).join("expected.safetensors")).unwrap()
+}
+
+/// Scale the attention projections and the relative table by `by`: the init's scores are
+/// ~1e-3, and a check of the relative terms wants them of order one.
+pub fn scale_attention(vs: &VarStore, by: f64) {
+    tch::no_grad(|| {
+        for (name, mut v) in vs.variables() {
+            if name.contains("attention.self") || name.contains("rel_embeddings") {
+                let _ = v.g_mul_scalar_(by);
+            }
+        }
+    });
+}
+
+/// An MLM batch on the CPU: random ids [b, n] from 4 up, row r padded from `pads[r]` on (where
+/// given), each unpadded position predicted with probability `p` (its own id as the label,
+/// `IGNORE_INDEX` elsewhere). Returns (ids, mask, labels).
+pub fn mlm_batch(vocab: i64, b: i64, n: i64, pads: &[(i64, i64)], p: f64) -> (Tensor, Tensor, Tensor) {
+    let opts = (Kind::Int64, Device::Cpu);
+    let ids = Tensor::randint_low(4, vocab, [b, n], opts);
+    let mask = Tensor::ones([b, n], opts);
+    for &(row, from) in pads {
+        let _ = mask.get(row).narrow(0, from, n - from).fill_(0);
+    }
+    let chosen = Tensor::rand([b, n], (Kind::Float, Device::Cpu))
+        .lt(p)
+        .logical_and(&mask.gt(0));
+    let labels = ids.where_self(&chosen, &Tensor::full([b, n], IGNORE_INDEX, opts));
+    (ids, mask, labels)
 }
