@@ -458,11 +458,15 @@ __device__ __forceinline__ void load_a_t(FragA& a, const bf16* p, int ld) {
 //  - own-row gradient: acc (the warp's 16 rows x D) += DSK[warp's rows] W, over the 80 window
 //    rows those rows touch;
 //  - table gradient: G = DSK^T own (128 x D; `own` the block's [64][LDS] rows), the sum over the
-//    own rows of each window row, added to this block's partial rows [off, off + 128) of
-//    `part` ([rows][D] fp32). The rows [off, off + 64) were written by the previous tile, unless
-//    off = 0; the rest are new. Each element has one writer.
-__device__ __forceinline__ void relative_grads(float (*acc)[4], const bf16* DSK, const bf16* W, const bf16* own,
-                                               float* __restrict__ part, int off) {
+//    own rows of each window row, for this block's partial rows [off, off + 128) of `part`
+//    ([rows][D] fp32). Consecutive tiles overlap by 64 rows, so the two warp pairs take turns:
+//    at tile k the pair k % 2 takes window rows [0, 64), which the other pair started at tile
+//    k - 1 as its rows [64, 128), adds its part to what it kept in gacc and writes them (their
+//    last contribution); the other pair starts rows [64, 128) in gacc. No read-modify-write,
+//    each partial element written once (`flush_relative` writes the last tile's upper rows).
+__device__ __forceinline__ void relative_grads(float (*acc)[4], float (*gacc)[D / 8][4], const bf16* DSK,
+                                               const bf16* W, const bf16* own, float* __restrict__ part, int off,
+                                               int k) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int x0 = 48 - 16 * warp;
 #pragma unroll
@@ -476,12 +480,13 @@ __device__ __forceinline__ void relative_grads(float (*acc)[4], const bf16* DSK,
       mma(acc[n8], a, bw);
     }
   }
+  const bool lower = warp / 2 == (k & 1);
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
-    const int x_base = 32 * warp + 16 * mt;
-    float gacc[D / 8][4];
+    const int x_base = (lower ? 0 : 64) + 32 * (warp % 2) + 16 * mt;
+    float gt[D / 8][4];
 #pragma unroll
-    for (int n8 = 0; n8 < D / 8; ++n8) gacc[n8][0] = gacc[n8][1] = gacc[n8][2] = gacc[n8][3] = 0.f;
+    for (int n8 = 0; n8 < D / 8; ++n8) gt[n8][0] = gt[n8][1] = gt[n8][2] = gt[n8][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       FragA a;
@@ -490,27 +495,39 @@ __device__ __forceinline__ void relative_grads(float (*acc)[4], const bf16* DSK,
       for (int n8 = 0; n8 < D / 8; ++n8) {
         FragB bo;
         load_b(bo, own + kk * 16 * LDS + n8 * 8, LDS);
-        mma(gacc[n8], a, bo);
+        mma(gt[n8], a, bo);
       }
     }
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int x = x_base + g + 8 * half;
-      float* row = part + (long long)(off + x) * D + 2 * t;
-      const bool add = x < 64 && off > 0;
+    for (int n8 = 0; n8 < D / 8; ++n8)
 #pragma unroll
-      for (int n8 = 0; n8 < D / 8; ++n8) {
-        float2* p2 = reinterpret_cast<float2*>(row + n8 * 8);
-        float2 val = make_float2(gacc[n8][2 * half], gacc[n8][2 * half + 1]);
-        if (add) {
-          const float2 old = *p2;
-          val.x += old.x;
-          val.y += old.y;
-        }
-        *p2 = val;
+      for (int e = 0; e < 4; ++e) gacc[mt][n8][e] = lower && k > 0 ? gacc[mt][n8][e] + gt[n8][e] : gt[n8][e];
+    if (lower) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float* row = part + (long long)(off + x_base + g + 8 * half) * D + 2 * t;
+#pragma unroll
+        for (int n8 = 0; n8 < D / 8; ++n8)
+          *reinterpret_cast<float2*>(row + n8 * 8) = make_float2(gacc[mt][n8][2 * half], gacc[mt][n8][2 * half + 1]);
       }
     }
   }
+}
+
+// After the last tile (index k, offset off): its upper pair writes the rows [off + 64, off + 128)
+// it kept.
+__device__ __forceinline__ void flush_relative(float (*gacc)[D / 8][4], float* __restrict__ part, int off, int k) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  if (warp / 2 == (k & 1)) return;  // the lower pair wrote its rows already
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float* row = part + (long long)(off + 64 + 32 * (warp % 2) + 16 * mt + g + 8 * half) * D + 2 * t;
+#pragma unroll
+      for (int n8 = 0; n8 < D / 8; ++n8)
+        *reinterpret_cast<float2*>(row + n8 * 8) = make_float2(gacc[mt][n8][2 * half], gacc[mt][n8][2 * half + 1]);
+    }
 }
 
 // Keys-major backward: this block owns keys [kb, kb + 64): dK, dV, and the p2c gradient: the
@@ -540,6 +557,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
   load_rows(ka, Ks + warp * 16 * LDS);
   load_rows(va, Vs + warp * 16 * LDS);
   float dk_acc[D / 8][4], dv_acc[D / 8][4];
+  float gacc[2][D / 8][4];  // REL: the partial dQ_r rows this warp carries to the next tile
 #pragma unroll
   for (int n8 = 0; n8 < D / 8; ++n8)
 #pragma unroll
@@ -603,11 +621,12 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
     __syncthreads();
     if (REL) {
       // p2c(i, j) = k_j . Q_r[N-1-j+i]: dK += dS^T Q_r (skewed), dQ_r += (skewed dS)^T K.
-      if (p2c) relative_grads(dk_acc, DSK, QRw, Ks, part, m0);
+      if (p2c) relative_grads(dk_acc, gacc, DSK, QRw, Ks, part, m0, m0 / BM);
     } else if (dp2c) {
       store_band(reinterpret_cast<bf16*>(dp2c), DSb, tb, N, kb, m0);  // d_p2c[j, N-1-j+i] = dS[i, j]
     }
   }
+  if (REL && p2c) flush_relative(gacc, part, (gridDim.x - 1) * BM, gridDim.x - 1);
   write_rows(dk, dk_acc, 1.f, 1.f, b, h, j0, N, H);
   write_rows(dv, dv_acc, 1.f, 1.f, b, h, j0, N, H);
 }
@@ -644,6 +663,7 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
   load_rows(da, dOs + warp * 16 * LDS);
   const float lse_a = lse_s[ra], lse_b = lse_s[rb], dv_a = dvec_s[ra], dv_b = dvec_s[rb];
   float dq_acc[D / 8][4];
+  float gacc[2][D / 8][4];  // REL: the partial dK_r rows this warp carries to the next tile
 #pragma unroll
   for (int n8 = 0; n8 < D / 8; ++n8) dq_acc[n8][0] = dq_acc[n8][1] = dq_acc[n8][2] = dq_acc[n8][3] = 0.f;
 
@@ -695,11 +715,12 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
     __syncthreads();
     if (REL) {
       // c2p(i, j) = q_i . K_r[N-1-i+j]: dQ += dS K_r (skewed), dK_r += (skewed dS)^T Q.
-      if (c2p) relative_grads(dq_acc, DSK, KRw, Qs, part, n0);
+      if (c2p) relative_grads(dq_acc, gacc, DSK, KRw, Qs, part, n0, n0 / BN);
     } else if (dc2p) {
       store_band(reinterpret_cast<bf16*>(dc2p), DSb, tb, N, mb, n0);  // d_c2p[i, N-1-i+j] = dS[i, j]
     }
   }
+  if (REL && c2p) flush_relative(gacc, part, (gridDim.x - 1) * BN, gridDim.x - 1);
   write_rows(dq, dq_acc, 1.f, 1.f, b, h, i0, N, H);
 }
 
