@@ -616,6 +616,17 @@ fn bench_prints_one_json_line_per_batch_with_the_baseline_s_fields() {
         "{}",
         text(&o)
     );
+    // A misspelt variable is refused too, by the worker, naming it.
+    for (var, value) in [("DEBERTA_ATTENTION", "fusde"), ("DEBERTA_FUSED_RELATIVE", "kernal")] {
+        let o = deberta(&[
+            "bench", "--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
+        ])
+        .env(var, value)
+        .output()
+        .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{var}: {}", text(&o));
+        assert!(text(&o).contains(&format!("{var}={value}")), "{}", text(&o));
+    }
     // CUDA where there is none is an error, never a CPU run.
     let o = deberta(&["bench", "--preset", "tiny", "--device", "cuda", "--steps", "1"])
         .env("CUDA_VISIBLE_DEVICES", "")

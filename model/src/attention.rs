@@ -66,7 +66,9 @@ thread_local! {
 }
 
 impl RelativePath {
-    /// The path `DEBERTA_ATTENTION=gather|skew|fused` names (read once), if any.
+    /// The path `DEBERTA_ATTENTION=gather|skew|fused` names (read once), if any; `auto` or
+    /// another value names none (the worker refuses other values at start-up:
+    /// `runtime::check_attention_path`).
     fn from_env() -> Option<RelativePath> {
         static PATH: std::sync::OnceLock<Option<RelativePath>> = std::sync::OnceLock::new();
         if let Some(p) = OVERRIDE.with(|o| o.get()) {

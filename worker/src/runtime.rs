@@ -132,6 +132,15 @@ pub fn make_groups(world: &SimpleCommunicator, layout: Layout, backend: Backend)
 /// named for an fp32 run is refused (its kernels compute in bf16).
 pub fn check_attention_path(device: Device, cfg: &deberta_model::DebertaConfig, bf16: bool) -> anyhow::Result<()> {
     use deberta_model::attention::RelativePath;
+    // The model reads these variables without failing; a misspelt value is refused here,
+    // before any work, rather than silently taking the default.
+    if let Ok(v) = std::env::var("DEBERTA_ATTENTION") {
+        anyhow::ensure!(
+            ["auto", "gather", "skew", "fused"].contains(&v.as_str()),
+            "DEBERTA_ATTENTION={v}: expected auto, gather, skew or fused"
+        );
+    }
+    deberta_model::fused_attention::RelativeTerms::chosen().map_err(anyhow::Error::msg)?;
     RelativePath::set_fp32_training(!bf16);
     if RelativePath::for_device(device) == RelativePath::Fused && device.is_cuda() {
         anyhow::ensure!(
@@ -139,7 +148,6 @@ pub fn check_attention_path(device: Device, cfg: &deberta_model::DebertaConfig, 
             "DEBERTA_ATTENTION=fused computes in bf16, but this run is fp32: use bf16 precision, or \
              DEBERTA_ATTENTION=gather or skew"
         );
-        deberta_model::fused_attention::RelativeTerms::chosen().map_err(anyhow::Error::msg)?;
         deberta_model::fused_attention::check(device, cfg.attention_head_size).map_err(|e| {
             anyhow::anyhow!("the fused attention kernels: {e} (DEBERTA_ATTENTION=gather or skew avoids them)")
         })?;
