@@ -52,14 +52,18 @@ impl RelativeTerms {
         if let Some(rel) = RELATIVE_OVERRIDE.with(|o| o.get()) {
             return Ok(rel);
         }
-        match std::env::var("DEBERTA_FUSED_RELATIVE").as_deref() {
-            Err(_) | Ok("tables") => Ok(RelativeTerms::Tables),
-            Ok("kernel") => Ok(RelativeTerms::InKernel),
-            Ok("kernel-forward") => Ok(RelativeTerms::InKernelForward),
-            Ok(other) => Err(format!(
-                "DEBERTA_FUSED_RELATIVE={other}: expected tables, kernel or kernel-forward"
-            )),
-        }
+        // Read once: the core asks on every call (three times per layer and step).
+        static FROM_ENV: std::sync::OnceLock<Result<RelativeTerms, String>> = std::sync::OnceLock::new();
+        FROM_ENV
+            .get_or_init(|| match std::env::var("DEBERTA_FUSED_RELATIVE").as_deref() {
+                Err(_) | Ok("tables") => Ok(RelativeTerms::Tables),
+                Ok("kernel") => Ok(RelativeTerms::InKernel),
+                Ok("kernel-forward") => Ok(RelativeTerms::InKernelForward),
+                Ok(other) => Err(format!(
+                    "DEBERTA_FUSED_RELATIVE={other}: expected tables, kernel or kernel-forward"
+                )),
+            })
+            .clone()
     }
 
     /// Use `rel` on this thread from now on (None: the environment again).

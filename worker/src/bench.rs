@@ -11,11 +11,11 @@ use deberta_model::tensor_parallel::TpShard;
 use deberta_model::{DebertaConfig, IGNORE_INDEX};
 use tch::{Device, Kind, Tensor};
 
-use crate::grads::{clip_factor, Params};
+use crate::grads::Params;
 use crate::harness::build_sharded;
 use crate::optim::{AdamWConfig, FlatAdamW};
 use crate::runtime::Groups;
-use crate::step::{forward_backward, StepMode};
+use crate::step::{plain_update, StepMode};
 
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -101,37 +101,36 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     if let Device::Cuda(i) = device {
         crate::precision::reset_cuda_peak_memory(i);
     }
+    let mode = |i: usize| StepMode {
+        bf16: b.bf16,
+        recompute: b.recompute.then_some(i as i64),
+    };
     for i in 0..b.warmup + b.steps {
         let t0 = Instant::now();
+        let last = i + 1 == b.warmup + b.steps;
+        // Each part of the last step, synchronised (the others run unsynchronised).
+        let (mut part, mut t) = (0, Instant::now());
+        let mut after = |_: &str| {
+            if last {
+                sync();
+                parts[part] = t.elapsed().as_secs_f64();
+                part += 1;
+                t = Instant::now();
+            }
+        };
         // The loss comes back to the host every step: that is the step's synchronisation.
-        loss = forward_backward(
+        loss = plain_update(
             &model,
             &params,
+            &mut opt,
             groups,
             &micro,
             predicted,
-            StepMode {
-                bf16: b.bf16,
-                recompute: b.recompute.then_some(i as i64),
-            },
+            mode(i),
+            (1e-4, 1.0),
+            &mut after,
         );
-        let last = i + 1 == b.warmup + b.steps;
-        if last {
-            sync();
-            parts[0] = t0.elapsed().as_secs_f64();
-        }
-        let t1 = Instant::now();
-        let norm = opt.global_grad_norm(&*groups.tp);
-        if last {
-            sync();
-            parts[1] = t1.elapsed().as_secs_f64();
-        }
-        let t2 = Instant::now();
-        opt.step_clipped(1e-4, clip_factor(norm, 1.0));
         sync();
-        if last {
-            parts[2] = t2.elapsed().as_secs_f64();
-        }
         if i >= b.warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
@@ -142,17 +141,20 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     );
     if b.profile {
         use deberta_model::profile;
-        let i = b.warmup + b.steps;
         profile::start(device);
-        let mode = StepMode {
-            bf16: b.bf16,
-            recompute: b.recompute.then_some(i as i64),
-        };
-        forward_backward(&model, &params, groups, &micro, predicted, mode);
-        let norm = opt.global_grad_norm(&*groups.tp);
-        profile::mark(|| "grad norm".into());
-        opt.step_clipped(1e-4, clip_factor(norm, 1.0));
-        profile::mark(|| "AdamW (clip inside)".into());
+        let mode = mode(b.warmup + b.steps);
+        let mut after = |stage: &str| profile::mark(|| stage.into());
+        plain_update(
+            &model,
+            &params,
+            &mut opt,
+            groups,
+            &micro,
+            predicted,
+            mode,
+            (1e-4, 1.0),
+            &mut after,
+        );
         print_profile(b.batch, profile::finish());
     }
     times.sort_by(f64::total_cmp);

@@ -5,7 +5,8 @@ use deberta_model::segments::Tape;
 use deberta_model::DebertaV2;
 use tch::{Device, Tensor};
 
-use crate::grads::Params;
+use crate::grads::{clip_factor, Params};
+use crate::optim::FlatAdamW;
 use crate::runtime::Groups;
 
 /// One micro-batch on this rank's device: ids, attention mask, labels, each [rows, seq].
@@ -68,4 +69,29 @@ pub fn forward_backward(
     };
     dp.all_reduce_sum(&mut total);
     total.to_device(Device::Cpu).double_value(&[0])
+}
+
+/// One whole update without the trainer's bookkeeping (bench, kernel-check): `forward_backward`,
+/// the global norm, then AdamW at `lr` with the clip factor for `max_norm` inside. `after(stage)`
+/// runs after each of "forward + backward", "grad norm" and "AdamW (clip inside)" (to time
+/// them). Returns the loss.
+#[allow(clippy::too_many_arguments)]
+pub fn plain_update(
+    model: &DebertaV2,
+    params: &Params,
+    opt: &mut FlatAdamW,
+    groups: &Groups,
+    micro: &[Rows],
+    predicted: f64,
+    mode: StepMode,
+    (lr, max_norm): (f64, f64),
+    after: &mut dyn FnMut(&'static str),
+) -> f64 {
+    let loss = forward_backward(model, params, groups, micro, predicted, mode);
+    after("forward + backward");
+    let norm = opt.global_grad_norm(&*groups.tp);
+    after("grad norm");
+    opt.step_clipped(lr, clip_factor(norm, max_norm));
+    after("AdamW (clip inside)");
+    loss
 }

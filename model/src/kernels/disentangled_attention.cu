@@ -285,6 +285,38 @@ __device__ __forceinline__ void zero_band(bf16* band) {
   for (int e = threadIdx.x; e < 64 * LDR; e += THREADS) band[e] = 0;
 }
 
+// Stage what a tile of queries [i0, i0 + 64) x keys [j0, j0 + 64) needs of the relative terms:
+// the c2p band Cb[query][key] and the p2c band Pb[key][query] from the tables, or (REL) the
+// K_r and Q_r windows they are computed from (`relative_bands`, after a barrier).
+template <bool REL>
+__device__ __forceinline__ void load_relative(bf16* Cb, bf16* Pb, bf16* KRw, bf16* QRw, const bf16* c2p,
+                                              const bf16* p2c, long long tb, int h, int N, int i0, int j0) {
+  if (REL) {
+    if (c2p) load_window(KRw, c2p, h, N - 1 - (i0 + 63) + j0, N);
+    if (p2c) load_window(QRw, p2c, h, N - 1 - (j0 + 63) + i0, N);
+  } else {
+    load_band(Cb, c2p, tb, N, i0, j0);
+    load_band(Pb, p2c, tb, N, j0, i0);
+  }
+}
+
+// REL: the bands from the staged windows; Qs and Ks are the tile's [64][LDS] query and key
+// rows (each warp multiplies its 16 of each). Ends with a barrier: every warp reads Pb.
+__device__ __forceinline__ void relative_bands(bf16* Cb, bf16* Pb, const bf16* KRw, const bf16* QRw, bool c2p,
+                                               bool p2c, const bf16* Qs, const bf16* Ks) {
+  const int warp = threadIdx.x / 32;
+  FragA rows[D / 16];
+  if (c2p) {
+    load_rows(rows, Qs + warp * 16 * LDS);
+    skewed_band(Cb, rows, KRw);
+  }
+  if (p2c) {
+    load_rows(rows, Ks + warp * 16 * LDS);
+    skewed_band(Pb, rows, QRw);
+  }
+  __syncthreads();
+}
+
 // Shared memory of the forward: Q, K, V tiles, the c2p band (queries x keys) and the p2c band
 // (keys x queries), the key mask of the tile; with REL, the K_r and Q_r windows of the tile.
 // REL: c2p and p2c are K_r and Q_r [H][2N][D] (the `_rel` kernels), else the tables [H, B, N, 2N].
@@ -328,24 +360,10 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     __syncthreads();
     load_tile(Ks, k, b, h, n0, N, H);
     load_tile(Vs, v, b, h, n0, N, H);
-    if (REL) {
-      if (c2p) load_window(KRw, c2p, h, N - 1 - (m_blk + 63) + n0, N);
-      if (p2c) load_window(QRw, p2c, h, N - 1 - (n0 + 63) + m_blk, N);
-    } else {
-      load_band(Cb, c2p, tb, N, m_blk, n0);
-      load_band(Pb, p2c, tb, N, n0, m_blk);
-    }
+    load_relative<REL>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, n0);
     for (int c = threadIdx.x; c < BN; c += blockDim.x) kok[c] = n0 + c < N && mask[(long long)b * N + n0 + c];
     __syncthreads();
-    if (REL) {
-      if (c2p) skewed_band(Cb, qa, KRw);
-      if (p2c) {
-        FragA ka[D / 16];
-        load_rows(ka, Ks + warp * 16 * LDS);
-        skewed_band(Pb, ka, QRw);
-      }
-      __syncthreads();
-    }
+    if (REL) relative_bands(Cb, Pb, KRw, QRw, c2p, p2c, Qs, Ks);
     float s[BN / 8][4];
     rows_times_tile_t(s, qa, Ks);  // c2c
     float mx_a = NEG_INF, mx_b = NEG_INF;
@@ -567,13 +585,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
     __syncthreads();
     load_tile(Qs, q, b, h, m0, N, H);
     load_tile(dOs, dout, b, h, m0, N, H);
-    if (REL) {
-      if (c2p) load_window(KRw, c2p, h, N - 1 - (m0 + 63) + kb, N);
-      if (p2c) load_window(QRw, p2c, h, N - 1 - (kb + 63) + m0, N);
-    } else {
-      load_band(Cb, c2p, tb, N, m0, kb);  // Cb[query][key]
-      load_band(Pb, p2c, tb, N, kb, m0);  // Pb[key][query]
-    }
+    load_relative<REL>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m0, kb);
     for (int e = threadIdx.x; e < BM; e += blockDim.x) {
       const int i = m0 + e;
       const bool in = i < N;
@@ -582,15 +594,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
       okm[e] = in && mask[(long long)b * N + i];
     }
     __syncthreads();
-    if (REL) {
-      if (c2p) {
-        FragA qw[D / 16];
-        load_rows(qw, Qs + warp * 16 * LDS);
-        skewed_band(Cb, qw, KRw);  // Cb[query][key]
-      }
-      if (p2c) skewed_band(Pb, ka, QRw);  // Pb[key][query]
-      __syncthreads();
-    }
+    if (REL) relative_bands(Cb, Pb, KRw, QRw, c2p, p2c, Qs, Ks);
     float st[BM / 8][4], dpt[BM / 8][4];
     rows_times_tile_t(st, ka, Qs);    // S^T = K_w Q^T
     rows_times_tile_t(dpt, va, dOs);  // dP^T = V_w dO^T
@@ -671,24 +675,10 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
     __syncthreads();
     load_tile(Ks, k, b, h, n0, N, H);
     load_tile(Vs, v, b, h, n0, N, H);
-    if (REL) {
-      if (c2p) load_window(KRw, c2p, h, N - 1 - (mb + 63) + n0, N);
-      if (p2c) load_window(QRw, p2c, h, N - 1 - (n0 + 63) + mb, N);
-    } else {
-      load_band(Cb, c2p, tb, N, mb, n0);  // Cb[query][key]
-      load_band(Pb, p2c, tb, N, n0, mb);  // Pb[key][query]
-    }
+    load_relative<REL>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, mb, n0);
     for (int c = threadIdx.x; c < BN; c += blockDim.x) okm[c] = n0 + c < N && mask[(long long)b * N + n0 + c];
     __syncthreads();
-    if (REL) {
-      if (c2p) skewed_band(Cb, qa, KRw);  // Cb[query][key]
-      if (p2c) {
-        FragA kw[D / 16];
-        load_rows(kw, Ks + warp * 16 * LDS);
-        skewed_band(Pb, kw, QRw);  // Pb[key][query]
-      }
-      __syncthreads();
-    }
+    if (REL) relative_bands(Cb, Pb, KRw, QRw, c2p, p2c, Qs, Ks);
     float s[BN / 8][4], dp[BN / 8][4];
     rows_times_tile_t(s, qa, Ks);   // S = Q_w K^T
     rows_times_tile_t(dp, da, Vs);  // dP = dO_w V^T
