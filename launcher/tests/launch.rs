@@ -192,11 +192,13 @@ fn a_hung_rank_is_detected_within_the_hang_timeout_and_the_run_restarts() {
         "{log}"
     );
     // From the hang (the marker's creation) to the launcher's report: the timeout plus polling.
+    // The launcher counts from the rank's last heartbeat, which comes a little before the marker
+    // (an all-reduce and rank 0's log line lie between them; CI saw 1.7 ms), hence the slack below.
     let hung_at = std::fs::metadata(&marker).unwrap().modified().unwrap();
     let detected = reported.unwrap().duration_since(hung_at).unwrap().as_secs_f64();
     eprintln!("hang reported {detected:.2} s after it began");
     assert!(
-        (timeout..timeout + 3.0).contains(&detected),
+        (timeout - 0.5..timeout + 3.0).contains(&detected),
         "reported {detected} s after the hang"
     );
     assert!(out.join("logs/attempt-2.log").is_file());
