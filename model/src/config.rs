@@ -52,6 +52,18 @@ impl Activation {
             Activation::Silu => x.silu(),
         }
     }
+
+    /// d act(x) given the gradient of its output: what autograd computes for `apply`, for a
+    /// segment that recomputes act(x) in backward instead of keeping it.
+    pub fn backward(self, grad: &tch::Tensor, x: &tch::Tensor) -> tch::Tensor {
+        match self {
+            Activation::Gelu => x.gelu_backward(grad, "none"),
+            Activation::GeluTanh => x.gelu_backward(grad, "tanh"),
+            Activation::Relu => grad * x.gt(0.0).to_kind(grad.kind()),
+            Activation::Tanh => tch::Tensor::tanh_backward(grad, &x.tanh()),
+            Activation::Silu => x.silu_backward(grad),
+        }
+    }
 }
 
 /// The model as the layers see it: every option resolved, no `Option`s, no strings to parse.

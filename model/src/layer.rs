@@ -39,8 +39,13 @@ impl DenseResidualNorm {
     }
 
     pub fn forward(&self, x: &Tensor, residual: &Tensor, g: &dyn Fn(&Tensor) -> Tensor, train: bool) -> Tensor {
-        self.layer_norm
-            .forward(&(self.dense.forward(x, g).dropout(self.dropout, train) + residual))
+        self.from_partial(&self.dense.partial(x), residual, g, train)
+    }
+
+    /// `forward` from the dense layer's partial product (`RowLinear::partial`).
+    pub fn from_partial(&self, z: &Tensor, residual: &Tensor, g: &dyn Fn(&Tensor) -> Tensor, train: bool) -> Tensor {
+        let y = self.dense.reduce_and_add_bias(z, g).dropout(self.dropout, train);
+        self.layer_norm.forward(&(y + residual))
     }
 }
 
@@ -110,5 +115,35 @@ impl Layer {
     pub fn ffn_sublayer(&self, a: &Tensor, a_res: &Tensor, g: &dyn Fn(&Tensor) -> Tensor, train: bool) -> Tensor {
         let f = self.act.apply(&self.intermediate.forward(a)); // [B, N, F / tp]
         self.output.forward(&f, a_res, g, train)
+    }
+
+    // The FFN sublayer in three pieces, for a segment-wise backward that keeps the
+    // pre-activation h but not act(h) (`model::ffn_segments`): h = a W1 + b1, then
+    // z = act(h) W2 (this rank's partial product), then LN2(Dropout(g(z) + b2) + a_res).
+
+    /// h = a W1 + b1: [B, N, F / tp].
+    pub fn ffn_pre_activation(&self, a: &Tensor) -> Tensor {
+        self.intermediate.forward(a)
+    }
+
+    /// z = act(h) W2: [B, N, D], this rank's partial product.
+    pub fn ffn_partial(&self, h: &Tensor) -> Tensor {
+        self.output.dense.partial(&self.act.apply(h))
+    }
+
+    /// Backward of `ffn_partial` with act(h) recomputed: adds dL/dW2 to W2's `.grad` and
+    /// returns dL/dh. `dz`, `h` and W2 in the kind the forward ran in (bf16 under autocast).
+    pub fn ffn_partial_backward(&self, h: &Tensor, dz: &Tensor) -> Tensor {
+        let w2 = self.output.dense.weight.to_kind(dz.kind()); // [D, F / tp]
+        let f = self.act.apply(h); // [B, N, F / tp]
+        let d = dz.size()[dz.dim() - 1];
+        let dw2 = dz.reshape([-1, d]).tr().mm(&f.reshape([-1, f.size()[f.dim() - 1]]));
+        crate::nn::accumulate_grad(&self.output.dense.weight, &dw2);
+        self.act.backward(&dz.matmul(&w2), h)
+    }
+
+    /// LN2(Dropout(g(z) + b2) + a_res) from `ffn_partial`'s z.
+    pub fn ffn_output(&self, z: &Tensor, a_res: &Tensor, g: &dyn Fn(&Tensor) -> Tensor, train: bool) -> Tensor {
+        self.output.from_partial(z, a_res, g, train)
     }
 }

@@ -229,6 +229,50 @@ struct RowQueries {
     att_mask: Tensor,
 }
 
+/// The FFN sublayer on the tape. Three segments, so that act(h) ([B, N, F / tp] in the
+/// activation dtype, the layer's largest activation with h) is not kept for backward: the custom
+/// middle segment keeps h (already a boundary) and recomputes act(h) in backward, one
+/// elementwise pass. The partial product z passes through the last segment's replicated leaf:
+/// g follows at once, so z's gradient is g(z)'s, the same on every rank, and needs no TP sum.
+/// A seeded tape (the recomputing one) gets one segment: recomputed, h would be a stored
+/// boundary four times the size of `a`; and it seeds each segment's dropout from its index, so
+/// the segment count must not depend on whether it recomputes.
+fn ffn_segments<'c>(tape: &mut Tape<'c>, layer: &'c Layer, a: Boundary, train: bool) -> Boundary {
+    if tape.is_seeded() {
+        ffn_one_segment(tape, layer, a, train)
+    } else {
+        ffn_act_recomputed(tape, layer, a, train)
+    }
+}
+
+fn ffn_one_segment<'c>(tape: &mut Tape<'c>, layer: &'c Layer, a: Boundary, train: bool) -> Boundary {
+    let tp = tape.tp();
+    tape.set_label("ffn");
+    tape.segment(&[a], move |inp| {
+        let g = |x: &Tensor| reduce_from_tp(x, tp);
+        vec![layer.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)]
+    })[0]
+}
+
+fn ffn_act_recomputed<'c>(tape: &mut Tape<'c>, layer: &'c Layer, a: Boundary, train: bool) -> Boundary {
+    let tp = tape.tp();
+    tape.set_label("ffn: W1");
+    let h = tape.segment(&[a], move |inp| vec![layer.ffn_pre_activation(&inp[0].tp)])[0];
+    tape.set_label("ffn: act + W2");
+    let z = tape.custom(&[h], move |x| {
+        let h = x[0].shallow_clone();
+        let z = layer.ffn_partial(&h);
+        let backward: CustomBackward<'c> =
+            Box::new(move |dz| vec![dz[0].as_ref().map(|dz| layer.ffn_partial_backward(&h, dz))]);
+        (vec![z], backward)
+    })[0];
+    tape.set_label("ffn: output");
+    tape.segment(&[z, a], move |inp| {
+        let g = |x: &Tensor| reduce_from_tp(x, tp);
+        vec![layer.ffn_output(&inp[0].rep, &inp[1].rep, &g, train)]
+    })[0]
+}
+
 /// One attention sublayer on the tape: `kv` feeds the keys and values, `q` the queries and the
 /// residual (the same boundary except in the EMD, whose query rows are `rows`). One segment, or
 /// with the fused path (self-attention shapes) three: the projections, the core as a custom
@@ -356,11 +400,7 @@ impl DebertaV2 {
             if mark_ready {
                 tape.mark_ready_at(first, i);
             }
-            tape.set_label("ffn");
-            let mut y = tape.segment(&[a], move |inp| {
-                let g = |x: &Tensor| reduce_from_tp(x, tp);
-                vec![layer.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)]
-            })[0];
+            let mut y = ffn_segments(tape, layer, a, train);
             if i == 0 {
                 if let Some(conv) = &self.encoder.conv {
                     let mask_f = enc.mask.shallow_clone();
@@ -418,11 +458,7 @@ impl DebertaV2 {
             let last = self.encoder.layers.last().unwrap();
             for _ in 0..EMD_STEPS {
                 let a = attention_segments(tape, last, h_kv, q, &enc, Some(&rows), train);
-                tape.set_label("emd ffn");
-                q = tape.segment(&[a], move |inp| {
-                    let g = |x: &Tensor| reduce_from_tp(x, tp);
-                    vec![last.ffn_sublayer(&inp[0].tp, &inp[0].rep, &g, train)]
-                })[0];
+                q = ffn_segments(tape, last, a, train);
             }
             q
         };
@@ -477,4 +513,79 @@ pub fn grad_group(name: &str, num_hidden_layers: i64) -> Option<usize> {
     }
     name.starts_with("deberta.encoder.conv.")
         .then_some(num_hidden_layers as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::Single;
+    use crate::config::Activation;
+    use tch::nn::VarStore;
+
+    /// The FFN with act(h) recomputed in backward equals the one-segment FFN: output, the
+    /// input's gradient and every parameter's, with dropout on (the same draws) and for each
+    /// activation (their hand-written derivatives).
+    #[test]
+    fn the_ffn_with_act_recomputed_equals_the_one_segment_ffn() {
+        for act in [
+            Activation::Gelu,
+            Activation::GeluTanh,
+            Activation::Relu,
+            Activation::Tanh,
+            Activation::Silu,
+        ] {
+            let mut cfg = DebertaConfig::toy();
+            cfg.hidden_dropout_prob = 0.1;
+            cfg.hidden_act = act;
+            tch::manual_seed(3);
+            let vs = VarStore::new(tch::Device::Cpu);
+            let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
+            let layer = &model.encoder.layers[0];
+            let x = Tensor::randn([2, 7, cfg.hidden_size], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+            let w = Tensor::randn([2, 7, cfg.hidden_size], (Kind::Float, tch::Device::Cpu));
+            let run = |split: bool| {
+                for v in vs.trainable_variables().iter().chain([&x]) {
+                    let mut g = v.grad();
+                    if g.defined() {
+                        let _ = g.zero_();
+                    }
+                }
+                tch::manual_seed(11);
+                let mut tape = Tape::new(&Single);
+                let xs = x.shallow_clone();
+                let a = tape.segment(&[], move |_| vec![&xs * 1.0])[0];
+                let y = match split {
+                    true => ffn_act_recomputed(&mut tape, layer, a, true),
+                    false => ffn_one_segment(&mut tape, layer, a, true),
+                };
+                let w = w.shallow_clone();
+                let loss = tape.segment(&[y], move |inp| vec![(&inp[0].rep * &w).sum(Kind::Float)])[0];
+                let y = tape.value(y).copy();
+                tape.backward(loss);
+                let mut grads: Vec<(String, Tensor)> = vs
+                    .variables()
+                    .into_iter()
+                    .filter(|(_, v)| v.grad().defined())
+                    .map(|(k, v)| (k, v.grad().copy()))
+                    .collect();
+                grads.sort_by(|a, b| a.0.cmp(&b.0));
+                grads.push(("input".into(), x.grad().copy()));
+                (y, grads)
+            };
+            // The split first: W2's gradient does not exist yet (`accumulate_grad` creates it).
+            let (y2, g2) = run(true);
+            let (y1, g1) = run(false);
+            assert!(y1.allclose(&y2, 1e-6, 1e-6, false), "{act:?}: outputs differ");
+            let names = |g: &[(String, Tensor)]| g.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+            assert_eq!(names(&g1), names(&g2), "{act:?}");
+            // W1, b1, W2, b2, LayerNorm's two and the input.
+            assert_eq!(g1.len(), 7, "{act:?}: {:?}", names(&g1));
+            assert!(names(&g1).iter().any(|n| n.ends_with("layer.0.output.dense.weight")));
+            for ((name, a), (_, b)) in g1.iter().zip(&g2) {
+                let scale = a.abs().max().double_value(&[]).max(1e-3);
+                let diff = (a - b).abs().max().double_value(&[]);
+                assert!(diff < 1e-5 * scale, "{act:?} {name}: {diff:e} (of {scale:e})");
+            }
+        }
+    }
 }

@@ -46,7 +46,31 @@ impl RowLinear {
 
     /// y = g(x W^T) + b, with `g` the sum over the TP group (identity without TP).
     pub fn forward(&self, x: &Tensor, g: &dyn Fn(&Tensor) -> Tensor) -> Tensor {
-        g(&x.linear::<Tensor>(&self.weight, None)) + &self.bias
+        self.reduce_and_add_bias(&self.partial(x), g)
+    }
+
+    /// This rank's partial product x_r W_r^T.
+    pub fn partial(&self, x: &Tensor) -> Tensor {
+        x.linear::<Tensor>(&self.weight, None)
+    }
+
+    /// g(partial) + b.
+    pub fn reduce_and_add_bias(&self, partial: &Tensor, g: &dyn Fn(&Tensor) -> Tensor) -> Tensor {
+        g(partial) + &self.bias
+    }
+}
+
+/// Add `g` to a parameter's `.grad` as autograd's accumulation would: in place when the
+/// gradient exists (it may be a view of a flat buffer), else by a backward that creates it.
+/// For hand-written backwards (`segments::Tape::custom`) that own a parameter.
+pub fn accumulate_grad(param: &Tensor, g: &Tensor) {
+    let mut grad = param.grad();
+    let g = g.to_kind(param.kind());
+    if grad.defined() {
+        let _ = grad.g_add_(&g);
+    } else {
+        // d/dp sum(p * g) = g, exactly.
+        tch::with_grad(|| (param * g.detach()).sum(param.kind()).backward());
     }
 }
 

@@ -125,6 +125,11 @@ impl<'c> Tape<'c> {
         }
     }
 
+    /// Whether each segment's dropout is seeded from its index (`Tape::seeded`).
+    pub fn is_seeded(&self) -> bool {
+        self.seeding.is_some()
+    }
+
     fn segment_seed(base: i64, index: usize) -> i64 {
         // A 64-bit mix of (base, index), kept non-negative for manual_seed.
         let mut z = (base as u64) ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
@@ -217,8 +222,10 @@ impl<'c> Tape<'c> {
     /// A segment with a hand-written backward (a fused kernel, which autograd cannot see): `f`
     /// gets the inputs' values and returns the outputs and the backward. Its input gradients are
     /// taken as complete (no TP sum): the inputs must be this rank's own values, e.g. its heads'
-    /// projections, and the outputs are used the same way. The forward runs once, without a
-    /// graph, also under recomputation (what it saves for backward is its own business).
+    /// projections, and the outputs are used the same way (or read only through a `rep` leaf
+    /// that g, the sum over TP, follows at once: the FFN's partial product). The forward runs
+    /// once, without a graph, also under recomputation (what it saves for backward is its own
+    /// business).
     pub fn custom(
         &mut self,
         inputs: &[Boundary],
