@@ -173,10 +173,12 @@ impl DebertaConfig {
 
     /// The v2 architecture (conv, shared key, rel-LN, 8 buckets < typical test lengths, EMD) at
     /// toy size, with a 500-token vocabulary and dropout off: for tests that compare runs
-    /// number for number (layouts, segment-wise vs plain backward). 4 heads and FFN 64 divide by
-    /// tp = 1, 2, 4; the vocabulary pads differently at each.
+    /// number for number (layouts, segment-wise vs plain backward). 4 heads and an FFN of 128
+    /// (4 × hidden, as in the presets) divide by tp = 1, 2, 4; the vocabulary pads differently
+    /// at each. At tp = 1 and 2 the FFN is split (act(h) recomputed, `model::ffn_segments`), at
+    /// 4 it is one segment.
     pub fn toy() -> DebertaConfig {
-        let mut c = Self::v2(2, 32, 4, 64);
+        let mut c = Self::v2(2, 32, 4, 128);
         c.vocab_size = 500;
         c.max_position_embeddings = 64;
         c.max_relative_positions = 64;

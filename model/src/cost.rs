@@ -121,7 +121,9 @@ impl MemoryEstimate {
 
 /// Activations kept for backward by the eager (unfused) model per micro-batch:
 /// - per layer and token: X, q, k, v, context, attention-out (+ dropout mask), LN inputs/outputs,
-///   FFN pre- and post-activation: about 8 D + 4 A + 2 F elements;
+///   the FFN's pre-activation and act(h) (4 A + 2 F with X's 8 D), or where F / tp > D the
+///   pre-activation and W2's partial product instead (act(h) is recomputed in backward,
+///   `model::ffn_segments`): 9 D + 4 A + F;
 /// - per layer and (batch, head, query, key): c2p and p2c gathered, scores, probabilities and
 ///   their dropout: 5 elements + a 1-byte mask;
 /// - the EMD re-runs the last layer twice on the masked rows only (2 more layers at the masked
@@ -152,7 +154,11 @@ pub fn memory_estimate_tp(c: &DebertaConfig, micro_batch: i64, seq: i64, bf16: b
     let elt = if bf16 { 2.0 } else { 4.0 };
     let states_bytes = params * (16.0 + if bf16 { 2.0 } else { 0.0 });
     let tokens = (micro_batch * seq) as f64;
-    let per_token = (8.0 * d + (4.0 * a + 2.0 * f) / tp) * elt;
+    let per_token = if f / tp > d {
+        9.0 * d + (4.0 * a + f) / tp
+    } else {
+        8.0 * d + (4.0 * a + 2.0 * f) / tp
+    } * elt;
     let per_score = 5.0 * elt + 1.0;
     let scores = micro_batch as f64 * c.num_attention_heads as f64 / tp * (seq * seq) as f64;
     let layers = c.num_hidden_layers as f64 + 2.0 * MASK_FRACTION;

@@ -121,6 +121,12 @@ impl Layer {
     // pre-activation h but not act(h) (`model::ffn_segments`): h = a W1 + b1, then
     // z = act(h) W2 (this rank's partial product), then LN2(Dropout(g(z) + b2) + a_res).
 
+    /// Whether keeping z ([B, N, D]) instead of act(h) ([B, N, F / tp]) saves memory: F / tp > D
+    /// (not at tp >= 4 with F = 4D).
+    pub fn ffn_split_saves_memory(&self) -> bool {
+        self.intermediate.weight.size()[0] > self.output.dense.weight.size()[0]
+    }
+
     /// h = a W1 + b1: [B, N, F / tp].
     pub fn ffn_pre_activation(&self, a: &Tensor) -> Tensor {
         self.intermediate.forward(a)

@@ -234,11 +234,12 @@ struct RowQueries {
 /// middle segment keeps h (already a boundary) and recomputes act(h) in backward, one
 /// elementwise pass. The partial product z passes through the last segment's replicated leaf:
 /// g follows at once, so z's gradient is g(z)'s, the same on every rank, and needs no TP sum.
-/// A seeded tape (the recomputing one) gets one segment: recomputed, h would be a stored
-/// boundary four times the size of `a`; and it seeds each segment's dropout from its index, so
-/// the segment count must not depend on whether it recomputes.
+/// One segment where z would not be smaller than act(h) (F / tp <= D, i.e. tp >= 4), and on a
+/// seeded tape (the recomputing one): recomputed, h would be a stored boundary four times the
+/// size of `a`; and it seeds each segment's dropout from its index, so the segment count must
+/// not depend on whether it recomputes.
 fn ffn_segments<'c>(tape: &mut Tape<'c>, layer: &'c Layer, a: Boundary, train: bool) -> Boundary {
-    if tape.is_seeded() {
+    if tape.is_seeded() || !layer.ffn_split_saves_memory() {
         ffn_one_segment(tape, layer, a, train)
     } else {
         ffn_act_recomputed(tape, layer, a, train)
