@@ -101,9 +101,23 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     if let Device::Cuda(i) = device {
         crate::precision::reset_cuda_peak_memory(i);
     }
-    let mode = |i: usize| StepMode {
-        bf16: b.bf16,
-        recompute: b.recompute.then_some(i as i64),
+    // Step i, calling `after(stage)` after each of its stages.
+    let mut update = |i: usize, after: &mut dyn FnMut(&'static str)| {
+        let mode = StepMode {
+            bf16: b.bf16,
+            recompute: b.recompute.then_some(i as i64),
+        };
+        plain_update(
+            &model,
+            &params,
+            &mut opt,
+            groups,
+            &micro,
+            predicted,
+            mode,
+            (1e-4, 1.0),
+            after,
+        )
     };
     for i in 0..b.warmup + b.steps {
         let t0 = Instant::now();
@@ -119,17 +133,7 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
             }
         };
         // The loss comes back to the host every step: that is the step's synchronisation.
-        loss = plain_update(
-            &model,
-            &params,
-            &mut opt,
-            groups,
-            &micro,
-            predicted,
-            mode(i),
-            (1e-4, 1.0),
-            &mut after,
-        );
+        loss = update(i, &mut after);
         sync();
         if i >= b.warmup {
             times.push(t0.elapsed().as_secs_f64());
@@ -142,19 +146,7 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     if b.profile {
         use deberta_model::profile;
         profile::start(device);
-        let mode = mode(b.warmup + b.steps);
-        let mut after = |stage: &str| profile::mark(|| stage.into());
-        plain_update(
-            &model,
-            &params,
-            &mut opt,
-            groups,
-            &micro,
-            predicted,
-            mode,
-            (1e-4, 1.0),
-            &mut after,
-        );
+        update(b.warmup + b.steps, &mut |stage| profile::mark(|| stage.into()));
         print_profile(b.batch, profile::finish());
     }
     times.sort_by(f64::total_cmp);
