@@ -23,11 +23,15 @@ export LD_LIBRARY_PATH="$PWD/gpu-bundle/lib:$torch_dir/lib:/tmp/nccl-link:$torch
 export OMPI_MCA_ess_singleton_isolated=1 OMPI_MCA_mca_base_component_path="$PWD/gpu-bundle/openmpi3"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 out=/tmp/gpu-bench; rm -rf "$out"; mkdir -p "$out"
+# The device runner returns at most 8 files from $OUT: everything goes back as one tarball,
+# refreshed after each run, so a call cut short by its limit still returns what it measured.
+save() { [ -n "${OUT:-}" ] && tar -C /tmp -czf "$OUT/gpu-bench.tgz" gpu-bench; true; }
 if [ "${KERNEL_CHECK:-1}" = 1 ]; then
   echo "== deberta-worker kernel-check"
   # The whole report to a file; failures, timings and the verdict to the console.
   timeout 400 gpu-bundle/deberta-worker kernel-check > "$out/kernel-check.txt" 2>&1 || echo "kernel-check FAILED (exit $?)"
   grep -E "FAIL|ms|20 steps|kernel-check:|error" "$out/kernel-check.txt"
+  save
 fi
 # Each system in its own processes, one batch size at a time (an OOM at one size does not
 # poison the next); ours first, so a cut-short run still shows them beside HF's.
@@ -36,6 +40,7 @@ for b in "${batches[@]}"; do
     path="$att"; relative=tables
     [ "$att" = fused-rel ] && { path=fused; relative=kernel; }
     [ "$att" = fused-relfwd ] && { path=fused; relative=kernel-forward; }
+    echo "== [${SECONDS}s] ours, $att, batch $b"
     # stderr (breakdown, memory, the segment profile) to a file; its head to the console.
     DEBERTA_ATTENTION=$path DEBERTA_FUSED_RELATIVE=$relative timeout 500 gpu-bundle/deberta-worker bench --preset "$preset" --seq "$seq" --batch "$b" \
       --steps "$steps" --warmup "$warmup" --device cuda --profile 2> "$out/ours-$att-b$b.err" | tee -a "$out/ours-$att.jsonl" \
@@ -47,10 +52,9 @@ for b in "${batches[@]}"; do
         --warmup "$warmup" | tee -a "$out/hf.jsonl" \
         || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"HF baseline failed\"}" >> "$out/hf.jsonl"
     fi
+    save
   done
 done
-# Everything, the full profiles included, comes back under $OUT when the device runner sets it.
-[ -n "${OUT:-}" ] && cp -r "$out" "$OUT/"
 python3 - "$out" "${variants[@]}" <<'PY'
 import json, sys
 d = sys.argv[1]
