@@ -50,13 +50,13 @@ pub fn linear_warmup_decay(step: u64, peak: f64, warmup: u64, total: u64) -> f64
 }
 
 /// The update as one CUDA kernel (through `deberta_model::cuda`): one pass that reads the
-/// weights, gradients, moments and decay mask and writes weights and moments, where the tensor
-/// ops take ten passes and full-size temporaries.
+/// weights, gradients and moments and writes weights and moments, where the tensor ops take ten
+/// passes and full-size temporaries. One launch per run of the flat layout (`FlatAdamW::runs`),
+/// with `wd` 0 on the runs exempt from decay: no per-element mask.
 const ADAMW_SOURCE: &str = r#"
 extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
-                                      float* __restrict__ v, const unsigned char* __restrict__ decay, long long n,
-                                      float lr, float beta1, float beta2, float eps, float wd, float bc1, float bc2,
-                                      float gscale) {
+                                      float* __restrict__ v, long long n, float lr, float beta1, float beta2,
+                                      float eps, float wd, float bc1, float bc2, float gscale) {
   const float step = lr / bc1, shrink = 1.f - lr * wd;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
     const float gi = g[i] * gscale;  // the clip factor, applied on the fly
@@ -64,8 +64,7 @@ extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __rest
     const float vi = beta2 * v[i] + (1.f - beta2) * gi * gi;
     m[i] = mi;
     v[i] = vi;
-    const float pi = decay[i] ? p[i] * shrink : p[i];
-    p[i] = pi - step * mi / (sqrtf(vi / bc2) + eps);
+    p[i] = p[i] * shrink - step * mi / (sqrtf(vi / bc2) + eps);
   }
 }
 "#;
@@ -81,14 +80,14 @@ pub struct FlatAdamW {
     /// The gradients, flat: every parameter's `.grad` (libtorch accumulates in place) is a view
     /// of it, so the update reads them without gathering.
     grad: Tensor,
-    /// The decay mask as bytes, for the CUDA kernel.
-    decay_bytes: Tensor,
     /// Update with the CUDA kernel (on CUDA) or with tensor ops.
     pub kernel: bool,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    /// 1 where weight decay applies, 0 elsewhere.
-    decay_mask: Tensor,
+    /// (start, length, decays): the flat buffers as runs of parameters that all take weight
+    /// decay or all are exempt (at most four: sharded or replicated, decayed or not). A mask per
+    /// element would cost 1.5B bytes (and a float mask 4 bytes) per element at the 1.5B model.
+    runs: Vec<(i64, i64, bool)>,
     /// Updates taken (for the bias correction).
     pub steps: u64,
 }
@@ -96,36 +95,41 @@ pub struct FlatAdamW {
 impl FlatAdamW {
     /// Move `params` (name, tensor; fp32, one device) into one flat buffer: afterwards each
     /// parameter is a view of it, so the model and the optimizer share the master weights.
-    /// The tensor-parallel-sharded ones (`sharding_of`) come first in the buffer.
+    /// The tensor-parallel-sharded ones (`sharding_of`) come first in the buffer; within each
+    /// part, those that take weight decay come first (`runs`).
     pub fn new(params: &[(String, Tensor)], cfg: AdamWConfig) -> FlatAdamW {
         let device = params.first().map(|(_, p)| p.device()).unwrap_or(tch::Device::Cpu);
         let total: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
         let flat = Tensor::zeros([total], (Kind::Float, device));
         let grad = Tensor::zeros([total], (Kind::Float, device));
-        let decay_mask = Tensor::zeros([total], (Kind::Float, device));
         let replicated = |name: &str| sharding_of(name) == Sharding::Replicated;
-        let sharded: i64 = params
-            .iter()
-            .filter(|(name, _)| !replicated(name))
-            .map(|(_, p)| p.numel() as i64)
-            .sum();
+        // The four runs, in buffer order: (replicated, decays).
+        let order = [(false, true), (false, false), (true, true), (true, false)];
+        let mut runs = Vec::with_capacity(order.len());
+        let mut start = 0;
+        for (rep, dec) in order {
+            let len: i64 = params
+                .iter()
+                .filter(|(name, _)| replicated(name) == rep && decays(name) == dec)
+                .map(|(_, p)| p.numel() as i64)
+                .sum();
+            runs.push((start, len, dec));
+            start += len;
+        }
+        let sharded = runs[0].1 + runs[1].1;
+        let mut next: Vec<i64> = runs.iter().map(|r| r.0).collect();
         let mut list = Vec::with_capacity(params.len());
-        let (mut next_sharded, mut next_replicated) = (0, sharded);
         tch::no_grad(|| {
             for (name, p) in params {
-                let at = if replicated(name) {
-                    &mut next_replicated
-                } else {
-                    &mut next_sharded
-                };
-                let offset = *at;
+                let run = order
+                    .iter()
+                    .position(|&o| o == (replicated(name), decays(name)))
+                    .expect("every (replicated, decays) pair has a run");
+                let offset = next[run];
                 assert_eq!(p.kind(), Kind::Float, "{name}: master weights are fp32");
                 let n = p.numel() as i64;
                 let mut view = flat.narrow(0, offset, n);
                 view.copy_(&p.detach().reshape([-1]));
-                if decays(name) {
-                    let _ = decay_mask.narrow(0, offset, n).fill_(1.0);
-                }
                 let mut p = p.shallow_clone();
                 p.set_data(&view.view(p.size().as_slice()));
                 // The gradient too, when it exists (set_data on the handle rebinds p's .grad).
@@ -136,20 +140,20 @@ impl FlatAdamW {
                     g.set_data(&gview.view(p.size().as_slice()));
                 }
                 list.push((p, offset, n));
-                *at += n;
+                next[run] += n;
             }
         });
+        runs.retain(|r| r.1 > 0);
         FlatAdamW {
             cfg,
             params: list,
             sharded,
             exp_avg: flat.zeros_like(),
             exp_avg_sq: flat.zeros_like(),
-            decay_bytes: decay_mask.to_kind(Kind::Uint8),
             kernel: device.is_cuda(),
             flat,
             grad,
-            decay_mask,
+            runs,
             steps: 0,
         }
     }
@@ -218,8 +222,10 @@ impl FlatAdamW {
             let _ = self.exp_avg.g_add_(&(&g * (1.0 - c.beta1)));
             let _ = self.exp_avg_sq.g_mul_scalar_(c.beta2);
             let _ = self.exp_avg_sq.g_add_(&(&g * &g * (1.0 - c.beta2)));
-            // Decoupled weight decay: p <- p (1 - lr wd) where the mask allows it.
-            let _ = self.flat.g_mul_(&(&self.decay_mask * (-lr * c.weight_decay) + 1.0));
+            // Decoupled weight decay: p <- p (1 - lr wd) on the runs that take it.
+            for &(start, len, _) in self.runs.iter().filter(|r| r.2) {
+                let _ = self.flat.narrow(0, start, len).g_mul_scalar_(1.0 - lr * c.weight_decay);
+            }
             let denom = (&self.exp_avg_sq / bc2).sqrt() + c.eps;
             let _ = self.flat.g_sub_(&(&self.exp_avg / &denom * (lr / bc1)));
         });
@@ -231,30 +237,33 @@ impl FlatAdamW {
         let c = self.cfg;
         let m = cuda::load(self.flat.device(), ADAMW_SOURCE, "adamw.cu", &[], &[("adamw_step", 0)])
             .unwrap_or_else(|e| panic!("the AdamW kernel: {e}"));
-        let ptrs = [
-            ptr(&self.flat),
-            ptr(g),
-            ptr(&self.exp_avg),
-            ptr(&self.exp_avg_sq),
-            ptr(&self.decay_bytes),
-        ];
-        let n = self.flat.numel() as i64;
-        let scalars = [lr, c.beta1, c.beta2, c.eps, c.weight_decay, bc1, bc2, grad_scale].map(|x| x as f32);
-        let mut launch = m.stream.launch_builder(m.function("adamw_step"));
-        for a in &ptrs {
-            launch.arg(a);
+        for &(start, len, decays) in &self.runs {
+            let part = |t: &Tensor| t.narrow(0, start, len);
+            let ptrs = [
+                ptr(&part(&self.flat)),
+                ptr(&part(g)),
+                ptr(&part(&self.exp_avg)),
+                ptr(&part(&self.exp_avg_sq)),
+            ];
+            let wd = if decays { c.weight_decay } else { 0.0 };
+            let scalars = [lr, c.beta1, c.beta2, c.eps, wd, bc1, bc2, grad_scale].map(|x| x as f32);
+            let mut launch = m.stream.launch_builder(m.function("adamw_step"));
+            for a in &ptrs {
+                launch.arg(a);
+            }
+            launch.arg(&len);
+            for a in &scalars {
+                launch.arg(a);
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (132 * 8, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: every buffer holds `len` elements of the kernel's types from its pointer,
+            // on this device.
+            unsafe { launch.launch(cfg) }.unwrap_or_else(|e| panic!("the AdamW kernel: {e}"));
         }
-        launch.arg(&n);
-        for a in &scalars {
-            launch.arg(a);
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (132 * 8, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: every buffer holds n elements of the kernel's types, on this device.
-        unsafe { launch.launch(cfg) }.unwrap_or_else(|e| panic!("the AdamW kernel: {e}"));
     }
 
     /// Element count of the flat buffers.
@@ -455,6 +464,20 @@ mod tests {
         let got = ours.global_grad_norm(&single);
         assert!((got - want).abs() < 1e-6 * want, "{got} vs {want}");
         assert!(ours.sharded > 0 && ours.sharded < ours.len());
+        // The runs tile the buffer, and each parameter lies in a run of its own decay class and
+        // part (sharded first): the update decays by run, with no mask.
+        let mut end = 0;
+        for &(start, len, _) in &ours.runs {
+            assert_eq!(start, end, "runs {:?}", ours.runs);
+            end += len;
+        }
+        assert_eq!(end, ours.len());
+        assert_eq!(ours.runs.len(), 4, "all four classes are present: {:?}", ours.runs);
+        for ((name, _), (o, n)) in b.iter().zip(ours.layout()) {
+            let run = ours.runs.iter().find(|r| r.0 <= o && o + n <= r.0 + r.1).expect("inside a run");
+            assert_eq!(run.2, decays(name), "{name}");
+            assert_eq!(o < ours.sharded, sharding_of(name) != Sharding::Replicated, "{name}");
+        }
         let c = crate::grads::clip_factor(got, 1.0);
         assert!(c < 0.5, "the test wants a real clip: {c}");
         tch::no_grad(|| {
