@@ -5,21 +5,7 @@
 include!("../launcher/link_torch_cuda.rs");
 
 mod shim {
-    use std::process::Command;
-
-    fn torch_dir() -> Option<String> {
-        if let Ok(dir) = std::env::var("LIBTORCH") {
-            return Some(dir);
-        }
-        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-        let out = Command::new(python)
-            .args(["-c", "import torch,os;print(os.path.dirname(torch.__file__))"])
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-    }
+    include!("../launcher/torch_dir.rs");
 
     pub fn build() {
         println!("cargo:rerun-if-changed=csrc/autocast.cpp");

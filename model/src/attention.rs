@@ -8,7 +8,7 @@
 //! (biases kept, pitfall 2). R is the (LayerNorm'd) relative table with a fresh dropout per layer.
 
 use tch::nn::Path;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::config::DebertaConfig;
 use crate::fused_attention::CoreInputs;
@@ -204,6 +204,54 @@ impl DisentangledSelfAttention {
     /// The fused path's inputs (`fused_attention::CoreInputs`): q (scaled), k, v as
     /// [B, N, heads, d], then K_r per distance [heads, 2N-1, d] if c2p and Q_r per distance
     /// (scaled) if p2c, when `rel` is given. Self-attention shapes only (Nq = N).
+    /// The fused path's content projections by hand (a custom segment of the tape): q (scaled),
+    /// k, v as [B, N, heads, d] from x [B, N, D], in `kind` (bf16 under autocast), the weights
+    /// cast here. Nothing is kept: `project_content_backward` recasts x and the weights.
+    pub fn project_content(&self, x: &Tensor, kind: Kind) -> Vec<Tensor> {
+        let (b, n, _) = x.size3().expect("[batch, seq, hidden]");
+        let xc = x.to_kind(kind);
+        let proj = |l: &Linear| {
+            xc.linear(&l.weight.to_kind(kind), l.bias.as_ref().map(|t| t.to_kind(kind)))
+                .view([b, n, -1, self.head_size])
+        };
+        vec![
+            proj(&self.query_proj) * self.scale,
+            proj(&self.key_proj),
+            proj(&self.value_proj),
+        ]
+    }
+
+    /// Backward of `project_content` for dL/dq, dL/dk, dL/dv ([B, N, heads, d]): adds the
+    /// projections' gradients; returns dL/dx in x's kind (this rank's heads' part under TP).
+    /// One GEMM each for dx and the weights over [dq dk dv], so dx is summed in the GEMM's fp32
+    /// accumulator, as autocast's three fp32 casts would sum it.
+    pub fn project_content_backward(&self, x: &Tensor, grads: [&Tensor; 3], kind: Kind) -> Tensor {
+        let d = x.size()[2];
+        let local = grads[0].size()[2] * grads[0].size()[3];
+        let rows = |t: &Tensor| t.reshape([-1, local]).to_kind(kind);
+        let dqkv = Tensor::cat(&[rows(grads[0]) * self.scale, rows(grads[1]), rows(grads[2])], 1); // [B·N, 3·local]
+        let lin = [&self.query_proj, &self.key_proj, &self.value_proj];
+        let w = Tensor::cat(&lin.map(|l| l.weight.to_kind(kind)), 0); // [3·local, D]
+        let dw = dqkv.tr().mm(&x.to_kind(kind).reshape([-1, d]));
+        let db = dqkv.sum_dim_intlist(0, false, Kind::Float);
+        for (i, l) in lin.iter().enumerate() {
+            let at = i as i64 * local;
+            crate::nn::accumulate_grad(&l.weight, &dw.narrow(0, at, local));
+            if let Some(bias) = &l.bias {
+                crate::nn::accumulate_grad(bias, &db.narrow(0, at, local));
+            }
+        }
+        dqkv.mm(&w).view(x.size().as_slice()).to_kind(x.kind())
+    }
+
+    /// The fused path's relative tables (`distance_tables`) as a list, K_r then Q_r, in `kind`.
+    /// Computed in fp32 even under autocast: the [2S, D] products are small, and the graph then
+    /// keeps the projection weights themselves rather than bf16 copies of them.
+    pub fn relative_tables(&self, rel: &RelativeContext, train: bool, kind: Kind) -> Vec<Tensor> {
+        let (k_r, q_r) = tch::autocast(false, || self.distance_tables(rel, train));
+        k_r.into_iter().chain(q_r).map(|t| t.to_kind(kind)).collect()
+    }
+
     pub fn project(&self, x: &Tensor, xq: &Tensor, rel: Option<&RelativeContext>, train: bool) -> Vec<Tensor> {
         let (b, n, _) = x.size3().expect("[batch, seq, hidden]");
         let heads = |t: Tensor| t.view([b, n, -1, self.head_size]);

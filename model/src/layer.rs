@@ -9,7 +9,7 @@
 //! the residual, so the branch's partial input gradient can be summed over TP at the boundary.
 
 use tch::nn::Path;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::attention::{DisentangledSelfAttention, RelativeContext};
 use crate::config::{Activation, DebertaConfig};
@@ -47,6 +47,76 @@ impl DenseResidualNorm {
         let y = self.dense.reduce_and_add_bias(z, g).dropout(self.dropout, train);
         self.layer_norm.forward(&(y + residual))
     }
+
+    /// `from_partial` without a graph, keeping for `backward_saved` only the LayerNorm's 1/σ
+    /// and the dropout mask besides the output y (which the caller keeps anyway: it is the next
+    /// sublayer's input). Autograd would keep the LayerNorm's fp32 input as well. The same
+    /// values as `from_partial` (on CUDA the same dropout draws: `dropout` runs `native_dropout`
+    /// there).
+    pub fn from_partial_saving(
+        &self,
+        z: &Tensor,
+        residual: &Tensor,
+        g: &dyn Fn(&Tensor) -> Tensor,
+        train: bool,
+    ) -> (Tensor, NormSaved) {
+        let o = self.dense.reduce_and_add_bias(z, g); // fp32: the bias is
+        let (o, keep) = if train && self.dropout > 0.0 {
+            let (o, keep) = o.native_dropout(self.dropout, true);
+            (o, Some(keep))
+        } else {
+            (o, None)
+        };
+        let (y, rstd) = self.layer_norm.forward_saving(&(o + residual));
+        let saved = NormSaved {
+            y: y.shallow_clone(),
+            rstd,
+            keep,
+        };
+        (y, saved)
+    }
+
+    /// Backward of `from_partial_saving` for dL/dy: adds the bias's and the LayerNorm's
+    /// gradients; returns (dL/dz, dL/dresidual), dz in fp32 (g's backward is the identity).
+    pub fn backward_saved(&self, saved: &NormSaved, dy: &Tensor) -> (Tensor, Tensor) {
+        let ds = self.layer_norm.backward_from_output(&saved.y, &saved.rstd, dy);
+        let dz = match &saved.keep {
+            Some(keep) => Tensor::native_dropout_backward(&ds, keep, 1.0 / (1.0 - self.dropout)),
+            None => ds.shallow_clone(),
+        };
+        let d = dz.size()[dz.dim() - 1];
+        crate::nn::accumulate_grad(
+            &self.dense.bias,
+            &dz.reshape([-1, d]).sum_dim_intlist(0, false, Kind::Float),
+        );
+        (dz, ds)
+    }
+
+    /// The dense layer's partial product x W^T by hand, in `kind` (bf16 under autocast).
+    pub fn partial_by_hand(&self, x: &Tensor, kind: Kind) -> Tensor {
+        x.to_kind(kind).linear::<Tensor>(&self.dense.weight.to_kind(kind), None)
+    }
+
+    /// Backward of `partial_by_hand` for dL/dpartial: adds W's gradient (the weight recast, not
+    /// kept); returns dL/dx in x's kind.
+    pub fn partial_backward(&self, x: &Tensor, dz: &Tensor, kind: Kind) -> Tensor {
+        let w = self.dense.weight.to_kind(kind); // [D, in / tp]
+        let dz = dz.to_kind(kind);
+        let (d, i) = (w.size()[0], w.size()[1]);
+        let dw = dz.reshape([-1, d]).tr().mm(&x.to_kind(kind).reshape([-1, i]));
+        crate::nn::accumulate_grad(&self.dense.weight, &dw);
+        dz.matmul(&w).to_kind(x.kind())
+    }
+}
+
+/// What `DenseResidualNorm::from_partial_saving` keeps for its backward.
+pub struct NormSaved {
+    /// The output (the caller's boundary: no extra memory).
+    y: Tensor,
+    /// The LayerNorm's 1/σ, [..., 1].
+    rstd: Tensor,
+    /// The dropout's mask (bool), in training.
+    keep: Option<Tensor>,
 }
 
 #[derive(Debug)]
@@ -146,6 +216,29 @@ impl Layer {
         let dw2 = dz.reshape([-1, d]).tr().mm(&f.reshape([-1, f.size()[f.dim() - 1]]));
         crate::nn::accumulate_grad(&self.output.dense.weight, &dw2);
         self.act.backward(&dz.matmul(&w2), h)
+    }
+
+    /// `ffn_pre_activation` by hand (for a custom segment): h in `kind` (bf16 under autocast),
+    /// with the weights cast here and nothing kept: `ffn_pre_activation_backward` recasts a.
+    pub fn ffn_pre_activation_by_hand(&self, a: &Tensor, kind: Kind) -> Tensor {
+        let l = &self.intermediate;
+        a.to_kind(kind)
+            .linear(&l.weight.to_kind(kind), l.bias.as_ref().map(|b| b.to_kind(kind)))
+    }
+
+    /// Backward of `ffn_pre_activation_by_hand`: adds W1's and b1's gradients; returns dL/da
+    /// in a's kind (this rank's part under TP: W1 is column-parallel).
+    pub fn ffn_pre_activation_backward(&self, a: &Tensor, dh: &Tensor, kind: Kind) -> Tensor {
+        let l = &self.intermediate;
+        let w = l.weight.to_kind(kind); // [F / tp, D]
+        let dh = dh.to_kind(kind);
+        let (f, d) = (w.size()[0], w.size()[1]);
+        let rows = dh.reshape([-1, f]);
+        crate::nn::accumulate_grad(&l.weight, &rows.tr().mm(&a.to_kind(kind).reshape([-1, d])));
+        if let Some(b) = &l.bias {
+            crate::nn::accumulate_grad(b, &rows.sum_dim_intlist(0, false, Kind::Float));
+        }
+        dh.matmul(&w).to_kind(a.kind())
     }
 
     /// LN2(Dropout(g(z) + b2) + a_res) from `ffn_partial`'s z.

@@ -3,7 +3,7 @@
 use tch::nn::Path;
 use tch::{Kind, Reduction, Tensor};
 
-use crate::attention::{attention_mask, RelativeContext, RelativePath};
+use crate::attention::{attention_mask, DisentangledSelfAttention, RelativeContext, RelativePath};
 use crate::config::DebertaConfig;
 use crate::embeddings::Embeddings;
 use crate::emd::{enhanced_mask_decoder, enhanced_mask_decoder_at, MlmHead, Predicted, EMD_STEPS};
@@ -11,7 +11,8 @@ use crate::encoder::Encoder;
 use crate::error::ModelError;
 use crate::fused_attention;
 use crate::heads::{SequenceClassifier, TaskHead};
-use crate::layer::Layer;
+use crate::layer::{DenseResidualNorm, Layer};
+use crate::nn::compute_kind;
 use crate::rel_pos::relative_index;
 use crate::segments::{Boundary, CustomBackward, Input, Tape};
 use crate::tensor_parallel::{reduce_from_tp, vocab_parallel_cross_entropy_padded, TpShard};
@@ -238,12 +239,58 @@ struct RowQueries {
 /// seeded tape (the recomputing one): recomputed, h would be a stored boundary four times the
 /// size of `a`; and it seeds each segment's dropout from its index, so the segment count must
 /// not depend on whether it recomputes.
-fn ffn_segments<'c>(tape: &mut Tape<'c>, layer: &'c Layer, a: Boundary, train: bool) -> Boundary {
+/// With `by_hand` (`hand_written`), W1 and the output are hand-written segments too.
+fn ffn_segments<'c>(tape: &mut Tape<'c>, layer: &'c Layer, a: Boundary, train: bool, by_hand: bool) -> Boundary {
     if tape.is_seeded() || !layer.ffn_split_saves_memory() {
         ffn_one_segment(tape, layer, a, train)
     } else {
-        ffn_act_recomputed(tape, layer, a, train)
+        ffn_act_recomputed(tape, layer, a, train, by_hand)
     }
+}
+
+/// Whether the layers' sublayers are hand-written segments (`Tape::custom`) rather than autograd
+/// ones: on the fused path (the bf16 training path on CUDA), when the tape keeps activations.
+/// They keep less than autograd would: no bf16 copies of the GEMMs' inputs and weights (recast
+/// in backward), no LayerNorm input (its backward starts from the output), and they need no
+/// `sum(out * g)` objective. The recomputing tape re-runs autograd segments instead.
+fn hand_written(tape: &Tape, enc: &SegmentedEncoding) -> bool {
+    !tape.is_seeded() && RelativePath::for_device(enc.mask.device()) == RelativePath::Fused
+}
+
+/// `DenseResidualNorm::from_partial_saving` as a custom segment over (partial-product input,
+/// residual): `partial` computes this rank's partial product from the first input (and its kind),
+/// `partial_backward` its input's gradient from the partial product's.
+fn residual_norm_segment<'c>(
+    tape: &mut Tape<'c>,
+    out: &'c DenseResidualNorm,
+    inputs: [Boundary; 2],
+    train: bool,
+    dense: bool,
+) -> Boundary {
+    let tp = tape.tp();
+    tape.custom(&inputs, move |x| {
+        let (input, residual) = (x[0].shallow_clone(), &x[1]);
+        let kind = compute_kind(&input);
+        let g = |t: &Tensor| reduce_from_tp(t, tp);
+        let z = if dense {
+            out.partial_by_hand(&input, kind)
+        } else {
+            input.shallow_clone()
+        };
+        let (y, saved) = out.from_partial_saving(&z, residual, &g, train);
+        drop(z);
+        let backward: CustomBackward<'c> = Box::new(move |dy| {
+            let Some(dy) = &dy[0] else { return Vec::new() };
+            let (dz, dres) = out.backward_saved(&saved, dy);
+            let dinput = if dense {
+                out.partial_backward(&input, &dz, kind)
+            } else {
+                dz.to_kind(input.kind())
+            };
+            vec![Some(dinput), Some(dres)]
+        });
+        (vec![y], backward)
+    })[0]
 }
 
 fn ffn_one_segment<'c>(tape: &mut Tape<'c>, layer: &'c Layer, a: Boundary, train: bool) -> Boundary {
@@ -255,10 +302,22 @@ fn ffn_one_segment<'c>(tape: &mut Tape<'c>, layer: &'c Layer, a: Boundary, train
     })[0]
 }
 
-fn ffn_act_recomputed<'c>(tape: &mut Tape<'c>, layer: &'c Layer, a: Boundary, train: bool) -> Boundary {
+fn ffn_act_recomputed<'c>(tape: &mut Tape<'c>, layer: &'c Layer, a: Boundary, train: bool, by_hand: bool) -> Boundary {
     let tp = tape.tp();
     tape.set_label("ffn: W1");
-    let h = tape.segment(&[a], move |inp| vec![layer.ffn_pre_activation(&inp[0].tp)])[0];
+    let h = if by_hand {
+        // W1 is column-parallel: a's gradient from here is this rank's part.
+        tape.custom_partial(&[a], move |x| {
+            let a = x[0].shallow_clone();
+            let kind = compute_kind(&a);
+            let h = layer.ffn_pre_activation_by_hand(&a, kind);
+            let backward: CustomBackward<'c> =
+                Box::new(move |dh| vec![dh[0].as_ref().map(|dh| layer.ffn_pre_activation_backward(&a, dh, kind))]);
+            (vec![h], backward)
+        })[0]
+    } else {
+        tape.segment(&[a], move |inp| vec![layer.ffn_pre_activation(&inp[0].tp)])[0]
+    };
     tape.set_label("ffn: act + W2");
     let z = tape.custom(&[h], move |x| {
         let h = x[0].shallow_clone();
@@ -268,6 +327,9 @@ fn ffn_act_recomputed<'c>(tape: &mut Tape<'c>, layer: &'c Layer, a: Boundary, tr
         (vec![z], backward)
     })[0];
     tape.set_label("ffn: output");
+    if by_hand {
+        return residual_norm_segment(tape, &layer.output, [z, a], train, false);
+    }
     tape.segment(&[z, a], move |inp| {
         let g = |x: &Tensor| reduce_from_tp(x, tp);
         vec![layer.ffn_output(&inp[0].rep, &inp[1].rep, &g, train)]
@@ -306,15 +368,80 @@ fn attention_segments<'c>(
     }
     let att = &layer.attention;
     let has_rel = rel_idx.is_some();
+    let by_hand = hand_written(tape, enc) && kv == q;
     // This rank's heads' q, k, v and relative tables.
-    tape.set_label("attention: projections");
-    let parts = tape.segment(&enc.with_rel(&[kv, q]), move |inp| {
-        let rc = rel_ctx(&rel_idx, inp, 2);
-        att.project(&inp[0].tp, &inp[1].tp, rc.as_ref(), train)
-    });
+    let parts = if by_hand {
+        // The relative tables first: this layer's first segment, which backward reaches last.
+        let tables = match (enc.rel, &rel_idx) {
+            (Some(rel), Some(idx)) => {
+                tape.set_label("attention: relative tables");
+                let idx = idx.shallow_clone();
+                tape.segment(&[rel], move |inp| {
+                    let rc = rel_ctx(&Some(idx.shallow_clone()), inp, 0).expect("relative attention");
+                    att.relative_tables(&rc, train, compute_kind(&inp[0].tp))
+                })
+            }
+            _ => Vec::new(),
+        };
+        tape.set_label("attention: projections");
+        // Column-parallel: x's gradient from here is this rank's heads' part.
+        let mut parts = tape.custom_partial(&[kv], move |x| {
+            let x = x[0].shallow_clone();
+            let kind = compute_kind(&x);
+            let qkv = att.project_content(&x, kind);
+            let backward: CustomBackward<'c> = Box::new(move |g| {
+                let [Some(dq), Some(dk), Some(dv)] = [&g[0], &g[1], &g[2]] else {
+                    unreachable!("the attention core returns all of q's, k's and v's gradients")
+                };
+                vec![Some(att.project_content_backward(&x, [dq, dk, dv], kind))]
+            });
+            (qkv, backward)
+        });
+        parts.extend(tables);
+        parts
+    } else {
+        autograd_projections(tape, att, kv, q, enc, rel_idx, train)
+    };
     let mask = enc.mask.shallow_clone();
     tape.set_label("attention: core");
-    let ctx = tape.custom(&parts, move |values| {
+    let ctx = fused_core(tape, att, parts, has_rel, mask, train);
+    tape.set_label("attention: output");
+    if by_hand {
+        return residual_norm_segment(tape, &layer.attention_output, [ctx, q], train, true);
+    }
+    tape.segment(&[ctx, q], move |inp| {
+        let g = |x: &Tensor| reduce_from_tp(x, tp);
+        vec![layer.attention_output.forward(&inp[0].rep, &inp[1].rep, &g, train)]
+    })[0]
+}
+
+/// The fused path's projections as one autograd segment: q, k, v and the relative tables.
+fn autograd_projections<'c>(
+    tape: &mut Tape<'c>,
+    att: &'c DisentangledSelfAttention,
+    kv: Boundary,
+    q: Boundary,
+    enc: &SegmentedEncoding,
+    rel_idx: Option<Tensor>,
+    train: bool,
+) -> Vec<Boundary> {
+    tape.set_label("attention: projections");
+    tape.segment(&enc.with_rel(&[kv, q]), move |inp| {
+        let rc = rel_ctx(&rel_idx, inp, 2);
+        att.project(&inp[0].tp, &inp[1].tp, rc.as_ref(), train)
+    })
+}
+
+/// The fused attention core as a custom segment over `parts` (q, k, v, then K_r and Q_r).
+fn fused_core<'c>(
+    tape: &mut Tape<'c>,
+    att: &'c DisentangledSelfAttention,
+    parts: Vec<Boundary>,
+    has_rel: bool,
+    mask: Tensor,
+    train: bool,
+) -> Boundary {
+    tape.custom(&parts, move |values| {
         let x = att.core_inputs(values, has_rel, &mask, train);
         // The kernels' dropout seed, from the (tape-seeded) CPU generator: no device sync.
         let seed = Tensor::randint(i64::MAX, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0]) as u64;
@@ -330,11 +457,6 @@ fn attention_segments<'c>(
             out
         });
         (vec![ctx], backward)
-    })[0];
-    tape.set_label("attention: output");
-    tape.segment(&[ctx, q], move |inp| {
-        let g = |x: &Tensor| reduce_from_tp(x, tp);
-        vec![layer.attention_output.forward(&inp[0].rep, &inp[1].rep, &g, train)]
     })[0]
 }
 
@@ -401,7 +523,8 @@ impl DebertaV2 {
             if mark_ready {
                 tape.mark_ready_at(first, i);
             }
-            let mut y = ffn_segments(tape, layer, a, train);
+            let by_hand = hand_written(tape, &enc);
+            let mut y = ffn_segments(tape, layer, a, train, by_hand);
             if i == 0 {
                 if let Some(conv) = &self.encoder.conv {
                     let mask_f = enc.mask.shallow_clone();
@@ -459,7 +582,7 @@ impl DebertaV2 {
             let last = self.encoder.layers.last().unwrap();
             for _ in 0..EMD_STEPS {
                 let a = attention_segments(tape, last, h_kv, q, &enc, Some(&rows), train);
-                q = ffn_segments(tape, last, a, train);
+                q = ffn_segments(tape, last, a, train, hand_written(tape, &enc));
             }
             q
         };
@@ -523,9 +646,9 @@ mod tests {
     use crate::config::Activation;
     use tch::nn::VarStore;
 
-    /// The FFN with act(h) recomputed in backward equals the one-segment FFN: output, the
-    /// input's gradient and every parameter's, with dropout on (the same draws) and for each
-    /// activation (their hand-written derivatives).
+    /// The FFN with act(h) recomputed in backward, and the FFN of hand-written segments, equal
+    /// the one-segment FFN: output, the input's gradient and every parameter's, with dropout on
+    /// (the same draws) and for each activation (their hand-written derivatives).
     #[test]
     fn the_ffn_with_act_recomputed_equals_the_one_segment_ffn() {
         for act in [
@@ -544,7 +667,7 @@ mod tests {
             let layer = &model.encoder.layers[0];
             let x = Tensor::randn([2, 7, cfg.hidden_size], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
             let w = Tensor::randn([2, 7, cfg.hidden_size], (Kind::Float, tch::Device::Cpu));
-            let run = |split: bool| {
+            let run = |split: Option<bool>| {
                 for v in vs.trainable_variables().iter().chain([&x]) {
                     let mut g = v.grad();
                     if g.defined() {
@@ -556,8 +679,8 @@ mod tests {
                 let xs = x.shallow_clone();
                 let a = tape.segment(&[], move |_| vec![&xs * 1.0])[0];
                 let y = match split {
-                    true => ffn_act_recomputed(&mut tape, layer, a, true),
-                    false => ffn_one_segment(&mut tape, layer, a, true),
+                    Some(by_hand) => ffn_act_recomputed(&mut tape, layer, a, true, by_hand),
+                    None => ffn_one_segment(&mut tape, layer, a, true),
                 };
                 let w = w.shallow_clone();
                 let loss = tape.segment(&[y], move |inp| vec![(&inp[0].rep * &w).sum(Kind::Float)])[0];
@@ -574,18 +697,23 @@ mod tests {
                 (y, grads)
             };
             // The split first: W2's gradient does not exist yet (`accumulate_grad` creates it).
-            let (y2, g2) = run(true);
-            let (y1, g1) = run(false);
-            assert!(y1.allclose(&y2, 1e-6, 1e-6, false), "{act:?}: outputs differ");
+            // Then every segment by hand (W1, act + W2, and the output's LayerNorm backward from
+            // its output; `native_dropout` draws what `dropout` draws on the CPU too).
+            let (y2, g2) = run(Some(false));
+            let (y3, g3) = run(Some(true));
+            let (y1, g1) = run(None);
             let names = |g: &[(String, Tensor)]| g.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
-            assert_eq!(names(&g1), names(&g2), "{act:?}");
             // W1, b1, W2, b2, LayerNorm's two and the input.
             assert_eq!(g1.len(), 7, "{act:?}: {:?}", names(&g1));
             assert!(names(&g1).iter().any(|n| n.ends_with("layer.0.output.dense.weight")));
-            for ((name, a), (_, b)) in g1.iter().zip(&g2) {
-                let scale = a.abs().max().double_value(&[]).max(1e-3);
-                let diff = (a - b).abs().max().double_value(&[]);
-                assert!(diff < 1e-5 * scale, "{act:?} {name}: {diff:e} (of {scale:e})");
+            for (how, y, g) in [("split", y2, g2), ("by hand", y3, g3)] {
+                assert!(y1.allclose(&y, 1e-6, 1e-6, false), "{act:?} {how}: outputs differ");
+                assert_eq!(names(&g1), names(&g), "{act:?} {how}");
+                for ((name, a), (_, b)) in g1.iter().zip(&g) {
+                    let scale = a.abs().max().double_value(&[]).max(1e-3);
+                    let diff = (a - b).abs().max().double_value(&[]);
+                    assert!(diff < 1e-5 * scale, "{act:?} {how} {name}: {diff:e} (of {scale:e})");
+                }
             }
         }
     }

@@ -3,7 +3,7 @@
 //! biases, LayerNorm (1, 0).
 
 use tch::nn::{Init, Path};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// y = x W^T + b, W: [out, in].
 #[derive(Debug)]
@@ -92,8 +92,97 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let dim = *self.weight.size().last().expect("LayerNorm weight is 1-D");
-        x.layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+        x.layer_norm([self.dim()], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+
+    fn dim(&self) -> i64 {
+        *self.weight.size().last().expect("LayerNorm weight is 1-D")
+    }
+
+    /// `forward` (the same kernel) and its 1/σ per row ([..., 1], fp32), for
+    /// `backward_from_output`.
+    pub fn forward_saving(&self, x: &Tensor) -> (Tensor, Tensor) {
+        let (y, _mean, rstd) = x.native_layer_norm([self.dim()], Some(&self.weight), Some(&self.bias), self.eps);
+        (y, rstd)
+    }
+
+    /// Backward from the output y and 1/σ, so that the input need not be kept: x̂ = (y - β) / γ
+    /// (as Apex's memory-efficient LayerNorm; exact while no weight is 0, where it would give a
+    /// non-finite gradient, which the trainer reports and skips). Adds dγ and dβ to the
+    /// parameters' `.grad`; returns dL/dx.
+    pub fn backward_from_output(&self, y: &Tensor, rstd: &Tensor, dy: &Tensor) -> Tensor {
+        let inv = self.weight.reciprocal(); // [D]
+        let xhat = (-&self.bias * &inv).addcmul(y, &inv); // -β/γ + y/γ, one pass
+        let (dx, dw, db) = ops::layer_norm_backward(&dy.to_kind(y.kind()), &xhat, rstd, &self.weight);
+        accumulate_grad(&self.weight, &dw);
+        accumulate_grad(&self.bias, &db);
+        dx
+    }
+}
+
+/// The kind the matmuls run in: bf16 for fp32 CUDA tensors under autocast (what autocast would
+/// cast them to), else the tensor's own. For hand-written segments, which cast once themselves.
+pub fn compute_kind(x: &Tensor) -> Kind {
+    // SAFETY: a plain read of libtorch's thread-local (CUDA) autocast flag.
+    let autocast = unsafe { torch_sys::at_autocast_is_enabled() } == 1;
+    if autocast && x.device().is_cuda() && x.kind() == Kind::Float {
+        Kind::BFloat16
+    } else {
+        x.kind()
+    }
+}
+
+/// libtorch ops that tch does not wrap (`csrc/ops.cpp`).
+mod ops {
+    use tch::Tensor;
+    use torch_sys::C_tensor;
+
+    extern "C" {
+        fn deberta_layer_norm_backward(
+            dy: *const C_tensor,
+            xhat: *const C_tensor,
+            rstd: *const C_tensor,
+            weight: *const C_tensor,
+            dx: *mut *mut C_tensor,
+            dweight: *mut *mut C_tensor,
+            dbias: *mut *mut C_tensor,
+            err: *mut std::ffi::c_char,
+            errlen: usize,
+        ) -> i32;
+    }
+
+    /// LayerNorm's backward from x̂ and 1/σ: (dx, dγ, dβ). See `ops.cpp`.
+    pub fn layer_norm_backward(dy: &Tensor, xhat: &Tensor, rstd: &Tensor, weight: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let mut out = [std::ptr::null_mut(); 3];
+        let mut err = [0 as std::ffi::c_char; 512];
+        let [dx, dw, db] = &mut out;
+        // SAFETY: valid tensors in, three fresh tensors out (owned from here) or an error.
+        let rc = unsafe {
+            deberta_layer_norm_backward(
+                dy.as_ptr(),
+                xhat.as_ptr(),
+                rstd.as_ptr(),
+                weight.as_ptr(),
+                dx,
+                dw,
+                db,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        if rc != 0 {
+            // SAFETY: the shim wrote a NUL-terminated message.
+            let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+            panic!("layer_norm_backward: {}", msg.to_string_lossy());
+        }
+        // SAFETY: the shim allocated each with `new at::Tensor`, which Tensor's drop frees.
+        unsafe {
+            (
+                Tensor::from_ptr(out[0]),
+                Tensor::from_ptr(out[1]),
+                Tensor::from_ptr(out[2]),
+            )
+        }
     }
 }
 

@@ -61,8 +61,9 @@ struct Segment<'c> {
     outputs: Vec<(usize, Tensor)>,
     /// Recomputation: the forward, its output boundaries and its dropout seed.
     rerun: Option<(Forward<'c>, Vec<usize>, i64)>,
-    /// A custom segment (`Tape::custom`): its hand-written backward and output boundaries.
-    custom: Option<(CustomBackward<'c>, Vec<usize>)>,
+    /// A custom segment (`Tape::custom`): its hand-written backward, output boundaries, and
+    /// whether its input gradients are this rank's part only (`Tape::custom_partial`).
+    custom: Option<(CustomBackward<'c>, Vec<usize>, bool)>,
 }
 
 /// Per-segment dropout seeding and recomputation (see `Tape::seeded`).
@@ -125,7 +126,8 @@ impl<'c> Tape<'c> {
         }
     }
 
-    /// Whether each segment's dropout is seeded from its index (`Tape::seeded`).
+    /// Whether each segment's dropout is seeded from its index (`Tape::seeded`; the tape that
+    /// recomputes is seeded).
     pub fn is_seeded(&self) -> bool {
         self.seeding.is_some()
     }
@@ -231,6 +233,26 @@ impl<'c> Tape<'c> {
         inputs: &[Boundary],
         f: impl FnOnce(&[Tensor]) -> (Vec<Tensor>, CustomBackward<'c>),
     ) -> Vec<Boundary> {
+        self.custom_with(inputs, false, f)
+    }
+
+    /// `custom` for a segment whose input gradients are only this rank's part, like a `tp`
+    /// leaf's (inputs that feed column-parallel projections): they are summed over TP at the
+    /// boundary.
+    pub fn custom_partial(
+        &mut self,
+        inputs: &[Boundary],
+        f: impl FnOnce(&[Tensor]) -> (Vec<Tensor>, CustomBackward<'c>),
+    ) -> Vec<Boundary> {
+        self.custom_with(inputs, true, f)
+    }
+
+    fn custom_with(
+        &mut self,
+        inputs: &[Boundary],
+        partial: bool,
+        f: impl FnOnce(&[Tensor]) -> (Vec<Tensor>, CustomBackward<'c>),
+    ) -> Vec<Boundary> {
         if let Some(s) = self.seeding {
             tch::manual_seed(Self::segment_seed(s.seed, self.segments.len()));
         }
@@ -257,7 +279,7 @@ impl<'c> Tape<'c> {
             inputs: ids.into_iter().map(|b| (b, no_leaf())).collect(),
             outputs: Vec::new(),
             rerun: None,
-            custom: Some((backward, handles.iter().map(|b| b.0).collect())),
+            custom: Some((backward, handles.iter().map(|b| b.0).collect(), partial)),
         });
         handles
     }
@@ -335,7 +357,7 @@ impl<'c> Tape<'c> {
     }
 
     fn backward_segment(&mut self, mut seg: Segment) {
-        if let Some((backward, out_ids)) = seg.custom.take() {
+        if let Some((backward, out_ids, partial)) = seg.custom.take() {
             let grads: Vec<Option<Tensor>> = out_ids.iter().map(|&id| self.full_grad(id)).collect();
             if grads.iter().all(Option::is_none) {
                 return;
@@ -343,7 +365,15 @@ impl<'c> Tape<'c> {
             let input_grads = tch::no_grad(|| backward(&grads));
             for ((id, _), g) in seg.inputs.into_iter().zip(input_grads) {
                 if let Some(g) = g {
-                    accumulate(&mut self.boundaries[id].rep_grad, g);
+                    let state = &mut self.boundaries[id];
+                    accumulate(
+                        if partial {
+                            &mut state.tp_grad
+                        } else {
+                            &mut state.rep_grad
+                        },
+                        g,
+                    );
                 }
             }
             return;

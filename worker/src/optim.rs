@@ -474,7 +474,11 @@ mod tests {
         assert_eq!(end, ours.len());
         assert_eq!(ours.runs.len(), 4, "all four classes are present: {:?}", ours.runs);
         for ((name, _), (o, n)) in b.iter().zip(ours.layout()) {
-            let run = ours.runs.iter().find(|r| r.0 <= o && o + n <= r.0 + r.1).expect("inside a run");
+            let run = ours
+                .runs
+                .iter()
+                .find(|r| r.0 <= o && o + n <= r.0 + r.1)
+                .expect("inside a run");
             assert_eq!(run.2, decays(name), "{name}");
             assert_eq!(o < ours.sharded, sharding_of(name) != Sharding::Replicated, "{name}");
         }
