@@ -29,14 +29,15 @@ pub const SOURCE: &str = include_str!("kernels/disentangled_attention.cu");
 /// How the kernels get the relative terms c2p and p2c.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelativeTerms {
-    /// From the [H, B*N, 2N] tables that two GEMMs per head write first (measured on the H100).
+    /// From the [H, B*N, 2N] tables that two GEMMs per head write first.
     Tables,
     /// Computed inside the kernels from K_r and Q_r, a 128-row window per tile on the tensor
     /// cores: no tables (`dattn_fwd_rel`, `dattn_bwd_*_rel`). Backward adds their part of dq
     /// and dk in the kernels and sums the table gradients per distance from per-block partials
     /// (`dattn_rel_reduce`): no atomics.
     InKernel,
-    /// Inside the forward kernel only; backward from the tables (to measure each half).
+    /// Inside the forward kernel only; backward from the tables. The default: the fastest of
+    /// the three on the H100 (docs/performance.md), if by little.
     InKernelForward,
 }
 
@@ -46,8 +47,8 @@ thread_local! {
 }
 
 impl RelativeTerms {
-    /// `DEBERTA_FUSED_RELATIVE=tables|kernel|kernel-forward` (default tables); another value is
-    /// an error.
+    /// `DEBERTA_FUSED_RELATIVE=tables|kernel|kernel-forward` (default kernel-forward); another
+    /// value is an error.
     pub fn chosen() -> Result<RelativeTerms, String> {
         if let Some(rel) = RELATIVE_OVERRIDE.with(|o| o.get()) {
             return Ok(rel);
@@ -56,9 +57,9 @@ impl RelativeTerms {
         static FROM_ENV: std::sync::OnceLock<Result<RelativeTerms, String>> = std::sync::OnceLock::new();
         FROM_ENV
             .get_or_init(|| match std::env::var("DEBERTA_FUSED_RELATIVE").as_deref() {
-                Err(_) | Ok("tables") => Ok(RelativeTerms::Tables),
+                Ok("tables") => Ok(RelativeTerms::Tables),
                 Ok("kernel") => Ok(RelativeTerms::InKernel),
-                Ok("kernel-forward") => Ok(RelativeTerms::InKernelForward),
+                Err(_) | Ok("kernel-forward") => Ok(RelativeTerms::InKernelForward),
                 Ok(other) => Err(format!(
                     "DEBERTA_FUSED_RELATIVE={other}: expected tables, kernel or kernel-forward"
                 )),
@@ -326,6 +327,9 @@ fn shared_bytes(head_dim: i64) -> Shared {
     }
 }
 
+/// The longest sequence the kernels take: the dropout hash packs (query, key) into 32 bits.
+pub const MAX_SEQ: i64 = 1 << 16;
+
 fn head_dim_ok(head_dim: i64) -> Result<(), String> {
     if head_dim % 16 != 0 || head_dim > 64 {
         return Err(format!(
@@ -466,6 +470,11 @@ fn kernel_forward(x: &CoreInputs, seed: u64, rel: RelativeTerms) -> Result<(Tens
     };
     stage("forward: tables (2 GEMMs) or K_r, Q_r in bf16");
     let (b, n, h, _) = o.q.size4().map_err(|e| e.to_string())?;
+    if n > MAX_SEQ {
+        return Err(format!(
+            "the fused attention kernel takes sequences of up to {MAX_SEQ} tokens (its dropout hash packs a query and a key index into 32 bits), not {n}"
+        ));
+    }
     let out = Tensor::empty([b, n, h, d], (Kind::BFloat16, x.q.device()));
     let lse = Tensor::empty([b, h, n], (Kind::Float, x.q.device()));
     let args = [
@@ -606,7 +615,13 @@ pub fn kernel_dropout_mask(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let args = [arg(&keep), Arg::I64(total), Arg::F32(p as f32), Arg::U64(seed)];
+    let args = [
+        arg(&keep),
+        Arg::I64(total),
+        Arg::I32(n as i32),
+        Arg::F32(p as f32),
+        Arg::U64(seed),
+    ];
     // SAFETY: keep holds `total` bytes.
     unsafe { k.launch("dattn_dropout_mask", cfg, &args) }?;
     Ok(keep)
@@ -633,5 +648,41 @@ mod tests {
             }
         }
         assert!(compile(80, "sm_90").unwrap_err().contains("multiples of 16 up to 64"));
+    }
+
+    #[test]
+    fn the_dropout_hash_keeps_the_right_fraction_independently_per_element_head_and_seed() {
+        // The kernels' mask (in the emulator), p = 0.5: 2 x 3 heads x 128 x 128 = 98,304 draws.
+        let mask = |seed| {
+            kernel_dropout_mask(Device::Cpu, [2, 3, 128], 0.5, seed, 16)
+                .unwrap()
+                .to_kind(Kind::Float)
+        };
+        let (a, b) = (mask(7), mask(8));
+        let mean = |t: &Tensor| t.mean(Kind::Float).double_value(&[]);
+        // Agreement of two independent fair masks is 1/2 too; each bound is ~6 standard errors.
+        let agree = |x: &Tensor, y: &Tensor| mean(&x.eq_tensor(y).to_kind(Kind::Float));
+        let kept = mean(&a);
+        assert!((kept - 0.5).abs() < 0.01, "kept {kept}");
+        let n = 128;
+        let pairs = [
+            ("neighbouring keys", a.narrow(3, 0, n - 1), a.narrow(3, 1, n - 1)),
+            ("neighbouring queries", a.narrow(2, 0, n - 1), a.narrow(2, 1, n - 1)),
+            ("query and key swapped", a.shallow_clone(), a.transpose(2, 3)),
+            ("neighbouring heads", a.narrow(1, 0, 2), a.narrow(1, 1, 2)),
+            ("the two batch rows", a.get(0), a.get(1)),
+            ("two seeds", a.shallow_clone(), b),
+        ];
+        for (what, x, y) in pairs {
+            let r = agree(&x, &y);
+            assert!((r - 0.5).abs() < 0.02, "{what}: agree {r}");
+        }
+        // Per row and per column the fraction stays near p too (no structure along either).
+        let rows = a.mean_dim(3, false, Kind::Float);
+        let cols = a.mean_dim(2, false, Kind::Float);
+        for (what, t) in [("row", rows), ("column", cols)] {
+            let worst = (t - 0.5).abs().max().double_value(&[]);
+            assert!(worst < 0.2, "{what}: worst kept fraction off by {worst}");
+        }
     }
 }

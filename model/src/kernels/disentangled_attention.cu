@@ -99,13 +99,25 @@ __device__ __forceinline__ void mma(float* c, const FragA& a, const FragB& b) {
       : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
 }
 #endif
-// Attention dropout: a counter-based hash of (seed, b, h, i, j), the same in every kernel.
-__device__ __forceinline__ bool keep(unsigned long long seed, long long idx, unsigned int threshold) {
-  unsigned long long z = seed + (unsigned long long)idx * 0x9e3779b97f4a7c15ULL;
+// Attention dropout: a counter-based hash of (seed, b, h, i, j), the same in every kernel. The
+// 64-bit mix of (seed, b·H + h) is taken once per kernel (`head_key`); per element only 32-bit
+// work: (i, j) packed into one word (N <= 65536, a bijection), xored with the key, then murmur3's
+// finalizer. The score loops are issue-bound, and a 64-bit mix per element cost more
+// instructions than the rest of an element's work together.
+__device__ __forceinline__ unsigned int head_key(unsigned long long seed, long long bh) {
+  unsigned long long z = seed + (unsigned long long)(bh + 1) * 0x9e3779b97f4a7c15ULL;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  z ^= z >> 31;
-  return (unsigned int)(z >> 32) >= threshold;
+  return (unsigned int)((z ^ (z >> 31)) >> 32);
+}
+__device__ __forceinline__ bool keep(unsigned int key, int i, int j, unsigned int threshold) {
+  unsigned int x = (((unsigned int)i << 16) | (unsigned int)j) ^ key;
+  x ^= x >> 16;
+  x *= 0x85ebca6bu;
+  x ^= x >> 13;
+  x *= 0xc2b2ae35u;
+  x ^= x >> 16;
+  return x >= threshold;
 }
 
 // The kernels run 128 threads per block; the tile loaders below issue all of a thread's global
@@ -342,7 +354,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
   const int ra = warp * 16 + g, rb = ra + 8;  // this lane's two rows within the block
   const bool oka = m_blk + ra < N && mask[(long long)b * N + m_blk + ra];
   const bool okb = m_blk + rb < N && mask[(long long)b * N + m_blk + rb];
-  const unsigned int threshold = (unsigned int)(p_drop * 4294967296.0);
+  const unsigned int threshold = (unsigned int)(p_drop * 4294967296.0), dkey = head_key(seed, bh);
   const float inv_keep = p_drop > 0.f ? 1.f / (1.f - p_drop) : 1.f;
 
   load_tile(Qs, q, b, h, m_blk, N, H);
@@ -382,18 +394,19 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     const float al_a = new_a == NEG_INF ? 1.f : __expf(m_a - new_a);
     const float al_b = new_b == NEG_INF ? 1.f : __expf(m_b - new_b);
     float sum_a = 0.f, sum_b = 0.f;
+    // exp(-inf - m) = 0 for a masked score; a row masked so far (m = -inf) subtracts 0 instead.
+    const float sub_a = new_a == NEG_INF ? 0.f : new_a, sub_b = new_b == NEG_INF ? 0.f : new_b;
 #pragma unroll
     for (int n8 = 0; n8 < BN / 8; ++n8)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float mrow = e < 2 ? new_a : new_b;
-        const float p = s[n8][e] == NEG_INF ? 0.f : __expf(s[n8][e] - mrow);
+        const float p = __expf(s[n8][e] - (e < 2 ? sub_a : sub_b));
         if (e < 2) sum_a += p;
         else sum_b += p;
         float pz = p;
         if (p_drop > 0.f) {
           const int i = m_blk + (e < 2 ? ra : rb), j = n0 + n8 * 8 + 2 * t + (e & 1);
-          pz = keep(seed, ((long long)bh * N + i) * N + j, threshold) ? p * inv_keep : 0.f;
+          pz = keep(dkey, i, j, threshold) ? p * inv_keep : 0.f;
         }
         s[n8][e] = pz;
       }
@@ -455,6 +468,7 @@ KERNEL void __launch_bounds__(128) dattn_fwd_rel(FWD_PARAMS) {
   const int bh = blockIdx.y, b = bh / H, h = bh % H;                               \
   const long long tb = (long long)h * (gridDim.y / H) + b;                         \
   const unsigned int threshold = (unsigned int)(p_drop * 4294967296.0);            \
+  const unsigned int dkey = head_key(seed, bh);                                    \
   const float inv_keep = p_drop > 0.f ? 1.f / (1.f - p_drop) : 1.f;                \
   const int ra = warp * 16 + g, rb = ra + 8;                                       \
   if (REL) /* the skewed band's entries outside the band stay zero */              \
@@ -608,7 +622,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
           const float x = st[n8][e] + bf2f(Cb[c * LDR + r]) + bf2f(Pb[r * LDR + c]);
           const float p = __expf(x - lse_s[c]);
           float z = 1.f;
-          if (p_drop > 0.f) z = keep(seed, ((long long)bh * N + m0 + c) * N + kb + r, threshold) ? inv_keep : 0.f;
+          if (p_drop > 0.f) z = keep(dkey, m0 + c, kb + r, threshold) ? inv_keep : 0.f;
           pz = p * z;
           ds = p * (dpt[n8][e] * z - dvec_s[c]);
         }
@@ -692,7 +706,7 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
           const float x = s[n8][e] + bf2f(Cb[r * LDR + c]) + bf2f(Pb[c * LDR + r]);
           const float p = __expf(x - (e < 2 ? lse_a : lse_b));
           float z = 1.f;
-          if (p_drop > 0.f) z = keep(seed, ((long long)bh * N + mb + r) * N + n0 + c, threshold) ? inv_keep : 0.f;
+          if (p_drop > 0.f) z = keep(dkey, mb + r, n0 + c, threshold) ? inv_keep : 0.f;
           ds = p * (dp[n8][e] * z - (e < 2 ? dv_a : dv_b));
         }
         s[n8][e] = ds;
@@ -762,10 +776,13 @@ KERNEL void dattn_rel_reduce(const float* __restrict__ part, float* __restrict__
 }
 
 // The dropout mask the kernels apply, [B, H, N, N] u8 (1 = kept), for tests against the reference.
-KERNEL void dattn_dropout_mask(unsigned char* keep_out, long long total, float p_drop,
-                                              unsigned long long seed) {
+KERNEL void dattn_dropout_mask(unsigned char* keep_out, long long total, int N, float p_drop,
+                                unsigned long long seed) {
   const unsigned int threshold = (unsigned int)(p_drop * 4294967296.0);
+  const long long nn = (long long)N * N;
   for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
-       idx += (long long)gridDim.x * blockDim.x)
-    keep_out[idx] = keep(seed, idx, threshold) ? 1 : 0;
+       idx += (long long)gridDim.x * blockDim.x) {
+    const long long bh = idx / nn, ij = idx % nn;
+    keep_out[idx] = keep(head_key(seed, bh), (int)(ij / N), (int)(ij % N), threshold) ? 1 : 0;
+  }
 }
