@@ -194,25 +194,36 @@ impl DisentangledSelfAttention {
 
     /// The relative tables per distance of the skew and fused paths: K_r [heads, 2N-1, d]
     /// (row m: distance N-1-m) if c2p and Q_r (row m: distance m-(N-1), scale folded in) if
-    /// p2c. The 2S table rows are projected, then one row per distance is picked (a gather on
+    /// p2c. The 2S table rows are projected, then one row per distance is picked (`pick_rows`, on
     /// the small table); R gets this layer's dropout first.
     fn distance_tables(&self, rel: &RelativeContext, train: bool) -> (Option<Tensor>, Option<Tensor>) {
+        self.distance_tables_in(rel, train, None)
+    }
+
+    /// `distance_tables`, the projected rows cast to `pick` (if given) before they are picked.
+    fn distance_tables_in(
+        &self,
+        rel: &RelativeContext,
+        train: bool,
+        pick: Option<Kind>,
+    ) -> (Option<Tensor>, Option<Tensor>) {
+        let cast = |t: Tensor| match pick {
+            Some(kind) => t.to_kind(kind),
+            None => t,
+        };
         let r = rel.table.dropout(self.pos_dropout, train); // [2S, D]
         let (by_desc, by_asc) = distance_rows(&rel.rel_idx);
         let k_r = self.c2p.then(|| {
             let k_r = self.pos_key_proj.as_ref().unwrap_or(&self.key_proj).forward(&r);
-            self.split_table_heads(&pick_rows(&k_r, &by_desc))
+            self.split_table_heads(&pick_rows(&cast(k_r), &by_desc))
         });
         let q_r = self.p2c.then(|| {
             let q_r = self.pos_query_proj.as_ref().unwrap_or(&self.query_proj).forward(&r);
-            self.split_table_heads(&pick_rows(&q_r, &by_asc)) * self.scale
+            self.split_table_heads(&pick_rows(&cast(q_r), &by_asc)) * self.scale
         });
         (k_r, q_r)
     }
 
-    /// The fused path's inputs (`fused_attention::CoreInputs`): q (scaled), k, v as
-    /// [B, N, heads, d], then K_r per distance [heads, 2N-1, d] if c2p and Q_r per distance
-    /// (scaled) if p2c, when `rel` is given. Self-attention shapes only (Nq = N).
     /// The fused path's content projections by hand (a custom segment of the tape): q (scaled),
     /// k, v as [B, N, heads, d] from x [B, N, D], in `kind` (bf16 under autocast), the weights
     /// cast here. Nothing is kept: `project_content_backward` recasts x and the weights.
@@ -254,13 +265,17 @@ impl DisentangledSelfAttention {
     }
 
     /// The fused path's relative tables (`distance_tables`) as a list, K_r then Q_r, in `kind`.
-    /// Computed in fp32 even under autocast: the [2S, D] products are small, and the graph then
-    /// keeps the projection weights themselves rather than bf16 copies of them.
+    /// The projections in fp32 even under autocast (TF32 in bf16 runs): the [2S, D] products are
+    /// small, and the graph then keeps the projection weights themselves rather than bf16
+    /// copies. The rows per distance are picked in `kind` (exact: one product per element).
     pub fn relative_tables(&self, rel: &RelativeContext, train: bool, kind: Kind) -> Vec<Tensor> {
-        let (k_r, q_r) = tch::autocast(false, || self.distance_tables(rel, train));
-        k_r.into_iter().chain(q_r).map(|t| t.to_kind(kind)).collect()
+        let (k_r, q_r) = tch::autocast(false, || self.distance_tables_in(rel, train, Some(kind)));
+        k_r.into_iter().chain(q_r).collect()
     }
 
+    /// The fused path's inputs (`fused_attention::CoreInputs`): q (scaled), k, v as
+    /// [B, N, heads, d], then K_r per distance [heads, 2N-1, d] if c2p and Q_r per distance
+    /// (scaled) if p2c, when `rel` is given. Self-attention shapes only (Nq = N).
     pub fn project(&self, x: &Tensor, xq: &Tensor, rel: Option<&RelativeContext>, train: bool) -> Vec<Tensor> {
         let (b, n, _) = x.size3().expect("[batch, seq, hidden]");
         let heads = |t: Tensor| t.view([b, n, -1, self.head_size]);

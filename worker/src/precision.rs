@@ -4,6 +4,8 @@
 extern "C" {
     fn deberta_set_cuda_autocast_bf16();
     fn deberta_cuda_autocast_dtype_is_bf16() -> i32;
+    fn deberta_set_tf32_matmul(on: i32);
+    fn deberta_tf32_matmul_is_on() -> i32;
     fn deberta_cuda_memory_stats(device: i32, out: *mut i64) -> i32;
     fn deberta_cuda_reset_peak_memory(device: i32) -> i32;
 }
@@ -39,13 +41,23 @@ pub fn reset_cuda_peak_memory(device: usize) -> bool {
 }
 
 /// Make libtorch's CUDA autocast produce bf16 (its default is fp16, and tch only switches
-/// autocast on and off). Returns whether the setting took.
+/// autocast on and off), and run the fp32 matmuls that a bf16 run still has on TF32 (10-bit
+/// mantissas: more precise than the bf16 of the rest; they are the relative tables'
+/// projections, which the fused path computes outside autocast). Returns whether the autocast
+/// setting took.
 pub fn use_bf16_for_cuda_autocast() -> bool {
-    // SAFETY: plain calls into libtorch's autocast settings (csrc/autocast.cpp).
+    // SAFETY: plain calls into libtorch's settings (csrc/autocast.cpp).
     unsafe {
         deberta_set_cuda_autocast_bf16();
+        deberta_set_tf32_matmul(1);
         deberta_cuda_autocast_dtype_is_bf16() == 1
     }
+}
+
+/// Whether fp32 matmuls may run on TF32 (`use_bf16_for_cuda_autocast` allows it).
+pub fn tf32_matmul() -> bool {
+    // SAFETY: a plain read of libtorch's setting.
+    unsafe { deberta_tf32_matmul_is_on() == 1 }
 }
 
 /// Device memory in use on `gpu` (GiB), as the driver sees it: libtorch's caching allocator
@@ -61,8 +73,10 @@ pub fn cuda_used_gib() -> Option<f64> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn the_cuda_autocast_dtype_becomes_bf16() {
+    fn the_cuda_autocast_dtype_becomes_bf16_and_fp32_matmuls_tf32() {
+        // Both are process-wide settings; this test binary has no other test that reads them.
         assert!(super::use_bf16_for_cuda_autocast());
+        assert!(super::tf32_matmul());
     }
 
     #[test]
