@@ -2,7 +2,7 @@
 //! plain C++, so no CUDA is needed at build time. And the libtorch ops tch does not wrap
 //! (`csrc/ops.cpp`, see `nn`), against the headers of the torch that tch-sys links.
 
-include!("../launcher/torch_dir.rs");
+include!("../launcher/torch_shim.rs");
 
 fn main() {
     println!("cargo:rerun-if-changed=src/kernels");
@@ -14,15 +14,5 @@ fn main() {
         .flag("-Wno-unknown-pragmas") // #pragma unroll
         .opt_level(2)
         .compile("deberta_emulate");
-    println!("cargo:rerun-if-changed=csrc/ops.cpp");
-    let dir = torch_dir().expect("torch not found: source cluster/env.sh (LIBTORCH_USE_PYTORCH=1 with the venv)");
-    cc::Build::new()
-        .cpp(true)
-        .file("csrc/ops.cpp")
-        .include(format!("{dir}/include"))
-        .include(format!("{dir}/include/torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
-        .warnings(false)
-        .compile("deberta_ops");
+    compile_torch_shim(&["csrc/ops.cpp"], "deberta_ops");
 }
