@@ -257,9 +257,10 @@ fn hand_written(tape: &Tape, enc: &SegmentedEncoding) -> bool {
     !tape.is_seeded() && RelativePath::for_device(enc.mask.device()) == RelativePath::Fused
 }
 
-/// `DenseResidualNorm::from_partial_saving` as a custom segment over (partial-product input,
-/// residual): `partial` computes this rank's partial product from the first input (and its kind),
-/// `partial_backward` its input's gradient from the partial product's.
+/// `DenseResidualNorm::from_partial_saving` as a custom segment over [input, residual]. With
+/// `dense` the input is the dense layer's input (the attention context) and the segment computes
+/// this rank's partial product itself (`partial_by_hand`); without, the input is that partial
+/// product already (the FFN's z).
 fn residual_norm_segment<'c>(
     tape: &mut Tape<'c>,
     out: &'c DenseResidualNorm,
