@@ -229,11 +229,9 @@ impl DisentangledSelfAttention {
     /// cast here. Nothing is kept: `project_content_backward` recasts x and the weights.
     pub fn project_content(&self, x: &Tensor, kind: Kind) -> Vec<Tensor> {
         let (b, n, _) = x.size3().expect("[batch, seq, hidden]");
-        let xc = x.to_kind(kind);
-        let proj = |l: &Linear| {
-            xc.linear(&l.weight.to_kind(kind), l.bias.as_ref().map(|t| t.to_kind(kind)))
-                .view([b, n, -1, self.head_size])
-        };
+        let xc = x.to_kind(kind); // once for the three
+        let proj =
+            |l: &Linear| crate::nn::linear_in(&xc, &l.weight, l.bias.as_ref(), kind).view([b, n, -1, self.head_size]);
         vec![
             proj(&self.query_proj) * self.scale,
             proj(&self.key_proj),

@@ -13,7 +13,7 @@ use tch::{Kind, Tensor};
 
 use crate::attention::{DisentangledSelfAttention, RelativeContext};
 use crate::config::{Activation, DebertaConfig};
-use crate::nn::{LayerNorm, Linear, RowLinear};
+use crate::nn::{linear_backward, linear_in, LayerNorm, Linear, RowLinear};
 use crate::tensor_parallel::TpShard;
 
 /// The identity "g" of a model without tensor parallelism.
@@ -94,18 +94,13 @@ impl DenseResidualNorm {
 
     /// The dense layer's partial product x W^T by hand, in `kind` (bf16 under autocast).
     pub fn partial_by_hand(&self, x: &Tensor, kind: Kind) -> Tensor {
-        x.to_kind(kind).linear::<Tensor>(&self.dense.weight.to_kind(kind), None)
+        linear_in(x, &self.dense.weight, None, kind)
     }
 
     /// Backward of `partial_by_hand` for dL/dpartial: adds W's gradient (the weight recast, not
     /// kept); returns dL/dx in x's kind.
     pub fn partial_backward(&self, x: &Tensor, dz: &Tensor, kind: Kind) -> Tensor {
-        let w = self.dense.weight.to_kind(kind); // [D, in / tp]
-        let dz = dz.to_kind(kind);
-        let (d, i) = (w.size()[0], w.size()[1]);
-        let dw = dz.reshape([-1, d]).tr().mm(&x.to_kind(kind).reshape([-1, i]));
-        crate::nn::accumulate_grad(&self.dense.weight, &dw);
-        dz.matmul(&w).to_kind(x.kind())
+        linear_backward(x, &self.dense.weight, None, dz, kind)
     }
 }
 
@@ -210,35 +205,23 @@ impl Layer {
     /// Backward of `ffn_partial` with act(h) recomputed: adds dL/dW2 to W2's `.grad` and
     /// returns dL/dh. `dz`, `h` and W2 in the kind the forward ran in (bf16 under autocast).
     pub fn ffn_partial_backward(&self, h: &Tensor, dz: &Tensor) -> Tensor {
-        let w2 = self.output.dense.weight.to_kind(dz.kind()); // [D, F / tp]
         let f = self.act.apply(h); // [B, N, F / tp]
-        let d = dz.size()[dz.dim() - 1];
-        let dw2 = dz.reshape([-1, d]).tr().mm(&f.reshape([-1, f.size()[f.dim() - 1]]));
-        crate::nn::accumulate_grad(&self.output.dense.weight, &dw2);
-        self.act.backward(&dz.matmul(&w2), h)
+        let df = linear_backward(&f, &self.output.dense.weight, None, dz, dz.kind());
+        self.act.backward(&df, h)
     }
 
     /// `ffn_pre_activation` by hand (for a custom segment): h in `kind` (bf16 under autocast),
     /// with the weights cast here and nothing kept: `ffn_pre_activation_backward` recasts a.
     pub fn ffn_pre_activation_by_hand(&self, a: &Tensor, kind: Kind) -> Tensor {
         let l = &self.intermediate;
-        a.to_kind(kind)
-            .linear(&l.weight.to_kind(kind), l.bias.as_ref().map(|b| b.to_kind(kind)))
+        linear_in(a, &l.weight, l.bias.as_ref(), kind)
     }
 
     /// Backward of `ffn_pre_activation_by_hand`: adds W1's and b1's gradients; returns dL/da
     /// in a's kind (this rank's part under TP: W1 is column-parallel).
     pub fn ffn_pre_activation_backward(&self, a: &Tensor, dh: &Tensor, kind: Kind) -> Tensor {
         let l = &self.intermediate;
-        let w = l.weight.to_kind(kind); // [F / tp, D]
-        let dh = dh.to_kind(kind);
-        let (f, d) = (w.size()[0], w.size()[1]);
-        let rows = dh.reshape([-1, f]);
-        crate::nn::accumulate_grad(&l.weight, &rows.tr().mm(&a.to_kind(kind).reshape([-1, d])));
-        if let Some(b) = &l.bias {
-            crate::nn::accumulate_grad(b, &rows.sum_dim_intlist(0, false, Kind::Float));
-        }
-        dh.matmul(&w).to_kind(a.kind())
+        linear_backward(a, &l.weight, l.bias.as_ref(), dh, kind)
     }
 
     /// LN2(Dropout(g(z) + b2) + a_res) from `ffn_partial`'s z.

@@ -74,6 +74,28 @@ pub fn accumulate_grad(param: &Tensor, g: &Tensor) {
     }
 }
 
+/// x W^T (+ b) in `kind` (bf16 under autocast), the operands cast here, for a hand-written
+/// segment: nothing is kept, `linear_backward` recasts x and W. W: [out, in].
+pub fn linear_in(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, kind: Kind) -> Tensor {
+    x.to_kind(kind)
+        .linear(&weight.to_kind(kind), bias.map(|b| b.to_kind(kind)))
+}
+
+/// Backward of `linear_in` for dL/dy: adds W's (and b's) gradients to their `.grad`; returns
+/// dL/dx in x's kind.
+pub fn linear_backward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, dy: &Tensor, kind: Kind) -> Tensor {
+    let w = weight.to_kind(kind);
+    let (out, inp) = (w.size()[0], w.size()[1]);
+    let rows = dy.to_kind(kind).reshape([-1, out]);
+    accumulate_grad(weight, &rows.tr().mm(&x.to_kind(kind).reshape([-1, inp])));
+    if let Some(b) = bias {
+        accumulate_grad(b, &rows.sum_dim_intlist(0, false, Kind::Float));
+    }
+    let mut shape = x.size();
+    *shape.last_mut().expect("x has a feature dimension") = inp;
+    rows.mm(&w).view(shape.as_slice()).to_kind(x.kind())
+}
+
 /// LayerNorm over the last dimension (DeBERTa uses eps 1e-7 everywhere, pitfall 10).
 #[derive(Debug)]
 pub struct LayerNorm {
