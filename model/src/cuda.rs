@@ -228,7 +228,67 @@ mod tests {
         unsafe { emulate("shared_store", 0, block(32, 64), &[Arg::I32(63)]) }.unwrap();
         let e = unsafe { emulate("shared_store", 0, block(32, 64), &[Arg::I32(64)]) }.unwrap_err();
         assert!(e.contains("wrote past its 64 bytes"), "{e}");
+        // ldmatrix's rows must be 16-byte aligned and inside shared memory.
+        let out = Tensor::zeros([128], (tch::Kind::Int, Device::Cpu));
+        let e = unsafe {
+            emulate(
+                "ldmatrix_rows",
+                0,
+                block(32, 1024),
+                &[Arg::I32(8), Arg::I32(0), Arg::Ptr(ptr(&out))],
+            )
+        }
+        .unwrap_err();
+        assert!(e.contains("not 16-byte aligned"), "{e}");
+        let e = unsafe {
+            emulate(
+                "ldmatrix_rows",
+                0,
+                block(32, 1024),
+                &[Arg::I32(32), Arg::I32(0), Arg::Ptr(ptr(&out))],
+            )
+        }
+        .unwrap_err();
+        assert!(e.contains("outside shared memory"), "{e}");
         let e = unsafe { emulate("dattn_fwd", 48, block(128, 0), &[]) }.unwrap_err();
         assert!(e.contains("no emulated kernel dattn_fwd for head size 48"), "{e}");
+    }
+
+    /// The emulated ldmatrix against the PTX ISA's fragment table ("Warp-level matrix load
+    /// instruction: ldmatrix"): lane 4g + t gets (g, 2t) and (g, 2t + 1) of each matrix in its
+    /// low and high half, or with .trans (2t, g) and (2t + 1, g).
+    #[test]
+    fn the_emulated_ldmatrix_hands_out_the_documented_fragments() {
+        for trans in [0, 1] {
+            let out = Tensor::zeros([128], (tch::Kind::Int, Device::Cpu));
+            // SAFETY: `out` holds 4 registers for each of the 32 lanes; 1024 bytes hold the rows.
+            unsafe {
+                emulate(
+                    "ldmatrix_rows",
+                    0,
+                    block(32, 1024),
+                    &[Arg::I32(0), Arg::I32(trans), Arg::Ptr(ptr(&out))],
+                )
+            }
+            .unwrap();
+            let got = Vec::<i32>::try_from(&out).unwrap();
+            for lane in 0..32u32 {
+                let (g, t) = (lane / 4, lane % 4);
+                for m in 0..4u32 {
+                    // Shared halfword k holds k; row r of matrix m starts at halfword 16 (8m + r).
+                    let at = |row: u32, col: u32| 16 * (8 * m + row) + col;
+                    let (lo, hi) = if trans == 1 {
+                        (at(2 * t, g), at(2 * t + 1, g))
+                    } else {
+                        (at(g, 2 * t), at(g, 2 * t + 1))
+                    };
+                    assert_eq!(
+                        got[(4 * lane + m) as usize] as u32,
+                        lo | (hi << 16),
+                        "trans {trans} lane {lane} matrix {m}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -67,25 +67,68 @@ __device__ __forceinline__ bf16 f2bf(float f) {
 __device__ __forceinline__ unsigned int ld32(const bf16* p) { return *reinterpret_cast<const unsigned int*>(p); }
 __device__ __forceinline__ unsigned int pack(bf16 lo, bf16 hi) { return (unsigned int)lo | ((unsigned int)hi << 16); }
 
-// A = the 16x16 tile at p, element (r, c) at p[r * ld + c].
+// ldmatrix: the warp loads 8x8 matrices of bf16 from shared memory; lane l gives the address of
+// row l % 8 of matrix l / 8 (16 bytes, 16-byte aligned). Matrix m lands in register m, lane
+// 4g + t holding its elements (g, 2t..2t+1), or with `.trans` (2t..2t+1, g): exactly the mma
+// fragment layouts, one instruction where scalar loads took 4 to 8 (the transposed ones one
+// 16-bit load per element).
+#ifdef DEBERTA_EMULATE
+__device__ __forceinline__ void ldsm4(unsigned int* r, const bf16* p) { emu_ldmatrix(r, p, 4, false); }
+__device__ __forceinline__ void ldsm4_t(unsigned int* r, const bf16* p) { emu_ldmatrix(r, p, 4, true); }
+__device__ __forceinline__ void ldsm2(unsigned int* r, const bf16* p) { emu_ldmatrix(r, p, 2, false); }
+__device__ __forceinline__ void ldsm2_t(unsigned int* r, const bf16* p) { emu_ldmatrix(r, p, 2, true); }
+#else
+__device__ __forceinline__ unsigned int smem_addr(const void* p) {
+  unsigned int a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+__device__ __forceinline__ void ldsm4(unsigned int* r, const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm4_t(unsigned int* r, const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm2(unsigned int* r, const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm2_t(unsigned int* r, const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(p)));
+}
+#endif
+
+// A = the 16x16 tile at p, element (r, c) at p[r * ld + c]. Matrices: rows 0-7 / 8-15 (m % 2)
+// by columns 0-7 / 8-15 (m / 2).
 __device__ __forceinline__ void load_a(FragA& a, const bf16* p, int ld) {
-  const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  a.x[0] = ld32(p + g * ld + 2 * t);
-  a.x[1] = ld32(p + (g + 8) * ld + 2 * t);
-  a.x[2] = ld32(p + g * ld + 2 * t + 8);
-  a.x[3] = ld32(p + (g + 8) * ld + 2 * t + 8);
+  const int lane = threadIdx.x % 32, m = lane >> 3;
+  ldsm4(a.x, p + ((lane & 7) + 8 * (m & 1)) * ld + 8 * (m >> 1));
 }
 // B (16 k x 8 n) with element (k, n) at p[n * ld + k] (a row-major [n][k] tile: B = tile^T).
 __device__ __forceinline__ void load_b_t(FragB& b, const bf16* p, int ld) {
-  const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  b.x[0] = ld32(p + g * ld + 2 * t);
-  b.x[1] = ld32(p + g * ld + 2 * t + 8);
+  const int lane = threadIdx.x % 32;
+  ldsm2(b.x, p + (lane & 7) * ld + 8 * ((lane >> 3) & 1));
 }
-// B (16 k x 8 n) with element (k, n) at p[k * ld + n] (a row-major [k][n] tile).
-__device__ __forceinline__ void load_b(FragB& b, const bf16* p, int ld) {
-  const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  b.x[0] = pack(p[(2 * t) * ld + g], p[(2 * t + 1) * ld + g]);
-  b.x[1] = pack(p[(2 * t + 8) * ld + g], p[(2 * t + 9) * ld + g]);
+// The B fragments of two consecutive k blocks (b0: k 0-15, b1: k 16-31) of the same layout.
+__device__ __forceinline__ void load_b_t2(FragB& b0, FragB& b1, const bf16* p, int ld) {
+  const int lane = threadIdx.x % 32;
+  unsigned int r[4];
+  ldsm4(r, p + (lane & 7) * ld + 8 * (lane >> 3));
+  b0.x[0] = r[0], b0.x[1] = r[1], b1.x[0] = r[2], b1.x[1] = r[3];
+}
+// B (16 k x 8 n) with element (k, n) at p[k * ld + n] (a row-major [k][n] tile), for two
+// consecutive n blocks (b0: n 0-7, b1: n 8-15): transposed matrices k 0-7 / 8-15 (m % 2) by
+// n 0-7 / 8-15 (m / 2).
+__device__ __forceinline__ void load_b2(FragB& b0, FragB& b1, const bf16* p, int ld) {
+  const int lane = threadIdx.x % 32, m = lane >> 3;
+  unsigned int r[4];
+  ldsm4_t(r, p + ((lane & 7) + 8 * (m & 1)) * ld + 8 * (m >> 1));
+  b0.x[0] = r[0], b0.x[1] = r[1], b1.x[0] = r[2], b1.x[1] = r[3];
 }
 // c += A B
 #ifdef DEBERTA_EMULATE
@@ -177,17 +220,40 @@ __device__ __forceinline__ void load_rows(FragA* a, const bf16* p) {
   for (int kk = 0; kk < D / 16; ++kk) load_a(a[kk], p + kk * 16, LDS);
 }
 
+// acc (16 x 8) += rows . p^T, p the 8 rows [8][LDS] (row-major) of the other operand.
+__device__ __forceinline__ void rows_dot_8(float* acc, const FragA* a, const bf16* p) {
+  int kk = 0;
+#pragma unroll
+  for (; kk + 1 < D / 16; kk += 2) {
+    FragB b0, b1;
+    load_b_t2(b0, b1, p + kk * 16, LDS);
+    mma(acc, a[kk], b0);
+    mma(acc, a[kk + 1], b1);
+  }
+  if (D / 16 % 2) {
+    FragB b;
+    load_b_t(b, p + kk * 16, LDS);
+    mma(acc, a[kk], b);
+  }
+}
+
 // acc[n8] (the 16 x 64 block, 8 columns per n8) = rows . tile^T (tile [64][LDS], row-major).
 __device__ __forceinline__ void rows_times_tile_t(float (*acc)[4], const FragA* a, const bf16* tile) {
 #pragma unroll
   for (int n8 = 0; n8 < BN / 8; ++n8) {
     acc[n8][0] = acc[n8][1] = acc[n8][2] = acc[n8][3] = 0.f;
+    rows_dot_8(acc[n8], a, tile + n8 * 8 * LDS);
+  }
+}
+
+// acc[n8] (16 x D) += A [16 x 16] . p [16][LDS] (16 rows of D, row-major).
+__device__ __forceinline__ void a_times_rows(float (*acc)[4], const FragA& a, const bf16* p) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      FragB b;
-      load_b_t(b, tile + n8 * 8 * LDS + kk * 16, LDS);
-      mma(acc[n8], a[kk], b);
-    }
+  for (int n8 = 0; n8 < D / 8; n8 += 2) {
+    FragB b0, b1;
+    load_b2(b0, b1, p + n8 * 8, LDS);
+    mma(acc[n8], a, b0);
+    mma(acc[n8 + 1], a, b1);
   }
 }
 
@@ -207,14 +273,7 @@ __device__ __forceinline__ void to_a(FragA* a, float (*x)[4]) {
 // acc[n8] (16 x D) += W [16 x 64] (A fragments) . tile [64][LDS].
 __device__ __forceinline__ void weights_times_tile(float (*acc)[4], const FragA* w, const bf16* tile) {
 #pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) {
-#pragma unroll
-    for (int n8 = 0; n8 < D / 8; ++n8) {
-      FragB b;
-      load_b(b, tile + kk * 16 * LDS + n8 * 8, LDS);
-      mma(acc[n8], w[kk], b);
-    }
-  }
+  for (int kk = 0; kk < BN / 16; ++kk) a_times_rows(acc, w[kk], tile + kk * 16 * LDS);
 }
 
 // Write the accumulators acc (a warp's [16][D]) as bf16 rows row0 + g, row0 + g + 8 of head h of
@@ -279,12 +338,7 @@ __device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragA
 #pragma unroll
   for (int n8 = 0; n8 < 10; ++n8) {
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      FragB bw;
-      load_b_t(bw, window + (x0 + n8 * 8) * LDS + kk * 16, LDS);
-      mma(acc, a[kk], bw);
-    }
+    rows_dot_8(acc, a, window + (x0 + n8 * 8) * LDS);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int r = 16 * warp + g + (e >= 2 ? 8 : 0), c = x0 + n8 * 8 + 2 * t + (e & 1) - 63 + r;
@@ -475,13 +529,10 @@ KERNEL void __launch_bounds__(128) dattn_fwd_rel(FWD_PARAMS) {
     for (int e = threadIdx.x; e < 64 * LDK; e += THREADS) DSK[e] = 0;
 
 // A (16x16) with element (r, c) at p[c * ld + r]: a column-major tile, i.e. the transpose of a
-// row-major one.
+// row-major one. Transposed matrices: stored rows (c) 0-7 / 8-15 (m / 2) by r 0-7 / 8-15 (m % 2).
 __device__ __forceinline__ void load_a_t(FragA& a, const bf16* p, int ld) {
-  const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  a.x[0] = pack(p[(2 * t) * ld + g], p[(2 * t + 1) * ld + g]);
-  a.x[1] = pack(p[(2 * t) * ld + g + 8], p[(2 * t + 1) * ld + g + 8]);
-  a.x[2] = pack(p[(2 * t + 8) * ld + g], p[(2 * t + 9) * ld + g]);
-  a.x[3] = pack(p[(2 * t + 8) * ld + g + 8], p[(2 * t + 9) * ld + g + 8]);
+  const int lane = threadIdx.x % 32, m = lane >> 3;
+  ldsm4_t(a.x, p + ((lane & 7) + 8 * (m >> 1)) * ld + 8 * (m & 1));
 }
 
 // The relative half of a backward tile (REL), from DSK, the skewed dS of the block's 64 own rows
@@ -505,12 +556,7 @@ __device__ __forceinline__ void relative_grads(float (*acc)[4], float (*gacc)[D 
   for (int kk = 0; kk < 5; ++kk) {
     FragA a;
     load_a(a, DSK + warp * 16 * LDK + x0 + kk * 16, LDK);
-#pragma unroll
-    for (int n8 = 0; n8 < D / 8; ++n8) {
-      FragB bw;
-      load_b(bw, W + (x0 + kk * 16) * LDS + n8 * 8, LDS);
-      mma(acc[n8], a, bw);
-    }
+    a_times_rows(acc, a, W + (x0 + kk * 16) * LDS);
   }
   const bool lower = warp / 2 == (k & 1);
 #pragma unroll
@@ -523,12 +569,7 @@ __device__ __forceinline__ void relative_grads(float (*acc)[4], float (*gacc)[D 
     for (int kk = 0; kk < 4; ++kk) {
       FragA a;
       load_a_t(a, DSK + kk * 16 * LDK + x_base, LDK);
-#pragma unroll
-      for (int n8 = 0; n8 < D / 8; ++n8) {
-        FragB bo;
-        load_b(bo, own + kk * 16 * LDS + n8 * 8, LDS);
-        mma(gt[n8], a, bo);
-      }
+      a_times_rows(gt, a, own + kk * 16 * LDS);
     }
 #pragma unroll
     for (int n8 = 0; n8 < D / 8; ++n8)

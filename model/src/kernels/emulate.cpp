@@ -46,6 +46,7 @@ enum Wait { RUNNABLE, AT_BLOCK_BARRIER, AT_WARP_BARRIER, DONE };
 struct Lane {
   unsigned a[4], b[2];
   float x;
+  const unsigned char* row;  // ldmatrix: the row address this lane gives
 };
 
 struct Fiber {
@@ -69,6 +70,9 @@ struct State {
   // Resume fibers from the last thread to the first: a missing barrier that the forward order
   // hides (a later thread reading what an earlier one wrote) shows up in this one.
   bool reverse = false;
+  // The first misuse a block made that the emulator could not let happen (ldmatrix outside
+  // shared memory or misaligned): reported when the block ends.
+  std::string fault;
 };
 thread_local State st;
 
@@ -132,6 +136,39 @@ void mma_m16n8k16(float* c, const unsigned* a, const unsigned* b) {
 
 unsigned char* shared_memory() { return st.shared.data(); }
 
+// ldmatrix.sync.aligned.m8n8.x{num}[.trans].shared.b16 (PTX ISA, "Warp-level matrix load
+// instruction: ldmatrix"): lane 8m + r gives the address of row r of matrix m (16 bytes, 16-byte
+// aligned, in shared memory); register m of lane 4g + t receives elements (g, 2t), (g, 2t + 1)
+// of matrix m, or with trans (2t, g), (2t + 1, g), the first in the low half.
+void ldmatrix(unsigned* r, const void* p, int num, bool trans) {
+  const int me = st.current, base = me - lane_id();
+  st.lanes[me].row = static_cast<const unsigned char*>(p);
+  park(AT_WARP_BARRIER);
+  const std::uintptr_t lo = reinterpret_cast<std::uintptr_t>(st.shared.data()),
+                       hi = lo + st.shared.size() - GUARD_BYTES;
+  for (int m = 0; m < num; ++m)
+    for (int i = 0; i < 8; ++i) {
+      const std::uintptr_t row = reinterpret_cast<std::uintptr_t>(st.lanes[base + 8 * m + i].row);
+      const bool inside = row >= lo && row + 16 <= hi;
+      if ((!inside || (row - lo) % 16 != 0) && st.fault.empty())
+        st.fault = "ldmatrix: lane " + std::to_string(8 * m + i) + " of warp " + std::to_string(me / 32) +
+                   " gave a row address " + (inside ? "not 16-byte aligned" : "outside shared memory");
+    }
+  const int g = lane_id() / 4, t = lane_id() % 4;
+  for (int m = 0; m < num; ++m) {
+    unsigned halves[2];
+    for (int k = 0; k < 2; ++k) {
+      const int row = trans ? 2 * t + k : g, col = trans ? g : 2 * t + k;
+      const unsigned char* at = st.lanes[base + 8 * m + row].row + 2 * col;
+      std::uint16_t v = 0;
+      if (st.fault.empty()) std::memcpy(&v, at, 2);
+      halves[k] = v;
+    }
+    r[m] = halves[0] | (halves[1] << 16);
+  }
+  park(AT_WARP_BARRIER);  // nobody overwrites a row address before every lane has used it
+}
+
 static void fiber_main() {
   st.run(st.params);
   st.fibers[st.current].wait = DONE;  // returning resumes the scheduler (uc_link)
@@ -139,6 +176,7 @@ static void fiber_main() {
 
 // Runs one block; returns an error message, empty on success.
 static std::string run_block(unsigned threads) {
+  st.fault.clear();
   if (st.fibers.size() < threads) st.fibers.resize(threads);
   st.lanes.assign(threads, Lane{});
   for (unsigned i = 0; i < threads; ++i) {
@@ -180,7 +218,7 @@ static std::string run_block(unsigned threads) {
       done += st.fibers[i].wait == DONE;
       at_block += st.fibers[i].wait == AT_BLOCK_BARRIER;
     }
-    if (done == threads) return "";
+    if (done == threads) return st.fault;
     if (at_block == threads) {
       for (unsigned i = 0; i < threads; ++i) st.fibers[i].wait = RUNNABLE;
       continue;
@@ -224,6 +262,7 @@ static inline unsigned short emu_f2bf(float f) {
   return static_cast<unsigned short>(u >> 16);
 }
 static inline void emu_mma(float* c, const unsigned* a, const unsigned* b) { emu::mma_m16n8k16(c, a, b); }
+static inline void emu_ldmatrix(unsigned* r, const void* p, int num, bool trans) { emu::ldmatrix(r, p, num, trans); }
 
 namespace hd16 {
 #define HEAD_DIM 16
@@ -253,6 +292,15 @@ void shuffle_in_half_a_warp(float* out) {
 void shared_store(int at) {
   DYNAMIC_SMEM(s);
   s[at] = 0;
+}
+// One warp: shared halfword k holds k; lane 8m + r gives row r of matrix m at byte
+// 32 (8m + r) + offset; out[4 lane + m] = its register m of ldmatrix.x4 (trans != 0: .trans).
+void ldmatrix_rows(int offset, int trans, unsigned* out) {
+  DYNAMIC_SMEM(s);
+  if (threadIdx.x == 0)
+    for (int k = 0; k < 512; ++k) reinterpret_cast<unsigned short*>(s)[k] = static_cast<unsigned short>(k);
+  __syncthreads();
+  emu::ldmatrix(out + 4 * threadIdx.x, s + 32 * threadIdx.x + offset, 4, trans != 0);
 }
 }  // namespace misuse
 
@@ -285,6 +333,7 @@ const Entry KERNELS[] = {
     ENTRY(hd64, 64, dattn_bwd_kv_rel), ENTRY(hd64, 64, dattn_bwd_q_rel), ENTRY(hd64, 64, dattn_rel_reduce),
     ENTRY(hd64, 0, dattn_dropout_mask),
     ENTRY(misuse, 0, barrier_in_a_branch), ENTRY(misuse, 0, shuffle_in_half_a_warp), ENTRY(misuse, 0, shared_store),
+    ENTRY(misuse, 0, ldmatrix_rows),
 };
 
 void set_error(char* err, std::size_t len, const std::string& msg) {
