@@ -103,6 +103,22 @@ __device__ __forceinline__ void ldsm2_t(unsigned int* r, const bf16* p) {
 }
 #endif
 
+// cp.async (sm_80+): 16 bytes from global to shared memory without passing through registers,
+// so a tile's loads overlap the tensor-core work on the previous one. `valid` false fills zeros.
+// A group of copies lands by `cp_async_wait_all` in the thread that issued them; other threads
+// see them after the next barrier.
+#ifdef DEBERTA_EMULATE
+__device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool valid) { emu_cp_async(dst, src, valid); }
+__device__ __forceinline__ void cp_async_commit() { emu_cp_async_commit(); }
+__device__ __forceinline__ void cp_async_wait_all() { emu_cp_async_wait(); }
+#else
+__device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+#endif
+
 // A = the 16x16 tile at p, element (r, c) at p[r * ld + c]. Matrices: rows 0-7 / 8-15 (m % 2)
 // by columns 0-7 / 8-15 (m / 2).
 __device__ __forceinline__ void load_a(FragA& a, const bf16* p, int ld) {
@@ -167,21 +183,16 @@ __device__ __forceinline__ bool keep(unsigned int key, int i, int j, unsigned in
 // loads before its shared stores, so their latencies overlap instead of adding up.
 #define THREADS 128
 
-// Rows [r0, r0 + 64) of head h of batch b from a [B, N, H, D] tensor into dst [64][LDS]; rows past N are zero.
-__device__ __forceinline__ void load_tile(bf16* __restrict__ dst, const bf16* __restrict__ src, int b, int h, int r0,
-                                          int N, int H) {
+// Rows [r0, r0 + 64) of head h of batch b from a [B, N, H, D] tensor into dst [64][LDS] by
+// cp.async (the caller commits and waits); rows past N are zero.
+__device__ __forceinline__ void load_tile_async(bf16* __restrict__ dst, const bf16* __restrict__ src, int b, int h,
+                                                int r0, int N, int H) {
   constexpr int CHUNKS = D / 8, PER = BN * CHUNKS / THREADS;
-  uint4 v[PER];
 #pragma unroll
   for (int it = 0; it < PER; ++it) {
     const int c = threadIdx.x + it * THREADS, r = c / CHUNKS, k = (c % CHUNKS) * 8, row = r0 + r;
-    v[it] = make_uint4(0, 0, 0, 0);
-    if (row < N) v[it] = *reinterpret_cast<const uint4*>(src + (((long long)b * N + row) * H + h) * D + k);
-  }
-#pragma unroll
-  for (int it = 0; it < PER; ++it) {
-    const int c = threadIdx.x + it * THREADS, r = c / CHUNKS, k = (c % CHUNKS) * 8;
-    *reinterpret_cast<uint4*>(dst + r * LDS + k) = v[it];
+    const bool in = row < N;
+    cp_async16(dst + r * LDS + k, in ? src + (((long long)b * N + row) * H + h) * D + k : src, in);
   }
 }
 
@@ -310,35 +321,52 @@ __device__ __forceinline__ float quad_sum(float x) {
 // 63 - r + c of the 128-row window of K_r from N-1-(i0+63)+j0. p2c(i, j) = k_j . Q_r[N-1-j+i]
 // is row 63 - c + r of the window of Q_r from N-1-(j0+63)+i0.
 
-// Rows [m0, m0 + 128) of head h of a per-distance table into dst [128][LDS]; rows outside
-// [0, 2N-1) are zero.
-__device__ __forceinline__ void load_window(bf16* __restrict__ dst, const bf16* __restrict__ table, int h, int m0,
-                                            int N) {
-  constexpr int CHUNKS = D / 8, PER = 2 * BN * CHUNKS / THREADS;
-  uint4 v[PER];
+// Rows [m0, m0 + 64) of head h of a per-distance table into dst [64][LDS] by cp.async; rows
+// outside [0, 2N-1) are zero.
+__device__ __forceinline__ void load_chunk_async(bf16* __restrict__ dst, const bf16* __restrict__ table, int h, int m0,
+                                                 int N) {
+  constexpr int CHUNKS = D / 8, PER = BN * CHUNKS / THREADS;
 #pragma unroll
   for (int it = 0; it < PER; ++it) {
     const int c = threadIdx.x + it * THREADS, r = c / CHUNKS, k = (c % CHUNKS) * 8, m = m0 + r;
-    v[it] = make_uint4(0, 0, 0, 0);
-    if (m >= 0 && m < 2 * N - 1) v[it] = *reinterpret_cast<const uint4*>(table + ((long long)h * 2 * N + m) * D + k);
+    const bool in = m >= 0 && m < 2 * N - 1;
+    cp_async16(dst + r * LDS + k, in ? table + ((long long)h * 2 * N + m) * D + k : table, in);
   }
-#pragma unroll
-  for (int it = 0; it < PER; ++it) {
-    const int c = threadIdx.x + it * THREADS, r = c / CHUNKS, k = (c % CHUNKS) * 8;
-    *reinterpret_cast<uint4*>(dst + r * LDS + k) = v[it];
-  }
+}
+
+// A tile's 128-row window, kept in two 64-row slots of shared memory ([2][64][LDS]). Along a
+// kernel's tiles the window's start moves by 64 rows (dir = +1, up; -1, down), so consecutive
+// windows share half their rows: the slots alternate, and after tile 0 each tile loads only
+// its new half. Tile n: up, rows [0, 64) in slot n % 2 and [64, 128) in slot (n + 1) % 2; down,
+// the other way round. The new half of tile n (n > 0) goes to slot (n + 1) % 2, the half that
+// tile n - 1 was the last to read.
+struct Window {
+  const bf16* lo;  // window rows [0, 64)
+  const bf16* hi;  // window rows [64, 128)
+  __device__ __forceinline__ const bf16* row(int x) const { return x < 64 ? lo + x * LDS : hi + (x - 64) * LDS; }
+};
+__device__ __forceinline__ Window window_of(const bf16* slots, int n, int dir) {
+  const bf16 *a = slots + (n & 1) * 64 * LDS, *b = slots + ((n + 1) & 1) * 64 * LDS;
+  return dir > 0 ? Window{a, b} : Window{b, a};
+}
+// What tile n (window rows [start, start + 128)) lacks of its window, by cp.async.
+__device__ __forceinline__ void load_window_async(bf16* slots, const bf16* table, int h, int start, int n, int dir,
+                                                  int N) {
+  bf16* next = slots + ((n + 1) & 1) * 64 * LDS;
+  if (n == 0) load_chunk_async(slots, table, h, dir > 0 ? start : start + 64, N);
+  load_chunk_async(next, table, h, dir > 0 ? start + 64 : start, N);
 }
 
 // band[r][c] = row_r . window[63 - r + c] for this warp's 16 band rows r = 16 warp + (0..15)
 // (their A fragments in a) and every c < 64. Those rows read window rows [48 - 16 warp,
 // 127 - 16 warp]: ten 8-row groups, each one mma per 16 of D; each (r, c) is written once.
-__device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragA* a, const bf16* __restrict__ window) {
+__device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragA* a, Window window) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int x0 = 48 - 16 * warp;
 #pragma unroll
   for (int n8 = 0; n8 < 10; ++n8) {
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    rows_dot_8(acc, a, window + (x0 + n8 * 8) * LDS);
+    rows_dot_8(acc, a, window.row(x0 + n8 * 8));
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int r = 16 * warp + g + (e >= 2 ? 8 : 0), c = x0 + n8 * 8 + 2 * t + (e & 1) - 63 + r;
@@ -351,15 +379,18 @@ __device__ __forceinline__ void zero_band(bf16* band) {
   for (int e = threadIdx.x; e < 64 * LDR; e += THREADS) band[e] = 0;
 }
 
-// Stage what a tile of queries [i0, i0 + 64) x keys [j0, j0 + 64) needs of the relative terms:
-// the c2p band Cb[query][key] and the p2c band Pb[key][query] from the tables, or (REL) the
-// K_r and Q_r windows they are computed from (`relative_bands`, after a barrier).
+// Stage what tile n, queries [i0, i0 + 64) x keys [j0, j0 + 64), needs of the relative terms:
+// the c2p band Cb[query][key] and the p2c band Pb[key][query] from the tables, or (REL) what
+// the K_r and Q_r windows lack (by cp.async: the caller commits and waits), from which
+// `relative_bands` computes the bands. dir: +1 if the tiles walk the keys (K_r's window moves
+// up, Q_r's down), -1 if they walk the queries.
 template <bool REL>
 __device__ __forceinline__ void load_relative(bf16* Cb, bf16* Pb, bf16* KRw, bf16* QRw, const bf16* c2p,
-                                              const bf16* p2c, long long tb, int h, int N, int i0, int j0) {
+                                              const bf16* p2c, long long tb, int h, int N, int i0, int j0, int n,
+                                              int dir) {
   if (REL) {
-    if (c2p) load_window(KRw, c2p, h, N - 1 - (i0 + 63) + j0, N);
-    if (p2c) load_window(QRw, p2c, h, N - 1 - (j0 + 63) + i0, N);
+    if (c2p) load_window_async(KRw, c2p, h, N - 1 - (i0 + 63) + j0, n, dir, N);
+    if (p2c) load_window_async(QRw, p2c, h, N - 1 - (j0 + 63) + i0, n, -dir, N);
   } else {
     load_band(Cb, c2p, tb, N, i0, j0);
     load_band(Pb, p2c, tb, N, j0, i0);
@@ -368,8 +399,8 @@ __device__ __forceinline__ void load_relative(bf16* Cb, bf16* Pb, bf16* KRw, bf1
 
 // REL: the bands from the staged windows; Qs and Ks are the tile's [64][LDS] query and key
 // rows (each warp multiplies its 16 of each). Ends with a barrier: every warp reads Pb.
-__device__ __forceinline__ void relative_bands(bf16* Cb, bf16* Pb, const bf16* KRw, const bf16* QRw, bool c2p,
-                                               bool p2c, const bf16* Qs, const bf16* Ks) {
+__device__ __forceinline__ void relative_bands(bf16* Cb, bf16* Pb, Window KRw, Window QRw, bool c2p, bool p2c,
+                                               const bf16* Qs, const bf16* Ks) {
   const int warp = threadIdx.x / 32;
   FragA rows[D / 16];
   if (c2p) {
@@ -385,6 +416,9 @@ __device__ __forceinline__ void relative_bands(bf16* Cb, bf16* Pb, const bf16* K
 
 // Shared memory of the forward: Q, K, V tiles, the c2p band (queries x keys) and the p2c band
 // (keys x queries), the key mask of the tile; with REL, the K_r and Q_r windows of the tile.
+// Software pipelined (FA2's order) without more shared memory: V's tile loads while the
+// scores of K's are computed; the next tile's K (and with REL the new halves of the windows)
+// while the probabilities meet V.
 // REL: c2p and p2c are K_r and Q_r [H][2N][D] (the `_rel` kernels), else the tables [H, B, N, 2N].
 template <bool REL>
 __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
@@ -411,9 +445,13 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
   const unsigned int threshold = (unsigned int)(p_drop * 4294967296.0), dkey = head_key(seed, bh);
   const float inv_keep = p_drop > 0.f ? 1.f / (1.f - p_drop) : 1.f;
 
-  load_tile(Qs, q, b, h, m_blk, N, H);
   if (REL && !c2p) zero_band(Cb);
   if (REL && !p2c) zero_band(Pb);
+  load_tile_async(Qs, q, b, h, m_blk, N, H);
+  load_tile_async(Ks, k, b, h, 0, N, H);
+  if (REL) load_relative<true>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, 0, 0, 1);
+  cp_async_commit();
+  cp_async_wait_all();
   __syncthreads();
   FragA qa[D / 16];
   load_rows(qa, Qs + warp * 16 * LDS);
@@ -422,14 +460,15 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
   for (int n8 = 0; n8 < D / 8; ++n8) o[n8][0] = o[n8][1] = o[n8][2] = o[n8][3] = 0.f;
   float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;
 
-  for (int n0 = 0; n0 < N; n0 += BN) {
-    __syncthreads();
-    load_tile(Ks, k, b, h, n0, N, H);
-    load_tile(Vs, v, b, h, n0, N, H);
-    load_relative<REL>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, n0);
+  for (int n0 = 0, n = 0; n0 < N; n0 += BN, ++n) {
+    // The previous tile's readers of kok, the bands and V are past its mid-tile barrier.
+    if (!REL) load_relative<false>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, n0, n, 1);
     for (int c = threadIdx.x; c < BN; c += blockDim.x) kok[c] = n0 + c < N && mask[(long long)b * N + n0 + c];
+    cp_async_wait_all();  // this tile's K (and windows), issued mid-way through the previous tile
     __syncthreads();
-    if (REL) relative_bands(Cb, Pb, KRw, QRw, c2p, p2c, Qs, Ks);
+    load_tile_async(Vs, v, b, h, n0, N, H);
+    cp_async_commit();
+    if (REL) relative_bands(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, Qs, Ks);
     float s[BN / 8][4];
     rows_times_tile_t(s, qa, Ks);  // c2c
     float mx_a = NEG_INF, mx_b = NEG_INF;
@@ -477,6 +516,13 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     }
     FragA pa[BN / 16];
     to_a(pa, s);
+    cp_async_wait_all();  // this tile's V
+    __syncthreads();      // and every warp is done with K and the windows' old half
+    if (n0 + BN < N) {
+      load_tile_async(Ks, k, b, h, n0 + BN, N, H);
+      if (REL) load_relative<true>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, n0 + BN, n + 1, 1);
+      cp_async_commit();
+    }
     weights_times_tile(o, pa, Vs);  // O += dropout(P) V
   }
   const float inv_a = oka && l_a > 0.f ? 1.f / l_a : 0.f, inv_b = okb && l_b > 0.f ? 1.f / l_b : 0.f;
@@ -548,7 +594,7 @@ __device__ __forceinline__ void load_a_t(FragA& a, const bf16* p, int ld) {
 //    last contribution); the other pair starts rows [64, 128) in gacc. No read-modify-write,
 //    each partial element written once (`flush_relative` writes the last tile's upper rows).
 __device__ __forceinline__ void relative_grads(float (*acc)[4], float (*gacc)[D / 8][4], const bf16* DSK,
-                                               const bf16* W, const bf16* own, float* __restrict__ part, int off,
+                                               Window W, const bf16* own, float* __restrict__ part, int off,
                                                int k) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int x0 = 48 - 16 * warp;
@@ -556,7 +602,7 @@ __device__ __forceinline__ void relative_grads(float (*acc)[4], float (*gacc)[D 
   for (int kk = 0; kk < 5; ++kk) {
     FragA a;
     load_a(a, DSK + warp * 16 * LDK + x0 + kk * 16, LDK);
-    a_times_rows(acc, a, W + (x0 + kk * 16) * LDS);
+    a_times_rows(acc, a, W.row(x0 + kk * 16));
   }
   const bool lower = warp / 2 == (k & 1);
 #pragma unroll
@@ -621,8 +667,10 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
   const bool okb = kb + rb < N && mask[(long long)b * N + kb + rb];
   // REL: this block's partial dQ_r rows, [rows][D] from window row N-64-kb (see relative_grads).
   float* part = REL && dp2c ? dp2c + ((long long)bh * gridDim.x + blockIdx.x) * (gridDim.x * 64 + 64) * D : nullptr;
-  load_tile(Ks, k, b, h, kb, N, H);
-  load_tile(Vs, v, b, h, kb, N, H);
+  load_tile_async(Ks, k, b, h, kb, N, H);
+  load_tile_async(Vs, v, b, h, kb, N, H);
+  cp_async_commit();
+  cp_async_wait_all();
   if (REL && !c2p) zero_band(Cb);
   if (REL && !p2c) zero_band(Pb);
   __syncthreads();
@@ -636,11 +684,12 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk_acc[n8][e] = dv_acc[n8][e] = 0.f;
 
-  for (int m0 = 0; m0 < N; m0 += BM) {
+  for (int m0 = 0, n = 0; m0 < N; m0 += BM, ++n) {
     __syncthreads();
-    load_tile(Qs, q, b, h, m0, N, H);
-    load_tile(dOs, dout, b, h, m0, N, H);
-    load_relative<REL>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m0, kb);
+    load_tile_async(Qs, q, b, h, m0, N, H);
+    load_tile_async(dOs, dout, b, h, m0, N, H);
+    load_relative<REL>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m0, kb, n, -1);
+    cp_async_commit();
     for (int e = threadIdx.x; e < BM; e += blockDim.x) {
       const int i = m0 + e;
       const bool in = i < N;
@@ -648,8 +697,9 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
       dvec_s[e] = in ? dvec[(long long)bh * N + i] : 0.f;
       okm[e] = in && mask[(long long)b * N + i];
     }
+    cp_async_wait_all();
     __syncthreads();
-    if (REL) relative_bands(Cb, Pb, KRw, QRw, c2p, p2c, Qs, Ks);
+    if (REL) relative_bands(Cb, Pb, window_of(KRw, n, -1), window_of(QRw, n, 1), c2p, p2c, Qs, Ks);
     float st[BM / 8][4], dpt[BM / 8][4];
     rows_times_tile_t(st, ka, Qs);    // S^T = K_w Q^T
     rows_times_tile_t(dpt, va, dOs);  // dP^T = V_w dO^T
@@ -680,7 +730,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
     __syncthreads();
     if (REL) {
       // p2c(i, j) = k_j . Q_r[N-1-j+i]: dK += dS^T Q_r (skewed), dQ_r += (skewed dS)^T K.
-      if (p2c) relative_grads(dk_acc, gacc, DSK, QRw, Ks, part, m0, m0 / BM);
+      if (p2c) relative_grads(dk_acc, gacc, DSK, window_of(QRw, n, 1), Ks, part, m0, n);
     } else if (dp2c) {
       store_band(reinterpret_cast<bf16*>(dp2c), DSb, tb, N, kb, m0);  // d_p2c[j, N-1-j+i] = dS[i, j]
     }
@@ -707,8 +757,10 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
   const bool okb = mb + rb < N && mask[(long long)b * N + mb + rb];
   // REL: this block's partial dK_r rows, [rows][D] from window row N-64-mb (see relative_grads).
   float* part = REL && dc2p ? dc2p + ((long long)bh * gridDim.x + blockIdx.x) * (gridDim.x * 64 + 64) * D : nullptr;
-  load_tile(Qs, q, b, h, mb, N, H);
-  load_tile(dOs, dout, b, h, mb, N, H);
+  load_tile_async(Qs, q, b, h, mb, N, H);
+  load_tile_async(dOs, dout, b, h, mb, N, H);
+  cp_async_commit();
+  cp_async_wait_all();
   if (REL && !c2p) zero_band(Cb);
   if (REL && !p2c) zero_band(Pb);
   for (int e = threadIdx.x; e < BM; e += blockDim.x) {
@@ -726,14 +778,16 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
 #pragma unroll
   for (int n8 = 0; n8 < D / 8; ++n8) dq_acc[n8][0] = dq_acc[n8][1] = dq_acc[n8][2] = dq_acc[n8][3] = 0.f;
 
-  for (int n0 = 0; n0 < N; n0 += BN) {
+  for (int n0 = 0, n = 0; n0 < N; n0 += BN, ++n) {
     __syncthreads();
-    load_tile(Ks, k, b, h, n0, N, H);
-    load_tile(Vs, v, b, h, n0, N, H);
-    load_relative<REL>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, mb, n0);
+    load_tile_async(Ks, k, b, h, n0, N, H);
+    load_tile_async(Vs, v, b, h, n0, N, H);
+    load_relative<REL>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, mb, n0, n, 1);
+    cp_async_commit();
     for (int c = threadIdx.x; c < BN; c += blockDim.x) okm[c] = n0 + c < N && mask[(long long)b * N + n0 + c];
+    cp_async_wait_all();
     __syncthreads();
-    if (REL) relative_bands(Cb, Pb, KRw, QRw, c2p, p2c, Qs, Ks);
+    if (REL) relative_bands(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, Qs, Ks);
     float s[BN / 8][4], dp[BN / 8][4];
     rows_times_tile_t(s, qa, Ks);   // S = Q_w K^T
     rows_times_tile_t(dp, da, Vs);  // dP = dO_w V^T
@@ -760,7 +814,7 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
     __syncthreads();
     if (REL) {
       // c2p(i, j) = q_i . K_r[N-1-i+j]: dQ += dS K_r (skewed), dK_r += (skewed dS)^T Q.
-      if (c2p) relative_grads(dq_acc, gacc, DSK, KRw, Qs, part, n0, n0 / BN);
+      if (c2p) relative_grads(dq_acc, gacc, DSK, window_of(KRw, n, 1), Qs, part, n0, n);
     } else if (dc2p) {
       store_band(reinterpret_cast<bf16*>(dc2p), DSb, tb, N, mb, n0);  // d_c2p[i, N-1-i+j] = dS[i, j]
     }

@@ -10,9 +10,12 @@
 //     independently of the kernels' own loaders, so a loader that misplaces an element fails;
 //   - dynamic shared memory starts as NaN bytes each block (reading a slot nobody wrote shows
 //     up), and a guard past its end catches writes beyond the launch's size;
+//   - ldmatrix and cp.async likewise from the PTX ISA; a cp.async destination reads as NaN from
+//     the issue until the issuing thread waits for it;
 //   - a barrier that not every thread reaches is reported as an error instead of hanging.
-// It checks semantics, not speed. It runs each fiber until it blocks, first thread first, or last
-// first (`deberta_emulate_reverse_schedule`): a race that both orders hide stays hidden.
+// It checks semantics, not speed. It runs each fiber until it blocks, first thread first with
+// the warps in lockstep, or last first with one warp at a time
+// (`deberta_emulate_reverse_schedule`): a race that both orders hide stays hidden.
 
 #include <ucontext.h>
 
@@ -49,10 +52,19 @@ struct Lane {
   const unsigned char* row;  // ldmatrix: the row address this lane gives
 };
 
+// A cp.async copy in flight: its 16 bytes, taken from global memory at issue.
+struct Copy {
+  unsigned char* dst;
+  unsigned char bytes[16];
+  unsigned group;
+};
+
 struct Fiber {
   ucontext_t ctx;
   std::vector<char> stack;
   Wait wait = RUNNABLE;
+  std::vector<Copy> copies;  // issued by this thread, not yet waited for
+  unsigned committed = 0;    // groups committed so far
 };
 
 constexpr std::size_t STACK_BYTES = 256 << 10;
@@ -67,8 +79,11 @@ struct State {
   std::vector<unsigned char> shared;
   void (*run)(void**) = nullptr;
   void** params = nullptr;
-  // Resume fibers from the last thread to the first: a missing barrier that the forward order
-  // hides (a later thread reading what an earlier one wrote) shows up in this one.
+  // Resume fibers from the last thread to the first, and let one warp at a time pass its
+  // warp-synchronous operations (the last warp first) until it waits at a block barrier or
+  // ends: a missing barrier that the forward order hides (a later thread reading what an
+  // earlier one wrote, or a warp overwriting what a slower warp still reads: in the forward
+  // order the warps move in lockstep) shows up in this one.
   bool reverse = false;
   // The first misuse a block made that the emulator could not let happen (ldmatrix outside
   // shared memory or misaligned): reported when the block ends.
@@ -136,6 +151,41 @@ void mma_m16n8k16(float* c, const unsigned* a, const unsigned* b) {
 
 unsigned char* shared_memory() { return st.shared.data(); }
 
+static bool in_shared(const void* p, std::size_t bytes) {
+  const std::uintptr_t lo = reinterpret_cast<std::uintptr_t>(st.shared.data()),
+                       hi = lo + st.shared.size() - GUARD_BYTES, at = reinterpret_cast<std::uintptr_t>(p);
+  return at >= lo && at + bytes <= hi;
+}
+
+// cp.async.cg.shared.global [dst], [src], 16, valid ? 16 : 0. The hardware may land the bytes
+// any time between the issue and the wait: the emulator fills the destination with NaN at issue
+// and writes the bytes at the wait, so a read before the wait (and the barrier after it), or a
+// copy issued into a buffer another thread still reads, shows up as NaN.
+void cp_async(void* dst, const void* src, bool valid) {
+  Fiber& f = st.fibers[st.current];
+  if (!in_shared(dst, 16) || (static_cast<unsigned char*>(dst) - st.shared.data()) % 16 != 0) {
+    if (st.fault.empty())
+      st.fault = "cp.async: thread " + std::to_string(st.current) + " copied to a destination " +
+                 (in_shared(dst, 16) ? "not 16-byte aligned" : "outside shared memory");
+    return;
+  }
+  Copy c{static_cast<unsigned char*>(dst), {}, f.committed};
+  if (valid) std::memcpy(c.bytes, src, 16);
+  std::memset(dst, 0xff, 16);
+  f.copies.push_back(c);
+}
+void cp_async_commit() { ++st.fibers[st.current].committed; }
+// cp.async.wait_group 0: every committed group of this thread has landed.
+void cp_async_wait() {
+  Fiber& f = st.fibers[st.current];
+  std::vector<Copy> later;
+  for (const Copy& c : f.copies) {
+    if (c.group < f.committed) std::memcpy(c.dst, c.bytes, 16);
+    else later.push_back(c);
+  }
+  f.copies.swap(later);
+}
+
 // ldmatrix.sync.aligned.m8n8.x{num}[.trans].shared.b16 (PTX ISA, "Warp-level matrix load
 // instruction: ldmatrix"): lane 8m + r gives the address of row r of matrix m (16 bytes, 16-byte
 // aligned, in shared memory); register m of lane 4g + t receives elements (g, 2t), (g, 2t + 1)
@@ -144,13 +194,11 @@ void ldmatrix(unsigned* r, const void* p, int num, bool trans) {
   const int me = st.current, base = me - lane_id();
   st.lanes[me].row = static_cast<const unsigned char*>(p);
   park(AT_WARP_BARRIER);
-  const std::uintptr_t lo = reinterpret_cast<std::uintptr_t>(st.shared.data()),
-                       hi = lo + st.shared.size() - GUARD_BYTES;
   for (int m = 0; m < num; ++m)
     for (int i = 0; i < 8; ++i) {
-      const std::uintptr_t row = reinterpret_cast<std::uintptr_t>(st.lanes[base + 8 * m + i].row);
-      const bool inside = row >= lo && row + 16 <= hi;
-      if ((!inside || (row - lo) % 16 != 0) && st.fault.empty())
+      const unsigned char* row = st.lanes[base + 8 * m + i].row;
+      const bool inside = in_shared(row, 16);
+      if ((!inside || (row - st.shared.data()) % 16 != 0) && st.fault.empty())
         st.fault = "ldmatrix: lane " + std::to_string(8 * m + i) + " of warp " + std::to_string(me / 32) +
                    " gave a row address " + (inside ? "not 16-byte aligned" : "outside shared memory");
     }
@@ -171,6 +219,8 @@ void ldmatrix(unsigned* r, const void* p, int num, bool trans) {
 
 static void fiber_main() {
   st.run(st.params);
+  if (!st.fibers[st.current].copies.empty() && st.fault.empty())
+    st.fault = "thread " + std::to_string(st.current) + " exited with cp.async copies it never waited for";
   st.fibers[st.current].wait = DONE;  // returning resumes the scheduler (uc_link)
 }
 
@@ -188,6 +238,8 @@ static std::string run_block(unsigned threads) {
     f.ctx.uc_link = &st.scheduler;
     makecontext(&f.ctx, fiber_main, 0);
     f.wait = RUNNABLE;
+    f.copies.clear();
+    f.committed = 0;
   }
   for (;;) {
     for (unsigned k = 0; k < threads; ++k) {
@@ -202,8 +254,9 @@ static std::string run_block(unsigned threads) {
     // Every fiber is parked or done: release a warp barrier or the block barrier.
     unsigned done = 0, at_block = 0;
     bool released = false;
-    for (unsigned w = 0; w * 32 < threads; ++w) {
-      const unsigned lo = w * 32, hi = lo + 32 < threads ? lo + 32 : threads;
+    const unsigned warps = (threads + 31) / 32;
+    for (unsigned k = 0; k < warps && !(released && st.reverse); ++k) {
+      const unsigned w = st.reverse ? warps - 1 - k : k, lo = w * 32, hi = lo + 32 < threads ? lo + 32 : threads;
       unsigned at_warp = 0;
       for (unsigned i = lo; i < hi; ++i) at_warp += st.fibers[i].wait == AT_WARP_BARRIER;
       if (at_warp == 0) continue;
@@ -263,6 +316,9 @@ static inline unsigned short emu_f2bf(float f) {
 }
 static inline void emu_mma(float* c, const unsigned* a, const unsigned* b) { emu::mma_m16n8k16(c, a, b); }
 static inline void emu_ldmatrix(unsigned* r, const void* p, int num, bool trans) { emu::ldmatrix(r, p, num, trans); }
+static inline void emu_cp_async(void* dst, const void* src, bool valid) { emu::cp_async(dst, src, valid); }
+static inline void emu_cp_async_commit() { emu::cp_async_commit(); }
+static inline void emu_cp_async_wait() { emu::cp_async_wait(); }
 
 namespace hd16 {
 #define HEAD_DIM 16
