@@ -9,11 +9,14 @@
 # Build and carry the bundle first: bash cluster/gpu-bundle.sh, then run with carry [gpu-bundle].
 #
 #   bash cluster/gpu-bench.sh [PRESET] [SEQ] [BATCH...]      # default: xxlarge 512 8 16
+#   env: VARIANTS (ours), HF_BATCHES (HF's sizes), BENCH_STEPS, BENCH_WARMUP, KERNEL_CHECK=0
 set -uo pipefail
 cd "$(dirname "$0")/.."
 preset="${1:-xxlarge}"; seq="${2:-512}"; shift 2 2>/dev/null || shift $#
 batches=("$@"); [ ${#batches[@]} -gt 0 ] || batches=(8 16)
 steps="${BENCH_STEPS:-8}"; warmup="${BENCH_WARMUP:-3}"
+# HF's baseline at these batch sizes only (default: all; it runs out of memory above 8 at seq 512).
+read -r -a hf_batches <<< "${HF_BATCHES:-${batches[*]}}"
 read -r -a variants <<< "${VARIANTS:-fused-relfwd fused-rel fused}"
 torch_dir="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')"
 mkdir -p /tmp/nccl-link && ln -sf "$torch_dir/../nvidia/nccl/lib/libnccl.so.2" /tmp/nccl-link/libnccl.so
@@ -47,7 +50,7 @@ for b in "${batches[@]}"; do
       || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"deberta bench failed\"}" >> "$out/ours-$att.jsonl"
     grep -E "^bench (breakdown|memory)|^error" "$out/ours-$att-b$b.err"
     grep -A10 "^bench profile" "$out/ours-$att-b$b.err"
-    if [ "$att" = "${variants[0]}" ]; then
+    if [ "$att" = "${variants[0]}" ] && [[ " ${hf_batches[*]} " == *" $b "* ]]; then
       timeout 500 python3 gpu-bundle/hf_deberta_baseline.py --preset "$preset" --seq "$seq" --batch "$b" --steps "$steps" \
         --warmup "$warmup" | tee -a "$out/hf.jsonl" \
         || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"HF baseline failed\"}" >> "$out/hf.jsonl"

@@ -25,6 +25,15 @@ pub struct RelativeContext {
     pub rel_idx: Tensor,
 }
 
+/// What the backward of `DisentangledSelfAttention::relative_tables` keeps: R after this
+/// layer's dropout, the dropout's mask, and the table rows per distance.
+pub struct RelativeSaved {
+    r: Tensor,
+    keep: Option<Tensor>,
+    by_desc: Tensor,
+    by_asc: Tensor,
+}
+
 /// M[b, 1, i, j] = m[b, i] & m[b, j]  (encoder.get_attention_mask: outer product, pitfall 8).
 pub fn attention_mask(q_mask: &Tensor, k_mask: &Tensor) -> Tensor {
     let q = q_mask.gt(0.5).unsqueeze(1).unsqueeze(-1); // [B, 1, Nq, 1]
@@ -214,11 +223,11 @@ impl DisentangledSelfAttention {
         let r = rel.table.dropout(self.pos_dropout, train); // [2S, D]
         let (by_desc, by_asc) = distance_rows(&rel.rel_idx);
         let k_r = self.c2p.then(|| {
-            let k_r = self.pos_key_proj.as_ref().unwrap_or(&self.key_proj).forward(&r);
+            let k_r = self.pos_key().forward(&r);
             self.split_table_heads(&pick_rows(&cast(k_r), &by_desc))
         });
         let q_r = self.p2c.then(|| {
-            let q_r = self.pos_query_proj.as_ref().unwrap_or(&self.query_proj).forward(&r);
+            let q_r = self.pos_query().forward(&r);
             self.split_table_heads(&pick_rows(&cast(q_r), &by_asc)) * self.scale
         });
         (k_r, q_r)
@@ -262,13 +271,82 @@ impl DisentangledSelfAttention {
         dqkv.mm(&w).view(x.size().as_slice()).to_kind(x.kind())
     }
 
-    /// The fused path's relative tables (`distance_tables`) as a list, K_r then Q_r, in `kind`.
-    /// The projections in fp32 even under autocast (TF32 in bf16 runs): the [2S, D] products are
-    /// small, and the graph then keeps the projection weights themselves rather than bf16
-    /// copies. The rows per distance are picked in `kind` (exact: one product per element).
-    pub fn relative_tables(&self, rel: &RelativeContext, train: bool, kind: Kind) -> Vec<Tensor> {
-        let (k_r, q_r) = tch::autocast(false, || self.distance_tables_in(rel, train, Some(kind)));
-        k_r.into_iter().chain(q_r).collect()
+    /// The fused path's relative tables (`distance_tables`) as a list, K_r then Q_r, in `kind`,
+    /// for a hand-written segment: what `relative_tables_backward` needs comes with them. The
+    /// projections in fp32 even under autocast (TF32 in bf16 runs): the [2S, D] products are
+    /// small. The rows per distance are picked in `kind` (exact: one product per element).
+    /// By hand rather than through autograd: the ~60 small kernels per layer that autograd's
+    /// backward of these few products launched cost more than their arithmetic.
+    pub fn relative_tables(&self, rel: &RelativeContext, train: bool, kind: Kind) -> (Vec<Tensor>, RelativeSaved) {
+        tch::autocast(false, || {
+            // `native_dropout` draws what `dropout` draws (distance_tables), and keeps the mask.
+            let (r, keep) = if train && self.pos_dropout > 0.0 {
+                let (r, keep) = rel.table.native_dropout(self.pos_dropout, true);
+                (r, Some(keep))
+            } else {
+                (rel.table.shallow_clone(), None)
+            };
+            let (by_desc, by_asc) = distance_rows(&rel.rel_idx);
+            let k_r = self.c2p.then(|| {
+                let k_r = self.pos_key().forward(&r).to_kind(kind);
+                self.split_table_heads(&pick_rows(&k_r, &by_desc))
+            });
+            let q_r = self.p2c.then(|| {
+                let q_r = self.pos_query().forward(&r).to_kind(kind);
+                self.split_table_heads(&pick_rows(&q_r, &by_asc)) * self.scale
+            });
+            let saved = RelativeSaved {
+                r,
+                keep,
+                by_desc,
+                by_asc,
+            };
+            (k_r.into_iter().chain(q_r).collect(), saved)
+        })
+    }
+
+    /// Backward of `relative_tables` for the gradients of its outputs (K_r's then Q_r's, None
+    /// where nothing reached one): adds the projections' gradients, returns R's (this rank's
+    /// heads' part under TP). In fp32: picking rows is the one-hot GEMM's transpose here.
+    pub fn relative_tables_backward(&self, saved: &RelativeSaved, grads: &[Option<Tensor>]) -> Tensor {
+        tch::autocast(false, || {
+            let r = &saved.r;
+            let mut grads = grads.iter();
+            let mut dr: Option<Tensor> = None;
+            let terms = [
+                (self.c2p, self.pos_key(), &saved.by_desc, 1.0),
+                (self.p2c, self.pos_query(), &saved.by_asc, self.scale),
+            ];
+            for (on, proj, rows, scale) in terms {
+                let g = if on {
+                    grads.next().and_then(Option::as_ref)
+                } else {
+                    None
+                };
+                let Some(g) = g else { continue };
+                // [heads, 2N-1, d] -> one row per distance [2N-1, heads·d] -> the 2S projected rows.
+                let g = g.transpose(0, 1).reshape([rows.size()[0], -1]).to_kind(Kind::Float) * scale;
+                let d_projected = rows.one_hot(r.size()[0]).to_kind(Kind::Float).tr().mm(&g);
+                let dx = crate::nn::linear_backward(r, &proj.weight, proj.bias.as_ref(), &d_projected, Kind::Float);
+                dr = Some(match dr {
+                    Some(sum) => sum + dx,
+                    None => dx,
+                });
+            }
+            let dr = dr.unwrap_or_else(|| r.zeros_like());
+            match &saved.keep {
+                Some(keep) => Tensor::native_dropout_backward(&dr, keep, 1.0 / (1.0 - self.pos_dropout)),
+                None => dr,
+            }
+        })
+    }
+
+    fn pos_key(&self) -> &Linear {
+        self.pos_key_proj.as_ref().unwrap_or(&self.key_proj)
+    }
+
+    fn pos_query(&self) -> &Linear {
+        self.pos_query_proj.as_ref().unwrap_or(&self.query_proj)
     }
 
     /// The fused path's inputs (`fused_attention::CoreInputs`): q (scaled), k, v as
@@ -434,6 +512,90 @@ mod tests {
                 let diff = (x - y).abs().max().double_value(&[]);
                 let scale = x.abs().max().double_value(&[]).max(1.0);
                 assert!(diff <= 1e-5 * scale, "{name}: tensor {k} differs by {diff:e}");
+            }
+        }
+    }
+
+    /// The hand-written relative tables (`relative_tables` and its backward) against autograd
+    /// through `distance_tables`: the tables, R's gradient and the projections', with the
+    /// layer's dropout on R (same draws), shared and separate projections, c2p only.
+    #[test]
+    fn the_hand_written_relative_tables_equal_autograd_with_dropout_on() {
+        let mut separate = DebertaConfig::toy();
+        separate.share_att_key = false;
+        let mut c2p_only = DebertaConfig::toy();
+        c2p_only.p2c = false;
+        for (name, mut cfg) in [
+            ("shared", DebertaConfig::toy()),
+            ("separate", separate),
+            ("c2p only", c2p_only),
+        ] {
+            cfg.hidden_dropout_prob = 0.2;
+            tch::manual_seed(3);
+            let vs = tch::nn::VarStore::new(Device::Cpu);
+            let enc = Encoder::new(&(vs.root() / "encoder"), &cfg, TpShard::NONE);
+            let rel = enc.relative_context(21, 21).expect("relative attention");
+            let att = &enc.layers[0].attention;
+            let table = rel.table.detach().set_requires_grad(true);
+            let rel = RelativeContext {
+                table: table.shallow_clone(),
+                rel_idx: rel.rel_idx,
+            };
+            let params: Vec<Tensor> = vs.trainable_variables();
+            let grads_of = |params: &[Tensor]| -> Vec<Tensor> {
+                params
+                    .iter()
+                    .map(|p| {
+                        let g = p.grad();
+                        let out = if g.defined() { g.copy() } else { p.zeros_like() };
+                        if g.defined() {
+                            let _ = p.grad().zero_();
+                        }
+                        out
+                    })
+                    .collect()
+            };
+            tch::manual_seed(11);
+            let (k_r, q_r) = att.distance_tables(&rel, true);
+            let want: Vec<Tensor> = k_r.into_iter().chain(q_r).collect();
+            let ws: Vec<Tensor> = want
+                .iter()
+                .map(|t| Tensor::randn(t.size().as_slice(), (Kind::Float, Device::Cpu)))
+                .collect();
+            let loss = want
+                .iter()
+                .zip(&ws)
+                .map(|(t, w)| (t * w).sum(Kind::Float))
+                .fold(Tensor::from(0f32), |a, b| a + b);
+            loss.backward();
+            let want_dr = table.grad().copy();
+            let want_params = grads_of(&params);
+            tch::manual_seed(11);
+            let detached = RelativeContext {
+                table: table.detach(),
+                rel_idx: rel.rel_idx.shallow_clone(),
+            };
+            let (got, saved) = tch::no_grad(|| att.relative_tables(&detached, true, Kind::Float));
+            let got_dr = tch::no_grad(|| {
+                att.relative_tables_backward(&saved, &ws.iter().map(|w| Some(w.shallow_clone())).collect::<Vec<_>>())
+            });
+            let got_params = grads_of(&params);
+            assert_eq!(got.len(), want.len(), "{name}");
+            let close = |a: &Tensor, b: &Tensor, what: &str| {
+                let d = (a - b).abs().max().double_value(&[]);
+                let scale = b.abs().max().double_value(&[]).max(1e-3);
+                assert!(d <= 1e-5 * scale, "{name}: {what} differs by {d:e} (scale {scale:e})");
+            };
+            for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+                close(a, &b.detach(), &format!("table {k}"));
+            }
+            close(&got_dr, &want_dr, "R's gradient");
+            assert!(
+                want_dr.abs().max().double_value(&[]) > 0.0,
+                "{name}: no gradient reached R"
+            );
+            for (k, (a, b)) in got_params.iter().zip(&want_params).enumerate() {
+                close(a, b, &format!("parameter {k}'s gradient"));
             }
         }
     }

@@ -377,9 +377,16 @@ fn attention_segments<'c>(
             (Some(rel), Some(idx)) => {
                 tape.set_label("attention: relative tables");
                 let idx = idx.shallow_clone();
-                tape.segment(&[rel], move |inp| {
-                    let rc = rel_ctx(&Some(idx.shallow_clone()), inp, 0).expect("relative attention");
-                    att.relative_tables(&rc, train, compute_kind(&inp[0].tp))
+                // R's gradient from here is this rank's heads' part.
+                tape.custom_partial(&[rel], move |inp| {
+                    let rc = RelativeContext {
+                        table: inp[0].shallow_clone(),
+                        rel_idx: idx,
+                    };
+                    let (tables, saved) = att.relative_tables(&rc, train, compute_kind(&inp[0]));
+                    let backward: CustomBackward<'c> =
+                        Box::new(move |g| vec![Some(att.relative_tables_backward(&saved, g))]);
+                    (tables, backward)
                 })
             }
             _ => Vec::new(),

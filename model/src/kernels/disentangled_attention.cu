@@ -130,6 +130,14 @@ __device__ __forceinline__ void load_b_t(FragB& b, const bf16* p, int ld) {
   const int lane = threadIdx.x % 32;
   ldsm2(b.x, p + (lane & 7) * ld + 8 * ((lane >> 3) & 1));
 }
+// The B fragments of two consecutive n blocks (b0: n 0-7, b1: n 8-15) of the same layout:
+// matrices n 0-7 / 8-15 (m / 2) by k 0-7 / 8-15 (m % 2).
+__device__ __forceinline__ void load_b_t_n2(FragB& b0, FragB& b1, const bf16* p, int ld) {
+  const int lane = threadIdx.x % 32, m = lane >> 3;
+  unsigned int r[4];
+  ldsm4(r, p + ((lane & 7) + 8 * (m >> 1)) * ld + 8 * (m & 1));
+  b0.x[0] = r[0], b0.x[1] = r[1], b1.x[0] = r[2], b1.x[1] = r[3];
+}
 // The B fragments of two consecutive k blocks (b0: k 0-15, b1: k 16-31) of the same layout.
 __device__ __forceinline__ void load_b_t2(FragB& b0, FragB& b1, const bf16* p, int ld) {
   const int lane = threadIdx.x % 32;
@@ -248,12 +256,25 @@ __device__ __forceinline__ void rows_dot_8(float* acc, const FragA* a, const bf1
   }
 }
 
-// acc[n8] (the 16 x 64 block, 8 columns per n8) = rows . tile^T (tile [64][LDS], row-major).
-__device__ __forceinline__ void rows_times_tile_t(float (*acc)[4], const FragA* a, const bf16* tile) {
+// acc[n8] (the 16 x 8 NB block, 8 columns per n8) = rows . tile^T, rows the warp's 16 rows
+// [16][LDS] and tile NB * 8 rows [..][LDS] in shared memory. Their fragments are loaded here, one
+// 16-column slice at a time, rather than kept in registers across the tiles: the backward
+// kernels need those registers (ldmatrix makes the reload cheap).
+template <int NB>
+__device__ __forceinline__ void rows_times_tile_t(float (*acc)[4], const bf16* rows, const bf16* tile) {
 #pragma unroll
-  for (int n8 = 0; n8 < BN / 8; ++n8) {
-    acc[n8][0] = acc[n8][1] = acc[n8][2] = acc[n8][3] = 0.f;
-    rows_dot_8(acc[n8], a, tile + n8 * 8 * LDS);
+  for (int n8 = 0; n8 < NB; ++n8) acc[n8][0] = acc[n8][1] = acc[n8][2] = acc[n8][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    FragA a;
+    load_a(a, rows + kk * 16, LDS);
+#pragma unroll
+    for (int n8 = 0; n8 < NB; n8 += 2) {
+      FragB b0, b1;
+      load_b_t_n2(b0, b1, tile + n8 * 8 * LDS + kk * 16, LDS);
+      mma(acc[n8], a, b0);
+      mma(acc[n8 + 1], a, b1);
+    }
   }
 }
 
@@ -268,12 +289,13 @@ __device__ __forceinline__ void a_times_rows(float (*acc)[4], const FragA& a, co
   }
 }
 
-// A [16 x 64] block held as accumulators (8 columns per n8) -> A fragments (16 columns per kk):
-// the accumulator layout of columns 2t, 2t+1 (n8 = 2kk) and 2t+8, 2t+9 (n8 = 2kk+1) is the A
-// layout, so no shared memory is needed.
+// A [16 x 16 KK] block held as accumulators (8 columns per n8) -> A fragments (16 columns per
+// kk): the accumulator layout of columns 2t, 2t+1 (n8 = 2kk) and 2t+8, 2t+9 (n8 = 2kk+1) is the
+// A layout, so no shared memory is needed.
+template <int KK>
 __device__ __forceinline__ void to_a(FragA* a, float (*x)[4]) {
 #pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) {
+  for (int kk = 0; kk < KK; ++kk) {
     a[kk].x[0] = pack(f2bf(x[2 * kk][0]), f2bf(x[2 * kk][1]));
     a[kk].x[1] = pack(f2bf(x[2 * kk][2]), f2bf(x[2 * kk][3]));
     a[kk].x[2] = pack(f2bf(x[2 * kk + 1][0]), f2bf(x[2 * kk + 1][1]));
@@ -281,10 +303,11 @@ __device__ __forceinline__ void to_a(FragA* a, float (*x)[4]) {
   }
 }
 
-// acc[n8] (16 x D) += W [16 x 64] (A fragments) . tile [64][LDS].
+// acc[n8] (16 x D) += W [16 x 16 KK] (A fragments) . tile [16 KK][LDS].
+template <int KK>
 __device__ __forceinline__ void weights_times_tile(float (*acc)[4], const FragA* w, const bf16* tile) {
 #pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) a_times_rows(acc, w[kk], tile + kk * 16 * LDS);
+  for (int kk = 0; kk < KK; ++kk) a_times_rows(acc, w[kk], tile + kk * 16 * LDS);
 }
 
 // Write the accumulators acc (a warp's [16][D]) as bf16 rows row0 + g, row0 + g + 8 of head h of
@@ -453,8 +476,6 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();
-  FragA qa[D / 16];
-  load_rows(qa, Qs + warp * 16 * LDS);
   float o[D / 8][4];
 #pragma unroll
   for (int n8 = 0; n8 < D / 8; ++n8) o[n8][0] = o[n8][1] = o[n8][2] = o[n8][3] = 0.f;
@@ -470,7 +491,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     cp_async_commit();
     if (REL) relative_bands(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, Qs, Ks);
     float s[BN / 8][4];
-    rows_times_tile_t(s, qa, Ks);  // c2c
+    rows_times_tile_t<BN / 8>(s, Qs + warp * 16 * LDS, Ks);  // c2c
     float mx_a = NEG_INF, mx_b = NEG_INF;
 #pragma unroll
     for (int n8 = 0; n8 < BN / 8; ++n8)
@@ -515,7 +536,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
       o[n8][3] *= al_b;
     }
     FragA pa[BN / 16];
-    to_a(pa, s);
+    to_a<BN / 16>(pa, s);
     cp_async_wait_all();  // this tile's V
     __syncthreads();      // and every warp is done with K and the windows' old half
     if (n0 + BN < N) {
@@ -523,7 +544,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
       if (REL) load_relative<true>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, n0 + BN, n + 1, 1);
       cp_async_commit();
     }
-    weights_times_tile(o, pa, Vs);  // O += dropout(P) V
+    weights_times_tile<BN / 16>(o, pa, Vs);  // O += dropout(P) V
   }
   const float inv_a = oka && l_a > 0.f ? 1.f / l_a : 0.f, inv_b = okb && l_b > 0.f ? 1.f / l_b : 0.f;
   write_rows(out, o, inv_a, inv_b, b, h, i0, N, H);
@@ -674,9 +695,6 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
   if (REL && !c2p) zero_band(Cb);
   if (REL && !p2c) zero_band(Pb);
   __syncthreads();
-  FragA ka[D / 16], va[D / 16];
-  load_rows(ka, Ks + warp * 16 * LDS);
-  load_rows(va, Vs + warp * 16 * LDS);
   float dk_acc[D / 8][4], dv_acc[D / 8][4];
   float gacc[2][D / 8][4];  // REL: the partial dQ_r rows this warp carries to the next tile
 #pragma unroll
@@ -700,33 +718,38 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
     cp_async_wait_all();
     __syncthreads();
     if (REL) relative_bands(Cb, Pb, window_of(KRw, n, -1), window_of(QRw, n, 1), c2p, p2c, Qs, Ks);
-    float st[BM / 8][4], dpt[BM / 8][4];
-    rows_times_tile_t(st, ka, Qs);    // S^T = K_w Q^T
-    rows_times_tile_t(dpt, va, dOs);  // dP^T = V_w dO^T
+    // The tile's queries in two halves of 32: half the registers for S^T, dP^T and their
+    // fragments, which keeps the kernel from spilling.
+#pragma unroll 1
+    for (int c0 = 0; c0 < BM; c0 += 32) {
+      float st[4][4], dpt[4][4];
+      rows_times_tile_t<4>(st, Ks + warp * 16 * LDS, Qs + c0 * LDS);    // S^T = K_w Q^T
+      rows_times_tile_t<4>(dpt, Vs + warp * 16 * LDS, dOs + c0 * LDS);  // dP^T = V_w dO^T
 #pragma unroll
-    for (int n8 = 0; n8 < BM / 8; ++n8)
+      for (int n8 = 0; n8 < 4; ++n8)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e < 2 ? ra : rb, c = n8 * 8 + 2 * t + (e & 1);  // key r, query c
-        float pz = 0.f, ds = 0.f;
-        if ((e < 2 ? oka : okb) && okm[c]) {
-          const float x = st[n8][e] + bf2f(Cb[c * LDR + r]) + bf2f(Pb[r * LDR + c]);
-          const float p = __expf(x - lse_s[c]);
-          float z = 1.f;
-          if (p_drop > 0.f) z = keep(dkey, m0 + c, kb + r, threshold) ? inv_keep : 0.f;
-          pz = p * z;
-          ds = p * (dpt[n8][e] * z - dvec_s[c]);
+        for (int e = 0; e < 4; ++e) {
+          const int r = e < 2 ? ra : rb, c = c0 + n8 * 8 + 2 * t + (e & 1);  // key r, query c
+          float pz = 0.f, ds = 0.f;
+          if ((e < 2 ? oka : okb) && okm[c]) {
+            const float x = st[n8][e] + bf2f(Cb[c * LDR + r]) + bf2f(Pb[r * LDR + c]);
+            const float p = __expf(x - lse_s[c]);
+            float z = 1.f;
+            if (p_drop > 0.f) z = keep(dkey, m0 + c, kb + r, threshold) ? inv_keep : 0.f;
+            pz = p * z;
+            ds = p * (dpt[n8][e] * z - dvec_s[c]);
+          }
+          st[n8][e] = pz;
+          dpt[n8][e] = ds;
+          if (REL) DSK[r * LDK + 63 - r + c] = f2bf(ds);
+          else DSb[r * LDR + c] = f2bf(ds);
         }
-        st[n8][e] = pz;
-        dpt[n8][e] = ds;
-        if (REL) DSK[r * LDK + 63 - r + c] = f2bf(ds);
-        else DSb[r * LDR + c] = f2bf(ds);
-      }
-    FragA pza[BM / 16], dsa[BM / 16];
-    to_a(pza, st);
-    to_a(dsa, dpt);
-    weights_times_tile(dv_acc, pza, dOs);  // dV += dropout(P)^T dO
-    weights_times_tile(dk_acc, dsa, Qs);   // dK += dS^T Q
+      FragA pza[2], dsa[2];
+      to_a<2>(pza, st);
+      to_a<2>(dsa, dpt);
+      weights_times_tile<2>(dv_acc, pza, dOs + c0 * LDS);  // dV += dropout(P)^T dO
+      weights_times_tile<2>(dk_acc, dsa, Qs + c0 * LDS);   // dK += dS^T Q
+    }
     __syncthreads();
     if (REL) {
       // p2c(i, j) = k_j . Q_r[N-1-j+i]: dK += dS^T Q_r (skewed), dQ_r += (skewed dS)^T K.
@@ -769,9 +792,6 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
     dvec_s[e] = i < N ? dvec[(long long)bh * N + i] : 0.f;
   }
   __syncthreads();
-  FragA qa[D / 16], da[D / 16];
-  load_rows(qa, Qs + warp * 16 * LDS);
-  load_rows(da, dOs + warp * 16 * LDS);
   const float lse_a = lse_s[ra], lse_b = lse_s[rb], dv_a = dvec_s[ra], dv_b = dvec_s[rb];
   float dq_acc[D / 8][4];
   float gacc[2][D / 8][4];  // REL: the partial dK_r rows this warp carries to the next tile
@@ -788,29 +808,33 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
     cp_async_wait_all();
     __syncthreads();
     if (REL) relative_bands(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, Qs, Ks);
-    float s[BN / 8][4], dp[BN / 8][4];
-    rows_times_tile_t(s, qa, Ks);   // S = Q_w K^T
-    rows_times_tile_t(dp, da, Vs);  // dP = dO_w V^T
+    // The tile's keys in two halves of 32 (as in bwd_kv).
+#pragma unroll 1
+    for (int c0 = 0; c0 < BN; c0 += 32) {
+      float s[4][4], dp[4][4];
+      rows_times_tile_t<4>(s, Qs + warp * 16 * LDS, Ks + c0 * LDS);    // S = Q_w K^T
+      rows_times_tile_t<4>(dp, dOs + warp * 16 * LDS, Vs + c0 * LDS);  // dP = dO_w V^T
 #pragma unroll
-    for (int n8 = 0; n8 < BN / 8; ++n8)
+      for (int n8 = 0; n8 < 4; ++n8)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e < 2 ? ra : rb, c = n8 * 8 + 2 * t + (e & 1);  // query r, key c
-        float ds = 0.f;
-        if ((e < 2 ? oka : okb) && okm[c]) {
-          const float x = s[n8][e] + bf2f(Cb[r * LDR + c]) + bf2f(Pb[c * LDR + r]);
-          const float p = __expf(x - (e < 2 ? lse_a : lse_b));
-          float z = 1.f;
-          if (p_drop > 0.f) z = keep(dkey, mb + r, n0 + c, threshold) ? inv_keep : 0.f;
-          ds = p * (dp[n8][e] * z - (e < 2 ? dv_a : dv_b));
+        for (int e = 0; e < 4; ++e) {
+          const int r = e < 2 ? ra : rb, c = c0 + n8 * 8 + 2 * t + (e & 1);  // query r, key c
+          float ds = 0.f;
+          if ((e < 2 ? oka : okb) && okm[c]) {
+            const float x = s[n8][e] + bf2f(Cb[r * LDR + c]) + bf2f(Pb[c * LDR + r]);
+            const float p = __expf(x - (e < 2 ? lse_a : lse_b));
+            float z = 1.f;
+            if (p_drop > 0.f) z = keep(dkey, mb + r, n0 + c, threshold) ? inv_keep : 0.f;
+            ds = p * (dp[n8][e] * z - (e < 2 ? dv_a : dv_b));
+          }
+          s[n8][e] = ds;
+          if (REL) DSK[r * LDK + 63 - r + c] = f2bf(ds);
+          else DSb[r * LDR + c] = f2bf(ds);
         }
-        s[n8][e] = ds;
-        if (REL) DSK[r * LDK + 63 - r + c] = f2bf(ds);
-        else DSb[r * LDR + c] = f2bf(ds);
-      }
-    FragA dsa[BN / 16];
-    to_a(dsa, s);
-    weights_times_tile(dq_acc, dsa, Ks);  // dQ += dS K
+      FragA dsa[2];
+      to_a<2>(dsa, s);
+      weights_times_tile<2>(dq_acc, dsa, Ks + c0 * LDS);  // dQ += dS K
+    }
     __syncthreads();
     if (REL) {
       // c2p(i, j) = q_i . K_r[N-1-i+j]: dQ += dS K_r (skewed), dK_r += (skewed dS)^T Q.
@@ -829,7 +853,9 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
       const bf16 *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ dvec
 // dp2c / dc2p: the table gradients as bf16 [H, B, N, 2N] (tables), or (REL) the blocks' partial
 // sums of dQ_r / dK_r, fp32 [B * H][blocks][64 (blocks + 1)][D], for dattn_rel_reduce.
-KERNEL void __launch_bounds__(128)
+// 3 blocks per SM (168 registers; 64 KB of shared memory each): a few bytes spill, the rest of
+// the kernel has room to hide its loads.
+KERNEL void __launch_bounds__(128, 3)
 dattn_bwd_kv(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ dp2c, int H, int N,
              float p_drop, unsigned long long seed) {
   bwd_kv<false>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, reinterpret_cast<float*>(dp2c), H, N, p_drop, seed);

@@ -290,7 +290,7 @@ static std::string run_block(unsigned threads) {
 #define __device__
 #define __forceinline__ inline
 #define __restrict__ __restrict
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define DYNAMIC_SMEM(name) unsigned char* name = emu::shared_memory()
 #define __syncthreads() emu::syncthreads()
 #define __shfl_xor_sync(mask, x, lane) emu::shfl_xor((x), (lane))
