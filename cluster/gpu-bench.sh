@@ -2,8 +2,8 @@
 # Issue G's benchmark, on the GPU machine (torch + transformers, no Rust, no MPI), in one call:
 # first `deberta-worker kernel-check` (the fused attention kernels against the reference), then
 # the HF baseline (../shared/bench/hf_deberta_baseline.py) and `deberta-worker bench` (relative
-# terms by the fused kernels with c2p/p2c computed inside the forward kernel only (fused-relfwd,
-# the default), inside both (fused-rel) or from tables (fused), by skew or by gather; VARIANTS
+# terms by the fused kernels with c2p/p2c computed inside the kernels (fused-rel, the default),
+# inside the forward kernel only (fused-relfwd) or from tables (fused), by skew or by gather; VARIANTS
 # picks) for the same preset,
 # sequence length and batch sizes, then the tables and our/HF tokens-per-second ratios.
 # Build and carry the bundle first: bash cluster/gpu-bundle.sh, then run with carry [gpu-bundle].
@@ -17,7 +17,7 @@ batches=("$@"); [ ${#batches[@]} -gt 0 ] || batches=(8 16)
 steps="${BENCH_STEPS:-8}"; warmup="${BENCH_WARMUP:-3}"
 # HF's baseline at these batch sizes only (default: all; it runs out of memory above 8 at seq 512).
 read -r -a hf_batches <<< "${HF_BATCHES:-${batches[*]}}"
-read -r -a variants <<< "${VARIANTS:-fused-relfwd fused-rel fused}"
+read -r -a variants <<< "${VARIANTS:-fused-rel fused-relfwd fused}"
 torch_dir="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')"
 mkdir -p /tmp/nccl-link && ln -sf "$torch_dir/../nvidia/nccl/lib/libnccl.so.2" /tmp/nccl-link/libnccl.so
 # libnvrtc (pip's nvidia/cu13/lib) compiles the fused attention kernels at run time.

@@ -566,7 +566,7 @@ fn bench_prints_one_json_line_per_batch_with_the_baseline_s_fields() {
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "key order: {first_line}");
     assert_eq!(rows[0]["system"], "deberta-rs", "the CPU default is the gather path");
     // Each relative path names itself; the fused one runs its reference formulas on the CPU.
-    for (attention, system) in [("skew", "deberta-rs+skew"), ("fused", "deberta-rs+fused-relfwd")] {
+    for (attention, system) in [("skew", "deberta-rs+skew"), ("fused", "deberta-rs+fused-rel")] {
         let o = deberta(&[
             "bench",
             "--preset",

@@ -47,7 +47,8 @@ thread_local! {
 }
 
 impl RelativeTerms {
-    /// `DEBERTA_FUSED_RELATIVE=tables|kernel|kernel-forward` (default kernel-forward); another
+    /// `DEBERTA_FUSED_RELATIVE=tables|kernel|kernel-forward` (default kernel: the fastest on
+    /// the H100 since the backward kernels stopped spilling, docs/performance.md); another
     /// value is an error.
     pub fn chosen() -> Result<RelativeTerms, String> {
         if let Some(rel) = RELATIVE_OVERRIDE.with(|o| o.get()) {
@@ -58,8 +59,8 @@ impl RelativeTerms {
         FROM_ENV
             .get_or_init(|| match std::env::var("DEBERTA_FUSED_RELATIVE").as_deref() {
                 Ok("tables") => Ok(RelativeTerms::Tables),
-                Ok("kernel") => Ok(RelativeTerms::InKernel),
-                Err(_) | Ok("kernel-forward") => Ok(RelativeTerms::InKernelForward),
+                Err(_) | Ok("kernel") => Ok(RelativeTerms::InKernel),
+                Ok("kernel-forward") => Ok(RelativeTerms::InKernelForward),
                 Ok(other) => Err(format!(
                     "DEBERTA_FUSED_RELATIVE={other}: expected tables, kernel or kernel-forward"
                 )),
@@ -648,6 +649,92 @@ mod tests {
             }
         }
         assert!(compile(80, "sm_90").unwrap_err().contains("multiples of 16 up to 64"));
+    }
+
+    /// ptxas (the CUDA assembler; torch's CUDA wheels ship it as torch/bin/ptxas, or
+    /// DEBERTA_PTXAS names one) run on the kernels' PTX for sm_90, as the driver's JIT does on
+    /// the GPU: (kernel, registers per thread, bytes spilled to local memory).
+    fn ptxas_report(ptx: &str) -> Vec<(String, u32, u32)> {
+        let ptxas = std::env::var("DEBERTA_PTXAS").unwrap_or_else(|_| {
+            let out = std::process::Command::new("python3")
+                .args(["-c", "import torch, os; print(os.path.dirname(torch.__file__))"])
+                .output()
+                .expect("python3 (the project venv's, with torch) to find torch/bin/ptxas");
+            format!("{}/bin/ptxas", String::from_utf8_lossy(&out.stdout).trim())
+        });
+        let dir = std::env::temp_dir().join(format!("dattn-ptxas-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("k.ptx"), ptx).unwrap();
+        let out = std::process::Command::new(&ptxas)
+            .args(["-arch=sm_90", "-v", "k.ptx", "-o", "k.cubin"])
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|e| panic!("{ptxas}: {e} (set DEBERTA_PTXAS to a CUDA 12.8+ ptxas)"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let log = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{ptxas} failed:\n{log}");
+        // Per kernel: "Compiling entry function 'NAME'", "... N bytes spill stores ...", "Used R registers".
+        let mut report = Vec::new();
+        let mut current: Option<(String, u32)> = None;
+        let number_before = |line: &str, word: &str| -> u32 {
+            let head = &line[..line.find(word).unwrap()];
+            head.split_whitespace().last().unwrap().parse().unwrap()
+        };
+        for line in log.lines() {
+            if let Some(at) = line.find("entry function '") {
+                let name = &line[at + 16..];
+                current = Some((name[..name.find('\'').unwrap()].to_string(), 0));
+            } else if line.contains("bytes spill stores") {
+                if let Some(c) = current.as_mut() {
+                    c.1 = number_before(line, "bytes spill stores");
+                }
+            } else if line.contains(" registers") {
+                if let Some((name, spill)) = current.take() {
+                    report.push((name, number_before(line, "registers"), spill));
+                }
+            }
+        }
+        report
+    }
+
+    /// Occupancy, which the kernels' speed hangs on (docs/performance.md): blocks per SM on the
+    /// H100 (65,536 registers and 228 KB of shared memory per SM, 1 KB of it reserved per
+    /// block) from each kernel's registers and shared memory, and its spills. The backward
+    /// kernels once used 248-255 registers and spilled up to 600 bytes (2 blocks per SM where
+    /// shared memory allows 3); a change that brings that back fails here, not only on a GPU.
+    #[test]
+    fn the_kernels_keep_their_occupancy_on_the_h100_without_spilling() {
+        let report = ptxas_report(&compile(64, "sm_90").unwrap().to_src());
+        let sh = shared_bytes(64);
+        // (kernel, shared bytes, blocks per SM at least, spilled bytes at most)
+        let want = [
+            ("dattn_fwd", sh.fwd, 3, 0),
+            ("dattn_fwd_rel", sh.fwd_rel, 2, 0),
+            ("dattn_bwd_kv", sh.bwd, 3, 64),
+            ("dattn_bwd_q", sh.bwd, 3, 0),
+            ("dattn_bwd_kv_rel", sh.bwd_rel, 2, 128),
+            ("dattn_bwd_q_rel", sh.bwd_rel, 2, 64),
+        ];
+        let mut failures = Vec::new();
+        for (name, shared, min_blocks, max_spill) in want {
+            let &(_, regs, spill) = report
+                .iter()
+                .find(|r| r.0 == name)
+                .unwrap_or_else(|| panic!("{name} missing from ptxas's report: {report:?}"));
+            let by_regs = 65536 / (regs * 32 * WARPS as u32);
+            let by_shared = 228 * 1024 / (shared + 1024);
+            let blocks = by_regs.min(by_shared);
+            println!(
+                "{name:<18} {regs:>3} registers, {:>6.1} KB shared, {spill:>4} bytes spilled: {blocks} blocks per SM",
+                shared as f64 / 1024.0
+            );
+            if blocks < min_blocks || spill > max_spill {
+                failures.push(format!(
+                    "{name}: {blocks} blocks per SM ({regs} registers), {spill} bytes spilled; want >= {min_blocks} and <= {max_spill}"
+                ));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 
     #[test]
