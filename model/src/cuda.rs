@@ -215,6 +215,17 @@ mod tests {
         }
     }
 
+    /// The emulator's `ldmatrix_rows` kernel: one warp loads four 8x8 matrices whose rows start
+    /// at byte 32 (8m + r) + offset of a 1 KB shared memory holding halfword k = k; each lane's
+    /// four registers, lane by lane.
+    fn ldmatrix_rows(offset: i32, trans: bool) -> Result<Vec<i32>, String> {
+        let out = Tensor::zeros([128], (tch::Kind::Int, Device::Cpu));
+        let args = [Arg::I32(offset), Arg::I32(trans as i32), Arg::Ptr(ptr(&out))];
+        // SAFETY: `out` holds 4 registers for each of the 32 lanes.
+        unsafe { emulate("ldmatrix_rows", 0, block(32, 1024), &args) }?;
+        Ok(Vec::<i32>::try_from(&out).unwrap())
+    }
+
     #[test]
     fn the_emulator_reports_what_would_hang_or_corrupt_a_gpu() {
         let out = Tensor::zeros([128], (tch::Kind::Int, Device::Cpu));
@@ -229,26 +240,9 @@ mod tests {
         let e = unsafe { emulate("shared_store", 0, block(32, 64), &[Arg::I32(64)]) }.unwrap_err();
         assert!(e.contains("wrote past its 64 bytes"), "{e}");
         // ldmatrix's rows must be 16-byte aligned and inside shared memory.
-        let out = Tensor::zeros([128], (tch::Kind::Int, Device::Cpu));
-        let e = unsafe {
-            emulate(
-                "ldmatrix_rows",
-                0,
-                block(32, 1024),
-                &[Arg::I32(8), Arg::I32(0), Arg::Ptr(ptr(&out))],
-            )
-        }
-        .unwrap_err();
+        let e = ldmatrix_rows(8, false).unwrap_err();
         assert!(e.contains("not 16-byte aligned"), "{e}");
-        let e = unsafe {
-            emulate(
-                "ldmatrix_rows",
-                0,
-                block(32, 1024),
-                &[Arg::I32(32), Arg::I32(0), Arg::Ptr(ptr(&out))],
-            )
-        }
-        .unwrap_err();
+        let e = ldmatrix_rows(32, false).unwrap_err();
         assert!(e.contains("outside shared memory"), "{e}");
         let e = unsafe { emulate("dattn_fwd", 48, block(128, 0), &[]) }.unwrap_err();
         assert!(e.contains("no emulated kernel dattn_fwd for head size 48"), "{e}");
@@ -259,25 +253,14 @@ mod tests {
     /// low and high half, or with .trans (2t, g) and (2t + 1, g).
     #[test]
     fn the_emulated_ldmatrix_hands_out_the_documented_fragments() {
-        for trans in [0, 1] {
-            let out = Tensor::zeros([128], (tch::Kind::Int, Device::Cpu));
-            // SAFETY: `out` holds 4 registers for each of the 32 lanes; 1024 bytes hold the rows.
-            unsafe {
-                emulate(
-                    "ldmatrix_rows",
-                    0,
-                    block(32, 1024),
-                    &[Arg::I32(0), Arg::I32(trans), Arg::Ptr(ptr(&out))],
-                )
-            }
-            .unwrap();
-            let got = Vec::<i32>::try_from(&out).unwrap();
+        for trans in [false, true] {
+            let got = ldmatrix_rows(0, trans).unwrap();
             for lane in 0..32u32 {
                 let (g, t) = (lane / 4, lane % 4);
                 for m in 0..4u32 {
                     // Shared halfword k holds k; row r of matrix m starts at halfword 16 (8m + r).
                     let at = |row: u32, col: u32| 16 * (8 * m + row) + col;
-                    let (lo, hi) = if trans == 1 {
+                    let (lo, hi) = if trans {
                         (at(2 * t, g), at(2 * t + 1, g))
                     } else {
                         (at(g, 2 * t), at(g, 2 * t + 1))
