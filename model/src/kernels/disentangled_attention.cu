@@ -187,8 +187,9 @@ __device__ __forceinline__ bool keep(unsigned int key, int i, int j, unsigned in
   return x >= threshold;
 }
 
-// The kernels run 128 threads per block; the tile loaders below issue all of a thread's global
-// loads before its shared stores, so their latencies overlap instead of adding up.
+// The kernels run 128 threads per block. The tile loaders below use cp.async; the band loader
+// (tables path) issues all of a thread's global loads before its shared stores, so their
+// latencies overlap instead of adding up.
 #define THREADS 128
 
 // Rows [r0, r0 + 64) of head h of batch b from a [B, N, H, D] tensor into dst [64][LDS] by
