@@ -206,30 +206,30 @@ impl DisentangledSelfAttention {
     /// p2c. The 2S table rows are projected, then one row per distance is picked (`pick_rows`, on
     /// the small table); R gets this layer's dropout first.
     fn distance_tables(&self, rel: &RelativeContext, train: bool) -> (Option<Tensor>, Option<Tensor>) {
-        self.distance_tables_in(rel, train, None)
+        let r = rel.table.dropout(self.pos_dropout, train); // [2S, D]
+        let (by_desc, by_asc) = distance_rows(&rel.rel_idx);
+        self.tables_from(&r, &by_desc, &by_asc, None)
     }
 
-    /// `distance_tables`, the projected rows cast to `pick` (if given) before they are picked.
-    fn distance_tables_in(
+    /// K_r and Q_r per distance from R after dropout (`distance_tables`), the projected rows
+    /// cast to `pick` (if given) before they are picked.
+    fn tables_from(
         &self,
-        rel: &RelativeContext,
-        train: bool,
+        r: &Tensor,
+        by_desc: &Tensor,
+        by_asc: &Tensor,
         pick: Option<Kind>,
     ) -> (Option<Tensor>, Option<Tensor>) {
         let cast = |t: Tensor| match pick {
             Some(kind) => t.to_kind(kind),
             None => t,
         };
-        let r = rel.table.dropout(self.pos_dropout, train); // [2S, D]
-        let (by_desc, by_asc) = distance_rows(&rel.rel_idx);
-        let k_r = self.c2p.then(|| {
-            let k_r = self.pos_key().forward(&r);
-            self.split_table_heads(&pick_rows(&cast(k_r), &by_desc))
-        });
-        let q_r = self.p2c.then(|| {
-            let q_r = self.pos_query().forward(&r);
-            self.split_table_heads(&pick_rows(&cast(q_r), &by_asc)) * self.scale
-        });
+        let k_r = self
+            .c2p
+            .then(|| self.split_table_heads(&pick_rows(&cast(self.pos_key().forward(r)), by_desc)));
+        let q_r = self
+            .p2c
+            .then(|| self.split_table_heads(&pick_rows(&cast(self.pos_query().forward(r)), by_asc)) * self.scale);
         (k_r, q_r)
     }
 
@@ -287,14 +287,7 @@ impl DisentangledSelfAttention {
                 (rel.table.shallow_clone(), None)
             };
             let (by_desc, by_asc) = distance_rows(&rel.rel_idx);
-            let k_r = self.c2p.then(|| {
-                let k_r = self.pos_key().forward(&r).to_kind(kind);
-                self.split_table_heads(&pick_rows(&k_r, &by_desc))
-            });
-            let q_r = self.p2c.then(|| {
-                let q_r = self.pos_query().forward(&r).to_kind(kind);
-                self.split_table_heads(&pick_rows(&q_r, &by_asc)) * self.scale
-            });
+            let (k_r, q_r) = self.tables_from(&r, &by_desc, &by_asc, Some(kind));
             let saved = RelativeSaved {
                 r,
                 keep,
