@@ -135,16 +135,21 @@ pub fn memory_estimate(c: &DebertaConfig, micro_batch: i64, seq: i64, bf16: bool
     memory_estimate_tp(c, micro_batch, seq, bf16, 1)
 }
 
-/// Parameters held by one rank of a tensor-parallel group of `tp` (Megatron's split): the
-/// layers' q/k/v/o and FFN matrices, the word embeddings and the vocabulary bias are sharded;
-/// LayerNorms, the relative table, the conv and the EMD table are replicated.
-fn params_per_rank(c: &DebertaConfig, tp: f64) -> f64 {
-    let (d, a, f, v) = (
+/// Hidden size D, attention width A (heads x head size), FFN width F and vocabulary V.
+fn widths(c: &DebertaConfig) -> (f64, f64, f64, f64) {
+    (
         c.hidden_size as f64,
         c.all_head_size() as f64,
         c.intermediate_size as f64,
         c.vocab_size as f64,
-    );
+    )
+}
+
+/// Parameters held by one rank of a tensor-parallel group of `tp` (Megatron's split): the
+/// layers' q/k/v/o and FFN matrices, the word embeddings and the vocabulary bias are sharded;
+/// LayerNorms, the relative table, the conv and the EMD table are replicated.
+fn params_per_rank(c: &DebertaConfig, tp: f64) -> f64 {
+    let (d, a, f, v) = widths(c);
     let all = ParamCount::of(c).pretraining as f64;
     let sharded = c.num_hidden_layers as f64 * (4.0 * d * a + 3.0 * a + 2.0 * d * f + f) + v * d + v;
     (all - sharded) + sharded / tp
@@ -165,12 +170,7 @@ fn params_per_rank(c: &DebertaConfig, tp: f64) -> f64 {
 /// (`estimates_against_measured_peaks`): workspaces, other transients.
 pub fn fused_memory_estimate_tp(c: &DebertaConfig, micro_batch: i64, seq: i64, tp: i64) -> MemoryEstimate {
     let tp = tp.max(1) as f64;
-    let (d, a, f, v) = (
-        c.hidden_size as f64,
-        c.all_head_size() as f64,
-        c.intermediate_size as f64,
-        c.vocab_size as f64,
-    );
+    let (d, a, f, v) = widths(c);
     let tokens = (micro_batch * seq) as f64;
     let ffn = if f / tp > d {
         2.0 * f / tp + 2.0 * d
@@ -215,12 +215,7 @@ pub fn fused_memory_estimate_tp(c: &DebertaConfig, micro_batch: i64, seq: i64, t
 /// 61.4 GiB; HF's eager model, which also keeps act(h), measures 64.3 GiB on the H100.
 pub fn eager_memory_estimate_tp(c: &DebertaConfig, micro_batch: i64, seq: i64, bf16: bool, tp: i64) -> MemoryEstimate {
     let tp = tp.max(1) as f64;
-    let (d, a, f, v) = (
-        c.hidden_size as f64,
-        c.all_head_size() as f64,
-        c.intermediate_size as f64,
-        c.vocab_size as f64,
-    );
+    let (d, a, f, v) = widths(c);
     let params = params_per_rank(c, tp);
     let elt = if bf16 { 2.0 } else { 4.0 };
     let states_bytes = params * (16.0 + if bf16 { 2.0 } else { 0.0 });
