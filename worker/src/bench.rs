@@ -73,8 +73,8 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     crate::runtime::check_attention_path(device, &cfg, b.bf16)?;
     let (vs, model) = build_sharded(&cfg, 0, TpShard::NONE, device);
     let params = Params::new(&vs, cfg.num_hidden_layers);
-    let mut opt = FlatAdamW::new(
-        &params.list,
+    let mut opt = FlatAdamW::for_params(
+        &params,
         AdamWConfig {
             beta2: 0.98,
             ..AdamWConfig::default()

@@ -645,8 +645,8 @@ pub fn finetune(config_path: &Path, groups: &Groups) -> Result<()> {
         .into());
     }
     let params = Params::new(&vs, model.cfg.num_hidden_layers);
-    let mut opt = FlatAdamW::new(
-        &params.list,
+    let mut opt = FlatAdamW::for_params(
+        &params,
         AdamWConfig {
             weight_decay: cfg.train.weight_decay,
             ..AdamWConfig::default()

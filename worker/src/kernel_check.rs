@@ -112,7 +112,7 @@ fn training(groups: &Groups) -> anyhow::Result<bool> {
         RelativePath::set_for_this_thread(path);
         let (vs, model) = build_sharded(&cfg, 3, TpShard::NONE, device);
         let params = Params::new(&vs, cfg.num_hidden_layers);
-        let mut opt = FlatAdamW::new(&params.list, AdamWConfig::default());
+        let mut opt = FlatAdamW::for_params(&params, AdamWConfig::default());
         tch::manual_seed(5);
         let opts = (Kind::Int64, device);
         let ids = Tensor::randint_low(5, cfg.vocab_size, [b, n], opts);

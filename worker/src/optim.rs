@@ -158,6 +158,14 @@ impl FlatAdamW {
         }
     }
 
+    /// `new` over the model's parameters, which then zero their gradients as the one flat buffer
+    /// (`Params::zero_grad`).
+    pub fn for_params(params: &crate::grads::Params, cfg: AdamWConfig) -> FlatAdamW {
+        let opt = FlatAdamW::new(&params.list, cfg);
+        params.set_flat_grad(opt.grad.shallow_clone());
+        opt
+    }
+
     /// Whether every parameter's gradient is (still) its view of the flat gradient buffer.
     fn grads_are_flat(&self) -> bool {
         let base = self.grad.data_ptr() as usize;
@@ -323,6 +331,36 @@ mod tests {
         }
         assert_eq!(lr(100), 0.0);
         assert_eq!(linear_warmup_decay(0, 1.0, 0, 10), 1.0);
+    }
+
+    /// `for_params`: the gradients are zeroed as the one flat buffer while they are views of
+    /// it, and one by one once one of them is not (each way, all of them end at zero).
+    #[test]
+    fn gradients_are_zeroed_as_the_flat_buffer_or_one_by_one() {
+        tch::manual_seed(1);
+        let vs = VarStore::new(Device::Cpu);
+        let (w, b) = make(&vs);
+        let params = crate::grads::Params::new(&vs, 1);
+        let opt = FlatAdamW::for_params(&params, AdamWConfig::default());
+        let fill = || (w.square().sum(Kind::Float) + b.exp().sum(Kind::Float)).backward();
+        let all_zero = || {
+            params
+                .list
+                .iter()
+                .all(|(_, p)| p.grad().abs().max().double_value(&[]) == 0.0)
+        };
+        fill();
+        assert!(!all_zero() && opt.grads_are_flat());
+        params.zero_grad();
+        assert!(all_zero(), "the flat fill left a gradient");
+        assert!(opt.grads_are_flat(), "zeroing must keep the views");
+        // One gradient rebound to storage of its own: the flat fill would miss it.
+        fill();
+        let mut g = b.grad();
+        g.set_data(&Tensor::ones([7], (Kind::Float, Device::Cpu)));
+        assert!(!opt.grads_are_flat());
+        params.zero_grad();
+        assert!(all_zero(), "the one-by-one fallback left a gradient");
     }
 
     #[test]

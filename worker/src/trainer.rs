@@ -320,8 +320,8 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
     crate::runtime::check_attention_path(groups.device, &model_cfg, bf16)?;
     let (vs, model) = build_sharded(&model_cfg, cfg.run.seed as i64, tp, groups.device);
     let params = Params::new(&vs, model_cfg.num_hidden_layers);
-    let mut opt = FlatAdamW::new(
-        &params.list,
+    let mut opt = FlatAdamW::for_params(
+        &params,
         AdamWConfig {
             weight_decay: cfg.train.weight_decay,
             ..AdamWConfig::default()
