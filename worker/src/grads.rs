@@ -14,9 +14,10 @@ use tch::{Kind, Tensor};
 pub struct Params {
     pub list: Vec<(String, Tensor)>,
     group: Vec<Option<usize>>,
-    /// The optimizer's flat gradient buffer, when every `.grad` is a view of it
-    /// (`FlatAdamW::for_params`): `zero_grad` then clears it with one fill.
-    flat_grad: RefCell<Option<Tensor>>,
+    /// The optimizer's flat gradient buffer and each parameter's offset in it
+    /// (`FlatAdamW::for_params`): while every `.grad` is its view, `zero_grad` clears it with
+    /// one fill.
+    flat_grad: RefCell<Option<(Tensor, Vec<i64>)>>,
     /// Which gradients the current step has reduced over DP (each exactly once).
     reduced: RefCell<Vec<bool>>,
 }
@@ -42,26 +43,19 @@ impl Params {
         }
     }
 
-    /// Zero the gradients as `buffer` (the optimizer's flat one) from now on, while every
-    /// gradient is a view of it.
-    pub fn set_flat_grad(&self, buffer: Tensor) {
-        *self.flat_grad.borrow_mut() = Some(buffer);
+    /// Zero the gradients as `buffer` (the optimizer's flat one; `offsets` in the order of
+    /// `list`) from now on, while every gradient is its view there.
+    pub fn set_flat_grad(&self, buffer: Tensor, offsets: Vec<i64>) {
+        assert_eq!(offsets.len(), self.list.len(), "one offset per parameter");
+        *self.flat_grad.borrow_mut() = Some((buffer, offsets));
     }
 
     /// Zero every gradient: one fill of the flat buffer while they all are views of it (one
     /// kernel, where one per parameter made ~800 launches a step at 1.5B), else one by one.
     pub fn zero_grad(&self) {
-        if let Some(flat) = self.flat_grad.borrow().as_ref() {
-            let base = flat.data_ptr() as usize;
-            let end = base + 4 * flat.numel();
-            let inside = self.list.iter().all(|(_, p)| {
-                let g = p.grad();
-                g.defined() && g.kind() == Kind::Float && {
-                    let at = g.data_ptr() as usize;
-                    at >= base && at + 4 * g.numel() <= end
-                }
-            });
-            if inside {
+        if let Some((flat, offsets)) = self.flat_grad.borrow().as_ref() {
+            let params = self.list.iter().map(|(_, p)| p).zip(offsets.iter().copied());
+            if crate::optim::grads_are_views(params, flat) {
                 let _ = flat.shallow_clone().zero_();
                 return;
             }

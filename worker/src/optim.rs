@@ -162,17 +162,14 @@ impl FlatAdamW {
     /// (`Params::zero_grad`).
     pub fn for_params(params: &crate::grads::Params, cfg: AdamWConfig) -> FlatAdamW {
         let opt = FlatAdamW::new(&params.list, cfg);
-        params.set_flat_grad(opt.grad.shallow_clone());
+        let offsets = opt.params.iter().map(|(_, o, _)| *o).collect();
+        params.set_flat_grad(opt.grad.shallow_clone(), offsets);
         opt
     }
 
     /// Whether every parameter's gradient is (still) its view of the flat gradient buffer.
     fn grads_are_flat(&self) -> bool {
-        let base = self.grad.data_ptr() as usize;
-        self.params.iter().all(|(p, o, _)| {
-            let g = p.grad();
-            g.defined() && g.data_ptr() as usize == base + 4 * *o as usize
-        })
+        grads_are_views(self.params.iter().map(|(p, o, _)| (p, *o)), &self.grad)
     }
 
     /// The gradients as one flat buffer in the buffers' layout (gathered, zeros where a
@@ -311,6 +308,16 @@ impl FlatAdamW {
     pub fn layout(&self) -> Vec<(i64, i64)> {
         self.params.iter().map(|(_, o, n)| (*o, *n)).collect()
     }
+}
+
+/// Whether the gradient of each (parameter, offset) is the view of `buffer` (fp32) that starts
+/// at that offset: what `FlatAdamW::new` made of them, unless something has rebound one since.
+pub fn grads_are_views<'a>(params: impl IntoIterator<Item = (&'a Tensor, i64)>, buffer: &Tensor) -> bool {
+    let base = buffer.data_ptr() as usize;
+    params.into_iter().all(|(p, offset)| {
+        let g = p.grad();
+        g.defined() && g.data_ptr() as usize == base + 4 * offset as usize
+    })
 }
 
 #[cfg(test)]
