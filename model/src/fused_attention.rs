@@ -34,10 +34,10 @@ pub enum RelativeTerms {
     /// Computed inside the kernels from K_r and Q_r, a 128-row window per tile on the tensor
     /// cores: no tables (`dattn_fwd_rel`, `dattn_bwd_*_rel`). Backward adds their part of dq
     /// and dk in the kernels and sums the table gradients per distance from per-block partials
-    /// (`dattn_rel_reduce`): no atomics.
+    /// (`dattn_rel_reduce`): no atomics. The default: the fastest of the three on the H100
+    /// (docs/performance.md).
     InKernel,
-    /// Inside the forward kernel only; backward from the tables. The default: the fastest of
-    /// the three on the H100 (docs/performance.md), if by little.
+    /// Inside the forward kernel only; backward from the tables.
     InKernelForward,
 }
 
