@@ -279,13 +279,8 @@ impl DisentangledSelfAttention {
     /// backward of these few products launched cost more than their arithmetic.
     pub fn relative_tables(&self, rel: &RelativeContext, train: bool, kind: Kind) -> (Vec<Tensor>, RelativeSaved) {
         tch::autocast(false, || {
-            // `native_dropout` draws what `dropout` draws (distance_tables), and keeps the mask.
-            let (r, keep) = if train && self.pos_dropout > 0.0 {
-                let (r, keep) = rel.table.native_dropout(self.pos_dropout, true);
-                (r, Some(keep))
-            } else {
-                (rel.table.shallow_clone(), None)
-            };
+            // The draws of `dropout` (distance_tables), and the mask kept.
+            let (r, keep) = crate::nn::dropout_saving(&rel.table, self.pos_dropout, train);
             let (by_desc, by_asc) = distance_rows(&rel.rel_idx);
             let (k_r, q_r) = self.tables_from(&r, &by_desc, &by_asc, Some(kind));
             let saved = RelativeSaved {
@@ -327,10 +322,7 @@ impl DisentangledSelfAttention {
                 });
             }
             let dr = dr.unwrap_or_else(|| r.zeros_like());
-            match &saved.keep {
-                Some(keep) => Tensor::native_dropout_backward(&dr, keep, 1.0 / (1.0 - self.pos_dropout)),
-                None => dr,
-            }
+            crate::nn::dropout_backward(&dr, saved.keep.as_ref(), self.pos_dropout)
         })
     }
 

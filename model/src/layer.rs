@@ -61,12 +61,7 @@ impl DenseResidualNorm {
         train: bool,
     ) -> (Tensor, NormSaved) {
         let o = self.dense.reduce_and_add_bias(z, g); // fp32: the bias is
-        let (o, keep) = if train && self.dropout > 0.0 {
-            let (o, keep) = o.native_dropout(self.dropout, true);
-            (o, Some(keep))
-        } else {
-            (o, None)
-        };
+        let (o, keep) = crate::nn::dropout_saving(&o, self.dropout, train);
         let (y, rstd) = self.layer_norm.forward_saving(&(o + residual));
         let saved = NormSaved {
             y: y.shallow_clone(),
@@ -80,10 +75,7 @@ impl DenseResidualNorm {
     /// gradients; returns (dL/dz, dL/dresidual), dz in fp32 (g's backward is the identity).
     pub fn backward_saved(&self, saved: &NormSaved, dy: &Tensor) -> (Tensor, Tensor) {
         let ds = self.layer_norm.backward_from_output(&saved.y, &saved.rstd, dy);
-        let dz = match &saved.keep {
-            Some(keep) => Tensor::native_dropout_backward(&ds, keep, 1.0 / (1.0 - self.dropout)),
-            None => ds.shallow_clone(),
-        };
+        let dz = crate::nn::dropout_backward(&ds, saved.keep.as_ref(), self.dropout);
         let d = dz.size()[dz.dim() - 1];
         crate::nn::accumulate_grad(
             &self.dense.bias,

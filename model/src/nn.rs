@@ -96,6 +96,25 @@ pub fn linear_backward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, dy: &
     rows.mm(&w).view(shape.as_slice()).to_kind(x.kind())
 }
 
+/// Dropout for a hand-written segment: the output and, in training with p > 0, the mask
+/// (`native_dropout`: on CUDA the draws of `dropout` itself, and on the CPU too).
+pub fn dropout_saving(x: &Tensor, p: f64, train: bool) -> (Tensor, Option<Tensor>) {
+    if train && p > 0.0 {
+        let (y, keep) = x.native_dropout(p, true);
+        (y, Some(keep))
+    } else {
+        (x.shallow_clone(), None)
+    }
+}
+
+/// Backward of `dropout_saving` for dL/dy, with its mask (None: the identity).
+pub fn dropout_backward(dy: &Tensor, keep: Option<&Tensor>, p: f64) -> Tensor {
+    match keep {
+        Some(keep) => Tensor::native_dropout_backward(dy, keep, 1.0 / (1.0 - p)),
+        None => dy.shallow_clone(),
+    }
+}
+
 /// LayerNorm over the last dimension (DeBERTa uses eps 1e-7 everywhere, pitfall 10).
 #[derive(Debug)]
 pub struct LayerNorm {
