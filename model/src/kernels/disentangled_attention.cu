@@ -78,10 +78,12 @@ __device__ __forceinline__ void ldsm4_t(unsigned int* r, const bf16* p) { emu_ld
 __device__ __forceinline__ void ldsm2(unsigned int* r, const bf16* p) { emu_ldmatrix(r, p, 2, false); }
 __device__ __forceinline__ void ldsm2_t(unsigned int* r, const bf16* p) { emu_ldmatrix(r, p, 2, true); }
 #else
+// The 32-bit shared-memory address of p. The intrinsic, not a `cvta` in inline asm: the
+// compiler then knows the pointer is shared and keeps the address arithmetic in 32 bits (the
+// asm made it build 64-bit generic addresses for every ldmatrix: ~15% of the hot loops'
+// instructions, and registers).
 __device__ __forceinline__ unsigned int smem_addr(const void* p) {
-  unsigned int a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
+  return (unsigned int)__cvta_generic_to_shared(p);
 }
 __device__ __forceinline__ void ldsm4(unsigned int* r, const bf16* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
