@@ -316,8 +316,8 @@ struct Shared {
 fn shared_bytes(head_dim: i64) -> Shared {
     let tiles = |n: i64| n * TILE * (head_dim + 8) * 2;
     let bands = |n: i64| n * TILE * (TILE + 8) * 2;
-    let fwd = tiles(3) + bands(2) + TILE;
-    let bwd = 2 * TILE * 4 + tiles(4) + bands(3) + TILE;
+    let fwd = tiles(3) + bands(2);
+    let bwd = 2 * TILE * 4 + tiles(4) + bands(3);
     // In the `_rel` backward the dS band becomes its skewed copy [64][136] beside two windows.
     let bwd_rel = bwd - bands(1) + TILE * (2 * TILE + 8) * 2 + tiles(4);
     Shared {

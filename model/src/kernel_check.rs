@@ -15,6 +15,9 @@ pub struct Case {
     pub d: i64,
     /// Valid tokens per row (the rest is padding).
     pub lengths: &'static [i64],
+    /// Also mask token i of row b where (7 i + b) % holes == 0 (0: none): masked keys and
+    /// queries inside the rows, at odd and even positions, not only a padded tail.
+    pub holes: i64,
     pub c2p: bool,
     pub p2c: bool,
     pub dropout: f64,
@@ -27,12 +30,13 @@ pub const TOLERANCE: f64 = 3e-2;
 pub const CASES: &[(Case, bool)] = &[
     (
         Case {
-            name: "N 80 (not a tile multiple), padding",
+            name: "N 80 (not a tile multiple), padding, masked tokens inside the rows",
             b: 2,
             h: 3,
             n: 80,
             d: 64,
             lengths: &[80, 37],
+            holes: 3,
             c2p: true,
             p2c: true,
             dropout: 0.0,
@@ -47,6 +51,7 @@ pub const CASES: &[(Case, bool)] = &[
             n: 512,
             d: 64,
             lengths: &[512, 300],
+            holes: 0,
             c2p: true,
             p2c: true,
             dropout: 0.0,
@@ -55,12 +60,13 @@ pub const CASES: &[(Case, bool)] = &[
     ),
     (
         Case {
-            name: "dropout 0.1 (the kernels' mask)",
+            name: "dropout 0.1 (the kernels' mask), masked tokens inside the rows",
             b: 2,
             h: 3,
             n: 130,
             d: 64,
             lengths: &[130, 71],
+            holes: 5,
             c2p: true,
             p2c: true,
             dropout: 0.1,
@@ -75,6 +81,7 @@ pub const CASES: &[(Case, bool)] = &[
             n: 140,
             d: 32,
             lengths: &[133],
+            holes: 0,
             c2p: true,
             p2c: true,
             dropout: 0.2,
@@ -89,6 +96,7 @@ pub const CASES: &[(Case, bool)] = &[
             n: 96,
             d: 32,
             lengths: &[90],
+            holes: 0,
             c2p: true,
             p2c: false,
             dropout: 0.0,
@@ -103,6 +111,7 @@ pub const CASES: &[(Case, bool)] = &[
             n: 70,
             d: 16,
             lengths: &[70, 0],
+            holes: 0,
             c2p: false,
             p2c: true,
             dropout: 0.0,
@@ -125,9 +134,12 @@ pub fn inputs(c: &Case, device: Device, kind: Kind) -> CoreInputs {
     let f = (Kind::Float, device);
     let draw = |shape: &[i64], scale: f64| (Tensor::randn(shape, f) * scale).to_kind(Kind::BFloat16).to_kind(kind);
     let lengths = Tensor::from_slice(c.lengths).to_device(device);
-    let mask = Tensor::arange(c.n, (Kind::Int64, device))
-        .unsqueeze(0)
-        .lt_tensor(&lengths.unsqueeze(1));
+    let i = Tensor::arange(c.n, (Kind::Int64, device)).unsqueeze(0); // [1, N]
+    let mut mask = i.lt_tensor(&lengths.unsqueeze(1)); // [B, N]
+    if c.holes > 0 {
+        let b = Tensor::arange(c.b, (Kind::Int64, device)).unsqueeze(1);
+        mask = mask.logical_and(&(i * 7 + b).remainder(c.holes).ne(0));
+    }
     CoreInputs {
         q: draw(&[c.b, c.n, c.h, c.d], 0.35),
         k: draw(&[c.b, c.n, c.h, c.d], 0.35),

@@ -65,6 +65,7 @@ fn speed(device: Device) -> anyhow::Result<()> {
         n: 512,
         d: 64,
         lengths: &[512; 8],
+        holes: 0,
         c2p: true,
         p2c: true,
         dropout: 0.1,

@@ -66,6 +66,9 @@ __device__ __forceinline__ bf16 f2bf(float f) {
 #endif
 __device__ __forceinline__ unsigned int ld32(const bf16* p) { return *reinterpret_cast<const unsigned int*>(p); }
 __device__ __forceinline__ unsigned int pack(bf16 lo, bf16 hi) { return (unsigned int)lo | ((unsigned int)hi << 16); }
+// The two bf16 of a 32-bit word (ld32 of an even column: the low half is that column).
+__device__ __forceinline__ float lo_f(unsigned int w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float hi_f(unsigned int w) { return __uint_as_float(w & 0xffff0000u); }
 
 // ldmatrix: the warp loads 8x8 matrices of bf16 from shared memory; lane l gives the address of
 // row l % 8 of matrix l / 8 (16 bytes, 16-byte aligned). Matrix m lands in register m, lane
@@ -339,6 +342,29 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// The softmax's exponentials as 2^(x log2 e - m log2 e): one FFMA and one MUFU per element.
+// __expf is the same MUFU, plus a subtraction, a multiplication and a fix-up for subnormal
+// results (which `.ftz` flushes to zero: a probability below 1e-38 is zero in bf16 anyway).
+#define L2E 1.4426950408889634f
+#ifdef DEBERTA_EMULATE
+__device__ __forceinline__ float ex2(float x) { return exp2f(x); }
+#else
+__device__ __forceinline__ float ex2(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+#endif
+
+// Bit c: key n0 + c of batch b is in range and unmasked (c < 64). Each warp builds it from two
+// ballots, in registers: the score loops test a bit instead of loading a shared byte per score.
+__device__ __forceinline__ unsigned long long key_bits(const unsigned char* __restrict__ mask, int b, int n0, int N) {
+  const int lane = threadIdx.x % 32, lo = n0 + lane, hi = lo + 32;
+  const unsigned int a = __ballot_sync(0xffffffffu, lo < N && mask[(long long)b * N + lo]);
+  const unsigned int c = __ballot_sync(0xffffffffu, hi < N && mask[(long long)b * N + hi]);
+  return (unsigned long long)c << 32 | a;
+}
+
 // ---- Relative terms computed in the kernel (the `_rel` kernels) ----------------------------
 // Instead of the [H, B, N, 2N] tables, these kernels read the per-distance tables themselves,
 // K_r and Q_r as [H][2N][D] (row m: distance N-1-m for K_r, m-(N-1) for Q_r; row 2N-1 is
@@ -458,8 +484,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
   bf16* Vs = Ks + BN * LDS;
   bf16* Cb = Vs + BN * LDS;  // Cb[query][key]
   bf16* Pb = Cb + BM * LDR;  // Pb[key][query]
-  unsigned char* kok = reinterpret_cast<unsigned char*>(Pb + BN * LDR);
-  bf16* KRw = reinterpret_cast<bf16*>(kok + 64);  // REL: [128][LDS]
+  bf16* KRw = Pb + BN * LDR;       // REL: [128][LDS]
   bf16* QRw = KRw + 2 * BN * LDS;                 // REL: [128][LDS]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int bh = blockIdx.y, b = bh / H, h = bh % H;
@@ -485,9 +510,11 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
   float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;
 
   for (int n0 = 0, n = 0; n0 < N; n0 += BN, ++n) {
-    // The previous tile's readers of kok, the bands and V are past its mid-tile barrier.
+    // The previous tile's readers of the bands and V are past its mid-tile barrier.
     if (!REL) load_relative<false>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, n0, n, 1);
-    for (int c = threadIdx.x; c < BN; c += blockDim.x) kok[c] = n0 + c < N && mask[(long long)b * N + n0 + c];
+    // This lane's keys 2t + 8 n8 + (0, 1): bits 8 n8 + (0, 1) of kb (n8 < 4) and kb >> 32.
+    const unsigned long long kb = key_bits(mask, b, n0, N) >> (2 * t);
+    const unsigned int kw[2] = {(unsigned int)kb, (unsigned int)(kb >> 32)};
     cp_async_wait_all();  // this tile's K (and windows), issued mid-way through the previous tile
     __syncthreads();
     load_tile_async(Vs, v, b, h, n0, N, H);
@@ -497,27 +524,30 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     rows_times_tile_t<BN / 8>(s, Qs + warp * 16 * LDS, Ks);  // c2c
     float mx_a = NEG_INF, mx_b = NEG_INF;
 #pragma unroll
-    for (int n8 = 0; n8 < BN / 8; ++n8)
+    for (int n8 = 0; n8 < BN / 8; ++n8) {
+      // This lane's keys c, c + 1 of rows ra, rb: the c2p band's pairs are 32-bit words.
+      const unsigned int cw[2] = {ld32(Cb + ra * LDR + n8 * 8 + 2 * t), ld32(Cb + rb * LDR + n8 * 8 + 2 * t)};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e < 2 ? ra : rb, c = n8 * 8 + 2 * t + (e & 1);
-        const bool ok = (e < 2 ? oka : okb) && kok[c];
-        const float x = s[n8][e] + bf2f(Cb[r * LDR + c]) + bf2f(Pb[c * LDR + r]);
+        const bool ok = (e < 2 ? oka : okb) && (kw[n8 / 4] >> (n8 % 4 * 8 + (e & 1)) & 1u);
+        const float x = s[n8][e] + (e & 1 ? hi_f(cw[e / 2]) : lo_f(cw[e / 2])) + bf2f(Pb[c * LDR + r]);
         s[n8][e] = ok ? x : NEG_INF;
         if (e < 2) mx_a = fmaxf(mx_a, s[n8][e]);
         else mx_b = fmaxf(mx_b, s[n8][e]);
       }
+    }
     const float new_a = fmaxf(m_a, quad_max(mx_a)), new_b = fmaxf(m_b, quad_max(mx_b));
-    const float al_a = new_a == NEG_INF ? 1.f : __expf(m_a - new_a);
-    const float al_b = new_b == NEG_INF ? 1.f : __expf(m_b - new_b);
+    const float al_a = new_a == NEG_INF ? 1.f : ex2((m_a - new_a) * L2E);
+    const float al_b = new_b == NEG_INF ? 1.f : ex2((m_b - new_b) * L2E);
     float sum_a = 0.f, sum_b = 0.f;
     // exp(-inf - m) = 0 for a masked score; a row masked so far (m = -inf) subtracts 0 instead.
-    const float sub_a = new_a == NEG_INF ? 0.f : new_a, sub_b = new_b == NEG_INF ? 0.f : new_b;
+    const float sub_a = new_a == NEG_INF ? 0.f : new_a * L2E, sub_b = new_b == NEG_INF ? 0.f : new_b * L2E;
 #pragma unroll
     for (int n8 = 0; n8 < BN / 8; ++n8)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float p = __expf(s[n8][e] - (e < 2 ? sub_a : sub_b));
+        const float p = ex2(fmaf(s[n8][e], L2E, -(e < 2 ? sub_a : sub_b)));
         if (e < 2) sum_a += p;
         else sum_b += p;
         float pz = p;
@@ -569,22 +599,22 @@ KERNEL void __launch_bounds__(128) dattn_fwd_rel(FWD_PARAMS) {
   fwd<true>(q, k, v, c2p, p2c, mask, out, lse, H, N, p_drop, seed);
 }
 
-// Shared memory of the backward kernels: the per-query log-sum-exp and D_i of the block's
-// queries, four tiles, the c2p and p2c bands, a validity mask, then the dS band (tables) or its
-// skewed copy DSK [64][LDK] and the K_r, Q_r windows [128][LDS] (REL).
+// Shared memory of the backward kernels: the log-sum-exp (times log2 e; +inf for a masked or
+// missing query, whose probabilities are then 0) and D_i of the tile's queries (one 64-bit load
+// for both), four tiles, the
+// c2p and p2c bands, then the dS band (tables) or its skewed copy DSK [64][LDK] and the K_r,
+// Q_r windows [128][LDS] (REL).
 #define LDK (2 * BN + 8)  // padded shared row of the skewed dS band
 #define BWD_SMEM_SETUP                                                             \
   DYNAMIC_SMEM(smem);                                                              \
-  float* lse_s = reinterpret_cast<float*>(smem);                                   \
-  float* dvec_s = lse_s + 64;                                                      \
-  bf16* T0 = reinterpret_cast<bf16*>(dvec_s + 64);                                 \
+  float2* qstat = reinterpret_cast<float2*>(smem); /* (lse log2 e, D_i) per query */ \
+  bf16* T0 = reinterpret_cast<bf16*>(qstat + 64);                                  \
   bf16* T1 = T0 + 64 * LDS;                                                        \
   bf16* T2 = T1 + 64 * LDS;                                                        \
   bf16* T3 = T2 + 64 * LDS;                                                        \
   bf16* Cb = T3 + 64 * LDS;                                                        \
   bf16* Pb = Cb + 64 * LDR;                                                        \
-  unsigned char* okm = reinterpret_cast<unsigned char*>(Pb + 64 * LDR);            \
-  bf16* DSb = reinterpret_cast<bf16*>(okm + 64);                                   \
+  bf16* DSb = Pb + 64 * LDR;                                                       \
   bf16* DSK = DSb;                         /* REL: [64][LDK] */                    \
   bf16* KRw = DSK + 64 * LDK;              /* REL: [128][LDS] */                   \
   bf16* QRw = KRw + 128 * LDS;             /* REL: [128][LDS] */                   \
@@ -687,8 +717,8 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
   BWD_SMEM_SETUP
   bf16 *Ks = T0, *Vs = T1, *Qs = T2, *dOs = T3;
   const int kb = blockIdx.x * BN, j0 = kb + warp * 16;
-  const bool oka = kb + ra < N && mask[(long long)b * N + kb + ra];
-  const bool okb = kb + rb < N && mask[(long long)b * N + kb + rb];
+  const float key_a = kb + ra < N && mask[(long long)b * N + kb + ra] ? 0.f : NEG_INF;
+  const float key_b = kb + rb < N && mask[(long long)b * N + kb + rb] ? 0.f : NEG_INF;
   // REL: this block's partial dQ_r rows, [rows][D] from window row N-64-kb (see relative_grads).
   float* part = REL && dp2c ? dp2c + ((long long)bh * gridDim.x + blockIdx.x) * (gridDim.x * 64 + 64) * D : nullptr;
   load_tile_async(Ks, k, b, h, kb, N, H);
@@ -714,9 +744,8 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
     for (int e = threadIdx.x; e < BM; e += blockDim.x) {
       const int i = m0 + e;
       const bool in = i < N;
-      lse_s[e] = in ? lse[(long long)bh * N + i] : POS_INF;
-      dvec_s[e] = in ? dvec[(long long)bh * N + i] : 0.f;
-      okm[e] = in && mask[(long long)b * N + i];
+      qstat[e] = make_float2(in && mask[(long long)b * N + i] ? lse[(long long)bh * N + i] * L2E : POS_INF,
+                             in ? dvec[(long long)bh * N + i] : 0.f);
     }
     cp_async_wait_all();
     __syncthreads();
@@ -729,24 +758,28 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
       rows_times_tile_t<4>(st, Ks + warp * 16 * LDS, Qs + c0 * LDS);    // S^T = K_w Q^T
       rows_times_tile_t<4>(dpt, Vs + warp * 16 * LDS, dOs + c0 * LDS);  // dP^T = V_w dO^T
 #pragma unroll
-      for (int n8 = 0; n8 < 4; ++n8)
+      for (int n8 = 0; n8 < 4; ++n8) {
+        // This lane's queries c, c + 1: their stats, and the p2c band's pairs as 32-bit words,
+        // each loaded once (the dS stores below keep the compiler from merging repeated loads).
+        const int cc = c0 + n8 * 8 + 2 * t;
+        const float2 qs[2] = {qstat[cc], qstat[cc + 1]};
+        const unsigned int pw[2] = {ld32(Pb + ra * LDR + cc), ld32(Pb + rb * LDR + cc)};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int r = e < 2 ? ra : rb, c = c0 + n8 * 8 + 2 * t + (e & 1);  // key r, query c
-          float pz = 0.f, ds = 0.f;
-          if ((e < 2 ? oka : okb) && okm[c]) {
-            const float x = st[n8][e] + bf2f(Cb[c * LDR + r]) + bf2f(Pb[r * LDR + c]);
-            const float p = __expf(x - lse_s[c]);
-            float z = 1.f;
-            if (p_drop > 0.f) z = keep(dkey, m0 + c, kb + r, threshold) ? inv_keep : 0.f;
-            pz = p * z;
-            ds = p * (dpt[n8][e] * z - dvec_s[c]);
-          }
+          const int r = e < 2 ? ra : rb, c = cc + (e & 1);  // key r, query c
+          // No branch: a masked query's lse is +inf, a masked key's score -inf: p = 0.
+          const float x =
+              st[n8][e] + bf2f(Cb[c * LDR + r]) + (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2])) + (e < 2 ? key_a : key_b);
+          const float p = ex2(fmaf(x, L2E, -qs[e & 1].x));
+          float z = 1.f;
+          if (p_drop > 0.f) z = keep(dkey, m0 + c, kb + r, threshold) ? inv_keep : 0.f;
+          const float pz = p * z, ds = p * (dpt[n8][e] * z - qs[e & 1].y);
           st[n8][e] = pz;
           dpt[n8][e] = ds;
           if (REL) DSK[r * LDK + 63 - r + c] = f2bf(ds);
           else DSb[r * LDR + c] = f2bf(ds);
         }
+      }
       FragA pza[2], dsa[2];
       to_a<2>(pza, st);
       to_a<2>(dsa, dpt);
@@ -779,8 +812,6 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
   BWD_SMEM_SETUP
   bf16 *Qs = T0, *dOs = T1, *Ks = T2, *Vs = T3;
   const int mb = blockIdx.x * BM, i0 = mb + warp * 16;
-  const bool oka = mb + ra < N && mask[(long long)b * N + mb + ra];
-  const bool okb = mb + rb < N && mask[(long long)b * N + mb + rb];
   // REL: this block's partial dK_r rows, [rows][D] from window row N-64-mb (see relative_grads).
   float* part = REL && dc2p ? dc2p + ((long long)bh * gridDim.x + blockIdx.x) * (gridDim.x * 64 + 64) * D : nullptr;
   load_tile_async(Qs, q, b, h, mb, N, H);
@@ -791,11 +822,11 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
   if (REL && !p2c) zero_band(Pb);
   for (int e = threadIdx.x; e < BM; e += blockDim.x) {
     const int i = mb + e;
-    lse_s[e] = i < N ? lse[(long long)bh * N + i] : POS_INF;
-    dvec_s[e] = i < N ? dvec[(long long)bh * N + i] : 0.f;
+    qstat[e] = make_float2(i < N && mask[(long long)b * N + i] ? lse[(long long)bh * N + i] * L2E : POS_INF,
+                           i < N ? dvec[(long long)bh * N + i] : 0.f);
   }
   __syncthreads();
-  const float lse_a = lse_s[ra], lse_b = lse_s[rb], dv_a = dvec_s[ra], dv_b = dvec_s[rb];
+  const float lse_a = qstat[ra].x, lse_b = qstat[rb].x, dv_a = qstat[ra].y, dv_b = qstat[rb].y;
   float dq_acc[D / 8][4];
   float gacc[2][D / 8][4];  // REL: the partial dK_r rows this warp carries to the next tile
 #pragma unroll
@@ -807,33 +838,36 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
     load_tile_async(Vs, v, b, h, n0, N, H);
     load_relative<REL>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, mb, n0, n, 1);
     cp_async_commit();
-    for (int c = threadIdx.x; c < BN; c += blockDim.x) okm[c] = n0 + c < N && mask[(long long)b * N + n0 + c];
+    const unsigned long long kbits = key_bits(mask, b, n0, N);
     cp_async_wait_all();
     __syncthreads();
     if (REL) relative_bands(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, Qs, Ks);
     // The tile's keys in two halves of 32 (as in bwd_kv).
 #pragma unroll 1
     for (int c0 = 0; c0 < BN; c0 += 32) {
+      const unsigned int kw = (unsigned int)(kbits >> (c0 + 2 * t));  // bit 8 n8 + (0, 1): this lane's keys
       float s[4][4], dp[4][4];
       rows_times_tile_t<4>(s, Qs + warp * 16 * LDS, Ks + c0 * LDS);    // S = Q_w K^T
       rows_times_tile_t<4>(dp, dOs + warp * 16 * LDS, Vs + c0 * LDS);  // dP = dO_w V^T
 #pragma unroll
-      for (int n8 = 0; n8 < 4; ++n8)
+      for (int n8 = 0; n8 < 4; ++n8) {
+        // This lane's keys c, c + 1: the c2p band's pairs as 32-bit words, loaded once each.
+        const int cc = c0 + n8 * 8 + 2 * t;
+        const unsigned int cw[2] = {ld32(Cb + ra * LDR + cc), ld32(Cb + rb * LDR + cc)};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int r = e < 2 ? ra : rb, c = c0 + n8 * 8 + 2 * t + (e & 1);  // query r, key c
-          float ds = 0.f;
-          if ((e < 2 ? oka : okb) && okm[c]) {
-            const float x = s[n8][e] + bf2f(Cb[r * LDR + c]) + bf2f(Pb[c * LDR + r]);
-            const float p = __expf(x - (e < 2 ? lse_a : lse_b));
-            float z = 1.f;
-            if (p_drop > 0.f) z = keep(dkey, mb + r, n0 + c, threshold) ? inv_keep : 0.f;
-            ds = p * (dp[n8][e] * z - (e < 2 ? dv_a : dv_b));
-          }
+          const int r = e < 2 ? ra : rb, c = cc + (e & 1);  // query r, key c
+          // No branch: a masked query's lse is +inf (p = 0), a masked key's p is not selected.
+          const float x = s[n8][e] + (e & 1 ? hi_f(cw[e / 2]) : lo_f(cw[e / 2])) + bf2f(Pb[c * LDR + r]);
+          const float p = kw >> (n8 * 8 + (e & 1)) & 1u ? ex2(fmaf(x, L2E, -(e < 2 ? lse_a : lse_b))) : 0.f;
+          float z = 1.f;
+          if (p_drop > 0.f) z = keep(dkey, mb + r, n0 + c, threshold) ? inv_keep : 0.f;
+          const float ds = p * (dp[n8][e] * z - (e < 2 ? dv_a : dv_b));
           s[n8][e] = ds;
           if (REL) DSK[r * LDK + 63 - r + c] = f2bf(ds);
           else DSb[r * LDR + c] = f2bf(ds);
         }
+      }
       FragA dsa[2];
       to_a<2>(dsa, s);
       weights_times_tile<2>(dq_acc, dsa, Ks + c0 * LDS);  // dQ += dS K

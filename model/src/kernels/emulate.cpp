@@ -109,6 +109,17 @@ float shfl_xor(float x, int mask) {
   return r;
 }
 
+// __ballot_sync over the whole warp: bit l of the result is lane l's predicate.
+unsigned ballot(bool pred) {
+  const int me = st.current, base = me - lane_id();
+  st.lanes[me].x = pred ? 1.f : 0.f;
+  park(AT_WARP_BARRIER);
+  unsigned r = 0;
+  for (int l = 0; l < 32; ++l) r |= (st.lanes[base + l].x != 0.f ? 1u : 0u) << l;
+  park(AT_WARP_BARRIER);  // nobody overwrites a slot before every lane has read it
+  return r;
+}
+
 static float bf16_bits_to_float(unsigned bits) {
   const std::uint32_t u = bits << 16;
   float f;
@@ -294,6 +305,7 @@ static std::string run_block(unsigned threads) {
 #define DYNAMIC_SMEM(name) unsigned char* name = emu::shared_memory()
 #define __syncthreads() emu::syncthreads()
 #define __shfl_xor_sync(mask, x, lane) emu::shfl_xor((x), (lane))
+#define __ballot_sync(mask, pred) emu::ballot(pred)
 #define __expf expf
 #define __logf logf
 static inline float __int_as_float(int i) {
