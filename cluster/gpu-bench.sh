@@ -10,6 +10,10 @@
 #
 #   bash cluster/gpu-bench.sh [PRESET] [SEQ] [BATCH...]      # default: xxlarge 512 8 16
 #   env: VARIANTS (ours), HF_BATCHES (HF's sizes), BENCH_STEPS, BENCH_WARMUP, KERNEL_CHECK=0
+#
+# A variant `base:V` runs V with the baseline worker (BASELINE=REV bash cluster/gpu-bundle.sh
+# bundles it), and the summary adds ours / baseline per batch: e.g.
+#   VARIANTS="fused-rel base:fused-rel" bash cluster/gpu-bench.sh xxlarge 512 8 32
 set -uo pipefail
 cd "$(dirname "$0")/.."
 preset="${1:-xxlarge}"; seq="${2:-512}"; shift 2 2>/dev/null || shift $#
@@ -35,21 +39,34 @@ if [ "${KERNEL_CHECK:-1}" = 1 ]; then
   timeout 400 gpu-bundle/deberta-worker kernel-check > "$out/kernel-check.txt" 2>&1 || echo "kernel-check FAILED (exit $?)"
   grep -E "FAIL|ms|20 steps|kernel-check:|error" "$out/kernel-check.txt"
   save
+  if [[ " ${variants[*]} " == *" base:"* ]] && [ -x gpu-bundle/baseline/deberta-worker ]; then
+    # The baseline's kernel timings beside ours (the same card, minutes apart).
+    echo "== baseline ($(cat gpu-bundle/baseline/REVISION)) deberta-worker kernel-check"
+    timeout 400 gpu-bundle/baseline/deberta-worker kernel-check > "$out/kernel-check-base.txt" 2>&1 \
+      || echo "baseline kernel-check FAILED (exit $?)"
+    grep -E " ms|kernel-check:|error" "$out/kernel-check-base.txt"
+    save
+  fi
 fi
 # Each system in its own processes, one batch size at a time (an OOM at one size does not
 # poison the next); ours first, so a cut-short run still shows them beside HF's.
 for b in "${batches[@]}"; do
   for att in "${variants[@]}"; do
-    path="$att"; relative=tables
-    [ "$att" = fused-rel ] && { path=fused; relative=kernel; }
-    [ "$att" = fused-relfwd ] && { path=fused; relative=kernel-forward; }
+    worker=gpu-bundle/deberta-worker; v="$att"; file="$att"
+    if [[ "$att" == base:* ]]; then
+      worker=gpu-bundle/baseline/deberta-worker; v="${att#base:}"; file="base-$v"
+      [ -x "$worker" ] || { echo "$att: no $worker (BASELINE=REV bash cluster/gpu-bundle.sh)"; continue; }
+    fi
+    path="$v"; relative=tables
+    [ "$v" = fused-rel ] && { path=fused; relative=kernel; }
+    [ "$v" = fused-relfwd ] && { path=fused; relative=kernel-forward; }
     echo "== [${SECONDS}s] ours, $att, batch $b"
     # stderr (breakdown, memory, the segment profile) to a file; its head to the console.
-    DEBERTA_ATTENTION=$path DEBERTA_FUSED_RELATIVE=$relative timeout 500 gpu-bundle/deberta-worker bench --preset "$preset" --seq "$seq" --batch "$b" \
-      --steps "$steps" --warmup "$warmup" --device cuda --profile 2> "$out/ours-$att-b$b.err" | tee -a "$out/ours-$att.jsonl" \
-      || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"deberta bench failed\"}" >> "$out/ours-$att.jsonl"
-    grep -E "^bench (breakdown|memory)|^error" "$out/ours-$att-b$b.err"
-    grep -A10 "^bench profile" "$out/ours-$att-b$b.err"
+    DEBERTA_ATTENTION=$path DEBERTA_FUSED_RELATIVE=$relative timeout 500 "$worker" bench --preset "$preset" --seq "$seq" --batch "$b" \
+      --steps "$steps" --warmup "$warmup" --device cuda --profile 2> "$out/ours-$file-b$b.err" | tee -a "$out/ours-$file.jsonl" \
+      || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"deberta bench failed\"}" >> "$out/ours-$file.jsonl"
+    grep -E "^bench (breakdown|memory)|^error" "$out/ours-$file-b$b.err"
+    grep -A10 "^bench profile" "$out/ours-$file-b$b.err"
     if [ "$att" = "${variants[0]}" ] && [[ " ${hf_batches[*]} " == *" $b "* ]]; then
       timeout 500 python3 gpu-bundle/hf_deberta_baseline.py --preset "$preset" --seq "$seq" --batch "$b" --steps "$steps" \
         --warmup "$warmup" | tee -a "$out/hf.jsonl" \
@@ -58,9 +75,10 @@ for b in "${batches[@]}"; do
     save
   done
 done
-python3 - "$out" "${variants[@]}" <<'PY'
-import json, sys
-d = sys.argv[1]
+baseline_rev="$(cat gpu-bundle/baseline/REVISION 2>/dev/null || echo '?')"
+python3 - "$out" "$baseline_rev" "${variants[@]}" <<'PY'
+import json, os, sys
+d, base_rev = sys.argv[1], sys.argv[2]
 def rows(f):
     out = {}
     for l in open(f"{d}/{f}"):
@@ -71,9 +89,11 @@ def rows(f):
             r = json.loads(l); out[r["batch"]] = r
     return out
 hf = rows("hf.jsonl")
-variants = {att: rows(f"ours-{att}.jsonl") for att in sys.argv[2:]}
+file_of = lambda att: "base-" + att[5:] if att.startswith("base:") else att
+variants = {att: rows(f"ours-{file_of(att)}.jsonl") for att in sys.argv[3:] if os.path.exists(f"{d}/ours-{file_of(att)}.jsonl")}
+label = lambda att: f"the baseline worker ({base_rev}), relative terms by {att[5:]}" if att.startswith("base:") else f"deberta-rs, relative terms by {att}"
 cols = ["batch", "tokens_per_s", "step_s", "mfu", "model_tflops_per_s", "peak_mem_gib", "loss"]
-tables = [("HF transformers (bf16 autocast, fused AdamW)", hf)] + [(f"deberta-rs, relative terms by {a}", t) for a, t in variants.items()]
+tables = [("HF transformers (bf16 autocast, fused AdamW)", hf)] + [(label(a), t) for a, t in variants.items()]
 for name, t in tables:
     print(f"\n{name}")
     print(" | ".join(f"{c:>18}" for c in cols))
@@ -90,4 +110,14 @@ for att, ours in variants.items():
     best = max((r["tokens_per_s"] for r in ours.values() if "tokens_per_s" in r), default=None)
     if best_hf and best:
         print(f"  best vs best: {best:.1f} / {best_hf:.1f} tokens/s = {best / best_hf:.2f}x (target >= 4x)")
+# A change against what it replaced, same card, same call.
+for att, ours in variants.items():
+    if att.startswith("base:") or f"base:{att}" not in variants:
+        continue
+    base = variants[f"base:{att}"]
+    print(f"\nours / baseline ({base_rev}) tokens/s, {att}:")
+    for b in sorted(set(ours) & set(base)):
+        o, r = ours[b], base[b]
+        if "tokens_per_s" in o and "tokens_per_s" in r:
+            print(f"  batch {b}: {o['tokens_per_s']:.1f} / {r['tokens_per_s']:.1f} = {o['tokens_per_s'] / r['tokens_per_s']:.3f}x")
 PY
