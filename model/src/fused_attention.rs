@@ -754,6 +754,7 @@ mod tests {
         let n = 128;
         let pairs = [
             ("neighbouring keys", a.narrow(3, 0, n - 1), a.narrow(3, 1, n - 1)),
+            ("keys 8 apart (one hash)", a.narrow(3, 0, n - 8), a.narrow(3, 8, n - 8)),
             ("neighbouring queries", a.narrow(2, 0, n - 1), a.narrow(2, 1, n - 1)),
             ("query and key swapped", a.shallow_clone(), a.transpose(2, 3)),
             ("neighbouring heads", a.narrow(1, 0, 2), a.narrow(1, 1, 2)),

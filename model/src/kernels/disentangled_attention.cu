@@ -172,25 +172,32 @@ __device__ __forceinline__ void mma(float* c, const FragA& a, const FragB& b) {
 }
 #endif
 // Attention dropout: a counter-based hash of (seed, b, h, i, j), the same in every kernel. The
-// 64-bit mix of (seed, b·H + h) is taken once per kernel (`head_key`); per element only 32-bit
-// work: (i, j) packed into one word (N <= 65536, a bijection), xored with the key, then murmur3's
-// finalizer. The score loops are issue-bound, and a 64-bit mix per element cost more
-// instructions than the rest of an element's work together.
+// 64-bit mix of (seed, b·H + h) is taken once per kernel (`head_key`); then only 32-bit work:
+// (i, j) packed into one word (N <= 65536, a bijection), xored with the key, then murmur3's
+// finalizer. One hash serves the keys j and j + 8 (j with bit 3 clear), 16 bits each: every
+// kernel's lane holds both (the forward and the queries kernel in neighbouring 8-column
+// blocks, the keys kernel in its two rows), so each pays half a hash per score. The score loops
+// are issue-bound: a 64-bit mix per element once cost more than the rest of its work together.
 __device__ __forceinline__ unsigned int head_key(unsigned long long seed, long long bh) {
   unsigned long long z = seed + (unsigned long long)(bh + 1) * 0x9e3779b97f4a7c15ULL;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
   return (unsigned int)((z ^ (z >> 31)) >> 32);
 }
-__device__ __forceinline__ bool keep(unsigned int key, int i, int j, unsigned int threshold) {
+// The hash of the pair (i, j), (i, j + 8); j has bit 3 clear.
+__device__ __forceinline__ unsigned int pair_hash(unsigned int key, int i, int j) {
   unsigned int x = (((unsigned int)i << 16) | (unsigned int)j) ^ key;
   x ^= x >> 16;
   x *= 0x85ebca6bu;
   x ^= x >> 13;
   x *= 0xc2b2ae35u;
-  x ^= x >> 16;
-  return x >= threshold;
+  return x ^ (x >> 16);
 }
+// Whether the score of key j (upper: j + 8) of the pair is kept; threshold = p 2^16.
+__device__ __forceinline__ bool kept(unsigned int hash, bool upper, unsigned int threshold) {
+  return (upper ? hash >> 16 : hash & 0xffffu) >= threshold;
+}
+#define DROP_THRESHOLD(p) ((unsigned int)((p) * 65536.0))
 
 // The kernels run 128 threads per block. The tile loaders below use cp.async; the band loader
 // (tables path) issues all of a thread's global loads before its shared stores, so their
@@ -493,7 +500,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
   const int ra = warp * 16 + g, rb = ra + 8;  // this lane's two rows within the block
   const bool oka = m_blk + ra < N && mask[(long long)b * N + m_blk + ra];
   const bool okb = m_blk + rb < N && mask[(long long)b * N + m_blk + rb];
-  const unsigned int threshold = (unsigned int)(p_drop * 4294967296.0), dkey = head_key(seed, bh);
+  const unsigned int threshold = DROP_THRESHOLD(p_drop), dkey = head_key(seed, bh);
   const float inv_keep = p_drop > 0.f ? 1.f / (1.f - p_drop) : 1.f;
 
   if (REL && !c2p) zero_band(Cb);
@@ -543,6 +550,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     float sum_a = 0.f, sum_b = 0.f;
     // exp(-inf - m) = 0 for a masked score; a row masked so far (m = -inf) subtracts 0 instead.
     const float sub_a = new_a == NEG_INF ? 0.f : new_a * L2E, sub_b = new_b == NEG_INF ? 0.f : new_b * L2E;
+    unsigned int hz[4];  // dropout: the hashes of this lane's keys in blocks n8, n8 + 1 (n8 even)
 #pragma unroll
     for (int n8 = 0; n8 < BN / 8; ++n8)
 #pragma unroll
@@ -552,8 +560,8 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
         else sum_b += p;
         float pz = p;
         if (p_drop > 0.f) {
-          const int i = m_blk + (e < 2 ? ra : rb), j = n0 + n8 * 8 + 2 * t + (e & 1);
-          pz = keep(dkey, i, j, threshold) ? p * inv_keep : 0.f;
+          if (n8 % 2 == 0) hz[e] = pair_hash(dkey, m_blk + (e < 2 ? ra : rb), n0 + n8 * 8 + 2 * t + (e & 1));
+          pz = kept(hz[e], n8 % 2, threshold) ? p * inv_keep : 0.f;
         }
         s[n8][e] = pz;
       }
@@ -621,7 +629,7 @@ KERNEL void __launch_bounds__(128) dattn_fwd_rel(FWD_PARAMS) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3; \
   const int bh = blockIdx.y, b = bh / H, h = bh % H;                               \
   const long long tb = (long long)h * (gridDim.y / H) + b;                         \
-  const unsigned int threshold = (unsigned int)(p_drop * 4294967296.0);            \
+  const unsigned int threshold = DROP_THRESHOLD(p_drop);                          \
   const unsigned int dkey = head_key(seed, bh);                                    \
   const float inv_keep = p_drop > 0.f ? 1.f / (1.f - p_drop) : 1.f;                \
   const int ra = warp * 16 + g, rb = ra + 8;                                       \
@@ -764,6 +772,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
         const int cc = c0 + n8 * 8 + 2 * t;
         const float2 qs[2] = {qstat[cc], qstat[cc + 1]};
         const unsigned int pw[2] = {ld32(Pb + ra * LDR + cc), ld32(Pb + rb * LDR + cc)};
+        unsigned int hz[2];  // dropout: the hashes of (c, ra), (c + 1, ra), each also (., rb = ra + 8)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e < 2 ? ra : rb, c = cc + (e & 1);  // key r, query c
@@ -772,7 +781,10 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
               st[n8][e] + bf2f(Cb[c * LDR + r]) + (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2])) + (e < 2 ? key_a : key_b);
           const float p = ex2(fmaf(x, L2E, -qs[e & 1].x));
           float z = 1.f;
-          if (p_drop > 0.f) z = keep(dkey, m0 + c, kb + r, threshold) ? inv_keep : 0.f;
+          if (p_drop > 0.f) {
+            if (e < 2) hz[e] = pair_hash(dkey, m0 + c, kb + ra);
+            z = kept(hz[e & 1], e >= 2, threshold) ? inv_keep : 0.f;
+          }
           const float pz = p * z, ds = p * (dpt[n8][e] * z - qs[e & 1].y);
           st[n8][e] = pz;
           dpt[n8][e] = ds;
@@ -847,6 +859,7 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
     for (int c0 = 0; c0 < BN; c0 += 32) {
       const unsigned int kw = (unsigned int)(kbits >> (c0 + 2 * t));  // bit 8 n8 + (0, 1): this lane's keys
       float s[4][4], dp[4][4];
+      unsigned int hz[4];  // dropout: the hashes of this lane's keys in blocks n8, n8 + 1 (n8 even)
       rows_times_tile_t<4>(s, Qs + warp * 16 * LDS, Ks + c0 * LDS);    // S = Q_w K^T
       rows_times_tile_t<4>(dp, dOs + warp * 16 * LDS, Vs + c0 * LDS);  // dP = dO_w V^T
 #pragma unroll
@@ -861,7 +874,10 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
           const float x = s[n8][e] + (e & 1 ? hi_f(cw[e / 2]) : lo_f(cw[e / 2])) + bf2f(Pb[c * LDR + r]);
           const float p = kw >> (n8 * 8 + (e & 1)) & 1u ? ex2(fmaf(x, L2E, -(e < 2 ? lse_a : lse_b))) : 0.f;
           float z = 1.f;
-          if (p_drop > 0.f) z = keep(dkey, mb + r, n0 + c, threshold) ? inv_keep : 0.f;
+          if (p_drop > 0.f) {
+            if (n8 % 2 == 0) hz[e] = pair_hash(dkey, mb + r, n0 + c);
+            z = kept(hz[e], n8 % 2, threshold) ? inv_keep : 0.f;
+          }
           const float ds = p * (dp[n8][e] * z - (e < 2 ? dv_a : dv_b));
           s[n8][e] = ds;
           if (REL) DSK[r * LDK + 63 - r + c] = f2bf(ds);
@@ -936,11 +952,12 @@ KERNEL void dattn_rel_reduce(const float* __restrict__ part, float* __restrict__
 // The dropout mask the kernels apply, [B, H, N, N] u8 (1 = kept), for tests against the reference.
 KERNEL void dattn_dropout_mask(unsigned char* keep_out, long long total, int N, float p_drop,
                                 unsigned long long seed) {
-  const unsigned int threshold = (unsigned int)(p_drop * 4294967296.0);
+  const unsigned int threshold = DROP_THRESHOLD(p_drop);
   const long long nn = (long long)N * N;
   for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
        idx += (long long)gridDim.x * blockDim.x) {
     const long long bh = idx / nn, ij = idx % nn;
-    keep_out[idx] = keep(head_key(seed, bh), (int)(ij / N), (int)(ij % N), threshold) ? 1 : 0;
+    const int i = (int)(ij / N), j = (int)(ij % N);
+    keep_out[idx] = kept(pair_hash(head_key(seed, bh), i, j & ~8), j & 8, threshold) ? 1 : 0;
   }
 }
