@@ -428,8 +428,12 @@ __device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragA
     rows_dot_8(acc, a, window.row(x0 + n8 * 8));
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
+      // c = 8 k - 15 + v with k = n8 + (e >= 2) and v = 2t + g + (e & 1) in [0, 14], whatever
+      // the warp: k = 0 and 10 never land in the band, 2..8 always do; only 1 and 9 check.
+      const int k = n8 + (e >> 1);
+      if (k == 0 || k == 10) continue;
       const int r = 16 * warp + g + (e >= 2 ? 8 : 0), c = x0 + n8 * 8 + 2 * t + (e & 1) - 63 + r;
-      if (c >= 0 && c < 64) band[r * LDR + c] = f2bf(acc[e]);
+      if ((k != 1 || c >= 0) && (k != 9 || c < 64)) band[r * LDR + c] = f2bf(acc[e]);
     }
   }
 }
