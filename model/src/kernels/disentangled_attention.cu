@@ -674,19 +674,15 @@ __device__ __forceinline__ void relative_grads(float (*acc)[4], float (*gacc)[D 
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
     const int x_base = (lower ? 0 : 64) + 32 * (warp % 2) + 16 * mt;
-    float gt[D / 8][4];
+    if (!lower || k == 0)  // the pair starts these rows (lower at tile 0: nobody started them)
 #pragma unroll
-    for (int n8 = 0; n8 < D / 8; ++n8) gt[n8][0] = gt[n8][1] = gt[n8][2] = gt[n8][3] = 0.f;
+      for (int n8 = 0; n8 < D / 8; ++n8) gacc[mt][n8][0] = gacc[mt][n8][1] = gacc[mt][n8][2] = gacc[mt][n8][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       FragA a;
       load_a_t(a, DSK + kk * 16 * LDK + x_base, LDK);
-      a_times_rows(gt, a, own + kk * 16 * LDS);
+      a_times_rows(gacc[mt], a, own + kk * 16 * LDS);  // accumulated in place: no temporary
     }
-#pragma unroll
-    for (int n8 = 0; n8 < D / 8; ++n8)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) gacc[mt][n8][e] = lower && k > 0 ? gacc[mt][n8][e] + gt[n8][e] : gt[n8][e];
     if (lower) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
