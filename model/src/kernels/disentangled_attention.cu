@@ -269,6 +269,19 @@ __device__ __forceinline__ void rows_dot_8(float* acc, const FragA* a, const bf1
   }
 }
 
+// acc[n8] += A . tile^T over the 16 columns kk: A the 16 x 16 slice kk of a warp's rows, tile
+// NB * 8 rows [..][LDS] in shared memory.
+template <int NB>
+__device__ __forceinline__ void slice_times_tile_t(float (*acc)[4], const FragA& a, const bf16* tile, int kk) {
+#pragma unroll
+  for (int n8 = 0; n8 < NB; n8 += 2) {
+    FragB b0, b1;
+    load_b_t_n2(b0, b1, tile + n8 * 8 * LDS + kk * 16, LDS);
+    mma(acc[n8], a, b0);
+    mma(acc[n8 + 1], a, b1);
+  }
+}
+
 // acc[n8] (the 16 x 8 NB block, 8 columns per n8) = rows . tile^T, rows the warp's 16 rows
 // [16][LDS] and tile NB * 8 rows [..][LDS] in shared memory. Their fragments are loaded here, one
 // 16-column slice at a time, rather than kept in registers across the tiles: the backward
@@ -281,14 +294,17 @@ __device__ __forceinline__ void rows_times_tile_t(float (*acc)[4], const bf16* r
   for (int kk = 0; kk < D / 16; ++kk) {
     FragA a;
     load_a(a, rows + kk * 16, LDS);
-#pragma unroll
-    for (int n8 = 0; n8 < NB; n8 += 2) {
-      FragB b0, b1;
-      load_b_t_n2(b0, b1, tile + n8 * 8 * LDS + kk * 16, LDS);
-      mma(acc[n8], a, b0);
-      mma(acc[n8 + 1], a, b1);
-    }
+    slice_times_tile_t<NB>(acc, a, tile, kk);
   }
+}
+
+// The same with the rows' fragments already in registers (the forward keeps its queries').
+template <int NB>
+__device__ __forceinline__ void frags_times_tile_t(float (*acc)[4], const FragA* rows, const bf16* tile) {
+#pragma unroll
+  for (int n8 = 0; n8 < NB; ++n8) acc[n8][0] = acc[n8][1] = acc[n8][2] = acc[n8][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) slice_times_tile_t<NB>(acc, rows[kk], tile, kk);
 }
 
 // acc[n8] (16 x D) += A [16 x 16] . p [16][LDS] (16 rows of D, row-major).
@@ -460,25 +476,31 @@ __device__ __forceinline__ void load_relative(bf16* Cb, bf16* Pb, bf16* KRw, bf1
   }
 }
 
-// REL: the bands from the staged windows; Qs and Ks are the tile's [64][LDS] query and key
-// rows (each warp multiplies its 16 of each). Ends with a barrier: every warp reads Pb.
+// REL: the bands from the staged windows; qf the warp's 16 query rows as A fragments, Ks the
+// tile's [64][LDS] key rows (each warp multiplies its 16). Ends with a barrier: every warp
+// reads Pb.
 __device__ __forceinline__ void relative_bands(bf16* Cb, bf16* Pb, Window KRw, Window QRw, bool c2p, bool p2c,
-                                               const bf16* Qs, const bf16* Ks) {
-  const int warp = threadIdx.x / 32;
-  FragA rows[D / 16];
-  if (c2p) {
-    load_rows(rows, Qs + warp * 16 * LDS);
-    skewed_band(Cb, rows, KRw);
-  }
+                                               const FragA* qf, const bf16* Ks) {
+  if (c2p) skewed_band(Cb, qf, KRw);
   if (p2c) {
-    load_rows(rows, Ks + warp * 16 * LDS);
+    FragA rows[D / 16];
+    load_rows(rows, Ks + threadIdx.x / 32 * 16 * LDS);
     skewed_band(Pb, rows, QRw);
   }
   __syncthreads();
 }
+// The same with the query rows in the tile Qs [64][LDS].
+__device__ __forceinline__ void relative_bands(bf16* Cb, bf16* Pb, Window KRw, Window QRw, bool c2p, bool p2c,
+                                               const bf16* Qs, const bf16* Ks) {
+  FragA qf[D / 16];
+  if (c2p) load_rows(qf, Qs + threadIdx.x / 32 * 16 * LDS);
+  relative_bands(Cb, Pb, KRw, QRw, c2p, p2c, qf, Ks);
+}
 
-// Shared memory of the forward: Q, K, V tiles, the c2p band (queries x keys) and the p2c band
-// (keys x queries), the key mask of the tile; with REL, the K_r and Q_r windows of the tile.
+// Shared memory of the forward: the Q tile (until each warp holds its rows' fragments, then the
+// V tile), the K tile, the c2p band (queries x keys) and the p2c band (keys x queries); with REL,
+// the K_r and Q_r windows of the tile. 72 KB with REL: 3 blocks per SM (a separate V tile made
+// it 81 KB, 2 blocks).
 // Software pipelined (FA2's order) without more shared memory: V's tile loads while the
 // scores of K's are computed; the next tile's K (and with REL the new halves of the windows)
 // while the probabilities meet V.
@@ -491,12 +513,12 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
                                     unsigned long long seed) {
   DYNAMIC_SMEM(smem);
   bf16* Qs = reinterpret_cast<bf16*>(smem);
+  bf16* Vs = Qs;  // from the first tile on
   bf16* Ks = Qs + BM * LDS;
-  bf16* Vs = Ks + BN * LDS;
-  bf16* Cb = Vs + BN * LDS;  // Cb[query][key]
-  bf16* Pb = Cb + BM * LDR;  // Pb[key][query]
+  bf16* Cb = Ks + BN * LDS;        // Cb[query][key]
+  bf16* Pb = Cb + BM * LDR;        // Pb[key][query]
   bf16* KRw = Pb + BN * LDR;       // REL: [128][LDS]
-  bf16* QRw = KRw + 2 * BN * LDS;                 // REL: [128][LDS]
+  bf16* QRw = KRw + 2 * BN * LDS;  // REL: [128][LDS]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int bh = blockIdx.y, b = bh / H, h = bh % H;
   const long long tb = (long long)h * (gridDim.y / H) + b;  // the tables' (head, batch) row block
@@ -515,6 +537,8 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();
+  FragA qf[D / 16];  // the warp's queries, held: V's loads take their tile after the next barrier
+  load_rows(qf, Qs + warp * 16 * LDS);
   float o[D / 8][4];
 #pragma unroll
   for (int n8 = 0; n8 < D / 8; ++n8) o[n8][0] = o[n8][1] = o[n8][2] = o[n8][3] = 0.f;
@@ -530,9 +554,9 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     __syncthreads();
     load_tile_async(Vs, v, b, h, n0, N, H);
     cp_async_commit();
-    if (REL) relative_bands(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, Qs, Ks);
+    if (REL) relative_bands(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, qf, Ks);
     float s[BN / 8][4];
-    rows_times_tile_t<BN / 8>(s, Qs + warp * 16 * LDS, Ks);  // c2c
+    frags_times_tile_t<BN / 8>(s, qf, Ks);  // c2c
     float mx_a = NEG_INF, mx_b = NEG_INF;
 #pragma unroll
     for (int n8 = 0; n8 < BN / 8; ++n8) {
@@ -604,10 +628,11 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
   const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v, const bf16 *__restrict__ c2p, \
       const bf16 *__restrict__ p2c, const unsigned char *__restrict__ mask, bf16 *__restrict__ out,                \
       float *__restrict__ lse, int H, int N, float p_drop, unsigned long long seed
-KERNEL void __launch_bounds__(128) dattn_fwd(FWD_PARAMS) {
+// 3 blocks per SM (at most 168 registers; shared memory 36 KB, or 72 KB with REL).
+KERNEL void __launch_bounds__(128, 3) dattn_fwd(FWD_PARAMS) {
   fwd<false>(q, k, v, c2p, p2c, mask, out, lse, H, N, p_drop, seed);
 }
-KERNEL void __launch_bounds__(128) dattn_fwd_rel(FWD_PARAMS) {
+KERNEL void __launch_bounds__(128, 3) dattn_fwd_rel(FWD_PARAMS) {
   fwd<true>(q, k, v, c2p, p2c, mask, out, lse, H, N, p_drop, seed);
 }
 
