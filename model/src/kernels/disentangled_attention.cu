@@ -171,6 +171,17 @@ __device__ __forceinline__ void mma(float* c, const FragA& a, const FragB& b) {
       : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
 }
 #endif
+// x, which the compiler must keep in a register: without it, short of registers, it recomputes
+// the key below (25 instructions, from the kernel's parameters) inside the score loops.
+#ifdef DEBERTA_EMULATE
+__device__ __forceinline__ unsigned int opaque(unsigned int x) { return x; }
+#else
+__device__ __forceinline__ unsigned int opaque(unsigned int x) {
+  asm volatile("mov.b32 %0, %1;" : "=r"(x) : "r"(x));
+  return x;
+}
+#endif
+
 // Attention dropout: a counter-based hash of (seed, b, h, i, j), the same in every kernel. The
 // 64-bit mix of (seed, b·H + h) is taken once per kernel (`head_key`); then only 32-bit work:
 // (i, j) packed into one word (N <= 65536, a bijection), xored with the key, then murmur3's
@@ -182,7 +193,7 @@ __device__ __forceinline__ unsigned int head_key(unsigned long long seed, long l
   unsigned long long z = seed + (unsigned long long)(bh + 1) * 0x9e3779b97f4a7c15ULL;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return (unsigned int)((z ^ (z >> 31)) >> 32);
+  return opaque((unsigned int)((z ^ (z >> 31)) >> 32));
 }
 // The hash of the pair (i, j), (i, j + 8); j has bit 3 clear.
 __device__ __forceinline__ unsigned int pair_hash(unsigned int key, int i, int j) {
