@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""What ptxas makes of the fused attention kernels for the H100 (sm_90), without a GPU.
+
+    python3 cluster/kernel-stats.py [--base REV] [--head-dim 64]
+
+Compiles model/src/kernels/disentangled_attention.cu as the worker does (NVRTC from the venv's
+nvidia wheel, then torch's ptxas), disassembles it (cuobjdump from the triton wheel torch
+depends on) and prints per kernel: registers, spilled bytes, and the static instructions of one
+key or query tile (the body of the kernel's tile loop, plus a second pass of the backward's
+`unroll 1` loop over the tile's two 32-column halves), with the counts of the instructions that
+matter most. The score loops are issue-bound, so fewer instructions per tile is the CPU's best
+proxy for speed; only a GPU run (cluster/gpu-bench.sh) says what a change is worth. --base REV
+prints the same for the kernel source at git revision REV, and the change.
+"""
+import argparse
+import collections
+import ctypes
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+KERNELS = ["dattn_fwd", "dattn_fwd_rel", "dattn_bwd_kv", "dattn_bwd_kv_rel", "dattn_bwd_q", "dattn_bwd_q_rel"]
+SHOWN = ["HMMA", "LDSM", "LDS", "STS", "MUFU", "IMAD", "BRA"]
+
+
+def tools():
+    import torch  # the project venv's (cluster/env.sh puts it first on PATH)
+
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    nvrtc = os.path.join(site, "nvidia", "cu13", "lib", "libnvrtc.so.13")
+    ptxas = os.environ.get("DEBERTA_PTXAS", os.path.join(os.path.dirname(torch.__file__), "bin", "ptxas"))
+    cuobjdump = os.path.join(site, "triton", "backends", "nvidia", "bin", "cuobjdump")
+    for path in (nvrtc, ptxas, cuobjdump):
+        if not os.path.exists(path):
+            sys.exit(f"kernel-stats: {path} not found (torch 2.11 with its CUDA wheels and triton)")
+    return nvrtc, ptxas, cuobjdump
+
+
+def ptx_of(source, nvrtc, head_dim):
+    lib = ctypes.CDLL(nvrtc)
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"disentangled_attention.cu", 0, None, None):
+        sys.exit("kernel-stats: nvrtcCreateProgram failed")
+    opts = [b"--gpu-architecture=compute_90", f"-DHEAD_DIM={head_dim}".encode(), b"--std=c++17"]
+    rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    if rc:
+        sys.exit(f"kernel-stats: NVRTC failed:\n{log.value.decode()}")
+    lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetPTX(prog, ptx)
+    return ptx.value
+
+
+def stats(source, head_dim):
+    nvrtc, ptxas, cuobjdump = tools()
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "k.ptx"), "wb") as f:
+            f.write(ptx_of(source, nvrtc, head_dim))
+        log = subprocess.run([ptxas, "-arch=sm_90", "-v", "k.ptx", "-o", "k.cubin"], cwd=d, capture_output=True,
+                             text=True, check=True).stderr
+        sass = subprocess.run([cuobjdump, "-sass", "k.cubin"], cwd=d, capture_output=True, text=True,
+                              check=True).stdout
+    regs, name = {}, None
+    for line in log.splitlines():
+        m = re.search(r"entry function '(\w+)'", line)
+        if m:
+            name, spill = m.group(1), 0
+        m = re.search(r"(\d+) bytes spill stores", line)
+        if m:
+            spill = int(m.group(1))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name:
+            regs[name] = (int(m.group(1)), spill)
+    code, fn = collections.defaultdict(list), None
+    for line in sass.splitlines():
+        m = re.match(r"\s*Function : (\w+)", line)
+        if m:
+            fn = m.group(1)
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s*(.*?);", line)
+        if m and fn:
+            code[fn].append((int(m.group(1), 16), re.sub(r"^@!?U?P\w+\s+", "", m.group(2).strip())))
+    out = {}
+    for k in KERNELS:
+        ins = code[k]
+        # Loops are backward branches; the tile loop is the outermost (largest) one.
+        loops = sorted(((int(m.group(1), 16), a) for a, t in ins
+                        for m in [re.search(r"BRA(?:\.\w+)* (0x[0-9a-f]+)", t)] if m and int(m.group(1), 16) < a),
+                       key=lambda l: l[0] - l[1])
+        outer = loops[0]
+        inner = [l for l in loops[1:] if l[1] - l[0] > 0x1000 and outer[0] <= l[0] and l[1] <= outer[1]]
+        body = [t for a, t in ins if outer[0] <= a <= outer[1]]
+        if k.startswith("dattn_bwd") and inner:
+            body += [t for a, t in ins if inner[0][0] <= a <= inner[0][1]]
+        ops = collections.Counter(t.split()[0].split(".")[0] for t in body)
+        out[k] = (regs[k], len(body), ops)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", help="also the kernel source at this git revision")
+    ap.add_argument("--head-dim", type=int, default=64)
+    args = ap.parse_args()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rel = "model/src/kernels/disentangled_attention.cu"
+    with open(os.path.join(root, rel)) as f:
+        now = stats(f.read(), args.head_dim)
+    base = None
+    if args.base:
+        src = subprocess.run(["git", "show", f"{args.base}:{rel}"], cwd=root, capture_output=True, text=True)
+        if src.returncode:
+            sys.exit(f"kernel-stats: git show {args.base}:{rel}: {src.stderr.strip()}")
+        base = stats(src.stdout, args.head_dim)
+    print(f"sm_90, head size {args.head_dim}; static instructions per tile (the tile loop's body)")
+    print(f"{'kernel':<18} {'regs':>4} {'spill':>5} {'per tile':>8}  " + " ".join(f"{o:>5}" for o in SHOWN)
+          + ("   base: regs spill per tile  change" if base else ""))
+    for k in KERNELS:
+        (r, s), n, ops = now[k]
+        line = f"{k:<18} {r:>4} {s:>5} {n:>8}  " + " ".join(f"{ops[o]:>5}" for o in SHOWN)
+        if base:
+            (br, bs), bn, _ = base[k]
+            line += f"   {br:>10} {bs:>5} {bn:>8}  {100.0 * (n - bn) / bn:+6.1f}%"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
