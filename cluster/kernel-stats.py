@@ -21,7 +21,8 @@ import subprocess
 import sys
 import tempfile
 
-KERNELS = ["dattn_fwd", "dattn_fwd_rel", "dattn_bwd_kv", "dattn_bwd_kv_rel", "dattn_bwd_q", "dattn_bwd_q_rel"]
+KERNELS = ["dattn_fwd", "dattn_fwd_rel", "dattn_bwd_kv", "dattn_bwd_kv_rel", "dattn_bwd_q", "dattn_bwd_q_rel",
+           "dattn_bwd_q_ds"]  # dattn_bwd_q_rel: until 2026-11-27, replaced by dattn_bwd_q_ds
 SHOWN = ["HMMA", "LDSM", "LDS", "STS", "MUFU", "IMAD", "BRA"]
 
 
@@ -88,6 +89,8 @@ def stats(source, head_dim):
     out = {}
     for k in KERNELS:
         ins = code[k]
+        if not ins:
+            continue  # not in this revision
         # Loops are backward branches; the tile loop is the outermost (largest) one.
         loops = sorted(((int(m.group(1), 16), a) for a, t in ins
                         for m in [re.search(r"BRA(?:\.\w+)* (0x[0-9a-f]+)", t)] if m and int(m.group(1), 16) < a),
@@ -120,10 +123,10 @@ def main():
     print(f"sm_90, head size {args.head_dim}; static instructions per tile (the tile loop's body)")
     print(f"{'kernel':<18} {'regs':>4} {'spill':>5} {'per tile':>8}  " + " ".join(f"{o:>5}" for o in SHOWN)
           + ("   base: regs spill per tile  change" if base else ""))
-    for k in KERNELS:
+    for k in (k for k in KERNELS if k in now):
         (r, s), n, ops = now[k]
         line = f"{k:<18} {r:>4} {s:>5} {n:>8}  " + " ".join(f"{ops[o]:>5}" for o in SHOWN)
-        if base:
+        if base and k in base:
             (br, bs), bn, _ = base[k]
             line += f"   {br:>10} {bs:>5} {bn:>8}  {100.0 * (n - bn) / bn:+6.1f}%"
         print(line)

@@ -32,10 +32,10 @@ pub enum RelativeTerms {
     /// From the [H, B*N, 2N] tables that two GEMMs per head write first.
     Tables,
     /// Computed inside the kernels from K_r and Q_r, a 128-row window per tile on the tensor
-    /// cores: no tables (`dattn_fwd_rel`, `dattn_bwd_*_rel`). Backward adds their part of dq
-    /// and dk in the kernels and sums the table gradients per distance from per-block partials
-    /// (`dattn_rel_reduce`): no atomics. The default: the fastest of the three on the H100
-    /// (docs/performance.md).
+    /// cores: no tables (`dattn_fwd_rel`, `dattn_bwd_kv_rel`, then `dattn_bwd_q_ds` from the
+    /// keys kernel's dS). Backward adds their part of dq and dk in the kernels and sums the
+    /// table gradients per distance from per-block partials (`dattn_rel_reduce`): no atomics.
+    /// The default: the fastest of the three on the H100 (docs/performance.md).
     InKernel,
     /// Inside the forward kernel only; backward from the tables.
     InKernelForward,
@@ -311,6 +311,7 @@ struct Shared {
     fwd_rel: u32,
     bwd: u32,
     bwd_rel: u32,
+    bwd_q_ds: u32,
 }
 
 fn shared_bytes(head_dim: i64) -> Shared {
@@ -319,12 +320,15 @@ fn shared_bytes(head_dim: i64) -> Shared {
     let fwd = tiles(2) + bands(2); // Q's tile becomes V's
     let bwd = 2 * TILE * 4 + tiles(4) + bands(3);
     // In the `_rel` backward the dS band becomes its skewed copy [64][136] beside two windows.
-    let bwd_rel = bwd - bands(1) + TILE * (2 * TILE + 8) * 2 + tiles(4);
+    let skewed = TILE * (2 * TILE + 8) * 2;
+    let bwd_rel = bwd - bands(1) + skewed + tiles(4);
     Shared {
         fwd: fwd as u32,
         fwd_rel: (fwd + tiles(4)) as u32,
         bwd: bwd as u32,
         bwd_rel: bwd_rel as u32,
+        // Q, K, K_r's window (two tiles), dS and its skewed copy.
+        bwd_q_ds: (tiles(4) + bands(1) + skewed) as u32,
     }
 }
 
@@ -372,7 +376,7 @@ fn kernels(device: Device, head_dim: i64) -> Result<Kernels, String> {
             ("dattn_bwd_kv", shared.bwd),
             ("dattn_bwd_q", shared.bwd),
             ("dattn_bwd_kv_rel", shared.bwd_rel),
-            ("dattn_bwd_q_rel", shared.bwd_rel),
+            ("dattn_bwd_q_ds", shared.bwd_q_ds),
             ("dattn_rel_reduce", 0),
             ("dattn_dropout_mask", 0),
         ],
@@ -527,18 +531,43 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
         Arg::F32(x.dropout as f32),
         Arg::U64(saved.seed),
     ];
-    let (kv_kernel, q_kernel, s) = if in_kernel {
-        ("dattn_bwd_kv_rel", "dattn_bwd_q_rel", shared_bytes(d).bwd_rel)
+    let (kv_kernel, s) = if in_kernel {
+        ("dattn_bwd_kv_rel", shared_bytes(d).bwd_rel)
     } else {
-        ("dattn_bwd_kv", "dattn_bwd_q", shared_bytes(d).bwd)
+        ("dattn_bwd_kv", shared_bytes(d).bwd)
     };
-    let kv_args = [&common[..], &[arg(&dk), arg(&dv), opt_arg(&dp2c)], &scalars].concat();
+    // In the kernels: the keys kernel writes every tile's dS (bf16, [B·H, tiles, tiles, 64, 64],
+    // 0.4 GB at the 1.5B model's batch 32 × 512) and the queries kernel reads it instead of
+    // recomputing the scores.
+    let ds = in_kernel.then(|| Tensor::empty([b * h, blocks, blocks, TILE, TILE], (Kind::BFloat16, o.q.device())));
+    let kv_args = [
+        &common[..],
+        &[arg(&dk), arg(&dv), opt_arg(&dp2c)],
+        &ds.iter().map(arg).collect::<Vec<_>>(),
+        &scalars,
+    ]
+    .concat();
     // SAFETY: as in kernel_forward.
     unsafe { k.launch(kv_kernel, grid(b, h, n, s), &kv_args) }?;
     stage("backward: keys kernel");
-    let q_args = [&common[..], &[arg(&dq), opt_arg(&dc2p)], &scalars].concat();
-    // SAFETY: as in kernel_forward.
-    unsafe { k.launch(q_kernel, grid(b, h, n, s), &q_args) }?;
+    if let Some(ds) = &ds {
+        let q_args = [
+            arg(&o.q),
+            arg(&o.k),
+            opt_arg(&o.c2p),
+            arg(ds),
+            arg(&dq),
+            opt_arg(&dc2p),
+            Arg::I32(h as i32),
+            Arg::I32(n as i32),
+        ];
+        // SAFETY: as in kernel_forward; ds holds the keys kernel's dS for (b, h, n).
+        unsafe { k.launch("dattn_bwd_q_ds", grid(b, h, n, shared_bytes(d).bwd_q_ds), &q_args) }?;
+    } else {
+        let q_args = [&common[..], &[arg(&dq), opt_arg(&dc2p)], &scalars].concat();
+        // SAFETY: as in kernel_forward.
+        unsafe { k.launch("dattn_bwd_q", grid(b, h, n, s), &q_args) }?;
+    }
     stage("backward: queries kernel");
 
     let (mut dq, mut dk) = (dq.to_kind(x.q.kind()), dk.to_kind(x.k.kind()));
@@ -713,7 +742,7 @@ mod tests {
             ("dattn_bwd_kv", sh.bwd, 3, 16),
             ("dattn_bwd_q", sh.bwd, 3, 0),
             ("dattn_bwd_kv_rel", sh.bwd_rel, 2, 16),
-            ("dattn_bwd_q_rel", sh.bwd_rel, 2, 16),
+            ("dattn_bwd_q_ds", sh.bwd_q_ds, 3, 0),
         ];
         let mut failures = Vec::new();
         for (name, shared, min_blocks, max_spill) in want {

@@ -747,17 +747,34 @@ __device__ __forceinline__ void flush_relative(float (*gacc)[D / 8][4], float* _
     }
 }
 
+// The tile's dS as [query][key] (64 x 64 bf16, 8 KB, contiguous) at dst, from the keys kernel's
+// skewed copy DSK[key][63 - key + query]: 16-byte stores of 8 keys each.
+__device__ __forceinline__ void store_ds_tile(bf16* __restrict__ dst, const bf16* DSK) {
+#pragma unroll
+  for (int it = 0; it < 64 * 8 / THREADS; ++it) {
+    const int ci = threadIdx.x + it * THREADS, i = ci / 8, j0 = ci % 8 * 8;
+    unsigned int w[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int j = j0 + 2 * u;
+      w[u] = pack(DSK[j * LDK + 63 - j + i], DSK[(j + 1) * LDK + 62 - j + i]);
+    }
+    *reinterpret_cast<uint4*>(dst + i * 64 + j0) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
 // Keys-major backward: this block owns keys [kb, kb + 64): dK, dV, and the p2c gradient: the
 // rows d_p2c[j, .] of the table (tables), or (REL) the p2c part of dK and this block's partial
-// sums of dQ_r. The warp's 16 keys are the rows of S^T = K Q^T, the tile's 64 queries its columns.
+// sums of dQ_r, and (REL, ds_out given) each tile's dS for `dattn_bwd_q_ds`. The warp's 16 keys
+// are the rows of S^T = K Q^T, the tile's 64 queries its columns.
 template <bool REL>
 __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                        const bf16* __restrict__ v, const bf16* __restrict__ c2p,
                                        const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
                                        const bf16* __restrict__ dout, const float* __restrict__ lse,
                                        const float* __restrict__ dvec, bf16* __restrict__ dk, bf16* __restrict__ dv,
-                                       float* __restrict__ dp2c, int H, int N, float p_drop,
-                                       unsigned long long seed) {
+                                       float* __restrict__ dp2c, bf16* __restrict__ ds_out, int H, int N,
+                                       float p_drop, unsigned long long seed) {
   BWD_SMEM_SETUP
   bf16 *Ks = T0, *Vs = T1, *Qs = T2, *dOs = T3;
   const int kb = blockIdx.x * BN, j0 = kb + warp * 16;
@@ -838,6 +855,8 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
     if (REL) {
       // p2c(i, j) = k_j . Q_r[N-1-j+i]: dK += dS^T Q_r (skewed), dQ_r += (skewed dS)^T K.
       if (p2c) relative_grads(dk_acc, gacc, DSK, window_of(QRw, n, 1), Ks, part, m0, n);
+      // dS of (query tile n, key tile blockIdx.x): [B * H][tiles][tiles][64][64].
+      if (ds_out) store_ds_tile(ds_out + (((long long)bh * gridDim.x + n) * gridDim.x + blockIdx.x) * 64 * 64, DSK);
     } else if (dp2c) {
       store_band(reinterpret_cast<bf16*>(dp2c), DSb, tb, N, kb, m0);  // d_p2c[j, N-1-j+i] = dS[i, j]
     }
@@ -847,27 +866,24 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
   write_rows(dv, dv_acc, 1.f, 1.f, b, h, j0, N, H);
 }
 
-// Queries-major backward: this block owns queries [mb, mb + 64): dQ, and the c2p gradient: the
-// rows d_c2p[i, .] of the table (tables), or (REL) the c2p part of dQ and this block's partial
-// sums of dK_r. The warp's 16 queries are the rows of S = Q K^T, the tile's 64 keys its columns.
-template <bool REL>
+// Queries-major backward (tables): this block owns queries [mb, mb + 64): dQ, and the rows
+// d_c2p[i, .] of the c2p table's gradient. The warp's 16 queries are the rows of S = Q K^T, the
+// tile's 64 keys its columns. (With the relative terms in the kernels, `dattn_bwd_q_ds` reads
+// the keys kernel's dS instead.)
 __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                       const bf16* __restrict__ v, const bf16* __restrict__ c2p,
                                       const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
                                       const bf16* __restrict__ dout, const float* __restrict__ lse,
-                                      const float* __restrict__ dvec, bf16* __restrict__ dq, float* __restrict__ dc2p,
+                                      const float* __restrict__ dvec, bf16* __restrict__ dq, bf16* __restrict__ dc2p,
                                       int H, int N, float p_drop, unsigned long long seed) {
+  constexpr bool REL = false;
   BWD_SMEM_SETUP
   bf16 *Qs = T0, *dOs = T1, *Ks = T2, *Vs = T3;
   const int mb = blockIdx.x * BM, i0 = mb + warp * 16;
-  // REL: this block's partial dK_r rows, [rows][D] from window row N-64-mb (see relative_grads).
-  float* part = REL && dc2p ? dc2p + ((long long)bh * gridDim.x + blockIdx.x) * (gridDim.x * 64 + 64) * D : nullptr;
   load_tile_async(Qs, q, b, h, mb, N, H);
   load_tile_async(dOs, dout, b, h, mb, N, H);
   cp_async_commit();
   cp_async_wait_all();
-  if (REL && !c2p) zero_band(Cb);
-  if (REL && !p2c) zero_band(Pb);
   for (int e = threadIdx.x; e < BM; e += blockDim.x) {
     const int i = mb + e;
     qstat[e] = make_float2(i < N && mask[(long long)b * N + i] ? lse[(long long)bh * N + i] * L2E : POS_INF,
@@ -876,7 +892,6 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
   __syncthreads();
   const float lse_a = qstat[ra].x, lse_b = qstat[rb].x, dv_a = qstat[ra].y, dv_b = qstat[rb].y;
   float dq_acc[D / 8][4];
-  float gacc[2][D / 8][4];  // REL: the partial dK_r rows this warp carries to the next tile
 #pragma unroll
   for (int n8 = 0; n8 < D / 8; ++n8) dq_acc[n8][0] = dq_acc[n8][1] = dq_acc[n8][2] = dq_acc[n8][3] = 0.f;
 
@@ -884,12 +899,11 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
     __syncthreads();
     load_tile_async(Ks, k, b, h, n0, N, H);
     load_tile_async(Vs, v, b, h, n0, N, H);
-    load_relative<REL>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, mb, n0, n, 1);
+    load_relative<false>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, mb, n0, n, 1);
     cp_async_commit();
     const unsigned long long kbits = key_bits(mask, b, n0, N);
     cp_async_wait_all();
     __syncthreads();
-    if (REL) relative_bands(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, Qs, Ks);
     // The tile's keys in two halves of 32 (as in bwd_kv).
 #pragma unroll 1
     for (int c0 = 0; c0 < BN; c0 += 32) {
@@ -916,8 +930,7 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
           }
           const float ds = p * (dp[n8][e] * z - (e < 2 ? dv_a : dv_b));
           s[n8][e] = ds;
-          if (REL) DSK[r * LDK + 63 - r + c] = f2bf(ds);
-          else DSb[r * LDR + c] = f2bf(ds);
+          DSb[r * LDR + c] = f2bf(ds);
         }
       }
       FragA dsa[2];
@@ -925,14 +938,8 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
       weights_times_tile<2>(dq_acc, dsa, Ks + c0 * LDS);  // dQ += dS K
     }
     __syncthreads();
-    if (REL) {
-      // c2p(i, j) = q_i . K_r[N-1-i+j]: dQ += dS K_r (skewed), dK_r += (skewed dS)^T Q.
-      if (c2p) relative_grads(dq_acc, gacc, DSK, window_of(KRw, n, 1), Qs, part, n0, n);
-    } else if (dc2p) {
-      store_band(reinterpret_cast<bf16*>(dc2p), DSb, tb, N, mb, n0);  // d_c2p[i, N-1-i+j] = dS[i, j]
-    }
+    if (dc2p) store_band(dc2p, DSb, tb, N, mb, n0);  // d_c2p[i, N-1-i+j] = dS[i, j]
   }
-  if (REL && c2p) flush_relative(gacc, part, (gridDim.x - 1) * BN, gridDim.x - 1);
   write_rows(dq, dq_acc, 1.f, 1.f, b, h, i0, N, H);
 }
 
@@ -941,28 +948,97 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
       const bf16 *__restrict__ c2p, const bf16 *__restrict__ p2c, const unsigned char *__restrict__ mask,     \
       const bf16 *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ dvec
 // dp2c / dc2p: the table gradients as bf16 [H, B, N, 2N] (tables), or (REL) the blocks' partial
-// sums of dQ_r / dK_r, fp32 [B * H][blocks][64 (blocks + 1)][D], for dattn_rel_reduce.
+// sums of dQ_r (and in dattn_bwd_q_ds of dK_r), fp32 [B * H][blocks][64 (blocks + 1)][D], for
+// dattn_rel_reduce.
 // 3 blocks per SM (168 registers; 64 KB of shared memory each): a few bytes spill, the rest of
 // the kernel has room to hide its loads.
 KERNEL void __launch_bounds__(128, 3)
 dattn_bwd_kv(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ dp2c, int H, int N,
              float p_drop, unsigned long long seed) {
-  bwd_kv<false>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, reinterpret_cast<float*>(dp2c), H, N, p_drop, seed);
+  bwd_kv<false>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, reinterpret_cast<float*>(dp2c), nullptr, H, N,
+                p_drop, seed);
 }
+// ds: every tile's dS, bf16 [B * H][tiles][tiles][64][64], for dattn_bwd_q_ds.
 KERNEL void __launch_bounds__(128)
-dattn_bwd_kv_rel(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dp2c, int H, int N,
-                 float p_drop, unsigned long long seed) {
-  bwd_kv<true>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, dp2c, H, N, p_drop, seed);
+dattn_bwd_kv_rel(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dp2c,
+                 bf16* __restrict__ ds, int H, int N, float p_drop, unsigned long long seed) {
+  bwd_kv<true>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, dp2c, ds, H, N, p_drop, seed);
 }
 KERNEL void __launch_bounds__(128)
 dattn_bwd_q(BWD_COMMON, bf16* __restrict__ dq, bf16* __restrict__ dc2p, int H, int N, float p_drop,
             unsigned long long seed) {
-  bwd_q<false>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dq, reinterpret_cast<float*>(dc2p), H, N, p_drop, seed);
+  bwd_q(q, k, v, c2p, p2c, mask, dout, lse, dvec, dq, dc2p, H, N, p_drop, seed);
 }
-KERNEL void __launch_bounds__(128)
-dattn_bwd_q_rel(BWD_COMMON, bf16* __restrict__ dq, float* __restrict__ dc2p, int H, int N, float p_drop,
-                unsigned long long seed) {
-  bwd_q<true>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dq, dc2p, H, N, p_drop, seed);
+
+// A tile of dS (64 x 64 bf16, contiguous) into dst [64][LDR] by cp.async.
+__device__ __forceinline__ void load_ds_async(bf16* __restrict__ dst, const bf16* __restrict__ src) {
+#pragma unroll
+  for (int it = 0; it < 64 * 8 / THREADS; ++it) {
+    const int c = threadIdx.x + it * THREADS, r = c / 8, k = c % 8 * 8;
+    cp_async16(dst + r * LDR + k, src + r * 64 + k, true);
+  }
+}
+
+// Queries-major backward from the keys kernel's dS (REL, the default): this block owns queries
+// [mb, mb + 64): dQ = dS K, the c2p part dQ += dS K_r (skewed), and this block's partial sums of
+// dK_r (as `bwd_q`, into dc2p). Reading dS ([B * H][tiles][tiles][64][64] bf16, from
+// dattn_bwd_kv_rel) instead of recomputing S, both bands, P and dP takes this kernel from 280
+// mma per tile to 136 and drops its per-score work (exponential, dropout hash, masks) entirely.
+// Shared memory: the block's Q, the tile's K, dS [64][LDR], its skewed copy [64][LDK], K_r's
+// window [128][LDS]: 62 KB, 3 blocks per SM.
+KERNEL void __launch_bounds__(128, 3)
+dattn_bwd_q_ds(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ c2p,
+               const bf16* __restrict__ ds, bf16* __restrict__ dq, float* __restrict__ dc2p, int H, int N) {
+  DYNAMIC_SMEM(smem);
+  bf16* Qs = reinterpret_cast<bf16*>(smem);
+  bf16* Ks = Qs + 64 * LDS;
+  bf16* DSs = Ks + 64 * LDS;   // dS [query][key]
+  bf16* DSK = DSs + 64 * LDR;  // DSK[query][63 - query + key] = dS, zero off the band
+  bf16* KRw = DSK + 64 * LDK;  // [128][LDS]
+  const int warp = threadIdx.x / 32, tiles = gridDim.x;
+  const int bh = blockIdx.y, b = bh / H, h = bh % H;
+  const int mb = blockIdx.x * BM, i0 = mb + warp * 16;
+  // This block's partial dK_r rows, [rows][D] from window row N-64-mb (see relative_grads).
+  float* part = c2p && dc2p ? dc2p + ((long long)bh * tiles + blockIdx.x) * (tiles * 64 + 64) * D : nullptr;
+  const bf16* ds_row = ds + (long long)bh * tiles * tiles * 64 * 64 + (long long)blockIdx.x * tiles * 64 * 64;
+  for (int e = threadIdx.x; e < 64 * LDK; e += THREADS) DSK[e] = 0;
+  load_tile_async(Qs, q, b, h, mb, N, H);
+  cp_async_commit();
+  float dq_acc[D / 8][4];
+  float gacc[2][D / 8][4];  // the partial dK_r rows this warp carries to the next tile
+#pragma unroll
+  for (int n8 = 0; n8 < D / 8; ++n8) dq_acc[n8][0] = dq_acc[n8][1] = dq_acc[n8][2] = dq_acc[n8][3] = 0.f;
+
+  for (int n0 = 0, n = 0; n0 < N; n0 += BN, ++n) {
+    __syncthreads();  // the previous tile's readers of Ks, DSs, DSK and the window's old half are done
+    load_tile_async(Ks, k, b, h, n0, N, H);
+    load_ds_async(DSs, ds_row + (long long)n * 64 * 64);
+    if (c2p) load_window_async(KRw, c2p, h, N - 1 - (mb + 63) + n0, n, 1, N);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    if (c2p)  // the skewed copy, two scores per step
+#pragma unroll
+      for (int it = 0; it < 64 * 32 / THREADS; ++it) {
+        const int pi = threadIdx.x + it * THREADS, r = pi / 32, c = pi % 32 * 2;
+        const unsigned int w = ld32(DSs + r * LDR + c);
+        DSK[r * LDK + 63 - r + c] = (bf16)(w & 0xffffu);
+        DSK[r * LDK + 64 - r + c] = (bf16)(w >> 16);
+      }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {  // dQ += dS K
+      FragA a;
+      load_a(a, DSs + warp * 16 * LDR + kk * 16, LDR);
+      a_times_rows(dq_acc, a, Ks + kk * 16 * LDS);
+    }
+    if (c2p) {
+      __syncthreads();  // every warp's part of DSK
+      // c2p(i, j) = q_i . K_r[N-1-i+j]: dQ += dS K_r (skewed), dK_r += (skewed dS)^T Q.
+      relative_grads(dq_acc, gacc, DSK, window_of(KRw, n, 1), Qs, part, n0, n);
+    }
+  }
+  if (c2p) flush_relative(gacc, part, (tiles - 1) * BN, tiles - 1);
+  write_rows(dq, dq_acc, 1.f, 1.f, b, h, i0, N, H);
 }
 
 // The table gradient from the backward kernels' partial sums (REL): out[h][m][d] (fp32
