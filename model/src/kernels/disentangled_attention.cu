@@ -649,9 +649,8 @@ KERNEL void __launch_bounds__(128, 3) dattn_fwd_rel(FWD_PARAMS) {
 
 // Shared memory of the backward kernels: the log-sum-exp (times log2 e; +inf for a masked or
 // missing query, whose probabilities are then 0) and D_i of the tile's queries (one 64-bit load
-// for both), four tiles, the
-// c2p and p2c bands, then the dS band (tables) or its skewed copy DSK [64][LDK] and the K_r,
-// Q_r windows [128][LDS] (REL).
+// for both), four tiles, the c2p and p2c bands, then the dS band (tables) or its skewed copy
+// DSK [64][LDK] and the K_r, Q_r windows [128][LDS] (REL).
 #define LDK (2 * BN + 8)  // padded shared row of the skewed dS band
 #define BWD_SMEM_SETUP                                                             \
   DYNAMIC_SMEM(smem);                                                              \
@@ -950,8 +949,7 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
 // dp2c / dc2p: the table gradients as bf16 [H, B, N, 2N] (tables), or (REL) the blocks' partial
 // sums of dQ_r (and in dattn_bwd_q_ds of dK_r), fp32 [B * H][blocks][64 (blocks + 1)][D], for
 // dattn_rel_reduce.
-// 3 blocks per SM (168 registers; 64 KB of shared memory each): a few bytes spill, the rest of
-// the kernel has room to hide its loads.
+// 3 blocks per SM (at most 168 registers; 64 KB of shared memory each).
 KERNEL void __launch_bounds__(128, 3)
 dattn_bwd_kv(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ dp2c, int H, int N,
              float p_drop, unsigned long long seed) {
