@@ -378,6 +378,7 @@ fn kernels(device: Device, head_dim: i64) -> Result<Kernels, String> {
             ("dattn_bwd_kv_rel", shared.bwd_rel),
             ("dattn_bwd_q_ds", shared.bwd_q_ds),
             ("dattn_rel_reduce", 0),
+            ("dattn_row_dot", 0),
             ("dattn_dropout_mask", 0),
         ],
     )
@@ -509,10 +510,29 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     let (b, n, h, _) = o.q.size4().map_err(|e| e.to_string())?;
     let dout = bf16(&dout.view([b, n, h, d]));
     // D_i = dO_i . O_i = sum_j P_ij dP_ij (dropout included), [B, H, N].
-    let dvec = (dout.to_kind(Kind::Float) * saved.out.to_kind(Kind::Float))
-        .sum_dim_intlist([-1i64].as_slice(), false, Kind::Float)
-        .permute([0, 2, 1])
-        .contiguous();
+    let dvec = Tensor::empty([b, h, n], (Kind::Float, dout.device()));
+    let out = bf16(&saved.out);
+    let rows = b * n * h;
+    let blocks_for_rows = if dout.device().is_cuda() {
+        ((rows + 255) / 256).min(4096) as u32
+    } else {
+        8 // a grid-stride loop
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (blocks_for_rows, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let args = [
+        arg(&dout),
+        arg(&out),
+        arg(&dvec),
+        Arg::I32(b as i32),
+        Arg::I32(n as i32),
+        Arg::I32(h as i32),
+    ];
+    // SAFETY: dout and out are contiguous bf16 [B, N, H, d], dvec fp32 [B, H, N].
+    unsafe { k.launch("dattn_row_dot", cfg, &args) }?;
     let lse = saved.lse.as_ref().expect("the kernels' forward saved the log-sum-exp");
     let (dq, dk, dv) = (o.q.empty_like(), o.k.empty_like(), o.v.empty_like());
     // The table gradients' first stage. Tables: per-distance rows, each (row, N-1-row+col)

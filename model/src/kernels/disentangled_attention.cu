@@ -1039,6 +1039,28 @@ dattn_bwd_q_ds(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf1
   write_rows(dq, dq_acc, 1.f, 1.f, b, h, i0, N, H);
 }
 
+// D_i = dO_i . O_i for each query and head (the backward's softmax correction), fp32 [B, H, N],
+// from dout and out ([B, N, H, D] bf16): a thread per (b, n, h) row, 16-byte loads, fp32 sums.
+// One pass where the tensor ops took five (two fp32 casts, the product, the sum, a permute).
+KERNEL void dattn_row_dot(const bf16* __restrict__ dout, const bf16* __restrict__ out, float* __restrict__ dvec, int B,
+                          int N, int H) {
+  const long long rows = (long long)B * N * H;
+  for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < rows;
+       r += (long long)gridDim.x * blockDim.x) {
+    const uint4* x = reinterpret_cast<const uint4*>(dout + r * D);
+    const uint4* y = reinterpret_cast<const uint4*>(out + r * D);
+    float acc = 0.f;
+#pragma unroll
+    for (int c = 0; c < D / 8; ++c) {
+      const uint4 a = x[c], o = y[c];
+      acc += lo_f(a.x) * lo_f(o.x) + hi_f(a.x) * hi_f(o.x) + lo_f(a.y) * lo_f(o.y) + hi_f(a.y) * hi_f(o.y);
+      acc += lo_f(a.z) * lo_f(o.z) + hi_f(a.z) * hi_f(o.z) + lo_f(a.w) * lo_f(o.w) + hi_f(a.w) * hi_f(o.w);
+    }
+    const long long h = r % H, n = r / H % N, b = r / ((long long)H * N);
+    dvec[(b * H + h) * N + n] = acc;
+  }
+}
+
 // The table gradient from the backward kernels' partial sums (REL): out[h][m][d] (fp32
 // [H][2N][D], row 2N-1 zero) = sum over batches b and blocks k of part[b, h, k][m - (N-64-64k)]
 // where that row is in the block's window [0, 64 (blocks + 1)). One writer per element.

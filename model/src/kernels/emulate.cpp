@@ -394,11 +394,11 @@ struct Entry {
   Entry { #f, d, [](void** p) { invoke(ns::f, p); } }
 const Entry KERNELS[] = {
     ENTRY(hd16, 16, dattn_fwd), ENTRY(hd16, 16, dattn_fwd_rel), ENTRY(hd16, 16, dattn_bwd_kv), ENTRY(hd16, 16, dattn_bwd_q),
-    ENTRY(hd16, 16, dattn_bwd_kv_rel), ENTRY(hd16, 16, dattn_bwd_q_ds), ENTRY(hd16, 16, dattn_rel_reduce),
+    ENTRY(hd16, 16, dattn_bwd_kv_rel), ENTRY(hd16, 16, dattn_bwd_q_ds), ENTRY(hd16, 16, dattn_rel_reduce), ENTRY(hd16, 16, dattn_row_dot),
     ENTRY(hd32, 32, dattn_fwd), ENTRY(hd32, 32, dattn_fwd_rel), ENTRY(hd32, 32, dattn_bwd_kv), ENTRY(hd32, 32, dattn_bwd_q),
-    ENTRY(hd32, 32, dattn_bwd_kv_rel), ENTRY(hd32, 32, dattn_bwd_q_ds), ENTRY(hd32, 32, dattn_rel_reduce),
+    ENTRY(hd32, 32, dattn_bwd_kv_rel), ENTRY(hd32, 32, dattn_bwd_q_ds), ENTRY(hd32, 32, dattn_rel_reduce), ENTRY(hd32, 32, dattn_row_dot),
     ENTRY(hd64, 64, dattn_fwd), ENTRY(hd64, 64, dattn_fwd_rel), ENTRY(hd64, 64, dattn_bwd_kv), ENTRY(hd64, 64, dattn_bwd_q),
-    ENTRY(hd64, 64, dattn_bwd_kv_rel), ENTRY(hd64, 64, dattn_bwd_q_ds), ENTRY(hd64, 64, dattn_rel_reduce),
+    ENTRY(hd64, 64, dattn_bwd_kv_rel), ENTRY(hd64, 64, dattn_bwd_q_ds), ENTRY(hd64, 64, dattn_rel_reduce), ENTRY(hd64, 64, dattn_row_dot),
     ENTRY(hd64, 0, dattn_dropout_mask),
     ENTRY(misuse, 0, barrier_in_a_branch), ENTRY(misuse, 0, shuffle_in_half_a_warp), ENTRY(misuse, 0, shared_store),
     ENTRY(misuse, 0, ldmatrix_rows),
