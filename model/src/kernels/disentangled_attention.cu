@@ -1063,21 +1063,29 @@ KERNEL void dattn_row_dot(const bf16* __restrict__ dout, const bf16* __restrict_
 
 // The table gradient from the backward kernels' partial sums (REL): out[h][m][d] (fp32
 // [H][2N][D], row 2N-1 zero) = sum over batches b and blocks k of part[b, h, k][m - (N-64-64k)]
-// where that row is in the block's window [0, 64 (blocks + 1)). One writer per element.
+// where that row is in the block's window [0, 64 (blocks + 1)). One writer per element; a
+// thread sums 4 consecutive d (16-byte loads; a warp reads two rows, 512 contiguous bytes, per
+// block), over only the blocks whose window holds row m.
+__device__ __forceinline__ int floor_div64(int y) { return y >= 0 ? y / 64 : -((-y + 63) / 64); }
 KERNEL void dattn_rel_reduce(const float* __restrict__ part, float* __restrict__ out, int B, int H, int N) {
   const int blocks = (N + 63) / 64, rows = 64 * blocks + 64;
-  const long long total = (long long)H * 2 * N * D;
+  const long long total = (long long)H * 2 * N * (D / 4);
   for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
        idx += (long long)gridDim.x * blockDim.x) {
-    const int d = idx % D, m = (idx / D) % (2 * N), h = idx / ((long long)D * 2 * N);
-    float acc = 0.f;
+    const int d = idx % (D / 4) * 4, m = (idx / (D / 4)) % (2 * N), h = idx / ((long long)(D / 4) * 2 * N);
+    // Block k holds row m at 64 k - a (a = N - 64 - m): in [0, rows) for k in [k0, k1).
+    const int a = N - 64 - m;
+    const int k0 = max(0, floor_div64(a + 63)), k1 = min(blocks, floor_div64(a + rows + 63));
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     if (m < 2 * N - 1)
-      for (int b = 0; b < B; ++b)
-        for (int kblk = 0; kblk < blocks; ++kblk) {
-          const int row = m - (N - 64 - 64 * kblk);
-          if (row >= 0 && row < rows) acc += part[(((long long)(b * H + h) * blocks + kblk) * rows + row) * D + d];
+      for (int b = 0; b < B; ++b) {
+        const float* blk = part + (long long)(b * H + h) * blocks * rows * D + d;
+        for (int k = k0; k < k1; ++k) {
+          const float4 v = *reinterpret_cast<const float4*>(blk + ((long long)k * rows + 64 * k - a) * D);
+          acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
         }
-    out[idx] = acc;
+      }
+    *reinterpret_cast<float4*>(out + ((long long)h * 2 * N + m) * D + d) = acc;
   }
 }
 
