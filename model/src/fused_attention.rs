@@ -598,8 +598,18 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
         // sums of the blocks' partials.
         let reduce = |part: &Tensor| -> Result<Tensor, String> {
             let out = Tensor::empty([h, 2 * n, d], (Kind::Float, part.device()));
+            // A thread per 4 consecutive d of a row (a grid-stride loop).
+            let threads = h * 2 * n * (d / 4);
             let cfg = LaunchConfig {
-                grid_dim: (if part.device().is_cuda() { 1024 } else { 8 }, 1, 1), // a grid-stride loop
+                grid_dim: (
+                    if part.device().is_cuda() {
+                        ((threads + 255) / 256).min(4096) as u32
+                    } else {
+                        8
+                    },
+                    1,
+                    1,
+                ),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
