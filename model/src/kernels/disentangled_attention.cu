@@ -652,7 +652,11 @@ KERNEL void __launch_bounds__(128, 3) dattn_fwd_rel(FWD_PARAMS) {
 // for both), four tiles, the c2p and p2c bands, then the dS band (tables) or its skewed copy
 // DSK [64][LDK] and the K_r, Q_r windows [128][LDS] (REL).
 #define LDK (2 * BN + 8)  // padded shared row of the skewed dS band
-#define BWD_SMEM_SETUP                                                             \
+// The skewed dS [64][LDK] zeroed: a tile writes only its band, the rest must read 0.
+__device__ __forceinline__ void zero_skewed(bf16* DSK) {
+  for (int e = threadIdx.x; e < 64 * LDK; e += THREADS) DSK[e] = 0;
+}
+#define BWD_SMEM_SETUP(REL)                                                        \
   DYNAMIC_SMEM(smem);                                                              \
   float2* qstat = reinterpret_cast<float2*>(smem); /* (lse log2 e, D_i) per query */ \
   bf16* T0 = reinterpret_cast<bf16*>(qstat + 64);                                  \
@@ -672,8 +676,7 @@ KERNEL void __launch_bounds__(128, 3) dattn_fwd_rel(FWD_PARAMS) {
   const unsigned int dkey = head_key(seed, bh);                                    \
   const float inv_keep = p_drop > 0.f ? 1.f / (1.f - p_drop) : 1.f;                \
   const int ra = warp * 16 + g, rb = ra + 8;                                       \
-  if (REL) /* the skewed band's entries outside the band stay zero */              \
-    for (int e = threadIdx.x; e < 64 * LDK; e += THREADS) DSK[e] = 0;
+  if (REL) zero_skewed(DSK); /* its entries outside the band stay zero */
 
 // A (16x16) with element (r, c) at p[c * ld + r]: a column-major tile, i.e. the transpose of a
 // row-major one. Transposed matrices: stored rows (c) 0-7 / 8-15 (m / 2) by r 0-7 / 8-15 (m % 2).
@@ -774,7 +777,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
                                        const float* __restrict__ dvec, bf16* __restrict__ dk, bf16* __restrict__ dv,
                                        float* __restrict__ dp2c, bf16* __restrict__ ds_out, int H, int N,
                                        float p_drop, unsigned long long seed) {
-  BWD_SMEM_SETUP
+  BWD_SMEM_SETUP(REL)
   bf16 *Ks = T0, *Vs = T1, *Qs = T2, *dOs = T3;
   const int kb = blockIdx.x * BN, j0 = kb + warp * 16;
   const float key_a = kb + ra < N && mask[(long long)b * N + kb + ra] ? 0.f : NEG_INF;
@@ -875,8 +878,7 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
                                       const bf16* __restrict__ dout, const float* __restrict__ lse,
                                       const float* __restrict__ dvec, bf16* __restrict__ dq, bf16* __restrict__ dc2p,
                                       int H, int N, float p_drop, unsigned long long seed) {
-  constexpr bool REL = false;
-  BWD_SMEM_SETUP
+  BWD_SMEM_SETUP(false)
   bf16 *Qs = T0, *dOs = T1, *Ks = T2, *Vs = T3;
   const int mb = blockIdx.x * BM, i0 = mb + warp * 16;
   load_tile_async(Qs, q, b, h, mb, N, H);
@@ -999,7 +1001,7 @@ dattn_bwd_q_ds(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf1
   // This block's partial dK_r rows, [rows][D] from window row N-64-mb (see relative_grads).
   float* part = c2p && dc2p ? dc2p + ((long long)bh * tiles + blockIdx.x) * (tiles * 64 + 64) * D : nullptr;
   const bf16* ds_row = ds + (long long)bh * tiles * tiles * 64 * 64 + (long long)blockIdx.x * tiles * 64 * 64;
-  for (int e = threadIdx.x; e < 64 * LDK; e += THREADS) DSK[e] = 0;
+  zero_skewed(DSK);
   load_tile_async(Qs, q, b, h, mb, N, H);
   cp_async_commit();
   float dq_acc[D / 8][4];
