@@ -248,6 +248,29 @@ mod tests {
         assert!(e.contains("no emulated kernel dattn_fwd for head size 48"), "{e}");
     }
 
+    #[test]
+    fn the_reverse_schedule_shows_a_warp_running_ahead_past_a_barrier() {
+        let run = |reverse: bool| {
+            let out = Tensor::zeros([2, 96], (tch::Kind::Float, Device::Cpu));
+            emulate_in_reverse(reverse);
+            // SAFETY: `out` holds a float per thread of the two blocks.
+            let r = unsafe { emulate("reuse_without_a_barrier", 0, block(96, 16), &[Arg::Ptr(ptr(&out))]) };
+            emulate_in_reverse(false);
+            r.unwrap();
+            out
+        };
+        // In lockstep every thread reads the three slots before any is rewritten (the old reverse
+        // schedule, warp by warp only through the shuffles, hid it as well).
+        assert!(run(false).eq(3.0).all().int64_value(&[]) == 1);
+        // Each warp runs alone to its end, the last first: warp 1 reads warp 2's rewrite (100),
+        // warp 0 those of warps 1 and 2.
+        let ahead = run(true);
+        for (warp, sum) in [(2, 3.0), (1, 102.0), (0, 201.0)] {
+            let got = ahead.narrow(1, 32 * warp, 32);
+            assert!(got.eq(sum).all().int64_value(&[]) == 1, "warp {warp}: {got}");
+        }
+    }
+
     /// The emulated ldmatrix against the PTX ISA's fragment table ("Warp-level matrix load
     /// instruction: ldmatrix"): lane 4g + t gets (g, 2t) and (g, 2t + 1) of each matrix in its
     /// low and high half, or with .trans (2t, g) and (2t + 1, g).

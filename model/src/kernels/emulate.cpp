@@ -15,7 +15,8 @@
 //   - a barrier that not every thread reaches is reported as an error instead of hanging.
 // It checks semantics, not speed. It runs each fiber until it blocks, first thread first with
 // the warps in lockstep, or last first with one warp at a time
-// (`deberta_emulate_reverse_schedule`): a race that both orders hide stays hidden.
+// (`deberta_emulate_reverse_schedule`: from each block barrier the last warp runs alone to the
+// next, then the one before it): a race that both orders hide stays hidden.
 
 #include <ucontext.h>
 
@@ -51,7 +52,8 @@ thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 namespace emu {
 
-enum Wait { RUNNABLE, AT_BLOCK_BARRIER, AT_WARP_BARRIER, DONE };
+// HELD: past a block barrier, but not yet let go (the reverse schedule lets one warp at a time).
+enum Wait { RUNNABLE, AT_BLOCK_BARRIER, AT_WARP_BARRIER, HELD, DONE };
 
 struct Lane {
   unsigned a[4], b[2];
@@ -86,11 +88,11 @@ struct State {
   std::vector<unsigned char> shared;
   void (*run)(void**) = nullptr;
   void** params = nullptr;
-  // Resume fibers from the last thread to the first, and let one warp at a time pass its
-  // warp-synchronous operations (the last warp first) until it waits at a block barrier or
-  // ends: a missing barrier that the forward order hides (a later thread reading what an
-  // earlier one wrote, or a warp overwriting what a slower warp still reads: in the forward
-  // order the warps move in lockstep) shows up in this one.
+  // Resume fibers from the last thread to the first, and let one warp at a time (the last
+  // first) run from a block barrier (or the start) until it waits at the next one or ends,
+  // warp-synchronous operations included: a missing barrier that the forward order hides (a
+  // later thread reading what an earlier one wrote, or a warp overwriting what a slower warp
+  // still reads: in the forward order the warps move in lockstep) shows up in this one.
   bool reverse = false;
   // The first misuse a block made that the emulator could not let happen (ldmatrix outside
   // shared memory or misaligned): reported when the block ends.
@@ -235,6 +237,13 @@ void ldmatrix(unsigned* r, const void* p, int num, bool trans) {
   park(AT_WARP_BARRIER);  // nobody overwrites a row address before every lane has used it
 }
 
+// Let the block's threads go from the start or a block barrier: all of them, or in the reverse
+// schedule only the last warp, the others HELD until it waits again.
+static void let_go(unsigned threads) {
+  const unsigned first = st.reverse ? (threads - 1) / 32 * 32 : 0;
+  for (unsigned i = 0; i < threads; ++i) st.fibers[i].wait = i >= first ? RUNNABLE : HELD;
+}
+
 static void fiber_main() {
   st.run(st.params);
   if (!st.fibers[st.current].copies.empty() && st.fault.empty())
@@ -255,10 +264,10 @@ static std::string run_block(unsigned threads) {
     f.ctx.uc_stack.ss_size = f.stack.size();
     f.ctx.uc_link = &st.scheduler;
     makecontext(&f.ctx, fiber_main, 0);
-    f.wait = RUNNABLE;
     f.copies.clear();
     f.committed = 0;
   }
+  let_go(threads);
   for (;;) {
     for (unsigned k = 0; k < threads; ++k) {
       const unsigned i = st.reverse ? threads - 1 - k : k;
@@ -285,13 +294,21 @@ static std::string run_block(unsigned threads) {
       released = true;
     }
     if (released) continue;
+    // Nothing can move: the last warp still held goes next.
+    for (unsigned i = threads; i-- > 0;)
+      if (st.fibers[i].wait == HELD) {
+        for (unsigned j = i / 32 * 32; j <= i; ++j) st.fibers[j].wait = RUNNABLE;
+        released = true;
+        break;
+      }
+    if (released) continue;
     for (unsigned i = 0; i < threads; ++i) {
       done += st.fibers[i].wait == DONE;
       at_block += st.fibers[i].wait == AT_BLOCK_BARRIER;
     }
     if (done == threads) return st.fault;
     if (at_block == threads) {
-      for (unsigned i = 0; i < threads; ++i) st.fibers[i].wait = RUNNABLE;
+      let_go(threads);
       continue;
     }
     return "__syncthreads() reached by " + std::to_string(at_block) + " threads while " + std::to_string(done) +
@@ -368,6 +385,22 @@ void shared_store(int at) {
   DYNAMIC_SMEM(s);
   s[at] = 0;
 }
+// A barrier missing after the reads of a block-wide sum, as in two reductions in a row: each
+// warp's lane 0 writes its slot, all read all slots, then (after a warp shuffle, as the next
+// reduction's) write them again with no barrier between. out[thread] = its sum: the same in
+// every thread when the warps move in lockstep, not when one runs ahead.
+void reuse_without_a_barrier(float* out) {
+  DYNAMIC_SMEM(s);
+  float* slot = reinterpret_cast<float*>(s);
+  const unsigned warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  if (threadIdx.x % 32 == 0) slot[warp] = 1.f;
+  __syncthreads();
+  float sum = 0.f;
+  for (unsigned w = 0; w < warps; ++w) sum += slot[w];
+  const float next = __shfl_xor_sync(0xffffffffu, 100.f, 1);
+  if (threadIdx.x % 32 == 0) slot[warp] = next;
+  out[blockIdx.x * blockDim.x + threadIdx.x] = sum;
+}
 // One warp: shared halfword k holds k; lane 8m + r gives row r of matrix m at byte
 // 32 (8m + r) + offset; out[4 lane + m] = its register m of ldmatrix.x4 (trans != 0: .trans).
 void ldmatrix_rows(int offset, int trans, unsigned* out) {
@@ -408,7 +441,7 @@ const Entry KERNELS[] = {
     ENTRY(hd64, 64, dattn_bwd_kv_rel), ENTRY(hd64, 64, dattn_bwd_q_ds), ENTRY(hd64, 64, dattn_rel_reduce), ENTRY(hd64, 64, dattn_row_dot),
     ENTRY(hd64, 0, dattn_dropout_mask),
     ENTRY(misuse, 0, barrier_in_a_branch), ENTRY(misuse, 0, shuffle_in_half_a_warp), ENTRY(misuse, 0, shared_store),
-    ENTRY(misuse, 0, ldmatrix_rows),
+    ENTRY(misuse, 0, ldmatrix_rows), ENTRY(misuse, 0, reuse_without_a_barrier),
 };
 
 void set_error(char* err, std::size_t len, const std::string& msg) {
