@@ -12,8 +12,10 @@
 #   env: VARIANTS (ours), HF_BATCHES (HF's sizes), BENCH_STEPS, BENCH_WARMUP, KERNEL_CHECK=0
 #
 # A variant `base:V` runs V with the baseline worker (BASELINE=REV bash cluster/gpu-bundle.sh
-# bundles it), and the summary adds ours / baseline per batch: e.g.
-#   VARIANTS="fused-rel base:fused-rel" bash cluster/gpu-bench.sh xxlarge 512 8 32
+# bundles it), and the summary adds ours / baseline per batch; `V-opsnorm` runs V with the
+# output sublayers' dropout + residual + LayerNorm by libtorch's ops (DEBERTA_FUSED_NORM=0)
+# instead of the residual_norm kernels: e.g.
+#   VARIANTS="fused-rel fused-rel-opsnorm base:fused-rel" bash cluster/gpu-bench.sh xxlarge 512 8 32
 set -uo pipefail
 cd "$(dirname "$0")/.."
 preset="${1:-xxlarge}"; seq="${2:-512}"; shift 2 2>/dev/null || shift $#
@@ -57,12 +59,13 @@ for b in "${batches[@]}"; do
       worker=gpu-bundle/baseline/deberta-worker; v="${att#base:}"; file="base-$v"
       [ -x "$worker" ] || { echo "$att: no $worker (BASELINE=REV bash cluster/gpu-bundle.sh)"; continue; }
     fi
+    norm=1; [[ "$v" == *-opsnorm ]] && { norm=0; v="${v%-opsnorm}"; }
     path="$v"; relative=tables
     [ "$v" = fused-rel ] && { path=fused; relative=kernel; }
     [ "$v" = fused-relfwd ] && { path=fused; relative=kernel-forward; }
     echo "== [${SECONDS}s] ours, $att, batch $b"
     # stderr (breakdown, memory, the segment profile) to a file; its head to the console.
-    DEBERTA_ATTENTION=$path DEBERTA_FUSED_RELATIVE=$relative timeout 500 "$worker" bench --preset "$preset" --seq "$seq" --batch "$b" \
+    DEBERTA_ATTENTION=$path DEBERTA_FUSED_RELATIVE=$relative DEBERTA_FUSED_NORM=$norm timeout 500 "$worker" bench --preset "$preset" --seq "$seq" --batch "$b" \
       --steps "$steps" --warmup "$warmup" --device cuda --profile 2> "$out/ours-$file-b$b.err" | tee -a "$out/ours-$file.jsonl" \
       || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"deberta bench failed\"}" >> "$out/ours-$file.jsonl"
     grep -E "^bench (breakdown|memory)|^error" "$out/ours-$file-b$b.err"
@@ -110,14 +113,18 @@ for att, ours in variants.items():
     best = max((r["tokens_per_s"] for r in ours.values() if "tokens_per_s" in r), default=None)
     if best_hf and best:
         print(f"  best vs best: {best:.1f} / {best_hf:.1f} tokens/s = {best / best_hf:.2f}x (target >= 4x)")
-# A change against what it replaced, same card, same call.
+# A change against what it replaced, same card, same call: V against the baseline worker's V,
+# and against V-opsnorm (the same worker without the residual_norm kernels).
 for att, ours in variants.items():
-    if att.startswith("base:") or f"base:{att}" not in variants:
+    if att.startswith("base:"):
         continue
-    base = variants[f"base:{att}"]
-    print(f"\nours / baseline ({base_rev}) tokens/s, {att}:")
-    for b in sorted(set(ours) & set(base)):
-        o, r = ours[b], base[b]
-        if "tokens_per_s" in o and "tokens_per_s" in r:
-            print(f"  batch {b}: {o['tokens_per_s']:.1f} / {r['tokens_per_s']:.1f} = {o['tokens_per_s'] / r['tokens_per_s']:.3f}x")
+    for other, what in ((f"base:{att}", f"the baseline ({base_rev})"), (f"{att}-opsnorm", "libtorch's ops for the residual LayerNorms")):
+        if other not in variants:
+            continue
+        base = variants[other]
+        print(f"\n{att} / {other} tokens/s (against {what}):")
+        for b in sorted(set(ours) & set(base)):
+            o, r = ours[b], base[b]
+            if "tokens_per_s" in o and "tokens_per_s" in r:
+                print(f"  batch {b}: {o['tokens_per_s']:.1f} / {r['tokens_per_s']:.1f} = {o['tokens_per_s'] / r['tokens_per_s']:.3f}x")
 PY

@@ -158,7 +158,9 @@ fn params_per_rank(c: &DebertaConfig, tp: f64) -> f64 {
 /// The fused path (bf16 on CUDA, activations kept; docs/performance.md, "Memory"), per layer
 /// and token, in bytes: the sublayer boundaries x and a (fp32, 2 x 4D), q, k, v and the core's
 /// output (bf16, 4 x 2A/tp; the log-sum-exp is a few bytes per head), the two dropout masks
-/// (2 x D bytes), and the FFN's h (2F/tp) with W2's partial product z (2D), or h and act(h)
+/// (2 x D bytes: libtorch's ops keep them; the `residual_norm` kernels keep none, so with them
+/// this overstates by 2D bytes per token and layer, 0.57 GiB at xxlarge x 8 x 512, until a GPU
+/// run measures their peaks against the ones below), and the FFN's h (2F/tp) with W2's partial product z (2D), or h and act(h)
 /// where F/tp <= D. No [N, N] tensor, no bf16 weight copies (the segments cast per use). The
 /// EMD's two layers on the masked rows, as in the eager estimate. On top of what is kept, the
 /// larger of two transients that come while nearly all of it is still alive: the MLM head's

@@ -88,6 +88,30 @@ pub fn load(
     Ok(m)
 }
 
+thread_local! {
+    /// Run the kernels in the emulator for CPU tensors (`emulate_on_cpu`).
+    static EMULATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Tests: from now on, on this thread, the modules with kernels (`fused_attention`,
+/// `residual_norm`) run CPU tensors through the emulated kernels instead of their tensor-op
+/// formulas.
+pub fn emulate_on_cpu(on: bool) {
+    EMULATE.with(|e| e.set(on));
+}
+
+/// Whether a kernel should run for a tensor on `device`: on CUDA, or in the emulator after
+/// `emulate_on_cpu(true)`.
+pub fn kernels_run_on(device: Device) -> bool {
+    device.is_cuda() || EMULATE.with(|e| e.get())
+}
+
+/// A seed for a kernel's dropout hash, from libtorch's CPU generator (which the recomputing
+/// tape reseeds per segment, and which every tensor-parallel rank draws alike): no device sync.
+pub fn dropout_seed() -> u64 {
+    Tensor::randint(i64::MAX, [1], (tch::Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64
+}
+
 /// A tensor's device address, as a kernel argument.
 pub fn ptr(t: &Tensor) -> u64 {
     t.data_ptr() as u64
@@ -201,6 +225,55 @@ pub unsafe fn emulate(function: &str, variant: i32, cfg: LaunchConfig, args: &[A
     }
     let end = err.iter().position(|&c| c == 0).unwrap_or(err.len());
     Err(format!("emulated {}", String::from_utf8_lossy(&err[..end])))
+}
+
+/// ptxas (the CUDA assembler; torch's CUDA wheels ship it as torch/bin/ptxas, or
+/// DEBERTA_PTXAS names one) run on the kernels' PTX for sm_90, as the driver's JIT does on
+/// the GPU: (kernel, registers per thread, bytes spilled to local memory).
+#[cfg(test)]
+pub(crate) fn ptxas_report(ptx: &str) -> Vec<(String, u32, u32)> {
+    let ptxas = std::env::var("DEBERTA_PTXAS").unwrap_or_else(|_| {
+        let out = std::process::Command::new("python3")
+            .args(["-c", "import torch, os; print(os.path.dirname(torch.__file__))"])
+            .output()
+            .expect("python3 (the project venv's, with torch) to find torch/bin/ptxas");
+        format!("{}/bin/ptxas", String::from_utf8_lossy(&out.stdout).trim())
+    });
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("deberta-ptxas-{}-{call}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("k.ptx"), ptx).unwrap();
+    let out = std::process::Command::new(&ptxas)
+        .args(["-arch=sm_90", "-v", "k.ptx", "-o", "k.cubin"])
+        .current_dir(&dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{ptxas}: {e} (set DEBERTA_PTXAS to a CUDA 12.8+ ptxas)"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{ptxas} failed:\n{log}");
+    // Per kernel: "Compiling entry function 'NAME'", "... N bytes spill stores ...", "Used R registers".
+    let mut report = Vec::new();
+    let mut current: Option<(String, u32)> = None;
+    let number_before = |line: &str, word: &str| -> u32 {
+        let head = &line[..line.find(word).unwrap()];
+        head.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    for line in log.lines() {
+        if let Some(at) = line.find("entry function '") {
+            let name = &line[at + 16..];
+            current = Some((name[..name.find('\'').unwrap()].to_string(), 0));
+        } else if line.contains("bytes spill stores") {
+            if let Some(c) = current.as_mut() {
+                c.1 = number_before(line, "bytes spill stores");
+            }
+        } else if line.contains(" registers") {
+            if let Some((name, spill)) = current.take() {
+                report.push((name, number_before(line, "registers"), spill));
+            }
+        }
+    }
+    report
 }
 
 #[cfg(test)]

@@ -213,22 +213,11 @@ pub struct Saved {
     seed: u64,
 }
 
-thread_local! {
-    /// Run the kernels in the emulator for CPU tensors (`emulate_on_cpu`).
-    static EMULATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Tests: from now on `forward` on this thread runs CPU tensors through the emulated kernels
-/// instead of the reference formulas.
-pub fn emulate_on_cpu(on: bool) {
-    EMULATE.with(|e| e.set(on));
-}
-
 /// The core's forward on the inputs' device: the kernels on CUDA, the reference on the CPU
-/// (or the emulated kernels, see `emulate_on_cpu`). `seed` draws the attention dropout (when
+/// (or the emulated kernels, see `cuda::emulate_on_cpu`). `seed` draws the attention dropout (when
 /// `dropout > 0`). Returns [B, N, H, d] and what `backward` needs.
 pub fn forward(x: CoreInputs, seed: u64) -> Result<(Tensor, Saved), String> {
-    if x.q.device().is_cuda() || EMULATE.with(|e| e.get()) {
+    if cuda::kernels_run_on(x.q.device()) {
         forward_kernels(x, seed)
     } else {
         let keep = (x.dropout > 0.0).then(|| {
@@ -697,52 +686,6 @@ mod tests {
         assert!(compile(80, "sm_90").unwrap_err().contains("multiples of 16 up to 64"));
     }
 
-    /// ptxas (the CUDA assembler; torch's CUDA wheels ship it as torch/bin/ptxas, or
-    /// DEBERTA_PTXAS names one) run on the kernels' PTX for sm_90, as the driver's JIT does on
-    /// the GPU: (kernel, registers per thread, bytes spilled to local memory).
-    fn ptxas_report(ptx: &str) -> Vec<(String, u32, u32)> {
-        let ptxas = std::env::var("DEBERTA_PTXAS").unwrap_or_else(|_| {
-            let out = std::process::Command::new("python3")
-                .args(["-c", "import torch, os; print(os.path.dirname(torch.__file__))"])
-                .output()
-                .expect("python3 (the project venv's, with torch) to find torch/bin/ptxas");
-            format!("{}/bin/ptxas", String::from_utf8_lossy(&out.stdout).trim())
-        });
-        let dir = std::env::temp_dir().join(format!("dattn-ptxas-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("k.ptx"), ptx).unwrap();
-        let out = std::process::Command::new(&ptxas)
-            .args(["-arch=sm_90", "-v", "k.ptx", "-o", "k.cubin"])
-            .current_dir(&dir)
-            .output()
-            .unwrap_or_else(|e| panic!("{ptxas}: {e} (set DEBERTA_PTXAS to a CUDA 12.8+ ptxas)"));
-        let _ = std::fs::remove_dir_all(&dir);
-        let log = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(out.status.success(), "{ptxas} failed:\n{log}");
-        // Per kernel: "Compiling entry function 'NAME'", "... N bytes spill stores ...", "Used R registers".
-        let mut report = Vec::new();
-        let mut current: Option<(String, u32)> = None;
-        let number_before = |line: &str, word: &str| -> u32 {
-            let head = &line[..line.find(word).unwrap()];
-            head.split_whitespace().last().unwrap().parse().unwrap()
-        };
-        for line in log.lines() {
-            if let Some(at) = line.find("entry function '") {
-                let name = &line[at + 16..];
-                current = Some((name[..name.find('\'').unwrap()].to_string(), 0));
-            } else if line.contains("bytes spill stores") {
-                if let Some(c) = current.as_mut() {
-                    c.1 = number_before(line, "bytes spill stores");
-                }
-            } else if line.contains(" registers") {
-                if let Some((name, spill)) = current.take() {
-                    report.push((name, number_before(line, "registers"), spill));
-                }
-            }
-        }
-        report
-    }
-
     /// Occupancy, which the kernels' speed hangs on (docs/performance.md): blocks per SM on the
     /// H100 (65,536 registers and 228 KB of shared memory per SM, 1 KB of it reserved per
     /// block) from each kernel's registers and shared memory, and its spills. The backward
@@ -750,7 +693,7 @@ mod tests {
     /// shared memory allows 3); a change that brings that back fails here, not only on a GPU.
     #[test]
     fn the_kernels_keep_their_occupancy_on_the_h100_without_spilling() {
-        let report = ptxas_report(&compile(64, "sm_90").unwrap().to_src());
+        let report = cuda::ptxas_report(&compile(64, "sm_90").unwrap().to_src());
         let sh = shared_bytes(64);
         // (kernel, shared bytes, blocks per SM at least, spilled bytes at most)
         let want = [

@@ -14,6 +14,7 @@ use tch::{Kind, Tensor};
 use crate::attention::{DisentangledSelfAttention, RelativeContext};
 use crate::config::{Activation, DebertaConfig};
 use crate::nn::{linear_backward, linear_in, LayerNorm, Linear, RowLinear};
+use crate::residual_norm::{self, NormParams};
 use crate::tensor_parallel::TpShard;
 
 /// The identity "g" of a model without tensor parallelism.
@@ -38,6 +39,15 @@ impl DenseResidualNorm {
         }
     }
 
+    /// From its parts (kernel-check times one outside a model).
+    pub fn from_parts(dense: RowLinear, layer_norm: LayerNorm, dropout: f64) -> Self {
+        DenseResidualNorm {
+            dense,
+            layer_norm,
+            dropout,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor, residual: &Tensor, g: &dyn Fn(&Tensor) -> Tensor, train: bool) -> Tensor {
         self.from_partial(&self.dense.partial(x), residual, g, train)
     }
@@ -49,10 +59,11 @@ impl DenseResidualNorm {
     }
 
     /// `from_partial` without a graph, keeping for `backward_saved` only the LayerNorm's 1/σ
-    /// and the dropout mask besides the output y (which the caller keeps anyway: it is the next
-    /// sublayer's input). Autograd would keep the LayerNorm's fp32 input as well. The same
-    /// values as `from_partial` (on CUDA the same dropout draws: `dropout` runs `native_dropout`
-    /// there).
+    /// and the dropout's mask or seed besides the output y (which the caller keeps anyway: it
+    /// is the next sublayer's input). Autograd would keep the LayerNorm's fp32 input as well.
+    /// Where the kernels apply (`residual_norm::applies`: CUDA) one kernel each way with the
+    /// dropout drawn by a hash of a seed; else libtorch's ops, whose values are `from_partial`'s
+    /// (on CUDA the same dropout draws: `dropout` runs `native_dropout` there).
     pub fn from_partial_saving(
         &self,
         z: &Tensor,
@@ -60,22 +71,62 @@ impl DenseResidualNorm {
         g: &dyn Fn(&Tensor) -> Tensor,
         train: bool,
     ) -> (Tensor, NormSaved) {
+        let d = self.layer_norm.weight.size()[0];
+        if residual_norm::applies(z.device(), d).unwrap_or_else(|e| panic!("{e}")) {
+            let dropout = if train { self.dropout } else { 0.0 };
+            let seed = if dropout > 0.0 { crate::cuda::dropout_seed() } else { 0 };
+            let z = g(z);
+            let (y, rstd) = residual_norm::forward(&z, residual, &self.norm_params(dropout), seed)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let saved = NormSaved {
+                y: y.shallow_clone(),
+                rstd,
+                dropout: SavedDropout::Hash {
+                    p: dropout,
+                    seed,
+                    z_kind: z.kind(),
+                },
+            };
+            return (y, saved);
+        }
         let o = self.dense.reduce_and_add_bias(z, g); // fp32: the bias is
         let (o, keep) = crate::nn::dropout_saving(&o, self.dropout, train);
         let (y, rstd) = self.layer_norm.forward_saving(&(o + residual));
         let saved = NormSaved {
             y: y.shallow_clone(),
             rstd,
-            keep,
+            dropout: SavedDropout::Mask(keep),
         };
         (y, saved)
     }
 
+    fn norm_params(&self, dropout: f64) -> NormParams<'_> {
+        NormParams {
+            bias: &self.dense.bias,
+            gamma: &self.layer_norm.weight,
+            beta: &self.layer_norm.bias,
+            eps: self.layer_norm.eps,
+            dropout,
+        }
+    }
+
     /// Backward of `from_partial_saving` for dL/dy: adds the bias's and the LayerNorm's
-    /// gradients; returns (dL/dz, dL/dresidual), dz in fp32 (g's backward is the identity).
+    /// gradients; returns (dL/dz, dL/dresidual), dz in fp32 from libtorch's ops, in z's kind
+    /// from the kernels (g's backward is the identity).
     pub fn backward_saved(&self, saved: &NormSaved, dy: &Tensor) -> (Tensor, Tensor) {
+        if let SavedDropout::Hash { p, seed, z_kind } = saved.dropout {
+            let grads = residual_norm::backward(dy, &saved.y, &saved.rstd, &self.norm_params(p), seed, z_kind)
+                .unwrap_or_else(|e| panic!("{e}"));
+            crate::nn::accumulate_grad(&self.dense.bias, &grads.bias);
+            crate::nn::accumulate_grad(&self.layer_norm.weight, &grads.gamma);
+            crate::nn::accumulate_grad(&self.layer_norm.bias, &grads.beta);
+            return (grads.dz, grads.dres);
+        }
+        let SavedDropout::Mask(keep) = &saved.dropout else {
+            unreachable!("the kernels' case returned above")
+        };
         let ds = self.layer_norm.backward_from_output(&saved.y, &saved.rstd, dy);
-        let dz = crate::nn::dropout_backward(&ds, saved.keep.as_ref(), self.dropout);
+        let dz = crate::nn::dropout_backward(&ds, keep.as_ref(), self.dropout);
         let d = dz.size()[dz.dim() - 1];
         crate::nn::accumulate_grad(
             &self.dense.bias,
@@ -100,10 +151,18 @@ impl DenseResidualNorm {
 pub struct NormSaved {
     /// The output (the caller's boundary: no extra memory).
     y: Tensor,
-    /// The LayerNorm's 1/σ, [..., 1].
+    /// The LayerNorm's 1/σ per row.
     rstd: Tensor,
-    /// The dropout's mask (bool), in training.
-    keep: Option<Tensor>,
+    dropout: SavedDropout,
+}
+
+/// How the backward gets the forward's dropout mask.
+enum SavedDropout {
+    /// libtorch's ops: the mask (bool), in training.
+    Mask(Option<Tensor>),
+    /// The kernels (`residual_norm`): the probability applied (0 outside training) and the
+    /// hash's seed; z's kind, which dz takes.
+    Hash { p: f64, seed: u64, z_kind: Kind },
 }
 
 #[derive(Debug)]

@@ -48,6 +48,7 @@ pub mod model;
 pub mod nn;
 pub mod profile;
 pub mod rel_pos;
+pub mod residual_norm;
 pub mod segments;
 pub mod tensor_parallel;
 

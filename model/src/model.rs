@@ -451,8 +451,7 @@ fn fused_core<'c>(
 ) -> Boundary {
     tape.custom(&parts, move |values| {
         let x = att.core_inputs(values, has_rel, &mask, train);
-        // The kernels' dropout seed, from the (tape-seeded) CPU generator: no device sync.
-        let seed = Tensor::randint(i64::MAX, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0]) as u64;
+        let seed = crate::cuda::dropout_seed();
         let (out, saved) = fused_attention::forward(x, seed).unwrap_or_else(|e| panic!("{e}"));
         let shape = out.size();
         let ctx = out.reshape([shape[0], shape[1], -1]); // [B, N, heads * d]

@@ -128,11 +128,12 @@ fn the_fused_path_s_custom_segment_equals_the_gather_path() {
 
 #[test]
 fn the_fused_path_through_the_emulated_kernels_trains_like_the_gather_path() {
-    // The model's fused segments with the real kernels (in the CPU emulator, bf16 inside), both
-    // ways of getting the relative terms, against the gather path in fp32: the same loss and
-    // gradients up to bf16 rounding. It checks the wiring around the kernels (layouts, the
-    // custom segment, the table gradients' way back to K_r and Q_r).
-    use deberta_model::fused_attention::{self, RelativeTerms};
+    // The model's fused segments with the real kernels (in the CPU emulator: the attention core
+    // in bf16 inside, each way of getting the relative terms; the output segments' residual
+    // LayerNorm in fp32), against the gather path in fp32: the same loss and every gradient up
+    // to bf16 rounding. It checks the wiring around the kernels (layouts, the custom segments,
+    // the table gradients' way back to K_r and Q_r, the LayerNorm's and bias's gradients).
+    use deberta_model::fused_attention::RelativeTerms;
     let mut cfg = DebertaConfig::toy(); // shared key, buckets, rel-LN, conv
     cfg.max_position_embeddings = 128;
     cfg.num_attention_heads = 2;
@@ -149,15 +150,15 @@ fn the_fused_path_through_the_emulated_kernels_trains_like_the_gather_path() {
         RelativeTerms::InKernel,
         RelativeTerms::InKernelForward,
     ] {
-        fused_attention::emulate_on_cpu(true);
+        deberta_model::cuda::emulate_on_cpu(true);
         RelativeTerms::set_for_this_thread(Some(rel));
         let (got, got_grads) = tape_loss(&model, &vs, RelativePath::Fused, &batch);
-        fused_attention::emulate_on_cpu(false);
+        deberta_model::cuda::emulate_on_cpu(false);
         RelativeTerms::set_for_this_thread(None);
         assert!((got - want).abs() <= 1e-2 * want.abs(), "{rel:?}: loss {got} vs {want}");
         let mut checked = 0;
         for ((pname, w), (_, g)) in want_grads.iter().zip(&got_grads) {
-            if !w.defined() || !pname.contains("attention.self") && !pname.contains("rel_embeddings") {
+            if !w.defined() {
                 continue;
             }
             let d = (w - g).abs().max().double_value(&[]);
@@ -168,6 +169,6 @@ fn the_fused_path_through_the_emulated_kernels_trains_like_the_gather_path() {
             );
             checked += 1;
         }
-        assert!(checked >= 7, "{rel:?}: only {checked} attention gradients");
+        assert!(checked > 20, "{rel:?}: only {checked} gradients");
     }
 }

@@ -1,14 +1,19 @@
 //! `deberta-worker kernel-check`: the fused attention kernels (`deberta_model::fused_attention`)
 //! against the reference formulas on the GPU (the cases of `deberta_model::kernel_check`, whose
-//! small ones CI also runs through the CPU emulator), then their speed against the reference core at
-//! the 1.5B model's attention shape, then 20 training steps of a small model on the fused path
-//! against the gather (HF) path. Prints one line per comparison; fails if any is off.
+//! small ones CI also runs through the CPU emulator), the residual LayerNorm kernels
+//! (`deberta_model::residual_norm`) against libtorch's ops and their speed, the AdamW kernel,
+//! the attention kernels' speed against the reference core at the 1.5B model's attention shape,
+//! then 20 training steps of a small model on the fused path against the gather (HF) path.
+//! Prints one line per comparison; fails if any is off.
 
 use std::time::Instant;
 
 use deberta_model::attention::RelativePath;
 use deberta_model::fused_attention::{self, RelativeTerms};
 use deberta_model::kernel_check::{self, inputs, rel_err, Case, CASES};
+use deberta_model::layer::{no_reduce, DenseResidualNorm};
+use deberta_model::nn::{LayerNorm, RowLinear};
+use deberta_model::residual_norm;
 use deberta_model::tensor_parallel::TpShard;
 use deberta_model::{DebertaConfig, IGNORE_INDEX};
 use tch::{Device, Kind, Tensor};
@@ -203,6 +208,62 @@ fn adamw(device: Device) -> bool {
     ok
 }
 
+/// The residual LayerNorm kernels (`deberta_model::residual_norm`) against libtorch's ops and
+/// autograd, then the output sublayer's dropout + residual + LayerNorm at the 1.5B model's width
+/// (batch 8 x 512 tokens, D = 1536, dropout 0.1) forward + backward, the kernels against the ops
+/// they replace (`DenseResidualNorm::from_partial_saving` and `backward_saved` either way).
+fn residual_norm(device: Device) -> anyhow::Result<bool> {
+    let mut ok = true;
+    for (rows, d, p, kind) in [(4096, 1536, 0.1, Kind::BFloat16), (333, 768, 0.0, Kind::Float)] {
+        for (name, e, tol) in residual_norm::compare(device, rows, d, p, kind).map_err(anyhow::Error::msg)? {
+            let pass = e.is_finite() && e <= tol;
+            ok &= pass;
+            println!(
+                "  {rows} x {d}, dropout {p}, z {kind:?}: {name:<9} rel err {e:.2e}  {}",
+                if pass { "ok" } else { "FAIL" }
+            );
+        }
+    }
+    let (rows, d) = (8 * 512, 1536);
+    let f = (Kind::Float, device);
+    let leaf = |t: Tensor| t.set_requires_grad(true);
+    let out = DenseResidualNorm::from_parts(
+        RowLinear {
+            weight: Tensor::zeros([d, d], f),
+            bias: leaf(Tensor::randn([d], f)),
+        },
+        LayerNorm {
+            weight: leaf(Tensor::rand([d], f) + 0.5),
+            bias: leaf(Tensor::randn([d], f)),
+            eps: 1e-7,
+        },
+        0.1,
+    );
+    let z = Tensor::randn([8, 512, d], (Kind::BFloat16, device));
+    let (res, dy) = (Tensor::randn([8, 512, d], f), Tensor::randn([8, 512, d], f));
+    let mut ms = [0.0; 2];
+    for (i, kernels) in [true, false].into_iter().enumerate() {
+        residual_norm::use_kernels_on_this_thread(Some(kernels));
+        ms[i] = time_ms(device, 20, || {
+            let (_, saved) = out.from_partial_saving(&z, &res, &no_reduce, true);
+            // dz as the next GEMM takes it (the ops give fp32).
+            let _ = out.backward_saved(&saved, &dy).0.to_kind(Kind::BFloat16);
+        });
+    }
+    residual_norm::use_kernels_on_this_thread(None);
+    // What the kernels must move: z (bf16), the residual and y (fp32) forward; dy, y, dres (fp32)
+    // and dz (bf16) backward.
+    let gb = (rows * d * (2 + 4 + 4 + 4 + 4 + 4 + 2)) as f64 / 1e9;
+    println!(
+        "  dropout + residual + LayerNorm, {rows} x {d}, forward + backward: kernels {:.3} ms ({:.0} GB/s), libtorch's ops {:.3} ms: {:.2}x",
+        ms[0],
+        gb / ms[0] * 1e3,
+        ms[1],
+        ms[1] / ms[0]
+    );
+    Ok(ok)
+}
+
 /// All checks on `groups.device`; Ok(false) if one failed.
 pub fn run(groups: &Groups) -> anyhow::Result<bool> {
     let device = groups.device;
@@ -226,6 +287,8 @@ pub fn run(groups: &Groups) -> anyhow::Result<bool> {
             ok &= check_case(c, device, rel)?;
         }
     }
+    println!("residual LayerNorm kernels vs libtorch's ops (fp32 reference, the kernels' own dropout mask):");
+    ok &= residual_norm(device)?;
     println!("optimizer:");
     ok &= adamw(device);
     println!("speed:");

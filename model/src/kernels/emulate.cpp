@@ -32,6 +32,10 @@
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+static inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
@@ -332,6 +336,8 @@ static std::string run_block(unsigned threads) {
 #define __ballot_sync(mask, pred) emu::ballot(pred)
 #define __expf expf
 #define __logf logf
+static inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+static inline float __fdividef(float x, float y) { return x / y; }
 static inline float __int_as_float(int i) {
   float f;
   std::memcpy(&f, &i, 4);
@@ -356,6 +362,10 @@ static inline void emu_cp_async(void* dst, const void* src, bool valid) { emu::c
 static inline void emu_cp_async_commit() { emu::cp_async_commit(); }
 static inline void emu_cp_async_wait() { emu::cp_async_wait(); }
 
+// Before the attention kernels: their source defines short macro names (D, BM, WARPS, ...).
+namespace rln {
+#include "residual_norm.cu"
+}  // namespace rln
 namespace hd16 {
 #define HEAD_DIM 16
 #include "disentangled_attention.cu"
@@ -440,6 +450,8 @@ const Entry KERNELS[] = {
     ENTRY(hd64, 64, dattn_fwd), ENTRY(hd64, 64, dattn_fwd_rel), ENTRY(hd64, 64, dattn_bwd_kv), ENTRY(hd64, 64, dattn_bwd_q),
     ENTRY(hd64, 64, dattn_bwd_kv_rel), ENTRY(hd64, 64, dattn_bwd_q_ds), ENTRY(hd64, 64, dattn_rel_reduce), ENTRY(hd64, 64, dattn_row_dot),
     ENTRY(hd64, 0, dattn_dropout_mask),
+    ENTRY(rln, 0, rln_fwd_bf16), ENTRY(rln, 0, rln_fwd_f32), ENTRY(rln, 0, rln_bwd_bf16), ENTRY(rln, 0, rln_bwd_f32),
+    ENTRY(rln, 0, rln_dropout_mask),
     ENTRY(misuse, 0, barrier_in_a_branch), ENTRY(misuse, 0, shuffle_in_half_a_warp), ENTRY(misuse, 0, shared_store),
     ENTRY(misuse, 0, ldmatrix_rows), ENTRY(misuse, 0, reuse_without_a_barrier),
 };
