@@ -166,7 +166,7 @@ fn params_per_rank(c: &DebertaConfig, tp: f64) -> f64 {
 /// larger of two transients that come while nearly all of it is still alive: the MLM head's
 /// at the start of backward (per logit of a masked token: the fp32 log-softmax kept for it,
 /// the gradients of it and of the fp32 logits, the bf16 logits' gradient: 14 bytes), and the
-/// attention kernels' fp32 partial sums of the relative tables' gradients in one layer's
+/// attention kernels' bf16 partial sums of the relative tables' gradients in one layer's
 /// backward (per (batch, head) and 64-query block, 64 (blocks + 1) rows of d per table) with
 /// the keys kernel's dS for the queries kernel (bf16, per (batch, head) blocks² tiles of 64²).
 /// Measured on the H100 (xxlarge x 512, allocator peak) the peaks are 5-8% above it
@@ -194,7 +194,7 @@ pub fn fused_memory_estimate_tp(c: &DebertaConfig, micro_batch: i64, seq: i64, t
         * blocks
         * (64.0 * (blocks + 1.0))
         * c.attention_head_size as f64
-        * 4.0;
+        * 2.0;
     let ds = if tables > 0.0 {
         (micro_batch as f64 * c.num_attention_heads as f64 / tp) * blocks * blocks * 64.0 * 64.0 * 2.0
     } else {

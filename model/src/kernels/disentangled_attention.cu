@@ -692,13 +692,14 @@ __device__ __forceinline__ void load_a_t(FragA& a, const bf16* p, int ld) {
 //    rows those rows touch;
 //  - table gradient: G = DSK^T own (128 x D; `own` the block's [64][LDS] rows), the sum over the
 //    own rows of each window row, for this block's partial rows [off, off + 128) of `part`
-//    ([rows][D] fp32). Consecutive tiles overlap by 64 rows, so the two warp pairs take turns:
+//    ([rows][D] bf16: summed in fp32 over the 64 rows, rounded once; the sum over blocks and
+//    batches, in `dattn_rel_reduce`, is fp32). Consecutive tiles overlap by 64 rows, so the two warp pairs take turns:
 //    at tile k the pair k % 2 takes window rows [0, 64), which the other pair started at tile
 //    k - 1 as its rows [64, 128), adds its part to what it kept in gacc and writes them (their
 //    last contribution); the other pair starts rows [64, 128) in gacc. No read-modify-write,
 //    each partial element written once (`flush_relative` writes the last tile's upper rows).
 __device__ __forceinline__ void relative_grads(float (*acc)[4], float (*gacc)[D / 8][4], const bf16* DSK,
-                                               Window W, const bf16* own, float* __restrict__ part, int off,
+                                               Window W, const bf16* own, bf16* __restrict__ part, int off,
                                                int k) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int x0 = 48 - 16 * warp;
@@ -724,10 +725,11 @@ __device__ __forceinline__ void relative_grads(float (*acc)[4], float (*gacc)[D 
     if (lower) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        float* row = part + (long long)(off + x_base + g + 8 * half) * D + 2 * t;
+        bf16* row = part + (long long)(off + x_base + g + 8 * half) * D + 2 * t;
 #pragma unroll
         for (int n8 = 0; n8 < D / 8; ++n8)
-          *reinterpret_cast<float2*>(row + n8 * 8) = make_float2(gacc[mt][n8][2 * half], gacc[mt][n8][2 * half + 1]);
+          *reinterpret_cast<unsigned int*>(row + n8 * 8) =
+              pack(f2bf(gacc[mt][n8][2 * half]), f2bf(gacc[mt][n8][2 * half + 1]));
       }
     }
   }
@@ -735,17 +737,18 @@ __device__ __forceinline__ void relative_grads(float (*acc)[4], float (*gacc)[D 
 
 // After the last tile (index k, offset off): its upper pair writes the rows [off + 64, off + 128)
 // it kept.
-__device__ __forceinline__ void flush_relative(float (*gacc)[D / 8][4], float* __restrict__ part, int off, int k) {
+__device__ __forceinline__ void flush_relative(float (*gacc)[D / 8][4], bf16* __restrict__ part, int off, int k) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   if (warp / 2 == (k & 1)) return;  // the lower pair wrote its rows already
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      float* row = part + (long long)(off + 64 + 32 * (warp % 2) + 16 * mt + g + 8 * half) * D + 2 * t;
+      bf16* row = part + (long long)(off + 64 + 32 * (warp % 2) + 16 * mt + g + 8 * half) * D + 2 * t;
 #pragma unroll
       for (int n8 = 0; n8 < D / 8; ++n8)
-        *reinterpret_cast<float2*>(row + n8 * 8) = make_float2(gacc[mt][n8][2 * half], gacc[mt][n8][2 * half + 1]);
+        *reinterpret_cast<unsigned int*>(row + n8 * 8) =
+            pack(f2bf(gacc[mt][n8][2 * half]), f2bf(gacc[mt][n8][2 * half + 1]));
     }
 }
 
@@ -775,7 +778,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
                                        const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
                                        const bf16* __restrict__ dout, const float* __restrict__ lse,
                                        const float* __restrict__ dvec, bf16* __restrict__ dk, bf16* __restrict__ dv,
-                                       float* __restrict__ dp2c, bf16* __restrict__ ds_out, int H, int N,
+                                       bf16* __restrict__ dp2c, bf16* __restrict__ ds_out, int H, int N,
                                        float p_drop, unsigned long long seed) {
   BWD_SMEM_SETUP(REL)
   bf16 *Ks = T0, *Vs = T1, *Qs = T2, *dOs = T3;
@@ -783,7 +786,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
   const float key_a = kb + ra < N && mask[(long long)b * N + kb + ra] ? 0.f : NEG_INF;
   const float key_b = kb + rb < N && mask[(long long)b * N + kb + rb] ? 0.f : NEG_INF;
   // REL: this block's partial dQ_r rows, [rows][D] from window row N-64-kb (see relative_grads).
-  float* part = REL && dp2c ? dp2c + ((long long)bh * gridDim.x + blockIdx.x) * (gridDim.x * 64 + 64) * D : nullptr;
+  bf16* part = REL && dp2c ? dp2c + ((long long)bh * gridDim.x + blockIdx.x) * (gridDim.x * 64 + 64) * D : nullptr;
   load_tile_async(Ks, k, b, h, kb, N, H);
   load_tile_async(Vs, v, b, h, kb, N, H);
   cp_async_commit();
@@ -949,18 +952,17 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
       const bf16 *__restrict__ c2p, const bf16 *__restrict__ p2c, const unsigned char *__restrict__ mask,     \
       const bf16 *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ dvec
 // dp2c / dc2p: the table gradients as bf16 [H, B, N, 2N] (tables), or (REL) the blocks' partial
-// sums of dQ_r (and in dattn_bwd_q_ds of dK_r), fp32 [B * H][blocks][64 (blocks + 1)][D], for
+// sums of dQ_r (and in dattn_bwd_q_ds of dK_r), bf16 [B * H][blocks][64 (blocks + 1)][D], for
 // dattn_rel_reduce.
 // 3 blocks per SM (at most 168 registers; 64 KB of shared memory each).
 KERNEL void __launch_bounds__(128, 3)
 dattn_bwd_kv(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ dp2c, int H, int N,
              float p_drop, unsigned long long seed) {
-  bwd_kv<false>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, reinterpret_cast<float*>(dp2c), nullptr, H, N,
-                p_drop, seed);
+  bwd_kv<false>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, dp2c, nullptr, H, N, p_drop, seed);
 }
 // ds: every tile's dS, bf16 [B * H][tiles][tiles][64][64], for dattn_bwd_q_ds.
 KERNEL void __launch_bounds__(128)
-dattn_bwd_kv_rel(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dp2c,
+dattn_bwd_kv_rel(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ dp2c,
                  bf16* __restrict__ ds, int H, int N, float p_drop, unsigned long long seed) {
   bwd_kv<true>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, dp2c, ds, H, N, p_drop, seed);
 }
@@ -988,7 +990,7 @@ __device__ __forceinline__ void load_ds_async(bf16* __restrict__ dst, const bf16
 // window [128][LDS]: 62 KB, 3 blocks per SM.
 KERNEL void __launch_bounds__(128, 3)
 dattn_bwd_q_ds(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ c2p,
-               const bf16* __restrict__ ds, bf16* __restrict__ dq, float* __restrict__ dc2p, int H, int N) {
+               const bf16* __restrict__ ds, bf16* __restrict__ dq, bf16* __restrict__ dc2p, int H, int N) {
   DYNAMIC_SMEM(smem);
   bf16* Qs = reinterpret_cast<bf16*>(smem);
   bf16* Ks = Qs + 64 * LDS;
@@ -999,7 +1001,7 @@ dattn_bwd_q_ds(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf1
   const int bh = blockIdx.y, b = bh / H, h = bh % H;
   const int mb = blockIdx.x * BM, i0 = mb + warp * 16;
   // This block's partial dK_r rows, [rows][D] from window row N-64-mb (see relative_grads).
-  float* part = c2p && dc2p ? dc2p + ((long long)bh * tiles + blockIdx.x) * (tiles * 64 + 64) * D : nullptr;
+  bf16* part = c2p && dc2p ? dc2p + ((long long)bh * tiles + blockIdx.x) * (tiles * 64 + 64) * D : nullptr;
   const bf16* ds_row = ds + (long long)bh * tiles * tiles * 64 * 64 + (long long)blockIdx.x * tiles * 64 * 64;
   zero_skewed(DSK);
   load_tile_async(Qs, q, b, h, mb, N, H);
@@ -1063,13 +1065,13 @@ KERNEL void dattn_row_dot(const bf16* __restrict__ dout, const bf16* __restrict_
   }
 }
 
-// The table gradient from the backward kernels' partial sums (REL): out[h][m][d] (fp32
+// The table gradient from the backward kernels' partial sums (REL, bf16): out[h][m][d] (fp32
 // [H][2N][D], row 2N-1 zero) = sum over batches b and blocks k of part[b, h, k][m - (N-64-64k)]
-// where that row is in the block's window [0, 64 (blocks + 1)). One writer per element; a
-// thread sums 4 consecutive d (16-byte loads; a warp reads two rows, 512 contiguous bytes, per
-// block), over only the blocks whose window holds row m.
+// where that row is in the block's window [0, 64 (blocks + 1)), summed in fp32. One writer per
+// element; a thread sums 4 consecutive d (8-byte loads; at D = 64 a warp reads two rows, 256
+// contiguous bytes, per block), over only the blocks whose window holds row m.
 __device__ __forceinline__ int floor_div64(int y) { return y >= 0 ? y / 64 : -((-y + 63) / 64); }
-KERNEL void dattn_rel_reduce(const float* __restrict__ part, float* __restrict__ out, int B, int H, int N) {
+KERNEL void dattn_rel_reduce(const bf16* __restrict__ part, float* __restrict__ out, int B, int H, int N) {
   const int blocks = (N + 63) / 64, rows = 64 * blocks + 64;
   const long long total = (long long)H * 2 * N * (D / 4);
   for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
@@ -1081,10 +1083,10 @@ KERNEL void dattn_rel_reduce(const float* __restrict__ part, float* __restrict__
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     if (m < 2 * N - 1)
       for (int b = 0; b < B; ++b) {
-        const float* blk = part + (long long)(b * H + h) * blocks * rows * D + d;
+        const bf16* blk = part + (long long)(b * H + h) * blocks * rows * D + d;
         for (int k = k0; k < k1; ++k) {
-          const float4 v = *reinterpret_cast<const float4*>(blk + ((long long)k * rows + 64 * k - a) * D);
-          acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
+          const uint2 v = *reinterpret_cast<const uint2*>(blk + ((long long)k * rows + 64 * k - a) * D);
+          acc.x += lo_f(v.x), acc.y += hi_f(v.x), acc.z += lo_f(v.y), acc.w += hi_f(v.y);
         }
       }
     *reinterpret_cast<float4*>(out + ((long long)h * 2 * N + m) * D + d) = acc;
