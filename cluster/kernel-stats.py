@@ -3,8 +3,8 @@
 
     python3 cluster/kernel-stats.py [--base REV] [--head-dim 64]
 
-Compiles model/src/kernels/disentangled_attention.cu as the worker does (NVRTC from the venv's
-nvidia wheel, then torch's ptxas), disassembles it (cuobjdump from the triton wheel torch
+Compiles model/src/kernels/disentangled_attention.cu (after bf16.cuh) as the worker does
+(NVRTC from the venv's nvidia wheel, then torch's ptxas), disassembles it (cuobjdump from the triton wheel torch
 depends on) and prints per kernel: registers, spilled bytes, and the static instructions of one
 key or query tile (the body of the kernel's tile loop, plus a second pass of the backward's
 `unroll 1` loop over the tile's two 32-column halves), with the counts of the instructions that
@@ -111,15 +111,19 @@ def main():
     ap.add_argument("--head-dim", type=int, default=64)
     args = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    rel = "model/src/kernels/disentangled_attention.cu"
-    with open(os.path.join(root, rel)) as f:
-        now = stats(f.read(), args.head_dim)
+    # The source as the worker compiles it: the shared bf16 helpers, then the kernels (before
+    # the helpers had their own file, the kernel file alone).
+    files = ["model/src/kernels/bf16.cuh", "model/src/kernels/disentangled_attention.cu"]
+    now = stats("".join(open(os.path.join(root, f)).read() for f in files), args.head_dim)
     base = None
     if args.base:
-        src = subprocess.run(["git", "show", f"{args.base}:{rel}"], cwd=root, capture_output=True, text=True)
-        if src.returncode:
-            sys.exit(f"kernel-stats: git show {args.base}:{rel}: {src.stderr.strip()}")
-        base = stats(src.stdout, args.head_dim)
+        parts = []
+        for f in files:
+            src = subprocess.run(["git", "show", f"{args.base}:{f}"], cwd=root, capture_output=True, text=True)
+            if src.returncode and f.endswith(".cu"):
+                sys.exit(f"kernel-stats: git show {args.base}:{f}: {src.stderr.strip()}")
+            parts.append(src.stdout if src.returncode == 0 else "")
+        base = stats("".join(parts), args.head_dim)
     print(f"sm_90, head size {args.head_dim}; static instructions per tile (the tile loop's body)")
     print(f"{'kernel':<18} {'regs':>4} {'spill':>5} {'per tile':>8}  " + " ".join(f"{o:>5}" for o in SHOWN)
           + ("   base: regs spill per tile  change" if base else ""))

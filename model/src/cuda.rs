@@ -128,6 +128,13 @@ pub enum Arg {
     U64(u64),
 }
 
+impl Arg {
+    /// A tensor's device address (`ptr`).
+    pub fn tensor(t: &Tensor) -> Arg {
+        Arg::Ptr(ptr(t))
+    }
+}
+
 /// Where a kernel source's functions run.
 pub enum Kernels {
     /// Loaded on a GPU (`load`).

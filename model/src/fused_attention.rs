@@ -23,8 +23,11 @@ use tch::{Device, Kind, Tensor};
 use crate::attention::{attention_mask, skew_view, xsoftmax};
 use crate::cuda::{self, ptr, Arg, Kernels};
 
-/// The kernels' CUDA C source.
-pub const SOURCE: &str = include_str!("kernels/disentangled_attention.cu");
+/// The kernels' CUDA C source (after the shared bf16 helpers).
+pub const SOURCE: &str = concat!(
+    include_str!("kernels/bf16.cuh"),
+    include_str!("kernels/disentangled_attention.cu")
+);
 
 /// How the kernels get the relative terms c2p and p2c.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -380,10 +383,6 @@ pub fn check(device: Device, head_dim: i64) -> Result<(), String> {
     kernels(device, head_dim).map(|_| ())
 }
 
-fn arg(t: &Tensor) -> Arg {
-    Arg::Ptr(ptr(t))
-}
-
 fn opt_arg(t: &Option<Tensor>) -> Arg {
     Arg::Ptr(t.as_ref().map_or(0, ptr))
 }
@@ -432,12 +431,12 @@ impl Operands {
     /// The kernels' first six arguments: q, k, v, the c2p and p2c sources, the mask.
     fn args(&self) -> [Arg; 6] {
         [
-            arg(&self.q),
-            arg(&self.k),
-            arg(&self.v),
+            Arg::tensor(&self.q),
+            Arg::tensor(&self.k),
+            Arg::tensor(&self.v),
             opt_arg(&self.c2p),
             opt_arg(&self.p2c),
-            arg(&self.mask),
+            Arg::tensor(&self.mask),
         ]
     }
 }
@@ -490,8 +489,8 @@ fn kernel_forward(x: &CoreInputs, seed: u64, rel: RelativeTerms) -> Result<(Tens
     let args = [
         &o.args()[..],
         &[
-            arg(&out),
-            arg(&lse),
+            Arg::tensor(&out),
+            Arg::tensor(&lse),
             Arg::I32(h as i32),
             Arg::I32(n as i32),
             Arg::F32(x.dropout as f32),
@@ -518,9 +517,9 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     let out = bf16(&saved.out);
     let cfg = grid_stride(dout.device(), b * n * h); // a thread per (b, n, h) row
     let args = [
-        arg(&dout),
-        arg(&out),
-        arg(&dvec),
+        Arg::tensor(&dout),
+        Arg::tensor(&out),
+        Arg::tensor(&dvec),
         Arg::I32(b as i32),
         Arg::I32(n as i32),
         Arg::I32(h as i32),
@@ -539,7 +538,11 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     let dc2p = o.c2p.as_ref().map(grad_buffer);
     let dp2c = o.p2c.as_ref().map(grad_buffer);
     stage("backward: tables again, D_i, gradient buffers");
-    let common = [&o.args()[..], &[arg(&dout), arg(lse), arg(&dvec)]].concat();
+    let common = [
+        &o.args()[..],
+        &[Arg::tensor(&dout), Arg::tensor(lse), Arg::tensor(&dvec)],
+    ]
+    .concat();
     let scalars = [
         Arg::I32(h as i32),
         Arg::I32(n as i32),
@@ -557,8 +560,8 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     let ds = in_kernel.then(|| Tensor::empty([b * h, blocks, blocks, TILE, TILE], (Kind::BFloat16, o.q.device())));
     let kv_args = [
         &common[..],
-        &[arg(&dk), arg(&dv), opt_arg(&dp2c)],
-        &ds.iter().map(arg).collect::<Vec<_>>(),
+        &[Arg::tensor(&dk), Arg::tensor(&dv), opt_arg(&dp2c)],
+        &ds.iter().map(Arg::tensor).collect::<Vec<_>>(),
         &scalars,
     ]
     .concat();
@@ -567,11 +570,11 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     stage("backward: keys kernel");
     if let Some(ds) = &ds {
         let q_args = [
-            arg(&o.q),
-            arg(&o.k),
+            Arg::tensor(&o.q),
+            Arg::tensor(&o.k),
             opt_arg(&o.c2p),
-            arg(ds),
-            arg(&dq),
+            Arg::tensor(ds),
+            Arg::tensor(&dq),
             opt_arg(&dc2p),
             Arg::I32(h as i32),
             Arg::I32(n as i32),
@@ -579,7 +582,7 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
         // SAFETY: as in kernel_forward; ds holds the keys kernel's dS for (b, h, n).
         unsafe { k.launch("dattn_bwd_q_ds", grid(b, h, n, shared_bytes(d).bwd_q_ds), &q_args) }?;
     } else {
-        let q_args = [&common[..], &[arg(&dq), opt_arg(&dc2p)], &scalars].concat();
+        let q_args = [&common[..], &[Arg::tensor(&dq), opt_arg(&dc2p)], &scalars].concat();
         // SAFETY: as in kernel_forward.
         unsafe { k.launch("dattn_bwd_q", grid(b, h, n, s), &q_args) }?;
     }
@@ -595,8 +598,8 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
             let out = Tensor::empty([h, 2 * n, d], (Kind::Float, part.device()));
             let cfg = grid_stride(part.device(), h * 2 * n * (d / 4)); // a thread per 4 values of d
             let args = [
-                arg(part),
-                arg(&out),
+                Arg::tensor(part),
+                Arg::tensor(&out),
                 Arg::I32(b as i32),
                 Arg::I32(h as i32),
                 Arg::I32(n as i32),
@@ -653,7 +656,7 @@ pub fn kernel_dropout_mask(
     let total = b * h * n * n;
     let cfg = grid_stride(device, total);
     let args = [
-        arg(&keep),
+        Arg::tensor(&keep),
         Arg::I64(total),
         Arg::I32(n as i32),
         Arg::F32(p as f32),

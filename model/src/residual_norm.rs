@@ -15,10 +15,13 @@
 use cudarc::driver::LaunchConfig;
 use tch::{Device, Kind, Tensor};
 
-use crate::cuda::{self, ptr, Arg, Kernels};
+use crate::cuda::{self, Arg, Kernels};
 
-/// The kernels' CUDA C source.
-pub const SOURCE: &str = include_str!("kernels/residual_norm.cu");
+/// The kernels' CUDA C source (after the shared bf16 helpers).
+pub const SOURCE: &str = concat!(
+    include_str!("kernels/bf16.cuh"),
+    include_str!("kernels/residual_norm.cu")
+);
 
 /// The largest hidden size: one float4 of a row per thread, at most 1024 threads per block.
 pub const MAX_HIDDEN: i64 = 4096;
@@ -165,20 +168,15 @@ pub fn forward(z: &Tensor, residual: &Tensor, p: &NormParams, seed: u64) -> Resu
     let rows = z.numel() as i64 / d;
     let y = Tensor::empty(z.size(), (Kind::Float, device));
     let rstd = Tensor::empty([rows], (Kind::Float, device));
-    let args = [
-        Arg::Ptr(ptr(&z)),
-        Arg::Ptr(ptr(&bias)),
-        Arg::Ptr(ptr(&residual)),
-        Arg::Ptr(ptr(&gamma)),
-        Arg::Ptr(ptr(&beta)),
-        Arg::Ptr(ptr(&y)),
-        Arg::Ptr(ptr(&rstd)),
+    let tensors = [&z, &bias, &residual, &gamma, &beta, &y, &rstd].map(Arg::tensor);
+    let scalars = [
         Arg::I64(rows),
         Arg::I32(d as i32),
         Arg::F32(p.eps as f32),
         Arg::F32(p.dropout as f32),
         Arg::U64(seed),
     ];
+    let args = [&tensors[..], &scalars].concat();
     let name = format!("rln_fwd_{}", suffix(z.kind())?);
     // SAFETY: every buffer is contiguous with the shapes and kinds the kernel reads and writes
     // (rows x d, [d], [rows]), on `device`.
@@ -215,20 +213,14 @@ pub fn backward(
     let dz = Tensor::empty(y.size(), (z_kind, device));
     // Per block: the column sums of dz, dy x̂ and dy over its rows.
     let part = Tensor::empty([cfg.grid_dim.0 as i64, 3, d], (Kind::Float, device));
-    let args = [
-        Arg::Ptr(ptr(&dy)),
-        Arg::Ptr(ptr(&y)),
-        Arg::Ptr(ptr(rstd)),
-        Arg::Ptr(ptr(&gamma)),
-        Arg::Ptr(ptr(&beta)),
-        Arg::Ptr(ptr(&dres)),
-        Arg::Ptr(ptr(&dz)),
-        Arg::Ptr(ptr(&part)),
+    let tensors = [&dy, &y, rstd, &gamma, &beta, &dres, &dz, &part].map(Arg::tensor);
+    let scalars = [
         Arg::I64(rows),
         Arg::I32(d as i32),
         Arg::F32(p.dropout as f32),
         Arg::U64(seed),
     ];
+    let args = [&tensors[..], &scalars].concat();
     let name = format!("rln_bwd_{}", suffix(z_kind)?);
     // SAFETY: as in `forward`; part holds grid x 3 x d floats.
     unsafe { kernels(device)?.launch(&name, cfg, &args) }?;
@@ -246,7 +238,7 @@ pub fn backward(
 pub fn dropout_mask(device: Device, rows: i64, d: i64, p: f64, seed: u64) -> Result<Tensor, String> {
     let keep = Tensor::empty([rows, d], (Kind::Uint8, device));
     let args = [
-        Arg::Ptr(ptr(&keep)),
+        Arg::tensor(&keep),
         Arg::I64(rows),
         Arg::I32(d as i32),
         Arg::F32(p as f32),
@@ -258,14 +250,39 @@ pub fn dropout_mask(device: Device, rows: i64, d: i64, p: f64, seed: u64) -> Res
 }
 
 /// Random inputs of `rows` x `d` on `device`: z in `kind`, the rest fp32; γ away from 0.
-fn inputs(rows: i64, d: i64, kind: Kind, device: Device) -> [Tensor; 5] {
-    let f = (Kind::Float, Device::Cpu);
-    let z = Tensor::randn([rows, d], f).to_kind(kind);
-    let res = Tensor::randn([rows, d], f) * 2.0 + 0.5;
-    let bias = Tensor::randn([d], f) * 0.3;
-    let gamma = Tensor::rand([d], f) + 0.5;
-    let beta = Tensor::randn([d], f) * 0.2;
-    [z, res, bias, gamma, beta].map(|t| t.to_device(device))
+struct Inputs {
+    z: Tensor,
+    res: Tensor,
+    bias: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    /// dL/dy for backward.
+    dy: Tensor,
+}
+
+impl Inputs {
+    fn random(rows: i64, d: i64, kind: Kind, device: Device) -> Inputs {
+        let f = (Kind::Float, Device::Cpu);
+        let on = |t: Tensor| t.to_device(device);
+        Inputs {
+            z: on(Tensor::randn([rows, d], f).to_kind(kind)),
+            res: on(Tensor::randn([rows, d], f) * 2.0 + 0.5),
+            bias: on(Tensor::randn([d], f) * 0.3),
+            gamma: on(Tensor::rand([d], f) + 0.5),
+            beta: on(Tensor::randn([d], f) * 0.2),
+            dy: on(Tensor::randn([rows, d], f)),
+        }
+    }
+
+    fn params(&self, dropout: f64) -> NormParams<'_> {
+        NormParams {
+            bias: &self.bias,
+            gamma: &self.gamma,
+            beta: &self.beta,
+            eps: 1e-7,
+            dropout,
+        }
+    }
 }
 
 /// The kernels against libtorch's ops and autograd in fp32, with the kernels' own dropout mask,
@@ -279,30 +296,30 @@ pub fn compare(
     p: f64,
     z_kind: Kind,
 ) -> Result<Vec<(&'static str, f64, f64)>, String> {
-    const EPS: f64 = 1e-7;
     tch::manual_seed(rows * 1000 + d);
-    let [z, res, bias, gamma, beta] = inputs(rows, d, z_kind, device);
-    let dy = Tensor::randn([rows, d], (Kind::Float, Device::Cpu)).to_device(device);
+    let x = Inputs::random(rows, d, z_kind, device);
+    let Inputs {
+        z,
+        res,
+        bias,
+        gamma,
+        beta,
+        dy,
+    } = &x;
     let seed = 0x1234_5678_9abc_def0;
-    let params = NormParams {
-        bias: &bias,
-        gamma: &gamma,
-        beta: &beta,
-        eps: EPS,
-        dropout: p,
-    };
-    let (y, rstd) = forward(&z, &res, &params, seed)?;
-    let g = backward(&dy, &y, &rstd, &params, seed, z_kind)?;
+    let params = x.params(p);
+    let (y, rstd) = forward(z, res, &params, seed)?;
+    let g = backward(dy, &y, &rstd, &params, seed, z_kind)?;
     let keep = dropout_mask(device, rows, d, p, seed)?;
 
     let leaf = |t: &Tensor| t.to_kind(Kind::Float).detach().set_requires_grad(true);
-    let [zr, rr, br, gr, ber] = [&z, &res, &bias, &gamma, &beta].map(leaf);
+    let [zr, rr, br, gr, ber] = [z, res, bias, gamma, beta].map(leaf);
     let (want_y, want_rstd) = tch::with_grad(|| {
         let o = (&zr + &br) * keep.to_kind(Kind::Float) / (1.0 - p);
         let x = o + &rr;
-        let y = x.layer_norm([d], Some(&gr), Some(&ber), EPS, false);
-        (&y * &dy).sum(Kind::Float).backward();
-        (y, (x.var_dim(-1, false, false) + EPS).rsqrt())
+        let y = x.layer_norm([d], Some(&gr), Some(&ber), params.eps, false);
+        (&y * dy).sum(Kind::Float).backward();
+        (y, (x.var_dim(-1, false, false) + params.eps).rsqrt())
     });
     let rel = |got: &Tensor, want: &Tensor| {
         let scale = want.abs().max().double_value(&[]).max(1e-12);
@@ -332,8 +349,6 @@ pub fn compare(
 mod tests {
     use super::*;
 
-    const EPS: f64 = 1e-7;
-
     fn check(rows: i64, d: i64, p: f64, kind: Kind) {
         cuda::emulate_on_cpu(true);
         let errors = compare(Device::Cpu, rows, d, p, kind);
@@ -362,20 +377,13 @@ mod tests {
         // lets a fast warp overwrite a sum that another still reads, which the reversed order shows.
         let (rows, d, p) = (6, 200, 0.1);
         tch::manual_seed(3);
-        let [z, res, bias, gamma, beta] = inputs(rows, d, Kind::Float, Device::Cpu);
-        let dy = Tensor::randn([rows, d], (Kind::Float, Device::Cpu));
-        let params = NormParams {
-            bias: &bias,
-            gamma: &gamma,
-            beta: &beta,
-            eps: EPS,
-            dropout: p,
-        };
+        let x = Inputs::random(rows, d, Kind::Float, Device::Cpu);
+        let params = x.params(p);
         let run = |reverse: bool| {
             cuda::emulate_on_cpu(true);
             cuda::emulate_in_reverse(reverse);
-            let (y, rstd) = forward(&z, &res, &params, 9).unwrap();
-            let g = backward(&dy, &y, &rstd, &params, 9, Kind::Float).unwrap();
+            let (y, rstd) = forward(&x.z, &x.res, &params, 9).unwrap();
+            let g = backward(&x.dy, &y, &rstd, &params, 9, Kind::Float).unwrap();
             cuda::emulate_in_reverse(false);
             cuda::emulate_on_cpu(false);
             [y, rstd, g.dz, g.dres, g.bias, g.gamma, g.beta]

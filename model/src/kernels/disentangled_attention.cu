@@ -41,34 +41,11 @@
 #define NEG_INF (-__int_as_float(0x7f800000))
 #define POS_INF (__int_as_float(0x7f800000))
 
-// The CPU emulator (emulate.cpp, tests) compiles this file as C++ with its own definitions of
-// these three and of the two PTX instructions below.
-#ifndef KERNEL
-#define KERNEL extern "C" __global__
-#endif
-#ifndef DYNAMIC_SMEM
-#define DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
-#endif
-
-typedef unsigned short bf16;
+// bf16, bf2f, f2bf, pack, lo_f, hi_f, KERNEL and DYNAMIC_SMEM: kernels/bf16.cuh, prepended.
 struct FragA { unsigned int x[4]; };
 struct FragB { unsigned int x[2]; };
 
-__device__ __forceinline__ float bf2f(bf16 h) { return __uint_as_float(((unsigned int)h) << 16); }
-#ifdef DEBERTA_EMULATE
-__device__ __forceinline__ bf16 f2bf(float f) { return emu_f2bf(f); }
-#else
-__device__ __forceinline__ bf16 f2bf(float f) {
-  bf16 r;
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
-  return r;
-}
-#endif
 __device__ __forceinline__ unsigned int ld32(const bf16* p) { return *reinterpret_cast<const unsigned int*>(p); }
-__device__ __forceinline__ unsigned int pack(bf16 lo, bf16 hi) { return (unsigned int)lo | ((unsigned int)hi << 16); }
-// The two bf16 of a 32-bit word (ld32 of an even column: the low half is that column).
-__device__ __forceinline__ float lo_f(unsigned int w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float hi_f(unsigned int w) { return __uint_as_float(w & 0xffff0000u); }
 
 // ldmatrix: the warp loads 8x8 matrices of bf16 from shared memory; lane l gives the address of
 // row l % 8 of matrix l / 8 (16 bytes, 16-byte aligned). Matrix m lands in register m, lane

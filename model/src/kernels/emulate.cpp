@@ -364,19 +364,23 @@ static inline void emu_cp_async_wait() { emu::cp_async_wait(); }
 
 // Before the attention kernels: their source defines short macro names (D, BM, WARPS, ...).
 namespace rln {
+#include "bf16.cuh"
 #include "residual_norm.cu"
 }  // namespace rln
 namespace hd16 {
+#include "bf16.cuh"
 #define HEAD_DIM 16
 #include "disentangled_attention.cu"
 #undef HEAD_DIM
 }  // namespace hd16
 namespace hd32 {
+#include "bf16.cuh"
 #define HEAD_DIM 32
 #include "disentangled_attention.cu"
 #undef HEAD_DIM
 }  // namespace hd32
 namespace hd64 {
+#include "bf16.cuh"
 #define HEAD_DIM 64
 #include "disentangled_attention.cu"
 #undef HEAD_DIM

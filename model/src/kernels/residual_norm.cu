@@ -13,36 +13,17 @@
 // backward 48 bytes per thread for its column sums. z (and dz) are bf16 or fp32 (the `_bf16` / `_f32` entry
 // points); everything else fp32, contiguous.
 
-#ifndef KERNEL
-#define KERNEL extern "C" __global__
-#endif
-#ifndef DYNAMIC_SMEM
-#define DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
-#endif
+// bf16, f2bf, pack, lo_f, hi_f, KERNEL and DYNAMIC_SMEM: kernels/bf16.cuh, prepended.
 #define RLN_MAX_THREADS 1024
-
-typedef unsigned short bf16;
-
-#ifdef DEBERTA_EMULATE
-__device__ __forceinline__ bf16 to_bf16(float f) { return emu_f2bf(f); }
-#else
-__device__ __forceinline__ bf16 to_bf16(float f) {
-  bf16 r;
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
-  return r;
-}
-#endif
 
 __device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 __device__ __forceinline__ float4 load4(const bf16* p) {
   const uint2 w = *reinterpret_cast<const uint2*>(p);
-  return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u), __uint_as_float(w.y << 16),
-                     __uint_as_float(w.y & 0xffff0000u));
+  return make_float4(lo_f(w.x), hi_f(w.x), lo_f(w.y), hi_f(w.y));
 }
 __device__ __forceinline__ void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
 __device__ __forceinline__ void store4(bf16* p, float4 v) {
-  *reinterpret_cast<uint2*>(p) = make_uint2((unsigned)to_bf16(v.x) | ((unsigned)to_bf16(v.y) << 16),
-                                            (unsigned)to_bf16(v.z) | ((unsigned)to_bf16(v.w) << 16));
+  *reinterpret_cast<uint2*>(p) = make_uint2(pack(f2bf(v.x), f2bf(v.y)), pack(f2bf(v.z), f2bf(v.w)));
 }
 
 // Dropout: each row's key is a 64-bit mix of (seed, row) (splitmix64's finalizer), taken once
