@@ -71,6 +71,21 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     }
     let device = groups.device;
     crate::runtime::check_attention_path(device, &cfg, b.bf16)?;
+    // What ran, beside the figures (the JSON row keeps the baseline's fields only).
+    let path = deberta_model::attention::RelativePath::for_device(device);
+    let relative = deberta_model::fused_attention::RelativeTerms::chosen().map_err(anyhow::Error::msg)?;
+    // The kernels serve the hand-written segments: the fused path's, when activations are kept.
+    let norm = path == deberta_model::attention::RelativePath::Fused
+        && !b.recompute
+        && deberta_model::residual_norm::applies(device, cfg.hidden_size).map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "bench paths: attention {path:?} (relative terms {relative:?} on the fused path), output LayerNorms by {}",
+        if norm {
+            "the residual_norm kernels"
+        } else {
+            "libtorch's ops"
+        }
+    );
     let (vs, model) = build_sharded(&cfg, 0, TpShard::NONE, device);
     let params = Params::new(&vs, cfg.num_hidden_layers);
     let mut opt = FlatAdamW::for_params(
