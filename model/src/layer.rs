@@ -114,16 +114,16 @@ impl DenseResidualNorm {
     /// gradients; returns (dL/dz, dL/dresidual), dz in fp32 from libtorch's ops, in z's kind
     /// from the kernels (g's backward is the identity).
     pub fn backward_saved(&self, saved: &NormSaved, dy: &Tensor) -> (Tensor, Tensor) {
-        if let SavedDropout::Hash { p, seed, z_kind } = saved.dropout {
-            let grads = residual_norm::backward(dy, &saved.y, &saved.rstd, &self.norm_params(p), seed, z_kind)
-                .unwrap_or_else(|e| panic!("{e}"));
-            crate::nn::accumulate_grad(&self.dense.bias, &grads.bias);
-            crate::nn::accumulate_grad(&self.layer_norm.weight, &grads.gamma);
-            crate::nn::accumulate_grad(&self.layer_norm.bias, &grads.beta);
-            return (grads.dz, grads.dres);
-        }
-        let SavedDropout::Mask(keep) = &saved.dropout else {
-            unreachable!("the kernels' case returned above")
+        let keep = match &saved.dropout {
+            SavedDropout::Mask(keep) => keep,
+            &SavedDropout::Hash { p, seed, z_kind } => {
+                let grads = residual_norm::backward(dy, &saved.y, &saved.rstd, &self.norm_params(p), seed, z_kind)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                crate::nn::accumulate_grad(&self.dense.bias, &grads.bias);
+                crate::nn::accumulate_grad(&self.layer_norm.weight, &grads.gamma);
+                crate::nn::accumulate_grad(&self.layer_norm.bias, &grads.beta);
+                return (grads.dz, grads.dres);
+            }
         };
         let ds = self.layer_norm.backward_from_output(&saved.y, &saved.rstd, dy);
         let dz = crate::nn::dropout_backward(&ds, keep.as_ref(), self.dropout);

@@ -84,14 +84,15 @@ fn kernels(device: Device) -> Result<Kernels, String> {
     if !device.is_cuda() {
         return Ok(Kernels::Emulated { variant: 0 });
     }
-    let names = [
-        "rln_fwd_bf16",
-        "rln_fwd_f32",
-        "rln_bwd_bf16",
-        "rln_bwd_f32",
-        "rln_dropout_mask",
+    // Backward's shared memory at D = MAX_HIDDEN passes the 48 KB a launch gets by default.
+    let bwd = launch_config(device, 1, MAX_HIDDEN, true).shared_mem_bytes;
+    let functions = [
+        ("rln_fwd_bf16", 0),
+        ("rln_fwd_f32", 0),
+        ("rln_bwd_bf16", bwd),
+        ("rln_bwd_f32", bwd),
+        ("rln_dropout_mask", 0),
     ];
-    let functions: Vec<(&str, u32)> = names.iter().map(|&n| (n, 0)).collect();
     cuda::load(device, SOURCE, "residual_norm.cu", &[], &functions).map(Kernels::Gpu)
 }
 
@@ -364,10 +365,12 @@ mod tests {
     #[test]
     fn the_kernels_equal_libtorch_s_ops_and_autograd() {
         // 7 rows over 3 blocks (grid-stride: 3, 2, 2 rows each); d = 96 leaves 8 of 32 threads
-        // without columns, d = 200 spans two warps, d = 1536 is the 1.5B model's (12 warps).
+        // without columns, d = 200 spans two warps, d = 1536 is the 1.5B model's (12 warps),
+        // d = 4096 the largest (1024 threads: the reductions' 32 slots all used).
         check(7, 96, 0.2, Kind::Float);
         check(7, 200, 0.0, Kind::Float);
         check(5, 1536, 0.1, Kind::Float);
+        check(4, MAX_HIDDEN, 0.1, Kind::Float);
         check(7, 200, 0.1, Kind::BFloat16);
     }
 
