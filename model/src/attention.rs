@@ -235,17 +235,27 @@ impl DisentangledSelfAttention {
 
     /// The fused path's content projections by hand (a custom segment of the tape): q (scaled),
     /// k, v as [B, N, heads, d] from x [B, N, D], in `kind` (bf16 under autocast), the weights
-    /// cast here. Nothing is kept: `project_content_backward` recasts x and the weights.
+    /// cast here. Nothing is kept: `project_content_backward` recasts x and the weights. The
+    /// scale is folded into q's weight and bias (`scaled_query`): no pass over q.
     pub fn project_content(&self, x: &Tensor, kind: Kind) -> Vec<Tensor> {
         let (b, n, _) = x.size3().expect("[batch, seq, hidden]");
         let xc = x.to_kind(kind); // once for the three
-        let proj =
-            |l: &Linear| crate::nn::linear_in(&xc, &l.weight, l.bias.as_ref(), kind).view([b, n, -1, self.head_size]);
+        let proj = |w: &Tensor, bias: Option<&Tensor>| {
+            crate::nn::linear_in(&xc, w, bias, kind).view([b, n, -1, self.head_size])
+        };
+        let (wq, bq) = self.scaled_query();
         vec![
-            proj(&self.query_proj) * self.scale,
-            proj(&self.key_proj),
-            proj(&self.value_proj),
+            proj(&wq, bq.as_ref()),
+            proj(&self.key_proj.weight, self.key_proj.bias.as_ref()),
+            proj(&self.value_proj.weight, self.value_proj.bias.as_ref()),
         ]
+    }
+
+    /// The query projection's weight and bias times the attention scale (fp32, [local, D] and
+    /// [local]: weight-sized, where scaling q or dq would be a pass over every token).
+    fn scaled_query(&self) -> (Tensor, Option<Tensor>) {
+        let l = &self.query_proj;
+        (&l.weight * self.scale, l.bias.as_ref().map(|b| b * self.scale))
     }
 
     /// Backward of `project_content` for dL/dq, dL/dk, dL/dv ([B, N, heads, d]): adds the
@@ -256,16 +266,23 @@ impl DisentangledSelfAttention {
         let d = x.size()[2];
         let local = grads[0].size()[2] * grads[0].size()[3];
         let rows = |t: &Tensor| t.reshape([-1, local]).to_kind(kind);
-        let dqkv = Tensor::cat(&[rows(grads[0]) * self.scale, rows(grads[1]), rows(grads[2])], 1); // [B·N, 3·local]
+        // q = x (s Wq)^T + s bq: dx takes s Wq, and Wq's and bq's gradients are s times those
+        // of the unscaled rows (taken on the weight-sized products, not on dq).
+        let dqkv = Tensor::cat(&[rows(grads[0]), rows(grads[1]), rows(grads[2])], 1); // [B·N, 3·local]
         let lin = [&self.query_proj, &self.key_proj, &self.value_proj];
-        let w = Tensor::cat(&lin.map(|l| l.weight.to_kind(kind)), 0); // [3·local, D]
+        let wq = self.scaled_query().0;
+        let w = Tensor::cat(
+            &[&wq, &self.key_proj.weight, &self.value_proj.weight].map(|w| w.to_kind(kind)),
+            0,
+        ); // [3·local, D]
         let dw = dqkv.tr().mm(&x.to_kind(kind).reshape([-1, d]));
         let db = dqkv.sum_dim_intlist(0, false, Kind::Float);
         for (i, l) in lin.iter().enumerate() {
             let at = i as i64 * local;
-            crate::nn::accumulate_grad(&l.weight, &dw.narrow(0, at, local));
+            let s = if i == 0 { self.scale } else { 1.0 };
+            crate::nn::accumulate_grad(&l.weight, &(dw.narrow(0, at, local).to_kind(l.weight.kind()) * s));
             if let Some(bias) = &l.bias {
-                crate::nn::accumulate_grad(bias, &db.narrow(0, at, local));
+                crate::nn::accumulate_grad(bias, &(db.narrow(0, at, local) * s));
             }
         }
         dqkv.mm(&w).view(x.size().as_slice()).to_kind(x.kind())
