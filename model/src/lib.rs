@@ -27,6 +27,7 @@
 // writes `a = a + b` on purpose.
 #![allow(clippy::assign_op_pattern)]
 
+pub mod adamw;
 pub mod attention;
 pub mod collective;
 pub mod compare;

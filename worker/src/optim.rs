@@ -49,26 +49,6 @@ pub fn linear_warmup_decay(step: u64, peak: f64, warmup: u64, total: u64) -> f64
     }
 }
 
-/// The update as one CUDA kernel (through `deberta_model::cuda`): one pass that reads the
-/// weights, gradients and moments and writes weights and moments, where the tensor ops take ten
-/// passes and full-size temporaries. One launch per run of the flat layout (`FlatAdamW::runs`),
-/// with `wd` 0 on the runs exempt from decay: no per-element mask.
-const ADAMW_SOURCE: &str = r#"
-extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
-                                      float* __restrict__ v, long long n, float lr, float beta1, float beta2,
-                                      float eps, float wd, float bc1, float bc2, float gscale) {
-  const float step = lr / bc1, shrink = 1.f - lr * wd;
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-    const float gi = g[i] * gscale;  // the clip factor, applied on the fly
-    const float mi = beta1 * m[i] + (1.f - beta1) * gi;
-    const float vi = beta2 * v[i] + (1.f - beta2) * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    p[i] = p[i] * shrink - step * mi / (sqrtf(vi / bc2) + eps);
-  }
-}
-"#;
-
 pub struct FlatAdamW {
     cfg: AdamWConfig,
     /// (parameter, offset, numel) in the flat buffers, in the order given to `new`.
@@ -218,7 +198,7 @@ impl FlatAdamW {
         let g = self.flat_grad();
         let bc1 = 1.0 - c.beta1.powi(self.steps as i32);
         let bc2 = 1.0 - c.beta2.powi(self.steps as i32);
-        if self.kernel && self.flat.device().is_cuda() {
+        if self.kernel && deberta_model::cuda::kernels_run_on(self.flat.device()) {
             return self.kernel_step(&g, lr, bc1, bc2, grad_scale);
         }
         let g = if grad_scale == 1.0 { g } else { g * grad_scale };
@@ -236,38 +216,24 @@ impl FlatAdamW {
         });
     }
 
+    /// The update as one CUDA kernel (`deberta_model::adamw`) per run of the flat layout, with
+    /// weight decay 0 on the runs exempt from it: no per-element mask.
     fn kernel_step(&mut self, g: &Tensor, lr: f64, bc1: f64, bc2: f64, grad_scale: f64) {
-        use cudarc::driver::{LaunchConfig, PushKernelArg};
-        use deberta_model::cuda::{self, ptr};
         let c = self.cfg;
-        let m = cuda::load(self.flat.device(), ADAMW_SOURCE, "adamw.cu", &[], &[("adamw_step", 0)])
-            .unwrap_or_else(|e| panic!("the AdamW kernel: {e}"));
         for &(start, len, decays) in &self.runs {
             let part = |t: &Tensor| t.narrow(0, start, len);
-            let ptrs = [
-                ptr(&part(&self.flat)),
-                ptr(&part(g)),
-                ptr(&part(&self.exp_avg)),
-                ptr(&part(&self.exp_avg_sq)),
-            ];
-            let wd = if decays { c.weight_decay } else { 0.0 };
-            let scalars = [lr, c.beta1, c.beta2, c.eps, wd, bc1, bc2, grad_scale].map(|x| x as f32);
-            let mut launch = m.stream.launch_builder(m.function("adamw_step"));
-            for a in &ptrs {
-                launch.arg(a);
-            }
-            launch.arg(&len);
-            for a in &scalars {
-                launch.arg(a);
-            }
-            let cfg = LaunchConfig {
-                grid_dim: (132 * 8, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
+            let update = deberta_model::adamw::Update {
+                lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                weight_decay: if decays { c.weight_decay } else { 0.0 },
+                bias_correction1: bc1,
+                bias_correction2: bc2,
+                grad_scale,
             };
-            // SAFETY: every buffer holds `len` elements of the kernel's types from its pointer,
-            // on this device.
-            unsafe { launch.launch(cfg) }.unwrap_or_else(|e| panic!("the AdamW kernel: {e}"));
+            let [p, g, m, v] = [&self.flat, g, &self.exp_avg, &self.exp_avg_sq].map(part);
+            deberta_model::adamw::step(&p, &g, &m, &v, &update).unwrap_or_else(|e| panic!("{e}"));
         }
     }
 
@@ -546,8 +512,42 @@ mod tests {
     }
 
     #[test]
-    fn the_adamw_kernel_compiles_with_nvrtc() {
-        let ptx = deberta_model::cuda::compile(ADAMW_SOURCE, "adamw.cu", "sm_90", &[]).unwrap();
-        assert!(ptx.to_src().contains("adamw_step"));
+    fn the_adamw_kernel_equals_the_tensor_ops_in_the_emulator() {
+        // Runs that start off 16-byte alignment (37,037 decayed weights, then 37 exempt
+        // biases), so the kernel's head, float4 body and tail all run; 3 steps with a clip factor.
+        let run = |kernel: bool| {
+            tch::manual_seed(9);
+            let f = (Kind::Float, tch::Device::Cpu);
+            let w = Tensor::randn([1001, 37], f).set_requires_grad(true);
+            let b = Tensor::randn([37], f).set_requires_grad(true);
+            (w.sum(Kind::Float) + b.sum(Kind::Float)).backward();
+            let mut opt = FlatAdamW::new(
+                &[("w".into(), w.shallow_clone()), ("x.bias".into(), b.shallow_clone())],
+                AdamWConfig::default(),
+            );
+            opt.kernel = kernel;
+            deberta_model::cuda::emulate_on_cpu(kernel);
+            for step in 0..3 {
+                for t in [&w, &b] {
+                    let _ = t.grad().zero_();
+                }
+                ((&w * (step as f64 + 1.0)).sin().sum(Kind::Float) + b.square().sum(Kind::Float)).backward();
+                opt.step_clipped(1e-2, 0.7);
+            }
+            deberta_model::cuda::emulate_on_cpu(false);
+            Tensor::cat(
+                &[
+                    w.detach().reshape([-1]),
+                    b.detach(),
+                    opt.exp_avg.shallow_clone(),
+                    opt.exp_avg_sq.shallow_clone(),
+                ],
+                0,
+            )
+        };
+        let (kernel, ops) = (run(true), run(false));
+        let e = (&kernel - &ops).abs().max().double_value(&[]) / ops.abs().max().double_value(&[]);
+        // An element the kernel skipped would keep its old weight and moments.
+        assert!(e < 1e-6, "kernel vs tensor ops: {e:e}");
     }
 }

@@ -363,6 +363,10 @@ static inline void emu_cp_async_commit() { emu::cp_async_commit(); }
 static inline void emu_cp_async_wait() { emu::cp_async_wait(); }
 
 // Before the attention kernels: their source defines short macro names (D, BM, WARPS, ...).
+namespace adamw {
+#include "bf16.cuh"
+#include "adamw.cu"
+}  // namespace adamw
 namespace rln {
 #include "bf16.cuh"
 #include "residual_norm.cu"
@@ -455,7 +459,7 @@ const Entry KERNELS[] = {
     ENTRY(hd64, 64, dattn_bwd_kv_rel), ENTRY(hd64, 64, dattn_bwd_q_ds), ENTRY(hd64, 64, dattn_rel_reduce), ENTRY(hd64, 64, dattn_row_dot),
     ENTRY(hd64, 0, dattn_dropout_mask),
     ENTRY(rln, 0, rln_fwd_bf16), ENTRY(rln, 0, rln_fwd_f32), ENTRY(rln, 0, rln_bwd_bf16), ENTRY(rln, 0, rln_bwd_f32),
-    ENTRY(rln, 0, rln_dropout_mask),
+    ENTRY(rln, 0, rln_dropout_mask), ENTRY(adamw, 0, adamw_step),
     ENTRY(misuse, 0, barrier_in_a_branch), ENTRY(misuse, 0, shuffle_in_half_a_warp), ENTRY(misuse, 0, shared_store),
     ENTRY(misuse, 0, ldmatrix_rows), ENTRY(misuse, 0, reuse_without_a_barrier),
 };

@@ -1,0 +1,93 @@
+//! The AdamW update as one CUDA kernel (`kernels/adamw.cu`, through `cuda`) over flat fp32
+//! buffers: one pass that reads the weights, gradients and moments and writes weights and
+//! moments, where libtorch's tensor ops take ten passes and full-size temporaries. The worker's
+//! optimizer (`optim::FlatAdamW`) launches it once per run of its flat layout; on CPU tensors
+//! it runs in the emulator (tests, `cuda::emulate_on_cpu`).
+
+use cudarc::driver::LaunchConfig;
+use tch::{Device, Kind, Tensor};
+
+use crate::cuda::{self, ptr, Arg, Kernels};
+
+/// The kernel's CUDA C source (after the shared bf16 helpers, for KERNEL).
+pub const SOURCE: &str = concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/adamw.cu"));
+
+/// One update's scalars: the learning rate, the moments' decay rates, ε, the weight decay (0 on
+/// runs exempt from it), the bias corrections 1 − β^t, and the factor on the gradients (the
+/// clip factor).
+#[derive(Debug, Clone, Copy)]
+pub struct Update {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub bias_correction1: f64,
+    pub bias_correction2: f64,
+    pub grad_scale: f64,
+}
+
+fn kernels(device: Device) -> Result<Kernels, String> {
+    if !device.is_cuda() {
+        return Ok(Kernels::Emulated { variant: 0 });
+    }
+    cuda::load(device, SOURCE, "adamw.cu", &[], &[("adamw_step", 0)]).map(Kernels::Gpu)
+}
+
+/// p, m, v updated in place from g by `u`: four contiguous fp32 buffers of the same length on one
+/// device, at the same offset from 16-byte alignment (views at the same offset of the flat
+/// buffers are).
+pub fn step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, u: &Update) -> Result<(), String> {
+    let n = p.numel() as i64;
+    for (name, t) in [
+        ("weights", p),
+        ("gradients", g),
+        ("first moments", m),
+        ("second moments", v),
+    ] {
+        if t.kind() != Kind::Float || !t.is_contiguous() || t.numel() as i64 != n || t.device() != p.device() {
+            return Err(format!(
+                "the AdamW kernel: {name} are {:?} {:?} on {:?}, expected {n} contiguous fp32 on {:?}",
+                t.size(),
+                t.kind(),
+                t.device(),
+                p.device()
+            ));
+        }
+        if (ptr(t) % 16) != (ptr(p) % 16) {
+            return Err(format!("the AdamW kernel: {name} are not aligned as the weights are"));
+        }
+    }
+    let device = p.device();
+    let cfg = LaunchConfig {
+        // On the GPU enough 256-thread blocks to fill an H100 (8 per SM); in the emulator few.
+        grid_dim: (if device.is_cuda() { 132 * 8 } else { 3 }, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let scalars = [
+        u.lr,
+        u.beta1,
+        u.beta2,
+        u.eps,
+        u.weight_decay,
+        u.bias_correction1,
+        u.bias_correction2,
+        u.grad_scale,
+    ]
+    .map(|x| Arg::F32(x as f32));
+    let args = [&[p, g, m, v].map(Arg::tensor)[..], &[Arg::I64(n)], &scalars].concat();
+    // SAFETY: four buffers of n fp32 each on `device`, checked above.
+    unsafe { kernels(device)?.launch("adamw_step", cfg, &args) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_compiles_with_nvrtc() {
+        let ptx = cuda::compile(SOURCE, "adamw.cu", "sm_90", &[]).unwrap();
+        assert!(ptx.to_src().contains("adamw_step"));
+    }
+}
