@@ -10,8 +10,8 @@
 // One block per row (grid-stride), one float4 of columns per thread: blockDim.x >= d / 4. The
 // row stays in registers; its mean and variance are two block reductions (two-pass variance,
 // as exact as libtorch's Welford). Dynamic shared memory: 512 bytes for the reductions, and in
-// backward 48 bytes per thread for its column sums. z (and dz) are bf16 or fp32 (the `_bf16` / `_f32` entry
-// points); everything else fp32, contiguous.
+// backward 48 bytes per thread for its column sums. z (and dz) are bf16 or fp32 (the `_bf16`
+// and `_f32` entry points); everything else fp32, contiguous.
 
 // bf16, f2bf, pack, lo_f, hi_f, KERNEL and DYNAMIC_SMEM: kernels/bf16.cuh, prepended.
 #define RLN_MAX_THREADS 1024
