@@ -4,7 +4,6 @@
 //! optimizer (`optim::FlatAdamW`) launches it once per run of its flat layout; on CPU tensors
 //! it runs in the emulator (tests, `cuda::emulate_on_cpu`).
 
-use cudarc::driver::LaunchConfig;
 use tch::{Device, Kind, Tensor};
 
 use crate::cuda::{self, ptr, Arg, Kernels};
@@ -59,12 +58,7 @@ pub fn step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, u: &Update) -> Resul
         }
     }
     let device = p.device();
-    let cfg = LaunchConfig {
-        // On the GPU enough 256-thread blocks to fill an H100 (8 per SM); in the emulator few.
-        grid_dim: (if device.is_cuda() { 132 * 8 } else { 3 }, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = cuda::grid_stride(device, n / 4); // a thread per float4
     let scalars = [
         u.lr,
         u.beta1,

@@ -112,6 +112,21 @@ pub fn dropout_seed() -> u64 {
     Tensor::randint(i64::MAX, [1], (tch::Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64
 }
 
+/// Launch geometry of the element-wise kernels (grid-stride loops over `items`): 256 threads a
+/// block, enough blocks for one item each (at most 4,096) on a GPU, a few in the emulator.
+pub fn grid_stride(device: Device, items: i64) -> LaunchConfig {
+    let blocks = if device.is_cuda() {
+        ((items + 255) / 256).clamp(1, 4096) as u32
+    } else {
+        8
+    };
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// A tensor's device address, as a kernel argument.
 pub fn ptr(t: &Tensor) -> u64 {
     t.data_ptr() as u64

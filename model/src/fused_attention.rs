@@ -391,21 +391,6 @@ fn bf16(t: &Tensor) -> Tensor {
     t.to_kind(Kind::BFloat16).contiguous()
 }
 
-/// Launch geometry of the element-wise kernels (grid-stride loops over `items`): 256 threads a
-/// block, enough blocks for one item each (at most 4,096) on a GPU, a few in the emulator.
-fn grid_stride(device: Device, items: i64) -> LaunchConfig {
-    let blocks = if device.is_cuda() {
-        ((items + 255) / 256).clamp(1, 4096) as u32
-    } else {
-        8
-    };
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 /// Launch geometry: one block per 64 rows of one (batch, head).
 fn grid(b: i64, h: i64, n: i64, shared: u32) -> LaunchConfig {
     LaunchConfig {
@@ -515,7 +500,7 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     // D_i = dO_i . O_i = sum_j P_ij dP_ij (dropout included), [B, H, N].
     let dvec = Tensor::empty([b, h, n], (Kind::Float, dout.device()));
     let out = bf16(&saved.out);
-    let cfg = grid_stride(dout.device(), b * n * h); // a thread per (b, n, h) row
+    let cfg = cuda::grid_stride(dout.device(), b * n * h); // a thread per (b, n, h) row
     let args = [
         Arg::tensor(&dout),
         Arg::tensor(&out),
@@ -596,7 +581,7 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
         // sums of the blocks' partials.
         let reduce = |part: &Tensor| -> Result<Tensor, String> {
             let out = Tensor::empty([h, 2 * n, d], (Kind::Float, part.device()));
-            let cfg = grid_stride(part.device(), h * 2 * n * (d / 4)); // a thread per 4 values of d
+            let cfg = cuda::grid_stride(part.device(), h * 2 * n * (d / 4)); // a thread per 4 values of d
             let args = [
                 Arg::tensor(part),
                 Arg::tensor(&out),
@@ -654,7 +639,7 @@ pub fn kernel_dropout_mask(
     let [b, h, n] = shape;
     let keep = Tensor::empty([b, h, n, n], (Kind::Uint8, device));
     let total = b * h * n * n;
-    let cfg = grid_stride(device, total);
+    let cfg = cuda::grid_stride(device, total);
     let args = [
         Arg::tensor(&keep),
         Arg::I64(total),
