@@ -35,9 +35,29 @@ fn kernels(device: Device) -> Result<Kernels, String> {
 
 /// p, m, v updated in place from g by `u`: four contiguous fp32 buffers of the same length on one
 /// device, at the same offset from 16-byte alignment (views at the same offset of the flat
-/// buffers are).
-pub fn step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, u: &Update) -> Result<(), String> {
+/// buffers are). `control` (fp32 [4] on that device: the gradients' factor, 1 to apply or 0 to
+/// skip, the two bias corrections) overrides `u`'s `grad_scale` and bias corrections with what
+/// the device decided, so that skipping a non-finite step needs no read-back.
+pub fn step(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    u: &Update,
+    control: Option<&Tensor>,
+) -> Result<(), String> {
     let n = p.numel() as i64;
+    if let Some(c) = control {
+        if c.kind() != Kind::Float || c.size() != [4] || !c.is_contiguous() || c.device() != p.device() {
+            return Err(format!(
+                "the AdamW kernel: the control is {:?} {:?} on {:?}, expected 4 contiguous fp32 on {:?}",
+                c.size(),
+                c.kind(),
+                c.device(),
+                p.device()
+            ));
+        }
+    }
     for (name, t) in [
         ("weights", p),
         ("gradients", g),
@@ -70,8 +90,10 @@ pub fn step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, u: &Update) -> Resul
         u.grad_scale,
     ]
     .map(|x| Arg::F32(x as f32));
-    let args = [&[p, g, m, v].map(Arg::tensor)[..], &[Arg::I64(n)], &scalars].concat();
-    // SAFETY: four buffers of n fp32 each on `device`, checked above.
+    let control = Arg::Ptr(control.map_or(0, ptr));
+    let args = [&[p, g, m, v].map(Arg::tensor)[..], &[Arg::I64(n)], &scalars, &[control]].concat();
+    // SAFETY: four buffers of n fp32 each and the control (4 fp32, or null) on `device`, checked
+    // above.
     unsafe { kernels(device)?.launch("adamw_step", cfg, &args) }
 }
 

@@ -112,6 +112,18 @@ pub fn dropout_seed() -> u64 {
     Tensor::randint(i64::MAX, [1], (tch::Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64
 }
 
+/// A host tensor on `device`, copied without the wait for the device's queue that a plain copy
+/// makes: a non-blocking copy from pageable memory, which the driver stages before it returns
+/// (so the host tensor may go at once), waiting for the stream only if it must. (Not from
+/// pinned memory: tch's `pin_memory` passes the device argument that libtorch deprecated, and
+/// libtorch then warns at every call.)
+pub fn host_to_device(t: &Tensor, device: Device) -> Tensor {
+    match device {
+        Device::Cuda(_) if t.device() == Device::Cpu => t.to_device_(device, t.kind(), true, false),
+        _ => t.to_device(device),
+    }
+}
+
 /// Launch geometry of the element-wise kernels (grid-stride loops over `items`): 256 threads a
 /// block, enough blocks for one item each (at most 4,096) on a GPU, a few in the emulator.
 pub fn grid_stride(device: Device, items: i64) -> LaunchConfig {

@@ -8,7 +8,7 @@
 //! on the predicted rows alone (`Predicted`), ~15% of the queries.
 
 use tch::nn::{Init, Path};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::attention::{attention_mask, RelativeContext};
 use crate::config::{Activation, DebertaConfig};
@@ -81,6 +81,18 @@ impl Predicted {
             valid,
             sel,
             targets,
+        }
+    }
+
+    /// The same on `device` (`cuda::host_to_device`): computed from labels on the host, the
+    /// predicted rows need no read-back from the device.
+    pub fn to_device(self, device: Device) -> Predicted {
+        let on = |t: &Tensor| crate::cuda::host_to_device(t, device);
+        Predicted {
+            pos: on(&self.pos),
+            valid: on(&self.valid),
+            sel: on(&self.sel),
+            targets: on(&self.targets),
         }
     }
 

@@ -2,8 +2,10 @@
 //! nGiE conv after layer 0. It returns every layer's output, because the enhanced mask decoder
 //! reads the input of the last layer (outs[-2]).
 
+use std::sync::Mutex;
+
 use tch::nn::Path;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use crate::attention::{attention_mask, RelativeContext};
 use crate::config::DebertaConfig;
@@ -22,6 +24,9 @@ pub struct Encoder {
     pub rel_layer_norm: Option<LayerNorm>,
     pub conv: Option<ConvLayer>,
     cfg: DebertaConfig,
+    /// rel_idx per (q_len, k_len, device), built once: copying it from the host at every forward
+    /// would wait for the device each time.
+    rel_index: Mutex<Vec<(i64, i64, Device, Tensor)>>,
 }
 
 impl Encoder {
@@ -44,14 +49,28 @@ impl Encoder {
                 .then(|| LayerNorm::new(&(p / "LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)),
             conv: (cfg.conv_kernel_size > 0).then(|| ConvLayer::new(&(p / "conv"), cfg)),
             cfg: cfg.clone(),
+            rel_index: Mutex::new(Vec::new()),
         }
     }
 
     /// R = LN_rel(E_rel) and rel_idx for a q_len x k_len attention.
     pub fn relative_context(&self, q_len: i64, k_len: i64) -> Option<RelativeContext> {
         let table = self.relative_table()?;
-        let rel_idx = relative_index(&self.cfg, q_len, k_len, table.device());
+        let rel_idx = self.relative_index(q_len, k_len)?;
         Some(RelativeContext { table, rel_idx })
+    }
+
+    /// rel_idx ([q_len, k_len] int64, `rel_pos::relative_index`) on the relative table's device,
+    /// from the cache after the first call for the shape.
+    pub fn relative_index(&self, q_len: i64, k_len: i64) -> Option<Tensor> {
+        let device = self.rel_embeddings.as_ref()?.device();
+        let mut cache = self.rel_index.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((.., t)) = cache.iter().find(|c| (c.0, c.1, c.2) == (q_len, k_len, device)) {
+            return Some(t.shallow_clone());
+        }
+        let t = relative_index(&self.cfg, q_len, k_len, device);
+        cache.push((q_len, k_len, device, t.shallow_clone()));
+        Some(t)
     }
 
     /// R = LN_rel(E_rel): [2S, D].

@@ -13,7 +13,6 @@ use crate::fused_attention;
 use crate::heads::{SequenceClassifier, TaskHead};
 use crate::layer::{DenseResidualNorm, Layer};
 use crate::nn::compute_kind;
-use crate::rel_pos::relative_index;
 use crate::segments::{Boundary, CustomBackward, Input, Tape};
 use crate::tensor_parallel::{reduce_from_tp, vocab_parallel_cross_entropy_padded, TpShard};
 
@@ -487,11 +486,7 @@ impl DebertaV2 {
         let mask_f = mask.to_kind(Kind::Float);
         let n = ids.size()[1];
         let att_mask = attention_mask(&mask_f, &mask_f);
-        let rel_idx = self
-            .encoder
-            .rel_embeddings
-            .as_ref()
-            .map(|t| relative_index(&self.cfg, n, n, t.device()));
+        let rel_idx = self.encoder.relative_index(n, n);
         let e = {
             let (ids, mask_f, delta) = (
                 ids.shallow_clone(),
@@ -552,7 +547,7 @@ impl DebertaV2 {
     /// Records the forward pass of sum over predicted positions of CE, times `scale` (e.g.
     /// 1 / predicted tokens in the global batch), and returns the loss boundary; call
     /// `tape.backward(loss)` for the gradients. ids, mask, labels: [B, N] int64 on this rank
-    /// (the same on every rank of a TP group).
+    /// (the same on every rank of a TP group); labels may stay on the CPU (the trainer's do).
     pub fn mlm_loss_segments<'c>(
         &'c self,
         tape: &mut Tape<'c>,
@@ -565,8 +560,9 @@ impl DebertaV2 {
         let head = self.mlm.as_ref().expect("mlm_loss_segments needs the MLM head");
         let tp = tape.tp();
         let n = ids.size()[1];
-        // Before the encoder is queued: finding the predicted rows reads a count back.
-        let at = std::rc::Rc::new(Predicted::of(labels));
+        // The predicted rows' count sets shapes: on the device, finding them reads it back
+        // (before the encoder is queued); from labels on the host it is computed there.
+        let at = std::rc::Rc::new(Predicted::of(labels).to_device(ids.device()));
         let enc = self.encoder_segments(tape, ids, mask, train, None, true);
         let outs = &enc.layers;
 

@@ -201,7 +201,7 @@ pub fn load(
         shards.copy_into(&format!("exp_avg/{name}"), &m)?;
         shards.copy_into(&format!("exp_avg_sq/{name}"), &v)?;
     }
-    opt.steps = manifest.optimizer_steps;
+    opt.set_steps(manifest.optimizer_steps);
     Ok(())
 }
 

@@ -864,7 +864,7 @@ fn manifest(
         seed: cfg.run.seed,
         vocab_size: ft.model.cfg.vocab_size,
         tokenizer_sha256: vocab.sha256.clone(),
-        optimizer_steps: opt.steps,
+        optimizer_steps: opt.steps(),
         config: text.to_string(),
     }
 }

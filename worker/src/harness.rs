@@ -124,7 +124,9 @@ pub fn train_step(
             (rows(&ids), rows(&mask), rows(&labels))
         })
         .collect();
-    let loss = forward_backward(model, params, groups, &micro, predicted, StepMode::default());
+    let loss = forward_backward(model, params, groups, &micro, predicted, StepMode::default())
+        .to_device(tch::Device::Cpu)
+        .double_value(&[0]);
     let grad_norm = flat.global_grad_norm(&*groups.tp);
     let per_parameter = params.global_grad_norm(&*groups.tp);
     assert!(

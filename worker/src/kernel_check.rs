@@ -145,6 +145,8 @@ fn training(groups: &Groups) -> anyhow::Result<bool> {
                     (3e-4, 1.0),
                     &mut |_| {},
                 )
+                .to_device(tch::Device::Cpu)
+                .double_value(&[0])
             })
             .collect()
     };

@@ -68,8 +68,9 @@ pub struct FlatAdamW {
     /// decay or all are exempt (at most four: sharded or replicated, decayed or not). A mask per
     /// element would cost 1.5B bytes (and a float mask 4 bytes) per element at the 1.5B model.
     runs: Vec<(i64, i64, bool)>,
-    /// Updates taken (for the bias correction).
-    pub steps: u64,
+    /// Updates taken (for the bias correction): fp64 [1] on the device, so that a step the
+    /// device skips (`step_if_finite`) leaves it as it was without the host knowing.
+    steps: Tensor,
 }
 
 impl FlatAdamW {
@@ -134,7 +135,7 @@ impl FlatAdamW {
             flat,
             grad,
             runs,
-            steps: 0,
+            steps: Tensor::zeros([1], (Kind::Double, device)),
         }
     }
 
@@ -172,17 +173,21 @@ impl FlatAdamW {
 
     /// The L2 norm of the whole model's gradient: the sharded part's square summed over `tp`,
     /// the replicated part (the same on every TP rank) counted once. Two norm kernels over the
-    /// flat gradient, one scalar collective, one read-back.
-    pub fn global_grad_norm(&self, tp: &dyn Collective) -> f64 {
+    /// flat gradient and one scalar collective, left on the device (fp64 [1]): no read-back.
+    pub fn global_grad_norm_on_device(&self, tp: &dyn Collective) -> Tensor {
         let g = self.flat_grad();
         let sq = |t: Tensor| t.norm().to_kind(Kind::Double).square().reshape([1]);
         let mut sharded = sq(g.narrow(0, 0, self.sharded));
         tp.all_reduce_sum(&mut sharded);
         let replicated = sq(g.narrow(0, self.sharded, self.len() - self.sharded));
-        (sharded + replicated)
+        (sharded + replicated).sqrt()
+    }
+
+    /// `global_grad_norm_on_device`, read back.
+    pub fn global_grad_norm(&self, tp: &dyn Collective) -> f64 {
+        self.global_grad_norm_on_device(tp)
             .to_device(tch::Device::Cpu)
             .double_value(&[0])
-            .sqrt()
     }
 
     /// One AdamW update at learning rate `lr`, over the flat buffers.
@@ -193,13 +198,54 @@ impl FlatAdamW {
     /// One AdamW update on the gradients times `grad_scale` (the clip factor, `clip_factor`),
     /// applied inside the update: the gradients themselves are left as they are.
     pub fn step_clipped(&mut self, lr: f64, grad_scale: f64) {
+        let opts = (Kind::Double, self.flat.device());
+        self.update(lr, &Tensor::full([1], grad_scale, opts), &Tensor::ones([1], opts));
+    }
+
+    /// The trainer's update, decided on the device with no read-back: if `loss` and `norm` (the
+    /// global gradient norm, `global_grad_norm_on_device`; both one-element tensors on the
+    /// flat buffers' device) are finite, AdamW at `lr` on the gradients clipped to `max_norm`
+    /// (`clip_factor`'s rule); otherwise nothing changes, the step count included. Returns
+    /// 1 (applied) or 0 (skipped), fp64 [1] on the device, for the host to read when it logs.
+    pub fn step_if_finite(&mut self, lr: f64, max_norm: f64, loss: &Tensor, norm: &Tensor) -> Tensor {
+        let device = self.flat.device();
+        let (loss, norm) = (
+            loss.to_device(device).to_kind(Kind::Double).reshape([1]),
+            norm.to_device(device).to_kind(Kind::Double).reshape([1]),
+        );
+        let apply = loss.isfinite().logical_and(&norm.isfinite()).to_kind(Kind::Double);
+        // clip_factor: min(1, max_norm / (norm + 1e-6)); irrelevant where the step is skipped.
+        let scale = ((&norm + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+        self.update(lr, &scale, &apply);
+        apply
+    }
+
+    /// Read back the number of updates taken.
+    pub fn steps(&self) -> u64 {
+        self.steps.to_device(tch::Device::Cpu).double_value(&[0]) as u64
+    }
+
+    /// Set the number of updates taken (resuming from a checkpoint).
+    pub fn set_steps(&mut self, steps: u64) {
+        let _ = self.steps.fill_(steps as f64);
+    }
+
+    /// The update with the gradients' factor `scale` and `apply` (1 or 0), one-element fp64
+    /// tensors on the device. The step count and both bias corrections are computed there too,
+    /// so the kernel path runs with nothing read back; the tensor ops (CPU) read the decision.
+    fn update(&mut self, lr: f64, scale: &Tensor, apply: &Tensor) {
         let c = self.cfg;
-        self.steps += 1;
+        let _ = self.steps.g_add_(apply);
+        let correction = |beta: f64| 1.0 - (&self.steps * beta.ln()).exp();
+        let control = Tensor::cat(&[scale, apply, &correction(c.beta1), &correction(c.beta2)], 0);
         let g = self.flat_grad();
-        let bc1 = 1.0 - c.beta1.powi(self.steps as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.steps as i32);
         if self.kernel && deberta_model::cuda::kernels_run_on(self.flat.device()) {
-            return self.kernel_step(&g, lr, bc1, bc2, grad_scale);
+            return self.kernel_step(&g, lr, &control.to_kind(Kind::Float));
+        }
+        let control = Vec::<f64>::try_from(&control.to_device(tch::Device::Cpu)).expect("4 fp64");
+        let [grad_scale, apply, bc1, bc2] = [0, 1, 2, 3].map(|i| control[i]);
+        if apply == 0.0 {
+            return;
         }
         let g = if grad_scale == 1.0 { g } else { g * grad_scale };
         tch::no_grad(|| {
@@ -217,8 +263,9 @@ impl FlatAdamW {
     }
 
     /// The update as one CUDA kernel (`deberta_model::adamw`) per run of the flat layout, with
-    /// weight decay 0 on the runs exempt from it: no per-element mask.
-    fn kernel_step(&mut self, g: &Tensor, lr: f64, bc1: f64, bc2: f64, grad_scale: f64) {
+    /// weight decay 0 on the runs exempt from it (no per-element mask), and the clip factor,
+    /// the skip and the bias corrections read by the kernel from `control`.
+    fn kernel_step(&mut self, g: &Tensor, lr: f64, control: &Tensor) {
         let c = self.cfg;
         for &(start, len, decays) in &self.runs {
             let part = |t: &Tensor| t.narrow(0, start, len);
@@ -228,12 +275,13 @@ impl FlatAdamW {
                 beta2: c.beta2,
                 eps: c.eps,
                 weight_decay: if decays { c.weight_decay } else { 0.0 },
-                bias_correction1: bc1,
-                bias_correction2: bc2,
-                grad_scale,
+                // From `control`.
+                bias_correction1: 1.0,
+                bias_correction2: 1.0,
+                grad_scale: 1.0,
             };
             let [p, g, m, v] = [&self.flat, g, &self.exp_avg, &self.exp_avg_sq].map(part);
-            deberta_model::adamw::step(&p, &g, &m, &v, &update).unwrap_or_else(|e| panic!("{e}"));
+            deberta_model::adamw::step(&p, &g, &m, &v, &update, Some(control)).unwrap_or_else(|e| panic!("{e}"));
         }
     }
 
@@ -251,7 +299,7 @@ impl FlatAdamW {
         vec![
             ("optimizer.exp_avg".into(), self.exp_avg.shallow_clone()),
             ("optimizer.exp_avg_sq".into(), self.exp_avg_sq.shallow_clone()),
-            ("optimizer.steps".into(), Tensor::from_slice(&[self.steps as i64])),
+            ("optimizer.steps".into(), Tensor::from_slice(&[self.steps() as i64])),
         ]
     }
 
@@ -509,6 +557,63 @@ mod tests {
         // The optimizer left our gradients unscaled.
         let g = b[1].1.grad().norm().double_value(&[]);
         assert!((g - a[1].1.grad().norm().double_value(&[]) / c).abs() < 1e-4 * g);
+    }
+
+    /// The trainer's step decides on the device: a NaN gradient (so a NaN norm) or a non-finite
+    /// loss leaves weights, moments and the step count as they were, in the tensor ops and in
+    /// the kernel (emulated); the first applied update is then the one a fresh optimizer takes
+    /// (bias corrections of step 1), clipped as `clip_factor` says.
+    #[test]
+    fn a_non_finite_loss_or_norm_skips_the_update_on_the_device() {
+        let single = deberta_model::collective::Single;
+        for kernel in [false, true] {
+            let make = || {
+                tch::manual_seed(4);
+                let f = (Kind::Float, tch::Device::Cpu);
+                let w = Tensor::randn([301, 7], f).set_requires_grad(true);
+                let b = Tensor::randn([7], f).set_requires_grad(true);
+                (w.sum(Kind::Float) + b.sum(Kind::Float)).backward();
+                let mut opt = FlatAdamW::new(
+                    &[("w".into(), w.shallow_clone()), ("x.bias".into(), b.shallow_clone())],
+                    AdamWConfig::default(),
+                );
+                opt.kernel = kernel;
+                let g = Tensor::randn([opt.len()], f) * 3.0;
+                (opt, g)
+            };
+            let state = |o: &FlatAdamW| Tensor::cat(&[&o.flat, &o.exp_avg, &o.exp_avg_sq], 0);
+            deberta_model::cuda::emulate_on_cpu(kernel);
+            let (mut ours, g) = make();
+            let before = state(&ours).copy();
+            let one = Tensor::ones([1], (Kind::Double, tch::Device::Cpu));
+            let _ = ours.grad.fill_(f64::NAN);
+            let nan_norm = ours.global_grad_norm_on_device(&single);
+            let skipped_nan = ours.step_if_finite(1e-2, 1.0, &one, &nan_norm);
+            ours.grad.copy_(&g);
+            let norm = ours.global_grad_norm_on_device(&single);
+            let skipped_loss = ours.step_if_finite(1e-2, 1.0, &(&one * f64::INFINITY), &norm);
+            assert_eq!(ours.steps(), 0, "kernel {kernel}: a skipped step counted");
+            assert_eq!(
+                (&state(&ours) - &before).abs().max().double_value(&[]),
+                0.0,
+                "kernel {kernel}"
+            );
+            let applied = ours.step_if_finite(1e-2, 1.0, &one, &norm);
+            let (mut reference, g_ref) = make();
+            reference.grad.copy_(&g_ref);
+            let c = crate::grads::clip_factor(reference.global_grad_norm(&single), 1.0);
+            assert!(c < 0.5, "the test wants a real clip: {c}");
+            reference.step_clipped(1e-2, c);
+            deberta_model::cuda::emulate_on_cpu(false);
+            let flags: Vec<f64> = [skipped_nan, skipped_loss, applied]
+                .iter()
+                .map(|t| t.double_value(&[0]))
+                .collect();
+            assert_eq!(flags, [0.0, 0.0, 1.0], "kernel {kernel}");
+            assert_eq!(ours.steps(), 1);
+            let d = (state(&ours) - state(&reference)).abs().max().double_value(&[]);
+            assert!(d < 1e-7, "kernel {kernel}: {d:e} from one fresh clipped step");
+        }
     }
 
     #[test]

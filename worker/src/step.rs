@@ -3,20 +3,16 @@
 
 use deberta_model::segments::Tape;
 use deberta_model::DebertaV2;
-use tch::{Device, Tensor};
+use tch::Tensor;
 
-use crate::grads::{clip_factor, Params};
+use crate::grads::Params;
 use crate::optim::FlatAdamW;
 use crate::runtime::Groups;
 
-/// One micro-batch on this rank's device: ids, attention mask, labels, each [rows, seq].
+/// One micro-batch: ids and attention mask on this rank's device, labels there or on the host
+/// (where the model finds the predicted rows without a read-back), each [rows, seq].
 pub type Rows = (Tensor, Tensor, Tensor);
 
-/// Zero the gradients, then run each micro-batch's segment-wise forward (under bf16 autocast if
-/// asked) and backward, each loss being sum(CE) / `predicted` (the global batch's predicted
-/// tokens), so accumulation and DP give the gradient of the global mean. Only the last
-/// micro-batch's backward reduces over DP, each layer as soon as backward has finished it.
-/// Returns the mean loss over the global batch (summed over DP).
 /// How the step runs besides its data.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepMode {
@@ -27,6 +23,12 @@ pub struct StepMode {
     pub recompute: Option<i64>,
 }
 
+/// Zero the gradients, then run each micro-batch's segment-wise forward (under bf16 autocast if
+/// asked) and backward, each loss being sum(CE) / `predicted` (the global batch's predicted
+/// tokens), so accumulation and DP give the gradient of the global mean. Only the last
+/// micro-batch's backward reduces over DP, each layer as soon as backward has finished it.
+/// Returns the mean loss over the global batch (summed over DP) as fp64 [1] on the device: the
+/// host reads it when it logs, so the step does not wait for the device here.
 pub fn forward_backward(
     model: &DebertaV2,
     params: &Params,
@@ -34,13 +36,13 @@ pub fn forward_backward(
     micro: &[Rows],
     predicted: f64,
     mode: StepMode,
-) -> f64 {
+) -> Tensor {
     let (tp, dp) = (&*groups.tp, &*groups.dp);
     let bf16 = mode.bf16;
     params.zero_grad();
     deberta_model::profile::mark(|| "step: zero gradients".into());
-    // The losses stay on the device until backward is queued: reading one back before would
-    // stall the host while the GPU drains.
+    // The losses stay on the device: reading one back would stall the host until the device
+    // has drained its queue.
     let mut local: Option<Tensor> = None;
     for (k, (ids, mask, labels)) in micro.iter().enumerate() {
         let mut tape = match mode.recompute {
@@ -68,13 +70,15 @@ pub fn forward_backward(
         None => Tensor::zeros([1], (tch::Kind::Double, groups.device)),
     };
     dp.all_reduce_sum(&mut total);
-    total.to_device(Device::Cpu).double_value(&[0])
+    total
 }
 
-/// One whole update without the trainer's bookkeeping (bench, kernel-check): `forward_backward`,
-/// the global norm, then AdamW at `lr` with the clip factor for `max_norm` inside. `after(stage)`
-/// runs after each of "forward + backward", "grad norm" and "AdamW (clip inside)" (to time
-/// them). Returns the loss.
+/// One whole update as the trainer takes it, without its bookkeeping (bench, kernel-check):
+/// `forward_backward`, the global norm, then AdamW at `lr` with the clip factor for `max_norm`
+/// inside, skipped on the device if the loss or the norm is not finite
+/// (`FlatAdamW::step_if_finite`). Nothing is read back. `after(stage)` runs after each of
+/// "forward + backward", "grad norm" and "AdamW (clip inside)" (to time them). Returns the
+/// loss, fp64 [1] on the device.
 #[allow(clippy::too_many_arguments)]
 pub fn plain_update(
     model: &DebertaV2,
@@ -86,12 +90,12 @@ pub fn plain_update(
     mode: StepMode,
     (lr, max_norm): (f64, f64),
     after: &mut dyn FnMut(&'static str),
-) -> f64 {
+) -> Tensor {
     let loss = forward_backward(model, params, groups, micro, predicted, mode);
     after("forward + backward");
-    let norm = opt.global_grad_norm(&*groups.tp);
+    let norm = opt.global_grad_norm_on_device(&*groups.tp);
     after("grad norm");
-    opt.step_clipped(lr, clip_factor(norm, max_norm));
+    let _applied = opt.step_if_finite(lr, max_norm, &loss, &norm); // the caller sees a non-finite loss
     after("AdamW (clip inside)");
     loss
 }

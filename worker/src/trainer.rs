@@ -26,7 +26,7 @@ use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, Manifest};
 use crate::config::RunConfig;
-use crate::grads::{clip_factor, Params};
+use crate::grads::Params;
 use crate::harness::build_sharded;
 use crate::heartbeat::{self, Heartbeat, Status};
 use crate::optim::{linear_warmup_decay, AdamWConfig, FlatAdamW};
@@ -74,8 +74,9 @@ struct Run<'g> {
     bf16: bool,
 }
 
+/// A host batch as [rows, -1] on `device`, queued without waiting (`cuda::host_to_device`).
 fn to_tensor(v: &[i64], rows: i64, device: Device) -> Tensor {
-    Tensor::from_slice(v).view([rows, -1]).to_device(device)
+    deberta_model::cuda::host_to_device(&Tensor::from_slice(v).view([rows, -1]), device)
 }
 
 /// Sum of CE over predicted tokens, and their count, for one micro-batch (forward only).
@@ -113,26 +114,39 @@ fn evaluate(run: &Run) -> Option<f64> {
     Some(t.double_value(&[0]) / t.double_value(&[1]).max(1.0))
 }
 
-pub struct StepStats {
-    pub loss: f64,
-    pub grad_norm: f64,
-    pub skipped: bool,
+/// One step's figures as the device left them (fp64 [1] each): the host reads them back when
+/// it logs, evaluates or saves (`settle`), not every step.
+struct PendingStep {
+    loss: Tensor,
+    grad_norm: Tensor,
+    /// 1 if the update was applied, 0 if skipped (non-finite loss or norm).
+    applied: Tensor,
 }
 
-/// One optimizer step on this rank's micro-batches of global batch `step`.
-fn train_step(run: &mut Run, step: u64) -> StepStats {
+/// One step's figures, read back.
+#[derive(Debug, Clone, Copy)]
+struct StepStats {
+    loss: f64,
+    grad_norm: f64,
+    skipped: bool,
+}
+
+/// One optimizer step on this rank's micro-batches of global batch `step`, queued without
+/// waiting for the device: the loss and the norm stay there, and the device itself skips the
+/// update if either is not finite (`FlatAdamW::step_if_finite`).
+fn train_step(run: &mut Run, step: u64) -> PendingStep {
     let g = run.groups;
-    let (tp, dp, device) = (&*g.tp, &*g.dp, g.device);
     // Dropout is reseeded from (seed, step): resuming needs no RNG state. TP ranks of a DP group
     // share the stream (replicated dropout must agree across them); DP ranks differ.
     let seed = dropout_seed(run.cfg.run.seed, step, g.topo.dp_rank);
     tch::manual_seed(seed);
     let micro = run.train_loader.next_step();
-    // Normalise by the global number of predicted tokens (one scalar collective before backward).
-    let mut count =
-        Tensor::from_slice(&[micro.iter().map(|m| m.predicted_tokens() as f64).sum::<f64>()]).to_device(device);
-    dp.all_reduce_sum(&mut count);
-    let predicted = count.to_device(Device::Cpu).double_value(&[0]).max(1.0);
+    // Normalise by the global number of predicted tokens: the host knows the counts, so one
+    // scalar collective of the host's control plane, before backward.
+    let mut count = Tensor::from_slice(&[micro.iter().map(|m| m.predicted_tokens() as f64).sum::<f64>()]);
+    g.dp_mpi.all_reduce_sum(&mut count);
+    let predicted = count.double_value(&[0]).max(1.0);
+    let device = g.device;
     let rows: Vec<Rows> = micro
         .iter()
         .map(|mb| {
@@ -140,7 +154,8 @@ fn train_step(run: &mut Run, step: u64) -> StepStats {
             (
                 to_tensor(&mb.ids, n, device),
                 to_tensor(&mb.attention_mask, n, device),
-                to_tensor(&mb.labels, n, device),
+                // On the host: the model finds the predicted rows there, with no read-back.
+                to_tensor(&mb.labels, n, Device::Cpu),
             )
         })
         .collect();
@@ -150,24 +165,67 @@ fn train_step(run: &mut Run, step: u64) -> StepStats {
     };
     let mut loss = forward_backward(&run.model, &run.params, g, &rows, predicted, mode);
     if injected_non_finite(step) {
-        loss = f64::NAN;
+        loss *= f64::NAN;
     }
-    let grad_norm = run.opt.global_grad_norm(tp);
-    if !loss.is_finite() || !grad_norm.is_finite() {
-        return StepStats {
-            loss,
-            grad_norm,
-            skipped: true,
-        };
-    }
+    let grad_norm = run.opt.global_grad_norm_on_device(&*g.tp);
     let t = &run.cfg.train;
     let lr = linear_warmup_decay(step, t.lr, t.warmup_steps, t.steps);
-    run.opt.step_clipped(lr, clip_factor(grad_norm, t.grad_clip));
-    StepStats {
+    let applied = run.opt.step_if_finite(lr, t.grad_clip, &loss, &grad_norm);
+    PendingStep {
         loss,
         grad_norm,
-        skipped: false,
+        applied,
     }
+}
+
+/// Read the pending steps back (one copy, which waits for the device), in order; `first` is the
+/// 1-based number of the first. Reports each skipped update, keeps the counts of skipped steps,
+/// and fails once `max_bad` are skipped in a row. Returns the last step's figures.
+fn settle(
+    pending: &mut Vec<PendingStep>,
+    first: u64,
+    (bad_in_a_row, skipped_total): (&mut usize, &mut u64),
+    max_bad: usize,
+    rank: usize,
+) -> Result<Option<StepStats>> {
+    if pending.is_empty() {
+        return Ok(None);
+    }
+    let parts: Vec<&Tensor> = pending
+        .iter()
+        .flat_map(|p| [&p.loss, &p.grad_norm, &p.applied])
+        .collect();
+    let values = Vec::<f64>::try_from(&Tensor::cat(&parts, 0).to_device(Device::Cpu))
+        .context("reading back the steps' figures")?;
+    pending.clear();
+    let mut last = None;
+    for (k, v) in values.chunks(3).enumerate() {
+        let (step, stats) = (
+            first + k as u64,
+            StepStats {
+                loss: v[0],
+                grad_norm: v[1],
+                skipped: v[2] == 0.0,
+            },
+        );
+        if stats.skipped {
+            *skipped_total += 1;
+            *bad_in_a_row += 1;
+            if rank == 0 {
+                eprintln!(
+                    "[rank 0] step {step}: non-finite loss {} / grad norm {}: update skipped",
+                    stats.loss, stats.grad_norm
+                );
+            }
+            if *bad_in_a_row >= max_bad {
+                bail!("{bad_in_a_row} consecutive non-finite steps (train.max_bad_steps): stopping");
+            }
+        } else {
+            *bad_in_a_row = 0;
+        }
+        last = Some(stats);
+    }
+    Ok(last)
 }
 
 /// Fault injection for the tests of the non-finite-loss handling: `DEBERTA_INJECT_NAN_STEPS`
@@ -392,30 +450,34 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
     let mut window = Instant::now();
     let mut window_steps = 0u64;
     let total = run.cfg.train.steps;
+    // Steps queued whose figures the host has not read yet: read back when it logs, evaluates
+    // or saves, so a step never waits for the device to finish the one before.
+    let mut pending: Vec<PendingStep> = Vec::new();
     while step < total {
         heartbeat::test_hang_point(rank, step);
-        let stats = train_step(&mut run, step);
+        pending.push(train_step(&mut run, step));
         step += 1;
         hb.beat(step, "train");
         consumed += run.cfg.train.global_batch;
         window_steps += 1;
-        if stats.skipped {
-            skipped_total += 1;
-            bad_in_a_row += 1;
-            if rank == 0 {
-                eprintln!(
-                    "[rank 0] step {step}: non-finite loss {} / grad norm {}: update skipped",
-                    stats.loss, stats.grad_norm
-                );
-            }
-            if bad_in_a_row >= run.cfg.train.max_bad_steps {
-                bail!("{bad_in_a_row} consecutive non-finite steps (train.max_bad_steps): stopping");
-            }
-        } else {
-            bad_in_a_row = 0;
-        }
         let t = &run.cfg.train;
-        if step % t.log_every == 0 || step == total {
+        let (log_now, eval_now) = (
+            step % t.log_every == 0 || step == total,
+            step % t.eval_every == 0 || step == total,
+        );
+        // Every rank must agree to stop: a signal may have reached only some of them.
+        let mut flag = Tensor::from_slice(&[i64::from(stop.load(Ordering::Relaxed))]);
+        groups.world.all_reduce_max(&mut flag);
+        let stopping = flag.int64_value(&[0]) == 1;
+        let save_now = step % t.checkpoint_every == 0 || step == total || stopping;
+        let first = step + 1 - pending.len() as u64;
+        let last = if log_now || eval_now || save_now {
+            let counts = (&mut bad_in_a_row, &mut skipped_total);
+            settle(&mut pending, first, counts, t.max_bad_steps, rank)?
+        } else {
+            None
+        };
+        if let (true, Some(stats)) = (log_now, last) {
             let secs = window.elapsed().as_secs_f64() / window_steps as f64;
             let tok_s = tokens_per_step / secs;
             let lr = linear_warmup_decay(step - 1, t.lr, t.warmup_steps, t.steps);
@@ -442,7 +504,7 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
             window = Instant::now();
             window_steps = 0;
         }
-        if step % run.cfg.train.eval_every == 0 || step == total {
+        if eval_now {
             if let Some(l) = evaluate(&run) {
                 if let Some(m) = monitor.as_mut() {
                     println!("[rank 0] step {step}/{total} eval/loss {l:.4}");
@@ -451,11 +513,7 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
             }
             hb.beat(step, "eval");
         }
-        // Every rank must agree to stop: a signal may have reached only some of them.
-        let mut flag = Tensor::from_slice(&[i64::from(stop.load(Ordering::Relaxed))]);
-        groups.world.all_reduce_max(&mut flag);
-        let stopping = flag.int64_value(&[0]) == 1;
-        if step % run.cfg.train.checkpoint_every == 0 || step == total || stopping {
+        if save_now {
             let dir = save(&run, step, consumed, &ckpt_root)?;
             if rank == 0 {
                 println!("[rank 0] checkpoint {}", dir.display());
@@ -506,7 +564,7 @@ fn save(run: &Run, step: u64, consumed: u64, root: &Path) -> Result<PathBuf> {
         seed: run.cfg.run.seed,
         vocab_size: run.model_cfg.vocab_size,
         tokenizer_sha256: run.vocab_sha.clone(),
-        optimizer_steps: run.opt.steps,
+        optimizer_steps: run.opt.steps(),
         config: run.config_text.clone(),
     };
     checkpoint::save(

@@ -7,6 +7,11 @@
 // alike (the caller checks), so the elements before p's first 16-byte boundary go one at a time,
 // then float4s, then the tail one at a time. 28 bytes move per element; scalar 4-byte accesses
 // kept too few bytes in flight to reach HBM's bandwidth.
+//
+// `control`, when not null, is the device's decision for this update (fp32 [4]: the gradients'
+// factor, 1 to apply or 0 to skip, the two bias corrections), computed by tensor ops from the
+// loss and the global norm on the device: the step needs no read-back to skip a non-finite
+// update. It overrides gscale, bc1 and bc2.
 
 // The update of one element.
 __device__ __forceinline__ void adamw_element(float& p, float g, float& m, float& v, float beta1, float beta2,
@@ -19,7 +24,11 @@ __device__ __forceinline__ void adamw_element(float& p, float g, float& m, float
 
 KERNEL void adamw_step(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
                        float* __restrict__ v, long long n, float lr, float beta1, float beta2, float eps, float wd,
-                       float bc1, float bc2, float gscale) {
+                       float bc1, float bc2, float gscale, const float* __restrict__ control) {
+  if (control) {
+    if (control[1] == 0.f) return;  // skipped: weights and moments stay as they are
+    gscale = control[0], bc1 = control[2], bc2 = control[3];
+  }
   const float step = lr / bc1, shrink = 1.f - lr * wd;
   const long long misaligned = (long long)((reinterpret_cast<unsigned long long>(p) / 4) % 4);
   const long long head = misaligned == 0 ? 0 : (4 - misaligned < n ? 4 - misaligned : n);
