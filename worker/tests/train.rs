@@ -367,14 +367,26 @@ fn non_finite_losses_skip_the_update_and_stop_after_max_bad_steps() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("nan");
     let cfg = out.with_extension("yaml");
+    // Logged every 4 steps: the device skips the updates, the host reads the flags back at step
+    // 4 and reports each bad step by its own number then.
     write_config(&job(1, 2, 6, 0.0, &out), &cfg);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("log_every: 1,"), "{text}");
+    std::fs::write(&cfg, text.replace("log_every: 1,", "log_every: 4,")).unwrap();
     // Two bad steps in a row (of 3 allowed): both skipped and counted, the run goes on.
     let o = mpirun(2, &["train", cfg.to_str().unwrap()])
         .env("DEBERTA_INJECT_NAN_STEPS", "1,2")
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("update skipped"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    for step in [2, 3] {
+        assert!(
+            err.contains(&format!("step {step}: non-finite loss NaN")),
+            "step {step}:\n{err}"
+        );
+    }
+    assert_eq!(err.matches("update skipped").count(), 2, "{err}");
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let last_train_line = metrics.lines().rfind(|l| l.contains("train/skipped_steps")).unwrap();
     let last: serde_json::Value = serde_json::from_str(last_train_line).unwrap();
