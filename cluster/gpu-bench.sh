@@ -3,8 +3,8 @@
 # first `deberta-worker kernel-check` (the fused attention kernels against the reference), then
 # the HF baseline (../shared/bench/hf_deberta_baseline.py) and `deberta-worker bench` (relative
 # terms by the fused kernels with c2p/p2c computed inside the kernels (fused-rel, the default),
-# inside the forward kernel only (fused-relfwd) or from tables (fused), by skew or by gather; VARIANTS
-# picks) for the same preset,
+# inside the forward kernel only (fused-relfwd), inside with the keys kernel split in two
+# (fused-split) or from tables (fused), by skew or by gather; VARIANTS picks) for the same preset,
 # sequence length and batch sizes, then the tables and our/HF tokens-per-second ratios.
 # Build and carry the bundle first: bash cluster/gpu-bundle.sh, then run with carry [gpu-bundle].
 #
@@ -63,6 +63,7 @@ for b in "${batches[@]}"; do
     path="$v"; relative=tables
     [ "$v" = fused-rel ] && { path=fused; relative=kernel; }
     [ "$v" = fused-relfwd ] && { path=fused; relative=kernel-forward; }
+    [ "$v" = fused-split ] && { path=fused; relative=kernel-split; }
     echo "== [${SECONDS}s] ours, $att, batch $b"
     # stderr (breakdown, memory, the segment profile) to a file; its head to the console.
     DEBERTA_ATTENTION=$path DEBERTA_FUSED_RELATIVE=$relative DEBERTA_FUSED_NORM=$norm timeout 500 "$worker" bench --preset "$preset" --seq "$seq" --batch "$b" \

@@ -22,7 +22,7 @@ import sys
 import tempfile
 
 KERNELS = ["dattn_fwd", "dattn_fwd_rel", "dattn_bwd_kv", "dattn_bwd_kv_rel", "dattn_bwd_q", "dattn_bwd_q_rel",
-           "dattn_bwd_q_ds"]  # dattn_bwd_q_rel: until 2026-11-27, replaced by dattn_bwd_q_ds
+           "dattn_bwd_q_ds", "dattn_bwd_v_ds", "dattn_bwd_k_ds"]  # dattn_bwd_q_rel: until 2026-11-27
 SHOWN = ["HMMA", "LDSM", "LDS", "STS", "MUFU", "IMAD", "BRA"]
 
 

@@ -38,10 +38,14 @@ pub enum RelativeTerms {
     /// cores: no tables (`dattn_fwd_rel`, `dattn_bwd_kv_rel`, then `dattn_bwd_q_ds` from the
     /// keys kernel's dS). Backward adds their part of dq and dk in the kernels and sums the
     /// table gradients per distance from per-block partials (`dattn_rel_reduce`): no atomics.
-    /// The default: the fastest of the three on the H100 (docs/performance.md).
+    /// The default: the fastest of the three measured on the H100 (docs/performance.md).
     InKernel,
     /// Inside the forward kernel only; backward from the tables.
     InKernelForward,
+    /// As `InKernel`, with the keys kernel split in two: `dattn_bwd_v_ds` computes only dV and
+    /// dS (3 blocks per SM where `dattn_bwd_kv_rel` gets 2), `dattn_bwd_k_ds` then dK and the
+    /// Q_r partials from dS, as `dattn_bwd_q_ds` does dQ (not yet timed on a GPU).
+    InKernelSplit,
 }
 
 thread_local! {
@@ -50,7 +54,7 @@ thread_local! {
 }
 
 impl RelativeTerms {
-    /// `DEBERTA_FUSED_RELATIVE=tables|kernel|kernel-forward` (default kernel: the fastest on
+    /// `DEBERTA_FUSED_RELATIVE=tables|kernel|kernel-forward|kernel-split` (default kernel: the fastest on
     /// the H100 since the backward kernels stopped spilling, docs/performance.md); another
     /// value is an error.
     pub fn chosen() -> Result<RelativeTerms, String> {
@@ -64,8 +68,9 @@ impl RelativeTerms {
                 Ok("tables") => Ok(RelativeTerms::Tables),
                 Err(_) | Ok("kernel") => Ok(RelativeTerms::InKernel),
                 Ok("kernel-forward") => Ok(RelativeTerms::InKernelForward),
+                Ok("kernel-split") => Ok(RelativeTerms::InKernelSplit),
                 Ok(other) => Err(format!(
-                    "DEBERTA_FUSED_RELATIVE={other}: expected tables, kernel or kernel-forward"
+                    "DEBERTA_FUSED_RELATIVE={other}: expected tables, kernel, kernel-forward or kernel-split"
                 )),
             })
             .clone()
@@ -304,6 +309,7 @@ struct Shared {
     bwd: u32,
     bwd_rel: u32,
     bwd_q_ds: u32,
+    bwd_v_ds: u32,
 }
 
 fn shared_bytes(head_dim: i64) -> Shared {
@@ -321,6 +327,9 @@ fn shared_bytes(head_dim: i64) -> Shared {
         bwd_rel: bwd_rel as u32,
         // Q, K, K_r's window (two tiles), dS and its skewed copy.
         bwd_q_ds: (tiles(4) + bands(1) + skewed) as u32,
+        // The queries' stats, the Q and dO tiles, the two bands (dS over the p2c band), the
+        // two windows.
+        bwd_v_ds: (2 * TILE * 4 + tiles(2) + bands(2) + tiles(4)) as u32,
     }
 }
 
@@ -369,6 +378,8 @@ fn kernels(device: Device, head_dim: i64) -> Result<Kernels, String> {
             ("dattn_bwd_q", shared.bwd),
             ("dattn_bwd_kv_rel", shared.bwd_rel),
             ("dattn_bwd_q_ds", shared.bwd_q_ds),
+            ("dattn_bwd_v_ds", shared.bwd_v_ds),
+            ("dattn_bwd_k_ds", shared.bwd_q_ds),
             ("dattn_rel_reduce", 0),
             ("dattn_row_dot", 0),
             ("dattn_dropout_mask", 0),
@@ -458,7 +469,7 @@ fn kernel_forward(x: &CoreInputs, seed: u64, rel: RelativeTerms) -> Result<(Tens
     let k = kernels(x.q.device(), d)?;
     let (o, function, shared) = match rel {
         RelativeTerms::Tables => (operands(x), "dattn_fwd", shared_bytes(d).fwd),
-        RelativeTerms::InKernel | RelativeTerms::InKernelForward => {
+        RelativeTerms::InKernel | RelativeTerms::InKernelForward | RelativeTerms::InKernelSplit => {
             (operands_rel(x), "dattn_fwd_rel", shared_bytes(d).fwd_rel)
         }
     };
@@ -493,7 +504,8 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     let x = &saved.inputs;
     let d = x.head_dim();
     let k = kernels(x.q.device(), d)?;
-    let in_kernel = saved.rel == RelativeTerms::InKernel;
+    let split = saved.rel == RelativeTerms::InKernelSplit;
+    let in_kernel = saved.rel == RelativeTerms::InKernel || split;
     let o = if in_kernel { operands_rel(x) } else { operands(x) };
     let (b, n, h, _) = o.q.size4().map_err(|e| e.to_string())?;
     let dout = bf16(&dout.view([b, n, h, d]));
@@ -534,7 +546,9 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
         Arg::F32(x.dropout as f32),
         Arg::U64(saved.seed),
     ];
-    let (kv_kernel, s) = if in_kernel {
+    let (kv_kernel, s) = if split {
+        ("dattn_bwd_v_ds", shared_bytes(d).bwd_v_ds)
+    } else if in_kernel {
         ("dattn_bwd_kv_rel", shared_bytes(d).bwd_rel)
     } else {
         ("dattn_bwd_kv", shared_bytes(d).bwd)
@@ -543,9 +557,15 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     // 0.4 GB at the 1.5B model's batch 32 × 512) and the queries kernel reads it instead of
     // recomputing the scores.
     let ds = in_kernel.then(|| Tensor::empty([b * h, blocks, blocks, TILE, TILE], (Kind::BFloat16, o.q.device())));
+    // Split: the keys kernel writes dV and dS only.
+    let kv_outputs = if split {
+        vec![Arg::tensor(&dv)]
+    } else {
+        vec![Arg::tensor(&dk), Arg::tensor(&dv), opt_arg(&dp2c)]
+    };
     let kv_args = [
         &common[..],
-        &[Arg::tensor(&dk), Arg::tensor(&dv), opt_arg(&dp2c)],
+        &kv_outputs,
         &ds.iter().map(Arg::tensor).collect::<Vec<_>>(),
         &scalars,
     ]
@@ -566,6 +586,20 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
         ];
         // SAFETY: as in kernel_forward; ds holds the keys kernel's dS for (b, h, n).
         unsafe { k.launch("dattn_bwd_q_ds", grid(b, h, n, shared_bytes(d).bwd_q_ds), &q_args) }?;
+        if split {
+            let k_args = [
+                Arg::tensor(&o.q),
+                Arg::tensor(&o.k),
+                opt_arg(&o.p2c),
+                Arg::tensor(ds),
+                Arg::tensor(&dk),
+                opt_arg(&dp2c),
+                Arg::I32(h as i32),
+                Arg::I32(n as i32),
+            ];
+            // SAFETY: as for dattn_bwd_q_ds; the same shared memory (its mirror image).
+            unsafe { k.launch("dattn_bwd_k_ds", grid(b, h, n, shared_bytes(d).bwd_q_ds), &k_args) }?;
+        }
     } else {
         let q_args = [&common[..], &[Arg::tensor(&dq), opt_arg(&dc2p)], &scalars].concat();
         // SAFETY: as in kernel_forward.
@@ -667,6 +701,8 @@ mod tests {
                 "dattn_fwd_rel",
                 "dattn_bwd_kv",
                 "dattn_bwd_q",
+                "dattn_bwd_v_ds",
+                "dattn_bwd_k_ds",
                 "dattn_dropout_mask",
             ] {
                 assert!(text.contains(kernel), "head size {d}: {kernel} missing from the PTX");
@@ -692,6 +728,8 @@ mod tests {
             ("dattn_bwd_q", sh.bwd, 3, 0),
             ("dattn_bwd_kv_rel", sh.bwd_rel, 2, 16),
             ("dattn_bwd_q_ds", sh.bwd_q_ds, 3, 0),
+            ("dattn_bwd_v_ds", sh.bwd_v_ds, 3, 0),
+            ("dattn_bwd_k_ds", sh.bwd_q_ds, 3, 0),
         ];
         let mut failures = Vec::new();
         for (name, shared, min_blocks, max_spill) in want {

@@ -217,6 +217,7 @@ mod tests {
             RelativeTerms::Tables,
             RelativeTerms::InKernel,
             RelativeTerms::InKernelForward,
+            RelativeTerms::InKernelSplit,
         ] {
             check_with(c, rel);
         }
@@ -272,11 +273,27 @@ mod tests {
                 continue;
             }
             let x = inputs(c, Device::Cpu, Kind::BFloat16);
-            for rel in [RelativeTerms::Tables, RelativeTerms::InKernel] {
+            for rel in [
+                RelativeTerms::Tables,
+                RelativeTerms::InKernel,
+                RelativeTerms::InKernelSplit,
+            ] {
                 let (a, b) = (run(&x, rel, false), run(&x, rel, true));
                 for (x, y) in a.iter().zip(&b) {
                     assert!(x.equal(y), "{} ({rel:?}): the result depends on the schedule", c.name);
                 }
+            }
+            // The split keys kernel sums the same products in the same order: the same bits.
+            let (whole, split) = (
+                run(&x, RelativeTerms::InKernel, false),
+                run(&x, RelativeTerms::InKernelSplit, false),
+            );
+            for (i, (x, y)) in whole.iter().zip(&split).enumerate() {
+                assert!(
+                    x.equal(y),
+                    "{}: output {i} of kernel-split differs from kernel's",
+                    c.name
+                );
             }
         }
     }

@@ -149,6 +149,7 @@ fn the_fused_path_through_the_emulated_kernels_trains_like_the_gather_path() {
         RelativeTerms::Tables,
         RelativeTerms::InKernel,
         RelativeTerms::InKernelForward,
+        RelativeTerms::InKernelSplit,
     ] {
         deberta_model::cuda::emulate_on_cpu(true);
         RelativeTerms::set_for_this_thread(Some(rel));

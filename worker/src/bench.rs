@@ -194,6 +194,7 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
                     Ok(deberta_model::fused_attention::RelativeTerms::InKernelForward) => {
                         "deberta-rs+fused-relfwd".into()
                     }
+                    Ok(deberta_model::fused_attention::RelativeTerms::InKernelSplit) => "deberta-rs+fused-split".into(),
                     _ => "deberta-rs+fused".into(),
                 }
             }

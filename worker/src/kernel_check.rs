@@ -85,6 +85,7 @@ fn speed(device: Device) -> anyhow::Result<()> {
         RelativeTerms::Tables,
         RelativeTerms::InKernel,
         RelativeTerms::InKernelForward,
+        RelativeTerms::InKernelSplit,
     ] {
         let fused = time_ms(device, 10, || {
             let x = x.map(Tensor::shallow_clone);
@@ -156,6 +157,7 @@ fn training(groups: &Groups) -> anyhow::Result<bool> {
         RelativeTerms::Tables,
         RelativeTerms::InKernel,
         RelativeTerms::InKernelForward,
+        RelativeTerms::InKernelSplit,
     ] {
         RelativeTerms::set_for_this_thread(Some(rel));
         let fused = run(RelativePath::Fused);
@@ -283,6 +285,7 @@ pub fn run(groups: &Groups) -> anyhow::Result<bool> {
         RelativeTerms::Tables,
         RelativeTerms::InKernel,
         RelativeTerms::InKernelForward,
+        RelativeTerms::InKernelSplit,
     ] {
         println!(" relative terms: {rel:?}");
         for (c, _) in CASES {

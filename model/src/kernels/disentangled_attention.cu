@@ -1020,6 +1020,184 @@ dattn_bwd_q_ds(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf1
   write_rows(dq, dq_acc, 1.f, 1.f, b, h, i0, N, H);
 }
 
+// ---- The split backward (`kernel-split`): dV and dS first, then dK and dQ from dS -------------
+// The keys kernel of `kernel` (dattn_bwd_kv_rel) carries most of the backward: 312 mma per tile,
+// 253 registers and 107.5 KB of shared memory, so 2 blocks per SM, too few warps to hide its
+// latencies. Split, the keys kernel computes only dV and each tile's dS (dattn_bwd_v_ds), and
+// dattn_bwd_k_ds gives dK from dS as dattn_bwd_q_ds gives dQ: the content part dS^T Q, the p2c
+// part and the partial sums of dQ_r. Without dK and the table-gradient rows, the keys kernel
+// keeps its warp's 16 key and value rows in registers, so their tiles' shared memory takes the
+// queries' tiles after the first barrier, and dS goes over the p2c band (each score written by
+// the one thread that read it): 72.5 KB, 3 blocks per SM. The price: dS and Q read once more.
+
+// The tile's dS as [query][key] (64 x 64 bf16, contiguous) at dst from DSt[key][query] ([64][LDR]):
+// 16-byte stores of 8 keys each.
+__device__ __forceinline__ void store_ds_tile_t(bf16* __restrict__ dst, const bf16* DSt) {
+#pragma unroll
+  for (int it = 0; it < 64 * 8 / THREADS; ++it) {
+    const int ci = threadIdx.x + it * THREADS, i = ci / 8, j0 = ci % 8 * 8;
+    unsigned int w[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) w[u] = pack(DSt[(j0 + 2 * u) * LDR + i], DSt[(j0 + 2 * u + 1) * LDR + i]);
+    *reinterpret_cast<uint4*>(dst + i * 64 + j0) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
+// Keys-major, split: this block owns keys [kb, kb + 64): dV += dropout(P)^T dO, and each tile's
+// dS ([B * H][tiles][tiles][64][64] bf16) for dattn_bwd_q_ds and dattn_bwd_k_ds. Shared memory:
+// the queries' (lse log2 e, D_i), the Q and dO tiles (at first the block's K and V rows), the
+// c2p band Cb[query][key], the p2c band Pb[key][query] (then the tile's dS^T), the K_r and Q_r
+// windows [128][LDS].
+KERNEL void __launch_bounds__(128, 3)
+dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int H, int N, float p_drop,
+               unsigned long long seed) {
+  DYNAMIC_SMEM(smem);
+  float2* qstat = reinterpret_cast<float2*>(smem);
+  bf16* Qs = reinterpret_cast<bf16*>(qstat + 64);
+  bf16* dOs = Qs + 64 * LDS;
+  bf16* Cb = dOs + 64 * LDS;
+  bf16* Pb = Cb + 64 * LDR;  // the p2c band, then dS^T
+  bf16* KRw = Pb + 64 * LDR;
+  bf16* QRw = KRw + 128 * LDS;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int bh = blockIdx.y, b = bh / H, h = bh % H;
+  const unsigned int threshold = DROP_THRESHOLD(p_drop);
+  const unsigned int dkey = head_key(seed, bh);
+  const float inv_keep = p_drop > 0.f ? 1.f / (1.f - p_drop) : 1.f;
+  const int ra = warp * 16 + g, rb = ra + 8;
+  const int kb = blockIdx.x * BN, j0 = kb + warp * 16;
+  const float key_a = kb + ra < N && mask[(long long)b * N + kb + ra] ? 0.f : NEG_INF;
+  const float key_b = kb + rb < N && mask[(long long)b * N + kb + rb] ? 0.f : NEG_INF;
+  if (!c2p) zero_band(Cb);
+  load_tile_async(Qs, k, b, h, kb, N, H);
+  load_tile_async(dOs, v, b, h, kb, N, H);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();
+  FragA kf[D / 16], vf[D / 16];  // the warp's 16 key and value rows, for the whole kernel
+  load_rows(kf, Qs + warp * 16 * LDS);
+  load_rows(vf, dOs + warp * 16 * LDS);
+  float dv_acc[D / 8][4];
+#pragma unroll
+  for (int n8 = 0; n8 < D / 8; ++n8) dv_acc[n8][0] = dv_acc[n8][1] = dv_acc[n8][2] = dv_acc[n8][3] = 0.f;
+
+  for (int m0 = 0, n = 0; m0 < N; m0 += BM, ++n) {
+    __syncthreads();  // every warp holds its rows (tile 0), or is done with the previous tile
+    load_tile_async(Qs, q, b, h, m0, N, H);
+    load_tile_async(dOs, dout, b, h, m0, N, H);
+    load_relative<true>(Cb, Pb, KRw, QRw, c2p, p2c, 0, h, N, m0, kb, n, -1);
+    cp_async_commit();
+    for (int e = threadIdx.x; e < BM; e += blockDim.x) {
+      const int i = m0 + e;
+      const bool in = i < N;
+      qstat[e] = make_float2(in && mask[(long long)b * N + i] ? lse[(long long)bh * N + i] * L2E : POS_INF,
+                             in ? dvec[(long long)bh * N + i] : 0.f);
+    }
+    cp_async_wait_all();
+    __syncthreads();
+    if (c2p) {  // Cb's rows are queries: each warp's 16 of them
+      FragA qf[D / 16];
+      load_rows(qf, Qs + warp * 16 * LDS);
+      skewed_band(Cb, qf, window_of(KRw, n, -1));
+    }
+    if (p2c) skewed_band(Pb, kf, window_of(QRw, n, 1));  // Pb's rows are the warp's own keys
+    __syncthreads();  // every warp reads all of Cb
+#pragma unroll 1
+    for (int c0 = 0; c0 < BM; c0 += 32) {
+      float st[4][4], dpt[4][4];
+      frags_times_tile_t<4>(st, kf, Qs + c0 * LDS);    // S^T = K_w Q^T
+      frags_times_tile_t<4>(dpt, vf, dOs + c0 * LDS);  // dP^T = V_w dO^T
+#pragma unroll
+      for (int n8 = 0; n8 < 4; ++n8) {
+        // As in bwd_kv; Pb's pair (r, c..c+1) is read before this thread writes dS over it.
+        const int cc = c0 + n8 * 8 + 2 * t;
+        const float2 qs[2] = {qstat[cc], qstat[cc + 1]};
+        const unsigned int pw[2] = {p2c ? ld32(Pb + ra * LDR + cc) : 0u, p2c ? ld32(Pb + rb * LDR + cc) : 0u};
+        unsigned int hz[2];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e < 2 ? ra : rb, c = cc + (e & 1);  // key r, query c
+          const float x =
+              st[n8][e] + bf2f(Cb[c * LDR + r]) + (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2])) + (e < 2 ? key_a : key_b);
+          const float p = ex2(fmaf(x, L2E, -qs[e & 1].x));
+          float z = 1.f;
+          if (p_drop > 0.f) {
+            if (e < 2) hz[e] = pair_hash(dkey, m0 + c, kb + ra);
+            z = kept(hz[e & 1], e >= 2, threshold) ? inv_keep : 0.f;
+          }
+          st[n8][e] = p * z;
+          Pb[r * LDR + c] = f2bf(p * (dpt[n8][e] * z - qs[e & 1].y));
+        }
+      }
+      FragA pza[2];
+      to_a<2>(pza, st);
+      weights_times_tile<2>(dv_acc, pza, dOs + c0 * LDS);  // dV += dropout(P)^T dO
+    }
+    __syncthreads();  // the tile's dS^T is complete
+    store_ds_tile_t(ds_out + (((long long)bh * gridDim.x + n) * gridDim.x + blockIdx.x) * 64 * 64, Pb);
+  }
+  write_rows(dv, dv_acc, 1.f, 1.f, b, h, j0, N, H);
+}
+
+// Keys-major from dS (split): this block owns keys [kb, kb + 64): dK = dS^T Q, the p2c part
+// dK += dS^T Q_r (skewed) and this block's partial sums of dQ_r (into dp2c, as dattn_bwd_kv_rel
+// writes them). The mirror of dattn_bwd_q_ds: the block's K, the tile's Q, dS [query][key], its
+// skewed transpose DSK[key][63 - key + query], Q_r's window [128][LDS]: 62 KB, 3 blocks per SM.
+KERNEL void __launch_bounds__(128, 3)
+dattn_bwd_k_ds(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ p2c,
+               const bf16* __restrict__ ds, bf16* __restrict__ dk, bf16* __restrict__ dp2c, int H, int N) {
+  DYNAMIC_SMEM(smem);
+  bf16* Ks = reinterpret_cast<bf16*>(smem);
+  bf16* Qs = Ks + 64 * LDS;
+  bf16* DSs = Qs + 64 * LDS;   // dS [query][key]
+  bf16* DSK = DSs + 64 * LDR;  // DSK[key][63 - key + query] = dS, zero off the band
+  bf16* QRw = DSK + 64 * LDK;  // [128][LDS]
+  const int warp = threadIdx.x / 32, tiles = gridDim.x;
+  const int bh = blockIdx.y, b = bh / H, h = bh % H;
+  const int kb = blockIdx.x * BN, j0 = kb + warp * 16;
+  // This block's partial dQ_r rows, [rows][D] from window row N-64-kb (see relative_grads).
+  bf16* part = p2c && dp2c ? dp2c + ((long long)bh * tiles + blockIdx.x) * (tiles * 64 + 64) * D : nullptr;
+  const bf16* ds_bh = ds + (long long)bh * tiles * tiles * 64 * 64;
+  zero_skewed(DSK);
+  load_tile_async(Ks, k, b, h, kb, N, H);
+  cp_async_commit();
+  float dk_acc[D / 8][4];
+  float gacc[2][D / 8][4];  // the partial dQ_r rows this warp carries to the next tile
+#pragma unroll
+  for (int n8 = 0; n8 < D / 8; ++n8) dk_acc[n8][0] = dk_acc[n8][1] = dk_acc[n8][2] = dk_acc[n8][3] = 0.f;
+
+  for (int m0 = 0, n = 0; m0 < N; m0 += BM, ++n) {
+    __syncthreads();  // the previous tile's readers of Qs, DSs, DSK and the window's old half are done
+    load_tile_async(Qs, q, b, h, m0, N, H);
+    load_ds_async(DSs, ds_bh + ((long long)n * tiles + blockIdx.x) * 64 * 64);
+    if (p2c) load_window_async(QRw, p2c, h, N - 1 - (kb + 63) + m0, n, 1, N);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    if (p2c)  // the skewed transpose, two keys per step
+#pragma unroll
+      for (int it = 0; it < 64 * 32 / THREADS; ++it) {
+        const int pi = threadIdx.x + it * THREADS, c = pi / 32, r = pi % 32 * 2;  // query c, keys r, r + 1
+        const unsigned int w = ld32(DSs + c * LDR + r);
+        DSK[r * LDK + 63 - r + c] = (bf16)(w & 0xffffu);
+        DSK[(r + 1) * LDK + 62 - r + c] = (bf16)(w >> 16);
+      }
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {  // dK += dS^T Q
+      FragA a;
+      load_a_t(a, DSs + kk * 16 * LDR + warp * 16, LDR);
+      a_times_rows(dk_acc, a, Qs + kk * 16 * LDS);
+    }
+    if (p2c) {
+      __syncthreads();  // every warp's part of DSK
+      // p2c(i, j) = k_j . Q_r[N-1-j+i]: dK += dS^T Q_r (skewed), dQ_r += (skewed dS)^T K.
+      relative_grads(dk_acc, gacc, DSK, window_of(QRw, n, 1), Ks, part, m0, n);
+    }
+  }
+  if (p2c) flush_relative(gacc, part, (tiles - 1) * BM, tiles - 1);
+  write_rows(dk, dk_acc, 1.f, 1.f, b, h, j0, N, H);
+}
+
 // D_i = dO_i . O_i for each query and head (the backward's softmax correction), fp32 [B, H, N],
 // from dout and out ([B, N, H, D] bf16): a thread per (b, n, h) row, 16-byte loads, fp32 sums.
 // One pass where the tensor ops took five (two fp32 casts, the product, the sum, a permute).

@@ -453,10 +453,13 @@ struct Entry {
 const Entry KERNELS[] = {
     ENTRY(hd16, 16, dattn_fwd), ENTRY(hd16, 16, dattn_fwd_rel), ENTRY(hd16, 16, dattn_bwd_kv), ENTRY(hd16, 16, dattn_bwd_q),
     ENTRY(hd16, 16, dattn_bwd_kv_rel), ENTRY(hd16, 16, dattn_bwd_q_ds), ENTRY(hd16, 16, dattn_rel_reduce), ENTRY(hd16, 16, dattn_row_dot),
+    ENTRY(hd16, 16, dattn_bwd_v_ds), ENTRY(hd16, 16, dattn_bwd_k_ds),
     ENTRY(hd32, 32, dattn_fwd), ENTRY(hd32, 32, dattn_fwd_rel), ENTRY(hd32, 32, dattn_bwd_kv), ENTRY(hd32, 32, dattn_bwd_q),
     ENTRY(hd32, 32, dattn_bwd_kv_rel), ENTRY(hd32, 32, dattn_bwd_q_ds), ENTRY(hd32, 32, dattn_rel_reduce), ENTRY(hd32, 32, dattn_row_dot),
+    ENTRY(hd32, 32, dattn_bwd_v_ds), ENTRY(hd32, 32, dattn_bwd_k_ds),
     ENTRY(hd64, 64, dattn_fwd), ENTRY(hd64, 64, dattn_fwd_rel), ENTRY(hd64, 64, dattn_bwd_kv), ENTRY(hd64, 64, dattn_bwd_q),
     ENTRY(hd64, 64, dattn_bwd_kv_rel), ENTRY(hd64, 64, dattn_bwd_q_ds), ENTRY(hd64, 64, dattn_rel_reduce), ENTRY(hd64, 64, dattn_row_dot),
+    ENTRY(hd64, 64, dattn_bwd_v_ds), ENTRY(hd64, 64, dattn_bwd_k_ds),
     ENTRY(hd64, 0, dattn_dropout_mask),
     ENTRY(rln, 0, rln_fwd_bf16), ENTRY(rln, 0, rln_fwd_f32), ENTRY(rln, 0, rln_bwd_bf16), ENTRY(rln, 0, rln_bwd_f32),
     ENTRY(rln, 0, rln_dropout_mask), ENTRY(adamw, 0, adamw_step),
