@@ -586,6 +586,7 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
         ];
         // SAFETY: as in kernel_forward; ds holds the keys kernel's dS for (b, h, n).
         unsafe { k.launch("dattn_bwd_q_ds", grid(b, h, n, shared_bytes(d).bwd_q_ds), &q_args) }?;
+        stage("backward: queries kernel");
         if split {
             let k_args = [
                 Arg::tensor(&o.q),
@@ -599,13 +600,14 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
             ];
             // SAFETY: as for dattn_bwd_q_ds; the same shared memory (its mirror image).
             unsafe { k.launch("dattn_bwd_k_ds", grid(b, h, n, shared_bytes(d).bwd_q_ds), &k_args) }?;
+            stage("backward: keys from dS (split)");
         }
     } else {
         let q_args = [&common[..], &[Arg::tensor(&dq), opt_arg(&dc2p)], &scalars].concat();
         // SAFETY: as in kernel_forward.
         unsafe { k.launch("dattn_bwd_q", grid(b, h, n, s), &q_args) }?;
+        stage("backward: queries kernel");
     }
-    stage("backward: queries kernel");
 
     let (mut dq, mut dk) = (dq.to_kind(x.q.kind()), dk.to_kind(x.k.kind()));
     let w = 2 * n - 1;
