@@ -265,10 +265,9 @@ impl DisentangledSelfAttention {
     pub fn project_content_backward(&self, x: &Tensor, grads: [&Tensor; 3], kind: Kind) -> Tensor {
         let d = x.size()[2];
         let local = grads[0].size()[2] * grads[0].size()[3];
-        let rows = |t: &Tensor| t.reshape([-1, local]).to_kind(kind);
         // q = x (s Wq)^T + s bq: dx takes s Wq, and Wq's and bq's gradients are s times those
         // of the unscaled rows (taken on the weight-sized products, not on dq).
-        let dqkv = Tensor::cat(&[rows(grads[0]), rows(grads[1]), rows(grads[2])], 1); // [B·N, 3·local]
+        let dqkv = qkv_rows(grads, local, kind); // [B·N, 3·local]
         let lin = [&self.query_proj, &self.key_proj, &self.value_proj];
         let wq = self.scaled_query().0;
         let w = Tensor::cat(
@@ -457,11 +456,49 @@ impl DisentangledSelfAttention {
     }
 }
 
+/// [dq dk dv] ([B, N, heads, d] each) as one [B·N, 3·local] operand in `kind`: a view when they
+/// are the three slices of one [B, N, 3, heads, d] buffer (the fused kernels write them so), else
+/// their concatenation (a pass over all three).
+fn qkv_rows(grads: [&Tensor; 3], local: i64, kind: Kind) -> Tensor {
+    let [q, k, v] = grads;
+    let size = q.size();
+    let at = |t: &Tensor, slice: i64| {
+        t.kind() == kind
+            && t.size() == size
+            && t.stride() == [size[1] * 3 * local, 3 * local, size[3], 1]
+            && t.data_ptr() as i64 == q.data_ptr() as i64 + slice * local * kind.elt_size_in_bytes() as i64
+    };
+    if size.len() == 4 && at(q, 0) && at(k, 1) && at(v, 2) {
+        return q.as_strided([size[0] * size[1], 3 * local], [3 * local, 1], None::<i64>);
+    }
+    let rows = |t: &Tensor| t.reshape([-1, local]).to_kind(kind);
+    Tensor::cat(&[rows(q), rows(k), rows(v)], 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::encoder::Encoder;
     use tch::{Device, Kind};
+
+    /// The fused kernels write dq, dk, dv as the slices of one [B, N, 3, heads, d] buffer; the
+    /// projections' backward then multiplies a view of it. Any other layout is concatenated.
+    #[test]
+    fn the_kernels_gradient_buffer_is_the_projections_operand_without_a_copy() {
+        let (b, n, h, d) = (2, 5, 3, 4);
+        let local = h * d;
+        let buf = Tensor::randn([b, n, 3, h, d], (Kind::Float, Device::Cpu));
+        let [q, k, v] = [0, 1, 2].map(|i| buf.select(2, i));
+        let got = qkv_rows([&q, &k, &v], local, Kind::Float);
+        assert_eq!(got.data_ptr(), buf.data_ptr(), "not a view of the buffer");
+        let cat = |ts: [&Tensor; 3]| Tensor::cat(&ts.map(|t| t.reshape([-1, local])), 1);
+        assert!(got.equal(&cat([&q, &k, &v])));
+        let separate = [&q, &k, &v].map(|t| t.contiguous());
+        let want = qkv_rows([&separate[0], &separate[1], &separate[2]], local, Kind::Float);
+        assert!(want.equal(&got));
+        // The same slices in another order are no one operand.
+        assert!(qkv_rows([&k, &q, &v], local, Kind::Float).equal(&cat([&k, &q, &v])));
+    }
 
     /// Output and gradients (input, every projection) of one attention call.
     fn run(cfg: &DebertaConfig, path: RelativePath, seed: i64) -> Vec<Tensor> {

@@ -524,7 +524,11 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     // SAFETY: dout and out are contiguous bf16 [B, N, H, d], dvec fp32 [B, H, N].
     unsafe { k.launch("dattn_row_dot", cfg, &args) }?;
     let lse = saved.lse.as_ref().expect("the kernels' forward saved the log-sum-exp");
-    let (dq, dk, dv) = (o.q.empty_like(), o.k.empty_like(), o.v.empty_like());
+    // dq, dk, dv as one [B, N, 3, H, d] buffer: the projections' backward takes its
+    // [B * N, 3 H d] view as the GEMMs' operand, with no concatenation (`qkv_rows`).
+    let dqkv = Tensor::empty([b, n, 3, h, d], (Kind::BFloat16, o.q.device()));
+    let (dq, dk, dv) = (dqkv.select(2, 0), dqkv.select(2, 1), dqkv.select(2, 2));
+    let ldg = Arg::I32((3 * h * d) as i32);
     // The table gradients' first stage. Tables: per-distance rows, each (row, N-1-row+col)
     // written once, the rest (distances no pair has) zero. In the kernels: each block's partial
     // sums over a window of 64 (blocks + 1) distances, every element written, in bf16 (0.45 GB
@@ -543,6 +547,7 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     let scalars = [
         Arg::I32(h as i32),
         Arg::I32(n as i32),
+        ldg,
         Arg::F32(x.dropout as f32),
         Arg::U64(saved.seed),
     ];
@@ -583,6 +588,7 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
             opt_arg(&dc2p),
             Arg::I32(h as i32),
             Arg::I32(n as i32),
+            ldg,
         ];
         // SAFETY: as in kernel_forward; ds holds the keys kernel's dS for (b, h, n).
         unsafe { k.launch("dattn_bwd_q_ds", grid(b, h, n, shared_bytes(d).bwd_q_ds), &q_args) }?;
@@ -597,6 +603,7 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
                 opt_arg(&dp2c),
                 Arg::I32(h as i32),
                 Arg::I32(n as i32),
+                ldg,
             ];
             // SAFETY: as for dattn_bwd_q_ds; the same shared memory (its mirror image).
             unsafe { k.launch("dattn_bwd_k_ds", grid(b, h, n, shared_bytes(d).bwd_q_ds), &k_args) }?;

@@ -15,7 +15,9 @@
 // c2p table gradient), so every output element has one owner: no atomics. The table gradients
 // are written per distance, dS[i, j] at (i, N-1-i+j) and (j, N-1-j+i): one writer each.
 //
-// Layouts: q, k, v, out, dout, dq, dk, dv are [B, N, H, D] (the projections' own layout);
+// Layouts: q, k, v, out, dout are [B, N, H, D] (the projections' own layout); dq, dk, dv the
+// same with their tokens ldg elements apart (the backward kernels' `ldg`: 3 H D, all three in
+// one [B, N, 3, H, D] buffer, whose [B * N, 3 H D] view the projections' backward multiplies);
 // lse and dvec [B, H, N] fp32; c2p, p2c and their gradients [H, B, N, 2N] (head-major: one GEMM
 // per head over every token makes them; 2N-1 distances and one padding column, so rows stay
 // aligned); mask [B, N] u8.
@@ -328,16 +330,17 @@ __device__ __forceinline__ void weights_times_tile(float (*acc)[4], const FragA*
 }
 
 // Write the accumulators acc (a warp's [16][D]) as bf16 rows row0 + g, row0 + g + 8 of head h of
-// a [B, N, H, D] tensor, scaled by s0 and s1.
+// a [B, N, H, D] tensor whose tokens are ld elements apart (H * D if contiguous; the backward
+// writes dq, dk, dv into one [B, N, 3, H, D] buffer), scaled by s0 and s1.
 __device__ __forceinline__ void write_rows(bf16* dst, float (*acc)[4], float s0, float s1, int b, int h, int row0,
-                                           int N, int H) {
+                                           int N, long long ld) {
   const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int row = row0 + g + 8 * half;
     if (row >= N) continue;
     const float s = half ? s1 : s0;
-    bf16* p = dst + (((long long)b * N + row) * H + h) * D + 2 * t;
+    bf16* p = dst + ((long long)b * N + row) * ld + h * D + 2 * t;
 #pragma unroll
     for (int n8 = 0; n8 < D / 8; ++n8)
       *reinterpret_cast<unsigned int*>(p + n8 * 8) = pack(f2bf(acc[n8][2 * half] * s), f2bf(acc[n8][2 * half + 1] * s));
@@ -604,7 +607,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     weights_times_tile<BN / 16>(o, pa, Vs);  // O += dropout(P) V
   }
   const float inv_a = oka && l_a > 0.f ? 1.f / l_a : 0.f, inv_b = okb && l_b > 0.f ? 1.f / l_b : 0.f;
-  write_rows(out, o, inv_a, inv_b, b, h, i0, N, H);
+  write_rows(out, o, inv_a, inv_b, b, h, i0, N, (long long)H * D);
   if (t == 0) {
     if (i0 + g < N) lse[(long long)bh * N + i0 + g] = oka ? m_a + __logf(l_a) : POS_INF;
     if (i0 + g + 8 < N) lse[(long long)bh * N + i0 + g + 8] = okb ? m_b + __logf(l_b) : POS_INF;
@@ -755,7 +758,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
                                        const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
                                        const bf16* __restrict__ dout, const float* __restrict__ lse,
                                        const float* __restrict__ dvec, bf16* __restrict__ dk, bf16* __restrict__ dv,
-                                       bf16* __restrict__ dp2c, bf16* __restrict__ ds_out, int H, int N,
+                                       bf16* __restrict__ dp2c, bf16* __restrict__ ds_out, int H, int N, int ldg,
                                        float p_drop, unsigned long long seed) {
   BWD_SMEM_SETUP(REL)
   bf16 *Ks = T0, *Vs = T1, *Qs = T2, *dOs = T3;
@@ -844,8 +847,8 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
     }
   }
   if (REL && p2c) flush_relative(gacc, part, (gridDim.x - 1) * BM, gridDim.x - 1);
-  write_rows(dk, dk_acc, 1.f, 1.f, b, h, j0, N, H);
-  write_rows(dv, dv_acc, 1.f, 1.f, b, h, j0, N, H);
+  write_rows(dk, dk_acc, 1.f, 1.f, b, h, j0, N, ldg);
+  write_rows(dv, dv_acc, 1.f, 1.f, b, h, j0, N, ldg);
 }
 
 // Queries-major backward (tables): this block owns queries [mb, mb + 64): dQ, and the rows
@@ -857,7 +860,7 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
                                       const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
                                       const bf16* __restrict__ dout, const float* __restrict__ lse,
                                       const float* __restrict__ dvec, bf16* __restrict__ dq, bf16* __restrict__ dc2p,
-                                      int H, int N, float p_drop, unsigned long long seed) {
+                                      int H, int N, int ldg, float p_drop, unsigned long long seed) {
   BWD_SMEM_SETUP(false)
   bf16 *Qs = T0, *dOs = T1, *Ks = T2, *Vs = T3;
   const int mb = blockIdx.x * BM, i0 = mb + warp * 16;
@@ -921,7 +924,7 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
     __syncthreads();
     if (dc2p) store_band(dc2p, DSb, tb, N, mb, n0);  // d_c2p[i, N-1-i+j] = dS[i, j]
   }
-  write_rows(dq, dq_acc, 1.f, 1.f, b, h, i0, N, H);
+  write_rows(dq, dq_acc, 1.f, 1.f, b, h, i0, N, ldg);
 }
 
 #define BWD_COMMON                                                                                          \
@@ -934,19 +937,19 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
 // 3 blocks per SM (at most 168 registers; 64 KB of shared memory each).
 KERNEL void __launch_bounds__(128, 3)
 dattn_bwd_kv(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ dp2c, int H, int N,
-             float p_drop, unsigned long long seed) {
-  bwd_kv<false>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, dp2c, nullptr, H, N, p_drop, seed);
+             int ldg, float p_drop, unsigned long long seed) {
+  bwd_kv<false>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, dp2c, nullptr, H, N, ldg, p_drop, seed);
 }
 // ds: every tile's dS, bf16 [B * H][tiles][tiles][64][64], for dattn_bwd_q_ds.
 KERNEL void __launch_bounds__(128)
 dattn_bwd_kv_rel(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ dp2c,
-                 bf16* __restrict__ ds, int H, int N, float p_drop, unsigned long long seed) {
-  bwd_kv<true>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, dp2c, ds, H, N, p_drop, seed);
+                 bf16* __restrict__ ds, int H, int N, int ldg, float p_drop, unsigned long long seed) {
+  bwd_kv<true>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, dp2c, ds, H, N, ldg, p_drop, seed);
 }
 KERNEL void __launch_bounds__(128)
-dattn_bwd_q(BWD_COMMON, bf16* __restrict__ dq, bf16* __restrict__ dc2p, int H, int N, float p_drop,
+dattn_bwd_q(BWD_COMMON, bf16* __restrict__ dq, bf16* __restrict__ dc2p, int H, int N, int ldg, float p_drop,
             unsigned long long seed) {
-  bwd_q(q, k, v, c2p, p2c, mask, dout, lse, dvec, dq, dc2p, H, N, p_drop, seed);
+  bwd_q(q, k, v, c2p, p2c, mask, dout, lse, dvec, dq, dc2p, H, N, ldg, p_drop, seed);
 }
 
 // A tile of dS (64 x 64 bf16, contiguous) into dst [64][LDR] by cp.async.
@@ -967,7 +970,8 @@ __device__ __forceinline__ void load_ds_async(bf16* __restrict__ dst, const bf16
 // window [128][LDS]: 62 KB, 3 blocks per SM.
 KERNEL void __launch_bounds__(128, 3)
 dattn_bwd_q_ds(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ c2p,
-               const bf16* __restrict__ ds, bf16* __restrict__ dq, bf16* __restrict__ dc2p, int H, int N) {
+               const bf16* __restrict__ ds, bf16* __restrict__ dq, bf16* __restrict__ dc2p, int H, int N,
+               int ldg) {
   DYNAMIC_SMEM(smem);
   bf16* Qs = reinterpret_cast<bf16*>(smem);
   bf16* Ks = Qs + 64 * LDS;
@@ -1017,7 +1021,7 @@ dattn_bwd_q_ds(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf1
     }
   }
   if (c2p) flush_relative(gacc, part, (tiles - 1) * BN, tiles - 1);
-  write_rows(dq, dq_acc, 1.f, 1.f, b, h, i0, N, H);
+  write_rows(dq, dq_acc, 1.f, 1.f, b, h, i0, N, ldg);
 }
 
 // ---- The split backward (`kernel-split`): dV and dS first, then dK and dQ from dS -------------
@@ -1049,7 +1053,7 @@ __device__ __forceinline__ void store_ds_tile_t(bf16* __restrict__ dst, const bf
 // c2p band Cb[query][key], the p2c band Pb[key][query] (then the tile's dS^T), the K_r and Q_r
 // windows [128][LDS].
 KERNEL void __launch_bounds__(128, 3)
-dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int H, int N, float p_drop,
+dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int H, int N, int ldg, float p_drop,
                unsigned long long seed) {
   DYNAMIC_SMEM(smem);
   float2* qstat = reinterpret_cast<float2*>(smem);
@@ -1136,7 +1140,7 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
     __syncthreads();  // the tile's dS^T is complete
     store_ds_tile_t(ds_out + (((long long)bh * gridDim.x + n) * gridDim.x + blockIdx.x) * 64 * 64, Pb);
   }
-  write_rows(dv, dv_acc, 1.f, 1.f, b, h, j0, N, H);
+  write_rows(dv, dv_acc, 1.f, 1.f, b, h, j0, N, ldg);
 }
 
 // Keys-major from dS (split): this block owns keys [kb, kb + 64): dK = dS^T Q, the p2c part
@@ -1145,7 +1149,8 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
 // skewed transpose DSK[key][63 - key + query], Q_r's window [128][LDS]: 62 KB, 3 blocks per SM.
 KERNEL void __launch_bounds__(128, 3)
 dattn_bwd_k_ds(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ p2c,
-               const bf16* __restrict__ ds, bf16* __restrict__ dk, bf16* __restrict__ dp2c, int H, int N) {
+               const bf16* __restrict__ ds, bf16* __restrict__ dk, bf16* __restrict__ dp2c, int H, int N,
+               int ldg) {
   DYNAMIC_SMEM(smem);
   bf16* Ks = reinterpret_cast<bf16*>(smem);
   bf16* Qs = Ks + 64 * LDS;
@@ -1195,7 +1200,7 @@ dattn_bwd_k_ds(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf1
     }
   }
   if (p2c) flush_relative(gacc, part, (tiles - 1) * BM, tiles - 1);
-  write_rows(dk, dk_acc, 1.f, 1.f, b, h, j0, N, H);
+  write_rows(dk, dk_acc, 1.f, 1.f, b, h, j0, N, ldg);
 }
 
 // D_i = dO_i . O_i for each query and head (the backward's softmax correction), fp32 [B, H, N],
