@@ -279,7 +279,10 @@ impl DisentangledSelfAttention {
         for (i, l) in lin.iter().enumerate() {
             let at = i as i64 * local;
             let s = if i == 0 { self.scale } else { 1.0 };
-            crate::nn::accumulate_grad(&l.weight, &(dw.narrow(0, at, local).to_kind(l.weight.kind()) * s));
+            let dw = dw.narrow(0, at, local);
+            // Scaled in fp32 (a bf16 product would round again); k's and v's go as they are.
+            let dw = if s == 1.0 { dw } else { dw.to_kind(l.weight.kind()) * s };
+            crate::nn::accumulate_grad(&l.weight, &dw);
             if let Some(bias) = &l.bias {
                 crate::nn::accumulate_grad(bias, &(db.narrow(0, at, local) * s));
             }
