@@ -579,34 +579,27 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     unsafe { k.launch(kv_kernel, grid(b, h, n, s), &kv_args) }?;
     stage("backward: keys kernel");
     if let Some(ds) = &ds {
-        let q_args = [
-            Arg::tensor(&o.q),
-            Arg::tensor(&o.k),
-            opt_arg(&o.c2p),
-            Arg::tensor(ds),
-            Arg::tensor(&dq),
-            opt_arg(&dc2p),
-            Arg::I32(h as i32),
-            Arg::I32(n as i32),
-            ldg,
-        ];
-        // SAFETY: as in kernel_forward; ds holds the keys kernel's dS for (b, h, n).
-        unsafe { k.launch("dattn_bwd_q_ds", grid(b, h, n, shared_bytes(d).bwd_q_ds), &q_args) }?;
-        stage("backward: queries kernel");
-        if split {
-            let k_args = [
+        // dattn_bwd_q_ds and its mirror dattn_bwd_k_ds: (q, k, the table, dS, the gradient, the
+        // table gradient's partials, H, N, ldg).
+        let from_ds = |function: &str, table: &Option<Tensor>, grad: &Tensor, part: &Option<Tensor>| {
+            let args = [
                 Arg::tensor(&o.q),
                 Arg::tensor(&o.k),
-                opt_arg(&o.p2c),
+                opt_arg(table),
                 Arg::tensor(ds),
-                Arg::tensor(&dk),
-                opt_arg(&dp2c),
+                Arg::tensor(grad),
+                opt_arg(part),
                 Arg::I32(h as i32),
                 Arg::I32(n as i32),
                 ldg,
             ];
-            // SAFETY: as for dattn_bwd_q_ds; the same shared memory (its mirror image).
-            unsafe { k.launch("dattn_bwd_k_ds", grid(b, h, n, shared_bytes(d).bwd_q_ds), &k_args) }?;
+            // SAFETY: as in kernel_forward; ds holds the keys kernel's dS for (b, h, n).
+            unsafe { k.launch(function, grid(b, h, n, shared_bytes(d).bwd_q_ds), &args) }
+        };
+        from_ds("dattn_bwd_q_ds", &o.c2p, &dq, &dc2p)?;
+        stage("backward: queries kernel");
+        if split {
+            from_ds("dattn_bwd_k_ds", &o.p2c, &dk, &dp2c)?;
             stage("backward: keys from dS (split)");
         }
     } else {

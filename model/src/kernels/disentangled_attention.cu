@@ -961,67 +961,84 @@ __device__ __forceinline__ void load_ds_async(bf16* __restrict__ dst, const bf16
   }
 }
 
-// Queries-major backward from the keys kernel's dS (REL, the default): this block owns queries
-// [mb, mb + 64): dQ = dS K, the c2p part dQ += dS K_r (skewed), and this block's partial sums of
-// dK_r (as `bwd_q`, into dc2p). Reading dS ([B * H][tiles][tiles][64][64] bf16, from
-// dattn_bwd_kv_rel) instead of recomputing S, both bands, P and dP takes this kernel from 280
-// mma per tile to 136 and drops its per-score work (exponential, dropout hash, masks) entirely.
-// Shared memory: the block's Q, the tile's K, dS [64][LDR], its skewed copy [64][LDK], K_r's
-// window [128][LDS]: 62 KB, 3 blocks per SM.
+// The backward from the keys kernel's dS ([B * H][tiles][tiles][64][64] bf16, [query][key] per
+// tile) for this block's 64 own rows, queries (dattn_bwd_q_ds) or keys (KEYS, dattn_bwd_k_ds):
+// their gradient dS K (queries) or dS^T Q (keys), the relative term's part of it against the
+// table they read (c2p's K_r for queries, p2c's Q_r for keys: skewed dS times the window), and
+// this block's partial sums of that table's gradient (into part_out, as relative_grads writes
+// them). Reading dS instead of recomputing S, both bands, P and dP took the queries kernel from
+// 280 mma per tile to 136 and dropped its per-score work (exponential, dropout hash, masks).
+// Shared memory: the block's own rows, the tile's other rows, dS [64][LDR], its skewed copy
+// DSK[own][63 - own + other] ([64][LDK]), the table's window [128][LDS]: 62 KB, 3 blocks per SM.
+template <bool KEYS>
+__device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const bf16* __restrict__ other_src,
+                                        const bf16* __restrict__ table, const bf16* __restrict__ ds,
+                                        bf16* __restrict__ out, bf16* __restrict__ part_out, int H, int N, int ldg) {
+  DYNAMIC_SMEM(smem);
+  bf16* Own = reinterpret_cast<bf16*>(smem);
+  bf16* Other = Own + 64 * LDS;
+  bf16* DSs = Other + 64 * LDS;  // dS [query][key]
+  bf16* DSK = DSs + 64 * LDR;    // DSK[own][63 - own + other] = dS, zero off the band
+  bf16* Win = DSK + 64 * LDK;    // [128][LDS]
+  const int warp = threadIdx.x / 32, tiles = gridDim.x;
+  const int bh = blockIdx.y, b = bh / H, h = bh % H;
+  const int r0 = blockIdx.x * 64, row0 = r0 + warp * 16;
+  // This block's partial rows of the table's gradient, [rows][D] from window row N-64-r0.
+  bf16* part = table && part_out ? part_out + ((long long)bh * tiles + blockIdx.x) * (tiles * 64 + 64) * D : nullptr;
+  const bf16* ds_bh = ds + (long long)bh * tiles * tiles * 64 * 64;
+  zero_skewed(DSK);
+  load_tile_async(Own, own_src, b, h, r0, N, H);
+  cp_async_commit();
+  float acc[D / 8][4];
+  float gacc[2][D / 8][4];  // the partial table-gradient rows this warp carries to the next tile
+#pragma unroll
+  for (int n8 = 0; n8 < D / 8; ++n8) acc[n8][0] = acc[n8][1] = acc[n8][2] = acc[n8][3] = 0.f;
+
+  for (int t0 = 0, n = 0; t0 < N; t0 += 64, ++n) {
+    __syncthreads();  // the previous tile's readers of Other, DSs, DSK and the window's old half are done
+    load_tile_async(Other, other_src, b, h, t0, N, H);
+    load_ds_async(DSs, ds_bh + (KEYS ? (long long)n * tiles + blockIdx.x : (long long)blockIdx.x * tiles + n) * 64 * 64);
+    if (table) load_window_async(Win, table, h, N - 1 - (r0 + 63) + t0, n, 1, N);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    if (table)  // the skewed copy, two scores per step
+#pragma unroll
+      for (int it = 0; it < 64 * 32 / THREADS; ++it) {
+        const int pi = threadIdx.x + it * THREADS, x = pi / 32, y = pi % 32 * 2;
+        const unsigned int w = ld32(DSs + x * LDR + y);  // dS(query x, keys y, y + 1)
+        if (KEYS) {  // own keys y, y + 1
+          DSK[y * LDK + 63 - y + x] = (bf16)(w & 0xffffu);
+          DSK[(y + 1) * LDK + 62 - y + x] = (bf16)(w >> 16);
+        } else {  // own query x
+          DSK[x * LDK + 63 - x + y] = (bf16)(w & 0xffffu);
+          DSK[x * LDK + 64 - x + y] = (bf16)(w >> 16);
+        }
+      }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {  // queries: dQ += dS K; keys: dK += dS^T Q
+      FragA a;
+      if (KEYS) load_a_t(a, DSs + kk * 16 * LDR + warp * 16, LDR);
+      else load_a(a, DSs + warp * 16 * LDR + kk * 16, LDR);
+      a_times_rows(acc, a, Other + kk * 16 * LDS);
+    }
+    if (table) {
+      __syncthreads();  // every warp's part of DSK
+      // c2p(i, j) = q_i . K_r[N-1-i+j]: dQ += dS K_r (skewed), dK_r += (skewed dS)^T Q;
+      // p2c(i, j) = k_j . Q_r[N-1-j+i]: dK += dS^T Q_r (skewed), dQ_r += (skewed dS)^T K.
+      relative_grads(acc, gacc, DSK, window_of(Win, n, 1), Own, part, t0, n);
+    }
+  }
+  if (table) flush_relative(gacc, part, (tiles - 1) * 64, tiles - 1);
+  write_rows(out, acc, 1.f, 1.f, b, h, row0, N, ldg);
+}
+
+// Queries-major from dS (`kernel` and `kernel-split`): dQ and the partial sums of dK_r.
 KERNEL void __launch_bounds__(128, 3)
 dattn_bwd_q_ds(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ c2p,
                const bf16* __restrict__ ds, bf16* __restrict__ dq, bf16* __restrict__ dc2p, int H, int N,
                int ldg) {
-  DYNAMIC_SMEM(smem);
-  bf16* Qs = reinterpret_cast<bf16*>(smem);
-  bf16* Ks = Qs + 64 * LDS;
-  bf16* DSs = Ks + 64 * LDS;   // dS [query][key]
-  bf16* DSK = DSs + 64 * LDR;  // DSK[query][63 - query + key] = dS, zero off the band
-  bf16* KRw = DSK + 64 * LDK;  // [128][LDS]
-  const int warp = threadIdx.x / 32, tiles = gridDim.x;
-  const int bh = blockIdx.y, b = bh / H, h = bh % H;
-  const int mb = blockIdx.x * BM, i0 = mb + warp * 16;
-  // This block's partial dK_r rows, [rows][D] from window row N-64-mb (see relative_grads).
-  bf16* part = c2p && dc2p ? dc2p + ((long long)bh * tiles + blockIdx.x) * (tiles * 64 + 64) * D : nullptr;
-  const bf16* ds_row = ds + (long long)bh * tiles * tiles * 64 * 64 + (long long)blockIdx.x * tiles * 64 * 64;
-  zero_skewed(DSK);
-  load_tile_async(Qs, q, b, h, mb, N, H);
-  cp_async_commit();
-  float dq_acc[D / 8][4];
-  float gacc[2][D / 8][4];  // the partial dK_r rows this warp carries to the next tile
-#pragma unroll
-  for (int n8 = 0; n8 < D / 8; ++n8) dq_acc[n8][0] = dq_acc[n8][1] = dq_acc[n8][2] = dq_acc[n8][3] = 0.f;
-
-  for (int n0 = 0, n = 0; n0 < N; n0 += BN, ++n) {
-    __syncthreads();  // the previous tile's readers of Ks, DSs, DSK and the window's old half are done
-    load_tile_async(Ks, k, b, h, n0, N, H);
-    load_ds_async(DSs, ds_row + (long long)n * 64 * 64);
-    if (c2p) load_window_async(KRw, c2p, h, N - 1 - (mb + 63) + n0, n, 1, N);
-    cp_async_commit();
-    cp_async_wait_all();
-    __syncthreads();
-    if (c2p)  // the skewed copy, two scores per step
-#pragma unroll
-      for (int it = 0; it < 64 * 32 / THREADS; ++it) {
-        const int pi = threadIdx.x + it * THREADS, r = pi / 32, c = pi % 32 * 2;
-        const unsigned int w = ld32(DSs + r * LDR + c);
-        DSK[r * LDK + 63 - r + c] = (bf16)(w & 0xffffu);
-        DSK[r * LDK + 64 - r + c] = (bf16)(w >> 16);
-      }
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {  // dQ += dS K
-      FragA a;
-      load_a(a, DSs + warp * 16 * LDR + kk * 16, LDR);
-      a_times_rows(dq_acc, a, Ks + kk * 16 * LDS);
-    }
-    if (c2p) {
-      __syncthreads();  // every warp's part of DSK
-      // c2p(i, j) = q_i . K_r[N-1-i+j]: dQ += dS K_r (skewed), dK_r += (skewed dS)^T Q.
-      relative_grads(dq_acc, gacc, DSK, window_of(KRw, n, 1), Qs, part, n0, n);
-    }
-  }
-  if (c2p) flush_relative(gacc, part, (tiles - 1) * BN, tiles - 1);
-  write_rows(dq, dq_acc, 1.f, 1.f, b, h, i0, N, ldg);
+  from_ds<false>(q, k, c2p, ds, dq, dc2p, H, N, ldg);
 }
 
 // ---- The split backward (`kernel-split`): dV and dS first, then dK and dQ from dS -------------
@@ -1113,7 +1130,8 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
       frags_times_tile_t<4>(dpt, vf, dOs + c0 * LDS);  // dP^T = V_w dO^T
 #pragma unroll
       for (int n8 = 0; n8 < 4; ++n8) {
-        // As in bwd_kv; Pb's pair (r, c..c+1) is read before this thread writes dS over it.
+        // bwd_kv's scores, repeated: as one shared function they made ptxas spill 16 bytes in
+        // dattn_bwd_kv. Pb's pair (r, c..c+1) is read before this thread writes dS over it.
         const int cc = c0 + n8 * 8 + 2 * t;
         const float2 qs[2] = {qstat[cc], qstat[cc + 1]};
         const unsigned int pw[2] = {p2c ? ld32(Pb + ra * LDR + cc) : 0u, p2c ? ld32(Pb + rb * LDR + cc) : 0u};
@@ -1143,64 +1161,13 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
   write_rows(dv, dv_acc, 1.f, 1.f, b, h, j0, N, ldg);
 }
 
-// Keys-major from dS (split): this block owns keys [kb, kb + 64): dK = dS^T Q, the p2c part
-// dK += dS^T Q_r (skewed) and this block's partial sums of dQ_r (into dp2c, as dattn_bwd_kv_rel
-// writes them). The mirror of dattn_bwd_q_ds: the block's K, the tile's Q, dS [query][key], its
-// skewed transpose DSK[key][63 - key + query], Q_r's window [128][LDS]: 62 KB, 3 blocks per SM.
+// Keys-major from dS (`kernel-split`): dK and the partial sums of dQ_r (as dattn_bwd_kv_rel writes
+// them), the mirror image of dattn_bwd_q_ds.
 KERNEL void __launch_bounds__(128, 3)
 dattn_bwd_k_ds(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ p2c,
                const bf16* __restrict__ ds, bf16* __restrict__ dk, bf16* __restrict__ dp2c, int H, int N,
                int ldg) {
-  DYNAMIC_SMEM(smem);
-  bf16* Ks = reinterpret_cast<bf16*>(smem);
-  bf16* Qs = Ks + 64 * LDS;
-  bf16* DSs = Qs + 64 * LDS;   // dS [query][key]
-  bf16* DSK = DSs + 64 * LDR;  // DSK[key][63 - key + query] = dS, zero off the band
-  bf16* QRw = DSK + 64 * LDK;  // [128][LDS]
-  const int warp = threadIdx.x / 32, tiles = gridDim.x;
-  const int bh = blockIdx.y, b = bh / H, h = bh % H;
-  const int kb = blockIdx.x * BN, j0 = kb + warp * 16;
-  // This block's partial dQ_r rows, [rows][D] from window row N-64-kb (see relative_grads).
-  bf16* part = p2c && dp2c ? dp2c + ((long long)bh * tiles + blockIdx.x) * (tiles * 64 + 64) * D : nullptr;
-  const bf16* ds_bh = ds + (long long)bh * tiles * tiles * 64 * 64;
-  zero_skewed(DSK);
-  load_tile_async(Ks, k, b, h, kb, N, H);
-  cp_async_commit();
-  float dk_acc[D / 8][4];
-  float gacc[2][D / 8][4];  // the partial dQ_r rows this warp carries to the next tile
-#pragma unroll
-  for (int n8 = 0; n8 < D / 8; ++n8) dk_acc[n8][0] = dk_acc[n8][1] = dk_acc[n8][2] = dk_acc[n8][3] = 0.f;
-
-  for (int m0 = 0, n = 0; m0 < N; m0 += BM, ++n) {
-    __syncthreads();  // the previous tile's readers of Qs, DSs, DSK and the window's old half are done
-    load_tile_async(Qs, q, b, h, m0, N, H);
-    load_ds_async(DSs, ds_bh + ((long long)n * tiles + blockIdx.x) * 64 * 64);
-    if (p2c) load_window_async(QRw, p2c, h, N - 1 - (kb + 63) + m0, n, 1, N);
-    cp_async_commit();
-    cp_async_wait_all();
-    __syncthreads();
-    if (p2c)  // the skewed transpose, two keys per step
-#pragma unroll
-      for (int it = 0; it < 64 * 32 / THREADS; ++it) {
-        const int pi = threadIdx.x + it * THREADS, c = pi / 32, r = pi % 32 * 2;  // query c, keys r, r + 1
-        const unsigned int w = ld32(DSs + c * LDR + r);
-        DSK[r * LDK + 63 - r + c] = (bf16)(w & 0xffffu);
-        DSK[(r + 1) * LDK + 62 - r + c] = (bf16)(w >> 16);
-      }
-#pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) {  // dK += dS^T Q
-      FragA a;
-      load_a_t(a, DSs + kk * 16 * LDR + warp * 16, LDR);
-      a_times_rows(dk_acc, a, Qs + kk * 16 * LDS);
-    }
-    if (p2c) {
-      __syncthreads();  // every warp's part of DSK
-      // p2c(i, j) = k_j . Q_r[N-1-j+i]: dK += dS^T Q_r (skewed), dQ_r += (skewed dS)^T K.
-      relative_grads(dk_acc, gacc, DSK, window_of(QRw, n, 1), Ks, part, m0, n);
-    }
-  }
-  if (p2c) flush_relative(gacc, part, (tiles - 1) * BM, tiles - 1);
-  write_rows(dk, dk_acc, 1.f, 1.f, b, h, j0, N, ldg);
+  from_ds<true>(k, q, p2c, ds, dk, dp2c, H, N, ldg);
 }
 
 // D_i = dO_i . O_i for each query and head (the backward's softmax correction), fp32 [B, H, N],
