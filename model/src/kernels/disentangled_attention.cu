@@ -1043,7 +1043,7 @@ dattn_bwd_q_ds(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf1
 
 // ---- The split backward (`kernel-split`): dV and dS first, then dK and dQ from dS -------------
 // The keys kernel of `kernel` (dattn_bwd_kv_rel) carries most of the backward: 312 mma per tile,
-// 253 registers and 107.5 KB of shared memory, so 2 blocks per SM, too few warps to hide its
+// 255 registers and 107.5 KB of shared memory, so 2 blocks per SM, too few warps to hide its
 // latencies. Split, the keys kernel computes only dV and each tile's dS (dattn_bwd_v_ds), and
 // dattn_bwd_k_ds gives dK from dS as dattn_bwd_q_ds gives dQ: the content part dS^T Q, the p2c
 // part and the partial sums of dQ_r. Without dK and the table-gradient rows, the keys kernel
