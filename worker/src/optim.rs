@@ -559,6 +559,22 @@ mod tests {
         assert!((g - a[1].1.grad().norm().double_value(&[]) / c).abs() < 1e-4 * g);
     }
 
+    /// A weight [rows, cols] (decayed) and a bias [cols] (exempt) drawn from `seed`, with
+    /// gradients, in a `FlatAdamW` that updates by the kernel (emulated on the CPU) or the ops.
+    fn weight_and_bias(seed: i64, rows: i64, cols: i64, kernel: bool) -> (Tensor, Tensor, FlatAdamW) {
+        tch::manual_seed(seed);
+        let f = (Kind::Float, tch::Device::Cpu);
+        let w = Tensor::randn([rows, cols], f).set_requires_grad(true);
+        let b = Tensor::randn([cols], f).set_requires_grad(true);
+        (w.sum(Kind::Float) + b.sum(Kind::Float)).backward();
+        let mut opt = FlatAdamW::new(
+            &[("w".into(), w.shallow_clone()), ("x.bias".into(), b.shallow_clone())],
+            AdamWConfig::default(),
+        );
+        opt.kernel = kernel;
+        (w, b, opt)
+    }
+
     /// The trainer's step decides on the device: a NaN gradient (so a NaN norm) or a non-finite
     /// loss leaves weights, moments and the step count as they were, in the tensor ops and in
     /// the kernel (emulated); the first applied update is then the one a fresh optimizer takes
@@ -568,17 +584,8 @@ mod tests {
         let single = deberta_model::collective::Single;
         for kernel in [false, true] {
             let make = || {
-                tch::manual_seed(4);
-                let f = (Kind::Float, tch::Device::Cpu);
-                let w = Tensor::randn([301, 7], f).set_requires_grad(true);
-                let b = Tensor::randn([7], f).set_requires_grad(true);
-                (w.sum(Kind::Float) + b.sum(Kind::Float)).backward();
-                let mut opt = FlatAdamW::new(
-                    &[("w".into(), w.shallow_clone()), ("x.bias".into(), b.shallow_clone())],
-                    AdamWConfig::default(),
-                );
-                opt.kernel = kernel;
-                let g = Tensor::randn([opt.len()], f) * 3.0;
+                let (_, _, opt) = weight_and_bias(4, 301, 7, kernel);
+                let g = Tensor::randn([opt.len()], (Kind::Float, tch::Device::Cpu)) * 3.0;
                 (opt, g)
             };
             let state = |o: &FlatAdamW| Tensor::cat(&[&o.flat, &o.exp_avg, &o.exp_avg_sq], 0);
@@ -621,16 +628,7 @@ mod tests {
         // Runs that start off 16-byte alignment (37,037 decayed weights, then 37 exempt
         // biases), so the kernel's head, float4 body and tail all run; 3 steps with a clip factor.
         let run = |kernel: bool| {
-            tch::manual_seed(9);
-            let f = (Kind::Float, tch::Device::Cpu);
-            let w = Tensor::randn([1001, 37], f).set_requires_grad(true);
-            let b = Tensor::randn([37], f).set_requires_grad(true);
-            (w.sum(Kind::Float) + b.sum(Kind::Float)).backward();
-            let mut opt = FlatAdamW::new(
-                &[("w".into(), w.shallow_clone()), ("x.bias".into(), b.shallow_clone())],
-                AdamWConfig::default(),
-            );
-            opt.kernel = kernel;
+            let (w, b, mut opt) = weight_and_bias(9, 1001, 37, kernel);
             deberta_model::cuda::emulate_on_cpu(kernel);
             for step in 0..3 {
                 for t in [&w, &b] {
