@@ -1,5 +1,6 @@
 // libtorch ops that tch 0.24 does not wrap, for the hand-written backwards of the segment tape.
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 
 #include <cstring>
 #include <exception>
@@ -33,3 +34,7 @@ extern "C" int deberta_layer_norm_backward(const at::Tensor* dy, const at::Tenso
     return 1;
   }
 }
+
+// Whether CUDA autocast is on in this thread. tch's `at_autocast_is_enabled` calls the
+// deprecated `at::autocast::is_enabled()`, which warns at every call.
+extern "C" bool deberta_cuda_autocast_enabled() { return at::autocast::is_autocast_enabled(at::kCUDA); }

@@ -166,9 +166,7 @@ impl LayerNorm {
 /// The kind the matmuls run in: bf16 for fp32 CUDA tensors under autocast (what autocast would
 /// cast them to), else the tensor's own. For hand-written segments, which cast once themselves.
 pub fn compute_kind(x: &Tensor) -> Kind {
-    // SAFETY: a plain read of libtorch's thread-local (CUDA) autocast flag.
-    let autocast = unsafe { torch_sys::at_autocast_is_enabled() } == 1;
-    if autocast && x.device().is_cuda() && x.kind() == Kind::Float {
+    if ops::cuda_autocast_enabled() && x.device().is_cuda() && x.kind() == Kind::Float {
         Kind::BFloat16
     } else {
         x.kind()
@@ -181,6 +179,7 @@ mod ops {
     use torch_sys::C_tensor;
 
     extern "C" {
+        fn deberta_cuda_autocast_enabled() -> bool;
         fn deberta_layer_norm_backward(
             dy: *const C_tensor,
             xhat: *const C_tensor,
@@ -192,6 +191,12 @@ mod ops {
             err: *mut std::ffi::c_char,
             errlen: usize,
         ) -> i32;
+    }
+
+    /// libtorch's thread-local CUDA autocast flag (tch's reader warns at every call).
+    pub fn cuda_autocast_enabled() -> bool {
+        // SAFETY: a plain read of a thread-local flag.
+        unsafe { deberta_cuda_autocast_enabled() }
     }
 
     /// LayerNorm's backward from x̂ and 1/σ: (dx, dγ, dβ). See `ops.cpp`.
