@@ -1,7 +1,10 @@
 // libtorch ops that tch 0.24 does not wrap, for the hand-written backwards of the segment tape.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/record_function.h>
 
+#include <atomic>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 
@@ -38,3 +41,46 @@ extern "C" int deberta_layer_norm_backward(const at::Tensor* dy, const at::Tenso
 // Whether CUDA autocast is on in this thread. tch's `at_autocast_is_enabled` calls the
 // deprecated `at::autocast::is_enabled()`, which warns at every call.
 extern "C" bool deberta_cuda_autocast_enabled() { return at::autocast::is_autocast_enabled(at::kCUDA); }
+
+// Counting the ATen operators a step dispatches (`profile`): each is host work and, on CUDA,
+// usually a kernel launch, which is what the small tensors of a step cost. A global
+// RecordFunction callback (the profiler's hook) counts, on every thread (autograd's device
+// threads too), all operators and those called from outside any other (`top`: what the program
+// itself asked for; the rest are their inner calls). Registered on first use and then kept:
+// removing one is not safe while other threads dispatch; it counts only while switched on.
+namespace {
+std::atomic<bool> counting{false};
+std::atomic<uint64_t> top_ops{0}, all_ops{0};
+thread_local int depth = 0;
+thread_local uint64_t thread_top = 0, thread_all = 0;
+
+std::unique_ptr<at::ObserverContext> op_start(const at::RecordFunction&) {
+  if (counting.load(std::memory_order_relaxed)) {
+    all_ops.fetch_add(1, std::memory_order_relaxed);
+    ++thread_all;
+    if (depth == 0) {
+      top_ops.fetch_add(1, std::memory_order_relaxed);
+      ++thread_top;
+    }
+  }
+  ++depth;
+  return nullptr;
+}
+
+void op_end(const at::RecordFunction&, at::ObserverContext*) { --depth; }
+}  // namespace
+
+// Switch counting on or off (registering the callback the first time).
+extern "C" void deberta_count_ops(bool on) {
+  static const at::CallbackHandle handle = at::addGlobalCallback(
+      at::RecordFunctionCallback(op_start, op_end).needsInputs(false).scopes({at::RecordScope::FUNCTION}));
+  (void)handle;
+  counting.store(on);
+}
+
+// The counts so far, of every thread (global) or of this one: operators called from outside any
+// other, and all.
+extern "C" void deberta_op_counts(bool global, uint64_t* top, uint64_t* all) {
+  *top = global ? top_ops.load() : thread_top;
+  *all = global ? all_ops.load() : thread_all;
+}

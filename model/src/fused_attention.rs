@@ -283,8 +283,8 @@ pub fn backward(saved: Saved, dout: &Tensor) -> Result<CoreGrads, String> {
 // ---------------------------------------------------------------------------------------------
 // CUDA
 
-/// (stage, ms, intervals) in order.
-pub type Stages = Vec<(String, f64, usize)>;
+/// The stages in order.
+pub type Stages = Vec<crate::profile::Stage>;
 
 /// End a stage of the core (charged while `profile` collects; see `crate::profile`).
 fn stage(name: &'static str) {

@@ -3,17 +3,69 @@
 //! (or `start`) and charges it to its name; the tape marks every segment's forward and backward
 //! (`Tape::set_label`), the fused attention its stages inside. Waiting for the device at every
 //! mark makes a profiled run slower than a real one: the shares are for diagnosis.
+//! Each interval also counts the ATen operators dispatched in it (`OpCounts`): the host's work
+//! per operator and, on CUDA, the launch each one mostly is are what small tensors cost, and
+//! the counts are the same on the CPU, where no device can time them.
 
 use std::cell::RefCell;
 use std::time::Instant;
 
 use tch::Device;
 
+/// One name's share of a profile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stage {
+    pub name: String,
+    pub ms: f64,
+    /// How many intervals were charged to the name.
+    pub intervals: usize,
+    /// The ATen operators dispatched in them (every thread's).
+    pub ops: OpCounts,
+}
+
+/// ATen operators dispatched: `top`, those called from outside any other operator (what the
+/// program asked libtorch for); `all`, with their inner calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpCounts {
+    pub top: u64,
+    pub all: u64,
+}
+
+impl std::ops::Sub for OpCounts {
+    type Output = OpCounts;
+    fn sub(self, o: OpCounts) -> OpCounts {
+        OpCounts {
+            top: self.top - o.top,
+            all: self.all - o.all,
+        }
+    }
+}
+
+extern "C" {
+    fn deberta_count_ops(on: bool);
+    fn deberta_op_counts(global: bool, top: *mut u64, all: *mut u64);
+}
+
+/// Count the operators dispatched from now on (`csrc/ops.cpp`), or stop counting.
+pub fn count_ops(on: bool) {
+    // SAFETY: registers libtorch's callback once, then flips an atomic flag.
+    unsafe { deberta_count_ops(on) }
+}
+
+/// The operators counted so far: of every thread (`global`), or of this one.
+pub fn op_counts(global: bool) -> OpCounts {
+    let (mut top, mut all) = (0, 0);
+    // SAFETY: two plain reads into locals.
+    unsafe { deberta_op_counts(global, &mut top, &mut all) };
+    OpCounts { top, all }
+}
+
 struct Profile {
     device: Device,
     last: Instant,
-    /// (name, milliseconds, intervals), in the order names first appeared.
-    totals: Vec<(String, f64, usize)>,
+    ops: OpCounts,
+    /// In the order names first appeared.
+    totals: Vec<Stage>,
 }
 
 thread_local! {
@@ -29,10 +81,12 @@ fn sync(device: Device) {
 /// Start collecting on this thread (after the device has drained).
 pub fn start(device: Device) {
     sync(device);
+    count_ops(true);
     PROFILE.with(|p| {
         *p.borrow_mut() = Some(Profile {
             device,
             last: Instant::now(),
+            ops: op_counts(true),
             totals: Vec::new(),
         })
     });
@@ -45,30 +99,44 @@ pub fn mark(name: impl FnOnce() -> String) {
         if let Some(p) = p.borrow_mut().as_mut() {
             sync(p.device);
             let ms = p.last.elapsed().as_secs_f64() * 1e3;
+            let now = op_counts(true);
+            let ops = now - p.ops;
             let name = name();
-            match p.totals.iter_mut().find(|(n, _, _)| *n == name) {
+            match p.totals.iter_mut().find(|t| t.name == name) {
                 Some(t) => {
-                    t.1 += ms;
-                    t.2 += 1;
+                    t.ms += ms;
+                    t.intervals += 1;
+                    t.ops.top += ops.top;
+                    t.ops.all += ops.all;
                 }
-                None => p.totals.push((name, ms, 1)),
+                None => p.totals.push(Stage {
+                    name,
+                    ms,
+                    intervals: 1,
+                    ops,
+                }),
             }
+            // The marks' own reads are not charged to the next interval.
+            p.ops = op_counts(true);
             p.last = Instant::now();
         }
     });
 }
 
-/// Stop collecting: (name, milliseconds, intervals) in the order names first appeared.
-pub fn finish() -> Vec<(String, f64, usize)> {
-    PROFILE
+/// Stop collecting: the stages in the order their names first appeared.
+pub fn finish() -> Vec<Stage> {
+    let totals = PROFILE
         .with(|p| p.borrow_mut().take())
         .map(|p| p.totals)
-        .unwrap_or_default()
+        .unwrap_or_default();
+    count_ops(false);
+    totals
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::{Kind, Tensor};
 
     #[test]
     fn intervals_are_summed_by_name_only_while_collecting() {
@@ -81,10 +149,40 @@ mod tests {
         mark(|| "a".into());
         let t = finish();
         assert_eq!(
-            t.iter().map(|(n, _, c)| (n.as_str(), *c)).collect::<Vec<_>>(),
+            t.iter().map(|s| (s.name.as_str(), s.intervals)).collect::<Vec<_>>(),
             [("a", 2), ("b", 1)]
         );
-        assert!(t[0].1 >= 40.0 && t[1].1 < 20.0, "{t:?}");
+        assert!(t[0].ms >= 40.0 && t[1].ms < 20.0, "{t:?}");
         assert!(finish().is_empty());
+    }
+
+    /// This thread's counts (other tests may dispatch on other threads meanwhile).
+    fn ops_of(f: impl FnOnce()) -> OpCounts {
+        let before = op_counts(false);
+        f();
+        op_counts(false) - before
+    }
+
+    #[test]
+    fn operators_are_counted_with_their_inner_calls_only_while_counting() {
+        let (a, b) = (
+            Tensor::ones([4, 3], (Kind::Float, Device::Cpu)),
+            Tensor::ones([3], (Kind::Float, Device::Cpu)),
+        );
+        count_ops(true);
+        let add = ops_of(|| drop(&a + &b));
+        let three = ops_of(|| {
+            let _ = (&a + &b).relu().sum(Kind::Float);
+        });
+        // linear is composite: its inner matmul/addmm and transpose are counted in `all` only.
+        let w = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
+        let linear = ops_of(|| drop(a.linear(&w, Some(&Tensor::zeros([2], (Kind::Float, Device::Cpu))))));
+        count_ops(false);
+        let off = ops_of(|| drop(&a + &b));
+        assert_eq!(add, OpCounts { top: 1, all: 1 });
+        assert_eq!(three.top, 3, "{three:?}");
+        assert_eq!(linear.top, 2, "zeros and linear: {linear:?}");
+        assert!(linear.all > linear.top, "linear's inner calls: {linear:?}");
+        assert_eq!(off, OpCounts::default());
     }
 }

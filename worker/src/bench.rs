@@ -238,15 +238,25 @@ fn peak_cuda_gib(i: usize) -> f64 {
     }
 }
 
-/// The profiled step's table on stderr, the largest share first.
-fn print_profile(batch: i64, mut rows: Vec<(String, f64, usize)>) {
-    let total: f64 = rows.iter().map(|r| r.1).sum();
-    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
-    eprintln!("bench profile (one more step, batch {batch}, each segment synchronised): {total:.1} ms");
-    for (name, ms, count) in rows {
+/// The profiled step's table on stderr, the largest share first: time, and the ATen operators
+/// dispatched (called by the program; with their inner calls).
+fn print_profile(batch: i64, mut rows: Vec<deberta_model::profile::Stage>) {
+    let total: f64 = rows.iter().map(|r| r.ms).sum();
+    let ops = rows.iter().fold((0, 0), |(t, a), r| (t + r.ops.top, a + r.ops.all));
+    rows.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    eprintln!(
+        "bench profile (one more step, batch {batch}, each segment synchronised): {total:.1} ms, {} operators ({} with inner calls)",
+        ops.0, ops.1
+    );
+    for r in rows {
         eprintln!(
-            "  {name:<56} {ms:>9.2} ms {:>5.1}%  ({count}x)",
-            100.0 * ms / total.max(1e-9)
+            "  {:<56} {:>9.2} ms {:>5.1}%  ({}x) {:>7} ops {:>7} all",
+            r.name,
+            r.ms,
+            100.0 * r.ms / total.max(1e-9),
+            r.intervals,
+            r.ops.top,
+            r.ops.all
         );
     }
 }
