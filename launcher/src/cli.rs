@@ -79,6 +79,11 @@ pub struct BenchArgs {
     /// table on stderr: where the step goes.
     #[arg(long)]
     pub profile: bool,
+    /// With --device cpu: the fused path with the CUDA kernels run in their CPU emulator, so
+    /// that --profile counts the operators the CUDA path dispatches (slow; the times mean
+    /// nothing).
+    #[arg(long)]
+    pub emulate_kernels: bool,
 }
 
 #[derive(Debug, Args)]

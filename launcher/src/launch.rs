@@ -433,6 +433,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.profile {
         cmd.arg("--profile");
     }
+    if a.emulate_kernels {
+        if a.device != "cpu" {
+            return Err(
+                UsageError("--emulate-kernels runs the kernels' CPU emulator: it needs --device cpu".into()).into(),
+            );
+        }
+        cmd.arg("--emulate-kernels");
+    }
     if a.attention != "auto" {
         cmd.env("DEBERTA_ATTENTION", &a.attention);
     }

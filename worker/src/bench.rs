@@ -32,6 +32,9 @@ pub struct BenchConfig {
     pub recompute: bool,
     /// One more step, timed segment by segment (`deberta_model::profile`), on stderr.
     pub profile: bool,
+    /// On the CPU: the fused path, its kernels in the emulator (`cuda::emulate_on_cpu`), so the
+    /// profile counts the CUDA path's operators.
+    pub emulate_kernels: bool,
 }
 
 /// One benchmark row: the baseline's keys, in its order. `peak_mem_gib` is null on the CPU and
@@ -70,6 +73,11 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
         );
     }
     let device = groups.device;
+    if b.emulate_kernels {
+        anyhow::ensure!(device == Device::Cpu, "--emulate-kernels needs --device cpu");
+        deberta_model::cuda::emulate_on_cpu(true);
+        deberta_model::attention::RelativePath::set_for_this_thread(deberta_model::attention::RelativePath::Fused);
+    }
     crate::runtime::check_attention_path(device, &cfg, b.bf16)?;
     // What ran, beside the figures (the JSON row keeps the baseline's fields only).
     let path = deberta_model::attention::RelativePath::for_device(device);

@@ -67,6 +67,11 @@ enum Command {
         /// printed on stderr.
         #[arg(long)]
         profile: bool,
+        /// With --device cpu: the fused path with the CUDA kernels (attention, residual
+        /// LayerNorms, AdamW) run in the CPU emulator, so that --profile counts the operators the
+        /// CUDA path dispatches. Slow; its times mean nothing.
+        #[arg(long)]
+        emulate_kernels: bool,
     },
     /// Checks that need real ranks; prints `N passed, N failed` on rank 0.
     /// The fused attention kernels against the reference on the GPU (deberta_worker::kernel_check).
@@ -286,7 +291,12 @@ fn main() -> ExitCode {
             fp32,
             recompute,
             profile,
+            emulate_kernels,
         } => {
+            if emulate_kernels && device != "cpu" {
+                eprintln!("error: --emulate-kernels runs the kernels' emulator: it needs --device cpu");
+                return ExitCode::from(2);
+            }
             let cfg = deberta_worker::bench::BenchConfig {
                 preset,
                 batch: 0,
@@ -297,6 +307,7 @@ fn main() -> ExitCode {
                 bf16: device == "cuda" && !fp32,
                 recompute,
                 profile,
+                emulate_kernels,
             };
             return bench(&world, &device, &batch, cfg);
         }
