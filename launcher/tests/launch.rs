@@ -609,6 +609,50 @@ fn bench_prints_one_json_line_per_batch_with_the_baseline_s_fields() {
             assert!(profile.contains(name), "{attention}: {name} missing from {profile}");
         }
     }
+    // --emulate-kernels: the fused path with the CUDA kernels in the CPU emulator; the profile
+    // counts each stage's operators (its times mean nothing there).
+    let o = deberta(&[
+        "bench",
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--seq",
+        "32",
+        "--profile",
+        "--emulate-kernels",
+    ])
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "--emulate-kernels: {}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("output LayerNorms by the residual_norm kernels"), "{err}");
+    let profile = err
+        .split("bench profile")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no profile: {err}"));
+    let total: u64 = profile
+        .split(" operators")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no operator total: {profile}"));
+    assert!(total > 100, "{profile}");
+    for name in [
+        "attention core: forward: kernel",
+        "attention core: backward: keys kernel",
+    ] {
+        assert!(profile.contains(name), "{name} missing from {profile}");
+    }
+    let o = deberta(&["bench", "--preset", "tiny", "--device", "cuda", "--emulate-kernels"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("needs --device cpu"), "{}", text(&o));
     let o = deberta(&["bench", "--preset", "tiny", "--device", "cpu", "--attention", "flash"])
         .output()
         .unwrap();
