@@ -26,12 +26,52 @@ pub struct RelativeContext {
 }
 
 /// What the backward of `DisentangledSelfAttention::relative_tables` keeps: R after this
-/// layer's dropout, the dropout's mask, and the table rows per distance.
+/// layer's dropout, the dropout's mask, and the row picks.
 pub struct RelativeSaved {
     r: Tensor,
     keep: Option<Tensor>,
-    by_desc: Tensor,
-    by_asc: Tensor,
+    picks: RowPicks,
+}
+
+/// The rows of R that the distances read, as one-hot matrices [2N, 2S]: row m of `desc` picks
+/// distance N-1-m's row (K_r's order), row m of `asc` distance m-(N-1)'s (Q_r's); row 2N-1 is
+/// zero, so the tables come out with the kernels' padding row. Picking is then one GEMM and its
+/// backward the transposed one (`pick_rows` says why not index_select). They depend on N only:
+/// built once per forward and shared by every layer's `relative_tables`, in fp32 (backward) and
+/// in the compute kind (forward), where each layer built its own before (about ten operators).
+pub struct RowPicks {
+    desc: Tensor,
+    asc: Tensor,
+    desc_kind: Tensor,
+    asc_kind: Tensor,
+}
+
+impl RowPicks {
+    /// For rel_idx [N, N] over a table of `table_rows` rows (2S), the forward's picks in `kind`.
+    pub fn new(rel_idx: &Tensor, table_rows: i64, kind: Kind) -> RowPicks {
+        let (by_desc, by_asc) = distance_rows(rel_idx);
+        let hot = |rows: &Tensor| {
+            rows.one_hot(table_rows)
+                .to_kind(Kind::Float)
+                .constant_pad_nd([0, 0, 0, 1])
+        };
+        let (desc, asc) = (hot(&by_desc), hot(&by_asc));
+        RowPicks {
+            desc_kind: desc.to_kind(kind),
+            asc_kind: asc.to_kind(kind),
+            desc,
+            asc,
+        }
+    }
+
+    pub fn shallow_clone(&self) -> RowPicks {
+        RowPicks {
+            desc: self.desc.shallow_clone(),
+            asc: self.asc.shallow_clone(),
+            desc_kind: self.desc_kind.shallow_clone(),
+            asc_kind: self.asc_kind.shallow_clone(),
+        }
+    }
 }
 
 /// M[b, 1, i, j] = m[b, i] & m[b, j]  (encoder.get_attention_mask: outer product, pitfall 8).
@@ -201,35 +241,19 @@ impl DisentangledSelfAttention {
         x.view([rows, -1, self.head_size]).transpose(0, 1)
     }
 
-    /// The relative tables per distance of the skew and fused paths: K_r [heads, 2N-1, d]
-    /// (row m: distance N-1-m) if c2p and Q_r (row m: distance m-(N-1), scale folded in) if
-    /// p2c. The 2S table rows are projected, then one row per distance is picked (`pick_rows`, on
-    /// the small table); R gets this layer's dropout first.
+    /// The relative tables per distance of the skew path and of the fused path through autograd:
+    /// K_r [heads, 2N-1, d] (row m: distance N-1-m) if c2p and Q_r (row m: distance m-(N-1),
+    /// scale folded in) if p2c. The 2S table rows are projected, then one row per distance is
+    /// picked (`pick_rows`, on the small table); R gets this layer's dropout first.
     fn distance_tables(&self, rel: &RelativeContext, train: bool) -> (Option<Tensor>, Option<Tensor>) {
         let r = rel.table.dropout(self.pos_dropout, train); // [2S, D]
         let (by_desc, by_asc) = distance_rows(&rel.rel_idx);
-        self.tables_from(&r, &by_desc, &by_asc, None)
-    }
-
-    /// K_r and Q_r per distance from R after dropout (`distance_tables`), the projected rows
-    /// cast to `pick` (if given) before they are picked.
-    fn tables_from(
-        &self,
-        r: &Tensor,
-        by_desc: &Tensor,
-        by_asc: &Tensor,
-        pick: Option<Kind>,
-    ) -> (Option<Tensor>, Option<Tensor>) {
-        let cast = |t: Tensor| match pick {
-            Some(kind) => t.to_kind(kind),
-            None => t,
-        };
         let k_r = self
             .c2p
-            .then(|| self.split_table_heads(&pick_rows(&cast(self.pos_key().forward(r)), by_desc)));
+            .then(|| self.split_table_heads(&pick_rows(&self.pos_key().forward(&r), &by_desc)));
         let q_r = self
             .p2c
-            .then(|| self.split_table_heads(&pick_rows(&cast(self.pos_query().forward(r)), by_asc)) * self.scale);
+            .then(|| self.split_table_heads(&pick_rows(&self.pos_query().forward(&r), &by_asc)) * self.scale);
         (k_r, q_r)
     }
 
@@ -291,49 +315,60 @@ impl DisentangledSelfAttention {
     }
 
     /// The fused path's relative tables (`distance_tables`) as a list, K_r then Q_r, in `kind`,
-    /// for a hand-written segment: what `relative_tables_backward` needs comes with them. The
-    /// projections in fp32 even under autocast (TF32 in bf16 runs): the [2S, D] products are
-    /// small. The rows per distance are picked in `kind` (exact: one product per element).
+    /// each [heads, 2N, d] with the kernels' zero row appended (`RowPicks`), for a hand-written
+    /// segment: what `relative_tables_backward` needs comes with them. The projections in fp32
+    /// even under autocast (TF32 in bf16 runs): the [2S, D] products are small. The rows per
+    /// distance are picked in `kind` (exact: one product per element).
     /// By hand rather than through autograd: the ~60 small kernels per layer that autograd's
     /// backward of these few products launched cost more than their arithmetic.
-    pub fn relative_tables(&self, rel: &RelativeContext, train: bool, kind: Kind) -> (Vec<Tensor>, RelativeSaved) {
+    pub fn relative_tables(
+        &self,
+        table: &Tensor,
+        picks: &RowPicks,
+        train: bool,
+        kind: Kind,
+    ) -> (Vec<Tensor>, RelativeSaved) {
         tch::autocast(false, || {
             // The draws of `dropout` (distance_tables), and the mask kept.
-            let (r, keep) = crate::nn::dropout_saving(&rel.table, self.pos_dropout, train);
-            let (by_desc, by_asc) = distance_rows(&rel.rel_idx);
-            let (k_r, q_r) = self.tables_from(&r, &by_desc, &by_asc, Some(kind));
+            let (r, keep) = crate::nn::dropout_saving(table, self.pos_dropout, train);
+            let pick =
+                |proj: &Linear, hot: &Tensor| self.split_table_heads(&hot.matmul(&proj.forward(&r).to_kind(kind)));
+            let k_r = self.c2p.then(|| pick(self.pos_key(), &picks.desc_kind));
+            let q_r = self.p2c.then(|| pick(self.pos_query(), &picks.asc_kind) * self.scale);
             let saved = RelativeSaved {
                 r,
                 keep,
-                by_desc,
-                by_asc,
+                picks: picks.shallow_clone(),
             };
             (k_r.into_iter().chain(q_r).collect(), saved)
         })
     }
 
     /// Backward of `relative_tables` for the gradients of its outputs (K_r's then Q_r's, None
-    /// where nothing reached one): adds the projections' gradients, returns R's (this rank's
-    /// heads' part under TP). In fp32: picking rows is the one-hot GEMM's transpose here.
+    /// where nothing reached one; [heads, 2N, d] or without the padding row, in any kind): adds
+    /// the projections' gradients, returns R's (this rank's heads' part under TP). In fp32:
+    /// picking rows is the one-hot GEMM's transpose here.
     pub fn relative_tables_backward(&self, saved: &RelativeSaved, grads: &[Option<Tensor>]) -> Tensor {
         tch::autocast(false, || {
             let r = &saved.r;
             let mut grads = grads.iter();
             let mut dr: Option<Tensor> = None;
             let terms = [
-                (self.c2p, self.pos_key(), &saved.by_desc, 1.0),
-                (self.p2c, self.pos_query(), &saved.by_asc, self.scale),
+                (self.c2p, self.pos_key(), &saved.picks.desc, 1.0),
+                (self.p2c, self.pos_query(), &saved.picks.asc, self.scale),
             ];
-            for (on, proj, rows, scale) in terms {
+            for (on, proj, hot, scale) in terms {
                 let g = if on {
                     grads.next().and_then(Option::as_ref)
                 } else {
                     None
                 };
                 let Some(g) = g else { continue };
-                // [heads, 2N-1, d] -> one row per distance [2N-1, heads·d] -> the 2S projected rows.
-                let g = g.transpose(0, 1).reshape([rows.size()[0], -1]).to_kind(Kind::Float) * scale;
-                let d_projected = rows.one_hot(r.size()[0]).to_kind(Kind::Float).tr().mm(&g);
+                // [heads, rows, d] -> one row per distance [rows, heads·d] -> the 2S projected rows.
+                let rows = g.size()[1];
+                let g = g.transpose(0, 1).reshape([rows, -1]).to_kind(Kind::Float);
+                let g = if scale == 1.0 { g } else { g * scale };
+                let d_projected = hot.narrow(0, 0, rows).tr().mm(&g);
                 let dx = crate::nn::linear_backward(r, &proj.weight, proj.bias.as_ref(), &d_projected, Kind::Float);
                 dr = Some(match dr {
                     Some(sum) => sum + dx,
@@ -612,32 +647,53 @@ mod tests {
             loss.backward();
             let want_dr = table.grad().copy();
             let want_params = grads_of(&params);
-            tch::manual_seed(11);
-            let detached = RelativeContext {
-                table: table.detach(),
-                rel_idx: rel.rel_idx.shallow_clone(),
-            };
-            let (got, saved) = tch::no_grad(|| att.relative_tables(&detached, true, Kind::Float));
-            let got_dr = tch::no_grad(|| {
-                att.relative_tables_backward(&saved, &ws.iter().map(|w| Some(w.shallow_clone())).collect::<Vec<_>>())
-            });
-            let got_params = grads_of(&params);
-            assert_eq!(got.len(), want.len(), "{name}");
+            let n = rel.rel_idx.size()[0];
+            let picks = RowPicks::new(&rel.rel_idx, table.size()[0], Kind::Float);
             let close = |a: &Tensor, b: &Tensor, what: &str| {
                 let d = (a - b).abs().max().double_value(&[]);
                 let scale = b.abs().max().double_value(&[]).max(1e-3);
                 assert!(d <= 1e-5 * scale, "{name}: {what} differs by {d:e} (scale {scale:e})");
             };
-            for (k, (a, b)) in got.iter().zip(&want).enumerate() {
-                close(a, &b.detach(), &format!("table {k}"));
-            }
-            close(&got_dr, &want_dr, "R's gradient");
-            assert!(
-                want_dr.abs().max().double_value(&[]) > 0.0,
-                "{name}: no gradient reached R"
-            );
-            for (k, (a, b)) in got_params.iter().zip(&want_params).enumerate() {
-                close(a, b, &format!("parameter {k}'s gradient"));
+            // The gradients as they are, and with the padding row (any values there must not
+            // count), as the kernels return them.
+            for padded in [false, true] {
+                tch::manual_seed(11);
+                let (got, saved) = tch::no_grad(|| att.relative_tables(&table.detach(), &picks, true, Kind::Float));
+                let gs: Vec<Option<Tensor>> = ws
+                    .iter()
+                    .map(|w| {
+                        Some(match padded {
+                            true => Tensor::cat(
+                                &[
+                                    w,
+                                    &Tensor::randn([w.size()[0], 1, w.size()[2]], (Kind::Float, Device::Cpu)),
+                                ],
+                                1,
+                            ),
+                            false => w.shallow_clone(),
+                        })
+                    })
+                    .collect();
+                let got_dr = tch::no_grad(|| att.relative_tables_backward(&saved, &gs));
+                let got_params = grads_of(&params);
+                assert_eq!(got.len(), want.len(), "{name}");
+                for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(a.size()[1], 2 * n, "{name}: table {k} has the padding row");
+                    close(&a.narrow(1, 0, 2 * n - 1), &b.detach(), &format!("table {k}"));
+                    assert_eq!(
+                        a.select(1, 2 * n - 1).abs().max().double_value(&[]),
+                        0.0,
+                        "{name}: table {k}"
+                    );
+                }
+                close(&got_dr, &want_dr, &format!("R's gradient (padded {padded})"));
+                assert!(
+                    want_dr.abs().max().double_value(&[]) > 0.0,
+                    "{name}: no gradient reached R"
+                );
+                for (k, (a, b)) in got_params.iter().zip(&want_params).enumerate() {
+                    close(a, b, &format!("parameter {k}'s gradient (padded {padded})"));
+                }
             }
         }
     }

@@ -4,7 +4,9 @@
 //!
 //! The core's inputs are what `DisentangledSelfAttention::project` returns: q (scale folded
 //! in), k, v as [B, N, H, d] and the relative tables per distance, K_r [H, 2N-1, d] (row m:
-//! distance N-1-m) and Q_r [H, 2N-1, d] (row m: distance m-(N-1), scale folded in). The c2p/p2c
+//! distance N-1-m) and Q_r [H, 2N-1, d] (row m: distance m-(N-1), scale folded in), or either
+//! with the kernels' zero row appended, [H, 2N, d] (the hand-written tables' form; the
+//! gradients come back in the inputs' shapes, in fp32). The c2p/p2c
 //! terms per distance are two GEMMs, one per head over every token, into [H, B*N, 2N] (rows
 //! padded from 2N-1); the kernels read each (i, j)'s element at column N-1-i+j (the skew of
 //! `attention::skew_view`). Backward recomputes those GEMMs, gets dq, dk, dv and the
@@ -91,9 +93,9 @@ pub struct CoreInputs {
     pub q: Tensor,
     pub k: Tensor,
     pub v: Tensor,
-    /// K_r per distance, None without c2p.
+    /// K_r per distance, None without c2p (padded or not: see the module docs).
     pub kr: Option<Tensor>,
-    /// Q_r per distance, None without p2c.
+    /// Q_r per distance, None without p2c (padded or not).
     pub qr: Option<Tensor>,
     /// Key/query validity [B, N] (bool or {0, 1}).
     pub mask: Tensor,
@@ -115,9 +117,20 @@ fn heads_first(x: &Tensor) -> Tensor {
 }
 
 /// A per-distance table [H, 2N-1, d] with a zero row appended, [H, 2N, d]: the kernels' tables
-/// then have aligned rows of 2N.
+/// then have aligned rows of 2N. A table that has it already (an even row count; the
+/// hand-written relative tables make it) is returned as it is.
 fn pad_row(t: &Tensor) -> Tensor {
-    t.constant_pad_nd([0, 0, 0, 1])
+    if t.size()[1] % 2 == 0 {
+        t.shallow_clone()
+    } else {
+        t.constant_pad_nd([0, 0, 0, 1])
+    }
+}
+
+/// A per-distance table without the padding row, [H, 2N-1, d].
+fn unpadded(t: &Tensor) -> Tensor {
+    let rows = t.size()[1];
+    t.narrow(1, 0, rows - (1 - rows % 2))
 }
 
 /// [B, N, H, d] -> [H, B*N, d], a strided view (no copy): per head, all tokens as GEMM rows.
@@ -145,11 +158,11 @@ impl CoreInputs {
         let c2p = self
             .kr
             .as_ref()
-            .map(|kr| heads_first(&self.q).matmul(&kr.transpose(-1, -2)));
+            .map(|kr| heads_first(&self.q).matmul(&unpadded(kr).transpose(-1, -2)));
         let p2c = self
             .qr
             .as_ref()
-            .map(|qr| heads_first(&self.k).matmul(&qr.transpose(-1, -2)));
+            .map(|qr| heads_first(&self.k).matmul(&unpadded(qr).transpose(-1, -2)));
         (c2p, p2c)
     }
 
@@ -610,12 +623,15 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     }
 
     let (mut dq, mut dk) = (dq.to_kind(x.q.kind()), dk.to_kind(x.k.kind()));
-    let w = 2 * n - 1;
+    // A table's gradient has its rows (2N-1, or 2N with the padding row), in fp32: the
+    // relative tables' backward continues in fp32, and a bf16 round trip would cost two passes
+    // and a rounding.
+    let rows = |t: &Tensor| t.size()[1];
     let (mut dkr, mut dqr) = (None, None);
     if in_kernel {
         // The kernels added the relative terms' part of dq and dk; the table gradients are the
         // sums of the blocks' partials.
-        let reduce = |part: &Tensor| -> Result<Tensor, String> {
+        let reduce = |part: &Tensor, rows: i64| -> Result<Tensor, String> {
             let out = Tensor::empty([h, 2 * n, d], (Kind::Float, part.device()));
             let cfg = cuda::grid_stride(part.device(), h * 2 * n * (d / 4)); // a thread per 4 values of d
             let args = [
@@ -627,13 +643,13 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
             ];
             // SAFETY: part holds the kernels' partials for (b, h, n), out [h, 2n, d] fp32.
             unsafe { k.launch("dattn_rel_reduce", cfg, &args) }?;
-            Ok(out.narrow(1, 0, w))
+            Ok(if rows == 2 * n { out } else { out.narrow(1, 0, rows) })
         };
         if let (Some(part), Some(kr)) = (&dc2p, &x.kr) {
-            dkr = Some(reduce(part)?.to_kind(kr.kind()));
+            dkr = Some(reduce(part, rows(kr))?);
         }
         if let (Some(part), Some(qr)) = (&dp2c, &x.qr) {
-            dqr = Some(reduce(part)?.to_kind(qr.kind()));
+            dqr = Some(reduce(part, rows(qr))?);
         }
         stage("backward: table-gradient reductions");
     } else {
@@ -644,12 +660,12 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
             dq += back(dc2p.matmul(&pad_row(&kr.to_kind(Kind::BFloat16)))).to_kind(dq.kind());
             // sum over every token inside the GEMM: [H, 2N, B*N] x [H, B*N, d]
             let g = dc2p.transpose(1, 2).matmul(&tokens_per_head(&o.q));
-            dkr = Some(g.narrow(1, 0, w).to_kind(kr.kind()));
+            dkr = Some(g.narrow(1, 0, rows(kr)).to_kind(Kind::Float));
         }
         if let (Some(dp2c), Some(qr)) = (&dp2c, &x.qr) {
             dk += back(dp2c.matmul(&pad_row(&qr.to_kind(Kind::BFloat16)))).to_kind(dk.kind());
             let g = dp2c.transpose(1, 2).matmul(&tokens_per_head(&o.k));
-            dqr = Some(g.narrow(1, 0, w).to_kind(qr.kind()));
+            dqr = Some(g.narrow(1, 0, rows(qr)).to_kind(Kind::Float));
         }
         stage("backward: table-gradient GEMMs");
     }

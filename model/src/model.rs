@@ -3,7 +3,7 @@
 use tch::nn::Path;
 use tch::{Kind, Reduction, Tensor};
 
-use crate::attention::{attention_mask, DisentangledSelfAttention, RelativeContext, RelativePath};
+use crate::attention::{attention_mask, DisentangledSelfAttention, RelativeContext, RelativePath, RowPicks};
 use crate::config::DebertaConfig;
 use crate::embeddings::Embeddings;
 use crate::emd::{enhanced_mask_decoder, enhanced_mask_decoder_at, MlmHead, Predicted, EMD_STEPS};
@@ -198,6 +198,8 @@ pub struct SegmentedEncoding {
     /// R = LN(E_rel), shared by every layer; each reads it through its heads (tp leaf).
     rel: Option<Boundary>,
     rel_idx: Option<Tensor>,
+    /// The hand-written relative tables' row picks, built once for every layer.
+    picks: Option<RowPicks>,
     att_mask: Tensor,
     mask: Tensor,
 }
@@ -372,17 +374,13 @@ fn attention_segments<'c>(
     // This rank's heads' q, k, v and relative tables.
     let parts = if by_hand {
         // The relative tables first: this layer's first segment, which backward reaches last.
-        let tables = match (enc.rel, &rel_idx) {
-            (Some(rel), Some(idx)) => {
+        let tables = match (enc.rel, &enc.picks) {
+            (Some(rel), Some(picks)) => {
                 tape.set_label("attention: relative tables");
-                let idx = idx.shallow_clone();
+                let picks = picks.shallow_clone();
                 // R's gradient from here is this rank's heads' part.
                 tape.custom_partial(&[rel], move |inp| {
-                    let rc = RelativeContext {
-                        table: inp[0].shallow_clone(),
-                        rel_idx: idx,
-                    };
-                    let (tables, saved) = att.relative_tables(&rc, train, compute_kind(&inp[0]));
+                    let (tables, saved) = att.relative_tables(&inp[0], &picks, train, compute_kind(&inp[0]));
                     let backward: CustomBackward<'c> =
                         Box::new(move |g| vec![Some(att.relative_tables_backward(&saved, g))]);
                     (tables, backward)
@@ -512,9 +510,13 @@ impl DebertaV2 {
             layers: Vec::with_capacity(self.encoder.layers.len()),
             rel,
             rel_idx,
+            picks: None,
             att_mask,
             mask: mask_f,
         };
+        if let Some(idx) = enc.rel_idx.as_ref().filter(|_| hand_written(tape, &enc)) {
+            enc.picks = Some(RowPicks::new(idx, self.cfg.rel_table_rows(), compute_kind(&enc.mask)));
+        }
         for (i, layer) in self.encoder.layers.iter().enumerate() {
             let x = enc.layers.last().copied().unwrap_or(e);
             let first = tape.next_segment();
