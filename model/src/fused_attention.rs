@@ -127,6 +127,16 @@ fn pad_row(t: &Tensor) -> Tensor {
     }
 }
 
+/// The token mask as the kernels read it: [B, N] bytes, 1 = valid. The callers that run many
+/// layers pass it so (`key_bytes` once per forward), which saves two passes per layer each way.
+pub fn key_bytes(mask: &Tensor) -> Tensor {
+    if mask.kind() == Kind::Uint8 && mask.is_contiguous() {
+        mask.shallow_clone()
+    } else {
+        mask.to_kind(Kind::Bool).to_kind(Kind::Uint8).contiguous()
+    }
+}
+
 /// A per-distance table without the padding row, [H, 2N-1, d].
 fn unpadded(t: &Tensor) -> Tensor {
     let rows = t.size()[1];
@@ -459,7 +469,7 @@ fn operands(x: &CoreInputs) -> Operands {
         v: x16.v,
         c2p: c2p.as_ref().map(bf16),
         p2c: p2c.as_ref().map(bf16),
-        mask: x.mask.to_kind(Kind::Bool).to_kind(Kind::Uint8).contiguous(),
+        mask: key_bytes(&x.mask),
     }
 }
 
@@ -473,7 +483,7 @@ fn operands_rel(x: &CoreInputs) -> Operands {
         q: x16.q,
         k: x16.k,
         v: x16.v,
-        mask: x.mask.to_kind(Kind::Bool).to_kind(Kind::Uint8).contiguous(),
+        mask: key_bytes(&x.mask),
     }
 }
 

@@ -202,6 +202,8 @@ pub struct SegmentedEncoding {
     picks: Option<RowPicks>,
     att_mask: Tensor,
     mask: Tensor,
+    /// The mask as the fused core's kernels read it (`fused_attention::key_bytes`), made once.
+    key_bytes: Tensor,
 }
 
 impl SegmentedEncoding {
@@ -407,7 +409,7 @@ fn attention_segments<'c>(
     } else {
         autograd_projections(tape, att, kv, q, enc, rel_idx, train)
     };
-    let mask = enc.mask.shallow_clone();
+    let mask = enc.key_bytes.shallow_clone();
     tape.set_label("attention: core");
     let ctx = fused_core(tape, att, parts, has_rel, mask, train);
     tape.set_label("attention: output");
@@ -512,6 +514,7 @@ impl DebertaV2 {
             rel_idx,
             picks: None,
             att_mask,
+            key_bytes: fused_attention::key_bytes(&mask_f),
             mask: mask_f,
         };
         if let Some(idx) = enc.rel_idx.as_ref().filter(|_| hand_written(tape, &enc)) {
