@@ -482,6 +482,23 @@ impl DebertaV2 {
         delta: Option<&Tensor>,
         mark_ready: bool,
     ) -> SegmentedEncoding {
+        let all = self.encoder.layers.len();
+        self.first_layers_segments(tape, ids, mask, train, delta, mark_ready, all)
+    }
+
+    /// `encoder_segments` with only the first `count` layers (the EMD reruns the last one
+    /// itself).
+    #[allow(clippy::too_many_arguments)]
+    fn first_layers_segments<'c>(
+        &'c self,
+        tape: &mut Tape<'c>,
+        ids: &Tensor,
+        mask: &Tensor,
+        train: bool,
+        delta: Option<&Tensor>,
+        mark_ready: bool,
+        count: usize,
+    ) -> SegmentedEncoding {
         let tp = tape.tp();
         let mask_f = mask.to_kind(Kind::Float);
         let n = ids.size()[1];
@@ -520,7 +537,7 @@ impl DebertaV2 {
         if let Some(idx) = enc.rel_idx.as_ref().filter(|_| hand_written(tape, &enc)) {
             enc.picks = Some(RowPicks::new(idx, self.cfg.rel_table_rows(), compute_kind(&enc.mask)));
         }
-        for (i, layer) in self.encoder.layers.iter().enumerate() {
+        for (i, layer) in self.encoder.layers.iter().enumerate().take(count) {
             let x = enc.layers.last().copied().unwrap_or(e);
             let first = tape.next_segment();
             let a = attention_segments(tape, layer, x, x, &enc, None, train);
@@ -568,17 +585,22 @@ impl DebertaV2 {
         // The predicted rows' count sets shapes: on the device, finding them reads it back
         // (before the encoder is queued); from labels on the host it is computed there.
         let at = std::rc::Rc::new(Predicted::of(labels).to_device(ids.device()));
-        let enc = self.encoder_segments(tape, ids, mask, train, None, true);
+        // With the EMD no loss reads the encoder's last layer: the decoder reruns that layer on
+        // its input. So it is not recorded (its backward never ran either): 1/L of the
+        // encoder's forward and its activations saved.
+        let emd = !self.cfg.position_biased_input;
+        let layers = self.encoder.layers.len();
+        let enc = self.first_layers_segments(tape, ids, mask, train, None, true, layers - usize::from(emd));
         let outs = &enc.layers;
 
         // The enhanced mask decoder (spec §7.1), at the predicted rows only: the last layer
-        // twice, keys and values from outs[-2].
-        let q_final = if self.cfg.position_biased_input {
+        // twice, keys and values from its input (outs[-2] of the whole encoder).
+        let q_final = if !emd {
             let at = at.clone();
             tape.set_label("mlm head");
             tape.segment(&[*outs.last().unwrap()], move |inp| vec![at.rows(&inp[0].rep)])[0]
         } else {
-            let h_kv = outs[outs.len() - 2];
+            let h_kv = outs.last().copied().unwrap_or(enc.embeddings);
             let positions = self.embeddings.positions(n).expect("the EMD needs the position table");
             let (rel_idx, att_mask) = at.attention(enc.rel_idx.as_ref(), &enc.mask);
             let rows = RowQueries { rel_idx, att_mask };
@@ -588,10 +610,13 @@ impl DebertaV2 {
                 vec![at_q.rows(&positions.expand_as(&inp[0].rep)) + at_q.rows(&inp[0].rep)]
             })[0];
             let last = self.encoder.layers.last().unwrap();
+            let first = tape.next_segment();
             for _ in 0..EMD_STEPS {
                 let a = attention_segments(tape, last, h_kv, q, &enc, Some(&rows), train);
                 q = ffn_segments(tape, last, a, train, hand_written(tape, &enc));
             }
+            // The decoder's first use of the last layer is its only use in the step.
+            tape.mark_ready_at(first, layers - 1);
             q
         };
 
