@@ -46,8 +46,10 @@ extern "C" bool deberta_cuda_autocast_enabled() { return at::autocast::is_autoca
 // usually a kernel launch, which is what the small tensors of a step cost. A global
 // RecordFunction callback (the profiler's hook) counts, on every thread (autograd's device
 // threads too), all operators and those called from outside any other (`top`: what the program
-// itself asked for; the rest are their inner calls). Registered on first use and then kept:
-// removing one is not safe while other threads dispatch; it counts only while switched on.
+// itself asked for; the rest are their inner calls). Registered on first use and then kept
+// (removing one is not safe while other threads dispatch), disabled while counting is off, so
+// the operators then skip it. Switch it between steps: a thread inside an operator at the
+// switch would miss an end and count its next operators as inner calls.
 namespace {
 std::atomic<bool> counting{false};
 std::atomic<uint64_t> top_ops{0}, all_ops{0};
@@ -74,8 +76,12 @@ void op_end(const at::RecordFunction&, at::ObserverContext*) { --depth; }
 extern "C" void deberta_count_ops(bool on) {
   static const at::CallbackHandle handle = at::addGlobalCallback(
       at::RecordFunctionCallback(op_start, op_end).needsInputs(false).scopes({at::RecordScope::FUNCTION}));
-  (void)handle;
   counting.store(on);
+  if (on) {
+    at::reenableCallback(handle);
+  } else {
+    at::disableCallback(handle);
+  }
 }
 
 // The counts so far, of every thread (global) or of this one: operators called from outside any

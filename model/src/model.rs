@@ -191,9 +191,10 @@ impl DebertaV2 {
 }
 
 /// The backbone recorded on a `Tape` (one segment per sublayer): the boundaries of E and of
-/// every layer's output, and what a head that reuses layers (the EMD) needs.
+/// every recorded layer's output, and what a head that reuses layers (the EMD) needs.
 pub struct SegmentedEncoding {
     pub embeddings: Boundary,
+    /// All L layers' outputs, or the first L-1 in pretraining with the EMD.
     pub layers: Vec<Boundary>,
     /// R = LN(E_rel), shared by every layer; each reads it through its heads (tp leaf).
     rel: Option<Boundary>,
