@@ -601,7 +601,7 @@ impl DebertaV2 {
             tape.set_label("mlm head");
             tape.segment(&[*outs.last().unwrap()], move |inp| vec![at.rows(&inp[0].rep)])[0]
         } else {
-            let h_kv = outs.last().copied().unwrap_or(enc.embeddings);
+            let h_kv = *outs.last().expect("DebertaV2::new_tp requires 2 layers with the EMD");
             let positions = self.embeddings.positions(n).expect("the EMD needs the position table");
             let (rel_idx, att_mask) = at.attention(enc.rel_idx.as_ref(), &enc.mask);
             let rows = RowQueries { rel_idx, att_mask };
