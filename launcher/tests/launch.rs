@@ -565,9 +565,9 @@ fn bench_prints_one_json_line_per_batch_with_the_baseline_s_fields() {
         .collect();
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "key order: {first_line}");
     assert_eq!(rows[0]["system"], "deberta-rs", "the CPU default is the gather path");
-    // Each relative path names itself; the fused one runs its reference formulas on the CPU.
-    for (attention, system) in [("skew", "deberta-rs+skew"), ("fused", "deberta-rs+fused-rel")] {
-        let o = deberta(&[
+    // One profiled step of the tiny model on the CPU, with `extra` arguments.
+    let profiled = |extra: &[&str]| {
+        let mut args = vec![
             "bench",
             "--preset",
             "tiny",
@@ -579,12 +579,14 @@ fn bench_prints_one_json_line_per_batch_with_the_baseline_s_fields() {
             "0",
             "--seq",
             "32",
-            "--attention",
-            attention,
             "--profile",
-        ])
-        .output()
-        .unwrap();
+        ];
+        args.extend_from_slice(extra);
+        deberta(&args).output().unwrap()
+    };
+    // Each relative path names itself; the fused one runs its reference formulas on the CPU.
+    for (attention, system) in [("skew", "deberta-rs+skew"), ("fused", "deberta-rs+fused-rel")] {
+        let o = profiled(&["--attention", attention]);
         assert!(o.status.success(), "{attention}: {}", text(&o));
         let row: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
         assert_eq!(row["system"], system);
@@ -611,23 +613,7 @@ fn bench_prints_one_json_line_per_batch_with_the_baseline_s_fields() {
     }
     // --emulate-kernels: the fused path with the CUDA kernels in the CPU emulator; the profile
     // counts each stage's operators (its times mean nothing there).
-    let o = deberta(&[
-        "bench",
-        "--preset",
-        "tiny",
-        "--device",
-        "cpu",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--seq",
-        "32",
-        "--profile",
-        "--emulate-kernels",
-    ])
-    .output()
-    .unwrap();
+    let o = profiled(&["--emulate-kernels"]);
     assert!(o.status.success(), "--emulate-kernels: {}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("output LayerNorms by the residual_norm kernels"), "{err}");

@@ -471,26 +471,12 @@ fn fused_core<'c>(
 /// logits built segment by segment on a `Tape` (see `segments`). Each segment's closure owns
 /// (shallow clones of) what it reads besides the model, so the tape can re-run it in backward.
 impl DebertaV2 {
-    /// Records the embeddings and every layer. `delta`: SiFT's perturbation of the normalised
+    /// Records the embeddings and the first `count` layers (all but the last in pretraining with
+    /// the EMD, which reruns that layer itself). `delta`: SiFT's perturbation of the normalised
     /// embeddings; `mark_ready`: report each layer's gradients final once backward has passed it
     /// (only for the last pass over the layers in forward order, i.e. the first in backward).
-    pub fn encoder_segments<'c>(
-        &'c self,
-        tape: &mut Tape<'c>,
-        ids: &Tensor,
-        mask: &Tensor,
-        train: bool,
-        delta: Option<&Tensor>,
-        mark_ready: bool,
-    ) -> SegmentedEncoding {
-        let all = self.encoder.layers.len();
-        self.first_layers_segments(tape, ids, mask, train, delta, mark_ready, all)
-    }
-
-    /// `encoder_segments` with only the first `count` layers (the EMD reruns the last one
-    /// itself).
     #[allow(clippy::too_many_arguments)]
-    fn first_layers_segments<'c>(
+    pub fn encoder_segments<'c>(
         &'c self,
         tape: &mut Tape<'c>,
         ids: &Tensor,
@@ -591,7 +577,7 @@ impl DebertaV2 {
         // encoder's forward and its activations saved.
         let emd = !self.cfg.position_biased_input;
         let layers = self.encoder.layers.len();
-        let enc = self.first_layers_segments(tape, ids, mask, train, None, true, layers - usize::from(emd));
+        let enc = self.encoder_segments(tape, ids, mask, train, None, true, layers - usize::from(emd));
         let outs = &enc.layers;
 
         // The enhanced mask decoder (spec §7.1), at the predicted rows only: the last layer
@@ -652,7 +638,8 @@ impl DebertaV2 {
         delta: Option<&Tensor>,
         mark_ready: bool,
     ) -> Boundary {
-        let enc = self.encoder_segments(tape, ids, mask, train, delta, mark_ready);
+        let all = self.encoder.layers.len();
+        let enc = self.encoder_segments(tape, ids, mask, train, delta, mark_ready, all);
         let last = *enc.layers.last().expect("at least one layer");
         let spans = spans.map(Tensor::shallow_clone);
         tape.set_label("task head");
