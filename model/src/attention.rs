@@ -283,7 +283,8 @@ impl DisentangledSelfAttention {
     }
 
     /// Backward of `project_content` for dL/dq, dL/dk, dL/dv ([B, N, heads, d]): adds the
-    /// projections' gradients; returns dL/dx in x's kind (this rank's heads' part under TP).
+    /// projections' gradients; returns dL/dx in `kind` (this rank's heads' part under TP; the
+    /// tape widens it where it sums it with the residual's).
     /// One GEMM each for dx and the weights over [dq dk dv], so dx is summed in the GEMM's fp32
     /// accumulator, as autocast's three fp32 casts would sum it.
     pub fn project_content_backward(&self, x: &Tensor, grads: [&Tensor; 3], kind: Kind) -> Tensor {
@@ -311,7 +312,7 @@ impl DisentangledSelfAttention {
                 crate::nn::accumulate_grad(bias, &(db.narrow(0, at, local) * s));
             }
         }
-        dqkv.mm(&w).view(x.size().as_slice()).to_kind(x.kind())
+        dqkv.mm(&w).view(x.size().as_slice())
     }
 
     /// The fused path's relative tables (`distance_tables`) as a list, K_r then Q_r, in `kind`,

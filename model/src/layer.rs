@@ -269,7 +269,7 @@ impl Layer {
     }
 
     /// Backward of `ffn_pre_activation_by_hand`: adds W1's and b1's gradients; returns dL/da
-    /// in a's kind (this rank's part under TP: W1 is column-parallel).
+    /// in `kind` (this rank's part under TP: W1 is column-parallel; the tape widens it).
     pub fn ffn_pre_activation_backward(&self, a: &Tensor, dh: &Tensor, kind: Kind) -> Tensor {
         let l = &self.intermediate;
         linear_backward(a, &l.weight, l.bias.as_ref(), dh, kind)

@@ -84,7 +84,8 @@ pub fn linear_in(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, kind: Kind)
 }
 
 /// Backward of `linear_in` for dL/dy: adds W's (and b's) gradients to their `.grad`; returns
-/// dL/dx in x's kind.
+/// dL/dx in `kind`, the GEMM's (the tape widens a bf16 gradient of an fp32 boundary where it
+/// sums it, `segments::CustomBackward`: no pass of its own).
 pub fn linear_backward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, dy: &Tensor, kind: Kind) -> Tensor {
     let w = weight.to_kind(kind);
     let (out, inp) = (w.size()[0], w.size()[1]);
@@ -95,7 +96,7 @@ pub fn linear_backward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, dy: &
     }
     let mut shape = x.size();
     *shape.last_mut().expect("x has a feature dimension") = inp;
-    rows.mm(&w).view(shape.as_slice()).to_kind(x.kind())
+    rows.mm(&w).view(shape.as_slice())
 }
 
 /// Dropout for a hand-written segment: the output and, in training with p > 0, the mask

@@ -50,7 +50,9 @@ struct BoundaryState {
 type Forward<'c> = Box<dyn Fn(&[Input]) -> Vec<Tensor> + 'c>;
 
 /// A custom segment's backward: the gradients of its outputs (None where nothing reached one)
-/// -> the gradients of its inputs (None for an input it does not differentiate).
+/// -> the gradients of its inputs (None for an input it does not differentiate). An input's
+/// gradient may come narrower than the input (bf16 for an fp32 boundary): the tape widens it
+/// where it sums the parts (`full_grad`), so the segment saves a pass casting it.
 pub type CustomBackward<'c> = Box<dyn FnOnce(&[Option<Tensor>]) -> Vec<Option<Tensor>> + 'c>;
 
 struct Segment<'c> {
@@ -317,16 +319,28 @@ impl<'c> Tape<'c> {
         &self.boundaries[b.0].value
     }
 
-    /// The full gradient of a boundary: its replicated part plus its TP parts summed over TP.
+    /// The full gradient of a boundary: its replicated part plus its TP parts summed over TP,
+    /// at least as wide as the boundary (fp32 for an fp32 one: a bf16 part is widened inside the
+    /// addition, or by a cast when it is alone; summed over TP in fp32 too). A gradient wider
+    /// than its boundary stays so (the fused core's fp32 table gradients).
     fn full_grad(&mut self, id: usize) -> Option<Tensor> {
         let state = &mut self.boundaries[id];
-        let tp_part = state.tp_grad.take().map(|mut g| {
+        let kind = state.value.kind();
+        let widen = |g: Tensor| {
+            if kind == Kind::Float && g.kind() != Kind::Float {
+                g.to_kind(Kind::Float)
+            } else {
+                g
+            }
+        };
+        let tp_part = state.tp_grad.take().map(|g| {
+            let mut g = if self.tp.size() > 1 { widen(g) } else { g };
             self.tp.all_reduce_sum(&mut g);
             g
         });
         match (state.rep_grad.take(), tp_part) {
-            (Some(r), Some(t)) => Some(r + t),
-            (r, t) => r.or(t),
+            (Some(r), Some(t)) => Some(widen(r + t)),
+            (r, t) => r.or(t).map(widen),
         }
     }
 
@@ -443,6 +457,44 @@ mod tests {
         tape.backward(l);
         assert!((w1.grad() - &want[0]).abs().max().double_value(&[]) < 1e-5);
         assert!((w2.grad() - &want[1]).abs().max().double_value(&[]) < 1e-5);
+    }
+
+    /// A custom segment may return a bf16 gradient for an fp32 boundary: the producer gets it in
+    /// fp32, summed with the other parts in fp32 or cast when alone.
+    #[test]
+    fn a_bf16_gradient_part_reaches_an_fp32_boundary_widened() {
+        use std::cell::RefCell;
+        use std::rc::Rc;
+        let f32s = (Kind::Float, Device::Cpu);
+        for with_rep in [true, false] {
+            let got: Rc<RefCell<Option<Tensor>>> = Rc::default();
+            let mut tape = Tape::new(&Single);
+            let sink = got.clone();
+            let x = tape.custom(&[], move |_| {
+                let back: CustomBackward = Box::new(move |g| {
+                    *sink.borrow_mut() = g[0].as_ref().map(Tensor::shallow_clone);
+                    Vec::new()
+                });
+                (vec![Tensor::full([3, 4], 0.5, f32s)], back)
+            })[0];
+            // y = 2x, its gradient for x handed back in bf16 (a TP part, as the projections' is).
+            let y = tape.custom_partial(&[x], |_| {
+                let back: CustomBackward = Box::new(|g| vec![g[0].as_ref().map(|g| (g * 2.0).to_kind(Kind::BFloat16))]);
+                (vec![Tensor::ones([3, 4], f32s)], back)
+            })[0];
+            let inputs = if with_rep { vec![x, y] } else { vec![y] };
+            let count = inputs.len();
+            let loss = tape.custom(&inputs, move |_| {
+                let back: CustomBackward =
+                    Box::new(move |_| (0..count).map(|_| Some(Tensor::full([3, 4], 1.5, f32s))).collect());
+                (vec![Tensor::zeros([], f32s)], back)
+            })[0];
+            tape.backward(loss);
+            let g = got.borrow_mut().take().expect("x got a gradient");
+            assert_eq!(g.kind(), Kind::Float, "with the replicated part: {with_rep}");
+            let want = if with_rep { 1.5 + 3.0 } else { 3.0 };
+            assert!(g.eq_tensor(&Tensor::full([3, 4], want, f32s)).all().int64_value(&[]) == 1);
+        }
     }
 
     /// Gradients of w1, w2 through a chain with dropout, on a tape made by `make`.
