@@ -253,12 +253,35 @@ impl Layer {
         self.output.dense.partial(&self.act.apply(h))
     }
 
+    /// Whether the FFN's backward for input `a` takes the GELU kernel (`gelu::backward`): the
+    /// exact GELU on the kernels' device. `ffn_partial_backward` then adds b1's gradient, and
+    /// `ffn_pre_activation_backward` must not.
+    pub fn ffn_gelu_by_kernel(&self, a: &Tensor) -> bool {
+        let cols = self.intermediate.weight.size()[0]; // F / tp
+        crate::gelu::applies(self.act, a.device(), crate::nn::compute_kind(a), cols)
+    }
+
     /// Backward of `ffn_partial` with act(h) recomputed: adds dL/dW2 to W2's `.grad` and
     /// returns dL/dh. `dz`, `h` and W2 in the kind the forward ran in (bf16 under autocast).
-    pub fn ffn_partial_backward(&self, h: &Tensor, dz: &Tensor) -> Tensor {
-        let f = self.act.apply(h); // [B, N, F / tp]
-        let df = linear_backward(&f, &self.output.dense.weight, None, dz, dz.kind());
-        self.act.backward(&df, h)
+    /// With `gelu_kernel` (`ffn_gelu_by_kernel`) one kernel recomputes act(h) and makes dL/dh
+    /// and b1's gradient, which it adds too: one pass over h and dL/d act(h) instead of three.
+    pub fn ffn_partial_backward(&self, h: &Tensor, dz: &Tensor, gelu_kernel: bool) -> Tensor {
+        if !gelu_kernel {
+            let f = self.act.apply(h); // [B, N, F / tp]
+            let df = linear_backward(&f, &self.output.dense.weight, None, dz, dz.kind());
+            return self.act.backward(&df, h);
+        }
+        let w2 = &self.output.dense.weight; // [D, F / tp]
+        let w = w2.to_kind(dz.kind());
+        let (out, inp) = (w.size()[0], w.size()[1]);
+        let rows = dz.reshape([-1, out]);
+        let df = rows.mm(&w).view(h.size().as_slice()); // dL/d act(h)
+        let g = crate::gelu::backward(h, &df).unwrap_or_else(|e| panic!("{e}"));
+        crate::nn::accumulate_grad(w2, &rows.tr().mm(&g.f.reshape([-1, inp])));
+        if let Some(b1) = &self.intermediate.bias {
+            crate::nn::accumulate_grad(b1, &g.bias);
+        }
+        g.dh
     }
 
     /// `ffn_pre_activation` by hand (for a custom segment): h in `kind` (bf16 under autocast),
@@ -268,11 +291,12 @@ impl Layer {
         linear_in(a, &l.weight, l.bias.as_ref(), kind)
     }
 
-    /// Backward of `ffn_pre_activation_by_hand`: adds W1's and b1's gradients; returns dL/da
-    /// in `kind` (this rank's part under TP: W1 is column-parallel; the tape widens it).
-    pub fn ffn_pre_activation_backward(&self, a: &Tensor, dh: &Tensor, kind: Kind) -> Tensor {
+    /// Backward of `ffn_pre_activation_by_hand`: adds W1's gradient and, with `bias`, b1's (the
+    /// GELU kernel adds it otherwise: `ffn_partial_backward`); returns dL/da in `kind` (this
+    /// rank's part under TP: W1 is column-parallel; the tape widens it).
+    pub fn ffn_pre_activation_backward(&self, a: &Tensor, dh: &Tensor, kind: Kind, bias: bool) -> Tensor {
         let l = &self.intermediate;
-        linear_backward(a, &l.weight, l.bias.as_ref(), dh, kind)
+        linear_backward(a, &l.weight, l.bias.as_ref().filter(|_| bias), dh, kind)
     }
 
     /// LN2(Dropout(g(z) + b2) + a_res) from `ffn_partial`'s z.

@@ -40,6 +40,7 @@ pub mod emd;
 pub mod encoder;
 pub mod error;
 pub mod fused_attention;
+pub mod gelu;
 pub mod heads;
 pub mod hf;
 pub mod inputs;

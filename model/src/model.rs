@@ -309,6 +309,8 @@ fn ffn_one_segment<'c>(tape: &mut Tape<'c>, layer: &'c Layer, a: Boundary, train
 
 fn ffn_act_recomputed<'c>(tape: &mut Tape<'c>, layer: &'c Layer, a: Boundary, train: bool, by_hand: bool) -> Boundary {
     let tp = tape.tp();
+    // With W1 by hand, the GELU kernel's backward adds b1's gradient (it has dL/dh in hand).
+    let gelu_kernel = by_hand && layer.ffn_gelu_by_kernel(tape.value(a));
     tape.set_label("ffn: W1");
     let h = if by_hand {
         // W1 is column-parallel: a's gradient from here is this rank's part.
@@ -316,8 +318,11 @@ fn ffn_act_recomputed<'c>(tape: &mut Tape<'c>, layer: &'c Layer, a: Boundary, tr
             let a = x[0].shallow_clone();
             let kind = compute_kind(&a);
             let h = layer.ffn_pre_activation_by_hand(&a, kind);
-            let backward: CustomBackward<'c> =
-                Box::new(move |dh| vec![dh[0].as_ref().map(|dh| layer.ffn_pre_activation_backward(&a, dh, kind))]);
+            let backward: CustomBackward<'c> = Box::new(move |dh| {
+                vec![dh[0]
+                    .as_ref()
+                    .map(|dh| layer.ffn_pre_activation_backward(&a, dh, kind, !gelu_kernel))]
+            });
             (vec![h], backward)
         })[0]
     } else {
@@ -328,7 +333,7 @@ fn ffn_act_recomputed<'c>(tape: &mut Tape<'c>, layer: &'c Layer, a: Boundary, tr
         let h = x[0].shallow_clone();
         let z = layer.ffn_partial(&h);
         let backward: CustomBackward<'c> =
-            Box::new(move |dz| vec![dz[0].as_ref().map(|dz| layer.ffn_partial_backward(&h, dz))]);
+            Box::new(move |dz| vec![dz[0].as_ref().map(|dz| layer.ffn_partial_backward(&h, dz, gelu_kernel))]);
         (vec![z], backward)
     })[0];
     tape.set_label("ffn: output");

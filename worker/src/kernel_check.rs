@@ -1,7 +1,8 @@
 //! `deberta-worker kernel-check`: the fused attention kernels (`deberta_model::fused_attention`)
 //! against the reference formulas on the GPU (the cases of `deberta_model::kernel_check`, whose
 //! small ones CI also runs through the CPU emulator), the residual LayerNorm kernels
-//! (`deberta_model::residual_norm`) against libtorch's ops and their speed, the AdamW kernel,
+//! (`deberta_model::residual_norm`) and the FFN's GELU backward kernel (`deberta_model::gelu`)
+//! against libtorch's ops and their speed, the AdamW kernel,
 //! the attention kernels' speed against the reference core at the 1.5B model's attention shape,
 //! then 20 training steps of a small model on the fused path against the gather (HF) path.
 //! Prints one line per comparison; fails if any is off.
@@ -268,6 +269,42 @@ fn residual_norm(device: Device) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
+/// The FFN's GELU backward kernel (`deberta_model::gelu`) against libtorch's ops, then its speed
+/// at the 1.5B model's width (batch 8 x 512 tokens, F = 6144, bf16) against the three passes it
+/// replaces (gelu, gelu_backward, the column sum of dh).
+fn gelu(device: Device) -> anyhow::Result<bool> {
+    let mut ok = true;
+    for (rows, cols, kind) in [(4096, 6144, Kind::BFloat16), (333, 1032, Kind::Float)] {
+        for (name, e, tol) in deberta_model::gelu::compare(device, rows, cols, kind).map_err(anyhow::Error::msg)? {
+            let pass = e.is_finite() && e <= tol;
+            ok &= pass;
+            println!(
+                "  {rows} x {cols} {kind:?}: {name:<6} rel err {e:.2e}  {}",
+                if pass { "ok" } else { "FAIL" }
+            );
+        }
+    }
+    let (rows, cols) = (8 * 512, 6144);
+    let h = Tensor::randn([rows, cols], (Kind::BFloat16, device));
+    let df = Tensor::randn([rows, cols], (Kind::BFloat16, device));
+    let kernel = time_ms(device, 20, || {
+        let _ = deberta_model::gelu::backward(&h, &df).expect("gelu kernel");
+    });
+    let ops = time_ms(device, 20, || {
+        let _f = h.gelu("none");
+        let dh = h.gelu_backward(&df, "none");
+        let _ = dh.sum_dim_intlist(0, false, Kind::Float);
+    });
+    // What the kernel must move: h and df read, f and dh written (bf16).
+    let gb = (rows * cols * 2 * 4) as f64 / 1e9;
+    println!(
+        "  GELU backward, {rows} x {cols} bf16: kernel {kernel:.3} ms ({:.0} GB/s), libtorch's ops {ops:.3} ms: {:.2}x",
+        gb / kernel * 1e3,
+        ops / kernel
+    );
+    Ok(ok)
+}
+
 /// All checks on `groups.device`; Ok(false) if one failed.
 pub fn run(groups: &Groups) -> anyhow::Result<bool> {
     let device = groups.device;
@@ -294,6 +331,8 @@ pub fn run(groups: &Groups) -> anyhow::Result<bool> {
     }
     println!("residual LayerNorm kernels vs libtorch's ops (fp32 reference, the kernels' own dropout mask):");
     ok &= residual_norm(device)?;
+    println!("GELU backward kernel vs libtorch's ops:");
+    ok &= gelu(device)?;
     println!("optimizer:");
     ok &= adamw(device);
     println!("speed:");

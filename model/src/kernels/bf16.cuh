@@ -28,3 +28,14 @@ __device__ __forceinline__ unsigned int pack(bf16 lo, bf16 hi) { return (unsigne
 // The two bf16 of a 32-bit word (a 32-bit load of an even column: the low half is that column).
 __device__ __forceinline__ float lo_f(unsigned int w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float hi_f(unsigned int w) { return __uint_as_float(w & 0xffff0000u); }
+// Four consecutive elements (16 bytes of fp32, 8 of bf16; aligned) as a float4, and back (bf16:
+// rounded to nearest even).
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 load4(const bf16* p) {
+  const uint2 w = *reinterpret_cast<const uint2*>(p);
+  return make_float4(lo_f(w.x), hi_f(w.x), lo_f(w.y), hi_f(w.y));
+}
+__device__ __forceinline__ void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+__device__ __forceinline__ void store4(bf16* p, float4 v) {
+  *reinterpret_cast<uint2*>(p) = make_uint2(pack(f2bf(v.x), f2bf(v.y)), pack(f2bf(v.z), f2bf(v.w)));
+}

@@ -371,6 +371,10 @@ namespace rln {
 #include "bf16.cuh"
 #include "residual_norm.cu"
 }  // namespace rln
+namespace gelu {
+#include "bf16.cuh"
+#include "gelu.cu"
+}  // namespace gelu
 namespace hd16 {
 #include "bf16.cuh"
 #define HEAD_DIM 16
@@ -462,7 +466,8 @@ const Entry KERNELS[] = {
     ENTRY(hd64, 64, dattn_bwd_v_ds), ENTRY(hd64, 64, dattn_bwd_k_ds),
     ENTRY(hd64, 0, dattn_dropout_mask),
     ENTRY(rln, 0, rln_fwd_bf16), ENTRY(rln, 0, rln_fwd_f32), ENTRY(rln, 0, rln_bwd_bf16), ENTRY(rln, 0, rln_bwd_f32),
-    ENTRY(rln, 0, rln_dropout_mask), ENTRY(adamw, 0, adamw_step),
+    ENTRY(rln, 0, rln_dropout_mask), ENTRY(adamw, 0, adamw_step), ENTRY(gelu, 0, gelu_bwd_bf16),
+    ENTRY(gelu, 0, gelu_bwd_f32),
     ENTRY(misuse, 0, barrier_in_a_branch), ENTRY(misuse, 0, shuffle_in_half_a_warp), ENTRY(misuse, 0, shared_store),
     ENTRY(misuse, 0, ldmatrix_rows), ENTRY(misuse, 0, reuse_without_a_barrier),
 };

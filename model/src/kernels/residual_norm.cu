@@ -13,18 +13,10 @@
 // backward 48 bytes per thread for its column sums. z (and dz) are bf16 or fp32 (the `_bf16`
 // and `_f32` entry points); everything else fp32, contiguous.
 
-// bf16, f2bf, pack, lo_f, hi_f, KERNEL and DYNAMIC_SMEM: kernels/bf16.cuh, prepended.
+// bf16, f2bf, pack, lo_f, hi_f, load4, store4, KERNEL and DYNAMIC_SMEM: kernels/bf16.cuh,
+// prepended.
 #define RLN_MAX_THREADS 1024
 
-__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-__device__ __forceinline__ float4 load4(const bf16* p) {
-  const uint2 w = *reinterpret_cast<const uint2*>(p);
-  return make_float4(lo_f(w.x), hi_f(w.x), lo_f(w.y), hi_f(w.y));
-}
-__device__ __forceinline__ void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
-__device__ __forceinline__ void store4(bf16* p, float4 v) {
-  *reinterpret_cast<uint2*>(p) = make_uint2(pack(f2bf(v.x), f2bf(v.y)), pack(f2bf(v.z), f2bf(v.w)));
-}
 
 // Dropout: each row's key is a 64-bit mix of (seed, row) (splitmix64's finalizer), taken once
 // per row; columns 2m and 2m + 1 share one 32-bit hash of m (murmur3's finalizer of m ^ key, a
