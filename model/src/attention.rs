@@ -332,8 +332,15 @@ impl DisentangledSelfAttention {
         tch::autocast(false, || {
             // The draws of `dropout` (distance_tables), and the mask kept.
             let (r, keep) = crate::nn::dropout_saving(table, self.pos_dropout, train);
-            let pick =
-                |proj: &Linear, hot: &Tensor| self.split_table_heads(&hot.matmul(&proj.forward(&r).to_kind(kind)));
+            // The picks come in the forward's compute kind (`RowPicks::new`); cast if not.
+            let pick = |proj: &Linear, hot: &Tensor| {
+                let hot = if hot.kind() == kind {
+                    hot.shallow_clone()
+                } else {
+                    hot.to_kind(kind)
+                };
+                self.split_table_heads(&hot.matmul(&proj.forward(&r).to_kind(kind)))
+            };
             let k_r = self.c2p.then(|| pick(self.pos_key(), &picks.desc_kind));
             let q_r = self.p2c.then(|| pick(self.pos_query(), &picks.asc_kind) * self.scale);
             let saved = RelativeSaved {
