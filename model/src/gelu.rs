@@ -16,9 +16,11 @@ use crate::cuda::{self, Arg, Kernels};
 /// The kernel's CUDA C source (after the shared bf16 helpers).
 pub const SOURCE: &str = concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/gelu.cu"));
 
-/// Rows per block (`GELU_ROWS` in the source) and threads per block (4 columns each).
+/// Rows per block (more when a grid's 65,535 rows of blocks would not cover them) and threads
+/// per block (4 columns each).
 const ROWS: i64 = 64;
 const THREADS: i64 = 256;
+const MAX_GRID_Y: i64 = 65_535;
 
 /// What `backward` returns.
 pub struct GeluGrads {
@@ -37,6 +39,12 @@ pub fn applies(act: Activation, device: Device, kind: Kind, cols: i64) -> bool {
         && cuda::kernels_run_on(device)
         && matches!(kind, Kind::BFloat16 | Kind::Float)
         && cols % 4 == 0
+}
+
+/// (rows per block, blocks) covering `rows`: `ROWS` each, more where the grid's limit needs.
+fn row_blocks(rows: i64) -> (i64, i64) {
+    let per_block = ROWS.max((rows + MAX_GRID_Y - 1) / MAX_GRID_Y);
+    (per_block, ((rows + per_block - 1) / per_block).max(1))
 }
 
 fn kernels(device: Device) -> Result<Kernels, String> {
@@ -67,7 +75,7 @@ pub fn backward(h: &Tensor, df: &Tensor) -> Result<GeluGrads, String> {
     let device = h.device();
     let (h, df) = (h.contiguous(), df.contiguous());
     let rows = h.numel() as i64 / cols.max(1);
-    let blocks = (rows + ROWS - 1) / ROWS;
+    let (per_block, blocks) = row_blocks(rows);
     let f = h.empty_like();
     let dh = h.empty_like();
     let part = Tensor::empty([blocks, cols], (Kind::Float, device));
@@ -84,9 +92,10 @@ pub fn backward(h: &Tensor, df: &Tensor) -> Result<GeluGrads, String> {
         Arg::tensor(&part),
         Arg::I64(rows),
         Arg::I32(cols as i32),
+        Arg::I32(per_block as i32),
     ];
     // SAFETY: h, df, f, dh are contiguous rows x cols of one kind on `device`, part blocks x cols
-    // fp32.
+    // fp32, blocks x per_block >= rows.
     unsafe { kernels(device)?.launch(name, cfg, &args) }?;
     Ok(GeluGrads {
         f,
@@ -147,6 +156,18 @@ mod tests {
             for (name, e, tol) in errors.unwrap() {
                 assert!(e <= tol, "{rows} x {cols} {kind:?}: {name} off by {e:e}");
             }
+        }
+    }
+
+    #[test]
+    fn the_row_blocks_cover_every_row_within_the_grid_limit() {
+        for rows in [1, 64, 65, 16_384, MAX_GRID_Y * ROWS, MAX_GRID_Y * ROWS + 1, 10_000_000] {
+            let (per, blocks) = row_blocks(rows);
+            assert!(per >= ROWS && blocks <= MAX_GRID_Y, "{rows}: {per} x {blocks}");
+            assert!(
+                per * blocks >= rows && per * (blocks - 1) < rows,
+                "{rows}: {per} x {blocks}"
+            );
         }
     }
 

@@ -8,11 +8,10 @@
 // dh. The exact (erf) GELU as libtorch computes it, in fp32: gelu(x) = x Φ(x),
 // gelu'(x) = Φ(x) + x φ(x), Φ(x) = (1 + erf(x / √2)) / 2, φ(x) = exp(-x² / 2) / √(2π).
 //
-// One thread per 4 columns, a block per GELU_ROWS rows and 4 blockDim.x columns: cols % 4 == 0.
+// One thread per 4 columns, a block per `per_block` rows and 4 blockDim.x columns: cols % 4 == 0.
 // h, df, f, dh are bf16 or fp32 (the `_bf16` and `_f32` entry points), contiguous; part fp32.
 
 // bf16, f2bf, bf2f, load4, store4 and KERNEL: kernels/bf16.cuh, prepended.
-#define GELU_ROWS 64
 
 // The value a store of v keeps: b1's gradient sums dh as stored, the bits the W1 GEMMs read, as
 // libtorch's sum of the stored dh does.
@@ -28,11 +27,12 @@ __device__ __forceinline__ void gelu_and_grad(float x, float g, float& f, float&
 
 template <class T>
 __device__ __forceinline__ void gelu_bwd(const T* __restrict__ h, const T* __restrict__ df, T* __restrict__ f,
-                                         T* __restrict__ dh, float* __restrict__ part, long long rows, int cols) {
+                                         T* __restrict__ dh, float* __restrict__ part, long long rows, int cols,
+                                         int per_block) {
   const int c = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
   if (c >= cols) return;
-  const long long r0 = (long long)blockIdx.y * GELU_ROWS;
-  const long long r1 = r0 + GELU_ROWS < rows ? r0 + GELU_ROWS : rows;
+  const long long r0 = (long long)blockIdx.y * per_block;
+  const long long r1 = r0 + per_block < rows ? r0 + per_block : rows;
   float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
   for (long long r = r0; r < r1; ++r) {
     const long long at = r * cols + c;
@@ -53,10 +53,10 @@ __device__ __forceinline__ void gelu_bwd(const T* __restrict__ h, const T* __res
 }
 
 KERNEL void gelu_bwd_bf16(const bf16* __restrict__ h, const bf16* __restrict__ df, bf16* __restrict__ f,
-                          bf16* __restrict__ dh, float* __restrict__ part, long long rows, int cols) {
-  gelu_bwd(h, df, f, dh, part, rows, cols);
+                          bf16* __restrict__ dh, float* __restrict__ part, long long rows, int cols, int per_block) {
+  gelu_bwd(h, df, f, dh, part, rows, cols, per_block);
 }
 KERNEL void gelu_bwd_f32(const float* __restrict__ h, const float* __restrict__ df, float* __restrict__ f,
-                         float* __restrict__ dh, float* __restrict__ part, long long rows, int cols) {
-  gelu_bwd(h, df, f, dh, part, rows, cols);
+                         float* __restrict__ dh, float* __restrict__ part, long long rows, int cols, int per_block) {
+  gelu_bwd(h, df, f, dh, part, rows, cols, per_block);
 }
