@@ -213,6 +213,21 @@ fn adamw(device: Device) -> bool {
     ok
 }
 
+/// One line per (name, relative error, tolerance) of a kernel's comparison, after `case`;
+/// whether all are within their tolerance.
+fn report(case: &str, errors: &[(&str, f64, f64)]) -> bool {
+    let mut ok = true;
+    for &(name, e, tol) in errors {
+        let pass = e.is_finite() && e <= tol;
+        ok &= pass;
+        println!(
+            "  {case} {name:<9} rel err {e:.2e}  {}",
+            if pass { "ok" } else { "FAIL" }
+        );
+    }
+    ok
+}
+
 /// The residual LayerNorm kernels (`deberta_model::residual_norm`) against libtorch's ops and
 /// autograd, then the output sublayer's dropout + residual + LayerNorm at the 1.5B model's width
 /// (batch 8 x 512 tokens, D = 1536, dropout 0.1) forward + backward, the kernels against the ops
@@ -220,14 +235,8 @@ fn adamw(device: Device) -> bool {
 fn residual_norm(device: Device) -> anyhow::Result<bool> {
     let mut ok = true;
     for (rows, d, p, kind) in [(4096, 1536, 0.1, Kind::BFloat16), (333, 768, 0.0, Kind::Float)] {
-        for (name, e, tol) in residual_norm::compare(device, rows, d, p, kind).map_err(anyhow::Error::msg)? {
-            let pass = e.is_finite() && e <= tol;
-            ok &= pass;
-            println!(
-                "  {rows} x {d}, dropout {p}, z {kind:?}: {name:<9} rel err {e:.2e}  {}",
-                if pass { "ok" } else { "FAIL" }
-            );
-        }
+        let errors = residual_norm::compare(device, rows, d, p, kind).map_err(anyhow::Error::msg)?;
+        ok &= report(&format!("{rows} x {d}, dropout {p}, z {kind:?}:"), &errors);
     }
     let (rows, d) = (8 * 512, 1536);
     let f = (Kind::Float, device);
@@ -275,14 +284,8 @@ fn residual_norm(device: Device) -> anyhow::Result<bool> {
 fn gelu(device: Device) -> anyhow::Result<bool> {
     let mut ok = true;
     for (rows, cols, kind) in [(4096, 6144, Kind::BFloat16), (333, 1032, Kind::Float)] {
-        for (name, e, tol) in deberta_model::gelu::compare(device, rows, cols, kind).map_err(anyhow::Error::msg)? {
-            let pass = e.is_finite() && e <= tol;
-            ok &= pass;
-            println!(
-                "  {rows} x {cols} {kind:?}: {name:<6} rel err {e:.2e}  {}",
-                if pass { "ok" } else { "FAIL" }
-            );
-        }
+        let errors = deberta_model::gelu::compare(device, rows, cols, kind).map_err(anyhow::Error::msg)?;
+        ok &= report(&format!("{rows} x {cols} {kind:?}:"), &errors);
     }
     let (rows, cols) = (8 * 512, 6144);
     let h = Tensor::randn([rows, cols], (Kind::BFloat16, device));
