@@ -37,8 +37,10 @@ pub struct RelativeSaved {
 /// distance N-1-m's row (K_r's order), row m of `asc` distance m-(N-1)'s (Q_r's); row 2N-1 is
 /// zero, so the tables come out with the kernels' padding row. Picking is then one GEMM and its
 /// backward the transposed one (`pick_rows` says why not index_select). They depend on N only:
-/// built once per forward and shared by every layer's `relative_tables`, in fp32 (backward) and
-/// in the compute kind (forward), where each layer built its own before (about ten operators).
+/// built once per shape (`Encoder::row_picks`) and shared by every layer's `relative_tables`, in
+/// fp32 (backward) and in the compute kind (forward), where each layer built its own before
+/// (about ten operators).
+#[derive(Debug)]
 pub struct RowPicks {
     desc: Tensor,
     asc: Tensor,

@@ -5,9 +5,9 @@
 use std::sync::Mutex;
 
 use tch::nn::Path;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
-use crate::attention::{attention_mask, RelativeContext};
+use crate::attention::{attention_mask, RelativeContext, RowPicks};
 use crate::config::DebertaConfig;
 use crate::conv::ConvLayer;
 use crate::layer::Layer;
@@ -27,6 +27,8 @@ pub struct Encoder {
     /// rel_idx per (q_len, k_len, device), built once: copying it from the host at every forward
     /// would wait for the device each time.
     rel_index: Mutex<Vec<(i64, i64, Device, Tensor)>>,
+    /// The relative tables' row picks per (N, device, compute kind), built once.
+    picks: Mutex<Vec<(i64, Device, Kind, RowPicks)>>,
 }
 
 impl Encoder {
@@ -50,6 +52,7 @@ impl Encoder {
             conv: (cfg.conv_kernel_size > 0).then(|| ConvLayer::new(&(p / "conv"), cfg)),
             cfg: cfg.clone(),
             rel_index: Mutex::new(Vec::new()),
+            picks: Mutex::new(Vec::new()),
         }
     }
 
@@ -71,6 +74,19 @@ impl Encoder {
         let t = relative_index(&self.cfg, q_len, k_len, device);
         cache.push((q_len, k_len, device, t.shallow_clone()));
         Some(t)
+    }
+
+    /// The row picks of the hand-written relative tables (`RowPicks`) for self-attention over
+    /// `n` tokens, the forward's in `kind`, from the cache after the first call for the shape.
+    pub fn row_picks(&self, n: i64, kind: Kind) -> Option<RowPicks> {
+        let device = self.rel_embeddings.as_ref()?.device();
+        let mut cache = self.picks.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((.., p)) = cache.iter().find(|c| (c.0, c.1, c.2) == (n, device, kind)) {
+            return Some(p.shallow_clone());
+        }
+        let p = RowPicks::new(&self.relative_index(n, n)?, self.cfg.rel_table_rows(), kind);
+        cache.push((n, device, kind, p.shallow_clone()));
+        Some(p)
     }
 
     /// R = LN_rel(E_rel): [2S, D].

@@ -199,7 +199,7 @@ pub struct SegmentedEncoding {
     /// R = LN(E_rel), shared by every layer; each reads it through its heads (tp leaf).
     rel: Option<Boundary>,
     rel_idx: Option<Tensor>,
-    /// The hand-written relative tables' row picks, built once for every layer.
+    /// The hand-written relative tables' row picks, shared by every layer.
     picks: Option<RowPicks>,
     att_mask: Tensor,
     mask: Tensor,
@@ -526,8 +526,8 @@ impl DebertaV2 {
             key_bytes: fused_attention::key_bytes(&mask_f),
             mask: mask_f,
         };
-        if let Some(idx) = enc.rel_idx.as_ref().filter(|_| hand_written(tape, &enc)) {
-            enc.picks = Some(RowPicks::new(idx, self.cfg.rel_table_rows(), compute_kind(&enc.mask)));
+        if hand_written(tape, &enc) {
+            enc.picks = self.encoder.row_picks(n, compute_kind(&enc.mask));
         }
         for (i, layer) in self.encoder.layers.iter().enumerate().take(count) {
             let x = enc.layers.last().copied().unwrap_or(e);
