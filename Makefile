@@ -36,13 +36,15 @@ slurm-up:
 slurm-down:
 	bash cluster/slurm-local/down.sh
 
-# Everything CI runs. nextest (on the machine image) ends with one summary line for all crates;
-# plain `cargo test` is the fallback where it is missing.
+# Everything CI runs. nextest (on the machine image) ends with one summary line for all crates
+# and runs each test in its own process; plain `cargo test` is the fallback where it is missing,
+# one test at a time: libtorch's random generator is one per process, so tests that seed it
+# must not draw in parallel threads.
 test: lint slurm-up
 	$(ENV) if cargo nextest --version >/dev/null 2>&1; then \
 		cargo nextest run --workspace --no-fail-fast; \
 	else \
-		cargo test --workspace --no-fail-fast; \
+		cargo test --workspace --no-fail-fast -- --test-threads=1; \
 	fi
 
 # CPU forward of the base preset against HF transformers' eager forward in the same run.
