@@ -34,13 +34,13 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::checkpoint::{self, Manifest};
-use crate::config::{fp32, grad_clip, one, weight_decay, ConfigError, ParallelSection};
-use crate::grads::{clip_factor, Params};
+use crate::config::{fp32, grad_clip, one, three, weight_decay, ConfigError, ParallelSection};
+use crate::grads::Params;
 use crate::harness::load_shards;
 use crate::heartbeat::{self, Heartbeat, Status};
 use crate::optim::{linear_warmup_decay, AdamWConfig, FlatAdamW};
 use crate::runtime::Groups;
-use crate::trainer::{dropout_seed, stop_flag, Monitor, SetupError};
+use crate::trainer::{dropout_seed, injected_non_finite, settle, stop_flag, Monitor, PendingStep, SetupError};
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -121,6 +121,10 @@ pub struct FtTrain {
     pub weight_decay: f64,
     #[serde(default = "grad_clip")]
     pub grad_clip: f64,
+    /// Stop after this many consecutive non-finite losses or gradient norms (each skips its
+    /// update), as `train.max_bad_steps` in pretraining.
+    #[serde(default = "three")]
+    pub max_bad_steps: usize,
     /// Dropout before the task layer (the paper's "task-layer dropout").
     #[serde(default)]
     pub cls_dropout: f64,
@@ -445,10 +449,11 @@ struct Ft<'g> {
     bf16: bool,
 }
 
-/// Loss parts of one step (summed over the global batch, already normalised).
+/// Loss parts of one step (summed over the global batch, already normalised), left on the
+/// device (fp64 [1] each): the host reads them when it logs (`trainer::settle`).
 struct StepLoss {
-    total: f64,
-    adv: f64,
+    total: Tensor,
+    adv: Tensor,
 }
 
 fn ce_sum(logits: &Tensor, labels: &Tensor) -> Tensor {
@@ -469,7 +474,9 @@ impl Ft<'_> {
     fn forward_backward(&self, micro: &[Batch], scale: f64, seed: i64) -> StepLoss {
         let (tp, dp) = (&*self.groups.tp, &*self.groups.dp);
         self.params.zero_grad();
-        let (mut total, mut adv_total) = (0.0, 0.0);
+        let zero = || Tensor::zeros([1], (Kind::Double, self.groups.device));
+        let (mut total, mut adv_total) = (zero(), zero());
+        let as_sum = |t: &Tensor| t.detach().to_kind(Kind::Double).reshape([1]);
         let sift = &self.cfg.sift;
         for (k, mb) in micro.iter().enumerate() {
             let mut tape = if self.cfg.train.recompute {
@@ -501,12 +508,12 @@ impl Ft<'_> {
                 let adv = tape.segment(&[z2, logits], |inp| {
                     vec![sym_kl(&inp[0].rep, &inp[1].rep).sum(Kind::Float) * scale]
                 })[0];
-                adv_total += tape.value(adv).double_value(&[]);
+                adv_total += as_sum(tape.value(adv));
                 tape.segment(&[task, adv], |inp| vec![&inp[0].rep + &inp[1].rep * sift.lambda])[0]
             } else {
                 task
             };
-            total += tape.value(loss).double_value(&[]);
+            total += as_sum(tape.value(loss));
             if k + 1 < micro.len() {
                 tape.backward(loss);
             } else {
@@ -514,12 +521,11 @@ impl Ft<'_> {
                 self.params.reduce_rest(dp);
             }
         }
-        let mut t = Tensor::from_slice(&[total, adv_total]).to_device(self.groups.device);
+        let mut t = Tensor::cat(&[total, adv_total], 0);
         dp.all_reduce_sum(&mut t);
-        let t = t.to_device(Device::Cpu);
         StepLoss {
-            total: t.double_value(&[0]),
-            adv: t.double_value(&[1]),
+            total: t.narrow(0, 0, 1),
+            adv: t.narrow(0, 1, 1),
         }
     }
 
@@ -553,11 +559,12 @@ impl Ft<'_> {
         self.set_trainable(true);
         let g = delta.grad();
         let delta = delta.detach();
-        if !g.defined() || g.isfinite().all().int64_value(&[]) == 0 {
+        if !g.defined() {
             return delta;
         }
         let norm = g.abs().amax([-1i64].as_slice(), true) + 1e-6;
-        delta + g / norm * s.learning_rate
+        // A non-finite gradient leaves δ as drawn, decided on the device (no read-back).
+        (&delta + &g / norm * s.learning_rate).where_self(&g.isfinite().all(), &delta)
     }
 
     /// Logits of every example of `data` (forward only), split over DP ranks and summed back so
@@ -694,8 +701,11 @@ pub fn finetune(config_path: &Path, groups: &Groups) -> Result<()> {
     let mut best: Option<(f64, u64, Scores)> = None;
     let mut order: Vec<usize> = Vec::new();
     let mut window = Instant::now();
+    let mut window_steps = 0u64;
     let mut step = 0u64;
     let mut stopped = false;
+    let mut pending: Vec<PendingStep> = Vec::new();
+    let (mut bad_in_a_row, mut skipped_total) = (0usize, 0u64);
     while step < total {
         let epoch = step / steps_per_epoch;
         if step.is_multiple_of(steps_per_epoch) {
@@ -719,46 +729,68 @@ pub fn finetune(config_path: &Path, groups: &Groups) -> Result<()> {
         // Dropout reseeded from (seed, step, DP rank), as in pretraining.
         let seed = dropout_seed(cfg.run.seed, step, dp_rank);
         tch::manual_seed(seed);
-        let loss = ft.forward_backward(&micro, 1.0 / t.batch as f64, seed);
-        let norm = opt.global_grad_norm(&*groups.tp);
-        if loss.total.is_finite() && norm.is_finite() {
-            let lr = linear_warmup_decay(step, t.lr, t.warmup_steps, total);
-            opt.step_clipped(lr, clip_factor(norm, t.grad_clip));
-        } else if rank == 0 {
-            eprintln!("[rank 0] step {}: non-finite loss/grad norm: update skipped", step + 1);
+        // Queued without waiting for the device, as in pretraining: the device skips a
+        // non-finite step itself, and the host reads the figures when it logs or evaluates.
+        let mut loss = ft.forward_backward(&micro, 1.0 / t.batch as f64, seed);
+        if injected_non_finite(step) {
+            loss.total *= f64::NAN;
         }
+        let grad_norm = opt.global_grad_norm_on_device(&*groups.tp);
+        let lr = linear_warmup_decay(step, t.lr, t.warmup_steps, total);
+        let applied = opt.step_if_finite(lr, t.grad_clip, &loss.total, &grad_norm);
+        pending.push(PendingStep {
+            loss: loss.total,
+            grad_norm,
+            applied,
+        });
         step += 1;
+        window_steps += 1;
         hb.beat(step, "train");
-        if step.is_multiple_of(t.log_every) || step == total {
+        let mut flag = Tensor::from_slice(&[i64::from(stop.load(Ordering::Relaxed))]);
+        groups.world.all_reduce_max(&mut flag);
+        stopped = flag.int64_value(&[0]) == 1;
+        let (log_now, eval_now) = (
+            step.is_multiple_of(t.log_every) || step == total,
+            step.is_multiple_of(t.eval_every) || step == total || stopped,
+        );
+        let first = step + 1 - pending.len() as u64;
+        let last = if log_now || eval_now {
+            let counts = (&mut bad_in_a_row, &mut skipped_total);
+            settle(&mut pending, first, counts, t.max_bad_steps, rank)?
+        } else {
+            None
+        };
+        if let (true, Some(stats)) = (log_now, last) {
             if let Some(m) = monitor.as_mut() {
                 let secs = window.elapsed().as_secs_f64();
+                let adv = loss.adv.to_device(Device::Cpu).double_value(&[0]);
                 println!(
-                    "[rank 0] step {step}/{total} (epoch {}) loss {:.4}{} grad_norm {norm:.3} {:.1} examples/s",
+                    "[rank 0] step {step}/{total} (epoch {}) loss {:.4}{} grad_norm {:.3} {:.1} examples/s",
                     epoch + 1,
-                    loss.total,
+                    stats.loss,
                     if cfg.sift.enabled {
-                        format!(" (adv {:.4})", loss.adv)
+                        format!(" (adv {adv:.4})")
                     } else {
                         String::new()
                     },
-                    (t.log_every as f64 * t.batch as f64) / secs.max(1e-9)
+                    stats.grad_norm,
+                    (window_steps as f64 * t.batch as f64) / secs.max(1e-9)
                 );
                 let mut values = vec![
-                    ("train/loss", loss.total),
+                    ("train/loss", stats.loss),
                     ("train/lr", linear_warmup_decay(step - 1, t.lr, t.warmup_steps, total)),
-                    ("train/grad_norm", norm),
+                    ("train/grad_norm", stats.grad_norm),
+                    ("train/skipped_steps", skipped_total as f64),
                 ];
                 if cfg.sift.enabled {
-                    values.push(("train/adv_loss", loss.adv));
+                    values.push(("train/adv_loss", adv));
                 }
                 m.log(step, &values)?;
             }
             window = Instant::now();
+            window_steps = 0;
         }
-        let mut flag = Tensor::from_slice(&[i64::from(stop.load(Ordering::Relaxed))]);
-        groups.world.all_reduce_max(&mut flag);
-        stopped = flag.int64_value(&[0]) == 1;
-        if step.is_multiple_of(t.eval_every) || step == total || stopped {
+        if eval_now {
             let s = ft.evaluate(&val);
             let value = s[0].1;
             if let Some(m) = monitor.as_mut() {

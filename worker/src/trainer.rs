@@ -116,19 +116,19 @@ fn evaluate(run: &Run) -> Option<f64> {
 
 /// One step's figures as the device left them (fp64 [1] each): the host reads them back when
 /// it logs, evaluates or saves (`settle`), not every step.
-struct PendingStep {
-    loss: Tensor,
-    grad_norm: Tensor,
+pub(crate) struct PendingStep {
+    pub loss: Tensor,
+    pub grad_norm: Tensor,
     /// 1 if the update was applied, 0 if skipped (non-finite loss or norm).
-    applied: Tensor,
+    pub applied: Tensor,
 }
 
 /// One step's figures, read back.
 #[derive(Debug, Clone, Copy)]
-struct StepStats {
-    loss: f64,
-    grad_norm: f64,
-    skipped: bool,
+pub(crate) struct StepStats {
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub skipped: bool,
 }
 
 /// One optimizer step on this rank's micro-batches of global batch `step`, queued without
@@ -181,7 +181,7 @@ fn train_step(run: &mut Run, step: u64) -> PendingStep {
 /// Read the pending steps back (one copy, which waits for the device), in order; `first` is the
 /// 1-based number of the first. Reports each skipped update, keeps the counts of skipped steps,
 /// and fails once `max_bad` are skipped in a row. Returns the last step's figures.
-fn settle(
+pub(crate) fn settle(
     pending: &mut Vec<PendingStep>,
     first: u64,
     (bad_in_a_row, skipped_total): (&mut usize, &mut u64),
@@ -228,9 +228,9 @@ fn settle(
     Ok(last)
 }
 
-/// Fault injection for the tests of the non-finite-loss handling: `DEBERTA_INJECT_NAN_STEPS`
+/// Fault injection for the tests of the non-finite-loss handling (pretraining and fine-tuning): `DEBERTA_INJECT_NAN_STEPS`
 /// lists 0-based step indices (comma-separated) whose loss is replaced by NaN on every rank.
-fn injected_non_finite(step: u64) -> bool {
+pub(crate) fn injected_non_finite(step: u64) -> bool {
     std::env::var("DEBERTA_INJECT_NAN_STEPS")
         .map(|v| v.split(',').any(|s| s.trim().parse() == Ok(step)))
         .unwrap_or(false)

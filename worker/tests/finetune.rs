@@ -1,7 +1,9 @@
 //! SuperGLUE fine-tuning under real `mpirun` on the CPU (the `tiny` preset with a 1000-piece
 //! tokenizer, random weights): CB trains, is evaluated with its metrics and writes a complete
 //! `CB.jsonl`; 2 data-parallel ranks give the 1-rank run's metrics; SiFT adds exactly λ times
-//! its adversarial loss and is off by default; bad task files are refused with file and line.
+//! its adversarial loss and is off by default; non-finite steps are skipped on the device,
+//! reported when the host logs and stop the run after `max_bad_steps`; bad task files are refused
+//! with file and line.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -151,6 +153,43 @@ fn sift_adds_lambda_times_its_adversarial_loss_and_is_off_by_default() {
     assert!((five - zero - 5.0 * adv).abs() < 1e-6, "{five} - {zero} vs 5 x {adv}");
     // SiFT's extra LayerNorm before the embedding LayerNorm changes the clean loss only by eps.
     assert!((zero - plain).abs() < 1e-3, "{zero} vs {plain}");
+}
+
+#[test]
+fn non_finite_steps_are_skipped_on_the_device_reported_at_log_time_and_stop_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, bad: &str| {
+        let (cfg, out) = config(dir.path(), name, 2, ", max_steps: 6", "");
+        let yaml = std::fs::read_to_string(&cfg).unwrap();
+        assert!(yaml.contains("log_every: 1,"), "{yaml}");
+        // Logged every 4 steps: the host reads the skip flags of steps 1-4 back at step 4.
+        std::fs::write(&cfg, yaml.replace("log_every: 1,", "log_every: 4,")).unwrap();
+        let o = Command::new("mpirun")
+            .args(["-np", "2", env!("CARGO_BIN_EXE_deberta-worker"), "finetune"])
+            .arg(&cfg)
+            .env("DEBERTA_INJECT_NAN_STEPS", bad)
+            .output()
+            .unwrap();
+        (o, out)
+    };
+    // Two bad steps in a row (of 3 allowed): both skipped, reported by number, counted.
+    let (o, out) = run("two_bad", "1,2");
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    for step in [2, 3] {
+        assert!(
+            err.contains(&format!("step {step}: non-finite loss NaN")),
+            "step {step}:\n{err}"
+        );
+    }
+    assert_eq!(err.matches("update skipped").count(), 2, "{err}");
+    let m = metrics(&out);
+    assert_eq!(series(&m, "train/skipped_steps"), [2.0, 2.0], "logged at steps 4 and 6");
+    assert!(series(&m, "train/loss").iter().all(|l| l.is_finite()));
+    // Three in a row (train.max_bad_steps = 3 by default) stop the run with an error.
+    let (o, _) = run("three_bad", "1,2,3");
+    assert!(!o.status.success());
+    assert!(text(&o).contains("3 consecutive non-finite steps"), "{}", text(&o));
 }
 
 #[test]
