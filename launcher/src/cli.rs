@@ -64,7 +64,7 @@ pub struct BenchArgs {
     /// Dense bf16 peak for the MFU (H100 SXM: 989).
     #[arg(long, default_value_t = 989.0)]
     pub peak_tflops: f64,
-    /// fp32 on CUDA instead of bf16 autocast.
+    /// fp32 on CUDA (and with --emulate-kernels) instead of bf16 autocast.
     #[arg(long)]
     pub fp32: bool,
     /// How the relative terms are computed: gather (HF's way), skew (gather-free), fused (the
@@ -79,9 +79,9 @@ pub struct BenchArgs {
     /// table on stderr: where the step goes.
     #[arg(long)]
     pub profile: bool,
-    /// With --device cpu: the fused path with the CUDA kernels run in their CPU emulator, so
-    /// that --profile counts the operators the CUDA path dispatches (slow; the times mean
-    /// nothing).
+    /// With --device cpu: the CUDA path on the CPU (the fused path, the CUDA kernels in their
+    /// CPU emulator, bf16 autocast), so that --profile counts the operators the CUDA path
+    /// dispatches (slow; the times mean nothing).
     #[arg(long)]
     pub emulate_kernels: bool,
 }

@@ -617,6 +617,8 @@ fn bench_prints_one_json_line_per_batch_with_the_baseline_s_fields() {
     assert!(o.status.success(), "--emulate-kernels: {}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("output LayerNorms by the residual_norm kernels"), "{err}");
+    // In bf16, as on CUDA: the hand-written segments' casts and the kernels' bf16 operands run.
+    assert!(err.contains("bf16 autocast (the CPU standing in for CUDA)"), "{err}");
     let profile = err
         .split("bench profile")
         .nth(1)

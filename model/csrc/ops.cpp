@@ -38,9 +38,29 @@ extern "C" int deberta_layer_norm_backward(const at::Tensor* dy, const at::Tenso
   }
 }
 
-// Whether CUDA autocast is on in this thread. tch's `at_autocast_is_enabled` calls the
-// deprecated `at::autocast::is_enabled()`, which warns at every call.
-extern "C" bool deberta_cuda_autocast_enabled() { return at::autocast::is_autocast_enabled(at::kCUDA); }
+// Whether autocast is on in this thread for CUDA (cuda != 0) or the CPU. tch's
+// `at_autocast_is_enabled` calls the deprecated `at::autocast::is_enabled()`, which warns at
+// every call, and reads CUDA's only.
+extern "C" bool deberta_autocast_enabled(int cuda) {
+  return at::autocast::is_autocast_enabled(cuda ? at::kCUDA : at::kCPU);
+}
+
+// The CPU's autocast switch, in bf16, for the tests where the CPU stands in for CUDA
+// (`nn::autocast`); returns the previous setting. Entering (on) counts a nesting level and
+// leaving the outermost clears autocast's cache of cast weights, as tch's `autocast` does for
+// CUDA: a cached cast would outlive the optimizer step that changes its weight.
+extern "C" bool deberta_cpu_autocast_enter(bool on) {
+  const bool prev = at::autocast::is_autocast_enabled(at::kCPU);
+  at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+  at::autocast::set_autocast_enabled(at::kCPU, on);
+  at::autocast::increment_nesting();
+  return prev;
+}
+
+extern "C" void deberta_cpu_autocast_leave(bool prev) {
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(at::kCPU, prev);
+}
 
 // Counting the ATen operators a step dispatches (`profile`): each is host work and, on CUDA,
 // usually a kernel launch, which is what the small tensors of a step cost. A global

@@ -331,7 +331,7 @@ impl DisentangledSelfAttention {
         train: bool,
         kind: Kind,
     ) -> (Vec<Tensor>, RelativeSaved) {
-        tch::autocast(false, || {
+        crate::nn::autocast(false, || {
             // The draws of `dropout` (distance_tables), and the mask kept.
             let (r, keep) = crate::nn::dropout_saving(table, self.pos_dropout, train);
             // The picks come in the forward's compute kind (`RowPicks::new`); cast if not.
@@ -359,7 +359,7 @@ impl DisentangledSelfAttention {
     /// the projections' gradients, returns R's (this rank's heads' part under TP). In fp32:
     /// picking rows is the one-hot GEMM's transpose here.
     pub fn relative_tables_backward(&self, saved: &RelativeSaved, grads: &[Option<Tensor>]) -> Tensor {
-        tch::autocast(false, || {
+        crate::nn::autocast(false, || {
             let r = &saved.r;
             let mut grads = grads.iter();
             let mut dr: Option<Tensor> = None;

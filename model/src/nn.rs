@@ -164,14 +164,44 @@ impl LayerNorm {
     }
 }
 
-/// The kind the matmuls run in: bf16 for fp32 CUDA tensors under autocast (what autocast would
-/// cast them to), else the tensor's own. For hand-written segments, which cast once themselves.
+/// The kind the matmuls run in: bf16 for fp32 tensors under their device's autocast (what
+/// autocast would cast them to: the trainer sets CUDA's to bf16, `autocast` the CPU's), else the
+/// tensor's own. For hand-written segments, which cast once themselves.
 pub fn compute_kind(x: &Tensor) -> Kind {
-    if ops::cuda_autocast_enabled() && x.device().is_cuda() && x.kind() == Kind::Float {
+    let on = match x.device() {
+        tch::Device::Cuda(_) => ops::autocast_enabled(true),
+        tch::Device::Cpu => ops::autocast_enabled(false),
+        _ => false,
+    };
+    if on && x.kind() == Kind::Float {
         Kind::BFloat16
     } else {
         x.kind()
     }
+}
+
+thread_local! {
+    static CPU_AS_CUDA: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Tests: from now on (on this thread) `autocast` switches the CPU's autocast too, in bf16, so
+/// that CPU tensors take the mixed precision CUDA tensors get: the hand-written segments' bf16
+/// GEMMs and casts, and with `cuda::emulate_on_cpu` the kernels' bf16 operands. tch's `autocast`
+/// does nothing on a machine without CUDA, so otherwise a bf16 run on the CPU is fp32.
+pub fn emulate_cuda_autocast_on_cpu(on: bool) {
+    CPU_AS_CUDA.with(|c| c.set(on));
+}
+
+/// `tch::autocast` (CUDA's autocast on or off around `f`), and the CPU's as well after
+/// `emulate_cuda_autocast_on_cpu(true)`.
+pub fn autocast<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
+    if !CPU_AS_CUDA.with(|c| c.get()) {
+        return tch::autocast(enabled, f);
+    }
+    let prev = ops::cpu_autocast_enter(enabled);
+    let out = tch::autocast(enabled, f);
+    ops::cpu_autocast_leave(prev);
+    out
 }
 
 /// libtorch ops that tch does not wrap (`csrc/ops.cpp`).
@@ -180,7 +210,9 @@ mod ops {
     use torch_sys::C_tensor;
 
     extern "C" {
-        fn deberta_cuda_autocast_enabled() -> bool;
+        fn deberta_autocast_enabled(cuda: i32) -> bool;
+        fn deberta_cpu_autocast_enter(on: bool) -> bool;
+        fn deberta_cpu_autocast_leave(prev: bool);
         fn deberta_layer_norm_backward(
             dy: *const C_tensor,
             xhat: *const C_tensor,
@@ -194,10 +226,23 @@ mod ops {
         ) -> i32;
     }
 
-    /// libtorch's thread-local CUDA autocast flag (tch's reader warns at every call).
-    pub fn cuda_autocast_enabled() -> bool {
+    /// libtorch's thread-local autocast flag of CUDA (or the CPU); tch's reader warns at every
+    /// call.
+    pub fn autocast_enabled(cuda: bool) -> bool {
         // SAFETY: a plain read of a thread-local flag.
-        unsafe { deberta_cuda_autocast_enabled() }
+        unsafe { deberta_autocast_enabled(cuda as i32) }
+    }
+
+    /// The CPU's autocast on or off (bf16), one nesting level in; returns the previous switch.
+    pub fn cpu_autocast_enter(on: bool) -> bool {
+        // SAFETY: sets libtorch's thread-local autocast state.
+        unsafe { deberta_cpu_autocast_enter(on) }
+    }
+
+    /// Back out of `cpu_autocast_enter`, restoring `prev`.
+    pub fn cpu_autocast_leave(prev: bool) {
+        // SAFETY: as cpu_autocast_enter; paired with it.
+        unsafe { deberta_cpu_autocast_leave(prev) }
     }
 
     /// LayerNorm's backward from x̂ and 1/σ: (dx, dγ, dβ). See `ops.cpp`.
@@ -255,6 +300,31 @@ pub fn finite_min(kind: tch::Kind) -> f64 {
 mod tests {
     use super::*;
     use tch::Device;
+
+    /// With the CPU standing in for CUDA, `autocast` runs libtorch's matmuls and the hand-written
+    /// segments' kind in bf16 inside, fp32 outside and in an `autocast(false)` inside it; a
+    /// weight changed between two scopes is cast anew (autocast caches the casts of weights
+    /// within a scope: the outermost scope's end must clear them).
+    #[test]
+    fn autocast_on_the_cpu_stands_in_for_cuda_and_forgets_its_casts_between_steps() {
+        tch::manual_seed(4);
+        let x = Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
+        let w = Tensor::randn([3, 8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let run = || autocast(true, || (x.linear::<Tensor>(&w, None), compute_kind(&x)));
+        let (y, kind) = run();
+        assert_eq!((y.kind(), kind), (Kind::Float, Kind::Float), "not emulating: fp32");
+        emulate_cuda_autocast_on_cpu(true);
+        let (y, kind) = run();
+        assert_eq!((y.kind(), kind), (Kind::BFloat16, Kind::BFloat16));
+        let inner = autocast(true, || autocast(false, || compute_kind(&x)));
+        assert_eq!(inner, Kind::Float, "autocast(false) inside");
+        let _ = tch::no_grad(|| w.shallow_clone().g_mul_scalar_(2.0));
+        let (y2, _) = run();
+        emulate_cuda_autocast_on_cpu(false);
+        assert_eq!(compute_kind(&x), Kind::Float, "off after");
+        let want = (y.to_kind(Kind::Float) * 2.0).to_kind(Kind::BFloat16);
+        assert!(y2.equal(&want), "the second scope used the first one's cast of w");
+    }
 
     /// A bf16 gradient goes into the fp32 `.grad` in place (it may be a view of the optimizer's
     /// flat buffer), with exactly the bits of a cast then an addition.

@@ -398,7 +398,7 @@ impl<'c> Tape<'c> {
             let leaves = self.leaves(&ids);
             tch::manual_seed(seed);
             let autocast = self.seeding.is_some_and(|s| s.autocast);
-            let outputs = tch::autocast(autocast, || f(&leaves));
+            let outputs = crate::nn::autocast(autocast, || f(&leaves));
             seg.inputs = ids.into_iter().zip(leaves).collect();
             seg.outputs = out_ids.into_iter().zip(outputs).collect();
         }

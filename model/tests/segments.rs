@@ -71,6 +71,18 @@ fn tape_loss(
     path: RelativePath,
     batch: &(Tensor, Tensor, Tensor),
 ) -> (f64, Vec<(String, Tensor)>) {
+    tape_loss_in(model, vs, path, batch, false)
+}
+
+/// `tape_loss`, the forward under bf16 autocast if `bf16` (as the trainer runs it on CUDA; on
+/// the CPU through `nn::emulate_cuda_autocast_on_cpu`).
+fn tape_loss_in(
+    model: &DebertaV2,
+    vs: &VarStore,
+    path: RelativePath,
+    batch: &(Tensor, Tensor, Tensor),
+    bf16: bool,
+) -> (f64, Vec<(String, Tensor)>) {
     RelativePath::set_for_this_thread(path);
     vs.variables().values().for_each(|t| {
         let mut g = t.grad();
@@ -80,7 +92,9 @@ fn tape_loss(
     });
     let (ids, mask, labels) = batch;
     let mut tape = Tape::new(&Single);
-    let loss = model.mlm_loss_segments(&mut tape, ids, mask, labels, 0.05, false);
+    let loss = deberta_model::nn::autocast(bf16, || {
+        model.mlm_loss_segments(&mut tape, ids, mask, labels, 0.05, false)
+    });
     let value = tape.value(loss).double_value(&[]);
     tape.backward(loss);
     (value, grads(vs))
@@ -172,4 +186,55 @@ fn the_fused_path_through_the_emulated_kernels_trains_like_the_gather_path() {
         }
         assert!(checked > 20, "{rel:?}: only {checked} gradients");
     }
+}
+
+#[test]
+fn the_fused_path_in_bf16_through_the_emulated_kernels_trains_like_the_gather_path_in_fp32() {
+    // What only a GPU ran until now: the fused path under bf16 autocast (the hand-written
+    // segments' bf16 GEMMs and casts, the bf16 input gradients the tape widens, the kernels'
+    // bf16 operands: attention, GELU backward, residual LayerNorm), here with the CPU standing
+    // in for CUDA and the kernels emulated, against the gather path in fp32. A dtype the CUDA
+    // path gets wrong fails here instead of on the device.
+    use deberta_model::fused_attention::RelativeTerms;
+    let mut cfg = DebertaConfig::toy();
+    cfg.max_position_embeddings = 128;
+    cfg.num_attention_heads = 2;
+    cfg.attention_head_size = 16;
+    tch::manual_seed(7);
+    let vs = VarStore::new(Device::Cpu);
+    let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
+    common::scale_attention(&vs, 8.0);
+    let batch = common::mlm_batch(cfg.vocab_size, 2, 70, &[(1, 50)], 0.3);
+    let (want, want_grads) = tape_loss(&model, &vs, RelativePath::Gather, &batch);
+    deberta_model::cuda::emulate_on_cpu(true);
+    deberta_model::nn::emulate_cuda_autocast_on_cpu(true);
+    let x = Tensor::zeros([2], (Kind::Float, Device::Cpu));
+    let inside = deberta_model::nn::autocast(true, || deberta_model::nn::compute_kind(&x));
+    assert_eq!(inside, Kind::BFloat16, "the CPU's autocast is on inside");
+    assert_eq!(deberta_model::nn::compute_kind(&x), Kind::Float, "and off after");
+    for rel in [RelativeTerms::InKernel, RelativeTerms::InKernelSplit] {
+        RelativeTerms::set_for_this_thread(Some(rel));
+        let (fp32, _) = tape_loss_in(&model, &vs, RelativePath::Fused, &batch, false);
+        let (got, got_grads) = tape_loss_in(&model, &vs, RelativePath::Fused, &batch, true);
+        RelativeTerms::set_for_this_thread(None);
+        assert!(got != fp32, "{rel:?}: bf16 gave the fp32 loss {got}: not in bf16");
+        assert!((got - want).abs() <= 2e-2 * want.abs(), "{rel:?}: loss {got} vs {want}");
+        let mut checked = 0;
+        for ((pname, w), (_, g)) in want_grads.iter().zip(&got_grads) {
+            if !w.defined() {
+                continue;
+            }
+            assert_eq!(g.kind(), w.kind(), "{rel:?}: {pname}'s gradient kind");
+            let d = (w - g).abs().max().double_value(&[]);
+            let scale = w.abs().max().double_value(&[]);
+            assert!(
+                d <= 8e-2 * scale,
+                "{rel:?}: {pname} differs by {d:e} (max |g| {scale:e})"
+            );
+            checked += 1;
+        }
+        assert!(checked > 20, "{rel:?}: only {checked} gradients");
+    }
+    deberta_model::nn::emulate_cuda_autocast_on_cpu(false);
+    deberta_model::cuda::emulate_on_cpu(false);
 }

@@ -26,14 +26,15 @@ pub struct BenchConfig {
     pub warmup: usize,
     /// Dense bf16 peak for the MFU (H100 SXM: 989).
     pub peak_tflops: f64,
-    /// bf16 autocast (CUDA) or fp32.
+    /// bf16 autocast (CUDA, or the CPU standing in for it with `emulate_kernels`) or fp32.
     pub bf16: bool,
     /// Activation recomputation per segment.
     pub recompute: bool,
     /// One more step, timed segment by segment (`deberta_model::profile`), on stderr.
     pub profile: bool,
-    /// On the CPU: the fused path, its kernels in the emulator (`cuda::emulate_on_cpu`), so the
-    /// profile counts the CUDA path's operators.
+    /// On the CPU: the fused path, its kernels in the emulator (`cuda::emulate_on_cpu`) and,
+    /// with `bf16`, the CPU's autocast standing in for CUDA's (`nn::emulate_cuda_autocast_on_cpu`),
+    /// so the profile counts the CUDA path's operators.
     pub emulate_kernels: bool,
 }
 
@@ -76,6 +77,7 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     if b.emulate_kernels {
         anyhow::ensure!(device == Device::Cpu, "--emulate-kernels needs --device cpu");
         deberta_model::cuda::emulate_on_cpu(true);
+        deberta_model::nn::emulate_cuda_autocast_on_cpu(b.bf16);
         deberta_model::attention::RelativePath::set_for_this_thread(deberta_model::attention::RelativePath::Fused);
     }
     crate::runtime::check_attention_path(device, &cfg, b.bf16)?;
@@ -87,11 +89,16 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
         && !b.recompute
         && deberta_model::residual_norm::applies(device, cfg.hidden_size).map_err(anyhow::Error::msg)?;
     eprintln!(
-        "bench paths: attention {path:?} (relative terms {relative:?} on the fused path), output LayerNorms by {}",
+        "bench paths: attention {path:?} (relative terms {relative:?} on the fused path), output LayerNorms by {}, {}",
         if norm {
             "the residual_norm kernels"
         } else {
             "libtorch's ops"
+        },
+        match (b.bf16, device) {
+            (false, _) => "fp32",
+            (true, Device::Cpu) => "bf16 autocast (the CPU standing in for CUDA)",
+            (true, _) => "bf16 autocast",
         }
     );
     let (vs, model) = build_sharded(&cfg, 0, TpShard::NONE, device);

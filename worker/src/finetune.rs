@@ -485,14 +485,14 @@ impl Ft<'_> {
                 Tape::new(tp)
             };
             let spans = mb.spans.as_ref();
-            let logits = tch::autocast(self.bf16, || {
+            let logits = deberta_model::nn::autocast(self.bf16, || {
                 self.model
                     .classify_segments(&mut tape, &self.head, &mb.ids, &mb.mask, spans, true, None, true)
             });
             let task = tape.segment(&[logits], |inp| vec![ce_sum(&inp[0].rep, &mb.labels) * scale])[0];
             let loss = if sift.enabled {
                 let delta = self.adversarial_delta(mb, &tape.value(logits).detach());
-                let z2 = tch::autocast(self.bf16, || {
+                let z2 = deberta_model::nn::autocast(self.bf16, || {
                     self.model.classify_segments(
                         &mut tape,
                         &self.head,
@@ -542,7 +542,7 @@ impl Ft<'_> {
             .set_requires_grad(true);
         self.set_trainable(false);
         let mut tape = Tape::new(&*self.groups.tp);
-        let z1 = tch::autocast(self.bf16, || {
+        let z1 = deberta_model::nn::autocast(self.bf16, || {
             self.model.classify_segments(
                 &mut tape,
                 &self.head,
@@ -580,7 +580,7 @@ impl Ft<'_> {
             let mb = batch(&exs, self.pad, self.groups.device);
             let mut tape = Tape::new(&*self.groups.tp);
             let out = tch::no_grad(|| {
-                tch::autocast(self.bf16, || {
+                deberta_model::nn::autocast(self.bf16, || {
                     self.model.classify_segments(
                         &mut tape,
                         &self.head,

@@ -57,7 +57,8 @@ enum Command {
         device: String,
         #[arg(long, default_value_t = 989.0)]
         peak_tflops: f64,
-        /// fp32 instead of bf16 autocast on CUDA (the CPU is always fp32).
+        /// fp32 instead of bf16 autocast on CUDA (and with --emulate-kernels; the CPU is
+        /// otherwise fp32).
         #[arg(long)]
         fp32: bool,
         /// Activation recomputation per segment.
@@ -67,9 +68,9 @@ enum Command {
         /// printed on stderr.
         #[arg(long)]
         profile: bool,
-        /// With --device cpu: the fused path with the CUDA kernels (attention, residual
-        /// LayerNorms, AdamW) run in the CPU emulator, so that --profile counts the operators the
-        /// CUDA path dispatches. Slow; its times mean nothing.
+        /// With --device cpu: the CUDA path on the CPU, its kernels (attention, residual
+        /// LayerNorms, GELU, AdamW) in the CPU emulator and bf16 autocast on the CPU, so that
+        /// --profile counts the operators the CUDA path dispatches. Slow; its times mean nothing.
         #[arg(long)]
         emulate_kernels: bool,
     },
@@ -304,7 +305,7 @@ fn main() -> ExitCode {
                 steps,
                 warmup,
                 peak_tflops,
-                bf16: device == "cuda" && !fp32,
+                bf16: (device == "cuda" || emulate_kernels) && !fp32,
                 recompute,
                 profile,
                 emulate_kernels,

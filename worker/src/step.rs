@@ -49,7 +49,7 @@ pub fn forward_backward(
             Some(seed) => Tape::seeded(tp, seed.wrapping_add(k as i64), true, bf16),
             None => Tape::new(tp),
         };
-        let loss = tch::autocast(bf16, || {
+        let loss = deberta_model::nn::autocast(bf16, || {
             model.mlm_loss_segments(&mut tape, ids, mask, labels, 1.0 / predicted, true)
         });
         let value = tape.value(loss).to_kind(tch::Kind::Double);

@@ -90,7 +90,7 @@ fn eval_micro(run: &Run, mb: &MicroBatch) -> (f64, i64) {
         to_tensor(&mb.labels, rows, d),
     );
     let loss = tch::no_grad(|| {
-        tch::autocast(run.bf16, || {
+        deberta_model::nn::autocast(run.bf16, || {
             run.model.mlm_loss_segments(&mut tape, &ids, &mask, &labels, 1.0, false)
         })
     });
