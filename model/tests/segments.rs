@@ -140,6 +140,38 @@ fn the_fused_path_s_custom_segment_equals_the_gather_path() {
     }
 }
 
+/// The emulated-kernel tests' model: the kernels' smallest head size, shared key, buckets,
+/// rel-LN, conv, scores of order one; two tiles of 64 keys, the second partial, and padding in
+/// the second row.
+fn kernel_sized_model() -> (VarStore, DebertaV2, (Tensor, Tensor, Tensor)) {
+    let mut cfg = DebertaConfig::toy();
+    cfg.max_position_embeddings = 128;
+    cfg.num_attention_heads = 2;
+    cfg.attention_head_size = 16;
+    tch::manual_seed(7);
+    let vs = VarStore::new(Device::Cpu);
+    let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
+    common::scale_attention(&vs, 8.0);
+    let batch = common::mlm_batch(cfg.vocab_size, 2, 70, &[(1, 50)], 0.3);
+    (vs, model, batch)
+}
+
+/// Every parameter's gradient in `got` within `tol` of the largest of `want`'s, and of its kind.
+fn assert_grads_close(what: &str, want: &[(String, Tensor)], got: &[(String, Tensor)], tol: f64) {
+    let mut checked = 0;
+    for ((pname, w), (_, g)) in want.iter().zip(got) {
+        if !w.defined() {
+            continue;
+        }
+        assert_eq!(g.kind(), w.kind(), "{what}: {pname}'s gradient kind");
+        let d = (w - g).abs().max().double_value(&[]);
+        let scale = w.abs().max().double_value(&[]);
+        assert!(d <= tol * scale, "{what}: {pname} differs by {d:e} (max |g| {scale:e})");
+        checked += 1;
+    }
+    assert!(checked > 20, "{what}: only {checked} gradients");
+}
+
 #[test]
 fn the_fused_path_through_the_emulated_kernels_trains_like_the_gather_path() {
     // The model's fused segments with the real kernels (in the CPU emulator: the attention core
@@ -148,16 +180,7 @@ fn the_fused_path_through_the_emulated_kernels_trains_like_the_gather_path() {
     // to bf16 rounding. It checks the wiring around the kernels (layouts, the custom segments,
     // the table gradients' way back to K_r and Q_r, the LayerNorm's and bias's gradients).
     use deberta_model::fused_attention::RelativeTerms;
-    let mut cfg = DebertaConfig::toy(); // shared key, buckets, rel-LN, conv
-    cfg.max_position_embeddings = 128;
-    cfg.num_attention_heads = 2;
-    cfg.attention_head_size = 16; // the kernels' smallest head size
-    tch::manual_seed(7);
-    let vs = VarStore::new(Device::Cpu);
-    let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
-    common::scale_attention(&vs, 8.0);
-    // Two tiles of 64 keys, the second partial; padding in the second row.
-    let batch = common::mlm_batch(cfg.vocab_size, 2, 70, &[(1, 50)], 0.3);
+    let (vs, model, batch) = kernel_sized_model();
     let (want, want_grads) = tape_loss(&model, &vs, RelativePath::Gather, &batch);
     for rel in [
         RelativeTerms::Tables,
@@ -171,20 +194,7 @@ fn the_fused_path_through_the_emulated_kernels_trains_like_the_gather_path() {
         deberta_model::cuda::emulate_on_cpu(false);
         RelativeTerms::set_for_this_thread(None);
         assert!((got - want).abs() <= 1e-2 * want.abs(), "{rel:?}: loss {got} vs {want}");
-        let mut checked = 0;
-        for ((pname, w), (_, g)) in want_grads.iter().zip(&got_grads) {
-            if !w.defined() {
-                continue;
-            }
-            let d = (w - g).abs().max().double_value(&[]);
-            let scale = w.abs().max().double_value(&[]);
-            assert!(
-                d <= 5e-2 * scale,
-                "{rel:?}: {pname} differs by {d:e} (max |g| {scale:e})"
-            );
-            checked += 1;
-        }
-        assert!(checked > 20, "{rel:?}: only {checked} gradients");
+        assert_grads_close(&format!("{rel:?}"), &want_grads, &got_grads, 5e-2);
     }
 }
 
@@ -196,15 +206,7 @@ fn the_fused_path_in_bf16_through_the_emulated_kernels_trains_like_the_gather_pa
     // in for CUDA and the kernels emulated, against the gather path in fp32. A dtype the CUDA
     // path gets wrong fails here instead of on the device.
     use deberta_model::fused_attention::RelativeTerms;
-    let mut cfg = DebertaConfig::toy();
-    cfg.max_position_embeddings = 128;
-    cfg.num_attention_heads = 2;
-    cfg.attention_head_size = 16;
-    tch::manual_seed(7);
-    let vs = VarStore::new(Device::Cpu);
-    let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
-    common::scale_attention(&vs, 8.0);
-    let batch = common::mlm_batch(cfg.vocab_size, 2, 70, &[(1, 50)], 0.3);
+    let (vs, model, batch) = kernel_sized_model();
     let (want, want_grads) = tape_loss(&model, &vs, RelativePath::Gather, &batch);
     deberta_model::cuda::emulate_on_cpu(true);
     deberta_model::nn::emulate_cuda_autocast_on_cpu(true);
@@ -219,21 +221,7 @@ fn the_fused_path_in_bf16_through_the_emulated_kernels_trains_like_the_gather_pa
         RelativeTerms::set_for_this_thread(None);
         assert!(got != fp32, "{rel:?}: bf16 gave the fp32 loss {got}: not in bf16");
         assert!((got - want).abs() <= 2e-2 * want.abs(), "{rel:?}: loss {got} vs {want}");
-        let mut checked = 0;
-        for ((pname, w), (_, g)) in want_grads.iter().zip(&got_grads) {
-            if !w.defined() {
-                continue;
-            }
-            assert_eq!(g.kind(), w.kind(), "{rel:?}: {pname}'s gradient kind");
-            let d = (w - g).abs().max().double_value(&[]);
-            let scale = w.abs().max().double_value(&[]);
-            assert!(
-                d <= 8e-2 * scale,
-                "{rel:?}: {pname} differs by {d:e} (max |g| {scale:e})"
-            );
-            checked += 1;
-        }
-        assert!(checked > 20, "{rel:?}: only {checked} gradients");
+        assert_grads_close(&format!("{rel:?} in bf16"), &want_grads, &got_grads, 8e-2);
     }
     deberta_model::nn::emulate_cuda_autocast_on_cpu(false);
     deberta_model::cuda::emulate_on_cpu(false);
