@@ -27,6 +27,8 @@ pub struct HarnessConfig {
     pub seq: i64,
     pub lr: f64,
     pub max_grad_norm: f64,
+    /// The forward under bf16 autocast (`StepMode::bf16`).
+    pub bf16: bool,
 }
 
 impl Default for HarnessConfig {
@@ -39,6 +41,7 @@ impl Default for HarnessConfig {
             seq: 16,
             lr: 0.05,
             max_grad_norm: 1.0,
+            bf16: false,
         }
     }
 }
@@ -124,7 +127,11 @@ pub fn train_step(
             (rows(&ids), rows(&mask), rows(&labels))
         })
         .collect();
-    let loss = forward_backward(model, params, groups, &micro, predicted, StepMode::default())
+    let mode = StepMode {
+        bf16: hc.bf16,
+        recompute: None,
+    };
+    let loss = forward_backward(model, params, groups, &micro, predicted, mode)
         .to_device(tch::Device::Cpu)
         .double_value(&[0]);
     let grad_norm = flat.global_grad_norm(&*groups.tp);

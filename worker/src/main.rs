@@ -114,6 +114,10 @@ enum Selftest {
         out: PathBuf,
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// The CUDA path on the CPU: bf16 autocast (the CPU's standing in for CUDA's) and the
+        /// CUDA kernels in their emulator; needs a head size the kernels take (--preset tiny).
+        #[arg(long)]
+        emulate_kernels: bool,
     },
     /// All-reduce a large buffer over NCCL (also at one rank) and check it (--backend cuda).
     Nccl {
@@ -426,9 +430,24 @@ fn run_selftest(which: Selftest, groups: &Groups, cfg: Option<DebertaConfig>, ra
             selftest::fail(groups, r);
             Ok(())
         }
-        Selftest::TrainSteps { out, steps } => {
+        Selftest::TrainSteps {
+            out,
+            steps,
+            emulate_kernels,
+        } => {
+            if emulate_kernels {
+                if groups.device != tch::Device::Cpu {
+                    return refuse(
+                        rank,
+                        &["error: --emulate-kernels runs on the CPU (--backend cpu)".into()],
+                    );
+                }
+                deberta_model::cuda::emulate_on_cpu(true);
+                deberta_model::nn::emulate_cuda_autocast_on_cpu(true);
+            }
             let hc = HarnessConfig {
                 steps,
+                bf16: emulate_kernels,
                 ..HarnessConfig::default()
             };
             let model_cfg = cfg.map(without_dropout).unwrap_or_else(test_model_config);

@@ -1,6 +1,8 @@
 //! `Collective` over an MPI communicator, for CPU tensors (the backend of every multi-rank test
 //! on the CPU). Tensors are copied to and from contiguous host buffers; f32, f64 and i64 are
-//! supported. Open MPI's handles are not `Send`: a group lives on the thread that made it.
+//! supported, and bf16 and f16 (the CUDA path's row-parallel outputs, which NCCL reduces as
+//! they are) through f32 buffers: a sum is rounded once, as NCCL's is over two ranks. Open
+//! MPI's handles are not `Send`: a group lives on the thread that made it.
 
 use deberta_model::collective::Collective;
 use mpi::collective::SystemOperation;
@@ -70,7 +72,12 @@ macro_rules! with_host_vec {
                 let $buf: Vec<$ty> = Vec::try_from($t.contiguous().view([-1])).expect("i64 tensor");
                 $body
             }
-            k => panic!("MPI collectives support f32, f64 and i64 tensors, not {k:?}"),
+            Kind::BFloat16 | Kind::Half => {
+                type $ty = f32;
+                let $buf: Vec<$ty> = Vec::try_from($t.to_kind(Kind::Float).contiguous().view([-1])).expect("f32 copy");
+                $body
+            }
+            k => panic!("MPI collectives support f32, f64, i64, bf16 and f16 tensors, not {k:?}"),
         }
     };
 }
@@ -120,6 +127,7 @@ impl Collective for MpiGroup {
             self.comm.all_gather_into(&send[..], &mut recv[..]);
             Tensor::from_slice(&recv).view(shape.as_slice())
         })
+        .to_kind(t.kind())
     }
 
     fn broadcast(&self, t: &mut Tensor, root: usize) {
@@ -154,6 +162,7 @@ impl Collective for MpiGroup {
                 .reduce_scatter_block_into(&send[..], &mut recv[..], SystemOperation::sum());
             Tensor::from_slice(&recv).view(shape.as_slice())
         })
+        .to_kind(t.kind())
     }
 
     fn barrier(&self) {
