@@ -11,7 +11,9 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 fn grads(vs: &VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(n, t)| (n, t.grad().copy())).collect();
+    // A parameter nothing reached (the other task head) has no gradient: kept undefined.
+    let copy = |g: Tensor| if g.defined() { g.copy() } else { g };
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(n, t)| (n, copy(t.grad()))).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -140,14 +142,20 @@ fn the_fused_path_s_custom_segment_equals_the_gather_path() {
     }
 }
 
-/// The emulated-kernel tests' model: the kernels' smallest head size, shared key, buckets,
-/// rel-LN, conv, scores of order one; two tiles of 64 keys, the second partial, and padding in
-/// the second row.
-fn kernel_sized_model() -> (VarStore, DebertaV2, (Tensor, Tensor, Tensor)) {
+/// The toy model at the kernels' smallest head size (16), for 70 positions.
+fn kernel_sized_config() -> DebertaConfig {
     let mut cfg = DebertaConfig::toy();
     cfg.max_position_embeddings = 128;
     cfg.num_attention_heads = 2;
     cfg.attention_head_size = 16;
+    cfg
+}
+
+/// The emulated-kernel tests' model: the kernels' smallest head size, shared key, buckets,
+/// rel-LN, conv, scores of order one; two tiles of 64 keys, the second partial, and padding in
+/// the second row.
+fn kernel_sized_model() -> (VarStore, DebertaV2, (Tensor, Tensor, Tensor)) {
+    let cfg = kernel_sized_config();
     tch::manual_seed(7);
     let vs = VarStore::new(Device::Cpu);
     let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
@@ -225,4 +233,80 @@ fn the_fused_path_in_bf16_through_the_emulated_kernels_trains_like_the_gather_pa
     }
     deberta_model::nn::emulate_cuda_autocast_on_cpu(false);
     deberta_model::cuda::emulate_on_cpu(false);
+}
+
+#[test]
+fn fine_tuning_s_heads_in_bf16_through_the_emulated_kernels_match_the_fp32_gather_path() {
+    // Fine-tuning's forward on the CUDA path (bf16 autocast, the kernels emulated): the backbone
+    // with and without SiFT's perturbation, the pooler and the sequence and span heads, against
+    // the fp32 gather path: the logits and every gradient, up to bf16 rounding.
+    use deberta_model::fused_attention::RelativeTerms;
+    use deberta_model::heads::{SequenceClassifier, SpanClassifier, TaskHead};
+    let mut cfg = kernel_sized_config();
+    cfg.num_labels = 3;
+    tch::manual_seed(8);
+    let (ids, mask, _) = common::mlm_batch(cfg.vocab_size, 2, 70, &[(1, 50)], 0.3);
+    let vs = VarStore::new(Device::Cpu);
+    let mut model = DebertaV2::new(&vs.root(), &cfg, Parts::BACKBONE).unwrap();
+    model.embeddings.sift_prenorm = true; // SiFT's LayerNorm, where its δ is added
+    common::scale_attention(&vs, 8.0);
+    let heads = [
+        TaskHead::Sequence(SequenceClassifier::new(&(vs.root() / "seq"), &cfg)),
+        TaskHead::Spans(SpanClassifier::new(&(vs.root() / "span"), &cfg)),
+    ];
+    let (b, n) = ids.size2().unwrap();
+    // Each row's two spans, as the weights of their tokens' mean.
+    let spans = Tensor::zeros([b, 2, n], (Kind::Float, Device::Cpu));
+    let _ = spans.narrow(1, 0, 1).narrow(2, 3, 4).fill_(0.25);
+    let _ = spans.narrow(1, 1, 1).narrow(2, 20, 2).fill_(0.5);
+    let delta = Tensor::randn([b, n, cfg.hidden_size], (Kind::Float, Device::Cpu)) * 0.3;
+    let run = |head: &TaskHead, path: RelativePath, bf16: bool, perturbed: bool| {
+        RelativePath::set_for_this_thread(path);
+        vs.variables().values().for_each(|t| {
+            let mut g = t.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        });
+        let mut tape = Tape::new(&Single);
+        let logits = deberta_model::nn::autocast(bf16, || {
+            let delta = perturbed.then_some(&delta);
+            model.classify_segments(&mut tape, head, &ids, &mask, Some(&spans), false, delta, false)
+        });
+        let value = tape.value(logits).to_kind(Kind::Float);
+        let loss = tape.segment(&[logits], |inp| {
+            vec![inp[0].rep.to_kind(Kind::Float).square().sum(Kind::Float)]
+        })[0];
+        tape.backward(loss);
+        (value, grads(&vs))
+    };
+    let mut clean: Option<Tensor> = None;
+    for (head, perturbed) in [(&heads[0], false), (&heads[0], true), (&heads[1], false)] {
+        let (want, want_grads) = run(head, RelativePath::Gather, false, perturbed);
+        match (&clean, perturbed) {
+            (None, false) => clean = Some(want.copy()),
+            (Some(c), true) => assert!(!want.allclose(c, 1e-3, 1e-3, false), "δ changed nothing"),
+            _ => {}
+        }
+        deberta_model::cuda::emulate_on_cpu(true);
+        deberta_model::nn::emulate_cuda_autocast_on_cpu(true);
+        RelativeTerms::set_for_this_thread(Some(RelativeTerms::InKernel));
+        let (got, got_grads) = run(head, RelativePath::Fused, true, perturbed);
+        RelativeTerms::set_for_this_thread(None);
+        deberta_model::nn::emulate_cuda_autocast_on_cpu(false);
+        deberta_model::cuda::emulate_on_cpu(false);
+        let what = format!(
+            "{} head, perturbed {perturbed}",
+            if matches!(head, TaskHead::Spans(_)) {
+                "span"
+            } else {
+                "sequence"
+            }
+        );
+        let d = (&got - &want).abs().max().double_value(&[]);
+        let scale = want.abs().max().double_value(&[]);
+        // Measured: logits within 5e-3, gradients 2.3e-2 (a key projection) of their largest.
+        assert!(d <= 5e-2 * scale, "{what}: logits differ by {d:e} (max {scale:e})");
+        assert_grads_close(&what, &want_grads, &got_grads, 1e-1);
+    }
 }
