@@ -74,9 +74,14 @@ enum Command {
         #[arg(long)]
         emulate_kernels: bool,
     },
-    /// Checks that need real ranks; prints `N passed, N failed` on rank 0.
     /// The fused attention kernels against the reference on the GPU (deberta_worker::kernel_check).
-    KernelCheck,
+    KernelCheck {
+        /// On the CPU: the training check only, on the CUDA path as the CPU runs it (the kernels
+        /// in their emulator, bf16 autocast).
+        #[arg(long)]
+        emulate: bool,
+    },
+    /// Checks that need real ranks; prints `N passed, N failed` on rank 0.
     Selftest {
         #[command(subcommand)]
         which: Selftest,
@@ -250,15 +255,21 @@ fn refuse_problems(rank: usize, config: &std::path::Path, problems: &[String]) -
     Some(refuse(rank, &lines))
 }
 
-fn kernel_check(world: &mpi::topology::SimpleCommunicator) -> ExitCode {
-    let groups = match Backend::parse("cuda").and_then(|b| make_groups(world, Layout { tp: 1, dp: 1 }, b)) {
+fn kernel_check(world: &mpi::topology::SimpleCommunicator, emulate: bool) -> ExitCode {
+    let backend = if emulate { "cpu" } else { "cuda" };
+    let groups = match Backend::parse(backend).and_then(|b| make_groups(world, Layout { tp: 1, dp: 1 }, b)) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("error: kernel-check: {e}");
             return ExitCode::from(2);
         }
     };
-    match deberta_worker::kernel_check::run(&groups) {
+    let outcome = if emulate {
+        deberta_worker::kernel_check::run_emulated(&groups)
+    } else {
+        deberta_worker::kernel_check::run(&groups)
+    };
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
@@ -316,7 +327,7 @@ fn main() -> ExitCode {
             };
             return bench(&world, &device, &batch, cfg);
         }
-        Command::KernelCheck => return kernel_check(&world),
+        Command::KernelCheck { emulate } => return kernel_check(&world, emulate),
         Command::Selftest {
             which,
             tp,

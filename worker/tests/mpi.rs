@@ -121,3 +121,18 @@ fn a_cuda_backend_without_a_gpu_is_an_error_not_a_cpu_run() {
     assert_eq!(r.stderr.matches("needs CUDA").count(), 1, "reported once: {}", r.stderr);
     assert!(!r.stdout.contains("passed"), "{}", r.stdout);
 }
+
+#[test]
+fn kernel_check_emulated_trains_the_cuda_path_like_the_gather_path() {
+    // The loss check (20 identical AdamW steps, the fused path in bf16 against the gather
+    // path) on the CUDA path as the CPU runs it: kernels emulated, bf16 autocast.
+    let r = mpirun(1, &["kernel-check", "--emulate"], 5 * MINUTE);
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.contains("20 steps") && l.contains("InKernel"))
+        .unwrap_or_else(|| panic!("no training line:\n{}", r.stdout));
+    assert!(line.ends_with(" ok"), "{line}");
+    assert!(r.stdout.contains("kernel-check: all ok"), "{}", r.stdout);
+}
