@@ -100,6 +100,14 @@ pub fn emulate_on_cpu(on: bool) {
     EMULATE.with(|e| e.set(on));
 }
 
+/// The CUDA path on the CPU, on this thread (tests, `kernel-check --emulate`): the kernels in
+/// the emulator (`emulate_on_cpu`) and bf16 autocast on the CPU standing in for CUDA's
+/// (`nn::emulate_cuda_autocast_on_cpu`).
+pub fn emulate_cuda_path_on_cpu(on: bool) {
+    emulate_on_cpu(on);
+    crate::nn::emulate_cuda_autocast_on_cpu(on);
+}
+
 /// Whether a kernel should run for a tensor on `device`: on CUDA, or in the emulator after
 /// `emulate_on_cpu(true)`.
 pub fn kernels_run_on(device: Device) -> bool {

@@ -120,6 +120,19 @@ pub const CASES: &[(Case, bool)] = &[
     ),
 ];
 
+/// Scale the attention projections and the relative table of the model in `vs` by `by`: the
+/// init's scores are ~1e-3, and a check of the relative terms (or of the kernels' part in a
+/// loss) wants them of order one.
+pub fn scale_attention(vs: &tch::nn::VarStore, by: f64) {
+    tch::no_grad(|| {
+        for (name, mut v) in vs.variables() {
+            if name.contains("attention.self") || name.contains("rel_embeddings") {
+                let _ = v.g_mul_scalar_(by);
+            }
+        }
+    });
+}
+
 /// Relative difference of `got` from `want`: max |got - want| / max |want|.
 pub fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
     let got = got.to_kind(Kind::Float);

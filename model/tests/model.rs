@@ -297,7 +297,7 @@ fn the_emd_and_head_on_the_predicted_rows_give_the_full_loss_and_gradients() {
         tch::manual_seed(3);
         let vs = VarStore::new(Device::Cpu);
         let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
-        common::scale_attention(&vs, 8.0); // scores of order one: the relative terms weigh in
+        deberta_model::kernel_check::scale_attention(&vs, 8.0); // scores of order one: the relative terms weigh in
         let (ids, mask, labels) = common::mlm_batch(cfg.vocab_size, 3, 24, &[(2, 15)], 0.3);
         let _ = labels.get(0).fill_(IGNORE_INDEX); // a row with nothing to predict
         let count = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]);

@@ -18,6 +18,15 @@ fn grads(vs: &VarStore) -> Vec<(String, Tensor)> {
     v
 }
 
+fn zero_grads(vs: &VarStore) {
+    vs.variables().values().for_each(|t| {
+        let mut g = t.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    });
+}
+
 #[test]
 fn segment_backward_equals_plain_backward() {
     for position_biased_input in [false, true] {
@@ -41,10 +50,7 @@ fn segment_backward_equals_plain_backward() {
         let plain = model.mlm_loss(&model.encode(&ids, &mask, true), &labels, true).unwrap();
         plain.backward();
         let want = grads(&vs);
-        vs.variables().values().for_each(|t| {
-            let mut g = t.grad();
-            let _ = g.zero_();
-        });
+        zero_grads(&vs);
 
         let mut tape = Tape::new(&Single);
         let loss = model.mlm_loss_segments(&mut tape, &ids, &mask, &labels, 1.0 / count as f64, true);
@@ -86,12 +92,7 @@ fn tape_loss_in(
     bf16: bool,
 ) -> (f64, Vec<(String, Tensor)>) {
     RelativePath::set_for_this_thread(path);
-    vs.variables().values().for_each(|t| {
-        let mut g = t.grad();
-        if g.defined() {
-            let _ = g.zero_();
-        }
-    });
+    zero_grads(vs);
     let (ids, mask, labels) = batch;
     let mut tape = Tape::new(&Single);
     let loss = deberta_model::nn::autocast(bf16, || {
@@ -119,7 +120,7 @@ fn the_fused_path_s_custom_segment_equals_the_gather_path() {
         tch::manual_seed(6);
         let vs = VarStore::new(Device::Cpu);
         let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
-        common::scale_attention(&vs, 8.0); // scores of order one: every term weighs in
+        deberta_model::kernel_check::scale_attention(&vs, 8.0); // scores of order one: every term weighs in
         let batch = common::mlm_batch(cfg.vocab_size, 3, 20, &[(1, 13), (2, 6)], 0.3);
         let (want, want_grads) = tape_loss(&model, &vs, RelativePath::Gather, &batch);
         let (got, got_grads) = tape_loss(&model, &vs, RelativePath::Fused, &batch);
@@ -159,7 +160,7 @@ fn kernel_sized_model() -> (VarStore, DebertaV2, (Tensor, Tensor, Tensor)) {
     tch::manual_seed(7);
     let vs = VarStore::new(Device::Cpu);
     let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
-    common::scale_attention(&vs, 8.0);
+    deberta_model::kernel_check::scale_attention(&vs, 8.0);
     let batch = common::mlm_batch(cfg.vocab_size, 2, 70, &[(1, 50)], 0.3);
     (vs, model, batch)
 }
@@ -216,8 +217,7 @@ fn the_fused_path_in_bf16_through_the_emulated_kernels_trains_like_the_gather_pa
     use deberta_model::fused_attention::RelativeTerms;
     let (vs, model, batch) = kernel_sized_model();
     let (want, want_grads) = tape_loss(&model, &vs, RelativePath::Gather, &batch);
-    deberta_model::cuda::emulate_on_cpu(true);
-    deberta_model::nn::emulate_cuda_autocast_on_cpu(true);
+    deberta_model::cuda::emulate_cuda_path_on_cpu(true);
     let x = Tensor::zeros([2], (Kind::Float, Device::Cpu));
     let inside = deberta_model::nn::autocast(true, || deberta_model::nn::compute_kind(&x));
     assert_eq!(inside, Kind::BFloat16, "the CPU's autocast is on inside");
@@ -231,8 +231,7 @@ fn the_fused_path_in_bf16_through_the_emulated_kernels_trains_like_the_gather_pa
         assert!((got - want).abs() <= 2e-2 * want.abs(), "{rel:?}: loss {got} vs {want}");
         assert_grads_close(&format!("{rel:?} in bf16"), &want_grads, &got_grads, 8e-2);
     }
-    deberta_model::nn::emulate_cuda_autocast_on_cpu(false);
-    deberta_model::cuda::emulate_on_cpu(false);
+    deberta_model::cuda::emulate_cuda_path_on_cpu(false);
 }
 
 #[test]
@@ -249,7 +248,7 @@ fn fine_tuning_s_heads_in_bf16_through_the_emulated_kernels_match_the_fp32_gathe
     let vs = VarStore::new(Device::Cpu);
     let mut model = DebertaV2::new(&vs.root(), &cfg, Parts::BACKBONE).unwrap();
     model.embeddings.sift_prenorm = true; // SiFT's LayerNorm, where its δ is added
-    common::scale_attention(&vs, 8.0);
+    deberta_model::kernel_check::scale_attention(&vs, 8.0);
     let heads = [
         TaskHead::Sequence(SequenceClassifier::new(&(vs.root() / "seq"), &cfg)),
         TaskHead::Spans(SpanClassifier::new(&(vs.root() / "span"), &cfg)),
@@ -262,12 +261,7 @@ fn fine_tuning_s_heads_in_bf16_through_the_emulated_kernels_match_the_fp32_gathe
     let delta = Tensor::randn([b, n, cfg.hidden_size], (Kind::Float, Device::Cpu)) * 0.3;
     let run = |head: &TaskHead, path: RelativePath, bf16: bool, perturbed: bool| {
         RelativePath::set_for_this_thread(path);
-        vs.variables().values().for_each(|t| {
-            let mut g = t.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
-        });
+        zero_grads(&vs);
         let mut tape = Tape::new(&Single);
         let logits = deberta_model::nn::autocast(bf16, || {
             let delta = perturbed.then_some(&delta);
@@ -288,13 +282,11 @@ fn fine_tuning_s_heads_in_bf16_through_the_emulated_kernels_match_the_fp32_gathe
             (Some(c), true) => assert!(!want.allclose(c, 1e-3, 1e-3, false), "δ changed nothing"),
             _ => {}
         }
-        deberta_model::cuda::emulate_on_cpu(true);
-        deberta_model::nn::emulate_cuda_autocast_on_cpu(true);
+        deberta_model::cuda::emulate_cuda_path_on_cpu(true);
         RelativeTerms::set_for_this_thread(Some(RelativeTerms::InKernel));
         let (got, got_grads) = run(head, RelativePath::Fused, true, perturbed);
         RelativeTerms::set_for_this_thread(None);
-        deberta_model::nn::emulate_cuda_autocast_on_cpu(false);
-        deberta_model::cuda::emulate_on_cpu(false);
+        deberta_model::cuda::emulate_cuda_path_on_cpu(false);
         let what = format!(
             "{} head, perturbed {perturbed}",
             if matches!(head, TaskHead::Spans(_)) {

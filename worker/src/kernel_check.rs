@@ -177,13 +177,7 @@ fn training(groups: &Groups, check: &TrainingCheck) -> anyhow::Result<bool> {
     let run = |path: RelativePath, bf16: bool| -> Vec<f64> {
         RelativePath::set_for_this_thread(path);
         let (vs, model) = build_sharded(&cfg, 3, TpShard::NONE, device);
-        tch::no_grad(|| {
-            for (name, mut v) in vs.variables() {
-                if name.contains("attention.self") || name.contains("rel_embeddings") {
-                    let _ = v.g_mul_scalar_(check.attention_scale);
-                }
-            }
-        });
+        kernel_check::scale_attention(&vs, check.attention_scale);
         let params = Params::new(&vs, cfg.num_hidden_layers);
         let mut opt = FlatAdamW::for_params(&params, AdamWConfig::default());
         tch::manual_seed(5);
@@ -248,8 +242,7 @@ fn training(groups: &Groups, check: &TrainingCheck) -> anyhow::Result<bool> {
 /// other checks have their emulated counterparts in the unit tests.
 pub fn run_emulated(groups: &Groups) -> anyhow::Result<bool> {
     anyhow::ensure!(groups.device == Device::Cpu, "kernel-check --emulate runs on the CPU");
-    deberta_model::cuda::emulate_on_cpu(true);
-    deberta_model::nn::emulate_cuda_autocast_on_cpu(true);
+    deberta_model::cuda::emulate_cuda_path_on_cpu(true);
     println!("training (the CUDA path on the CPU: kernels emulated, bf16 autocast):");
     let ok = training(groups, &TrainingCheck::emulated()?)?;
     println!("kernel-check: {}", if ok { "all ok" } else { "FAILED" });

@@ -453,8 +453,7 @@ fn run_selftest(which: Selftest, groups: &Groups, cfg: Option<DebertaConfig>, ra
                         &["error: --emulate-kernels runs on the CPU (--backend cpu)".into()],
                     );
                 }
-                deberta_model::cuda::emulate_on_cpu(true);
-                deberta_model::nn::emulate_cuda_autocast_on_cpu(true);
+                deberta_model::cuda::emulate_cuda_path_on_cpu(true);
             }
             let hc = HarnessConfig {
                 steps,

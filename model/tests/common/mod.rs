@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use deberta_model::inputs::pad_right;
 use deberta_model::IGNORE_INDEX;
-use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 pub const CASES: [&str; 4] = ["xxlarge_family", "padded_batch", "no_conv_no_share", "no_relative"];
@@ -29,18 +28,6 @@ pub fn fixture_inputs(name: &str) -> (Tensor, Tensor) {
 
 pub fn expected(name: &str) -> Vec<(String, Tensor)> {
     Tensor::read_safetensors(fixture(name).join("expected.safetensors")).unwrap()
-}
-
-/// Scale the attention projections and the relative table by `by`: the init's scores are
-/// ~1e-3, and a check of the relative terms wants them of order one.
-pub fn scale_attention(vs: &VarStore, by: f64) {
-    tch::no_grad(|| {
-        for (name, mut v) in vs.variables() {
-            if name.contains("attention.self") || name.contains("rel_embeddings") {
-                let _ = v.g_mul_scalar_(by);
-            }
-        }
-    });
 }
 
 /// An MLM batch on the CPU: random ids [b, n] from 4 up, row r padded from `pads[r]` on (where
