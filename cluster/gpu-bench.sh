@@ -70,7 +70,7 @@ for b in "${batches[@]}"; do
       --steps "$steps" --warmup "$warmup" --device cuda --profile 2> "$out/ours-$file-b$b.err" | tee -a "$out/ours-$file.jsonl" \
       || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"deberta bench failed\"}" >> "$out/ours-$file.jsonl"
     grep -E "^bench (paths|breakdown|queueing|memory)|^error" "$out/ours-$file-b$b.err"
-    grep -A10 "^bench profile" "$out/ours-$file-b$b.err"
+    grep -A20 "^bench profile" "$out/ours-$file-b$b.err"
     if [ "$att" = "${variants[0]}" ] && [[ " ${hf_batches[*]} " == *" $b "* ]]; then
       timeout 500 python3 gpu-bundle/hf_deberta_baseline.py --preset "$preset" --seq "$seq" --batch "$b" --steps "$steps" \
         --warmup "$warmup" | tee -a "$out/hf.jsonl" \

@@ -630,6 +630,18 @@ fn bench_prints_one_json_line_per_batch_with_the_baseline_s_fields() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no operator total: {profile}"));
     assert!(total > 100, "{profile}");
+    // Each stage names its most called operators; bf16 autocast casts (copies) some operands.
+    let casts: u64 = profile
+        .split(" casts)")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no cast total: {profile}"));
+    assert!(casts > 0 && casts < total, "{profile}");
+    assert!(
+        profile.lines().any(|l| l.starts_with("      ") && l.contains("linear")),
+        "no stage names its operators: {profile}"
+    );
     for name in [
         "attention core: forward: kernel",
         "attention core: backward: keys kernel",

@@ -5,8 +5,12 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <map>
+#include <mutex>
+#include <string>
 
 namespace {
 void report(const std::exception& e, char* err, size_t len) {
@@ -72,17 +76,31 @@ extern "C" void deberta_cpu_autocast_leave(bool prev) {
 // switch would miss an end and count its next operators as inner calls.
 namespace {
 std::atomic<bool> counting{false};
-std::atomic<uint64_t> top_ops{0}, all_ops{0};
+std::atomic<uint64_t> top_ops{0}, all_ops{0}, cast_ops{0};
 thread_local int depth = 0;
-thread_local uint64_t thread_top = 0, thread_all = 0;
+thread_local uint64_t thread_top = 0, thread_all = 0, thread_casts = 0;
+// The top-level operators by name, while `naming` (a profile that asks which operators): the
+// lock is only taken then.
+std::atomic<bool> naming{false};
+std::mutex names_mutex;
+std::map<std::string, uint64_t> top_names;
 
-std::unique_ptr<at::ObserverContext> op_start(const at::RecordFunction&) {
+std::unique_ptr<at::ObserverContext> op_start(const at::RecordFunction& fn) {
   if (counting.load(std::memory_order_relaxed)) {
     all_ops.fetch_add(1, std::memory_order_relaxed);
     ++thread_all;
+    // A conversion that copies (`to` of another kind or device calls it; a no-op `to` does not).
+    if (std::strcmp(fn.name(), "aten::_to_copy") == 0) {
+      cast_ops.fetch_add(1, std::memory_order_relaxed);
+      ++thread_casts;
+    }
     if (depth == 0) {
       top_ops.fetch_add(1, std::memory_order_relaxed);
       ++thread_top;
+      if (naming.load(std::memory_order_relaxed)) {
+        std::lock_guard<std::mutex> lock(names_mutex);
+        ++top_names[fn.name()];
+      }
     }
   }
   ++depth;
@@ -105,8 +123,28 @@ extern "C" void deberta_count_ops(bool on) {
 }
 
 // The counts so far, of every thread (global) or of this one: operators called from outside any
-// other, and all.
-extern "C" void deberta_op_counts(bool global, uint64_t* top, uint64_t* all) {
+// other, all, and the conversions that copy among them.
+extern "C" void deberta_op_counts(bool global, uint64_t* top, uint64_t* all, uint64_t* casts) {
   *top = global ? top_ops.load() : thread_top;
   *all = global ? all_ops.load() : thread_all;
+  *casts = global ? cast_ops.load() : thread_casts;
 }
+
+// Name the top-level operators counted from now on (on), or stop naming.
+extern "C" void deberta_name_ops(bool on) { naming.store(on); }
+
+// The top-level operators named since the last call, as "name\tcount\n" lines in a malloc'd
+// string the caller frees (`deberta_free`); the tally starts again.
+extern "C" char* deberta_take_op_names() {
+  std::string out;
+  {
+    std::lock_guard<std::mutex> lock(names_mutex);
+    for (const auto& [name, n] : top_names) out += name + "\t" + std::to_string(n) + "\n";
+    top_names.clear();
+  }
+  char* buf = static_cast<char*>(std::malloc(out.size() + 1));
+  std::memcpy(buf, out.c_str(), out.size() + 1);
+  return buf;
+}
+
+extern "C" void deberta_free(char* p) { std::free(p); }

@@ -21,14 +21,19 @@ pub struct Stage {
     pub intervals: usize,
     /// The ATen operators dispatched in them (every thread's).
     pub ops: OpCounts,
+    /// The top-level operators by name, the most called first (`start_naming` only).
+    pub names: Vec<(String, u64)>,
 }
 
 /// ATen operators dispatched: `top`, those called from outside any other operator (what the
-/// program asked libtorch for); `all`, with their inner calls.
+/// program asked libtorch for); `all`, with their inner calls; `casts`, the conversions among
+/// them that copy (`_to_copy`: a `to` of another kind; a `to` of the tensor's own kind is none),
+/// each a pass over its tensor.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OpCounts {
     pub top: u64,
     pub all: u64,
+    pub casts: u64,
 }
 
 impl std::ops::Sub for OpCounts {
@@ -37,13 +42,17 @@ impl std::ops::Sub for OpCounts {
         OpCounts {
             top: self.top - o.top,
             all: self.all - o.all,
+            casts: self.casts - o.casts,
         }
     }
 }
 
 extern "C" {
     fn deberta_count_ops(on: bool);
-    fn deberta_op_counts(global: bool, top: *mut u64, all: *mut u64);
+    fn deberta_op_counts(global: bool, top: *mut u64, all: *mut u64, casts: *mut u64);
+    fn deberta_name_ops(on: bool);
+    fn deberta_take_op_names() -> *mut std::ffi::c_char;
+    fn deberta_free(p: *mut std::ffi::c_char);
 }
 
 /// Count the operators dispatched from now on (`csrc/ops.cpp`), or stop counting.
@@ -54,14 +63,41 @@ pub fn count_ops(on: bool) {
 
 /// The operators counted so far: of every thread (`global`), or of this one.
 pub fn op_counts(global: bool) -> OpCounts {
-    let (mut top, mut all) = (0, 0);
-    // SAFETY: two plain reads into locals.
-    unsafe { deberta_op_counts(global, &mut top, &mut all) };
-    OpCounts { top, all }
+    let (mut top, mut all, mut casts) = (0, 0, 0);
+    // SAFETY: three plain reads into locals.
+    unsafe { deberta_op_counts(global, &mut top, &mut all, &mut casts) };
+    OpCounts { top, all, casts }
+}
+
+/// The top-level operators named since the last call (every thread's), by name; naming is on
+/// between `start_naming` and `finish`.
+fn take_op_names() -> Vec<(String, u64)> {
+    // SAFETY: a malloc'd NUL-terminated string, copied here and then freed by its allocator.
+    let text = unsafe {
+        let p = deberta_take_op_names();
+        let s = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+        deberta_free(p);
+        s
+    };
+    text.lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(name, n)| (name.to_string(), n.parse().unwrap_or(0)))
+        .collect()
+}
+
+fn add_names(into: &mut Vec<(String, u64)>, names: Vec<(String, u64)>) {
+    for (name, n) in names {
+        match into.iter_mut().find(|(m, _)| *m == name) {
+            Some((_, sum)) => *sum += n,
+            None => into.push((name, n)),
+        }
+    }
+    into.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
 }
 
 struct Profile {
     device: Device,
+    naming: bool,
     last: Instant,
     ops: OpCounts,
     /// In the order names first appeared.
@@ -80,11 +116,24 @@ fn sync(device: Device) {
 
 /// Start collecting on this thread (after the device has drained).
 pub fn start(device: Device) {
+    start_with(device, false)
+}
+
+/// `start`, and each stage also tallies its top-level operators by name (`Stage::names`).
+pub fn start_naming(device: Device) {
+    start_with(device, true)
+}
+
+fn start_with(device: Device, naming: bool) {
     sync(device);
     count_ops(true);
+    // SAFETY: flips an atomic flag.
+    unsafe { deberta_name_ops(naming) };
+    let _ = take_op_names(); // an earlier profile's leftovers
     PROFILE.with(|p| {
         *p.borrow_mut() = Some(Profile {
             device,
+            naming,
             last: Instant::now(),
             ops: op_counts(true),
             totals: Vec::new(),
@@ -101,6 +150,7 @@ pub fn mark(name: impl FnOnce() -> String) {
             let ms = p.last.elapsed().as_secs_f64() * 1e3;
             let now = op_counts(true);
             let ops = now - p.ops;
+            let names = if p.naming { take_op_names() } else { Vec::new() };
             let name = name();
             match p.totals.iter_mut().find(|t| t.name == name) {
                 Some(t) => {
@@ -108,13 +158,20 @@ pub fn mark(name: impl FnOnce() -> String) {
                     t.intervals += 1;
                     t.ops.top += ops.top;
                     t.ops.all += ops.all;
+                    t.ops.casts += ops.casts;
+                    add_names(&mut t.names, names);
                 }
-                None => p.totals.push(Stage {
-                    name,
-                    ms,
-                    intervals: 1,
-                    ops,
-                }),
+                None => {
+                    let mut stage = Stage {
+                        name,
+                        ms,
+                        intervals: 1,
+                        ops,
+                        names: Vec::new(),
+                    };
+                    add_names(&mut stage.names, names);
+                    p.totals.push(stage);
+                }
             }
             // The marks' own reads are not charged to the next interval.
             p.ops = op_counts(true);
@@ -130,6 +187,9 @@ pub fn finish() -> Vec<Stage> {
         .map(|p| p.totals)
         .unwrap_or_default();
     count_ops(false);
+    // SAFETY: flips an atomic flag.
+    unsafe { deberta_name_ops(false) };
+    let _ = take_op_names();
     totals
 }
 
@@ -177,12 +237,67 @@ mod tests {
         // linear is composite: its inner matmul/addmm and transpose are counted in `all` only.
         let w = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
         let linear = ops_of(|| drop(a.linear(&w, Some(&Tensor::zeros([2], (Kind::Float, Device::Cpu))))));
+        // A `to` of another kind copies (one cast, an inner call); of the tensor's own kind, not.
+        let casts = ops_of(|| {
+            drop(a.to_kind(Kind::BFloat16));
+            drop(a.to_kind(Kind::Float));
+        });
         count_ops(false);
         let off = ops_of(|| drop(&a + &b));
-        assert_eq!(add, OpCounts { top: 1, all: 1 });
+        assert_eq!(
+            add,
+            OpCounts {
+                top: 1,
+                all: 1,
+                casts: 0
+            }
+        );
         assert_eq!(three.top, 3, "{three:?}");
         assert_eq!(linear.top, 2, "zeros and linear: {linear:?}");
         assert!(linear.all > linear.top, "linear's inner calls: {linear:?}");
+        assert_eq!((casts.top, casts.casts), (2, 1), "{casts:?}");
         assert_eq!(off, OpCounts::default());
+    }
+
+    /// Naming is process-wide, so this test alone names: it runs its operators on a thread of
+    /// its own and finds them in the stages' tallies (other tests' operators may add to them).
+    #[test]
+    fn a_naming_profile_tallies_each_stages_operators_by_name() {
+        std::thread::spawn(|| {
+            let a = Tensor::ones([4, 3], (Kind::Float, Device::Cpu));
+            start_naming(Device::Cpu);
+            for _ in 0..3 {
+                drop(a.relu());
+            }
+            mark(|| "relus".into());
+            drop(&a + &a);
+            drop(a.relu());
+            mark(|| "add".into());
+            drop(a.relu());
+            mark(|| "relus".into());
+            let t = finish();
+            let count = |stage: &str, op: &str| {
+                let s = t.iter().find(|s| s.name == stage).expect(stage);
+                s.names.iter().find(|(n, _)| n == op).map_or(0, |(_, n)| *n)
+            };
+            assert!(count("relus", "aten::relu") >= 4, "{t:?}");
+            assert!(
+                count("add", "aten::add") >= 1 && count("add", "aten::relu") >= 1,
+                "{t:?}"
+            );
+            assert_eq!(count("relus", "aten::add"), 0, "{t:?}");
+            let relus = &t.iter().find(|s| s.name == "relus").unwrap().names;
+            assert!(
+                relus.windows(2).all(|w| w[0].1 >= w[1].1),
+                "the most called first: {relus:?}"
+            );
+            // Off after `finish`: nothing is tallied for the next profile.
+            drop(a.relu());
+            start(Device::Cpu);
+            mark(|| "unnamed".into());
+            assert!(finish()[0].names.is_empty());
+        })
+        .join()
+        .unwrap();
     }
 }

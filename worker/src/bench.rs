@@ -191,7 +191,7 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     }
     if b.profile {
         use deberta_model::profile;
-        profile::start(device);
+        profile::start_naming(device);
         let _ = update(b.warmup + b.steps, &mut |stage| profile::mark(|| stage.into()));
         print_profile(b.batch, profile::finish());
     }
@@ -254,27 +254,50 @@ fn peak_cuda_gib(i: usize) -> f64 {
 }
 
 /// The profiled step's table on stderr, the largest share first: time, and the ATen operators
-/// dispatched (called by the program; with their inner calls).
+/// dispatched (called by the program; with their inner calls), then the stage's most called
+/// operators by name (those called by the program).
 fn print_profile(batch: i64, mut rows: Vec<deberta_model::profile::Stage>) {
     let total: f64 = rows.iter().map(|r| r.ms).sum();
-    let ops = rows.iter().fold((0, 0), |(t, a), r| (t + r.ops.top, a + r.ops.all));
+    let ops = rows.iter().fold((0, 0, 0), |(t, a, c), r| {
+        (t + r.ops.top, a + r.ops.all, c + r.ops.casts)
+    });
     rows.sort_by(|a, b| b.ms.total_cmp(&a.ms));
     eprintln!(
-        "bench profile (one more step, batch {batch}, each segment synchronised): {total:.1} ms, {} operators ({} with inner calls)",
-        ops.0, ops.1
+        "bench profile (one more step, batch {batch}, each segment synchronised): {total:.1} ms, {} operators ({} with inner calls, {} casts)",
+        ops.0, ops.1, ops.2
     );
     for r in rows {
         eprintln!(
-            "  {:<56} {:>9.2} ms {:>5.1}%  ({}x) {:>7} ops {:>7} all",
+            "  {:<56} {:>9.2} ms {:>5.1}%  ({}x) {:>7} ops {:>7} all {:>6} casts",
             r.name,
             r.ms,
             100.0 * r.ms / total.max(1e-9),
             r.intervals,
             r.ops.top,
-            r.ops.all
+            r.ops.all,
+            r.ops.casts
         );
+        if !r.names.is_empty() {
+            let shown = r.names.iter().take(PROFILE_NAMES);
+            let mut line: Vec<String> = shown.map(|(name, n)| format!("{} {n}", short_op_name(name))).collect();
+            if r.names.len() > PROFILE_NAMES {
+                let rest: u64 = r.names[PROFILE_NAMES..].iter().map(|(_, n)| n).sum();
+                line.push(format!("{} others {rest}", r.names.len() - PROFILE_NAMES));
+            }
+            eprintln!("      {}", line.join(", "));
+        }
     }
 }
+
+/// An operator's name without its namespace, autograd's node without the engine's prefix.
+fn short_op_name(name: &str) -> &str {
+    let name = name.trim_start_matches("autograd::engine::evaluate_function: ");
+    name.trim_start_matches("aten::")
+        .trim_start_matches("torch::autograd::")
+}
+
+/// How many operator names the profile prints per stage.
+const PROFILE_NAMES: usize = 10;
 
 /// The middle element (the upper one of an even count), as the bench reports step times.
 fn median(v: &mut [f64]) -> Option<f64> {
