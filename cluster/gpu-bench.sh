@@ -9,7 +9,10 @@
 # Build and carry the bundle first: bash cluster/gpu-bundle.sh, then run with carry [gpu-bundle].
 #
 #   bash cluster/gpu-bench.sh [PRESET] [SEQ] [BATCH...]      # default: xxlarge 512 8 16
-#   env: VARIANTS (ours), HF_BATCHES (HF's sizes), BENCH_STEPS, BENCH_WARMUP, KERNEL_CHECK=0
+#   env: VARIANTS (ours), HF_BATCHES (HF's sizes), BENCH_STEPS, BENCH_WARMUP, KERNEL_CHECK=0,
+#        BUNDLE (default gpu-bundle), BENCH_DEVICE=cpu (a dry run on a machine without a GPU:
+#        the CUDA path through the kernels' emulator, kernel-check --emulate; its figures mean
+#        nothing, it checks that the call works before a device call is spent on it)
 #
 # A variant `base:V` runs V with the baseline worker (BASELINE=REV bash cluster/gpu-bundle.sh
 # bundles it), and the summary adds ours / baseline per batch; `V-opsnorm` runs V with the
@@ -24,27 +27,34 @@ steps="${BENCH_STEPS:-8}"; warmup="${BENCH_WARMUP:-3}"
 # HF's baseline at these batch sizes only (default: all; it runs out of memory above 8 at seq 512).
 read -r -a hf_batches <<< "${HF_BATCHES:-${batches[*]}}"
 read -r -a variants <<< "${VARIANTS:-fused-rel fused-relfwd fused}"
+bundle="$(realpath -m "${BUNDLE:-gpu-bundle}")"
+device="${BENCH_DEVICE:-cuda}"
+case "$device" in
+  cuda) device_args=(--device cuda); check_args=() ;;
+  cpu) device_args=(--device cpu --emulate-kernels); check_args=(--emulate) ;;
+  *) echo "BENCH_DEVICE=$device: expected cuda or cpu" >&2; exit 2 ;;
+esac
 torch_dir="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')"
 mkdir -p /tmp/nccl-link && ln -sf "$torch_dir/../nvidia/nccl/lib/libnccl.so.2" /tmp/nccl-link/libnccl.so
 # libnvrtc (pip's nvidia/cu13/lib) compiles the fused attention kernels at run time.
-export LD_LIBRARY_PATH="$PWD/gpu-bundle/lib:$torch_dir/lib:/tmp/nccl-link:$torch_dir/../nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$bundle/lib:$torch_dir/lib:/tmp/nccl-link:$torch_dir/../nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # One rank without mpirun: an isolated Open MPI singleton with the bundled components.
-export OMPI_MCA_ess_singleton_isolated=1 OMPI_MCA_mca_base_component_path="$PWD/gpu-bundle/openmpi3"
+export OMPI_MCA_ess_singleton_isolated=1 OMPI_MCA_mca_base_component_path="$bundle/openmpi3"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-out=/tmp/gpu-bench; rm -rf "$out"; mkdir -p "$out"
+out="${BENCH_OUT:-/tmp/gpu-bench}"; rm -rf "$out"; mkdir -p "$out"
 # The device runner returns at most 8 files from $OUT: everything goes back as one tarball,
 # refreshed after each run, so a call cut short by its limit still returns what it measured.
-save() { [ -n "${OUT:-}" ] && tar -C /tmp -czf "$OUT/gpu-bench.tgz" gpu-bench; true; }
+save() { [ -n "${OUT:-}" ] && tar -C "$(dirname "$out")" -czf "$OUT/gpu-bench.tgz" "$(basename "$out")"; true; }
 if [ "${KERNEL_CHECK:-1}" = 1 ]; then
   echo "== deberta-worker kernel-check"
   # The whole report to a file; failures, timings and the verdict to the console.
-  timeout 400 gpu-bundle/deberta-worker kernel-check > "$out/kernel-check.txt" 2>&1 || echo "kernel-check FAILED (exit $?)"
+  timeout 400 "$bundle/deberta-worker" kernel-check "${check_args[@]}" > "$out/kernel-check.txt" 2>&1 || echo "kernel-check FAILED (exit $?)"
   grep -E "FAIL|ms|20 steps|kernel-check:|error" "$out/kernel-check.txt"
   save
-  if [[ " ${variants[*]} " == *" base:"* ]] && [ -x gpu-bundle/baseline/deberta-worker ]; then
+  if [[ " ${variants[*]} " == *" base:"* ]] && [ -x "$bundle/baseline/deberta-worker" ]; then
     # The baseline's kernel timings beside ours (the same card, minutes apart).
-    echo "== baseline ($(cat gpu-bundle/baseline/REVISION)) deberta-worker kernel-check"
-    timeout 400 gpu-bundle/baseline/deberta-worker kernel-check > "$out/kernel-check-base.txt" 2>&1 \
+    echo "== baseline ($(cat "$bundle/baseline/REVISION")) deberta-worker kernel-check"
+    timeout 400 "$bundle/baseline/deberta-worker" kernel-check "${check_args[@]}" > "$out/kernel-check-base.txt" 2>&1 \
       || echo "baseline kernel-check FAILED (exit $?)"
     grep -E " ms|kernel-check:|error" "$out/kernel-check-base.txt"
     save
@@ -54,9 +64,9 @@ fi
 # poison the next); ours first, so a cut-short run still shows them beside HF's.
 for b in "${batches[@]}"; do
   for att in "${variants[@]}"; do
-    worker=gpu-bundle/deberta-worker; v="$att"; file="$att"
+    worker="$bundle/deberta-worker"; v="$att"; file="$att"
     if [[ "$att" == base:* ]]; then
-      worker=gpu-bundle/baseline/deberta-worker; v="${att#base:}"; file="base-$v"
+      worker="$bundle/baseline/deberta-worker"; v="${att#base:}"; file="base-$v"
       [ -x "$worker" ] || { echo "$att: no $worker (BASELINE=REV bash cluster/gpu-bundle.sh)"; continue; }
     fi
     norm=1; [[ "$v" == *-opsnorm ]] && { norm=0; v="${v%-opsnorm}"; }
@@ -67,24 +77,26 @@ for b in "${batches[@]}"; do
     echo "== [${SECONDS}s] ours, $att, batch $b"
     # stderr (breakdown, memory, the segment profile) to a file; its head to the console.
     DEBERTA_ATTENTION=$path DEBERTA_FUSED_RELATIVE=$relative DEBERTA_FUSED_NORM=$norm timeout 500 "$worker" bench --preset "$preset" --seq "$seq" --batch "$b" \
-      --steps "$steps" --warmup "$warmup" --device cuda --profile 2> "$out/ours-$file-b$b.err" | tee -a "$out/ours-$file.jsonl" \
+      --steps "$steps" --warmup "$warmup" "${device_args[@]}" --profile 2> "$out/ours-$file-b$b.err" | tee -a "$out/ours-$file.jsonl" \
       || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"deberta bench failed\"}" >> "$out/ours-$file.jsonl"
     grep -E "^bench (paths|breakdown|queueing|memory)|^error" "$out/ours-$file-b$b.err"
     grep -A20 "^bench profile" "$out/ours-$file-b$b.err"
     if [ "$att" = "${variants[0]}" ] && [[ " ${hf_batches[*]} " == *" $b "* ]]; then
-      timeout 500 python3 gpu-bundle/hf_deberta_baseline.py --preset "$preset" --seq "$seq" --batch "$b" --steps "$steps" \
+      timeout 500 python3 "$bundle/hf_deberta_baseline.py" --preset "$preset" --seq "$seq" --batch "$b" --steps "$steps" \
         --warmup "$warmup" | tee -a "$out/hf.jsonl" \
         || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"HF baseline failed\"}" >> "$out/hf.jsonl"
     fi
     save
   done
 done
-baseline_rev="$(cat gpu-bundle/baseline/REVISION 2>/dev/null || echo '?')"
+baseline_rev="$(cat "$bundle/baseline/REVISION" 2>/dev/null || echo '?')"
 python3 - "$out" "$baseline_rev" "${variants[@]}" <<'PY'
 import json, os, sys
 d, base_rev = sys.argv[1], sys.argv[2]
 def rows(f):
     out = {}
+    if not os.path.exists(f"{d}/{f}"):  # HF_BATCHES=none, or a variant that never ran
+        return out
     for l in open(f"{d}/{f}"):
         l = l.strip()
         if not l.startswith("{") or '"batch"' not in l:

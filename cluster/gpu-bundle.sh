@@ -2,7 +2,8 @@
 # Build what cluster/gpu-check.sh runs on a GPU machine that has torch but no Rust toolchain
 # and no MPI: release binaries, plus Open MPI's libraries and components (a one-rank job runs
 # as an isolated MPI singleton, no mpirun needed). Output: gpu-bundle/ (git-ignored), to be
-# carried to the machine.
+# carried to the machine; BUNDLE=DIR writes it elsewhere (the CPU dry run of gpu-bench.sh in
+# launcher/tests/gpu_bench.rs).
 #
 #   BASELINE=REV bash cluster/gpu-bundle.sh   # also the worker as of git revision REV
 #
@@ -12,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source cluster/env.sh
+bundle="$(realpath -m "${BUNDLE:-gpu-bundle}")"
 baseline_bin=""
 if [ -n "${BASELINE:-}" ]; then
   rev="$(git rev-parse --verify "$BASELINE^{commit}")"
@@ -25,27 +27,29 @@ if [ -n "${BASELINE:-}" ]; then
   cp target/release/deberta-worker "$baseline_bin"
   git worktree remove --force "$wt"
 fi
-cargo build --release --bin deberta --bin deberta-worker
-rm -rf gpu-bundle && mkdir -p gpu-bundle/lib
+# BUNDLE_FROM=DIR bundles the binaries already built there (the CPU dry run's test build).
+bin_dir="${BUNDLE_FROM:-target/release}"
+[ -n "${BUNDLE_FROM:-}" ] || cargo build --release --bin deberta --bin deberta-worker
+rm -rf "$bundle" && mkdir -p "$bundle/lib"
 if [ -n "$baseline_bin" ]; then
-  mkdir -p gpu-bundle/baseline
-  strip -o gpu-bundle/baseline/deberta-worker "$baseline_bin"
-  git rev-parse --short "$rev" > gpu-bundle/baseline/REVISION
+  mkdir -p "$bundle/baseline"
+  strip -o "$bundle/baseline/deberta-worker" "$baseline_bin"
+  git rev-parse --short "$rev" > "$bundle/baseline/REVISION"
   rm -f "$baseline_bin"
 fi
-strip -o gpu-bundle/deberta target/release/deberta
-strip -o gpu-bundle/deberta-worker target/release/deberta-worker
+strip -o "$bundle/deberta" "$bin_dir/deberta"
+strip -o "$bundle/deberta-worker" "$bin_dir/deberta-worker"
 # Open MPI's shared libraries as the worker links them (not libtorch's, not glibc's).
-ldd target/release/deberta-worker | awk '/=> \//{print $1" "$3}' \
+ldd "$bin_dir/deberta-worker" | awk '/=> \//{print $1" "$3}' \
   | grep -E '^(libmpi|libopen-rte|libopen-pal|libhwloc|libevent|libudev|libpmix)' \
-  | while read -r _ path; do cp -L "$path" gpu-bundle/lib/; done
-cp -rL /usr/lib/x86_64-linux-gnu/openmpi/lib/openmpi3 gpu-bundle/openmpi3
-cp -rL /usr/share/openmpi gpu-bundle/openmpi-share
+  | while read -r _ path; do cp -L "$path" "$bundle/lib/"; done
+cp -rL /usr/lib/x86_64-linux-gnu/openmpi/lib/openmpi3 "$bundle/openmpi3"
+cp -rL /usr/share/openmpi "$bundle/openmpi-share"
 # For gpu-train-check.sh: the corpus `make demo` preprocessed, its tokenizer, the HF baseline.
 if [ -f runs/data/train.manifest.json ]; then
-  mkdir -p gpu-bundle/data
-  cp runs/data/train* gpu-bundle/data/
-  cp ../shared/data/tokenizers/deberta-v3-base/tokenizer.json gpu-bundle/data/tokenizer.json
+  mkdir -p "$bundle/data"
+  cp runs/data/train* "$bundle/data/"
+  cp ../shared/data/tokenizers/deberta-v3-base/tokenizer.json "$bundle/data/tokenizer.json"
 fi
-cp ../shared/bench/hf_deberta_baseline.py gpu-bundle/
-du -sh gpu-bundle
+cp ../shared/bench/hf_deberta_baseline.py "$bundle/"
+du -sh "$bundle"

@@ -1,0 +1,171 @@
+//! The GPU session's prepared call, `cluster/gpu-bundle.sh` then `cluster/gpu-bench.sh`, as a
+//! dry run on the CPU (`BENCH_DEVICE=cpu`: the CUDA path through the kernels' emulator,
+//! `kernel-check --emulate`): a device call is scarce, so the script's plumbing (the bundle, the
+//! variants and their environment, the baseline worker, the tables, the ratios, the tarball) is
+//! checked here, where a slip costs nothing. The HF baseline needs transformers, which the CPU
+//! machines lack: a stand-in with the baseline's command line prints a row of known tokens/s, so
+//! the ratios the summary prints can be checked against our rows.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// HF's row at every batch asked for, 10 tokens/s (what the stand-in prints).
+const STANDIN_TOKENS_PER_S: f64 = 10.0;
+const HF_STANDIN: &str = r#"import argparse, json
+ap = argparse.ArgumentParser()
+ap.add_argument("--preset"); ap.add_argument("--seq", type=int); ap.add_argument("--batch", type=int, nargs="+")
+ap.add_argument("--steps", type=int); ap.add_argument("--warmup", type=int)
+a = ap.parse_args()
+for b in a.batch:
+    print(json.dumps(dict(system="hf-standin", preset=a.preset, params=1, batch=b, seq=a.seq, step_s=1.0,
+                          tokens_per_s=10.0, loss=1.0, model_tflops_per_s=0.0, mfu=0.0, peak_mem_gib=None)))
+"#;
+
+/// The bundle of the workspace's own binaries, with a "baseline" worker (the same binary) and
+/// the HF stand-in.
+fn bundle(dir: &Path) -> PathBuf {
+    let bins = Path::new(env!("CARGO_BIN_EXE_deberta")).parent().unwrap();
+    assert!(
+        bins.join("deberta-worker").is_file(),
+        "no deberta-worker beside deberta: build the workspace (cargo build --workspace)"
+    );
+    let b = dir.join("bundle");
+    let o = Command::new("bash")
+        .arg(repo().join("cluster/gpu-bundle.sh"))
+        .env("BUNDLE", &b)
+        .env("BUNDLE_FROM", bins)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "gpu-bundle.sh: {}", text(&o));
+    for f in ["deberta", "deberta-worker", "hf_deberta_baseline.py", "openmpi3"] {
+        assert!(b.join(f).exists(), "{f} missing from the bundle: {}", text(&o));
+    }
+    std::fs::create_dir_all(b.join("baseline")).unwrap();
+    std::fs::copy(b.join("deberta-worker"), b.join("baseline/deberta-worker")).unwrap();
+    std::fs::write(b.join("baseline/REVISION"), "dryrun\n").unwrap();
+    std::fs::write(b.join("hf_deberta_baseline.py"), HF_STANDIN).unwrap();
+    b
+}
+
+fn bench(bundle: &Path, dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut c = Command::new("bash");
+    c.arg(repo().join("cluster/gpu-bench.sh"))
+        .args(args)
+        .env("BUNDLE", bundle)
+        .env("BENCH_OUT", dir.join("gpu-bench"))
+        .env("OUT", &out)
+        .env("BENCH_STEPS", "1")
+        .env("BENCH_WARMUP", "0");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+/// The one JSON row of a variant's file.
+fn tokens_per_s(dir: &Path, file: &str) -> f64 {
+    let rows = std::fs::read_to_string(dir.join("gpu-bench").join(file)).unwrap();
+    let row: serde_json::Value = serde_json::from_str(rows.trim()).unwrap_or_else(|e| panic!("{file}: {e}: {rows}"));
+    row["tokens_per_s"].as_f64().unwrap_or_else(|| panic!("{file}: {rows}"))
+}
+
+#[test]
+fn the_prepared_gpu_call_runs_on_the_cpu_and_prints_its_tables_and_ratios() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = bundle(tmp.path());
+    let o = bench(
+        &b,
+        tmp.path(),
+        &[
+            ("BENCH_DEVICE", "cpu"),
+            ("VARIANTS", "fused-rel fused-split base:fused-rel"),
+            ("HF_BATCHES", "2"),
+        ],
+        &["tiny", "32", "2"],
+    );
+    let all = text(&o);
+    assert!(o.status.success(), "{all}");
+    // kernel-check with both workers, emulated.
+    assert_eq!(all.matches("kernel-check: all ok").count(), 2, "{all}");
+    assert!(
+        all.contains("== baseline (dryrun) deberta-worker kernel-check"),
+        "{all}"
+    );
+    // Each variant ran with its own relative path; the profile came with the row.
+    let err = std::fs::read_to_string(tmp.path().join("gpu-bench/ours-fused-split-b2.err")).unwrap();
+    assert!(err.contains("relative terms InKernelSplit"), "{err}");
+    assert!(err.contains("bf16 autocast (the CPU standing in for CUDA)"), "{err}");
+    assert!(err.contains("bench profile"), "{err}");
+    let rows = std::fs::read_to_string(tmp.path().join("gpu-bench/ours-fused-split.jsonl")).unwrap();
+    assert!(rows.contains("\"system\":\"deberta-rs+fused-split\""), "{rows}");
+    // The tables, and the ratios from the rows.
+    let ours = tokens_per_s(tmp.path(), "ours-fused-rel.jsonl");
+    let base = tokens_per_s(tmp.path(), "ours-base-fused-rel.jsonl");
+    assert!(all.contains("HF transformers (bf16 autocast, fused AdamW)"), "{all}");
+    assert!(all.contains(r#""system": "hf-standin""#), "{all}");
+    let hf_ratio = format!(
+        "ratio (ours with fused-rel / HF tokens/s):\n  batch 2: {:.2}x",
+        ours / STANDIN_TOKENS_PER_S
+    );
+    assert!(all.contains(&hf_ratio), "expected {hf_ratio:?} in {all}");
+    assert!(all.contains("(target >= 4x)"), "{all}");
+    let base_ratio = format!(
+        "fused-rel / base:fused-rel tokens/s (against the baseline (dryrun)):\n  batch 2: {ours:.1} / {base:.1} = {:.3}x",
+        ours / base
+    );
+    assert!(all.contains(&base_ratio), "expected {base_ratio:?} in {all}");
+    // Everything also comes back as one tarball under $OUT.
+    let listing = Command::new("tar")
+        .args(["-tzf"])
+        .arg(tmp.path().join("out/gpu-bench.tgz"))
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    for f in [
+        "kernel-check.txt",
+        "hf.jsonl",
+        "ours-fused-split.jsonl",
+        "ours-base-fused-rel-b2.err",
+    ] {
+        assert!(listing.contains(f), "{f} not in the tarball: {listing}");
+    }
+
+    // Without HF rows (HF_BATCHES=none: the prepared batch-40 call) the tables still print.
+    let o = bench(
+        &b,
+        tmp.path(),
+        &[
+            ("BENCH_DEVICE", "cpu"),
+            ("VARIANTS", "fused-rel"),
+            ("HF_BATCHES", "none"),
+            ("KERNEL_CHECK", "0"),
+        ],
+        &["tiny", "32", "2"],
+    );
+    let all = text(&o);
+    assert!(o.status.success(), "{all}");
+    assert!(all.contains("deberta-rs, relative terms by fused-rel"), "{all}");
+    assert!(!all.contains("kernel-check"), "{all}");
+
+    let o = bench(&b, tmp.path(), &[("BENCH_DEVICE", "tpu")], &["tiny", "32", "2"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("BENCH_DEVICE=tpu: expected cuda or cpu"),
+        "{}",
+        text(&o)
+    );
+}
