@@ -79,6 +79,7 @@ std::atomic<bool> counting{false};
 std::atomic<uint64_t> top_ops{0}, all_ops{0}, cast_ops{0};
 thread_local int depth = 0;
 thread_local uint64_t thread_top = 0, thread_all = 0, thread_casts = 0;
+thread_local bool top_is_to = false;  // the running top-level operator is `aten::to`
 // The top-level operators by name, while `naming` (a profile that asks which operators): the
 // lock is only taken then.
 std::atomic<bool> naming{false};
@@ -89,8 +90,13 @@ std::unique_ptr<at::ObserverContext> op_start(const at::RecordFunction& fn) {
   if (counting.load(std::memory_order_relaxed)) {
     all_ops.fetch_add(1, std::memory_order_relaxed);
     ++thread_all;
-    // A conversion that copies (`to` of another kind or device calls it; a no-op `to` does not).
-    if (std::strcmp(fn.name(), "aten::_to_copy") == 0) {
+    // A conversion the program asked for that copies: a top-level `to` of another kind calls
+    // `_to_copy` (one of its own kind does not). Not those inside other operators: on the CPU
+    // an elementwise operator or a sum over mixed kinds converts its inputs by such a copy,
+    // where CUDA converts inside the kernel, and the counts are to be the same on both.
+    const bool to_copy = std::strcmp(fn.name(), "aten::_to_copy") == 0;
+    if (depth == 0) top_is_to = std::strcmp(fn.name(), "aten::to") == 0;
+    if (to_copy && (depth == 0 || (depth == 1 && top_is_to))) {
       cast_ops.fetch_add(1, std::memory_order_relaxed);
       ++thread_casts;
     }

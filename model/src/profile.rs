@@ -26,9 +26,11 @@ pub struct Stage {
 }
 
 /// ATen operators dispatched: `top`, those called from outside any other operator (what the
-/// program asked libtorch for); `all`, with their inner calls; `casts`, the conversions among
-/// them that copy (`_to_copy`: a `to` of another kind; a `to` of the tensor's own kind is none),
-/// each a pass over its tensor.
+/// program asked libtorch for); `all`, with their inner calls; `casts`, the conversions the
+/// program asked for that copy (a `to` of another kind: a pass over its tensor; one of the
+/// tensor's own kind is none). Not the conversions inside other operators: on the CPU an
+/// elementwise operator over mixed kinds copies its inputs first, where CUDA converts inside
+/// the kernel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OpCounts {
     pub top: u64,
@@ -237,10 +239,13 @@ mod tests {
         // linear is composite: its inner matmul/addmm and transpose are counted in `all` only.
         let w = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
         let linear = ops_of(|| drop(a.linear(&w, Some(&Tensor::zeros([2], (Kind::Float, Device::Cpu))))));
-        // A `to` of another kind copies (one cast, an inner call); of the tensor's own kind, not.
+        // A `to` of another kind copies (one cast, an inner call); of the tensor's own kind, not;
+        // nor does a mixed-kind addition count, though the CPU copies its bf16 input inside it.
+        let half = a.to_kind(Kind::BFloat16);
         let casts = ops_of(|| {
             drop(a.to_kind(Kind::BFloat16));
             drop(a.to_kind(Kind::Float));
+            drop(&a + &half);
         });
         count_ops(false);
         let off = ops_of(|| drop(&a + &b));
@@ -255,7 +260,11 @@ mod tests {
         assert_eq!(three.top, 3, "{three:?}");
         assert_eq!(linear.top, 2, "zeros and linear: {linear:?}");
         assert!(linear.all > linear.top, "linear's inner calls: {linear:?}");
-        assert_eq!((casts.top, casts.casts), (2, 1), "{casts:?}");
+        assert_eq!((casts.top, casts.casts), (3, 1), "{casts:?}");
+        assert!(
+            casts.all > 4,
+            "the addition's inner copy is counted as an operator: {casts:?}"
+        );
         assert_eq!(off, OpCounts::default());
     }
 
