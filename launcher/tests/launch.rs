@@ -623,20 +623,19 @@ fn bench_prints_one_json_line_per_batch_with_the_baseline_s_fields() {
         .split("bench profile")
         .nth(1)
         .unwrap_or_else(|| panic!("no profile: {err}"));
-    let total: u64 = profile
-        .split(" operators")
-        .next()
-        .and_then(|head| head.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no operator total: {profile}"));
+    // The number just before `word` in the profile's head line.
+    let figure = |word: &str| -> u64 {
+        profile
+            .split(word)
+            .next()
+            .and_then(|head| head.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no figure before {word:?}: {profile}"))
+    };
+    let total = figure(" operators");
     assert!(total > 100, "{profile}");
-    // Each stage names its most called operators; bf16 autocast casts (copies) some operands.
-    let casts: u64 = profile
-        .split(" casts)")
-        .next()
-        .and_then(|head| head.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no cast total: {profile}"));
+    // Each stage names its most called operators; the segments cast their bf16 operands.
+    let casts = figure(" casts)");
     assert!(casts > 0 && casts < total, "{profile}");
     assert!(
         profile.lines().any(|l| l.starts_with("      ") && l.contains("linear")),
