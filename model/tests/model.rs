@@ -317,14 +317,18 @@ fn the_emd_and_head_on_the_predicted_rows_give_the_full_loss_and_gradients() {
         let enc = model.encode(&ids, &mask, false);
         let ours = model.mlm_loss(&enc, &labels, false).unwrap();
         let (got, got_grads) = loss_and_grads(&vs, &ours);
-        assert!((got - want).abs() < 1e-6 * want.max(1.0), "{name}: {got} vs {want}");
+        // 1e-5: with two threads, libtorch's CPU kernels now and then take another summation
+        // order (about one run in a hundred: the segment-wise loss came out 1.6e-6 off, the same
+        // value each time; never with one thread), and the attention's scaled scores amplify it.
+        // A wrong row or relative index is off by far more.
+        assert!((got - want).abs() < 1e-5 * want.max(1.0), "{name}: {got} vs {want}");
         // The segment-wise (TP) path too, at one rank: sum over predicted tokens x 1/count.
         let single = deberta_model::collective::Single;
         let mut tape = deberta_model::segments::Tape::new(&single);
         let seg = model.mlm_loss_segments(&mut tape, &ids, &mask, &labels, 1.0 / count as f64, false);
         let seg_loss = tape.value(seg).double_value(&[]);
         assert!(
-            (seg_loss - want).abs() < 1e-6 * want.max(1.0),
+            (seg_loss - want).abs() < 1e-5 * want.max(1.0),
             "{name}: {seg_loss} vs {want}"
         );
         for (_, v) in vs.variables() {
