@@ -129,7 +129,7 @@ extern "C" void deberta_count_ops(bool on) {
 }
 
 // The counts so far, of every thread (global) or of this one: operators called from outside any
-// other, all, and the conversions that copy among them.
+// other, all, and the casts the program asked for (see op_start).
 extern "C" void deberta_op_counts(bool global, uint64_t* top, uint64_t* all, uint64_t* casts) {
   *top = global ? top_ops.load() : thread_top;
   *all = global ? all_ops.load() : thread_all;
