@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What ptxas makes of the fused attention kernels for the H100 (sm_90), without a GPU.
 
-    python3 cluster/kernel-stats.py [--base REV] [--head-dim 64]
+    python3 cluster/kernel-stats.py [--base REV] [--head-dim 64] [--ops KERNEL]
 
 Compiles model/src/kernels/disentangled_attention.cu (after bf16.cuh) as the worker does
 (NVRTC from the venv's nvidia wheel, then torch's ptxas), disassembles it (cuobjdump from the triton wheel torch
@@ -10,7 +10,10 @@ key or query tile (the body of the kernel's tile loop, plus a second pass of the
 `unroll 1` loop over the tile's two 32-column halves), with the counts of the instructions that
 matter most. The score loops are issue-bound, so fewer instructions per tile is the CPU's best
 proxy for speed; only a GPU run (cluster/gpu-bench.sh) says what a change is worth. --base REV
-prints the same for the kernel source at git revision REV, and the change.
+prints the same for the kernel source at git revision REV, and the change. --ops KERNEL prints
+every opcode of that kernel's tile with its count (with --base, beside the base's), the most
+frequent first: where a tile's instructions go (`IMAD.U32` by 0x10000 is a bf16 widened to fp32,
+`IMAD.MOV` a register move, `F2FP` a pair rounded to bf16).
 """
 import argparse
 import collections
@@ -101,7 +104,8 @@ def stats(source, head_dim):
         if k.startswith("dattn_bwd") and inner:
             body += [t for a, t in ins if inner[0][0] <= a <= inner[0][1]]
         ops = collections.Counter(t.split()[0].split(".")[0] for t in body)
-        out[k] = (regs[k], len(body), ops)
+        full = collections.Counter(t.split()[0] for t in body)  # with the modifiers
+        out[k] = (regs[k], len(body), ops, full)
     return out
 
 
@@ -109,6 +113,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", help="also the kernel source at this git revision")
     ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--ops", metavar="KERNEL", help="every opcode of this kernel's tile, counted")
     args = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # The source as the worker compiles it: the shared bf16 helpers, then the kernels (before
@@ -128,12 +133,20 @@ def main():
     print(f"{'kernel':<18} {'regs':>4} {'spill':>5} {'per tile':>8}  " + " ".join(f"{o:>5}" for o in SHOWN)
           + ("   base: regs spill per tile  change" if base else ""))
     for k in (k for k in KERNELS if k in now):
-        (r, s), n, ops = now[k]
+        (r, s), n, ops, _ = now[k]
         line = f"{k:<18} {r:>4} {s:>5} {n:>8}  " + " ".join(f"{ops[o]:>5}" for o in SHOWN)
         if base and k in base:
-            (br, bs), bn, _ = base[k]
+            (br, bs), bn, _, _ = base[k]
             line += f"   {br:>10} {bs:>5} {bn:>8}  {100.0 * (n - bn) / bn:+6.1f}%"
         print(line)
+    if args.ops:
+        if args.ops not in now:
+            sys.exit(f"kernel-stats: no kernel {args.ops} (one of {', '.join(k for k in KERNELS if k in now)})")
+        full = now[args.ops][3]
+        was = base[args.ops][3] if base and args.ops in base else None
+        print(f"\n{args.ops}: opcodes per tile" + (" (now, base)" if was is not None else ""))
+        for op, c in sorted(full.items(), key=lambda x: (-x[1], x[0])):
+            print(f"  {op:<24} {c:>5}" + (f" {was[op]:>5}" if was is not None else ""))
 
 
 if __name__ == "__main__":
