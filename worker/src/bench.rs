@@ -32,9 +32,9 @@ pub struct BenchConfig {
     pub recompute: bool,
     /// One more step, timed segment by segment (`deberta_model::profile`), on stderr.
     pub profile: bool,
-    /// On the CPU: the fused path, its kernels in the emulator (`cuda::emulate_on_cpu`) and,
-    /// with `bf16`, the CPU's autocast standing in for CUDA's (`nn::emulate_cuda_autocast_on_cpu`),
-    /// so the profile counts the CUDA path's operators.
+    /// On the CPU: the fused path, its kernels in the emulator and, with `bf16`, the CPU's
+    /// autocast standing in for CUDA's (`cuda::emulate_cuda_path_on_cpu`), so the profile counts
+    /// the CUDA path's operators.
     pub emulate_kernels: bool,
 }
 
@@ -76,8 +76,8 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     let device = groups.device;
     if b.emulate_kernels {
         anyhow::ensure!(device == Device::Cpu, "--emulate-kernels needs --device cpu");
-        deberta_model::cuda::emulate_on_cpu(true);
-        deberta_model::nn::emulate_cuda_autocast_on_cpu(b.bf16);
+        // With --fp32 every autocast scope is off, so the CPU's stays off too.
+        deberta_model::cuda::emulate_cuda_path_on_cpu(true);
         deberta_model::attention::RelativePath::set_for_this_thread(deberta_model::attention::RelativePath::Fused);
     }
     crate::runtime::check_attention_path(device, &cfg, b.bf16)?;
