@@ -49,21 +49,49 @@ extern "C" bool deberta_autocast_enabled(int cuda) {
   return at::autocast::is_autocast_enabled(cuda ? at::kCUDA : at::kCPU);
 }
 
-// The CPU's autocast switch, in bf16, for the tests where the CPU stands in for CUDA
-// (`nn::autocast`); returns the previous setting. Entering (on) counts a nesting level and
-// leaving the outermost clears autocast's cache of cast weights, as tch's `autocast` does for
-// CUDA: a cached cast would outlive the optimizer step that changes its weight.
-extern "C" bool deberta_cpu_autocast_enter(bool on) {
-  const bool prev = at::autocast::is_autocast_enabled(at::kCPU);
-  at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
-  at::autocast::set_autocast_enabled(at::kCPU, on);
+// Autocast on or off for CUDA (cuda != 0) or the CPU, one nesting level in; returns the previous
+// switch. The CPU's in bf16, for the tests where the CPU stands in for CUDA (`nn::autocast`);
+// CUDA's dtype is the trainer's (`precision.rs`). tch's `autocast` does the same through the
+// deprecated `at::autocast::is_enabled()`/`set_enabled()`, each of which warns at every call:
+// thousands of lines a step on the GPU. Leaving the outermost level clears autocast's cache of
+// cast weights: a cached cast would outlive the optimizer step that changes its weight.
+extern "C" bool deberta_autocast_enter(int cuda, bool on) {
+  const auto device = cuda ? at::kCUDA : at::kCPU;
+  const bool prev = at::autocast::is_autocast_enabled(device);
+  if (!cuda) at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+  at::autocast::set_autocast_enabled(device, on);
   at::autocast::increment_nesting();
   return prev;
 }
 
-extern "C" void deberta_cpu_autocast_leave(bool prev) {
+extern "C" void deberta_autocast_leave(int cuda, bool prev) {
   if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-  at::autocast::set_autocast_enabled(at::kCPU, prev);
+  at::autocast::set_autocast_enabled(cuda ? at::kCUDA : at::kCPU, prev);
+}
+
+// Counting the warnings libtorch raises on this thread (tests): a handler that counts them
+// and passes each on to the one it replaced.
+namespace {
+struct CountingHandler : c10::WarningHandler {
+  c10::WarningHandler* next = nullptr;
+  uint64_t count = 0;
+  void process(const c10::Warning& warning) override {
+    ++count;
+    if (next) next->process(warning);
+  }
+};
+thread_local CountingHandler counting_handler;
+}  // namespace
+
+extern "C" void deberta_warnings_count_start() {
+  counting_handler.count = 0;
+  counting_handler.next = c10::WarningUtils::get_warning_handler();
+  c10::WarningUtils::set_warning_handler(&counting_handler);
+}
+
+extern "C" uint64_t deberta_warnings_count_stop() {
+  c10::WarningUtils::set_warning_handler(counting_handler.next);
+  return counting_handler.count;
 }
 
 // Counting the ATen operators a step dispatches (`profile`): each is host work and, on CUDA,

@@ -192,15 +192,21 @@ pub fn emulate_cuda_autocast_on_cpu(on: bool) {
     CPU_AS_CUDA.with(|c| c.set(on));
 }
 
-/// `tch::autocast` (CUDA's autocast on or off around `f`), and the CPU's as well after
-/// `emulate_cuda_autocast_on_cpu(true)`.
+/// CUDA's autocast on or off around `f` (as `tch::autocast`, whose deprecated libtorch calls
+/// print a warning each: thousands of lines a step on the GPU), and the CPU's as well after
+/// `emulate_cuda_autocast_on_cpu(true)`. Without CUDA, CUDA's switch is left alone, as tch does.
 pub fn autocast<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
-    if !CPU_AS_CUDA.with(|c| c.get()) {
-        return tch::autocast(enabled, f);
+    let cuda = tch::Cuda::is_available().then(|| ops::autocast_enter(true, enabled));
+    let cpu = CPU_AS_CUDA
+        .with(|c| c.get())
+        .then(|| ops::autocast_enter(false, enabled));
+    let out = f();
+    if let Some(prev) = cpu {
+        ops::autocast_leave(false, prev);
     }
-    let prev = ops::cpu_autocast_enter(enabled);
-    let out = tch::autocast(enabled, f);
-    ops::cpu_autocast_leave(prev);
+    if let Some(prev) = cuda {
+        ops::autocast_leave(true, prev);
+    }
     out
 }
 
@@ -211,8 +217,12 @@ mod ops {
 
     extern "C" {
         fn deberta_autocast_enabled(cuda: i32) -> bool;
-        fn deberta_cpu_autocast_enter(on: bool) -> bool;
-        fn deberta_cpu_autocast_leave(prev: bool);
+        fn deberta_autocast_enter(cuda: i32, on: bool) -> bool;
+        fn deberta_autocast_leave(cuda: i32, prev: bool);
+        #[cfg(test)]
+        fn deberta_warnings_count_start();
+        #[cfg(test)]
+        fn deberta_warnings_count_stop() -> u64;
         fn deberta_layer_norm_backward(
             dy: *const C_tensor,
             xhat: *const C_tensor,
@@ -233,16 +243,26 @@ mod ops {
         unsafe { deberta_autocast_enabled(cuda as i32) }
     }
 
-    /// The CPU's autocast on or off (bf16), one nesting level in; returns the previous switch.
-    pub fn cpu_autocast_enter(on: bool) -> bool {
+    /// CUDA's (or the CPU's, in bf16) autocast on or off, one nesting level in; returns the
+    /// previous switch.
+    pub fn autocast_enter(cuda: bool, on: bool) -> bool {
         // SAFETY: sets libtorch's thread-local autocast state.
-        unsafe { deberta_cpu_autocast_enter(on) }
+        unsafe { deberta_autocast_enter(cuda as i32, on) }
     }
 
-    /// Back out of `cpu_autocast_enter`, restoring `prev`.
-    pub fn cpu_autocast_leave(prev: bool) {
-        // SAFETY: as cpu_autocast_enter; paired with it.
-        unsafe { deberta_cpu_autocast_leave(prev) }
+    /// Back out of `autocast_enter`, restoring `prev`.
+    pub fn autocast_leave(cuda: bool, prev: bool) {
+        // SAFETY: as autocast_enter; paired with it.
+        unsafe { deberta_autocast_leave(cuda as i32, prev) }
+    }
+
+    /// The warnings libtorch raises on this thread while `f` runs (each still printed).
+    #[cfg(test)]
+    pub fn warnings_during<T>(f: impl FnOnce() -> T) -> (T, u64) {
+        // SAFETY: installs a thread-local handler and restores the previous one after `f`.
+        unsafe { deberta_warnings_count_start() };
+        let out = f();
+        (out, unsafe { deberta_warnings_count_stop() })
     }
 
     /// LayerNorm's backward from x̂ and 1/σ: (dx, dγ, dβ). See `ops.cpp`.
@@ -324,6 +344,28 @@ mod tests {
         assert_eq!(compute_kind(&x), Kind::Float, "off after");
         let want = (y.to_kind(Kind::Float) * 2.0).to_kind(Kind::BFloat16);
         assert!(y2.equal(&want), "the second scope used the first one's cast of w");
+    }
+
+    /// CUDA's autocast switch (a thread-local flag, set without a GPU too) goes on and off
+    /// without the deprecation warning that tch's `autocast` prints at each of its calls, and
+    /// nests: the inner scope's end restores the outer's setting.
+    #[test]
+    fn cudas_autocast_switch_nests_without_a_warning() {
+        let (_, tch_way) = ops::warnings_during(|| unsafe { torch_sys::at_autocast_is_enabled() });
+        assert!(tch_way > 0, "the counter sees the deprecated call's warning");
+        let (inside, warnings) = ops::warnings_during(|| {
+            let outer = ops::autocast_enter(true, true);
+            let inner = ops::autocast_enter(true, false);
+            let off = ops::autocast_enabled(true);
+            ops::autocast_leave(true, inner);
+            let on = ops::autocast_enabled(true);
+            ops::autocast_leave(true, outer);
+            (off, on, outer, ops::autocast_enabled(true))
+        });
+        assert_eq!(inside, (false, true, false, false));
+        assert_eq!(warnings, 0);
+        let (_, warnings) = ops::warnings_during(|| autocast(true, || autocast(false, || ())));
+        assert_eq!(warnings, 0);
     }
 
     /// A bf16 gradient goes into the fp32 `.grad` in place (it may be a view of the optimizer's
