@@ -238,9 +238,10 @@ fn peak_cuda_gib(i: usize) -> f64 {
     match crate::precision::cuda_allocator_stats(i) {
         Some(s) => {
             eprintln!(
-                "bench memory: allocated peak {:.2} GiB (peak_mem_gib), reserved peak {:.2} GiB, in use by the driver's count {driver:.2} GiB",
+                "bench memory: allocated peak {:.2} GiB (peak_mem_gib), reserved peak {:.2} GiB, in use by the driver's count {driver:.2} GiB (PYTORCH_CUDA_ALLOC_CONF={})",
                 gib(s.peak_allocated),
-                gib(s.peak_reserved)
+                gib(s.peak_reserved),
+                std::env::var("PYTORCH_CUDA_ALLOC_CONF").unwrap_or_default()
             );
             gib(s.peak_allocated)
         }

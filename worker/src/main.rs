@@ -280,6 +280,12 @@ fn kernel_check(world: &mpi::topology::SimpleCommunicator, emulate: bool) -> Exi
 }
 
 fn main() -> ExitCode {
+    // Before MPI's threads start and before libtorch's first CUDA allocation reads it.
+    if let Some(conf) =
+        deberta_worker::precision::cuda_alloc_conf_to_set(std::env::var_os("PYTORCH_CUDA_ALLOC_CONF").as_deref())
+    {
+        std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", conf);
+    }
     let Some(universe) = mpi::initialize() else {
         eprintln!("error: MPI was already initialised");
         return ExitCode::from(1);

@@ -40,6 +40,21 @@ pub fn reset_cuda_peak_memory(device: usize) -> bool {
     unsafe { deberta_cuda_reset_peak_memory(device as i32) == 0 }
 }
 
+/// The CUDA caching allocator's setting when the user gave none (PYTORCH_CUDA_ALLOC_CONF):
+/// expandable segments, which grow one mapping instead of caching blocks of fixed sizes. On
+/// the H100 (2026-11-27, xxlarge, seq 512) the speed stayed the same and the reserved peak fell
+/// from 69.0 to 60.8 GiB at batch 32 (76.5 to 71.1 at batch 40): fragmentation the
+/// allocator no longer keeps, room before an out-of-memory. NCCL reads tensors' pointers
+/// only (no buffer registration), which such memory serves like any other.
+pub const DEFAULT_CUDA_ALLOC_CONF: &str = "expandable_segments:True";
+
+/// PYTORCH_CUDA_ALLOC_CONF for this process: None to keep the user's setting, else ours.
+/// libtorch reads the variable at its first CUDA allocation; `main` sets it before anything
+/// else runs.
+pub fn cuda_alloc_conf_to_set(user: Option<&std::ffi::OsStr>) -> Option<&'static str> {
+    user.is_none().then_some(DEFAULT_CUDA_ALLOC_CONF)
+}
+
 /// Make libtorch's CUDA autocast produce bf16 (its default is fp16, and tch only switches
 /// autocast on and off), and run the fp32 matmuls that a bf16 run still has on TF32 (10-bit
 /// mantissas: more precise than the bf16 of the rest; they are the relative tables'
@@ -72,6 +87,21 @@ pub fn cuda_used_gib() -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_users_allocator_setting_wins_over_expandable_segments() {
+        use std::ffi::OsStr;
+        assert_eq!(super::cuda_alloc_conf_to_set(None), Some("expandable_segments:True"));
+        assert_eq!(
+            super::cuda_alloc_conf_to_set(Some(OsStr::new("max_split_size_mb:512"))),
+            None
+        );
+        assert_eq!(
+            super::cuda_alloc_conf_to_set(Some(OsStr::new(""))),
+            None,
+            "set, even if empty"
+        );
+    }
+
     #[test]
     fn the_cuda_autocast_dtype_becomes_bf16_and_fp32_matmuls_tf32() {
         // Both are process-wide settings; this test binary has no other test that reads them.
