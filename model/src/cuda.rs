@@ -147,6 +147,19 @@ pub fn grid_stride(device: Device, items: i64) -> LaunchConfig {
     }
 }
 
+/// `t` contiguous and starting at a 16-byte boundary, where the kernels' vector loads and
+/// stores need it (a GPU faults on a misaligned address): `t` itself if it is, else a copy. A
+/// contiguous view can start anywhere (a slice of a packed buffer); the optimizer's flat
+/// buffers align every parameter (`FlatAdamW`'s `PARAM_ALIGN`), so only other views copy.
+pub fn aligned(t: &Tensor) -> Tensor {
+    let t = t.contiguous();
+    if (t.data_ptr() as usize).is_multiple_of(16) {
+        t
+    } else {
+        t.copy()
+    }
+}
+
 /// A tensor's device address, as a kernel argument.
 pub fn ptr(t: &Tensor) -> u64 {
     t.data_ptr() as u64

@@ -164,8 +164,7 @@ pub fn forward(z: &Tensor, residual: &Tensor, p: &NormParams, seed: u64) -> Resu
         ));
     }
     let device = z.device();
-    let (z, residual) = (z.contiguous(), residual.contiguous());
-    let (gamma, beta, bias) = (p.gamma.contiguous(), p.beta.contiguous(), p.bias.contiguous());
+    let [z, residual, gamma, beta, bias] = [z, residual, p.gamma, p.beta, p.bias].map(cuda::aligned);
     let rows = z.numel() as i64 / d;
     let y = Tensor::empty(z.size(), (Kind::Float, device));
     let rstd = Tensor::empty([rows], (Kind::Float, device));
@@ -196,7 +195,7 @@ pub fn backward(
     z_kind: Kind,
 ) -> Result<NormGrads, String> {
     let d = *y.size().last().ok_or("residual_norm: y has no dimensions")?;
-    let dy = dy.to_kind(Kind::Float).contiguous();
+    let dy = cuda::aligned(&dy.to_kind(Kind::Float));
     check_shapes(d, p, &[("y", y), ("dy", &dy)])?;
     let device = y.device();
     let rows = y.numel() as i64 / d;
@@ -208,7 +207,7 @@ pub fn backward(
             rstd.size()
         ));
     }
-    let (y, gamma, beta) = (y.contiguous(), p.gamma.contiguous(), p.beta.contiguous());
+    let [y, gamma, beta] = [y, p.gamma, p.beta].map(cuda::aligned);
     let cfg = launch_config(device, rows, d, true);
     let dres = Tensor::empty(y.size(), (Kind::Float, device));
     let dz = Tensor::empty(y.size(), (z_kind, device));
@@ -394,6 +393,71 @@ mod tests {
         for (a, b) in run(false).iter().zip(&run(true)) {
             assert!(a.equal(b), "the reversed schedule changed a result");
         }
+    }
+
+    /// Inputs that are views starting off a 16-byte boundary (a parameter packed after a
+    /// 3-element one, as the flat buffers once packed them: on the H100 the forward faulted
+    /// with a misaligned address in CB fine-tuning) give the results of aligned copies; the
+    /// emulator faults on such an access as the GPU does.
+    #[test]
+    fn inputs_that_start_off_a_16_byte_boundary_give_the_aligned_results() {
+        let (rows, d, p) = (5, 64, 0.1);
+        tch::manual_seed(4);
+        let x = Inputs::random(rows, d, Kind::BFloat16, Device::Cpu);
+        // The same values one element into a larger buffer: contiguous, 4 (fp32) or 2 (bf16)
+        // bytes off the alignment.
+        let shifted = |t: &Tensor| {
+            let buf = Tensor::zeros([t.numel() as i64 + 1], (t.kind(), Device::Cpu));
+            let view = buf.narrow(0, 1, t.numel() as i64).view(t.size().as_slice());
+            view.shallow_clone().copy_(t);
+            assert!(view.is_contiguous() && !(view.data_ptr() as usize).is_multiple_of(8));
+            view
+        };
+        let off = Inputs {
+            z: shifted(&x.z),
+            res: shifted(&x.res),
+            bias: shifted(&x.bias),
+            gamma: shifted(&x.gamma),
+            beta: shifted(&x.beta),
+            dy: shifted(&x.dy),
+        };
+        let run = |x: &Inputs| {
+            cuda::emulate_on_cpu(true);
+            let params = x.params(p);
+            let out = forward(&x.z, &x.res, &params, 5).and_then(|(y, rstd)| {
+                let y_off = shifted(&y);
+                backward(&x.dy, &y_off, &rstd, &params, 5, Kind::BFloat16).map(|g| [y, g.dz, g.dres, g.gamma])
+            });
+            cuda::emulate_on_cpu(false);
+            out
+        };
+        let (want, got) = (run(&x).unwrap(), run(&off).unwrap());
+        for (a, b) in want.iter().zip(&got) {
+            assert!(a.equal(b), "a misaligned input changed a result");
+        }
+        // The emulator itself: a misaligned fp32 row faults, named as the GPU names it.
+        let y = Tensor::zeros([rows, d], (Kind::Float, Device::Cpu));
+        let args = [
+            Arg::tensor(&off.z),
+            Arg::tensor(&off.bias),
+            Arg::tensor(&off.res),
+            Arg::tensor(&off.gamma),
+            Arg::tensor(&off.beta),
+            Arg::tensor(&y),
+            Arg::tensor(&Tensor::zeros([rows], (Kind::Float, Device::Cpu))),
+            Arg::I64(rows),
+            Arg::I32(d as i32),
+            Arg::F32(1e-7),
+            Arg::F32(0.0),
+            Arg::U64(0),
+        ];
+        // SAFETY: the buffers have the kernel's shapes (rows x d, [d], [rows]).
+        let err = unsafe {
+            kernels(Device::Cpu)
+                .unwrap()
+                .launch("rln_fwd_bf16", launch_config(Device::Cpu, rows, d, false), &args)
+        };
+        assert!(err.is_err_and(|e| e.contains("misaligned address")));
     }
 
     #[test]

@@ -744,6 +744,7 @@ __device__ __forceinline__ void store_ds_tile(bf16* __restrict__ dst, const bf16
       const int j = j0 + 2 * u;
       w[u] = pack(DSK[j * LDK + 63 - j + i], DSK[(j + 1) * LDK + 62 - j + i]);
     }
+    CHECK_ALIGNED(dst + i * 64 + j0, 16);
     *reinterpret_cast<uint4*>(dst + i * 64 + j0) = make_uint4(w[0], w[1], w[2], w[3]);
   }
 }
@@ -1060,6 +1061,7 @@ __device__ __forceinline__ void store_ds_tile_t(bf16* __restrict__ dst, const bf
     unsigned int w[4];
 #pragma unroll
     for (int u = 0; u < 4; ++u) w[u] = pack(DSt[(j0 + 2 * u) * LDR + i], DSt[(j0 + 2 * u + 1) * LDR + i]);
+    CHECK_ALIGNED(dst + i * 64 + j0, 16);
     *reinterpret_cast<uint4*>(dst + i * 64 + j0) = make_uint4(w[0], w[1], w[2], w[3]);
   }
 }
@@ -1180,6 +1182,7 @@ KERNEL void dattn_row_dot(const bf16* __restrict__ dout, const bf16* __restrict_
        r += (long long)gridDim.x * blockDim.x) {
     const uint4* x = reinterpret_cast<const uint4*>(dout + r * D);
     const uint4* y = reinterpret_cast<const uint4*>(out + r * D);
+    CHECK_ALIGNED(x, 16), CHECK_ALIGNED(y, 16);
     float acc = 0.f;
 #pragma unroll
     for (int c = 0; c < D / 8; ++c) {
@@ -1212,10 +1215,12 @@ KERNEL void dattn_rel_reduce(const bf16* __restrict__ part, float* __restrict__ 
       for (int b = 0; b < B; ++b) {
         const bf16* blk = part + (long long)(b * H + h) * blocks * rows * D + d;
         for (int k = k0; k < k1; ++k) {
+          CHECK_ALIGNED(blk + ((long long)k * rows + 64 * k - a) * D, 8);
           const uint2 v = *reinterpret_cast<const uint2*>(blk + ((long long)k * rows + 64 * k - a) * D);
           acc.x += lo_f(v.x), acc.y += hi_f(v.x), acc.z += lo_f(v.y), acc.w += hi_f(v.y);
         }
       }
+    CHECK_ALIGNED(out + ((long long)h * 2 * N + m) * D + d, 16);
     *reinterpret_cast<float4*>(out + ((long long)h * 2 * N + m) * D + d) = acc;
   }
 }

@@ -185,8 +185,21 @@ static bool in_shared(const void* p, std::size_t bytes) {
 // any time between the issue and the wait: the emulator fills the destination with NaN at issue
 // and writes the bytes at the wait, so a read before the wait (and the barrier after it), or a
 // copy issued into a buffer another thread still reads, shows up as NaN.
+// A vector access the GPU would fault on ("misaligned address"): the block's first such fault.
+// The thread goes no further, as the GPU stops the kernel there (the access itself would be
+// undefined here: the emulator's 16-byte vector types fault on x86 too).
+void check_aligned(const void* p, std::size_t bytes) {
+  if (reinterpret_cast<std::uintptr_t>(p) % bytes == 0) return;
+  if (st.fault.empty())
+    st.fault = "misaligned address: thread " + std::to_string(st.current) + " made a " + std::to_string(bytes) +
+               "-byte access " + std::to_string(reinterpret_cast<std::uintptr_t>(p) % bytes) +
+               " bytes off its alignment";
+  park(DONE);
+}
+
 void cp_async(void* dst, const void* src, bool valid) {
   Fiber& f = st.fibers[st.current];
+  if (valid) check_aligned(src, 16);
   if (!in_shared(dst, 16) || (static_cast<unsigned char*>(dst) - st.shared.data()) % 16 != 0) {
     if (st.fault.empty())
       st.fault = "cp.async: thread " + std::to_string(st.current) + " copied to a destination " +
@@ -291,6 +304,7 @@ static std::string run_block(unsigned threads) {
       unsigned at_warp = 0;
       for (unsigned i = lo; i < hi; ++i) at_warp += st.fibers[i].wait == AT_WARP_BARRIER;
       if (at_warp == 0) continue;
+      if (at_warp != hi - lo && !st.fault.empty()) return st.fault;  // a faulted lane stopped
       if (at_warp != hi - lo)
         return "warp " + std::to_string(w) + ": a warp-synchronous operation that only " + std::to_string(at_warp) +
                " of its " + std::to_string(hi - lo) + " lanes reached";
@@ -315,6 +329,7 @@ static std::string run_block(unsigned threads) {
       let_go(threads);
       continue;
     }
+    if (!st.fault.empty()) return st.fault;  // a faulted thread stopped before the barrier
     return "__syncthreads() reached by " + std::to_string(at_block) + " threads while " + std::to_string(done) +
            " of " + std::to_string(threads) + " had exited";
   }
@@ -332,6 +347,7 @@ static std::string run_block(unsigned threads) {
 #define __launch_bounds__(...)
 #define DYNAMIC_SMEM(name) unsigned char* name = emu::shared_memory()
 #define __syncthreads() emu::syncthreads()
+#define CHECK_ALIGNED(p, bytes) emu::check_aligned((p), (bytes))
 #define __shfl_xor_sync(mask, x, lane) emu::shfl_xor((x), (lane))
 #define __ballot_sync(mask, pred) emu::ballot(pred)
 #define __expf expf
