@@ -427,8 +427,7 @@ mod tests {
             .collect();
         let before: Vec<Tensor> = ps.iter().map(|(_, p)| p.copy()).collect();
         let mut opt = FlatAdamW::new(&ps, AdamWConfig::default());
-        for ((name, p), want) in ps.iter().zip(&before) {
-            let (o, _) = opt.layout()[ps.iter().position(|(n, _)| n == name).unwrap()];
+        for (((name, p), want), (o, _)) in ps.iter().zip(&before).zip(opt.layout()) {
             assert_eq!(o % PARAM_ALIGN, 0, "{name} at offset {o}");
             assert_eq!(p.data_ptr() as usize % 16, 0, "{name}'s data");
             assert!(p.equal(want), "{name} changed when moved");

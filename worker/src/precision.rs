@@ -44,8 +44,9 @@ pub fn reset_cuda_peak_memory(device: usize) -> bool {
 /// expandable segments, which grow one mapping instead of caching blocks of fixed sizes. On
 /// the H100 (2026-11-27, xxlarge, seq 512) the speed stayed the same and the reserved peak fell
 /// from 69.0 to 60.8 GiB at batch 32 (76.5 to 71.1 at batch 40): fragmentation the
-/// allocator no longer keeps, room before an out-of-memory. NCCL reads tensors' pointers
-/// only (no buffer registration), which such memory serves like any other.
+/// allocator no longer keeps, room before an out-of-memory. Not yet run with NCCL across GPUs
+/// (the lent machines have one): NCCL reads the tensors' pointers without registering them,
+/// which such memory serves like any other; setting the variable (even empty) opts out.
 pub const DEFAULT_CUDA_ALLOC_CONF: &str = "expandable_segments:True";
 
 /// PYTORCH_CUDA_ALLOC_CONF for this process: None to keep the user's setting, else ours.

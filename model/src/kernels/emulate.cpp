@@ -181,10 +181,6 @@ static bool in_shared(const void* p, std::size_t bytes) {
   return at >= lo && at + bytes <= hi;
 }
 
-// cp.async.cg.shared.global [dst], [src], 16, valid ? 16 : 0. The hardware may land the bytes
-// any time between the issue and the wait: the emulator fills the destination with NaN at issue
-// and writes the bytes at the wait, so a read before the wait (and the barrier after it), or a
-// copy issued into a buffer another thread still reads, shows up as NaN.
 // A vector access the GPU would fault on ("misaligned address"): the block's first such fault.
 // The thread goes no further, as the GPU stops the kernel there (the access itself would be
 // undefined here: the emulator's 16-byte vector types fault on x86 too).
@@ -197,6 +193,10 @@ void check_aligned(const void* p, std::size_t bytes) {
   park(DONE);
 }
 
+// cp.async.cg.shared.global [dst], [src], 16, valid ? 16 : 0. The hardware may land the bytes
+// any time between the issue and the wait: the emulator fills the destination with NaN at issue
+// and writes the bytes at the wait, so a read before the wait (and the barrier after it), or a
+// copy issued into a buffer another thread still reads, shows up as NaN.
 void cp_async(void* dst, const void* src, bool valid) {
   Fiber& f = st.fibers[st.current];
   if (valid) check_aligned(src, 16);
