@@ -45,11 +45,13 @@ ldd "$bin_dir/deberta-worker" | awk '/=> \//{print $1" "$3}' \
   | while read -r _ path; do cp -L "$path" "$bundle/lib/"; done
 cp -rL /usr/lib/x86_64-linux-gnu/openmpi/lib/openmpi3 "$bundle/openmpi3"
 cp -rL /usr/share/openmpi "$bundle/openmpi-share"
-# For gpu-train-check.sh: the corpus `make demo` preprocessed, its tokenizer, the HF baseline.
+# The tokenizer; for gpu-finetune-check.sh two SuperGLUE tasks; for gpu-train-check.sh the
+# corpus `make demo` preprocessed, if it has run.
+mkdir -p "$bundle/data/superglue"
+cp ../shared/data/tokenizers/deberta-v3-base/tokenizer.json "$bundle/data/tokenizer.json"
+cp -r ../shared/data/superglue/CB ../shared/data/superglue/WSC "$bundle/data/superglue/"
 if [ -f runs/data/train.manifest.json ]; then
-  mkdir -p "$bundle/data"
   cp runs/data/train* "$bundle/data/"
-  cp ../shared/data/tokenizers/deberta-v3-base/tokenizer.json "$bundle/data/tokenizer.json"
 fi
 cp ../shared/bench/hf_deberta_baseline.py "$bundle/"
 du -sh "$bundle"

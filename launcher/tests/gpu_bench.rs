@@ -169,3 +169,52 @@ fn the_prepared_gpu_call_runs_on_the_cpu_and_prints_its_tables_and_ratios() {
         text(&o)
     );
 }
+
+/// `cluster/gpu-finetune-check.sh`, which a GPU session runs after the fault that only the GPU
+/// showed (docs/superglue.md), as a dry run on the CPU: the bundle carries its tasks and the
+/// tokenizer, each task's run finishes with its results, and a failed task or a bad backend
+/// makes the script fail.
+#[test]
+fn the_fine_tuning_check_runs_on_the_cpu_and_fails_when_a_task_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = bundle(tmp.path());
+    let check = |env: &[(&str, &str)]| {
+        let mut c = Command::new("bash");
+        c.arg(repo().join("cluster/gpu-finetune-check.sh"))
+            .env("BUNDLE", &b)
+            .env("OUT", tmp.path().join("out"))
+            .env("BACKEND", "cpu")
+            .env("PRECISION", "fp32")
+            .env("EPOCHS", "1");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let o = check(&[]);
+    let all = text(&o);
+    assert!(o.status.success(), "{all}");
+    for task in ["CB", "WSC"] {
+        assert!(
+            all.contains(&format!(
+                "== {task}: exit 0; libtorch deprecation warnings in its log: 0"
+            )),
+            "{all}"
+        );
+        assert!(
+            all.contains(&format!("\"task\": \"{task}\"")),
+            "{task}'s results.json: {all}"
+        );
+        assert!(tmp.path().join(format!("out/finetune-{task}.log")).is_file());
+    }
+    let cb = std::fs::read_to_string(tmp.path().join("out/finetune-CB.log")).unwrap();
+    assert!(cb.contains("SiFT on"), "CB runs with SiFT: {cb}");
+
+    let o = check(&[("TASKS", "NotATask")]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("== NotATask: exit 2"), "{}", text(&o));
+
+    let o = check(&[("BACKEND", "tpu")]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("BACKEND=tpu: expected cuda or cpu"), "{}", text(&o));
+}
