@@ -34,12 +34,7 @@ case "$device" in
   cpu) device_args=(--device cpu --emulate-kernels); check_args=(--emulate) ;;
   *) echo "BENCH_DEVICE=$device: expected cuda or cpu" >&2; exit 2 ;;
 esac
-torch_dir="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')"
-mkdir -p /tmp/nccl-link && ln -sf "$torch_dir/../nvidia/nccl/lib/libnccl.so.2" /tmp/nccl-link/libnccl.so
-# libnvrtc (pip's nvidia/cu13/lib) compiles the fused attention kernels at run time.
-export LD_LIBRARY_PATH="$bundle/lib:$torch_dir/lib:/tmp/nccl-link:$torch_dir/../nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-# One rank without mpirun: an isolated Open MPI singleton with the bundled components.
-export OMPI_MCA_ess_singleton_isolated=1 OMPI_MCA_mca_base_component_path="$bundle/openmpi3"
+. cluster/gpu-env.sh "$bundle"  # libtorch, NCCL, NVRTC, the bundled Open MPI
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 out="${BENCH_OUT:-/tmp/gpu-bench}"; rm -rf "$out"; mkdir -p "$out"
 # The device runner returns at most 8 files from $OUT: everything goes back as one tarball,

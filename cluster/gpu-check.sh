@@ -15,12 +15,7 @@ BIN="${DEBERTA_BIN:-gpu-bundle/deberta}"
 OUT="${OUT:-/tmp/gpu-check}"
 mkdir -p "$OUT"
 WORKER="${DEBERTA_WORKER:-gpu-bundle/deberta-worker}"
-torch_dir="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')"
-# cudarc loads libnccl.so; pip ships libnccl.so.2 only.
-mkdir -p /tmp/nccl-link && ln -sf "$torch_dir/../nvidia/nccl/lib/libnccl.so.2" /tmp/nccl-link/libnccl.so
-export LD_LIBRARY_PATH="$PWD/gpu-bundle/lib:$torch_dir/lib:/tmp/nccl-link:$torch_dir/../nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-# One rank without mpirun: an Open MPI singleton that starts no daemon, with bundled components.
-export OMPI_MCA_ess_singleton_isolated=1 OMPI_MCA_mca_base_component_path="$PWD/gpu-bundle/openmpi3"
+. cluster/gpu-env.sh "$PWD/gpu-bundle"  # libtorch, NCCL, NVRTC, the bundled Open MPI
 pass=0; fail=0
 check() { if "$@"; then pass=$((pass+1)); echo "PASS: $*"; else fail=$((fail+1)); echo "FAIL: $*"; fi; }
 

@@ -21,10 +21,7 @@ case "$backend" in
   *) echo "BACKEND=$backend: expected cuda or cpu" >&2; exit 2 ;;
 esac
 if [ "$backend" = cuda ]; then
-  torch_dir="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')"
-  mkdir -p /tmp/nccl-link && ln -sf "$torch_dir/../nvidia/nccl/lib/libnccl.so.2" /tmp/nccl-link/libnccl.so
-  export LD_LIBRARY_PATH="$bundle/lib:$torch_dir/lib:/tmp/nccl-link:$torch_dir/../nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  export OMPI_MCA_ess_singleton_isolated=1 OMPI_MCA_mca_base_component_path="$bundle/openmpi3"
+  . cluster/gpu-env.sh "$bundle"  # libtorch, NCCL, NVRTC, the bundled Open MPI
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
 out="${OUT:-/tmp/gpu-finetune}"; mkdir -p "$out"

@@ -5,10 +5,7 @@
 # Open MPI's libraries, the preprocessed corpus, the tokenizer and the baseline script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-torch_dir="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')"
-mkdir -p /tmp/nccl-link && ln -sf "$torch_dir/../nvidia/nccl/lib/libnccl.so.2" /tmp/nccl-link/libnccl.so
-export LD_LIBRARY_PATH="$PWD/gpu-bundle/lib:$torch_dir/lib:/tmp/nccl-link:$torch_dir/../nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export OMPI_MCA_ess_singleton_isolated=1 OMPI_MCA_mca_base_component_path="$PWD/gpu-bundle/openmpi3"
+. cluster/gpu-env.sh "$PWD/gpu-bundle"  # libtorch, NCCL, NVRTC, the bundled Open MPI
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 sed -e "s|runs/data/train|$PWD/gpu-bundle/data/train|" \
     -e "s|../shared/data/tokenizers/deberta-v3-base/tokenizer.json|$PWD/gpu-bundle/data/tokenizer.json|" \
