@@ -10,6 +10,8 @@
 #
 #   bash cluster/gpu-bench.sh [PRESET] [SEQ] [BATCH...]      # default: xxlarge 512 8 16
 #   env: VARIANTS (ours), HF_BATCHES (HF's sizes), BENCH_STEPS, BENCH_WARMUP, KERNEL_CHECK=0,
+#        TRACE=1 (the first variant also traces one step with libtorch's profiler: the Chrome
+#        trace in the tarball, the kernels' time by part of the step on the console),
 #        BUNDLE (default gpu-bundle), BENCH_DEVICE=cpu (a dry run on a machine without a GPU:
 #        the CUDA path through the kernels' emulator, kernel-check --emulate; its figures mean
 #        nothing, it checks that the call works before a device call is spent on it)
@@ -69,13 +71,16 @@ for b in "${batches[@]}"; do
     [ "$v" = fused-rel ] && { path=fused; relative=kernel; }
     [ "$v" = fused-relfwd ] && { path=fused; relative=kernel-forward; }
     [ "$v" = fused-split ] && { path=fused; relative=kernel-split; }
+    trace_args=()
+    [ "${TRACE:-0}" = 1 ] && [ "$att" = "${variants[0]}" ] && trace_args=(--trace "$out/trace-$file")
     echo "== [${SECONDS}s] ours, $att, batch $b"
     # stderr (breakdown, memory, the segment profile) to a file; its head to the console.
     DEBERTA_ATTENTION=$path DEBERTA_FUSED_RELATIVE=$relative DEBERTA_FUSED_NORM=$norm timeout 500 "$worker" bench --preset "$preset" --seq "$seq" --batch "$b" \
-      --steps "$steps" --warmup "$warmup" "${device_args[@]}" --profile 2> "$out/ours-$file-b$b.err" | tee -a "$out/ours-$file.jsonl" \
+      --steps "$steps" --warmup "$warmup" "${device_args[@]}" --profile "${trace_args[@]}" 2> "$out/ours-$file-b$b.err" | tee -a "$out/ours-$file.jsonl" \
       || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"deberta bench failed\"}" >> "$out/ours-$file.jsonl"
     grep -E "^bench (paths|breakdown|queueing|memory)|^error" "$out/ours-$file-b$b.err"
     grep -A20 "^bench profile" "$out/ours-$file-b$b.err"
+    [ ${#trace_args[@]} -gt 0 ] && grep -A45 "^bench trace" "$out/ours-$file-b$b.err"
     if [ "$att" = "${variants[0]}" ] && [[ " ${hf_batches[*]} " == *" $b "* ]]; then
       timeout 500 python3 "$bundle/hf_deberta_baseline.py" --preset "$preset" --seq "$seq" --batch "$b" --steps "$steps" \
         --warmup "$warmup" | tee -a "$out/hf.jsonl" \

@@ -79,6 +79,11 @@ pub struct BenchArgs {
     /// table on stderr: where the step goes.
     #[arg(long)]
     pub profile: bool,
+    /// After the timed steps, one more step traced by libtorch's profiler (unsynchronised): the
+    /// Chrome trace saved in this folder (bench-trace-b<batch>.json, open it in Perfetto), and
+    /// the kernels' time by part of the step on stderr.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
     /// With --device cpu: the CUDA path on the CPU (the fused path, the CUDA kernels in their
     /// CPU emulator, bf16 autocast), so that --profile counts the operators the CUDA path
     /// dispatches (slow; the times mean nothing).

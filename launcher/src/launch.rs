@@ -433,6 +433,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.profile {
         cmd.arg("--profile");
     }
+    if let Some(dir) = &a.trace {
+        cmd.arg("--trace").arg(dir);
+    }
     if a.emulate_kernels {
         if a.device != "cpu" {
             return Err(

@@ -585,8 +585,15 @@ fn bench_prints_one_json_line_per_batch_with_the_baseline_s_fields() {
         deberta(&args).output().unwrap()
     };
     // Each relative path names itself; the fused one runs its reference formulas on the CPU.
+    let traces = tempfile::tempdir().unwrap();
+    let trace_dir = traces.path().to_str().unwrap();
     for (attention, system) in [("skew", "deberta-rs+skew"), ("fused", "deberta-rs+fused-rel")] {
-        let o = profiled(&["--attention", attention]);
+        // The fused run is traced too (--trace: one more step through libtorch's profiler).
+        let o = if attention == "fused" {
+            profiled(&["--attention", attention, "--trace", trace_dir])
+        } else {
+            profiled(&["--attention", attention])
+        };
         assert!(o.status.success(), "{attention}: {}", text(&o));
         let row: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
         assert_eq!(row["system"], system);
@@ -607,8 +614,29 @@ fn bench_prints_one_json_line_per_batch_with_the_baseline_s_fields() {
         if attention == "fused" {
             names.extend(["forward: attention: core", "backward: attention: core"]);
         }
-        for name in names {
+        for name in &names {
             assert!(profile.contains(name), "{attention}: {name} missing from {profile}");
+        }
+        if attention == "fused" {
+            // The Chrome trace, with the step's parts marked on the host's timeline, and its
+            // summary on stderr (no device events on the CPU).
+            let path = traces.path().join("bench-trace-b8.json");
+            let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            let marks: Vec<&str> = trace["traceEvents"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["cat"] == "user_annotation")
+                .filter_map(|e| e["name"].as_str())
+                .collect();
+            for name in &names {
+                assert!(
+                    marks.iter().any(|m| m.starts_with(name)),
+                    "{name} not marked in the trace: {marks:?}"
+                );
+            }
+            assert!(err.contains("bench trace (one more step, batch 8"), "{err}");
+            assert!(err.contains(&format!("{} marks", marks.len())), "{err}");
         }
     }
     // --emulate-kernels: the fused path with the CUDA kernels in the CPU emulator; the profile

@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/record_function.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <atomic>
 #include <cstdint>
@@ -10,6 +11,8 @@
 #include <exception>
 #include <map>
 #include <mutex>
+#include <set>
+#include <stdexcept>
 #include <string>
 
 namespace {
@@ -182,3 +185,41 @@ extern "C" char* deberta_take_op_names() {
 }
 
 extern "C" void deberta_free(char* p) { std::free(p); }
+
+// A trace of what runs, by libtorch's own profiler (Kineto: the operators on the host and, with
+// `cuda`, every kernel on the GPU with its launch, ours through the driver API included), saved
+// as a Chrome trace by `deberta_trace_stop`. `deberta_trace_mark` records a zero-length range
+// named `name` on the host timeline: the bench marks where each segment of the step ends, and a
+// kernel is charged to the first mark after its launch. Returns 0, or 1 with the message in err.
+extern "C" int deberta_trace_start(bool cuda, char* err, size_t errlen) {
+  try {
+    using torch::profiler::impl::ActivityType;
+    std::set<ActivityType> activities{ActivityType::CPU};
+    if (cuda) activities.insert(ActivityType::CUDA);
+    torch::autograd::profiler::prepareProfiler(
+        torch::profiler::impl::ProfilerConfig(torch::profiler::impl::ProfilerState::KINETO), activities);
+    torch::autograd::profiler::enableProfiler(
+        torch::profiler::impl::ProfilerConfig(torch::profiler::impl::ProfilerState::KINETO), activities);
+    return 0;
+  } catch (const std::exception& e) {
+    report(e, err, errlen);
+    return 1;
+  }
+}
+
+extern "C" void deberta_trace_mark(const char* name) {
+  at::RecordFunction fn(at::RecordScope::USER_SCOPE);
+  if (fn.isActive()) fn.before(name);
+}
+
+extern "C" int deberta_trace_stop(const char* path, char* err, size_t errlen) {
+  try {
+    auto result = torch::autograd::profiler::disableProfiler();
+    if (!result) throw std::runtime_error("the profiler was not running");
+    result->save(path);
+    return 0;
+  } catch (const std::exception& e) {
+    report(e, err, errlen);
+    return 1;
+  }
+}

@@ -55,6 +55,9 @@ extern "C" {
     fn deberta_name_ops(on: bool);
     fn deberta_take_op_names() -> *mut std::ffi::c_char;
     fn deberta_free(p: *mut std::ffi::c_char);
+    fn deberta_trace_start(cuda: bool, err: *mut std::ffi::c_char, len: usize) -> i32;
+    fn deberta_trace_mark(name: *const std::ffi::c_char);
+    fn deberta_trace_stop(path: *const std::ffi::c_char, err: *mut std::ffi::c_char, len: usize) -> i32;
 }
 
 /// Count the operators dispatched from now on (`csrc/ops.cpp`), or stop counting.
@@ -144,8 +147,17 @@ fn start_with(device: Device, naming: bool) {
 }
 
 /// End the current interval (after the device has drained) and charge it to `name`; nothing
-/// unless collecting.
+/// unless collecting. While tracing (`trace_start`), also the trace's mark `name`.
 pub fn mark(name: impl FnOnce() -> String) {
+    if TRACING.load(std::sync::atomic::Ordering::Relaxed) {
+        let name = name();
+        trace_mark(&name);
+        return mark_profile(|| name);
+    }
+    mark_profile(name)
+}
+
+fn mark_profile(name: impl FnOnce() -> String) {
     PROFILE.with(|p| {
         if let Some(p) = p.borrow_mut().as_mut() {
             sync(p.device);
@@ -193,6 +205,49 @@ pub fn finish() -> Vec<Stage> {
     unsafe { deberta_name_ops(false) };
     let _ = take_op_names();
     totals
+}
+
+/// Start libtorch's profiler (Kineto) on the host and, on CUDA, the device: a trace of every
+/// operator and kernel until `trace_stop`. Unlike `start`, nothing waits for the device, so the
+/// kernels' times are what they cost in a real step.
+pub fn trace_start(device: Device) -> Result<(), String> {
+    let mut err = [0 as std::ffi::c_char; 512];
+    // SAFETY: err is a writable buffer of the given length.
+    let rc = unsafe { deberta_trace_start(device.is_cuda(), err.as_mut_ptr(), err.len()) };
+    shim_result(rc, &err)?;
+    TRACING.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// Whether `mark` also marks the trace.
+static TRACING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A zero-length range named `name` on the trace's host timeline (nothing unless tracing): the
+/// end of a part of the step, which the summary charges the kernels launched since the last mark.
+pub fn trace_mark(name: &str) {
+    let name = std::ffi::CString::new(name.replace('\0', " ")).expect("no NUL left");
+    // SAFETY: a NUL-terminated string, read during the call.
+    unsafe { deberta_trace_mark(name.as_ptr()) }
+}
+
+/// Stop the profiler and save its trace (Chrome's trace format, JSON) at `path`.
+pub fn trace_stop(path: &std::path::Path) -> Result<(), String> {
+    TRACING.store(false, std::sync::atomic::Ordering::Relaxed);
+    let c_path = std::ffi::CString::new(path.to_string_lossy().as_bytes()).map_err(|e| e.to_string())?;
+    let mut err = [0 as std::ffi::c_char; 512];
+    // SAFETY: a NUL-terminated path and a writable buffer of the given length.
+    let rc = unsafe { deberta_trace_stop(c_path.as_ptr(), err.as_mut_ptr(), err.len()) };
+    shim_result(rc, &err).map_err(|e| format!("saving the trace {}: {e}", path.display()))
+}
+
+fn shim_result(rc: i32, err: &[std::ffi::c_char]) -> Result<(), String> {
+    if rc == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim wrote a NUL-terminated message into the buffer.
+    Err(unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }
+        .to_string_lossy()
+        .into_owned())
 }
 
 #[cfg(test)]

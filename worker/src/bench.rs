@@ -6,6 +6,8 @@
 
 use std::time::Instant;
 
+use anyhow::Context;
+
 use deberta_model::cost::{flops_per_token, ParamCount, MASK_FRACTION};
 use deberta_model::tensor_parallel::TpShard;
 use deberta_model::{DebertaConfig, IGNORE_INDEX};
@@ -32,6 +34,10 @@ pub struct BenchConfig {
     pub recompute: bool,
     /// One more step, timed segment by segment (`deberta_model::profile`), on stderr.
     pub profile: bool,
+    /// One more step traced by libtorch's profiler (`deberta_model::profile::trace_start`),
+    /// unsynchronised: the Chrome trace saved in this folder as `bench-trace-b{batch}.json` and
+    /// its summary (`trace::summarize`, the kernels' time by part of the step) on stderr.
+    pub trace: Option<std::path::PathBuf>,
     /// On the CPU: the fused path, its kernels in the emulator and, with `bf16`, the CPU's
     /// autocast standing in for CUDA's (`cuda::emulate_cuda_path_on_cpu`), so the profile counts
     /// the CUDA path's operators.
@@ -195,6 +201,17 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
         let _ = update(b.warmup + b.steps, &mut |stage| profile::mark(|| stage.into()));
         print_profile(b.batch, profile::finish());
     }
+    if let Some(dir) = &b.trace {
+        use deberta_model::profile;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating the trace folder {}", dir.display()))?;
+        let path = dir.join(format!("bench-trace-b{}.json", b.batch));
+        sync();
+        profile::trace_start(device).map_err(|e| anyhow::anyhow!("starting libtorch's profiler: {e}"))?;
+        let _ = update(b.warmup + b.steps + 1, &mut |stage| profile::mark(|| stage.into()));
+        sync();
+        profile::trace_stop(&path).map_err(anyhow::Error::msg)?;
+        print_trace(b.batch, &path, &crate::trace::summarize(&path)?);
+    }
     let step = median(&mut times).expect("at least one timed step");
     let tok_s = (b.batch * b.seq) as f64 / step;
     let fpt = flops_per_token(&cfg, b.seq, MASK_FRACTION);
@@ -289,6 +306,35 @@ fn print_profile(batch: i64, mut rows: Vec<deberta_model::profile::Stage>) {
         }
     }
 }
+
+/// The traced step's summary on stderr: the device's busy time against the span, then by part
+/// of the step and by kernel, the largest first.
+fn print_trace(batch: i64, path: &std::path::Path, s: &crate::trace::TraceSummary) {
+    eprintln!(
+        "bench trace (one more step, batch {batch}, unsynchronised; {}): {} device events, {:.1} ms busy in a {:.1} ms span, {} marks",
+        path.display(),
+        s.events,
+        s.busy_ms,
+        s.span_ms,
+        s.marks
+    );
+    let row = |x: &crate::trace::Share| {
+        eprintln!(
+            "  {:<100} {:>9.2} ms {:>5.1}% {:>6}x",
+            x.name,
+            x.ms,
+            100.0 * x.ms / s.busy_ms.max(1e-9),
+            x.count
+        )
+    };
+    eprintln!(" by part of the step (the first mark after the launch):");
+    s.parts.iter().for_each(row);
+    eprintln!(" by kernel (the {TRACE_KERNELS} largest):");
+    s.kernels.iter().take(TRACE_KERNELS).for_each(row);
+}
+
+/// How many kernels the trace's summary prints.
+const TRACE_KERNELS: usize = 40;
 
 /// An operator's name without its namespace, autograd's node without the engine's prefix.
 fn short_op_name(name: &str) -> &str {

@@ -17,4 +17,5 @@ pub mod runtime;
 pub mod selftest;
 pub mod step;
 pub mod topology;
+pub mod trace;
 pub mod trainer;

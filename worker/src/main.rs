@@ -68,6 +68,11 @@ enum Command {
         /// printed on stderr.
         #[arg(long)]
         profile: bool,
+        /// After the timed steps, one more step traced by libtorch's profiler (unsynchronised):
+        /// the Chrome trace saved in this folder (bench-trace-b<batch>.json), the kernels' time
+        /// by part of the step on stderr.
+        #[arg(long)]
+        trace: Option<std::path::PathBuf>,
         /// With --device cpu: the CUDA path on the CPU, its kernels (attention, residual
         /// LayerNorms, GELU, AdamW) in the CPU emulator and bf16 autocast on the CPU, so that
         /// --profile counts the operators the CUDA path dispatches. Slow; its times mean nothing.
@@ -313,6 +318,7 @@ fn main() -> ExitCode {
             fp32,
             recompute,
             profile,
+            trace,
             emulate_kernels,
         } => {
             if emulate_kernels && device != "cpu" {
@@ -329,6 +335,7 @@ fn main() -> ExitCode {
                 bf16: (device == "cuda" || emulate_kernels) && !fp32,
                 recompute,
                 profile,
+                trace,
                 emulate_kernels,
             };
             return bench(&world, &device, &batch, cfg);
