@@ -34,6 +34,7 @@ pub mod compare;
 pub mod config;
 pub mod conv;
 pub mod cost;
+pub mod cross_entropy;
 pub mod cuda;
 pub mod embeddings;
 pub mod emd;

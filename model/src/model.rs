@@ -5,6 +5,7 @@ use tch::{Kind, Reduction, Tensor};
 
 use crate::attention::{attention_mask, DisentangledSelfAttention, RelativeContext, RelativePath, RowPicks};
 use crate::config::DebertaConfig;
+use crate::cross_entropy;
 use crate::embeddings::Embeddings;
 use crate::emd::{enhanced_mask_decoder, enhanced_mask_decoder_at, MlmHead, Predicted, EMD_STEPS};
 use crate::encoder::Encoder;
@@ -572,7 +573,6 @@ impl DebertaV2 {
         train: bool,
     ) -> Boundary {
         let head = self.mlm.as_ref().expect("mlm_loss_segments needs the MLM head");
-        let tp = tape.tp();
         let n = ids.size()[1];
         // The predicted rows' count sets shapes: on the device, finding them reads it back
         // (before the encoder is queued); from labels on the host it is computed there.
@@ -621,11 +621,14 @@ impl DebertaV2 {
             vec![head.transform(&inp[0].rep.reshape([-1, d]).index_select(0, &at.sel))]
         })[0];
         let (start, vocab) = (self.embeddings.vocab_start, self.cfg.vocab_size);
-        tape.segment(&[h], move |inp| {
-            let logits = head.decode_local(&inp[0].tp, &self.embeddings.word_embeddings);
-            let ce = vocab_parallel_cross_entropy_padded(&logits, &targets, start, vocab, tp);
-            vec![ce.sum(Kind::Float) * scale]
-        })[0]
+        let words = &self.embeddings.word_embeddings;
+        let by_hand = hand_written(tape, &enc) && cross_entropy::applies(ids.device(), Kind::BFloat16, words.size()[0]);
+        let head_segment = if by_hand {
+            decoder_cross_entropy_segment
+        } else {
+            decoder_cross_entropy_autograd
+        };
+        head_segment(tape, head, words, h, targets, start, vocab, scale)
     }
 
     /// Fine-tuning: the logits [B, labels] of a (replicated) task head on the final hidden
@@ -652,6 +655,71 @@ impl DebertaV2 {
             vec![head.forward(&inp[0].rep, spans.as_ref(), train)]
         })[0]
     }
+}
+
+/// The MLM head's decoder (tied to this rank's word-embedding rows) and the vocab-parallel
+/// cross-entropy through autograd (libtorch's ops): sum over rows of CE, times `scale`.
+#[allow(clippy::too_many_arguments)]
+fn decoder_cross_entropy_autograd<'c>(
+    tape: &mut Tape<'c>,
+    head: &'c MlmHead,
+    words: &'c Tensor,
+    h: Boundary,
+    targets: Tensor,
+    vocab_start: i64,
+    vocab: i64,
+    scale: f64,
+) -> Boundary {
+    let tp = tape.tp();
+    tape.set_label("mlm head");
+    tape.segment(&[h], move |inp| {
+        let logits = head.decode_local(&inp[0].tp, words);
+        let ce = vocab_parallel_cross_entropy_padded(&logits, &targets, vocab_start, vocab, tp);
+        vec![ce.sum(Kind::Float) * scale]
+    })[0]
+}
+
+/// The same as one hand-written segment over the transform's output h: the logits in the
+/// compute kind (bf16 under autocast), the loss's statistics and the gradient by the
+/// `cross_entropy` kernels, the gradient written over the kept logits. Returns the loss
+/// boundary: sum over rows of CE, times `scale`. h's gradient is this rank's part (its
+/// vocabulary rows), summed over TP at the boundary.
+#[allow(clippy::too_many_arguments)]
+fn decoder_cross_entropy_segment<'c>(
+    tape: &mut Tape<'c>,
+    head: &'c MlmHead,
+    words: &'c Tensor,
+    h: Boundary,
+    targets: Tensor,
+    vocab_start: i64,
+    vocab: i64,
+    scale: f64,
+) -> Boundary {
+    let tp = tape.tp();
+    tape.set_label("mlm head");
+    tape.custom_partial(&[h], move |inp| {
+        let h = inp[0].shallow_clone();
+        let kind = compute_kind(&h);
+        let logits = crate::nn::linear_in(&h, words, None, kind); // [rows, V_p / tp]
+        let v_local = logits.size()[1];
+        // This rank's real columns (the rest pad the vocabulary) and the targets among them.
+        let real = (vocab - vocab_start).clamp(0, v_local);
+        let local = &targets - vocab_start;
+        let stats = cross_entropy::stats(&logits, &head.bias, &local, real).unwrap_or_else(|e| panic!("{e}"));
+        let (lse, target_logit) = cross_entropy::combine(&stats, tp);
+        let loss = (&lse - target_logit).sum(Kind::Float) * scale;
+        let backward: CustomBackward<'c> = Box::new(move |g| {
+            let g = g[0].as_ref().expect("the loss is the tape's root: it has a gradient");
+            let rows = logits.size()[0];
+            let row_scale = (g.to_kind(Kind::Float) * scale).expand([rows], false).contiguous();
+            // The logits become their gradient, in place.
+            cross_entropy::grad_in_place(&logits, &head.bias, &local, &lse, &row_scale, real)
+                .unwrap_or_else(|e| panic!("{e}"));
+            crate::nn::accumulate_grad(&head.bias, &logits.sum_dim_intlist(0, false, Kind::Float));
+            vec![Some(crate::nn::linear_backward(&h, words, None, &logits, kind))]
+        });
+        (vec![loss], backward)
+    })[0]
 }
 
 /// The parameter group whose gradients `mlm_loss_segments` reports final early (via
@@ -742,5 +810,65 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The MLM head's hand-written decoder + cross-entropy segment (its kernels emulated) equals
+    /// the autograd one in fp32: the loss, h's gradient and the decoder's (word embeddings',
+    /// bias's), over a padded vocabulary (500 real of 512 columns), with a loss scale.
+    #[test]
+    fn the_hand_written_mlm_cross_entropy_equals_autograd() {
+        let cfg = DebertaConfig::toy();
+        tch::manual_seed(5);
+        let vs = VarStore::new(tch::Device::Cpu);
+        let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
+        let (head, words) = (model.mlm.as_ref().unwrap(), &model.embeddings.word_embeddings);
+        assert!(words.size()[0] > cfg.vocab_size, "the test wants padding columns");
+        tch::no_grad(|| head.bias.shallow_clone().copy_(&(Tensor::randn_like(&head.bias) * 0.5)));
+        let rows = 9;
+        let h = Tensor::randn([rows, cfg.hidden_size], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let targets = Tensor::randint(cfg.vocab_size, [rows], (Kind::Int64, tch::Device::Cpu));
+        let run = |by_hand: bool| {
+            for v in vs.trainable_variables().iter().chain([&h]) {
+                let mut g = v.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            let mut tape = Tape::new(&Single);
+            let hs = h.shallow_clone();
+            let x = tape.segment(&[], move |_| vec![&hs * 1.0])[0];
+            let segment = if by_hand {
+                decoder_cross_entropy_segment
+            } else {
+                decoder_cross_entropy_autograd
+            };
+            crate::cuda::emulate_on_cpu(by_hand);
+            let loss = segment(
+                &mut tape,
+                head,
+                words,
+                x,
+                targets.shallow_clone(),
+                0,
+                cfg.vocab_size,
+                0.37,
+            );
+            let value = tape.value(loss).double_value(&[]);
+            tape.backward(loss);
+            crate::cuda::emulate_on_cpu(false);
+            let grads: Vec<Tensor> = [&h, words, &head.bias].iter().map(|t| t.grad().copy()).collect();
+            (value, grads)
+        };
+        let (want, want_g) = run(false);
+        let (got, got_g) = run(true);
+        assert!((got - want).abs() <= 1e-5 * want.abs(), "loss {got} vs {want}");
+        for (name, (a, b)) in ["h", "word embeddings", "bias"].iter().zip(want_g.iter().zip(&got_g)) {
+            let scale = a.abs().max().double_value(&[]);
+            let diff = (a - b).abs().max().double_value(&[]);
+            assert!(scale > 0.0 && diff <= 1e-5 * scale, "{name}: {diff:e} (of {scale:e})");
+        }
+        // The padding rows of the decoder get no gradient.
+        let pad = got_g[1].narrow(0, cfg.vocab_size, words.size()[0] - cfg.vocab_size);
+        assert_eq!(pad.abs().max().double_value(&[]), 0.0);
     }
 }

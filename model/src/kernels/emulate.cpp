@@ -391,6 +391,10 @@ namespace gelu {
 #include "bf16.cuh"
 #include "gelu.cu"
 }  // namespace gelu
+namespace ce {
+#include "bf16.cuh"
+#include "cross_entropy.cu"
+}  // namespace ce
 namespace hd16 {
 #include "bf16.cuh"
 #define HEAD_DIM 16
@@ -483,7 +487,8 @@ const Entry KERNELS[] = {
     ENTRY(hd64, 0, dattn_dropout_mask),
     ENTRY(rln, 0, rln_fwd_bf16), ENTRY(rln, 0, rln_fwd_f32), ENTRY(rln, 0, rln_bwd_bf16), ENTRY(rln, 0, rln_bwd_f32),
     ENTRY(rln, 0, rln_dropout_mask), ENTRY(adamw, 0, adamw_step), ENTRY(gelu, 0, gelu_bwd_bf16),
-    ENTRY(gelu, 0, gelu_bwd_f32),
+    ENTRY(gelu, 0, gelu_bwd_f32), ENTRY(ce, 0, ce_stats_bf16), ENTRY(ce, 0, ce_stats_f32), ENTRY(ce, 0, ce_grad_bf16),
+    ENTRY(ce, 0, ce_grad_f32),
     ENTRY(misuse, 0, barrier_in_a_branch), ENTRY(misuse, 0, shuffle_in_half_a_warp), ENTRY(misuse, 0, shared_store),
     ENTRY(misuse, 0, ldmatrix_rows), ENTRY(misuse, 0, reuse_without_a_barrier),
 };
