@@ -114,10 +114,16 @@ impl DenseResidualNorm {
     /// gradients; returns (dL/dz, dL/dresidual), dz in fp32 from libtorch's ops, in z's kind
     /// from the kernels (g's backward is the identity).
     pub fn backward_saved(&self, saved: &NormSaved, dy: &Tensor) -> (Tensor, Tensor) {
+        self.backward_saved_parts(saved, dy, None)
+    }
+
+    /// `backward_saved` for dL/dy = dy + dy2: the kernels add dy2 where they read dy (no pass
+    /// of its own for a bf16 dy2: the next sublayer's input gradient beside the residual's).
+    pub fn backward_saved_parts(&self, saved: &NormSaved, dy: &Tensor, dy2: Option<&Tensor>) -> (Tensor, Tensor) {
         let keep = match &saved.dropout {
             SavedDropout::Mask(keep) => keep,
             &SavedDropout::Hash { p, seed, z_kind } => {
-                let grads = residual_norm::backward(dy, &saved.y, &saved.rstd, &self.norm_params(p), seed, z_kind)
+                let grads = residual_norm::backward(dy, dy2, &saved.y, &saved.rstd, &self.norm_params(p), seed, z_kind)
                     .unwrap_or_else(|e| panic!("{e}"));
                 crate::nn::accumulate_grad(&self.dense.bias, &grads.bias);
                 crate::nn::accumulate_grad(&self.layer_norm.weight, &grads.gamma);
@@ -125,7 +131,11 @@ impl DenseResidualNorm {
                 return (grads.dz, grads.dres);
             }
         };
-        let ds = self.layer_norm.backward_from_output(&saved.y, &saved.rstd, dy);
+        let dy = match dy2 {
+            Some(e) => dy.to_kind(Kind::Float) + e,
+            None => dy.shallow_clone(),
+        };
+        let ds = self.layer_norm.backward_from_output(&saved.y, &saved.rstd, &dy);
         let dz = crate::nn::dropout_backward(&ds, keep.as_ref(), self.dropout);
         let d = dz.size()[dz.dim() - 1];
         crate::nn::accumulate_grad(

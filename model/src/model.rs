@@ -274,7 +274,7 @@ fn residual_norm_segment<'c>(
     dense: bool,
 ) -> Boundary {
     let tp = tape.tp();
-    tape.custom(&inputs, move |x| {
+    tape.custom_taking_parts(&inputs, move |x| {
         let (input, residual) = (x[0].shallow_clone(), &x[1]);
         let kind = compute_kind(&input);
         let g = |t: &Tensor| reduce_from_tp(t, tp);
@@ -285,9 +285,15 @@ fn residual_norm_segment<'c>(
         };
         let (y, saved) = out.from_partial_saving(&z, residual, &g, train);
         drop(z);
-        let backward: CustomBackward<'c> = Box::new(move |dy| {
-            let Some(dy) = &dy[0] else { return Vec::new() };
-            let (dz, dres) = out.backward_saved(&saved, dy);
+        let backward: CustomBackward<'c> = Box::new(move |parts| {
+            // y's gradient in its two parts: the next sublayer's residual (fp32) and its input
+            // projections' (bf16 at TP 1), summed by the kernel as it reads them.
+            let (dy, dy2) = match (&parts[0], &parts[1]) {
+                (Some(r), t) => (r, t.as_ref()),
+                (None, Some(t)) => (t, None),
+                (None, None) => return Vec::new(),
+            };
+            let (dz, dres) = out.backward_saved_parts(&saved, dy, dy2);
             let dinput = if dense {
                 out.partial_backward(&input, &dz, kind)
             } else {
@@ -809,6 +815,64 @@ mod tests {
                     assert!(diff < 1e-5 * scale, "{act:?} {how} {name}: {diff:e} (of {scale:e})");
                 }
             }
+        }
+    }
+
+    /// Two FFN sublayers in a row by hand, with the kernels emulated (fp32; no dropout: the
+    /// kernels' hashed draws are not libtorch's), equal the one-segment FFNs through autograd:
+    /// the first's residual LayerNorm gets its output's gradient in two parts, the second's
+    /// residual and its W1's input gradient, which the kernel adds as it reads them
+    /// (`Tape::custom_taking_parts`).
+    #[test]
+    fn chained_hand_written_ffns_through_the_kernels_equal_autograd() {
+        let mut cfg = DebertaConfig::toy();
+        cfg.hidden_dropout_prob = 0.0;
+        tch::manual_seed(4);
+        let vs = VarStore::new(tch::Device::Cpu);
+        let model = DebertaV2::new(&vs.root(), &cfg, Parts::PRETRAINING).unwrap();
+        let (l0, l1) = (&model.encoder.layers[0], &model.encoder.layers[1]);
+        let x = Tensor::randn([2, 7, cfg.hidden_size], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let w = Tensor::randn([2, 7, cfg.hidden_size], (Kind::Float, tch::Device::Cpu));
+        let run = |by_hand: bool| {
+            for v in vs.trainable_variables().iter().chain([&x]) {
+                let mut g = v.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            crate::cuda::emulate_on_cpu(by_hand);
+            let mut tape = Tape::new(&Single);
+            let xs = x.shallow_clone();
+            let a = tape.segment(&[], move |_| vec![&xs * 1.0])[0];
+            fn ffn<'c>(tape: &mut Tape<'c>, layer: &'c Layer, a: Boundary, by_hand: bool) -> Boundary {
+                if by_hand {
+                    ffn_act_recomputed(tape, layer, a, true, true)
+                } else {
+                    ffn_one_segment(tape, layer, a, true)
+                }
+            }
+            let y1 = ffn(&mut tape, l0, a, by_hand);
+            let y2 = ffn(&mut tape, l1, y1, by_hand);
+            let w = w.shallow_clone();
+            let loss = tape.segment(&[y2], move |inp| vec![(&inp[0].rep * &w).sum(Kind::Float)])[0];
+            tape.backward(loss);
+            crate::cuda::emulate_on_cpu(false);
+            let mut grads: Vec<(String, Tensor)> = vs
+                .variables()
+                .into_iter()
+                .filter(|(_, v)| v.grad().defined())
+                .map(|(k, v)| (k, v.grad().copy()))
+                .collect();
+            grads.sort_by(|a, b| a.0.cmp(&b.0));
+            grads.push(("input".into(), x.grad().copy()));
+            grads
+        };
+        let (want, got) = (run(false), run(true));
+        assert_eq!(want.len(), 13, "two FFNs' six parameters and the input");
+        for ((name, a), (_, b)) in want.iter().zip(&got) {
+            let scale = a.abs().max().double_value(&[]).max(1e-3);
+            let diff = (a - b).abs().max().double_value(&[]);
+            assert!(diff < 1e-5 * scale, "{name}: {diff:e} (of {scale:e})");
         }
     }
 

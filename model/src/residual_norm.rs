@@ -184,10 +184,13 @@ pub fn forward(z: &Tensor, residual: &Tensor, p: &NormParams, seed: u64) -> Resu
     Ok((y, rstd))
 }
 
-/// Backward of `forward` for dL/dy, from its output y, its `rstd` and the same `p` and `seed`;
-/// dz in `z_kind` (bf16 or fp32).
+/// Backward of `forward` for dL/dy = dy + dy2 (dy2 optional; the kernel adds a bf16 one where
+/// it reads dy, other kinds are added first), from its output y, its `rstd` and the same `p`
+/// and `seed`; dz in `z_kind` (bf16 or fp32).
+#[allow(clippy::too_many_arguments)]
 pub fn backward(
     dy: &Tensor,
+    dy2: Option<&Tensor>,
     y: &Tensor,
     rstd: &Tensor,
     p: &NormParams,
@@ -195,8 +198,18 @@ pub fn backward(
     z_kind: Kind,
 ) -> Result<NormGrads, String> {
     let d = *y.size().last().ok_or("residual_norm: y has no dimensions")?;
-    let dy = cuda::aligned(&dy.to_kind(Kind::Float));
+    let (dy, dy2) = match dy2 {
+        Some(e) if e.kind() == Kind::BFloat16 => (dy.to_kind(Kind::Float), Some(cuda::aligned(&e.contiguous()))),
+        Some(e) => (dy.to_kind(Kind::Float) + e.to_kind(Kind::Float), None),
+        None => (dy.to_kind(Kind::Float), None),
+    };
+    let dy = cuda::aligned(&dy.contiguous());
     check_shapes(d, p, &[("y", y), ("dy", &dy)])?;
+    if let Some(e) = &dy2 {
+        if e.size() != dy.size() {
+            return Err(format!("residual_norm: dy2 {:?}, dy {:?}", e.size(), dy.size()));
+        }
+    }
     let device = y.device();
     let rows = y.numel() as i64 / d;
     if rstd.size() != [rows] || dy.size() != y.size() {
@@ -213,7 +226,18 @@ pub fn backward(
     let dz = Tensor::empty(y.size(), (z_kind, device));
     // Per block: the column sums of dz, dy x̂ and dy over its rows.
     let part = Tensor::empty([cfg.grid_dim.0 as i64, 3, d], (Kind::Float, device));
-    let tensors = [&dy, &y, rstd, &gamma, &beta, &dres, &dz, &part].map(Arg::tensor);
+    let dy2 = dy2.as_ref().map_or(Arg::Ptr(0), Arg::tensor);
+    let tensors = [
+        Arg::tensor(&dy),
+        dy2,
+        Arg::tensor(&y),
+        Arg::tensor(rstd),
+        Arg::tensor(&gamma),
+        Arg::tensor(&beta),
+        Arg::tensor(&dres),
+        Arg::tensor(&dz),
+        Arg::tensor(&part),
+    ];
     let scalars = [
         Arg::I64(rows),
         Arg::I32(d as i32),
@@ -287,7 +311,8 @@ impl Inputs {
 
 /// The kernels against libtorch's ops and autograd in fp32, with the kernels' own dropout mask,
 /// on random inputs on `device` (CPU: the emulator, `cuda::emulate_on_cpu`): for y, 1/σ and each
-/// gradient, (name, largest error relative to the largest element, tolerance). dz's tolerance
+/// gradient (dL/dy given in two parts), (name, largest error relative to the largest element,
+/// tolerance). dz's tolerance
 /// is one bf16 rounding when z is bf16. For the tests and `deberta-worker kernel-check`.
 pub fn compare(
     device: Device,
@@ -309,7 +334,12 @@ pub fn compare(
     let seed = 0x1234_5678_9abc_def0;
     let params = x.params(p);
     let (y, rstd) = forward(z, res, &params, seed)?;
-    let g = backward(dy, &y, &rstd, &params, seed, z_kind)?;
+    // dL/dy in two parts, as the tape hands them: the residual's (fp32) and the next sublayer's
+    // input gradient (bf16), which the kernel adds as it reads dy.
+    let dy2 = Tensor::randn(dy.size(), (Kind::Float, Device::Cpu))
+        .to_kind(Kind::BFloat16)
+        .to_device(device);
+    let g = backward(dy, Some(&dy2), &y, &rstd, &params, seed, z_kind)?;
     let keep = dropout_mask(device, rows, d, p, seed)?;
 
     let leaf = |t: &Tensor| t.to_kind(Kind::Float).detach().set_requires_grad(true);
@@ -318,7 +348,7 @@ pub fn compare(
         let o = (&zr + &br) * keep.to_kind(Kind::Float) / (1.0 - p);
         let x = o + &rr;
         let y = x.layer_norm([d], Some(&gr), Some(&ber), params.eps, false);
-        (&y * dy).sum(Kind::Float).backward();
+        (&y * (dy + dy2.to_kind(Kind::Float))).sum(Kind::Float).backward();
         (y, (x.var_dim(-1, false, false) + params.eps).rsqrt())
     });
     let rel = |got: &Tensor, want: &Tensor| {
@@ -385,7 +415,7 @@ mod tests {
             cuda::emulate_on_cpu(true);
             cuda::emulate_in_reverse(reverse);
             let (y, rstd) = forward(&x.z, &x.res, &params, 9).unwrap();
-            let g = backward(&x.dy, &y, &rstd, &params, 9, Kind::Float).unwrap();
+            let g = backward(&x.dy, None, &y, &rstd, &params, 9, Kind::Float).unwrap();
             cuda::emulate_in_reverse(false);
             cuda::emulate_on_cpu(false);
             [y, rstd, g.dz, g.dres, g.bias, g.gamma, g.beta]
@@ -426,7 +456,10 @@ mod tests {
             let params = x.params(p);
             let out = forward(&x.z, &x.res, &params, 5).and_then(|(y, rstd)| {
                 let y_off = shifted(&y);
-                backward(&x.dy, &y_off, &rstd, &params, 5, Kind::BFloat16).map(|g| [y, g.dz, g.dres, g.gamma])
+                // The bf16 second part of dy, off its 8-byte boundary in both runs.
+                let dy2 = shifted(&x.dy.to_kind(Kind::BFloat16));
+                backward(&x.dy, Some(&dy2), &y_off, &rstd, &params, 5, Kind::BFloat16)
+                    .map(|g| [y, g.dz, g.dres, g.gamma])
             });
             cuda::emulate_on_cpu(false);
             out

@@ -46,6 +46,16 @@ struct BoundaryState {
     tp_grad: Option<Tensor>,
 }
 
+/// A custom segment's backward, its outputs, and how gradients cross it: `partial`, its input
+/// gradients are this rank's parts (summed over TP at the boundary); `parts`, it takes each
+/// output's gradient as its two parts (`Tape::custom_taking_parts`).
+struct Custom<'c> {
+    backward: CustomBackward<'c>,
+    outputs: Vec<usize>,
+    partial: bool,
+    parts: bool,
+}
+
 /// A segment's forward, kept to be re-run when recomputing.
 type Forward<'c> = Box<dyn Fn(&[Input]) -> Vec<Tensor> + 'c>;
 
@@ -65,7 +75,7 @@ struct Segment<'c> {
     rerun: Option<(Forward<'c>, Vec<usize>, i64)>,
     /// A custom segment (`Tape::custom`): its hand-written backward, output boundaries, and
     /// whether its input gradients are this rank's part only (`Tape::custom_partial`).
-    custom: Option<(CustomBackward<'c>, Vec<usize>, bool)>,
+    custom: Option<Custom<'c>>,
 }
 
 /// Per-segment dropout seeding and recomputation (see `Tape::seeded`).
@@ -235,7 +245,20 @@ impl<'c> Tape<'c> {
         inputs: &[Boundary],
         f: impl FnOnce(&[Tensor]) -> (Vec<Tensor>, CustomBackward<'c>),
     ) -> Vec<Boundary> {
-        self.custom_with(inputs, false, f)
+        self.custom_with(inputs, false, false, f)
+    }
+
+    /// `custom` whose backward gets each output's gradient as its two parts, not summed: the
+    /// replicated part, then this rank's part summed over TP (each None if nothing reached
+    /// it; in the kinds they came in, the TP part fp32 if TP > 1), so that a kernel can sum
+    /// them where it reads them: the residual LayerNorm's backward reads the fp32 residual
+    /// gradient and the next sublayer's bf16 input gradient, instead of a pass adding them.
+    pub fn custom_taking_parts(
+        &mut self,
+        inputs: &[Boundary],
+        f: impl FnOnce(&[Tensor]) -> (Vec<Tensor>, CustomBackward<'c>),
+    ) -> Vec<Boundary> {
+        self.custom_with(inputs, false, true, f)
     }
 
     /// `custom` for a segment whose input gradients are only this rank's part, like a `tp`
@@ -246,13 +269,14 @@ impl<'c> Tape<'c> {
         inputs: &[Boundary],
         f: impl FnOnce(&[Tensor]) -> (Vec<Tensor>, CustomBackward<'c>),
     ) -> Vec<Boundary> {
-        self.custom_with(inputs, true, f)
+        self.custom_with(inputs, true, false, f)
     }
 
     fn custom_with(
         &mut self,
         inputs: &[Boundary],
         partial: bool,
+        parts: bool,
         f: impl FnOnce(&[Tensor]) -> (Vec<Tensor>, CustomBackward<'c>),
     ) -> Vec<Boundary> {
         if let Some(s) = self.seeding {
@@ -281,7 +305,12 @@ impl<'c> Tape<'c> {
             inputs: ids.into_iter().map(|b| (b, no_leaf())).collect(),
             outputs: Vec::new(),
             rerun: None,
-            custom: Some((backward, handles.iter().map(|b| b.0).collect(), partial)),
+            custom: Some(Custom {
+                backward,
+                outputs: handles.iter().map(|b| b.0).collect(),
+                partial,
+                parts,
+            }),
         });
         handles
     }
@@ -324,24 +353,36 @@ impl<'c> Tape<'c> {
     /// addition, or by a cast when it is alone; summed over TP in fp32 too). A gradient wider
     /// than its boundary stays so (the fused core's fp32 table gradients).
     fn full_grad(&mut self, id: usize) -> Option<Tensor> {
-        let state = &mut self.boundaries[id];
-        let kind = state.value.kind();
-        let widen = |g: Tensor| {
+        let widen = self.widen(id);
+        match self.grad_parts(id) {
+            (Some(r), Some(t)) => Some(widen(r + t)),
+            (r, t) => r.or(t).map(widen),
+        }
+    }
+
+    /// A gradient at least as wide as boundary `id` (see `full_grad`).
+    fn widen(&self, id: usize) -> impl Fn(Tensor) -> Tensor {
+        let kind = self.boundaries[id].value.kind();
+        move |g: Tensor| {
             if kind == Kind::Float && g.kind() != Kind::Float {
                 g.to_kind(Kind::Float)
             } else {
                 g
             }
-        };
+        }
+    }
+
+    /// The two parts of a boundary's gradient, taken: the replicated one, and this rank's
+    /// summed over TP (widened first if TP > 1, so that the sum is as wide as the boundary).
+    fn grad_parts(&mut self, id: usize) -> (Option<Tensor>, Option<Tensor>) {
+        let widen = self.widen(id);
+        let state = &mut self.boundaries[id];
         let tp_part = state.tp_grad.take().map(|g| {
             let mut g = if self.tp.size() > 1 { widen(g) } else { g };
             self.tp.all_reduce_sum(&mut g);
             g
         });
-        match (state.rep_grad.take(), tp_part) {
-            (Some(r), Some(t)) => Some(widen(r + t)),
-            (r, t) => r.or(t).map(widen),
-        }
+        (state.rep_grad.take(), tp_part)
     }
 
     /// Backpropagate from the scalar `loss`, accumulating into the parameters' `.grad`.
@@ -371,8 +412,24 @@ impl<'c> Tape<'c> {
     }
 
     fn backward_segment(&mut self, mut seg: Segment) {
-        if let Some((backward, out_ids, partial)) = seg.custom.take() {
-            let grads: Vec<Option<Tensor>> = out_ids.iter().map(|&id| self.full_grad(id)).collect();
+        if let Some(Custom {
+            backward,
+            outputs,
+            partial,
+            parts,
+        }) = seg.custom.take()
+        {
+            let grads: Vec<Option<Tensor>> = if parts {
+                outputs
+                    .iter()
+                    .flat_map(|&id| {
+                        let (r, t) = self.grad_parts(id);
+                        [r, t]
+                    })
+                    .collect()
+            } else {
+                outputs.iter().map(|&id| self.full_grad(id)).collect()
+            };
             if grads.iter().all(Option::is_none) {
                 return;
             }

@@ -105,13 +105,15 @@ __device__ __forceinline__ void rln_fwd(const Z* __restrict__ z, const float* __
   }
 }
 
-// From dL/dy, the output y and rstd: ds = dL/dx (the residual's gradient) and dz = dL/dz; the
+// From dL/dy (dy, plus dy2 where given: the gradient's bf16 part from the next sublayer's input
+// projections, summed here instead of by a pass of its own), the output y and rstd: ds = dL/dx (the residual's gradient) and dz = dL/dz; the
 // column sums of dz (the bias's gradient), dy x̂ (γ's) and dy (β's) over this block's rows go to
 // part[blockIdx.x][0..3][d], which the caller sums over blocks (no atomics: the same bits every
 // run). x̂ = (y − β) / γ: exact while no γ is 0 (as Apex's memory-efficient LayerNorm).
 //   ds = r (g − mean(g) − x̂ mean(g x̂)),  g = γ dy
 template <class Z>
-__device__ __forceinline__ void rln_bwd(const float* __restrict__ dy, const float* __restrict__ y,
+__device__ __forceinline__ void rln_bwd(const float* __restrict__ dy, const bf16* __restrict__ dy2,
+                                        const float* __restrict__ y,
                                         const float* __restrict__ rstd, const float* __restrict__ gamma,
                                         const float* __restrict__ beta, float* __restrict__ ds, Z* __restrict__ dz,
                                         float* __restrict__ part, long long rows, int d, float p_drop,
@@ -130,7 +132,12 @@ __device__ __forceinline__ void rln_bwd(const float* __restrict__ dy, const floa
   for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
     float4 xh = make_float4(0.f, 0.f, 0.f, 0.f), g = xh;
     if (mine) {
-      const float4 dyv = load4(dy + r * d + c), yv = load4(y + r * d + c);
+      float4 dyv = load4(dy + r * d + c);
+      const float4 yv = load4(y + r * d + c);
+      if (dy2) {
+        const float4 e = load4(dy2 + r * d + c);
+        dyv = make_float4(dyv.x + e.x, dyv.y + e.y, dyv.z + e.z, dyv.w + e.w);
+      }
       const float4 ga = load4(gamma + c), be = load4(beta + c);
       xh = make_float4(__fdividef(yv.x - be.x, ga.x), __fdividef(yv.y - be.y, ga.y), __fdividef(yv.z - be.z, ga.z),
                        __fdividef(yv.w - be.w, ga.w));
@@ -172,10 +179,10 @@ __device__ __forceinline__ void rln_bwd(const float* __restrict__ dy, const floa
     rln_fwd<Z>(z, bias, res, gamma, beta, y, rstd, rows, d, eps, p_drop, seed);                                  \
   }                                                                                                              \
   KERNEL void __launch_bounds__(RLN_MAX_THREADS)                                                                 \
-      rln_bwd_##suffix(const float* dy, const float* y, const float* rstd, const float* gamma, const float* beta, \
-                       float* ds, Z* dz, float* part, long long rows, int d, float p_drop,                       \
+      rln_bwd_##suffix(const float* dy, const bf16* dy2, const float* y, const float* rstd, const float* gamma,    \
+                       const float* beta, float* ds, Z* dz, float* part, long long rows, int d, float p_drop,    \
                        unsigned long long seed) {                                                                \
-    rln_bwd<Z>(dy, y, rstd, gamma, beta, ds, dz, part, rows, d, p_drop, seed);                                   \
+    rln_bwd<Z>(dy, dy2, y, rstd, gamma, beta, ds, dz, part, rows, d, p_drop, seed);                              \
   }
 RLN_ENTRY_POINTS(bf16, bf16)
 RLN_ENTRY_POINTS(f32, float)
