@@ -535,7 +535,7 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     // D_i = dO_i . O_i = sum_j P_ij dP_ij (dropout included), [B, H, N].
     let dvec = Tensor::empty([b, h, n], (Kind::Float, dout.device()));
     let out = bf16(&saved.out);
-    let cfg = cuda::grid_stride(dout.device(), b * n * h); // a thread per (b, n, h) row
+    let cfg = cuda::grid_stride(dout.device(), b * n * h * (d / 8)); // d / 8 threads per (b, n, h) row
     let args = [
         Arg::tensor(&dout),
         Arg::tensor(&out),
