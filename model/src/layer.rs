@@ -63,20 +63,22 @@ impl DenseResidualNorm {
     /// is the next sublayer's input). Autograd would keep the LayerNorm's fp32 input as well.
     /// Where the kernels apply (`residual_norm::applies`: CUDA) one kernel each way with the
     /// dropout drawn by a hash of a seed; else libtorch's ops, whose values are `from_partial`'s
-    /// (on CUDA the same dropout draws: `dropout` runs `native_dropout` there).
+    /// (on CUDA the same dropout draws: `dropout` runs `native_dropout` there). With
+    /// `bf16_copy` also y in bf16 (by the kernel's same pass), the next sublayer's GEMM operand.
     pub fn from_partial_saving(
         &self,
         z: &Tensor,
         residual: &Tensor,
         g: &dyn Fn(&Tensor) -> Tensor,
         train: bool,
-    ) -> (Tensor, NormSaved) {
+        bf16_copy: bool,
+    ) -> (Tensor, Option<Tensor>, NormSaved) {
         let d = self.layer_norm.weight.size()[0];
         if residual_norm::applies(z.device(), d).unwrap_or_else(|e| panic!("{e}")) {
             let dropout = if train { self.dropout } else { 0.0 };
             let seed = if dropout > 0.0 { crate::cuda::dropout_seed() } else { 0 };
             let z = g(z);
-            let (y, rstd) = residual_norm::forward(&z, residual, &self.norm_params(dropout), seed)
+            let (y, y16, rstd) = residual_norm::forward(&z, residual, &self.norm_params(dropout), seed, bf16_copy)
                 .unwrap_or_else(|e| panic!("{e}"));
             let saved = NormSaved {
                 y: y.shallow_clone(),
@@ -87,7 +89,7 @@ impl DenseResidualNorm {
                     z_kind: z.kind(),
                 },
             };
-            return (y, saved);
+            return (y, y16, saved);
         }
         let o = self.dense.reduce_and_add_bias(z, g); // fp32: the bias is
         let (o, keep) = crate::nn::dropout_saving(&o, self.dropout, train);
@@ -97,7 +99,8 @@ impl DenseResidualNorm {
             rstd,
             dropout: SavedDropout::Mask(keep),
         };
-        (y, saved)
+        let y16 = bf16_copy.then(|| y.to_kind(Kind::BFloat16));
+        (y, y16, saved)
     }
 
     fn norm_params(&self, dropout: f64) -> NormParams<'_> {

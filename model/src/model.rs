@@ -274,23 +274,26 @@ fn residual_norm_segment<'c>(
     dense: bool,
 ) -> Boundary {
     let tp = tape.tp();
-    tape.custom_taking_parts(&inputs, move |x| {
+    let outputs = tape.custom(&inputs, move |x| {
         let (input, residual) = (x[0].shallow_clone(), &x[1]);
         let kind = compute_kind(&input);
+        // Under autocast the kernel also writes y in bf16, for the next sublayer's GEMMs.
+        let bf16_copy = compute_kind(residual) == Kind::BFloat16;
         let g = |t: &Tensor| reduce_from_tp(t, tp);
         let z = if dense {
             out.partial_by_hand(&input, kind)
         } else {
             input.shallow_clone()
         };
-        let (y, saved) = out.from_partial_saving(&z, residual, &g, train);
+        let (y, y16, saved) = out.from_partial_saving(&z, residual, &g, train, bf16_copy);
         drop(z);
-        let backward: CustomBackward<'c> = Box::new(move |parts| {
-            // y's gradient in its two parts: the next sublayer's residual (fp32) and its input
-            // projections' (bf16 at TP 1), summed by the kernel as it reads them.
-            let (dy, dy2) = match (&parts[0], &parts[1]) {
-                (Some(r), t) => (r, t.as_ref()),
-                (None, Some(t)) => (t, None),
+        let backward: CustomBackward<'c> = Box::new(move |grads| {
+            // y's gradient, and its bf16 copy's (the next sublayer's input projections', bf16
+            // at TP 1), which the kernel adds as it reads dy instead of a pass of its own.
+            let copy = grads.get(1).and_then(Option::as_ref);
+            let (dy, dy2) = match (&grads[0], copy) {
+                (Some(d), c) => (d, c),
+                (None, Some(c)) => (c, None),
                 (None, None) => return Vec::new(),
             };
             let (dz, dres) = out.backward_saved_parts(&saved, dy, dy2);
@@ -301,8 +304,12 @@ fn residual_norm_segment<'c>(
             };
             vec![Some(dinput), Some(dres)]
         });
-        (vec![y], backward)
-    })[0]
+        (std::iter::once(y).chain(y16).collect(), backward)
+    });
+    if let [y, copy] = outputs[..] {
+        tape.set_compute_copy(y, copy);
+    }
+    outputs[0]
 }
 
 fn ffn_one_segment<'c>(tape: &mut Tape<'c>, layer: &'c Layer, a: Boundary, train: bool) -> Boundary {
@@ -320,8 +327,10 @@ fn ffn_act_recomputed<'c>(tape: &mut Tape<'c>, layer: &'c Layer, a: Boundary, tr
     let gelu_kernel = by_hand && layer.ffn_gelu_by_kernel(tape.value(a));
     tape.set_label("ffn: W1");
     let h = if by_hand {
-        // W1 is column-parallel: a's gradient from here is this rank's part.
-        tape.custom_partial(&[a], move |x| {
+        // W1 is column-parallel: a's gradient from here is this rank's part. a in bf16 where
+        // its residual LayerNorm wrote a copy (`Tape::compute_copy`).
+        let a_in = tape.compute_copy(a);
+        tape.custom_partial(&[a_in], move |x| {
             let a = x[0].shallow_clone();
             let kind = compute_kind(&a);
             let h = layer.ffn_pre_activation_by_hand(&a, kind);
@@ -405,7 +414,8 @@ fn attention_segments<'c>(
         };
         tape.set_label("attention: projections");
         // Column-parallel: x's gradient from here is this rank's heads' part.
-        let mut parts = tape.custom_partial(&[kv], move |x| {
+        // x in bf16 where its residual LayerNorm wrote a copy (`Tape::compute_copy`).
+        let mut parts = tape.custom_partial(&[tape.compute_copy(kv)], move |x| {
             let x = x[0].shallow_clone();
             let kind = compute_kind(&x);
             let qkv = att.project_content(&x, kind);

@@ -152,8 +152,15 @@ fn check_shapes(d: i64, p: &NormParams, fp32: &[(&str, &Tensor)]) -> Result<(), 
 
 /// y = LayerNorm(dropout(z + bias) + residual) over the last dimension D, dropout drawn from
 /// `seed` (`p.dropout` 0: none). z: [.., D] bf16 or fp32; residual: the same shape, fp32.
-/// Returns y (fp32, z's shape) and 1/σ per row ([rows] fp32) for `backward`.
-pub fn forward(z: &Tensor, residual: &Tensor, p: &NormParams, seed: u64) -> Result<(Tensor, Tensor), String> {
+/// Returns y (fp32, z's shape) and 1/σ per row ([rows] fp32) for `backward`; with `bf16_copy`
+/// also y in bf16, written by the same pass (the next sublayer's GEMM operand).
+pub fn forward(
+    z: &Tensor,
+    residual: &Tensor,
+    p: &NormParams,
+    seed: u64,
+    bf16_copy: bool,
+) -> Result<(Tensor, Option<Tensor>, Tensor), String> {
     let d = *z.size().last().ok_or("residual_norm: z has no dimensions")?;
     check_shapes(d, p, &[("residual", residual)])?;
     if residual.size() != z.size() {
@@ -168,7 +175,17 @@ pub fn forward(z: &Tensor, residual: &Tensor, p: &NormParams, seed: u64) -> Resu
     let rows = z.numel() as i64 / d;
     let y = Tensor::empty(z.size(), (Kind::Float, device));
     let rstd = Tensor::empty([rows], (Kind::Float, device));
-    let tensors = [&z, &bias, &residual, &gamma, &beta, &y, &rstd].map(Arg::tensor);
+    let y16 = bf16_copy.then(|| Tensor::empty(z.size(), (Kind::BFloat16, device)));
+    let tensors = [
+        Arg::tensor(&z),
+        Arg::tensor(&bias),
+        Arg::tensor(&residual),
+        Arg::tensor(&gamma),
+        Arg::tensor(&beta),
+        Arg::tensor(&y),
+        y16.as_ref().map_or(Arg::Ptr(0), Arg::tensor),
+        Arg::tensor(&rstd),
+    ];
     let scalars = [
         Arg::I64(rows),
         Arg::I32(d as i32),
@@ -181,7 +198,7 @@ pub fn forward(z: &Tensor, residual: &Tensor, p: &NormParams, seed: u64) -> Resu
     // SAFETY: every buffer is contiguous with the shapes and kinds the kernel reads and writes
     // (rows x d, [d], [rows]), on `device`.
     unsafe { kernels(device)?.launch(&name, launch_config(device, rows, d, false), &args) }?;
-    Ok((y, rstd))
+    Ok((y, y16, rstd))
 }
 
 /// Backward of `forward` for dL/dy = dy + dy2 (dy2 optional; the kernel adds a bf16 one where
@@ -333,7 +350,10 @@ pub fn compare(
     } = &x;
     let seed = 0x1234_5678_9abc_def0;
     let params = x.params(p);
-    let (y, rstd) = forward(z, res, &params, seed)?;
+    let (y, y16, rstd) = forward(z, res, &params, seed, true)?;
+    if y16.as_ref().is_none_or(|c| !c.equal(&y.to_kind(Kind::BFloat16))) {
+        return Err("residual_norm: the bf16 copy of y is not y rounded to bf16".into());
+    }
     // dL/dy in two parts, as the tape hands them: the residual's (fp32) and the next sublayer's
     // input gradient (bf16), which the kernel adds as it reads dy.
     let dy2 = Tensor::randn(dy.size(), (Kind::Float, Device::Cpu))
@@ -414,7 +434,7 @@ mod tests {
         let run = |reverse: bool| {
             cuda::emulate_on_cpu(true);
             cuda::emulate_in_reverse(reverse);
-            let (y, rstd) = forward(&x.z, &x.res, &params, 9).unwrap();
+            let (y, _, rstd) = forward(&x.z, &x.res, &params, 9, false).unwrap();
             let g = backward(&x.dy, None, &y, &rstd, &params, 9, Kind::Float).unwrap();
             cuda::emulate_in_reverse(false);
             cuda::emulate_on_cpu(false);
@@ -454,7 +474,7 @@ mod tests {
         let run = |x: &Inputs| {
             cuda::emulate_on_cpu(true);
             let params = x.params(p);
-            let out = forward(&x.z, &x.res, &params, 5).and_then(|(y, rstd)| {
+            let out = forward(&x.z, &x.res, &params, 5, false).and_then(|(y, _, rstd)| {
                 let y_off = shifted(&y);
                 // The bf16 second part of dy, off its 8-byte boundary in both runs.
                 let dy2 = shifted(&x.dy.to_kind(Kind::BFloat16));
@@ -477,6 +497,7 @@ mod tests {
             Arg::tensor(&off.gamma),
             Arg::tensor(&off.beta),
             Arg::tensor(&y),
+            Arg::Ptr(0), // no bf16 copy
             Arg::tensor(&Tensor::zeros([rows], (Kind::Float, Device::Cpu))),
             Arg::I64(rows),
             Arg::I32(d as i32),

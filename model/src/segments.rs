@@ -46,14 +46,12 @@ struct BoundaryState {
     tp_grad: Option<Tensor>,
 }
 
-/// A custom segment's backward, its outputs, and how gradients cross it: `partial`, its input
-/// gradients are this rank's parts (summed over TP at the boundary); `parts`, it takes each
-/// output's gradient as its two parts (`Tape::custom_taking_parts`).
+/// A custom segment's backward, its outputs, and whether its input gradients are this rank's
+/// parts (summed over TP at the boundary).
 struct Custom<'c> {
     backward: CustomBackward<'c>,
     outputs: Vec<usize>,
     partial: bool,
-    parts: bool,
 }
 
 /// A segment's forward, kept to be re-run when recomputing.
@@ -96,6 +94,10 @@ pub struct Tape<'c> {
     seeding: Option<Seeding>,
     /// The label of the segments recorded from now on.
     label: &'static str,
+    /// Boundary -> its copy in the compute kind (`set_compute_copy`).
+    compute_copies: std::collections::HashMap<usize, Boundary>,
+    /// Whether `compute_copy` hands them out (`use_compute_copies`).
+    use_copies: bool,
 }
 
 fn accumulate(slot: &mut Option<Tensor>, g: Tensor) {
@@ -114,6 +116,8 @@ impl<'c> Tape<'c> {
             ready: Vec::new(),
             seeding: None,
             label: "unlabelled",
+            compute_copies: std::collections::HashMap::new(),
+            use_copies: true,
         }
     }
 
@@ -136,6 +140,28 @@ impl<'c> Tape<'c> {
             }),
             ..Tape::new(tp)
         }
+    }
+
+    /// Declare `copy` the same values as `of` in the compute kind (bf16 under autocast; the
+    /// residual LayerNorm's kernel writes one beside its fp32 output): segments whose first use
+    /// of `of` is a GEMM operand take the copy (`compute_copy`), which saves their casts, and
+    /// their gradient reaches `of`'s producer through the copy.
+    pub fn set_compute_copy(&mut self, of: Boundary, copy: Boundary) {
+        self.compute_copies.insert(of.0, copy);
+    }
+
+    /// `b`'s copy in the compute kind if it has one (`set_compute_copy`), else `b`.
+    pub fn compute_copy(&self, b: Boundary) -> Boundary {
+        match self.compute_copies.get(&b.0) {
+            Some(&copy) if self.use_copies => copy,
+            _ => b,
+        }
+    }
+
+    /// Whether `compute_copy` hands out the copies (default) or the boundaries themselves,
+    /// which their segments then cast: the same values (a test compares them).
+    pub fn use_compute_copies(&mut self, on: bool) {
+        self.use_copies = on;
     }
 
     /// Whether each segment's dropout is seeded from its index (`Tape::seeded`; the tape that
@@ -245,20 +271,7 @@ impl<'c> Tape<'c> {
         inputs: &[Boundary],
         f: impl FnOnce(&[Tensor]) -> (Vec<Tensor>, CustomBackward<'c>),
     ) -> Vec<Boundary> {
-        self.custom_with(inputs, false, false, f)
-    }
-
-    /// `custom` whose backward gets each output's gradient as its two parts, not summed: the
-    /// replicated part, then this rank's part summed over TP (each None if nothing reached
-    /// it; in the kinds they came in, the TP part fp32 if TP > 1), so that a kernel can sum
-    /// them where it reads them: the residual LayerNorm's backward reads the fp32 residual
-    /// gradient and the next sublayer's bf16 input gradient, instead of a pass adding them.
-    pub fn custom_taking_parts(
-        &mut self,
-        inputs: &[Boundary],
-        f: impl FnOnce(&[Tensor]) -> (Vec<Tensor>, CustomBackward<'c>),
-    ) -> Vec<Boundary> {
-        self.custom_with(inputs, false, true, f)
+        self.custom_with(inputs, false, f)
     }
 
     /// `custom` for a segment whose input gradients are only this rank's part, like a `tp`
@@ -269,14 +282,13 @@ impl<'c> Tape<'c> {
         inputs: &[Boundary],
         f: impl FnOnce(&[Tensor]) -> (Vec<Tensor>, CustomBackward<'c>),
     ) -> Vec<Boundary> {
-        self.custom_with(inputs, true, false, f)
+        self.custom_with(inputs, true, f)
     }
 
     fn custom_with(
         &mut self,
         inputs: &[Boundary],
         partial: bool,
-        parts: bool,
         f: impl FnOnce(&[Tensor]) -> (Vec<Tensor>, CustomBackward<'c>),
     ) -> Vec<Boundary> {
         if let Some(s) = self.seeding {
@@ -309,7 +321,6 @@ impl<'c> Tape<'c> {
                 backward,
                 outputs: handles.iter().map(|b| b.0).collect(),
                 partial,
-                parts,
             }),
         });
         handles
@@ -353,36 +364,26 @@ impl<'c> Tape<'c> {
     /// addition, or by a cast when it is alone; summed over TP in fp32 too). A gradient wider
     /// than its boundary stays so (the fused core's fp32 table gradients).
     fn full_grad(&mut self, id: usize) -> Option<Tensor> {
-        let widen = self.widen(id);
-        match self.grad_parts(id) {
-            (Some(r), Some(t)) => Some(widen(r + t)),
-            (r, t) => r.or(t).map(widen),
-        }
-    }
-
-    /// A gradient at least as wide as boundary `id` (see `full_grad`).
-    fn widen(&self, id: usize) -> impl Fn(Tensor) -> Tensor {
-        let kind = self.boundaries[id].value.kind();
-        move |g: Tensor| {
+        let state = &mut self.boundaries[id];
+        let kind = state.value.kind();
+        let widen = |g: Tensor| {
             if kind == Kind::Float && g.kind() != Kind::Float {
                 g.to_kind(Kind::Float)
             } else {
                 g
             }
-        }
-    }
-
-    /// The two parts of a boundary's gradient, taken: the replicated one, and this rank's
-    /// summed over TP (widened first if TP > 1, so that the sum is as wide as the boundary).
-    fn grad_parts(&mut self, id: usize) -> (Option<Tensor>, Option<Tensor>) {
-        let widen = self.widen(id);
-        let state = &mut self.boundaries[id];
+        };
+        // Summed over TP in fp32 whatever the boundary's kind (a bf16 compute copy's partial
+        // input gradients too): the sum over ranks is not rounded to bf16.
         let tp_part = state.tp_grad.take().map(|g| {
-            let mut g = if self.tp.size() > 1 { widen(g) } else { g };
+            let mut g = if self.tp.size() > 1 { g.to_kind(Kind::Float) } else { g };
             self.tp.all_reduce_sum(&mut g);
             g
         });
-        (state.rep_grad.take(), tp_part)
+        match (state.rep_grad.take(), tp_part) {
+            (Some(r), Some(t)) => Some(widen(r + t)),
+            (r, t) => r.or(t).map(widen),
+        }
     }
 
     /// Backpropagate from the scalar `loss`, accumulating into the parameters' `.grad`.
@@ -416,20 +417,9 @@ impl<'c> Tape<'c> {
             backward,
             outputs,
             partial,
-            parts,
         }) = seg.custom.take()
         {
-            let grads: Vec<Option<Tensor>> = if parts {
-                outputs
-                    .iter()
-                    .flat_map(|&id| {
-                        let (r, t) = self.grad_parts(id);
-                        [r, t]
-                    })
-                    .collect()
-            } else {
-                outputs.iter().map(|&id| self.full_grad(id)).collect()
-            };
+            let grads: Vec<Option<Tensor>> = outputs.iter().map(|&id| self.full_grad(id)).collect();
             if grads.iter().all(Option::is_none) {
                 return;
             }

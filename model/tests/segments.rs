@@ -91,10 +91,23 @@ fn tape_loss_in(
     batch: &(Tensor, Tensor, Tensor),
     bf16: bool,
 ) -> (f64, Vec<(String, Tensor)>) {
+    tape_loss_copies(model, vs, path, batch, bf16, true)
+}
+
+/// `tape_loss_in`, the bf16 copies of the sublayer inputs used or not (`Tape::use_compute_copies`).
+fn tape_loss_copies(
+    model: &DebertaV2,
+    vs: &VarStore,
+    path: RelativePath,
+    batch: &(Tensor, Tensor, Tensor),
+    bf16: bool,
+    copies: bool,
+) -> (f64, Vec<(String, Tensor)>) {
     RelativePath::set_for_this_thread(path);
     zero_grads(vs);
     let (ids, mask, labels) = batch;
     let mut tape = Tape::new(&Single);
+    tape.use_compute_copies(copies);
     let loss = deberta_model::nn::autocast(bf16, || {
         model.mlm_loss_segments(&mut tape, ids, mask, labels, 0.05, false)
     });
@@ -232,6 +245,24 @@ fn the_fused_path_in_bf16_through_the_emulated_kernels_trains_like_the_gather_pa
         assert_grads_close(&format!("{rel:?} in bf16"), &want_grads, &got_grads, 8e-2);
     }
     deberta_model::cuda::emulate_cuda_path_on_cpu(false);
+}
+
+#[test]
+fn the_residual_layernorm_s_bf16_copies_change_no_bit() {
+    // On the CUDA path (bf16, the kernels emulated) the residual LayerNorm kernel writes its
+    // output in bf16 too, which the next sublayer's GEMMs take instead of casting it, and its
+    // backward adds that copy's gradient as it reads dy instead of the tape adding it: the same
+    // values, so the same loss and the same bits in every gradient.
+    let (vs, model, batch) = kernel_sized_model();
+    deberta_model::cuda::emulate_cuda_path_on_cpu(true);
+    let (with, g_with) = tape_loss_copies(&model, &vs, RelativePath::Fused, &batch, true, true);
+    let (without, g_without) = tape_loss_copies(&model, &vs, RelativePath::Fused, &batch, true, false);
+    deberta_model::cuda::emulate_cuda_path_on_cpu(false);
+    assert_eq!(with, without);
+    assert_eq!(g_with.len(), g_without.len());
+    for ((name, a), (_, b)) in g_with.iter().zip(&g_without) {
+        assert!(a.equal(b), "{name}: {:e}", (a - b).abs().max().double_value(&[]));
+    }
 }
 
 #[test]

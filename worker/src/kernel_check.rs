@@ -327,7 +327,7 @@ fn residual_norm(device: Device) -> anyhow::Result<bool> {
     for (i, kernels) in [true, false].into_iter().enumerate() {
         residual_norm::use_kernels_on_this_thread(Some(kernels));
         ms[i] = time_ms(device, 20, || {
-            let (_, saved) = out.from_partial_saving(&z, &res, &no_reduce, true);
+            let (_, _, saved) = out.from_partial_saving(&z, &res, &no_reduce, true, false);
             // dz as the next GEMM takes it (the ops give fp32).
             let _ = out.backward_saved(&saved, &dy).0.to_kind(Kind::BFloat16);
         });

@@ -62,13 +62,14 @@ __device__ __forceinline__ float2 block_sum2(float a, float b, float2* red) {
   return s;
 }
 
-// y = LayerNorm(dropout(z + bias) + res), rstd[row] = r.
+// y = LayerNorm(dropout(z + bias) + res), rstd[row] = r; and y16 = y in bf16 where given (the next
+// sublayer's GEMM operand, which would otherwise cost a pass casting y).
 template <class Z>
 __device__ __forceinline__ void rln_fwd(const Z* __restrict__ z, const float* __restrict__ bias,
                                         const float* __restrict__ res, const float* __restrict__ gamma,
                                         const float* __restrict__ beta, float* __restrict__ y,
-                                        float* __restrict__ rstd, long long rows, int d, float eps, float p_drop,
-                                        unsigned long long seed) {
+                                        bf16* __restrict__ y16, float* __restrict__ rstd, long long rows, int d,
+                                        float eps, float p_drop, unsigned long long seed) {
   DYNAMIC_SMEM(smem);
   float2* red = reinterpret_cast<float2*>(smem);  // [2][32]
   const int c = 4 * threadIdx.x;
@@ -98,8 +99,10 @@ __device__ __forceinline__ void rln_fwd(const Z* __restrict__ z, const float* __
     const float rs = rsqrtf(var + eps);
     if (mine) {
       const float4 g = load4(gamma + c), be = load4(beta + c);
-      store4(y + r * d + c, make_float4(e.x * rs * g.x + be.x, e.y * rs * g.y + be.y, e.z * rs * g.z + be.z,
-                                        e.w * rs * g.w + be.w));
+      const float4 out = make_float4(e.x * rs * g.x + be.x, e.y * rs * g.y + be.y, e.z * rs * g.z + be.z,
+                                     e.w * rs * g.w + be.w);
+      store4(y + r * d + c, out);
+      if (y16) store4(y16 + r * d + c, out);
     }
     if (threadIdx.x == 0) rstd[r] = rs;
   }
@@ -174,9 +177,9 @@ __device__ __forceinline__ void rln_bwd(const float* __restrict__ dy, const bf16
 #define RLN_ENTRY_POINTS(suffix, Z)                                                                              \
   KERNEL void __launch_bounds__(RLN_MAX_THREADS)                                                                 \
       rln_fwd_##suffix(const Z* z, const float* bias, const float* res, const float* gamma, const float* beta,     \
-                       float* y, float* rstd, long long rows, int d, float eps, float p_drop,                    \
+                       float* y, bf16* y16, float* rstd, long long rows, int d, float eps, float p_drop,         \
                        unsigned long long seed) {                                                                \
-    rln_fwd<Z>(z, bias, res, gamma, beta, y, rstd, rows, d, eps, p_drop, seed);                                  \
+    rln_fwd<Z>(z, bias, res, gamma, beta, y, y16, rstd, rows, d, eps, p_drop, seed);                             \
   }                                                                                                              \
   KERNEL void __launch_bounds__(RLN_MAX_THREADS)                                                                 \
       rln_bwd_##suffix(const float* dy, const bf16* dy2, const float* y, const float* rstd, const float* gamma,    \
