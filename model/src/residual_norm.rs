@@ -328,9 +328,9 @@ impl Inputs {
 
 /// The kernels against libtorch's ops and autograd in fp32, with the kernels' own dropout mask,
 /// on random inputs on `device` (CPU: the emulator, `cuda::emulate_on_cpu`): for y, 1/σ and each
-/// gradient (dL/dy given in two parts), (name, largest error relative to the largest element,
-/// tolerance). dz's tolerance
-/// is one bf16 rounding when z is bf16. For the tests and `deberta-worker kernel-check`.
+/// gradient (dL/dy given in two parts, and y's bf16 copy checked to be y rounded), (name,
+/// largest error relative to the largest element, tolerance). dz's tolerance is one bf16
+/// rounding when z is bf16. For the tests and `deberta-worker kernel-check`.
 pub fn compare(
     device: Device,
     rows: i64,

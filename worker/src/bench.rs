@@ -210,7 +210,7 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
         let _ = update(b.warmup + b.steps + 1, &mut |stage| profile::mark(|| stage.into()));
         sync();
         profile::trace_stop(&path).map_err(anyhow::Error::msg)?;
-        print_trace(b.batch, &path, &crate::trace::summarize(&path)?);
+        print_trace(b.batch, &path, &crate::trace::summarize(&path)?, device.is_cuda());
     }
     let step = median(&mut times).expect("at least one timed step");
     let tok_s = (b.batch * b.seq) as f64 / step;
@@ -307,9 +307,9 @@ fn print_profile(batch: i64, mut rows: Vec<deberta_model::profile::Stage>) {
     }
 }
 
-/// The traced step's summary on stderr: the device's busy time against the span, then by part
-/// of the step and by kernel, the largest first.
-fn print_trace(batch: i64, path: &std::path::Path, s: &crate::trace::TraceSummary) {
+/// The traced step's summary on stderr: the device's busy time against the span, then by who
+/// wrote the kernels, by part of the step and by kernel, the largest first.
+fn print_trace(batch: i64, path: &std::path::Path, s: &crate::trace::TraceSummary, cuda: bool) {
     eprintln!(
         "bench trace (one more step, batch {batch}, unsynchronised; {}): {} device events, {:.1} ms busy in a {:.1} ms span, {} marks",
         path.display(),
@@ -327,6 +327,13 @@ fn print_trace(batch: i64, path: &std::path::Path, s: &crate::trace::TraceSummar
             x.count
         )
     };
+    if cuda && s.events == 0 {
+        eprintln!(
+            "bench trace: no device events: libtorch's profiler did not reach CUPTI (is libcupti on the library path?); the trace holds the host's operators only"
+        );
+    }
+    eprintln!(" by who wrote the kernels:");
+    s.groups.iter().for_each(row);
     eprintln!(" by part of the step (the first mark after the launch):");
     s.parts.iter().for_each(row);
     eprintln!(" by kernel (the {TRACE_KERNELS} largest):");

@@ -31,6 +31,21 @@ pub struct TraceSummary {
     pub parts: Vec<Share>,
     /// By kernel name (the first 100 characters), the largest first.
     pub kernels: Vec<Share>,
+    /// By who wrote the kernel (`kernel_group`), the largest first.
+    pub groups: Vec<Share>,
+}
+
+/// Who wrote a kernel, by its name: cuBLAS's GEMMs, ours (the NVRTC sources in
+/// model/src/kernels), or libtorch's own (elementwise, reductions, copies, fills).
+pub fn kernel_group(name: &str) -> &'static str {
+    const OURS: [&str; 5] = ["dattn_", "rln_", "gelu_bwd_", "ce_", "adamw_"];
+    if name.starts_with("nvjet") || name.contains("gemm") || name.contains("xmma") {
+        "GEMMs (cuBLAS)"
+    } else if OURS.iter().any(|p| name.starts_with(p)) {
+        "ours (model/src/kernels)"
+    } else {
+        "libtorch's other kernels, copies and fills"
+    }
 }
 
 struct DeviceEvent {
@@ -89,6 +104,7 @@ fn summarize_events(events: &[Value]) -> TraceSummary {
     };
     let mut parts: HashMap<String, Share> = HashMap::new();
     let mut kernels: HashMap<String, Share> = HashMap::new();
+    let mut groups: HashMap<String, Share> = HashMap::new();
     let add = |into: &mut HashMap<String, Share>, name: String, ms: f64| {
         let s = into.entry(name.clone()).or_insert(Share {
             name,
@@ -102,6 +118,7 @@ fn summarize_events(events: &[Value]) -> TraceSummary {
     for e in &device {
         add(&mut parts, part_of(e), e.dur / 1e3);
         add(&mut kernels, e.name.clone(), e.dur / 1e3);
+        add(&mut groups, kernel_group(&e.name).to_string(), e.dur / 1e3);
         first = first.min(e.ts);
         last = last.max(e.ts + e.dur);
         busy += e.dur / 1e3;
@@ -118,6 +135,7 @@ fn summarize_events(events: &[Value]) -> TraceSummary {
         marks: marks.len(),
         parts: sorted(parts),
         kernels: sorted(kernels),
+        groups: sorted(groups),
     }
 }
 
@@ -144,7 +162,7 @@ mod tests {
             kernel(1, "gemm", 100.0, 500.0),
             kernel(2, "gemm", 600.0, 1500.0),
             kernel(3, "softmax", 2100.0, 250.0),
-            kernel(4, "adam", 2400.0, 1000.0),
+            kernel(4, "adamw_step", 2400.0, 1000.0),
             json!({"ph": "X", "cat": "gpu_memset", "name": "Memset (Device)", "ts": 3500.0, "dur": 100, "args": {"correlation": 5}}),
         ];
         let s = summarize_events(&events);
@@ -159,5 +177,9 @@ mod tests {
         assert_eq!(s.parts[0].name, "b");
         assert_eq!((s.kernels[0].name.as_str(), s.kernels[0].count), ("gemm", 2));
         assert!((s.kernels[0].ms - 2.0).abs() < 1e-9);
+        let group = |name: &str| s.groups.iter().find(|g| g.name == name).map(|g| (g.ms, g.count));
+        assert_eq!(group("GEMMs (cuBLAS)"), Some((2.0, 2)));
+        assert_eq!(group("ours (model/src/kernels)"), Some((1.0, 1)));
+        assert_eq!(group("libtorch's other kernels, copies and fills"), Some((0.35, 2)));
     }
 }
