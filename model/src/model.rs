@@ -638,7 +638,8 @@ impl DebertaV2 {
         })[0];
         let (start, vocab) = (self.embeddings.vocab_start, self.cfg.vocab_size);
         let words = &self.embeddings.word_embeddings;
-        let by_hand = hand_written(tape, &enc) && cross_entropy::applies(ids.device(), Kind::BFloat16, words.size()[0]);
+        let by_hand =
+            hand_written(tape, &enc) && cross_entropy::applies(ids.device(), compute_kind(words), words.size()[0]);
         let head_segment = if by_hand {
             decoder_cross_entropy_segment
         } else {
