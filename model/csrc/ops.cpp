@@ -196,10 +196,9 @@ extern "C" int deberta_trace_start(bool cuda, char* err, size_t errlen) {
     using torch::profiler::impl::ActivityType;
     std::set<ActivityType> activities{ActivityType::CPU};
     if (cuda) activities.insert(ActivityType::CUDA);
-    torch::autograd::profiler::prepareProfiler(
-        torch::profiler::impl::ProfilerConfig(torch::profiler::impl::ProfilerState::KINETO), activities);
-    torch::autograd::profiler::enableProfiler(
-        torch::profiler::impl::ProfilerConfig(torch::profiler::impl::ProfilerState::KINETO), activities);
+    const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+    torch::autograd::profiler::prepareProfiler(config, activities);
+    torch::autograd::profiler::enableProfiler(config, activities);
     return 0;
   } catch (const std::exception& e) {
     report(e, err, errlen);

@@ -757,6 +757,29 @@ mod tests {
     use crate::config::Activation;
     use tch::nn::VarStore;
 
+    /// Every parameter's gradient and the input's set to zero (those that exist).
+    fn zero_grads(vs: &VarStore, input: &Tensor) {
+        for v in vs.trainable_variables().iter().chain([input]) {
+            let mut g = v.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+    }
+
+    /// The parameters' gradients that exist, by name, then the input's (named "input").
+    fn grads_with_input(vs: &VarStore, input: &Tensor) -> Vec<(String, Tensor)> {
+        let mut grads: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, v)| v.grad().defined())
+            .map(|(k, v)| (k, v.grad().copy()))
+            .collect();
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+        grads.push(("input".into(), input.grad().copy()));
+        grads
+    }
+
     /// The FFN with act(h) recomputed in backward, and the FFN of hand-written segments, equal
     /// the one-segment FFN: output, the input's gradient and every parameter's, with dropout on
     /// (the same draws) and for each activation (their hand-written derivatives).
@@ -779,12 +802,7 @@ mod tests {
             let x = Tensor::randn([2, 7, cfg.hidden_size], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
             let w = Tensor::randn([2, 7, cfg.hidden_size], (Kind::Float, tch::Device::Cpu));
             let run = |split: Option<bool>| {
-                for v in vs.trainable_variables().iter().chain([&x]) {
-                    let mut g = v.grad();
-                    if g.defined() {
-                        let _ = g.zero_();
-                    }
-                }
+                zero_grads(&vs, &x);
                 tch::manual_seed(11);
                 let mut tape = Tape::new(&Single);
                 let xs = x.shallow_clone();
@@ -797,15 +815,7 @@ mod tests {
                 let loss = tape.segment(&[y], move |inp| vec![(&inp[0].rep * &w).sum(Kind::Float)])[0];
                 let y = tape.value(y).copy();
                 tape.backward(loss);
-                let mut grads: Vec<(String, Tensor)> = vs
-                    .variables()
-                    .into_iter()
-                    .filter(|(_, v)| v.grad().defined())
-                    .map(|(k, v)| (k, v.grad().copy()))
-                    .collect();
-                grads.sort_by(|a, b| a.0.cmp(&b.0));
-                grads.push(("input".into(), x.grad().copy()));
-                (y, grads)
+                (y, grads_with_input(&vs, &x))
             };
             // The split first: W2's gradient does not exist yet (`accumulate_grad` creates it).
             // Then every segment by hand (W1, act + W2, and the output's LayerNorm backward from
@@ -831,9 +841,10 @@ mod tests {
 
     /// Two FFN sublayers in a row by hand, with the kernels emulated (fp32; no dropout: the
     /// kernels' hashed draws are not libtorch's), equal the one-segment FFNs through autograd:
-    /// the first's residual LayerNorm gets its output's gradient in two parts, the second's
-    /// residual and its W1's input gradient, which the kernel adds as it reads them
-    /// (`Tape::custom_taking_parts`).
+    /// the first's residual LayerNorm gets its output's gradient from two consumers, the
+    /// second's residual and its W1. (In bf16 W1 reads the LayerNorm's bf16 copy, whose
+    /// gradient the kernel adds as it reads dy: `the_residual_layernorm_s_bf16_copies_change_no_bit`
+    /// in tests/segments.rs.)
     #[test]
     fn chained_hand_written_ffns_through_the_kernels_equal_autograd() {
         let mut cfg = DebertaConfig::toy();
@@ -845,12 +856,7 @@ mod tests {
         let x = Tensor::randn([2, 7, cfg.hidden_size], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         let w = Tensor::randn([2, 7, cfg.hidden_size], (Kind::Float, tch::Device::Cpu));
         let run = |by_hand: bool| {
-            for v in vs.trainable_variables().iter().chain([&x]) {
-                let mut g = v.grad();
-                if g.defined() {
-                    let _ = g.zero_();
-                }
-            }
+            zero_grads(&vs, &x);
             crate::cuda::emulate_on_cpu(by_hand);
             let mut tape = Tape::new(&Single);
             let xs = x.shallow_clone();
@@ -868,15 +874,7 @@ mod tests {
             let loss = tape.segment(&[y2], move |inp| vec![(&inp[0].rep * &w).sum(Kind::Float)])[0];
             tape.backward(loss);
             crate::cuda::emulate_on_cpu(false);
-            let mut grads: Vec<(String, Tensor)> = vs
-                .variables()
-                .into_iter()
-                .filter(|(_, v)| v.grad().defined())
-                .map(|(k, v)| (k, v.grad().copy()))
-                .collect();
-            grads.sort_by(|a, b| a.0.cmp(&b.0));
-            grads.push(("input".into(), x.grad().copy()));
-            grads
+            grads_with_input(&vs, &x)
         };
         let (want, got) = (run(false), run(true));
         assert_eq!(want.len(), 13, "two FFNs' six parameters and the input");
@@ -903,12 +901,7 @@ mod tests {
         let h = Tensor::randn([rows, cfg.hidden_size], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         let targets = Tensor::randint(cfg.vocab_size, [rows], (Kind::Int64, tch::Device::Cpu));
         let run = |by_hand: bool| {
-            for v in vs.trainable_variables().iter().chain([&h]) {
-                let mut g = v.grad();
-                if g.defined() {
-                    let _ = g.zero_();
-                }
-            }
+            zero_grads(&vs, &h);
             let mut tape = Tape::new(&Single);
             let hs = h.shallow_clone();
             let x = tape.segment(&[], move |_| vec![&hs * 1.0])[0];

@@ -211,6 +211,8 @@ pub fn autocast<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
 }
 
 /// libtorch ops that tch does not wrap (`csrc/ops.cpp`).
+pub(crate) use ops::shim_result;
+
 mod ops {
     use tch::Tensor;
     use torch_sys::C_tensor;
@@ -234,6 +236,17 @@ mod ops {
             err: *mut std::ffi::c_char,
             errlen: usize,
         ) -> i32;
+    }
+
+    /// Ok for a shim's return code 0, else the message it wrote into `err` (`csrc/ops.cpp`).
+    pub(crate) fn shim_result(rc: i32, err: &[std::ffi::c_char]) -> Result<(), String> {
+        if rc == 0 {
+            return Ok(());
+        }
+        // SAFETY: on failure the shim wrote a NUL-terminated message into the buffer.
+        Err(unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }
+            .to_string_lossy()
+            .into_owned())
     }
 
     /// libtorch's thread-local autocast flag of CUDA (or the CPU); tch's reader warns at every
@@ -284,10 +297,8 @@ mod ops {
                 err.len(),
             )
         };
-        if rc != 0 {
-            // SAFETY: the shim wrote a NUL-terminated message.
-            let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
-            panic!("layer_norm_backward: {}", msg.to_string_lossy());
+        if let Err(msg) = shim_result(rc, &err) {
+            panic!("layer_norm_backward: {msg}");
         }
         // SAFETY: the shim allocated each with `new at::Tensor`, which Tensor's drop frees.
         unsafe {

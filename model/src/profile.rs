@@ -214,7 +214,7 @@ pub fn trace_start(device: Device) -> Result<(), String> {
     let mut err = [0 as std::ffi::c_char; 512];
     // SAFETY: err is a writable buffer of the given length.
     let rc = unsafe { deberta_trace_start(device.is_cuda(), err.as_mut_ptr(), err.len()) };
-    shim_result(rc, &err)?;
+    crate::nn::shim_result(rc, &err)?;
     TRACING.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
@@ -237,17 +237,7 @@ pub fn trace_stop(path: &std::path::Path) -> Result<(), String> {
     let mut err = [0 as std::ffi::c_char; 512];
     // SAFETY: a NUL-terminated path and a writable buffer of the given length.
     let rc = unsafe { deberta_trace_stop(c_path.as_ptr(), err.as_mut_ptr(), err.len()) };
-    shim_result(rc, &err).map_err(|e| format!("saving the trace {}: {e}", path.display()))
-}
-
-fn shim_result(rc: i32, err: &[std::ffi::c_char]) -> Result<(), String> {
-    if rc == 0 {
-        return Ok(());
-    }
-    // SAFETY: the shim wrote a NUL-terminated message into the buffer.
-    Err(unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }
-        .to_string_lossy()
-        .into_owned())
+    crate::nn::shim_result(rc, &err).map_err(|e| format!("saving the trace {}: {e}", path.display()))
 }
 
 #[cfg(test)]

@@ -216,11 +216,11 @@ pub fn backward(
 ) -> Result<NormGrads, String> {
     let d = *y.size().last().ok_or("residual_norm: y has no dimensions")?;
     let (dy, dy2) = match dy2 {
-        Some(e) if e.kind() == Kind::BFloat16 => (dy.to_kind(Kind::Float), Some(cuda::aligned(&e.contiguous()))),
+        Some(e) if e.kind() == Kind::BFloat16 => (dy.to_kind(Kind::Float), Some(cuda::aligned(e))),
         Some(e) => (dy.to_kind(Kind::Float) + e.to_kind(Kind::Float), None),
         None => (dy.to_kind(Kind::Float), None),
     };
-    let dy = cuda::aligned(&dy.contiguous());
+    let dy = cuda::aligned(&dy);
     check_shapes(d, p, &[("y", y), ("dy", &dy)])?;
     if let Some(e) = &dy2 {
         if e.size() != dy.size() {
