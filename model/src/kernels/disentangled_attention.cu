@@ -89,18 +89,25 @@ __device__ __forceinline__ void ldsm2_t(unsigned int* r, const bf16* p) {
 
 // cp.async (sm_80+): 16 bytes from global to shared memory without passing through registers,
 // so a tile's loads overlap the tensor-core work on the previous one. `valid` false fills zeros.
-// A group of copies lands by `cp_async_wait_all` in the thread that issued them; other threads
-// see them after the next barrier.
+// A group of copies lands by `cp_async_wait_all` (or `cp_async_wait_group`, all but the most
+// recent groups) in the thread that issued them; other threads see them after the next barrier.
 #ifdef DEBERTA_EMULATE
 __device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool valid) { emu_cp_async(dst, src, valid); }
 __device__ __forceinline__ void cp_async_commit() { emu_cp_async_commit(); }
-__device__ __forceinline__ void cp_async_wait_all() { emu_cp_async_wait(); }
+__device__ __forceinline__ void cp_async_wait_all() { emu_cp_async_wait(0); }
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait_group() { emu_cp_async_wait(PENDING); }
 #else
 __device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// Every committed group but the PENDING most recent has landed.
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+}
 #endif
 
 // A = the 16x16 tile at p, element (r, c) at p[r * ld + c]. Matrices: rows 0-7 / 8-15 (m % 2)
@@ -506,9 +513,9 @@ __device__ __forceinline__ void relative_bands(bf16* Cb, bf16* Pb, Window KRw, W
 // V tile), the K tile, the c2p band (queries x keys) and the p2c band (keys x queries); with REL,
 // the K_r and Q_r windows of the tile. 72 KB with REL: 3 blocks per SM (a separate V tile made
 // it 81 KB, 2 blocks).
-// Software pipelined (FA2's order) without more shared memory: V's tile loads while the
-// scores of K's are computed; the next tile's K (and with REL the new halves of the windows)
-// while the probabilities meet V.
+// Software pipelined without more shared memory: V's tile loads while the scores of K's are
+// computed; the new halves of the next tile's windows (REL) once the bands are computed, the
+// next tile's K once every warp has its scores, so both load during the softmax and P V.
 // REL: c2p and p2c are K_r and Q_r [H][2N][D] (the `_rel` kernels), else the tables [H, B, N, 2N].
 template <bool REL>
 __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
@@ -555,13 +562,21 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     // This lane's keys 2t + 8 n8 + (0, 1): bits 8 n8 + (0, 1) of kb (n8 < 4) and kb >> 32.
     const unsigned long long kb = key_bits(mask, b, n0, N) >> (2 * t);
     const unsigned int kw[2] = {(unsigned int)kb, (unsigned int)(kb >> 32)};
-    cp_async_wait_all();  // this tile's K (and windows), issued mid-way through the previous tile
+    cp_async_wait_all();  // this tile's K and windows, issued during the previous tile
     __syncthreads();
     load_tile_async(Vs, v, b, h, n0, N, H);
     cp_async_commit();
-    if (REL) relative_bands(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, qf, Ks);
+    if (REL) {
+      relative_bands(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, qf, Ks);
+      // Only the bands read the windows (relative_bands ends with a barrier): the next halves.
+      if (n0 + BN < N) load_relative<true>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, n0 + BN, n + 1, 1);
+    }
+    cp_async_commit();  // even if empty: the wait for V below counts two groups after it
     float s[BN / 8][4];
     frags_times_tile_t<BN / 8>(s, qf, Ks);  // c2c
+    __syncthreads();  // every warp is done with K: the next tile's loads while the softmax runs
+    if (n0 + BN < N) load_tile_async(Ks, k, b, h, n0 + BN, N, H);
+    cp_async_commit();
     float mx_a = NEG_INF, mx_b = NEG_INF;
 #pragma unroll
     for (int n8 = 0; n8 < BN / 8; ++n8) {
@@ -611,13 +626,8 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     }
     FragA pa[BN / 16];
     to_a<BN / 16>(pa, s);
-    cp_async_wait_all();  // this tile's V
-    __syncthreads();      // and every warp is done with K and the windows' old half
-    if (n0 + BN < N) {
-      load_tile_async(Ks, k, b, h, n0 + BN, N, H);
-      if (REL) load_relative<true>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, n0 + BN, n + 1, 1);
-      cp_async_commit();
-    }
+    cp_async_wait_group<2>();  // this tile's V (the next windows' and K's groups may fly on)
+    __syncthreads();           // every warp's part of it
     weights_times_tile<BN / 16>(o, pa, Vs);  // O += dropout(P) V
   }
   const float inv_a = oka && l_a > 0.f ? 1.f / l_a : 0.f, inv_b = okb && l_b > 0.f ? 1.f / l_b : 0.f;
