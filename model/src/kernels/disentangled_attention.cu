@@ -89,25 +89,18 @@ __device__ __forceinline__ void ldsm2_t(unsigned int* r, const bf16* p) {
 
 // cp.async (sm_80+): 16 bytes from global to shared memory without passing through registers,
 // so a tile's loads overlap the tensor-core work on the previous one. `valid` false fills zeros.
-// A group of copies lands by `cp_async_wait_all` (or `cp_async_wait_group`, all but the most
-// recent groups) in the thread that issued them; other threads see them after the next barrier.
+// A group of copies lands by `cp_async_wait_all` in the thread that issued them; other threads
+// see them after the next barrier.
 #ifdef DEBERTA_EMULATE
 __device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool valid) { emu_cp_async(dst, src, valid); }
 __device__ __forceinline__ void cp_async_commit() { emu_cp_async_commit(); }
-__device__ __forceinline__ void cp_async_wait_all() { emu_cp_async_wait(0); }
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait_group() { emu_cp_async_wait(PENDING); }
+__device__ __forceinline__ void cp_async_wait_all() { emu_cp_async_wait(); }
 #else
 __device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-// Every committed group but the PENDING most recent has landed.
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait_group() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
-}
 #endif
 
 // A = the 16x16 tile at p, element (r, c) at p[r * ld + c]. Matrices: rows 0-7 / 8-15 (m % 2)
@@ -430,20 +423,6 @@ __device__ __forceinline__ void load_window_async(bf16* slots, const bf16* table
   load_chunk_async(next, table, h, dir > 0 ? start + 64 : start, N);
 }
 
-// The same window moving up over three slots of `stride` elements each (the slot size, at least
-// [64][LDS]), so that tile n + 1's new half can load while tile n still reads both of its
-// halves: tile n's rows [0, 64) are in slot n % 3, [64, 128) in slot (n + 1) % 3, and slot
-// (n + 2) % 3 is free for tile n + 1's new half.
-__device__ __forceinline__ bf16* slot3(bf16* slots, int stride, int i) { return slots + (i % 3) * stride; }
-__device__ __forceinline__ Window window3_of(bf16* slots, int stride, int n) {
-  return Window{slot3(slots, stride, n), slot3(slots, stride, n + 1)};
-}
-__device__ __forceinline__ void load_window3_async(bf16* slots, int stride, const bf16* table, int h, int start, int n,
-                                                   int N) {
-  if (n == 0) load_chunk_async(slot3(slots, stride, 0), table, h, start, N);
-  load_chunk_async(slot3(slots, stride, n + 1), table, h, start + 64, N);
-}
-
 // band[r][c] = row_r . window[63 - r + c] for this warp's 16 band rows r = 16 warp + (0..15)
 // (their A fragments in a) and every c < 64. Those rows read window rows [48 - 16 warp,
 // 127 - 16 warp]: ten 8-row groups, each one mma per 16 of D; each (r, c) is written once.
@@ -513,9 +492,9 @@ __device__ __forceinline__ void relative_bands(bf16* Cb, bf16* Pb, Window KRw, W
 // V tile), the K tile, the c2p band (queries x keys) and the p2c band (keys x queries); with REL,
 // the K_r and Q_r windows of the tile. 72 KB with REL: 3 blocks per SM (a separate V tile made
 // it 81 KB, 2 blocks).
-// Software pipelined without more shared memory: V's tile loads while the scores of K's are
-// computed; the new halves of the next tile's windows (REL) once the bands are computed, the
-// next tile's K once every warp has its scores, so both load during the softmax and P V.
+// Software pipelined (FA2's order) without more shared memory: V's tile loads while the
+// scores of K's are computed; the next tile's K (and with REL the new halves of the windows)
+// while the probabilities meet V.
 // REL: c2p and p2c are K_r and Q_r [H][2N][D] (the `_rel` kernels), else the tables [H, B, N, 2N].
 template <bool REL>
 __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
@@ -562,21 +541,13 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     // This lane's keys 2t + 8 n8 + (0, 1): bits 8 n8 + (0, 1) of kb (n8 < 4) and kb >> 32.
     const unsigned long long kb = key_bits(mask, b, n0, N) >> (2 * t);
     const unsigned int kw[2] = {(unsigned int)kb, (unsigned int)(kb >> 32)};
-    cp_async_wait_all();  // this tile's K and windows, issued during the previous tile
+    cp_async_wait_all();  // this tile's K (and windows), issued mid-way through the previous tile
     __syncthreads();
     load_tile_async(Vs, v, b, h, n0, N, H);
     cp_async_commit();
-    if (REL) {
-      relative_bands(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, qf, Ks);
-      // Only the bands read the windows (relative_bands ends with a barrier): the next halves.
-      if (n0 + BN < N) load_relative<true>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, n0 + BN, n + 1, 1);
-    }
-    cp_async_commit();  // even if empty: the wait for V below counts two groups after it
+    if (REL) relative_bands(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, qf, Ks);
     float s[BN / 8][4];
     frags_times_tile_t<BN / 8>(s, qf, Ks);  // c2c
-    __syncthreads();  // every warp is done with K: the next tile's loads while the softmax runs
-    if (n0 + BN < N) load_tile_async(Ks, k, b, h, n0 + BN, N, H);
-    cp_async_commit();
     float mx_a = NEG_INF, mx_b = NEG_INF;
 #pragma unroll
     for (int n8 = 0; n8 < BN / 8; ++n8) {
@@ -626,8 +597,13 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     }
     FragA pa[BN / 16];
     to_a<BN / 16>(pa, s);
-    cp_async_wait_group<2>();  // this tile's V (the next windows' and K's groups may fly on)
-    __syncthreads();           // every warp's part of it
+    cp_async_wait_all();  // this tile's V
+    __syncthreads();      // and every warp is done with K and the windows' old half
+    if (n0 + BN < N) {
+      load_tile_async(Ks, k, b, h, n0 + BN, N, H);
+      if (REL) load_relative<true>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, n0 + BN, n + 1, 1);
+      cp_async_commit();
+    }
     weights_times_tile<BN / 16>(o, pa, Vs);  // O += dropout(P) V
   }
   const float inv_a = oka && l_a > 0.f ? 1.f / l_a : 0.f, inv_b = okb && l_b > 0.f ? 1.f / l_b : 0.f;
@@ -662,19 +638,17 @@ __device__ __forceinline__ void zero_skewed(bf16* DSK) {
 }
 #define BWD_SMEM_SETUP(REL)                                                        \
   DYNAMIC_SMEM(smem);                                                              \
-  /* (lse log2 e, D_i) per query; REL: two tiles' (the next one's load during this one) */ \
-  float2* qstat = reinterpret_cast<float2*>(smem);                                 \
-  bf16* T0 = reinterpret_cast<bf16*>(qstat + (REL ? 128 : 64));                    \
+  float2* qstat = reinterpret_cast<float2*>(smem); /* (lse log2 e, D_i) per query */ \
+  bf16* T0 = reinterpret_cast<bf16*>(qstat + 64);                                  \
   bf16* T1 = T0 + 64 * LDS;                                                        \
   bf16* T2 = T1 + 64 * LDS;                                                        \
   bf16* T3 = T2 + 64 * LDS;                                                        \
-  bf16* Pb = T3 + 64 * LDS;                                                        \
+  bf16* Cb = T3 + 64 * LDS;                                                        \
+  bf16* Pb = Cb + 64 * LDR;                                                        \
   bf16* DSb = Pb + 64 * LDR;                                                       \
   bf16* DSK = DSb;                         /* REL: [64][LDK] */                    \
-  bf16* Cb = DSb + (REL ? 64 * LDK : 64 * LDR); /* REL: slot 0 of Pool */          \
-  bf16* Pool = Cb;                         /* REL: [3][64][LDR] */                 \
-  bf16* KRw = Pool + 3 * 64 * LDR;         /* REL: [128][LDS] */                   \
-  bf16* QRw = KRw + 128 * LDS;             /* unused */                            \
+  bf16* KRw = DSK + 64 * LDK;              /* REL: [128][LDS] */                   \
+  bf16* QRw = KRw + 128 * LDS;             /* REL: [128][LDS] */                   \
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3; \
   const int bh = blockIdx.y, b = bh / H, h = bh % H;                               \
   const long long tb = (long long)h * (gridDim.y / H) + b;                         \
@@ -779,11 +753,6 @@ __device__ __forceinline__ void store_ds_tile(bf16* __restrict__ dst, const bf16
 // rows d_p2c[j, .] of the table (tables), or (REL) the p2c part of dK and this block's partial
 // sums of dQ_r, and (REL, ds_out given) each tile's dS for `dattn_bwd_q_ds`. The warp's 16 keys
 // are the rows of S^T = K Q^T, the tile's 64 queries its columns.
-// REL is software pipelined: the next tile's half of K_r's window loads once the bands are
-// computed, its queries, dO, stats and half of Q_r's window once the scores are done, while
-// the relative gradients run. Q_r's window is still read then, so it and the c2p band rotate
-// through three band-sized slots (Pool): tile n's window in slots n % 3 and (n + 1) % 3, its
-// c2p band in (n + 2) % 3, where tile n + 1's half of the window lands once the band is read.
 template <bool REL>
 __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                        const bf16* __restrict__ v, const bf16* __restrict__ c2p,
@@ -799,31 +768,13 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
   const float key_b = kb + rb < N && mask[(long long)b * N + kb + rb] ? 0.f : NEG_INF;
   // REL: this block's partial dQ_r rows, [rows][D] from window row N-64-kb (see relative_grads).
   bf16* part = REL && dp2c ? dp2c + ((long long)bh * gridDim.x + blockIdx.x) * (gridDim.x * 64 + 64) * D : nullptr;
-  // The stats (lse log2 e, D_i) of the queries [m0, m0 + 64) into st[64].
-  auto load_stats = [=](float2* st, int m0) {
-    for (int e = threadIdx.x; e < BM; e += blockDim.x) {
-      const int i = m0 + e;
-      const bool in = i < N;
-      st[e] = make_float2(in && mask[(long long)b * N + i] ? lse[(long long)bh * N + i] * L2E : POS_INF,
-                          in ? dvec[(long long)bh * N + i] : 0.f);
-    }
-  };
-  // REL: what tile n (queries [m0, m0 + 64)) needs but K_r's window, by cp.async (uncommitted).
-  auto load_queries = [=](int m0, int n) {
-    load_tile_async(Qs, q, b, h, m0, N, H);
-    load_tile_async(dOs, dout, b, h, m0, N, H);
-    if (p2c) load_window3_async(Pool, 64 * LDR, p2c, h, N - 1 - (kb + 63) + m0, n, N);
-    load_stats(qstat + (n & 1) * 64, m0);
-  };
   load_tile_async(Ks, k, b, h, kb, N, H);
   load_tile_async(Vs, v, b, h, kb, N, H);
-  if (REL) {
-    load_queries(0, 0);
-    if (c2p) load_window_async(KRw, c2p, h, N - 1 - 63 + kb, 0, -1, N);
-    if (!p2c) zero_band(Pb);
-  }
   cp_async_commit();
-  if (!REL) cp_async_wait_all();  // REL: at the top of the first tile
+  cp_async_wait_all();
+  if (REL && !c2p) zero_band(Cb);
+  if (REL && !p2c) zero_band(Pb);
+  __syncthreads();
   float dk_acc[D / 8][4], dv_acc[D / 8][4];
   float gacc[2][D / 8][4];  // REL: the partial dQ_r rows this warp carries to the next tile
 #pragma unroll
@@ -832,26 +783,20 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
     for (int e = 0; e < 4; ++e) dk_acc[n8][e] = dv_acc[n8][e] = 0.f;
 
   for (int m0 = 0, n = 0; m0 < N; m0 += BM, ++n) {
-    bf16* Cn = REL ? slot3(Pool, 64 * LDR, n + 2) : Cb;  // the tile's c2p band
-    const float2* qst = qstat + (REL ? (n & 1) * 64 : 0);
-    if (REL) {
-      cp_async_wait_all();
-      __syncthreads();  // tile n has landed; tile n - 1's readers of DSK and of slot n + 2 are done
-      if (!c2p) zero_band(Cn);
-      relative_bands(Cn, Pb, window_of(KRw, n, -1), window3_of(Pool, 64 * LDR, n), c2p, p2c, Qs, Ks);
-      // Only the bands read K_r's window (relative_bands ends with a barrier): its next half.
-      if (c2p && m0 + BM < N) load_window_async(KRw, c2p, h, N - 1 - (m0 + BM + 63) + kb, n + 1, -1, N);
-      cp_async_commit();
-    } else {
-      __syncthreads();
-      load_tile_async(Qs, q, b, h, m0, N, H);
-      load_tile_async(dOs, dout, b, h, m0, N, H);
-      load_relative<false>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m0, kb, n, -1);
-      cp_async_commit();
-      load_stats(qstat, m0);
-      cp_async_wait_all();
-      __syncthreads();
+    __syncthreads();
+    load_tile_async(Qs, q, b, h, m0, N, H);
+    load_tile_async(dOs, dout, b, h, m0, N, H);
+    load_relative<REL>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m0, kb, n, -1);
+    cp_async_commit();
+    for (int e = threadIdx.x; e < BM; e += blockDim.x) {
+      const int i = m0 + e;
+      const bool in = i < N;
+      qstat[e] = make_float2(in && mask[(long long)b * N + i] ? lse[(long long)bh * N + i] * L2E : POS_INF,
+                             in ? dvec[(long long)bh * N + i] : 0.f);
     }
+    cp_async_wait_all();
+    __syncthreads();
+    if (REL) relative_bands(Cb, Pb, window_of(KRw, n, -1), window_of(QRw, n, 1), c2p, p2c, Qs, Ks);
     // The tile's queries in two halves of 32: half the registers for S^T, dP^T and their
     // fragments, which keeps the kernel from spilling.
 #pragma unroll 1
@@ -864,7 +809,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
         // This lane's queries c, c + 1: their stats, and the p2c band's pairs as 32-bit words,
         // each loaded once (the dS stores below keep the compiler from merging repeated loads).
         const int cc = c0 + n8 * 8 + 2 * t;
-        const float2 qs[2] = {qst[cc], qst[cc + 1]};
+        const float2 qs[2] = {qstat[cc], qstat[cc + 1]};
         const unsigned int pw[2] = {ld32(Pb + ra * LDR + cc), ld32(Pb + rb * LDR + cc)};
         unsigned int hz[2];  // dropout: the hashes of (c, ra), (c + 1, ra), each also (., rb = ra + 8)
 #pragma unroll
@@ -872,7 +817,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
           const int r = e < 2 ? ra : rb, c = cc + (e & 1);  // key r, query c
           // No branch: a masked query's lse is +inf, a masked key's score -inf: p = 0.
           const float x =
-              st[n8][e] + bf2f(Cn[c * LDR + r]) + (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2])) + (e < 2 ? key_a : key_b);
+              st[n8][e] + bf2f(Cb[c * LDR + r]) + (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2])) + (e < 2 ? key_a : key_b);
           const float p = ex2(fmaf(x, L2E, -qs[e & 1].x));
           float z = 1.f;
           if (p_drop > 0.f) {
@@ -892,14 +837,10 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
       weights_times_tile<2>(dv_acc, pza, dOs + c0 * LDS);  // dV += dropout(P)^T dO
       weights_times_tile<2>(dk_acc, dsa, Qs + c0 * LDS);   // dK += dS^T Q
     }
-    __syncthreads();  // the scores are done: Q, dO, the bands and the stats are free; DSK is complete
+    __syncthreads();
     if (REL) {
-      if (m0 + BM < N) {
-        load_queries(m0 + BM, n + 1);  // Q_r's new half into slot n + 2, the c2p band just read
-        cp_async_commit();
-      }
       // p2c(i, j) = k_j . Q_r[N-1-j+i]: dK += dS^T Q_r (skewed), dQ_r += (skewed dS)^T K.
-      if (p2c) relative_grads(dk_acc, gacc, DSK, window3_of(Pool, 64 * LDR, n), Ks, part, m0, n);
+      if (p2c) relative_grads(dk_acc, gacc, DSK, window_of(QRw, n, 1), Ks, part, m0, n);
       // dS of (query tile n, key tile blockIdx.x): [B * H][tiles][tiles][64][64].
       if (ds_out) store_ds_tile(ds_out + (((long long)bh * gridDim.x + n) * gridDim.x + blockIdx.x) * 64 * 64, DSK);
     } else if (dp2c) {
@@ -1029,10 +970,7 @@ __device__ __forceinline__ void load_ds_async(bf16* __restrict__ dst, const bf16
 // them). Reading dS instead of recomputing S, both bands, P and dP took the queries kernel from
 // 280 mma per tile to 136 and dropped its per-score work (exponential, dropout hash, masks).
 // Shared memory: the block's own rows, the tile's other rows, dS [64][LDR], its skewed copy
-// DSK[own][63 - own + other] ([64][LDK]), the table's window in three slots [192][LDS]: 71 KB, 3
-// blocks per SM. Software pipelined: once the tile's dS and other rows are in registers and in
-// DSK, the next tile's (and the window's next half, in the third slot) load while the relative
-// half of this tile runs.
+// DSK[own][63 - own + other] ([64][LDK]), the table's window [128][LDS]: 62 KB, 3 blocks per SM.
 template <bool KEYS>
 __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const bf16* __restrict__ other_src,
                                         const bf16* __restrict__ table, const bf16* __restrict__ ds,
@@ -1042,30 +980,29 @@ __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const 
   bf16* Other = Own + 64 * LDS;
   bf16* DSs = Other + 64 * LDS;  // dS [query][key]
   bf16* DSK = DSs + 64 * LDR;    // DSK[own][63 - own + other] = dS, zero off the band
-  bf16* Win = DSK + 64 * LDK;    // [3][64][LDS]
+  bf16* Win = DSK + 64 * LDK;    // [128][LDS]
   const int warp = threadIdx.x / 32, tiles = gridDim.x;
   const int bh = blockIdx.y, b = bh / H, h = bh % H;
   const int r0 = blockIdx.x * 64, row0 = r0 + warp * 16;
   // This block's partial rows of the table's gradient, [rows][D] from window row N-64-r0.
   bf16* part = table && part_out ? part_out + ((long long)bh * tiles + blockIdx.x) * (tiles * 64 + 64) * D : nullptr;
-  // Tile n's other rows, dS and what it lacks of the window, by cp.async (committed here).
-  auto load_tile_n = [=](int n) {
-    load_tile_async(Other, other_src, b, h, n * 64, N, H);
-    load_ds_async(DSs, ds + ((long long)bh * tiles * tiles + (KEYS ? n * tiles + blockIdx.x : blockIdx.x * tiles + n)) * 64 * 64);
-    if (table) load_window3_async(Win, 64 * LDS, table, h, N - 1 - (r0 + 63) + n * 64, n, N);
-    cp_async_commit();
-  };
+  const bf16* ds_bh = ds + (long long)bh * tiles * tiles * 64 * 64;
   zero_skewed(DSK);
   load_tile_async(Own, own_src, b, h, r0, N, H);
-  load_tile_n(0);
+  cp_async_commit();
   float acc[D / 8][4];
   float gacc[2][D / 8][4];  // the partial table-gradient rows this warp carries to the next tile
 #pragma unroll
   for (int n8 = 0; n8 < D / 8; ++n8) acc[n8][0] = acc[n8][1] = acc[n8][2] = acc[n8][3] = 0.f;
 
   for (int t0 = 0, n = 0; t0 < N; t0 += 64, ++n) {
+    __syncthreads();  // the previous tile's readers of Other, DSs, DSK and the window's old half are done
+    load_tile_async(Other, other_src, b, h, t0, N, H);
+    load_ds_async(DSs, ds_bh + (KEYS ? (long long)n * tiles + blockIdx.x : (long long)blockIdx.x * tiles + n) * 64 * 64);
+    if (table) load_window_async(Win, table, h, N - 1 - (r0 + 63) + t0, n, 1, N);
+    cp_async_commit();
     cp_async_wait_all();
-    __syncthreads();  // tile n has landed; the previous tile's readers of DSK and of its window's low half are done
+    __syncthreads();
     if (table)  // the skewed copy, two scores per step
 #pragma unroll
       for (int it = 0; it < 64 * 32 / THREADS; ++it) {
@@ -1086,11 +1023,12 @@ __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const 
       else load_a(a, DSs + warp * 16 * LDR + kk * 16, LDR);
       a_times_rows(acc, a, Other + kk * 16 * LDS);
     }
-    __syncthreads();  // every warp is done with DSs and Other, and has written its part of DSK
-    if (t0 + 64 < N) load_tile_n(n + 1);
-    // c2p(i, j) = q_i . K_r[N-1-i+j]: dQ += dS K_r (skewed), dK_r += (skewed dS)^T Q;
-    // p2c(i, j) = k_j . Q_r[N-1-j+i]: dK += dS^T Q_r (skewed), dQ_r += (skewed dS)^T K.
-    if (table) relative_grads(acc, gacc, DSK, window3_of(Win, 64 * LDS, n), Own, part, t0, n);
+    if (table) {
+      __syncthreads();  // every warp's part of DSK
+      // c2p(i, j) = q_i . K_r[N-1-i+j]: dQ += dS K_r (skewed), dK_r += (skewed dS)^T Q;
+      // p2c(i, j) = k_j . Q_r[N-1-j+i]: dK += dS^T Q_r (skewed), dQ_r += (skewed dS)^T K.
+      relative_grads(acc, gacc, DSK, window_of(Win, n, 1), Own, part, t0, n);
+    }
   }
   if (table) flush_relative(gacc, part, (tiles - 1) * 64, tiles - 1);
   write_rows(out, acc, 1.f, 1.f, b, h, row0, N, ldg);
@@ -1130,17 +1068,15 @@ __device__ __forceinline__ void store_ds_tile_t(bf16* __restrict__ dst, const bf
 
 // Keys-major, split: this block owns keys [kb, kb + 64): dV += dropout(P)^T dO, and each tile's
 // dS ([B * H][tiles][tiles][64][64] bf16) for dattn_bwd_q_ds and dattn_bwd_k_ds. Shared memory:
-// two tiles' queries' (lse log2 e, D_i), the Q and dO tiles (at first the block's K and V rows),
-// the c2p band Cb[query][key], the p2c band Pb[key][query] (then the tile's dS^T), the K_r and
-// Q_r windows [128][LDS]. Software pipelined: only the bands read the windows, so their next
-// halves load once the bands are computed; the next queries, dO and stats once the scores are
-// done, while the tile's dS is stored.
+// the queries' (lse log2 e, D_i), the Q and dO tiles (at first the block's K and V rows), the
+// c2p band Cb[query][key], the p2c band Pb[key][query] (then the tile's dS^T), the K_r and Q_r
+// windows [128][LDS].
 KERNEL void __launch_bounds__(128, 3)
 dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int H, int N, int ldg, float p_drop,
                unsigned long long seed) {
   DYNAMIC_SMEM(smem);
-  float2* qstat = reinterpret_cast<float2*>(smem);  // [2][64]: tile n's in qstat[n % 2]
-  bf16* Qs = reinterpret_cast<bf16*>(qstat + 128);
+  float2* qstat = reinterpret_cast<float2*>(smem);
+  bf16* Qs = reinterpret_cast<bf16*>(qstat + 64);
   bf16* dOs = Qs + 64 * LDS;
   bf16* Cb = dOs + 64 * LDS;
   bf16* Pb = Cb + 64 * LDR;  // the p2c band, then dS^T
@@ -1155,18 +1091,6 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
   const int kb = blockIdx.x * BN, j0 = kb + warp * 16;
   const float key_a = kb + ra < N && mask[(long long)b * N + kb + ra] ? 0.f : NEG_INF;
   const float key_b = kb + rb < N && mask[(long long)b * N + kb + rb] ? 0.f : NEG_INF;
-  // Tile n's (queries [m0, m0 + 64)) queries, dO and stats, by cp.async (uncommitted) and loads.
-  auto load_queries = [=](int m0, int n) {
-    load_tile_async(Qs, q, b, h, m0, N, H);
-    load_tile_async(dOs, dout, b, h, m0, N, H);
-    float2* st = qstat + (n & 1) * 64;
-    for (int e = threadIdx.x; e < BM; e += blockDim.x) {
-      const int i = m0 + e;
-      const bool in = i < N;
-      st[e] = make_float2(in && mask[(long long)b * N + i] ? lse[(long long)bh * N + i] * L2E : POS_INF,
-                          in ? dvec[(long long)bh * N + i] : 0.f);
-    }
-  };
   if (!c2p) zero_band(Cb);
   load_tile_async(Qs, k, b, h, kb, N, H);
   load_tile_async(dOs, v, b, h, kb, N, H);
@@ -1179,24 +1103,28 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
   float dv_acc[D / 8][4];
 #pragma unroll
   for (int n8 = 0; n8 < D / 8; ++n8) dv_acc[n8][0] = dv_acc[n8][1] = dv_acc[n8][2] = dv_acc[n8][3] = 0.f;
-  __syncthreads();  // every warp holds its rows: the tiles take the queries'
-  load_queries(0, 0);
-  load_relative<true>(Cb, Pb, KRw, QRw, c2p, p2c, 0, h, N, 0, kb, 0, -1);
-  cp_async_commit();
 
   for (int m0 = 0, n = 0; m0 < N; m0 += BM, ++n) {
-    const float2* qst = qstat + (n & 1) * 64;
+    __syncthreads();  // every warp holds its rows (tile 0), or is done with the previous tile
+    load_tile_async(Qs, q, b, h, m0, N, H);
+    load_tile_async(dOs, dout, b, h, m0, N, H);
+    load_relative<true>(Cb, Pb, KRw, QRw, c2p, p2c, 0, h, N, m0, kb, n, -1);
+    cp_async_commit();
+    for (int e = threadIdx.x; e < BM; e += blockDim.x) {
+      const int i = m0 + e;
+      const bool in = i < N;
+      qstat[e] = make_float2(in && mask[(long long)b * N + i] ? lse[(long long)bh * N + i] * L2E : POS_INF,
+                             in ? dvec[(long long)bh * N + i] : 0.f);
+    }
     cp_async_wait_all();
-    __syncthreads();  // tile n has landed; tile n - 1's dS^T is stored
+    __syncthreads();
     if (c2p) {  // Cb's rows are queries: each warp's 16 of them
       FragA qf[D / 16];
       load_rows(qf, Qs + warp * 16 * LDS);
       skewed_band(Cb, qf, window_of(KRw, n, -1));
     }
     if (p2c) skewed_band(Pb, kf, window_of(QRw, n, 1));  // Pb's rows are the warp's own keys
-    __syncthreads();  // every warp reads all of Cb; nobody reads the windows any more
-    if (m0 + BM < N) load_relative<true>(Cb, Pb, KRw, QRw, c2p, p2c, 0, h, N, m0 + BM, kb, n + 1, -1);
-    cp_async_commit();
+    __syncthreads();  // every warp reads all of Cb
 #pragma unroll 1
     for (int c0 = 0; c0 < BM; c0 += 32) {
       float st[4][4], dpt[4][4];
@@ -1207,7 +1135,7 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
         // bwd_kv's scores, repeated: as one shared function they made ptxas spill 16 bytes in
         // dattn_bwd_kv. Pb's pair (r, c..c+1) is read before this thread writes dS over it.
         const int cc = c0 + n8 * 8 + 2 * t;
-        const float2 qs[2] = {qst[cc], qst[cc + 1]};
+        const float2 qs[2] = {qstat[cc], qstat[cc + 1]};
         const unsigned int pw[2] = {p2c ? ld32(Pb + ra * LDR + cc) : 0u, p2c ? ld32(Pb + rb * LDR + cc) : 0u};
         unsigned int hz[2];
 #pragma unroll
@@ -1229,11 +1157,7 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
       to_a<2>(pza, st);
       weights_times_tile<2>(dv_acc, pza, dOs + c0 * LDS);  // dV += dropout(P)^T dO
     }
-    __syncthreads();  // the tile's dS^T is complete; Q, dO, Cb and the stats are free
-    if (m0 + BM < N) {
-      load_queries(m0 + BM, n + 1);
-      cp_async_commit();
-    }
+    __syncthreads();  // the tile's dS^T is complete
     store_ds_tile_t(ds_out + (((long long)bh * gridDim.x + n) * gridDim.x + blockIdx.x) * 64 * 64, Pb);
   }
   write_rows(dv, dv_acc, 1.f, 1.f, b, h, j0, N, ldg);

@@ -212,13 +212,12 @@ void cp_async(void* dst, const void* src, bool valid) {
   f.copies.push_back(c);
 }
 void cp_async_commit() { ++st.fibers[st.current].committed; }
-// cp.async.wait_group pending: every committed group of this thread but the `pending` most
-// recent has landed (0: all of them).
-void cp_async_wait(unsigned pending) {
+// cp.async.wait_group 0: every committed group of this thread has landed.
+void cp_async_wait() {
   Fiber& f = st.fibers[st.current];
   std::vector<Copy> later;
   for (const Copy& c : f.copies) {
-    if (c.group + pending < f.committed) std::memcpy(c.dst, c.bytes, 16);
+    if (c.group < f.committed) std::memcpy(c.dst, c.bytes, 16);
     else later.push_back(c);
   }
   f.copies.swap(later);
@@ -377,7 +376,7 @@ static inline void emu_mma(float* c, const unsigned* a, const unsigned* b) { emu
 static inline void emu_ldmatrix(unsigned* r, const void* p, int num, bool trans) { emu::ldmatrix(r, p, num, trans); }
 static inline void emu_cp_async(void* dst, const void* src, bool valid) { emu::cp_async(dst, src, valid); }
 static inline void emu_cp_async_commit() { emu::cp_async_commit(); }
-static inline void emu_cp_async_wait(unsigned pending) { emu::cp_async_wait(pending); }
+static inline void emu_cp_async_wait() { emu::cp_async_wait(); }
 
 // Before the attention kernels: their source defines short macro names (D, BM, WARPS, ...).
 namespace adamw {
