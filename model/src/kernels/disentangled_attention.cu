@@ -678,6 +678,11 @@ __device__ __forceinline__ void load_a_t(FragA& a, const bf16* p, int ld) {
 //    k - 1 as its rows [64, 128), adds its part to what it kept in gacc and writes them (their
 //    last contribution); the other pair starts rows [64, 128) in gacc. No read-modify-write,
 //    each partial element written once (`flush_relative` writes the last tile's upper rows).
+//    DSK[r][x] is zero unless 63 <= r + x <= 126, so of the 16 x 16 blocks (window chunk xc,
+//    own chunk kk) only those with 3 <= xc + kk <= 7 are multiplied: 20 of 32. A warp's two
+//    chunks are xc and 3 - xc of its half (`gacc_chunk`): 5 blocks for every warp.
+// Window chunk (16 rows) of this warp's gacc[mt] within its pair's half.
+__device__ __forceinline__ int gacc_chunk(int warp, int mt) { return mt == 0 ? warp % 2 : 3 - warp % 2; }
 __device__ __forceinline__ void relative_grads(float (*acc)[4], float (*gacc)[D / 8][4], const bf16* DSK,
                                                Window W, const bf16* own, bf16* __restrict__ part, int off,
                                                int k) {
@@ -692,12 +697,13 @@ __device__ __forceinline__ void relative_grads(float (*acc)[4], float (*gacc)[D 
   const bool lower = warp / 2 == (k & 1);
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
-    const int x_base = (lower ? 0 : 64) + 32 * (warp % 2) + 16 * mt;
+    const int xc = (lower ? 0 : 4) + gacc_chunk(warp, mt), x_base = 16 * xc;
     if (!lower || k == 0)  // the pair starts these rows (lower at tile 0: nobody started them)
 #pragma unroll
       for (int n8 = 0; n8 < D / 8; ++n8) gacc[mt][n8][0] = gacc[mt][n8][1] = gacc[mt][n8][2] = gacc[mt][n8][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
+      if (xc + kk < 3 || xc + kk > 7) continue;  // an all-zero block of DSK
       FragA a;
       load_a_t(a, DSK + kk * 16 * LDK + x_base, LDK);
       a_times_rows(gacc[mt], a, own + kk * 16 * LDS);  // accumulated in place: no temporary
@@ -724,7 +730,7 @@ __device__ __forceinline__ void flush_relative(float (*gacc)[D / 8][4], bf16* __
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      bf16* row = part + (long long)(off + 64 + 32 * (warp % 2) + 16 * mt + g + 8 * half) * D + 2 * t;
+      bf16* row = part + (long long)(off + 64 + 16 * gacc_chunk(warp, mt) + g + 8 * half) * D + 2 * t;
 #pragma unroll
       for (int n8 = 0; n8 < D / 8; ++n8)
         *reinterpret_cast<unsigned int*>(row + n8 * 8) =
