@@ -172,11 +172,7 @@ fn params_per_rank(c: &DebertaConfig, tp: f64) -> f64 {
 /// Measured on the H100 (xxlarge x 512, allocator peak) the peaks are ~6% above it
 /// (`estimates_against_measured_peaks`): workspaces, other transients.
 pub fn fused_memory_estimate_tp(c: &DebertaConfig, micro_batch: i64, seq: i64, tp: i64) -> MemoryEstimate {
-    fused_estimate(c, micro_batch, seq, tp, kept_layers(c))
-}
-
-/// `fused_memory_estimate_tp` with `layers` layers' activations kept.
-fn fused_estimate(c: &DebertaConfig, micro_batch: i64, seq: i64, tp: i64, layers: f64) -> MemoryEstimate {
+    let layers = kept_layers(c);
     let tp = tp.max(1) as f64;
     let (d, a, f, v) = widths(c);
     let tokens = (micro_batch * seq) as f64;
@@ -212,8 +208,7 @@ fn fused_estimate(c: &DebertaConfig, micro_batch: i64, seq: i64, tp: i64, layers
 
 /// How many layers' activations pretraining keeps, in units of a full layer: the encoder's
 /// first L-1 (no loss reads the last one's output, so `mlm_loss_segments` does not run it) and
-/// the EMD's two passes through the last layer on the masked rows. The H100 peaks in the tests
-/// were measured when all L ran (a layer is ~2% of the activations at 48).
+/// the EMD's two passes through the last layer on the masked rows.
 fn kept_layers(c: &DebertaConfig) -> f64 {
     (c.num_hidden_layers - 1).max(0) as f64 + 2.0 * MASK_FRACTION
 }

@@ -665,6 +665,9 @@ __device__ __forceinline__ void load_a_t(FragA& a, const bf16* p, int ld) {
   ldsm4_t(a.x, p + ((lane & 7) + 8 * (m >> 1)) * ld + 8 * (m & 1));
 }
 
+// Window chunk (16 rows) of this warp's gacc[mt] in `relative_grads` within its pair's half.
+__device__ __forceinline__ int gacc_chunk(int warp, int mt) { return mt == 0 ? warp % 2 : 3 - warp % 2; }
+
 // The relative half of a backward tile (REL), from DSK, the skewed dS of the block's 64 own rows
 // (DSK[r][63 - r + c] = dS[r][c] for the tile's column c, zero elsewhere), and the window W of
 // the per-distance table the own rows read (W[x] is distance row m0 + x):
@@ -681,8 +684,6 @@ __device__ __forceinline__ void load_a_t(FragA& a, const bf16* p, int ld) {
 //    DSK[r][x] is zero unless 63 <= r + x <= 126, so of the 16 x 16 blocks (window chunk xc,
 //    own chunk kk) only those with 3 <= xc + kk <= 7 are multiplied: 20 of 32. A warp's two
 //    chunks are xc and 3 - xc of its half (`gacc_chunk`): 5 blocks for every warp.
-// Window chunk (16 rows) of this warp's gacc[mt] within its pair's half.
-__device__ __forceinline__ int gacc_chunk(int warp, int mt) { return mt == 0 ? warp % 2 : 3 - warp % 2; }
 __device__ __forceinline__ void relative_grads(float (*acc)[4], float (*gacc)[D / 8][4], const bf16* DSK,
                                                Window W, const bf16* own, bf16* __restrict__ part, int off,
                                                int k) {
