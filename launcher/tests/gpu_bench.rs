@@ -218,3 +218,82 @@ fn the_fine_tuning_check_runs_on_the_cpu_and_fails_when_a_task_does() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("BACKEND=tpu: expected cuda or cpu"), "{}", text(&o));
 }
+
+/// `cluster/gpu-session.sh`, the whole device call a GPU session makes (kernel-check and the
+/// build traced, the baseline worker beside it, the other batch sizes with HF, fine-tuning), as
+/// a dry run on the CPU: every part runs and returns its own tarball, the ratios against the
+/// baseline and HF come out, and a failing part makes the call fail.
+#[test]
+fn the_gpu_session_call_runs_its_four_parts_on_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = bundle(tmp.path());
+    let session = |env: &[(&str, &str)]| {
+        let out = tmp.path().join("session");
+        let _ = std::fs::remove_dir_all(&out);
+        let mut c = Command::new("bash");
+        c.arg(repo().join("cluster/gpu-session.sh"))
+            .args(["tiny", "32", "2", "4"])
+            .env("BUNDLE", &b)
+            .env("OUT", &out)
+            .env("BENCH_DEVICE", "cpu")
+            .env("BACKEND", "cpu")
+            .env("PRECISION", "fp32")
+            .env("EPOCHS", "1")
+            .env("BENCH_STEPS", "1")
+            .env("BENCH_WARMUP", "0")
+            .env("HF_BATCHES", "2")
+            .env("SESSION_WORK", tmp.path());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        (c.output().unwrap(), out)
+    };
+    let (o, out) = session(&[]);
+    let all = text(&o);
+    assert!(o.status.success(), "{all}");
+    for part in ["check", "base", "sizes", "finetune"] {
+        assert!(all.contains(&format!("s] part {part}")), "part {part}: {all}");
+    }
+    for f in [
+        "check/gpu-bench.tgz",
+        "base/gpu-bench.tgz",
+        "sizes/gpu-bench.tgz",
+        "finetune/finetune.tgz",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing: {all}");
+    }
+    // kernel-check once (part base skips it), the first batch size traced.
+    assert_eq!(all.matches("kernel-check: all ok").count(), 1, "{all}");
+    assert!(all.contains("bench trace (one more step, batch 2"), "{all}");
+    // Parts check and base ran apart: the session prints their ratio from their rows.
+    let row = |part: &str, file: &str| {
+        let rows = std::fs::read_to_string(tmp.path().join(format!("gpu-session-{part}/{file}"))).unwrap();
+        let row: serde_json::Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
+        row["tokens_per_s"].as_f64().unwrap()
+    };
+    let (ours, base) = (
+        row("check", "ours-fused-rel.jsonl"),
+        row("base", "ours-base-fused-rel.jsonl"),
+    );
+    let ratio = format!(
+        "ours / baseline (dryrun), fused-rel, batch 2: {ours:.1} / {base:.1} = {:.3}x",
+        ours / base
+    );
+    assert!(all.contains(&ratio), "expected {ratio:?} in {all}");
+    // Part sizes: batch 4, and batch 2 again beside HF's row.
+    assert!(
+        all.contains("ratio (ours with fused-rel / HF tokens/s):\n  batch 2: "),
+        "{all}"
+    );
+    assert!(all.contains(r#""batch":4"#), "{all}");
+    assert!(all.contains("== CB: exit 0") && all.contains("== WSC: exit 0"), "{all}");
+    assert!(all.contains("done (exit 0)"), "{all}");
+
+    // A failing part (a fine-tuning task that does not exist) fails the call; the parts
+    // before it still return their files.
+    let (o, out) = session(&[("TASKS", "NotATask"), ("HF_BATCHES", "none"), ("KERNEL_CHECK", "0")]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("done (exit 1)"), "{}", text(&o));
+    assert!(out.join("check/gpu-bench.tgz").is_file());
+    assert!(out.join("finetune/finetune.tgz").is_file());
+}

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One GPU session's device call, as the eleventh session ran it by hand (docs/performance.md):
+# four parts in a row, each returning one tarball in its own folder of $OUT (the runner returns
+# at most 8 files), so a call cut short still returns the parts it finished:
+#   1. check/    kernel-check, then our VARIANTS at the first batch size, the first traced;
+#   2. base/     the baseline worker (BASELINE=REV bash cluster/gpu-bundle.sh) at that batch
+#                size: a change against what it replaced, on one machine (machines differ by
+#                ~1.3%, so builds are compared within one call only); skipped without one;
+#   3. sizes/    the first variant at the other batch sizes, the HF baseline at HF_BATCHES;
+#   4. finetune/ cluster/gpu-finetune-check.sh (CB with SiFT, WSC) on CUDA.
+#
+#   BASELINE=REV bash cluster/gpu-bundle.sh   # here; then on the GPU machine, carry [gpu-bundle]:
+#   bash cluster/gpu-session.sh [PRESET] [SEQ] [BATCH...]   # default: xxlarge 512 32 8 40
+#   env: VARIANTS (default fused-rel), HF_BATCHES (default 8; none to skip), BENCH_STEPS (3),
+#        BENCH_WARMUP (2), FINETUNE=0, BUNDLE, SESSION_WORK (default /tmp: the parts' own
+#        output, $SESSION_WORK/gpu-session-PART), and for a dry run on a machine without a GPU
+#        BENCH_DEVICE=cpu BACKEND=cpu PRECISION=fp32 EPOCHS=1 (launcher/tests/gpu_bench.rs)
+# About 4 minutes at xxlarge on an H100 (the eleventh session's third call: 240 s).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+preset="${1:-xxlarge}"; seq="${2:-512}"; shift 2 2>/dev/null || shift $#
+batches=("$@"); [ ${#batches[@]} -gt 0 ] || batches=(32 8 40)
+read -r -a variants <<< "${VARIANTS:-fused-rel}"
+bundle="$(realpath -m "${BUNDLE:-gpu-bundle}")"
+root="${OUT:-/tmp/gpu-session}"
+work="${SESSION_WORK:-/tmp}"  # each part's gpu-bench output, $work/gpu-session-PART
+export BUNDLE="$bundle" BENCH_STEPS="${BENCH_STEPS:-3}" BENCH_WARMUP="${BENCH_WARMUP:-2}"
+status=0
+# Part NAME: gpu-bench.sh with the rest of the arguments, its tarball in $root/NAME.
+part() {
+  local name="$1"; shift
+  mkdir -p "$root/$name"
+  echo "== [${SECONDS}s] part $name"
+  env OUT="$root/$name" BENCH_OUT="$work/gpu-session-$name" "$@" || status=1
+}
+part check TRACE=1 VARIANTS="${variants[*]}" HF_BATCHES=none \
+  bash cluster/gpu-bench.sh "$preset" "$seq" "${batches[0]}"
+if [ -x "$bundle/baseline/deberta-worker" ]; then
+  part base KERNEL_CHECK=0 VARIANTS="base:${variants[0]}" HF_BATCHES=none \
+    bash cluster/gpu-bench.sh "$preset" "$seq" "${batches[0]}"
+else
+  echo "== part base skipped: no $bundle/baseline/deberta-worker (BASELINE=REV bash cluster/gpu-bundle.sh)"
+fi
+# Parts check and base ran in separate gpu-bench.sh calls: their ratio here.
+python3 - "$work" "${variants[0]}" "${batches[0]}" "$(cat "$bundle/baseline/REVISION" 2>/dev/null || echo '?')" <<'PY'
+import json, os, sys
+work, v, b, rev = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+def row(f):
+    if not os.path.exists(f):
+        return None
+    for l in open(f):
+        if l.startswith("{") and '"tokens_per_s"' in l:
+            r = json.loads(l)
+            if r.get("batch") == b:
+                return r["tokens_per_s"]
+ours = row(f"{work}/gpu-session-check/ours-{v}.jsonl")
+base = row(f"{work}/gpu-session-base/ours-base-{v}.jsonl")
+if ours and base:
+    print(f"ours / baseline ({rev}), {v}, batch {b}: {ours:.1f} / {base:.1f} = {ours / base:.3f}x")
+PY
+if [ ${#batches[@]} -gt 1 ] || [ "${HF_BATCHES:-8}" != none ]; then
+  rest=("${batches[@]:1}")
+  # HF's sizes join ours, so that each HF row has ours beside it.
+  for hb in ${HF_BATCHES:-8}; do
+    [ "$hb" = none ] || [[ " ${rest[*]} " == *" $hb "* ]] || rest+=("$hb")
+  done
+  part sizes KERNEL_CHECK=0 VARIANTS="${variants[0]}" HF_BATCHES="${HF_BATCHES:-8}" \
+    bash cluster/gpu-bench.sh "$preset" "$seq" "${rest[@]}"
+fi
+if [ "${FINETUNE:-1}" = 1 ]; then
+  mkdir -p "$root/finetune"
+  echo "== [${SECONDS}s] part finetune"
+  OUT="$work/gpu-session-finetune" timeout 300 bash cluster/gpu-finetune-check.sh || status=1
+  tar -C "$work" -czf "$root/finetune/finetune.tgz" gpu-session-finetune
+fi
+echo "== [${SECONDS}s] done (exit $status)"
+exit $status
