@@ -70,6 +70,7 @@ fi
 if [ "${FINETUNE:-1}" = 1 ]; then
   mkdir -p "$root/finetune"
   echo "== [${SECONDS}s] part finetune"
+  rm -rf "$work/gpu-session-finetune"  # no earlier run's logs in the tarball
   OUT="$work/gpu-session-finetune" timeout 300 bash cluster/gpu-finetune-check.sh || status=1
   tar -C "$work" -czf "$root/finetune/finetune.tgz" gpu-session-finetune
 fi
