@@ -10,6 +10,7 @@
 #
 #   bash cluster/gpu-bench.sh [PRESET] [SEQ] [BATCH...]      # default: xxlarge 512 8 16
 #   env: VARIANTS (ours), HF_BATCHES (HF's sizes), BENCH_STEPS, BENCH_WARMUP, KERNEL_CHECK=0,
+#        BASE_KERNEL_CHECK=0 (not the baseline worker's kernel-check beside ours),
 #        TRACE=1 (the first variant also traces one step with libtorch's profiler: the Chrome
 #        trace in the tarball, the kernels' time by part of the step on the console),
 #        BUNDLE (default gpu-bundle), BENCH_DEVICE=cpu (a dry run on a machine without a GPU:
@@ -48,7 +49,7 @@ if [ "${KERNEL_CHECK:-1}" = 1 ]; then
   timeout 400 "$bundle/deberta-worker" kernel-check "${check_args[@]}" > "$out/kernel-check.txt" 2>&1 || echo "kernel-check FAILED (exit $?)"
   grep -E "FAIL|ms|20 steps|kernel-check:|error" "$out/kernel-check.txt"
   save
-  if [[ " ${variants[*]} " == *" base:"* ]] && [ -x "$bundle/baseline/deberta-worker" ]; then
+  if [[ " ${variants[*]} " == *" base:"* ]] && [ -x "$bundle/baseline/deberta-worker" ] && [ "${BASE_KERNEL_CHECK:-1}" = 1 ]; then
     # The baseline's kernel timings beside ours (the same card, minutes apart).
     echo "== baseline ($(cat "$bundle/baseline/REVISION")) deberta-worker kernel-check"
     timeout 400 "$bundle/baseline/deberta-worker" kernel-check "${check_args[@]}" > "$out/kernel-check-base.txt" 2>&1 \

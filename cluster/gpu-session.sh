@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One GPU session's device call, as the eleventh session ran it by hand (docs/performance.md):
-# four parts in a row, each returning one tarball in its own folder of $OUT (the runner returns
+# three parts in a row, each returning one tarball in its own folder of $OUT (the runner returns
 # at most 8 files), so a call cut short still returns the parts it finished:
-#   1. check/    kernel-check, then our VARIANTS at the first batch size, the first traced;
-#   2. base/     the baseline worker (BASELINE=REV bash cluster/gpu-bundle.sh) at that batch
-#                size: a change against what it replaced, on one machine (machines differ by
-#                ~1.3%, so builds are compared within one call only); skipped without one;
-#   3. sizes/    the first variant at the other batch sizes, the HF baseline at HF_BATCHES;
-#   4. finetune/ cluster/gpu-finetune-check.sh (CB with SiFT, WSC) on CUDA.
+#   1. check/    kernel-check, then our VARIANTS at the first batch size (the first traced) and
+#                the baseline worker's first variant beside them (BASELINE=REV bash
+#                cluster/gpu-bundle.sh; without one it is skipped), with their ratio: a change
+#                against what it replaced on one machine (machines differ by ~1.3%, so builds
+#                are compared within one call only);
+#   2. sizes/    the first variant at the other batch sizes, the HF baseline at HF_BATCHES;
+#   3. finetune/ cluster/gpu-finetune-check.sh (CB with SiFT, WSC) on CUDA.
 #
 #   BASELINE=REV bash cluster/gpu-bundle.sh   # here; then on the GPU machine, carry [gpu-bundle]:
 #   bash cluster/gpu-session.sh [PRESET] [SEQ] [BATCH...]   # default: xxlarge 512 32 8 40
@@ -33,31 +34,9 @@ part() {
   echo "== [${SECONDS}s] part $name"
   env OUT="$root/$name" BENCH_OUT="$work/gpu-session-$name" "$@" || status=1
 }
-part check TRACE=1 VARIANTS="${variants[*]}" HF_BATCHES=none \
+# gpu-bench.sh runs base:V with the bundle's baseline worker and prints V / base:V.
+part check TRACE=1 VARIANTS="${variants[*]} base:${variants[0]}" BASE_KERNEL_CHECK=0 HF_BATCHES=none \
   bash cluster/gpu-bench.sh "$preset" "$seq" "${batches[0]}"
-if [ -x "$bundle/baseline/deberta-worker" ]; then
-  part base KERNEL_CHECK=0 VARIANTS="base:${variants[0]}" HF_BATCHES=none \
-    bash cluster/gpu-bench.sh "$preset" "$seq" "${batches[0]}"
-else
-  echo "== part base skipped: no $bundle/baseline/deberta-worker (BASELINE=REV bash cluster/gpu-bundle.sh)"
-fi
-# Parts check and base ran in separate gpu-bench.sh calls: their ratio here.
-python3 - "$work" "${variants[0]}" "${batches[0]}" "$(cat "$bundle/baseline/REVISION" 2>/dev/null || echo '?')" <<'PY'
-import json, os, sys
-work, v, b, rev = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-def row(f):
-    if not os.path.exists(f):
-        return None
-    for l in open(f):
-        if l.startswith("{") and '"tokens_per_s"' in l:
-            r = json.loads(l)
-            if r.get("batch") == b:
-                return r["tokens_per_s"]
-ours = row(f"{work}/gpu-session-check/ours-{v}.jsonl")
-base = row(f"{work}/gpu-session-base/ours-base-{v}.jsonl")
-if ours and base:
-    print(f"ours / baseline ({rev}), {v}, batch {b}: {ours:.1f} / {base:.1f} = {ours / base:.3f}x")
-PY
 if [ ${#batches[@]} -gt 1 ] || [ "${HF_BATCHES:-8}" != none ]; then
   rest=("${batches[@]:1}")
   # HF's sizes join ours, so that each HF row has ours beside it.

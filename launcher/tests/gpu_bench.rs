@@ -76,9 +76,9 @@ fn bench(bundle: &Path, dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Outp
     c.output().unwrap()
 }
 
-/// The one JSON row of a variant's file.
+/// The one JSON row of a variant's file in gpu-bench.sh's output folder `dir` (BENCH_OUT).
 fn tokens_per_s(dir: &Path, file: &str) -> f64 {
-    let rows = std::fs::read_to_string(dir.join("gpu-bench").join(file)).unwrap();
+    let rows = std::fs::read_to_string(dir.join(file)).unwrap();
     let row: serde_json::Value = serde_json::from_str(rows.trim()).unwrap_or_else(|e| panic!("{file}: {e}: {rows}"));
     row["tokens_per_s"].as_f64().unwrap_or_else(|| panic!("{file}: {rows}"))
 }
@@ -113,8 +113,8 @@ fn the_prepared_gpu_call_runs_on_the_cpu_and_prints_its_tables_and_ratios() {
     let rows = std::fs::read_to_string(tmp.path().join("gpu-bench/ours-fused-split.jsonl")).unwrap();
     assert!(rows.contains("\"system\":\"deberta-rs+fused-split\""), "{rows}");
     // The tables, and the ratios from the rows.
-    let ours = tokens_per_s(tmp.path(), "ours-fused-rel.jsonl");
-    let base = tokens_per_s(tmp.path(), "ours-base-fused-rel.jsonl");
+    let ours = tokens_per_s(&tmp.path().join("gpu-bench"), "ours-fused-rel.jsonl");
+    let base = tokens_per_s(&tmp.path().join("gpu-bench"), "ours-base-fused-rel.jsonl");
     assert!(all.contains("HF transformers (bf16 autocast, fused AdamW)"), "{all}");
     assert!(all.contains(r#""system": "hf-standin""#), "{all}");
     let hf_ratio = format!(
@@ -220,11 +220,11 @@ fn the_fine_tuning_check_runs_on_the_cpu_and_fails_when_a_task_does() {
 }
 
 /// `cluster/gpu-session.sh`, the whole device call a GPU session makes (kernel-check and the
-/// build traced, the baseline worker beside it, the other batch sizes with HF, fine-tuning), as
-/// a dry run on the CPU: every part runs and returns its own tarball, the ratios against the
-/// baseline and HF come out, and a failing part makes the call fail.
+/// build traced with the baseline worker beside it, the other batch sizes with HF,
+/// fine-tuning), as a dry run on the CPU: every part runs and returns its own tarball, the
+/// ratios against the baseline and HF come out, and a failing part makes the call fail.
 #[test]
-fn the_gpu_session_call_runs_its_four_parts_on_the_cpu() {
+fn the_gpu_session_call_runs_its_three_parts_on_the_cpu() {
     let tmp = tempfile::tempdir().unwrap();
     let b = bundle(tmp.path());
     let session = |env: &[(&str, &str)]| {
@@ -251,32 +251,21 @@ fn the_gpu_session_call_runs_its_four_parts_on_the_cpu() {
     let (o, out) = session(&[]);
     let all = text(&o);
     assert!(o.status.success(), "{all}");
-    for part in ["check", "base", "sizes", "finetune"] {
+    for part in ["check", "sizes", "finetune"] {
         assert!(all.contains(&format!("s] part {part}")), "part {part}: {all}");
     }
-    for f in [
-        "check/gpu-bench.tgz",
-        "base/gpu-bench.tgz",
-        "sizes/gpu-bench.tgz",
-        "finetune/finetune.tgz",
-    ] {
+    for f in ["check/gpu-bench.tgz", "sizes/gpu-bench.tgz", "finetune/finetune.tgz"] {
         assert!(out.join(f).is_file(), "{f} missing: {all}");
     }
-    // kernel-check once (part base skips it), the first batch size traced.
+    // kernel-check once (not the baseline worker's), the first batch size traced.
     assert_eq!(all.matches("kernel-check: all ok").count(), 1, "{all}");
     assert!(all.contains("bench trace (one more step, batch 2"), "{all}");
-    // Parts check and base ran apart: the session prints their ratio from their rows.
-    let row = |part: &str, file: &str| {
-        let rows = std::fs::read_to_string(tmp.path().join(format!("gpu-session-{part}/{file}"))).unwrap();
-        let row: serde_json::Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
-        row["tokens_per_s"].as_f64().unwrap()
-    };
-    let (ours, base) = (
-        row("check", "ours-fused-rel.jsonl"),
-        row("base", "ours-base-fused-rel.jsonl"),
-    );
+    // The build against the baseline worker, from their rows.
+    let check = tmp.path().join("gpu-session-check");
+    let ours = tokens_per_s(&check, "ours-fused-rel.jsonl");
+    let base = tokens_per_s(&check, "ours-base-fused-rel.jsonl");
     let ratio = format!(
-        "ours / baseline (dryrun), fused-rel, batch 2: {ours:.1} / {base:.1} = {:.3}x",
+        "fused-rel / base:fused-rel tokens/s (against the baseline (dryrun)):\n  batch 2: {ours:.1} / {base:.1} = {:.3}x",
         ours / base
     );
     assert!(all.contains(&ratio), "expected {ratio:?} in {all}");
