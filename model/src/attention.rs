@@ -301,15 +301,23 @@ impl DisentangledSelfAttention {
             &[&wq, &self.key_proj.weight, &self.value_proj.weight].map(|w| w.to_kind(kind)),
             0,
         ); // [3·local, D]
-        let dw = dqkv.tr().mm(&x.to_kind(kind).reshape([-1, d]));
+        let xr = x.to_kind(kind).reshape([-1, d]);
+        // On CUDA each weight's gradient is accumulated by its own GEMM over its columns of
+        // dqkv (`blas`: fp32, the scale as the GEMM's alpha); else one product for the three.
+        let dw = (!crate::blas::fuses(&lin[0].weight, &dqkv, &xr)).then(|| dqkv.tr().mm(&xr));
         let db = dqkv.sum_dim_intlist(0, false, Kind::Float);
         for (i, l) in lin.iter().enumerate() {
             let at = i as i64 * local;
             let s = if i == 0 { self.scale } else { 1.0 };
-            let dw = dw.narrow(0, at, local);
-            // Scaled in fp32 (a bf16 product would round again); k's and v's go as they are.
-            let dw = if s == 1.0 { dw } else { dw.to_kind(l.weight.kind()) * s };
-            crate::nn::accumulate_grad(&l.weight, &dw);
+            match &dw {
+                None => crate::blas::accumulate_grad_mm(&l.weight, &dqkv.narrow(1, at, local).tr(), &xr, s),
+                Some(dw) => {
+                    let dw = dw.narrow(0, at, local);
+                    // Scaled in fp32 (a bf16 product would round again); k's and v's go as they are.
+                    let dw = if s == 1.0 { dw } else { dw.to_kind(l.weight.kind()) * s };
+                    crate::nn::accumulate_grad(&l.weight, &dw);
+                }
+            }
             if let Some(bias) = &l.bias {
                 crate::nn::accumulate_grad(bias, &(db.narrow(0, at, local) * s));
             }

@@ -61,7 +61,7 @@ pub fn load(
         return Ok(m.clone());
     }
     let err = |what: String| move |e: cudarc::driver::DriverError| format!("{what}: {e}");
-    let ctx = CudaContext::new(ordinal).map_err(err(format!("CUDA context on GPU {ordinal}")))?;
+    let ctx = context(ordinal)?;
     let (major, minor) = ctx.compute_capability().map_err(err("compute capability".into()))?;
     let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
     let module = ctx
@@ -86,6 +86,27 @@ pub fn load(
     });
     cache.insert(key, m.clone());
     Ok(m)
+}
+
+/// GPU `ordinal`'s primary context (libtorch's), retained once per process.
+fn context(ordinal: usize) -> Result<Arc<CudaContext>, String> {
+    static CONTEXTS: OnceLock<Mutex<HashMap<usize, Arc<CudaContext>>>> = OnceLock::new();
+    let mut contexts = CONTEXTS.get_or_init(Default::default).lock().unwrap();
+    if let Some(c) = contexts.get(&ordinal) {
+        return Ok(c.clone());
+    }
+    let c = CudaContext::new(ordinal).map_err(|e| format!("CUDA context on GPU {ordinal}: {e}"))?;
+    contexts.insert(ordinal, c.clone());
+    Ok(c)
+}
+
+/// Make GPU `ordinal`'s context current on this thread, for the CUDA libraries called directly
+/// (`blas`): libtorch restores the thread's device after each of its operations, so the
+/// current one need not be the tensors'.
+pub fn bind_context(ordinal: usize) -> Result<(), String> {
+    context(ordinal)?
+        .bind_to_thread()
+        .map_err(|e| format!("binding GPU {ordinal}'s context: {e}"))
 }
 
 thread_local! {

@@ -290,7 +290,7 @@ impl Layer {
         let rows = dz.reshape([-1, out]);
         let df = rows.mm(&w).view(h.size().as_slice()); // dL/d act(h)
         let g = crate::gelu::backward(h, &df).unwrap_or_else(|e| panic!("{e}"));
-        crate::nn::accumulate_grad(w2, &rows.tr().mm(&g.f.reshape([-1, inp])));
+        crate::blas::accumulate_grad_mm(w2, &rows.tr(), &g.f.reshape([-1, inp]), 1.0);
         if let Some(b1) = &self.intermediate.bias {
             crate::nn::accumulate_grad(b1, &g.bias);
         }

@@ -9,6 +9,7 @@
 //! | `attention` | §3 | disentangled attention: c2c + c2p + p2c |
 //! | `fused_attention` | §3 | the same as fused CUDA kernels (NVRTC) with a custom backward |
 //! | `cuda` | — | CUDA C compiled at run time (NVRTC) and launched on libtorch's buffers |
+//! | `blas` | — | weight gradients accumulated in fp32 by cuBLAS (bf16 operands) |
 //! | `layer` | §4 | post-LN transformer layer |
 //! | `conv` | §5 | nGiE convolution beside layer 0 |
 //! | `encoder` | §6 | the layer stack and the shared relative table |
@@ -29,6 +30,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod blas;
 pub mod collective;
 pub mod compare;
 pub mod config;

@@ -83,14 +83,15 @@ pub fn linear_in(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, kind: Kind)
         .linear(&weight.to_kind(kind), bias.map(|b| b.to_kind(kind)))
 }
 
-/// Backward of `linear_in` for dL/dy: adds W's (and b's) gradients to their `.grad`; returns
+/// Backward of `linear_in` for dL/dy: adds W's (and b's) gradients to their `.grad` (W's by the
+/// GEMM itself on CUDA, `blas`); returns
 /// dL/dx in `kind`, the GEMM's (the tape widens a bf16 gradient of an fp32 boundary where it
 /// sums it, `segments::CustomBackward`: no pass of its own).
 pub fn linear_backward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, dy: &Tensor, kind: Kind) -> Tensor {
     let w = weight.to_kind(kind);
     let (out, inp) = (w.size()[0], w.size()[1]);
     let rows = dy.to_kind(kind).reshape([-1, out]);
-    accumulate_grad(weight, &rows.tr().mm(&x.to_kind(kind).reshape([-1, inp])));
+    crate::blas::accumulate_grad_mm(weight, &rows.tr(), &x.to_kind(kind).reshape([-1, inp]), 1.0);
     if let Some(b) = bias {
         accumulate_grad(b, &rows.sum_dim_intlist(0, false, Kind::Float));
     }
