@@ -26,11 +26,12 @@ pub struct RelativeContext {
 }
 
 /// What the backward of `DisentangledSelfAttention::relative_tables` keeps: R after this
-/// layer's dropout, the dropout's mask, and the row picks.
+/// layer's dropout, the dropout's mask, the row picks, and the kind the products ran in.
 pub struct RelativeSaved {
     r: Tensor,
     keep: Option<Tensor>,
     picks: RowPicks,
+    kind: Kind,
 }
 
 /// The rows of R that the distances read, as one-hot matrices [2N, 2S]: row m of `desc` picks
@@ -327,9 +328,11 @@ impl DisentangledSelfAttention {
 
     /// The fused path's relative tables (`distance_tables`) as a list, K_r then Q_r, in `kind`,
     /// each [heads, 2N, d] with the kernels' zero row appended (`RowPicks`), for a hand-written
-    /// segment: what `relative_tables_backward` needs comes with them. The projections in fp32
-    /// even under autocast (TF32 in bf16 runs): the [2S, D] products are small. The rows per
-    /// distance are picked in `kind` (exact: one product per element).
+    /// segment: what `relative_tables_backward` needs comes with them. The projections and the
+    /// picks of the rows per distance (exact: one product per element) run in `kind`, as
+    /// autocast runs the gather path's (until the twelfth session the projections and the
+    /// backward's products ran in fp32, on TF32: 7.1 ms of the traced batch-32 step, ~4 times
+    /// what bf16 takes).
     /// By hand rather than through autograd: the ~60 small kernels per layer that autograd's
     /// backward of these few products launched cost more than their arithmetic.
     pub fn relative_tables(
@@ -349,7 +352,8 @@ impl DisentangledSelfAttention {
                 } else {
                     hot.to_kind(kind)
                 };
-                self.split_table_heads(&hot.matmul(&proj.forward(&r).to_kind(kind)))
+                let projected = crate::nn::linear_in(&r, &proj.weight, proj.bias.as_ref(), kind);
+                self.split_table_heads(&hot.matmul(&projected))
             };
             let k_r = self.c2p.then(|| pick(self.pos_key(), &picks.desc_kind));
             let q_r = self.p2c.then(|| pick(self.pos_query(), &picks.asc_kind) * self.scale);
@@ -357,6 +361,7 @@ impl DisentangledSelfAttention {
                 r,
                 keep,
                 picks: picks.shallow_clone(),
+                kind,
             };
             (k_r.into_iter().chain(q_r).collect(), saved)
         })
@@ -364,16 +369,22 @@ impl DisentangledSelfAttention {
 
     /// Backward of `relative_tables` for the gradients of its outputs (K_r's then Q_r's, None
     /// where nothing reached one; [heads, 2N, d] or without the padding row, in any kind): adds
-    /// the projections' gradients, returns R's (this rank's heads' part under TP). In fp32:
-    /// picking rows is the one-hot GEMM's transpose here.
+    /// the projections' gradients (in fp32 by the GEMM on CUDA, `blas`), returns R's (this
+    /// rank's heads' part under TP), in fp32. The products in the forward's kind: picking rows
+    /// is the one-hot GEMM's transpose here.
     pub fn relative_tables_backward(&self, saved: &RelativeSaved, grads: &[Option<Tensor>]) -> Tensor {
         crate::nn::autocast(false, || {
-            let r = &saved.r;
+            let (r, kind, picks) = (&saved.r, saved.kind, &saved.picks);
             let mut grads = grads.iter();
             let mut dr: Option<Tensor> = None;
+            let (desc, asc) = if kind == Kind::Float {
+                (&picks.desc, &picks.asc)
+            } else {
+                (&picks.desc_kind, &picks.asc_kind)
+            };
             let terms = [
-                (self.c2p, self.pos_key(), &saved.picks.desc, 1.0),
-                (self.p2c, self.pos_query(), &saved.picks.asc, self.scale),
+                (self.c2p, self.pos_key(), desc, 1.0),
+                (self.p2c, self.pos_query(), asc, self.scale),
             ];
             for (on, proj, hot, scale) in terms {
                 let g = if on {
@@ -384,10 +395,13 @@ impl DisentangledSelfAttention {
                 let Some(g) = g else { continue };
                 // [heads, rows, d] -> one row per distance [rows, heads·d] -> the 2S projected rows.
                 let rows = g.size()[1];
+                // Scaled in fp32, then in the products' kind.
                 let g = g.transpose(0, 1).reshape([rows, -1]).to_kind(Kind::Float);
-                let g = if scale == 1.0 { g } else { g * scale };
+                let g = if scale == 1.0 { g } else { g * scale }.to_kind(kind);
                 let d_projected = hot.narrow(0, 0, rows).tr().mm(&g);
-                let dx = crate::nn::linear_backward(r, &proj.weight, proj.bias.as_ref(), &d_projected, Kind::Float);
+                // R's gradient summed over the two terms (and over the layers, by the tape) in fp32.
+                let dx = crate::nn::linear_backward(r, &proj.weight, proj.bias.as_ref(), &d_projected, kind)
+                    .to_kind(Kind::Float);
                 dr = Some(match dr {
                     Some(sum) => sum + dx,
                     None => dx,
