@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What ptxas makes of the fused attention kernels for the H100 (sm_90), without a GPU.
 
-    python3 cluster/kernel-stats.py [--base REV] [--head-dim 64] [--ops KERNEL]
+    python3 cluster/kernel-stats.py [--base REV] [--head-dim 64] [--ops KERNEL] [--define NAME]
 
 Compiles model/src/kernels/disentangled_attention.cu (after bf16.cuh) as the worker does
 (NVRTC from the venv's nvidia wheel, then torch's ptxas), disassembles it (cuobjdump from the triton wheel torch
@@ -10,7 +10,8 @@ key or query tile (the body of the kernel's tile loop, plus a second pass of the
 `unroll 1` loop over the tile's two 32-column halves), with the counts of the instructions that
 matter most. The score loops are issue-bound, so fewer instructions per tile is the CPU's best
 proxy for speed; only a GPU run (cluster/gpu-bench.sh) says what a change is worth. --base REV
-prints the same for the kernel source at git revision REV, and the change. --ops KERNEL prints
+prints the same for the kernel source at git revision REV, and the change. --define NAME adds -DNAME (PHASE_TIMING: the
+build kernel-check times the kernels' phases with). --ops KERNEL prints
 every opcode of that kernel's tile with its count (with --base, beside the base's), the most
 frequent first: where a tile's instructions go (`IMAD.U32` by 0x10000 is a bf16 widened to fp32,
 `IMAD.MOV` a register move, `F2FP` a pair rounded to bf16).
@@ -42,12 +43,13 @@ def tools():
     return nvrtc, ptxas, cuobjdump
 
 
-def ptx_of(source, nvrtc, head_dim):
+def ptx_of(source, nvrtc, head_dim, defines=()):
     lib = ctypes.CDLL(nvrtc)
     prog = ctypes.c_void_p()
     if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"disentangled_attention.cu", 0, None, None):
         sys.exit("kernel-stats: nvrtcCreateProgram failed")
     opts = [b"--gpu-architecture=compute_90", f"-DHEAD_DIM={head_dim}".encode(), b"--std=c++17"]
+    opts += [f"-D{d}".encode() for d in defines]
     rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
@@ -61,11 +63,11 @@ def ptx_of(source, nvrtc, head_dim):
     return ptx.value
 
 
-def stats(source, head_dim):
+def stats(source, head_dim, defines=()):
     nvrtc, ptxas, cuobjdump = tools()
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "k.ptx"), "wb") as f:
-            f.write(ptx_of(source, nvrtc, head_dim))
+            f.write(ptx_of(source, nvrtc, head_dim, defines))
         log = subprocess.run([ptxas, "-arch=sm_90", "-v", "k.ptx", "-o", "k.cubin"], cwd=d, capture_output=True,
                              text=True, check=True).stderr
         sass = subprocess.run([cuobjdump, "-sass", "k.cubin"], cwd=d, capture_output=True, text=True,
@@ -114,12 +116,14 @@ def main():
     ap.add_argument("--base", help="also the kernel source at this git revision")
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--ops", metavar="KERNEL", help="every opcode of this kernel's tile, counted")
+    ap.add_argument("--define", action="append", default=[], metavar="NAME",
+                    help="compile with -DNAME too (e.g. PHASE_TIMING, kernel-check's timed build)")
     args = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # The source as the worker compiles it: the shared bf16 helpers, then the kernels (before
     # the helpers had their own file, the kernel file alone).
     files = ["model/src/kernels/bf16.cuh", "model/src/kernels/disentangled_attention.cu"]
-    now = stats("".join(open(os.path.join(root, f)).read() for f in files), args.head_dim)
+    now = stats("".join(open(os.path.join(root, f)).read() for f in files), args.head_dim, args.define)
     base = None
     if args.base:
         parts = []
@@ -128,7 +132,7 @@ def main():
             if src.returncode and f.endswith(".cu"):
                 sys.exit(f"kernel-stats: git show {args.base}:{f}: {src.stderr.strip()}")
             parts.append(src.stdout if src.returncode == 0 else "")
-        base = stats("".join(parts), args.head_dim)
+        base = stats("".join(parts), args.head_dim, args.define)
     print(f"sm_90, head size {args.head_dim}; static instructions per tile (the tile loop's body)")
     print(f"{'kernel':<18} {'regs':>4} {'spill':>5} {'per tile':>8}  " + " ".join(f"{o:>5}" for o in SHOWN)
           + ("   base: regs spill per tile  change" if base else ""))

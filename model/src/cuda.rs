@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 use tch::{Device, Tensor};
 
@@ -32,12 +32,32 @@ pub fn compile(source: &str, name: &str, arch: &'static str, options: &[String])
 /// A loaded module's functions, to be launched on the default stream (libtorch's).
 pub struct Module {
     pub stream: Arc<CudaStream>,
+    module: Arc<CudaModule>,
     functions: HashMap<String, CudaFunction>,
 }
 
 impl Module {
     pub fn function(&self, name: &str) -> &CudaFunction {
         &self.functions[name]
+    }
+
+    /// The module's `__device__ unsigned long long name[n]`, read once the stream is done,
+    /// then zeroed.
+    pub fn take_u64s(&self, name: &str, n: usize) -> Result<Vec<u64>, String> {
+        let err = |what: &'static str| move |e: cudarc::driver::DriverError| format!("{name}: {what}: {e}");
+        let mut global = self
+            .module
+            .get_global(name, &self.stream)
+            .map_err(err("no such global"))?;
+        // SAFETY: the global is n u64s (checked by transmute_mut against its size).
+        let mut words = unsafe { global.transmute_mut::<u64>(n) }.ok_or(format!("{name} is not {n} u64s"))?;
+        self.stream.synchronize().map_err(err("synchronize"))?;
+        let values = self.stream.clone_dtoh(&words).map_err(err("read"))?;
+        self.stream
+            .memcpy_htod(&vec![0u64; n], &mut words)
+            .map_err(err("zero"))?;
+        self.stream.synchronize().map_err(err("synchronize"))?;
+        Ok(values)
     }
 }
 
@@ -82,6 +102,7 @@ pub fn load(
     }
     let m = Arc::new(Module {
         stream: ctx.default_stream(), // libtorch's default stream
+        module,
         functions: loaded,
     });
     cache.insert(key, m.clone());

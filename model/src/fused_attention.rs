@@ -18,6 +18,8 @@
 //! kernel-check`) and, through the CPU emulator of `cuda::emulate`, in CI
 //! (`forward_kernels` on CPU tensors).
 
+use std::sync::Arc;
+
 use cudarc::driver::LaunchConfig;
 use cudarc::nvrtc::Ptx;
 use tch::{Device, Kind, Tensor};
@@ -371,29 +373,34 @@ fn head_dim_ok(head_dim: i64) -> Result<(), String> {
 /// Compile the kernels for head size `head_dim` and `arch` (e.g. "sm_90") to PTX (no GPU
 /// needed: the CPU tests check that the source compiles).
 pub fn compile(head_dim: i64, arch: &'static str) -> Result<Ptx, String> {
-    head_dim_ok(head_dim)?;
-    cuda::compile(
-        SOURCE,
-        "disentangled_attention.cu",
-        arch,
-        &[format!("-DHEAD_DIM={head_dim}")],
-    )
+    compile_with(head_dim, arch, &[])
 }
 
-/// The kernels for `device`: compiled and loaded on a GPU, the emulator's build on the CPU.
-fn kernels(device: Device, head_dim: i64) -> Result<Kernels, String> {
+/// `compile` with more options (`-DPHASE_TIMING`: `phases`'s build).
+fn compile_with(head_dim: i64, arch: &'static str, more: &[&str]) -> Result<Ptx, String> {
     head_dim_ok(head_dim)?;
-    if !device.is_cuda() {
-        return Ok(Kernels::Emulated {
-            variant: head_dim as i32,
-        });
-    }
+    let mut options = vec![format!("-DHEAD_DIM={head_dim}")];
+    options.extend(more.iter().map(|o| o.to_string()));
+    cuda::compile(SOURCE, "disentangled_attention.cu", arch, &options)
+}
+
+thread_local! {
+    /// Launch the phase-timed build (`phases`) on this thread.
+    static PHASE_TIMED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The GPU build of the kernels for `device` and `head_dim`, the phase-timed one if `timed`.
+fn gpu_kernels(device: Device, head_dim: i64, timed: bool) -> Result<Arc<cuda::Module>, String> {
     let shared = shared_bytes(head_dim);
+    let mut options = vec![format!("-DHEAD_DIM={head_dim}")];
+    if timed {
+        options.push("-DPHASE_TIMING".into());
+    }
     cuda::load(
         device,
         SOURCE,
         "disentangled_attention.cu",
-        &[format!("-DHEAD_DIM={head_dim}")],
+        &options,
         &[
             ("dattn_fwd", shared.fwd),
             ("dattn_fwd_rel", shared.fwd_rel),
@@ -408,7 +415,96 @@ fn kernels(device: Device, head_dim: i64) -> Result<Kernels, String> {
             ("dattn_dropout_mask", 0),
         ],
     )
-    .map(Kernels::Gpu)
+}
+
+/// The kernels for `device`: compiled and loaded on a GPU, the emulator's build on the CPU.
+fn kernels(device: Device, head_dim: i64) -> Result<Kernels, String> {
+    head_dim_ok(head_dim)?;
+    if !device.is_cuda() {
+        return Ok(Kernels::Emulated {
+            variant: head_dim as i32,
+        });
+    }
+    gpu_kernels(device, head_dim, PHASE_TIMED.with(|t| t.get())).map(Kernels::Gpu)
+}
+
+/// Where the kernels' time goes inside them (kernel-check, GPU only): one forward and backward
+/// of the core by the build compiled with `-DPHASE_TIMING`, whose warps clock the phases of
+/// their tiles (`kernels/disentangled_attention.cu`, "Phase timing"). Per kernel (the forward,
+/// the keys kernel, the queries kernel from dS) its phases' share of the warps' cycles, with the
+/// cycles per warp and tile; a phase that ends at a barrier includes the wait there.
+pub fn phases(x: CoreInputs, dout: &Tensor, seed: u64, rel: RelativeTerms) -> Result<Vec<(String, f64)>, String> {
+    const PHASES: usize = 8;
+    const NAMES: [(&str, [&str; PHASES]); 3] = [
+        (
+            "forward",
+            [
+                "wait for K (and windows) + barrier",
+                "relative bands (+ barrier)",
+                "Q K^T",
+                "scores, softmax, dropout, P to A fragments",
+                "wait for V + barrier",
+                "next loads + P V",
+                "output rows + lse",
+                "key mask bits (tile 0: own rows' fragments)",
+            ],
+        ),
+        (
+            "keys kernel",
+            [
+                "barrier, loads, query stats, wait + barrier",
+                "relative bands (+ barrier)",
+                "S^T, dP^T (2 halves)",
+                "scores, P, dS, skewed dS stores (2 halves)",
+                "dV, dK mma (2 halves)",
+                "barrier after the halves",
+                "relative grads (dK's p2c part, dQ_r partials)",
+                "dS tile store (+ epilogue)",
+            ],
+        ),
+        (
+            "queries kernel (from dS)",
+            [
+                "barrier, loads, wait + barrier",
+                "skewed dS copy",
+                "dQ += dS K",
+                "barrier",
+                "relative grads (dQ's c2p part, dK_r partials)",
+                "epilogue",
+                "-",
+                "-",
+            ],
+        ),
+    ];
+    let device = x.q.device();
+    let (n, head_dim) = (x.q.size()[1], x.q.size()[3]);
+    let blocks = x.q.size()[0] * x.q.size()[2] * ((n + TILE - 1) / TILE);
+    let module = gpu_kernels(device, head_dim, true)?;
+    module.take_u64s("dattn_phase_cycles", 3 * PHASES)?; // zeroed
+    PHASE_TIMED.with(|t| t.set(true));
+    let run = forward_kernels_with(x, seed, rel).and_then(|(_, saved)| backward(saved, dout));
+    PHASE_TIMED.with(|t| t.set(false));
+    run?;
+    let cycles = module.take_u64s("dattn_phase_cycles", 3 * PHASES)?;
+    let warp_tiles = (blocks * WARPS * ((n + TILE - 1) / TILE)) as f64;
+    let mut out = Vec::new();
+    for (k, (kernel, names)) in NAMES.iter().enumerate() {
+        let row = &cycles[k * PHASES..(k + 1) * PHASES];
+        let total: u64 = row.iter().sum();
+        if total == 0 {
+            continue; // this variant does not run it
+        }
+        out.push((
+            format!("{kernel}: {:.0} cycles per warp and tile", total as f64 / warp_tiles),
+            100.0,
+        ));
+        for (name, &c) in names.iter().zip(row) {
+            if c > 0 {
+                out.push((format!("  {name}"), 100.0 * c as f64 / total as f64));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Whether the kernels can run on `device` for head size `head_dim` (compiles and loads them;
@@ -737,6 +833,10 @@ mod tests {
             }
         }
         assert!(compile(80, "sm_90").unwrap_err().contains("multiples of 16 up to 64"));
+        // kernel-check's phase-timed build: its clock sums exist there only.
+        let timed = compile_with(64, "sm_90", &["-DPHASE_TIMING"]).unwrap_or_else(|e| panic!("timed: {e}"));
+        assert!(timed.to_src().contains("dattn_phase_cycles"));
+        assert!(!compile(64, "sm_90").unwrap().to_src().contains("dattn_phase_cycles"));
     }
 
     /// Occupancy, which the kernels' speed hangs on (docs/performance.md): blocks per SM on the

@@ -105,6 +105,21 @@ fn speed(device: Device) -> anyhow::Result<()> {
             println!("    {:<64} {:.3} ms", s.name, s.ms);
         }
     }
+    // Inside the default variant's kernels: the share of each phase of their tiles, clocked by
+    // the kernels' warps themselves (a build with -DPHASE_TIMING).
+    println!(
+        "  phases inside the kernels ({:?}, the warps' own clocks):",
+        RelativeTerms::InKernel
+    );
+    // A diagnostic: its failure is reported, not fatal to the check.
+    match fused_attention::phases(x.map(Tensor::shallow_clone), &dout, 7, RelativeTerms::InKernel) {
+        Ok(phases) => {
+            for (name, share) in phases {
+                println!("    {name:<64} {share:5.1}%");
+            }
+        }
+        Err(e) => println!("    (not timed: {e})"),
+    }
     Ok(())
 }
 

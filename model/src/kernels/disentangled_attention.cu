@@ -161,6 +161,45 @@ __device__ __forceinline__ unsigned int opaque(unsigned int x) {
 }
 #endif
 
+// Phase timing (GPU builds with -DPHASE_TIMING only, for kernel-check's "phases"): no profiler
+// reaches these machines, so the kernels time themselves. Each warp reads the SM's clock at the
+// boundaries of its tile's phases and adds the cycles to that phase; at the end lane 0 of every
+// warp adds its sums to dattn_phase_cycles[kernel][phase] (kernel 0 the forward, 1 the keys
+// kernel, 2 the queries kernel from dS). The clock reads are issue times: a phase's cycles
+// include the stalls of the instructions it issues, and its waits at barriers (the other
+// warps' time). The emulator and the normal builds compile none of it.
+#define PHASES 8
+#if defined(PHASE_TIMING) && !defined(DEBERTA_EMULATE)
+__device__ unsigned long long dattn_phase_cycles[3][PHASES];
+// The 32-bit clock (a warp's kernel takes well under 2^32 cycles; differences wrap correctly)
+// and 32-bit sums: half the registers of 64-bit ones.
+__device__ __forceinline__ unsigned int sm_clock() {
+  unsigned int t;
+  asm volatile("mov.u32 %0, %%clock;" : "=r"(t));
+  return t;
+}
+#define PHASE_BEGIN                                   \
+  unsigned int ph_t = sm_clock(), ph[PHASES];         \
+  _Pragma("unroll") for (int ph_k = 0; ph_k < PHASES; ++ph_k) ph[ph_k] = 0
+#define PHASE(k)                          \
+  do {                                    \
+    const unsigned int ph_now = sm_clock(); \
+    ph[k] += ph_now - ph_t;               \
+    ph_t = ph_now;                        \
+  } while (0)
+#define PHASE_END(kernel)                                                                       \
+  do {                                                                                          \
+    if (threadIdx.x % 32 == 0) {                                                                \
+      _Pragma("unroll") for (int ph_k = 0; ph_k < PHASES; ++ph_k)                               \
+        atomicAdd(&dattn_phase_cycles[kernel][ph_k], (unsigned long long)ph[ph_k]);            \
+    }                                                                                           \
+  } while (0)
+#else
+#define PHASE_BEGIN
+#define PHASE(k) ((void)0)
+#define PHASE_END(kernel) ((void)0)
+#endif
+
 // Attention dropout: a counter-based hash of (seed, b, h, i, j), the same in every kernel. The
 // 64-bit mix of (seed, b·H + h) is taken once per kernel (`head_key`); then only 32-bit work:
 // (i, j) packed into one word (N <= 65536, a bijection), xored with the key, then murmur3's
@@ -528,6 +567,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();
+  PHASE_BEGIN;
   FragA qf[D / 16];  // the warp's queries, held: V's loads take their tile after the next barrier
   load_rows(qf, Qs + warp * 16 * LDS);
   float o[D / 8][4];
@@ -541,13 +581,17 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     // This lane's keys 2t + 8 n8 + (0, 1): bits 8 n8 + (0, 1) of kb (n8 < 4) and kb >> 32.
     const unsigned long long kb = key_bits(mask, b, n0, N) >> (2 * t);
     const unsigned int kw[2] = {(unsigned int)kb, (unsigned int)(kb >> 32)};
+    PHASE(7);
     cp_async_wait_all();  // this tile's K (and windows), issued mid-way through the previous tile
     __syncthreads();
+    PHASE(0);
     load_tile_async(Vs, v, b, h, n0, N, H);
     cp_async_commit();
     if (REL) relative_bands(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, qf, Ks);
+    PHASE(1);
     float s[BN / 8][4];
     frags_times_tile_t<BN / 8>(s, qf, Ks);  // c2c
+    PHASE(2);
     float mx_a = NEG_INF, mx_b = NEG_INF;
 #pragma unroll
     for (int n8 = 0; n8 < BN / 8; ++n8) {
@@ -597,14 +641,17 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     }
     FragA pa[BN / 16];
     to_a<BN / 16>(pa, s);
+    PHASE(3);
     cp_async_wait_all();  // this tile's V
     __syncthreads();      // and every warp is done with K and the windows' old half
+    PHASE(4);
     if (n0 + BN < N) {
       load_tile_async(Ks, k, b, h, n0 + BN, N, H);
       if (REL) load_relative<true>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, n0 + BN, n + 1, 1);
       cp_async_commit();
     }
     weights_times_tile<BN / 16>(o, pa, Vs);  // O += dropout(P) V
+    PHASE(5);
   }
   const float inv_a = oka && l_a > 0.f ? 1.f / l_a : 0.f, inv_b = okb && l_b > 0.f ? 1.f / l_b : 0.f;
   write_rows(out, o, inv_a, inv_b, b, h, i0, N, (long long)H * D);
@@ -612,6 +659,8 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     if (i0 + g < N) lse[(long long)bh * N + i0 + g] = oka ? m_a + __logf(l_a) : POS_INF;
     if (i0 + g + 8 < N) lse[(long long)bh * N + i0 + g + 8] = okb ? m_b + __logf(l_b) : POS_INF;
   }
+  PHASE(6);
+  PHASE_END(0);
 }
 
 
@@ -789,6 +838,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk_acc[n8][e] = dv_acc[n8][e] = 0.f;
 
+  PHASE_BEGIN;
   for (int m0 = 0, n = 0; m0 < N; m0 += BM, ++n) {
     __syncthreads();
     load_tile_async(Qs, q, b, h, m0, N, H);
@@ -803,7 +853,9 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
     }
     cp_async_wait_all();
     __syncthreads();
+    PHASE(0);
     if (REL) relative_bands(Cb, Pb, window_of(KRw, n, -1), window_of(QRw, n, 1), c2p, p2c, Qs, Ks);
+    PHASE(1);
     // The tile's queries in two halves of 32: half the registers for S^T, dP^T and their
     // fragments, which keeps the kernel from spilling.
 #pragma unroll 1
@@ -811,6 +863,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
       float st[4][4], dpt[4][4];
       rows_times_tile_t<4>(st, Ks + warp * 16 * LDS, Qs + c0 * LDS);    // S^T = K_w Q^T
       rows_times_tile_t<4>(dpt, Vs + warp * 16 * LDS, dOs + c0 * LDS);  // dP^T = V_w dO^T
+      PHASE(2);
 #pragma unroll
       for (int n8 = 0; n8 < 4; ++n8) {
         // This lane's queries c, c + 1: their stats, and the p2c band's pairs as 32-bit words,
@@ -838,25 +891,32 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
           else DSb[r * LDR + c] = f2bf(ds);
         }
       }
+      PHASE(3);
       FragA pza[2], dsa[2];
       to_a<2>(pza, st);
       to_a<2>(dsa, dpt);
       weights_times_tile<2>(dv_acc, pza, dOs + c0 * LDS);  // dV += dropout(P)^T dO
       weights_times_tile<2>(dk_acc, dsa, Qs + c0 * LDS);   // dK += dS^T Q
+      PHASE(4);
     }
     __syncthreads();
+    PHASE(5);
     if (REL) {
       // p2c(i, j) = k_j . Q_r[N-1-j+i]: dK += dS^T Q_r (skewed), dQ_r += (skewed dS)^T K.
       if (p2c) relative_grads(dk_acc, gacc, DSK, window_of(QRw, n, 1), Ks, part, m0, n);
+      PHASE(6);
       // dS of (query tile n, key tile blockIdx.x): [B * H][tiles][tiles][64][64].
       if (ds_out) store_ds_tile(ds_out + (((long long)bh * gridDim.x + n) * gridDim.x + blockIdx.x) * 64 * 64, DSK);
     } else if (dp2c) {
       store_band(reinterpret_cast<bf16*>(dp2c), DSb, tb, N, kb, m0);  // d_p2c[j, N-1-j+i] = dS[i, j]
     }
+    PHASE(7);
   }
   if (REL && p2c) flush_relative(gacc, part, (gridDim.x - 1) * BM, gridDim.x - 1);
   write_rows(dk, dk_acc, 1.f, 1.f, b, h, j0, N, ldg);
   write_rows(dv, dv_acc, 1.f, 1.f, b, h, j0, N, ldg);
+  PHASE(7);
+  PHASE_END(1);
 }
 
 // Queries-major backward (tables): this block owns queries [mb, mb + 64): dQ, and the rows
@@ -1002,6 +1062,7 @@ __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const 
 #pragma unroll
   for (int n8 = 0; n8 < D / 8; ++n8) acc[n8][0] = acc[n8][1] = acc[n8][2] = acc[n8][3] = 0.f;
 
+  PHASE_BEGIN;
   for (int t0 = 0, n = 0; t0 < N; t0 += 64, ++n) {
     __syncthreads();  // the previous tile's readers of Other, DSs, DSK and the window's old half are done
     load_tile_async(Other, other_src, b, h, t0, N, H);
@@ -1010,6 +1071,7 @@ __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const 
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
+    PHASE(0);
     if (table)  // the skewed copy, two scores per step
 #pragma unroll
       for (int it = 0; it < 64 * 32 / THREADS; ++it) {
@@ -1023,6 +1085,7 @@ __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const 
           DSK[x * LDK + 64 - x + y] = (bf16)(w >> 16);
         }
       }
+    PHASE(1);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {  // queries: dQ += dS K; keys: dK += dS^T Q
       FragA a;
@@ -1030,15 +1093,20 @@ __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const 
       else load_a(a, DSs + warp * 16 * LDR + kk * 16, LDR);
       a_times_rows(acc, a, Other + kk * 16 * LDS);
     }
+    PHASE(2);
     if (table) {
       __syncthreads();  // every warp's part of DSK
+      PHASE(3);
       // c2p(i, j) = q_i . K_r[N-1-i+j]: dQ += dS K_r (skewed), dK_r += (skewed dS)^T Q;
       // p2c(i, j) = k_j . Q_r[N-1-j+i]: dK += dS^T Q_r (skewed), dQ_r += (skewed dS)^T K.
       relative_grads(acc, gacc, DSK, window_of(Win, n, 1), Own, part, t0, n);
+      PHASE(4);
     }
   }
   if (table) flush_relative(gacc, part, (tiles - 1) * 64, tiles - 1);
   write_rows(out, acc, 1.f, 1.f, b, h, row0, N, ldg);
+  PHASE(5);
+  PHASE_END(2);
 }
 
 // Queries-major from dS (`kernel` and `kernel-split`): dQ and the partial sums of dK_r.
