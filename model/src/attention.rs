@@ -25,6 +25,41 @@ pub struct RelativeContext {
     pub rel_idx: Tensor,
 }
 
+/// Query rows at positions of the key sequence (the EMD's predicted rows, `emd::Predicted`), as
+/// the fused path places them: `sel` the valid entries of the [B·M] rows, `at` their positions
+/// in the [B·N] tokens (b·N + pos), in the same order.
+pub struct QueryRows {
+    pub sel: Tensor,
+    pub at: Tensor,
+}
+
+impl QueryRows {
+    pub fn shallow_clone(&self) -> QueryRows {
+        QueryRows {
+            sel: self.sel.shallow_clone(),
+            at: self.at.shallow_clone(),
+        }
+    }
+
+    /// ctx [B, N, C] -> its rows at the query rows' positions [B, M, C] (zero where not valid).
+    pub fn gather(&self, ctx: &Tensor, m: i64) -> Tensor {
+        let (b, _, c) = ctx.size3().expect("[B, N, C]");
+        let picked = ctx.reshape([-1, c]).index_select(0, &self.at);
+        Tensor::zeros([b * m, c], (ctx.kind(), ctx.device()))
+            .index_copy(0, &self.sel, &picked)
+            .view([b, m, c])
+    }
+
+    /// Backward of `gather`: d [B, M, C] -> [B, N, C], zero off the positions.
+    pub fn scatter(&self, d: &Tensor, n: i64) -> Tensor {
+        let (b, _, c) = d.size3().expect("[B, M, C]");
+        let valid = d.reshape([-1, c]).index_select(0, &self.sel);
+        Tensor::zeros([b * n, c], (d.kind(), d.device()))
+            .index_copy(0, &self.at, &valid)
+            .view([b, n, c])
+    }
+}
+
 /// What the backward of `DisentangledSelfAttention::relative_tables` keeps: R after this
 /// layer's dropout, the dropout's mask, the row picks, and the kind the products ran in.
 pub struct RelativeSaved {
@@ -276,6 +311,72 @@ impl DisentangledSelfAttention {
             proj(&self.key_proj.weight, self.key_proj.bias.as_ref()),
             proj(&self.value_proj.weight, self.value_proj.bias.as_ref()),
         ]
+    }
+
+    /// The EMD's projections for the fused core (`model::emd_attention_segments`): k and v from
+    /// x [B, N, D] as `project_content` makes them, and q from the query rows xq [B, M, D]
+    /// picked by `rows.sel` (the valid ones) and placed at their positions (`rows.at`) of an
+    /// [B, N, heads, d] zero tensor: the core then attends from every position, and the rows
+    /// no query sits at give outputs nobody reads and no gradient.
+    pub fn project_rows(&self, x: &Tensor, xq: &Tensor, rows: &QueryRows, kind: Kind) -> Vec<Tensor> {
+        let (b, n, d) = x.size3().expect("[batch, seq, hidden]");
+        let xc = x.to_kind(kind);
+        let proj = |w: &Tensor, bias: Option<&Tensor>| {
+            crate::nn::linear_in(&xc, w, bias, kind).view([b, n, -1, self.head_size])
+        };
+        let (wq, bq) = self.scaled_query();
+        let xq_valid = xq.reshape([-1, d]).index_select(0, &rows.sel);
+        let q_valid = crate::nn::linear_in(&xq_valid, &wq, bq.as_ref(), kind); // [valid, local]
+        let local = q_valid.size()[1];
+        let q = Tensor::zeros([b * n, local], (kind, x.device())).index_copy(0, &rows.at, &q_valid);
+        vec![
+            q.view([b, n, -1, self.head_size]),
+            proj(&self.key_proj.weight, self.key_proj.bias.as_ref()),
+            proj(&self.value_proj.weight, self.value_proj.bias.as_ref()),
+        ]
+    }
+
+    /// Backward of `project_rows` for dL/dq, dL/dk, dL/dv ([B, N, heads, d]): adds the
+    /// projections' gradients; returns dL/dx [B, N, D] and dL/dxq [B, M, D] in `kind` (zero at the
+    /// rows that are not valid), this rank's heads' parts under TP.
+    pub fn project_rows_backward(
+        &self,
+        x: &Tensor,
+        xq: &Tensor,
+        rows: &QueryRows,
+        grads: [&Tensor; 3],
+        kind: Kind,
+    ) -> (Tensor, Tensor) {
+        let d = x.size()[2];
+        let local = grads[0].size()[2] * grads[0].size()[3];
+        let dqkv = qkv_rows(grads, local, kind); // [B·N, 3·local]
+                                                 // k and v: the weights' gradients by their columns of dqkv, x's by one GEMM over both.
+        let xr = x.to_kind(kind).reshape([-1, d]);
+        let dkv = dqkv.narrow(1, local, 2 * local);
+        for (i, l) in [&self.key_proj, &self.value_proj].into_iter().enumerate() {
+            let cols = dkv.narrow(1, i as i64 * local, local);
+            crate::blas::accumulate_grad_mm(&l.weight, &cols.tr(), &xr, 1.0);
+            if let Some(bias) = &l.bias {
+                crate::nn::accumulate_grad(bias, &cols.sum_dim_intlist(0, false, Kind::Float));
+            }
+        }
+        let wkv = Tensor::cat(
+            &[&self.key_proj.weight, &self.value_proj.weight].map(|w| w.to_kind(kind)),
+            0,
+        );
+        let dx = dkv.mm(&wkv).view(x.size().as_slice());
+        // q: the valid rows' gradients, picked from their positions; q = xq (s Wq)^T + s bq.
+        let dq = dqkv.narrow(1, 0, local).index_select(0, &rows.at); // [valid, local]
+        let xq_valid = xq.to_kind(kind).reshape([-1, d]).index_select(0, &rows.sel);
+        let l = &self.query_proj;
+        crate::blas::accumulate_grad_mm(&l.weight, &dq.tr(), &xq_valid, self.scale);
+        if let Some(bias) = &l.bias {
+            crate::nn::accumulate_grad(bias, &(dq.sum_dim_intlist(0, false, Kind::Float) * self.scale));
+        }
+        let dxq_valid = dq.mm(&self.scaled_query().0.to_kind(kind)); // [valid, D]
+        let (bq, m) = (xq.size()[0], xq.size()[1]);
+        let dxq = Tensor::zeros([bq * m, d], (kind, x.device())).index_copy(0, &rows.sel, &dxq_valid);
+        (dx, dxq.view(xq.size().as_slice()))
     }
 
     /// The query projection's weight and bias times the attention scale (fp32, [local, D] and

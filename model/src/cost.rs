@@ -162,7 +162,8 @@ fn params_per_rank(c: &DebertaConfig, tp: f64) -> f64 {
 /// h (2F/tp) with W2's partial product z (2D), or h and act(h) where F/tp <= D. No dropout mask
 /// (the `residual_norm` kernels draw theirs again in backward), no [N, N] tensor, no bf16 weight
 /// copies (the segments cast per use). L-1 encoder layers and the EMD's two on the masked rows
-/// (`kept_layers`), as in the eager estimate. On top of what is kept, the larger of two
+/// (`kept_layers`), as in the eager estimate, except the EMD's attention cores, which keep q, k,
+/// v and their output for every position. On top of what is kept, the larger of two
 /// transients that come while nearly all of it is still alive: the MLM head's at the start of
 /// backward (the bf16 logits of the masked tokens, which the cross-entropy kernels' gradient
 /// overwrites: 2 bytes per logit), and the attention kernels' bf16 partial sums of the
@@ -182,6 +183,13 @@ pub fn fused_memory_estimate_tp(c: &DebertaConfig, micro_batch: i64, seq: i64, t
         4.0 * f / tp
     };
     let per_token = 8.0 * d + 4.0 * d + 8.0 * a / tp + ffn;
+    // The EMD's cores run on every position (`model::emd_attention_segments`): their q, k, v
+    // and output are kept for all tokens, not only the masked rows `kept_layers` counts.
+    let emd_cores = if c.position_biased_input {
+        0.0
+    } else {
+        2.0 * (1.0 - MASK_FRACTION) * 8.0 * a / tp
+    };
     let head = tokens * MASK_FRACTION * v / tp * 2.0;
     let tables = if c.relative_attention {
         (c.c2p as i64 + c.p2c as i64) as f64
@@ -202,7 +210,7 @@ pub fn fused_memory_estimate_tp(c: &DebertaConfig, micro_batch: i64, seq: i64, t
     };
     MemoryEstimate {
         states_bytes: params_per_rank(c, tp) * 16.0,
-        activation_bytes: layers * tokens * per_token + head.max(partials + ds),
+        activation_bytes: layers * tokens * per_token + tokens * emd_cores + head.max(partials + ds),
     }
 }
 

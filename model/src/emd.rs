@@ -96,6 +96,17 @@ impl Predicted {
         }
     }
 
+    /// The valid rows and their positions among the [B·N] tokens of a sequence of length n, as
+    /// the fused path places the EMD's queries (`attention::QueryRows`).
+    pub fn query_rows(&self, n: i64) -> crate::attention::QueryRows {
+        let (b, _) = self.pos.size2().expect("[B, M]");
+        let first = Tensor::arange(b, (Kind::Int64, self.pos.device())).unsqueeze(1) * n;
+        crate::attention::QueryRows {
+            sel: self.sel.shallow_clone(),
+            at: (&self.pos + first).reshape([-1]).index_select(0, &self.sel),
+        }
+    }
+
     /// x [B, N, D] -> its rows at the predicted positions [B, M, D].
     pub fn rows(&self, x: &Tensor) -> Tensor {
         let (b, m) = self.pos.size2().expect("[B, M]");

@@ -3,7 +3,7 @@
 use tch::nn::Path;
 use tch::{Kind, Reduction, Tensor};
 
-use crate::attention::{attention_mask, DisentangledSelfAttention, RelativeContext, RelativePath, RowPicks};
+use crate::attention::{attention_mask, DisentangledSelfAttention, QueryRows, RelativeContext, RelativePath, RowPicks};
 use crate::config::DebertaConfig;
 use crate::cross_entropy;
 use crate::embeddings::Embeddings;
@@ -228,11 +228,13 @@ fn clone_opt(t: &Option<Tensor>) -> Option<Tensor> {
     t.as_ref().map(Tensor::shallow_clone)
 }
 
-/// The EMD's attention from the predicted rows (`Predicted::attention`): its relative index
-/// [B, 1, M, N] and mask [B, 1, M, N].
+/// The EMD's attention from the predicted rows: for the gather path (`Predicted::attention`)
+/// its relative index [B, 1, M, N] and mask [B, 1, M, N]; for the fused path the rows' places
+/// among the tokens (`Predicted::query_rows`).
 struct RowQueries {
     rel_idx: Option<Tensor>,
     att_mask: Tensor,
+    rows: QueryRows,
 }
 
 /// The FFN sublayer on the tape. Three segments, so that act(h) ([B, N, F / tp] in the
@@ -380,6 +382,9 @@ fn attention_segments<'c>(
         Some(r) => (clone_opt(&r.rel_idx), r.att_mask.shallow_clone()),
         None => (clone_opt(&enc.rel_idx), enc.att_mask.shallow_clone()),
     };
+    if let Some(rows) = rows.filter(|_| hand_written(tape, enc)) {
+        return emd_attention_segments(tape, layer, kv, q, enc, &rows.rows, train);
+    }
     let emd = rows.is_some();
     if emd || RelativePath::for_device(enc.mask.device()) != RelativePath::Fused {
         tape.set_label(if emd { "emd attention" } else { "attention" });
@@ -398,20 +403,7 @@ fn attention_segments<'c>(
     // This rank's heads' q, k, v and relative tables.
     let parts = if by_hand {
         // The relative tables first: this layer's first segment, which backward reaches last.
-        let tables = match (enc.rel, &enc.picks) {
-            (Some(rel), Some(picks)) => {
-                tape.set_label("attention: relative tables");
-                let picks = picks.shallow_clone();
-                // R's gradient from here is this rank's heads' part.
-                tape.custom_partial(&[rel], move |inp| {
-                    let (tables, saved) = att.relative_tables(&inp[0], &picks, train, compute_kind(&inp[0]));
-                    let backward: CustomBackward<'c> =
-                        Box::new(move |g| vec![Some(att.relative_tables_backward(&saved, g))]);
-                    (tables, backward)
-                })
-            }
-            _ => Vec::new(),
-        };
+        let tables = relative_table_segment(tape, att, enc, train, "attention: relative tables");
         tape.set_label("attention: projections");
         // Column-parallel: x's gradient from here is this rank's heads' part.
         // x in bf16 where its residual LayerNorm wrote a copy (`Tape::compute_copy`).
@@ -443,6 +435,78 @@ fn attention_segments<'c>(
         let g = |x: &Tensor| reduce_from_tp(x, tp);
         vec![layer.attention_output.forward(&inp[0].rep, &inp[1].rep, &g, train)]
     })[0]
+}
+
+/// The layer's relative tables K_r, Q_r as a hand-written segment over R (none without
+/// relative attention).
+fn relative_table_segment<'c>(
+    tape: &mut Tape<'c>,
+    att: &'c DisentangledSelfAttention,
+    enc: &SegmentedEncoding,
+    train: bool,
+    label: &'static str,
+) -> Vec<Boundary> {
+    let (Some(rel), Some(picks)) = (enc.rel, &enc.picks) else {
+        return Vec::new();
+    };
+    tape.set_label(label);
+    let picks = picks.shallow_clone();
+    // R's gradient from here is this rank's heads' part.
+    tape.custom_partial(&[rel], move |inp| {
+        let (tables, saved) = att.relative_tables(&inp[0], &picks, train, compute_kind(&inp[0]));
+        let backward: CustomBackward<'c> = Box::new(move |g| vec![Some(att.relative_tables_backward(&saved, g))]);
+        (tables, backward)
+    })
+}
+
+/// The EMD's attention sublayer on the fused path: keys and values from `kv` (all N tokens),
+/// queries from the predicted rows `q` [B, M, D] placed at their positions (`rows`), so the
+/// fused core runs on the self-attention shape with the relative terms of each row's position
+/// (what the gather path's [B, H, M, N] scores hold, without its [B, H, N, 2S] p2c table, its
+/// gather and scatter: 13.5 ms of the traced batch-32 step for the EMD's two passes). The
+/// core's rows at the other positions are computed and dropped: their outputs reach nothing,
+/// so their gradients are zero. Then the predicted rows of the context, and the output dense +
+/// residual (q) + LayerNorm as in every layer.
+fn emd_attention_segments<'c>(
+    tape: &mut Tape<'c>,
+    layer: &'c Layer,
+    kv: Boundary,
+    q: Boundary,
+    enc: &SegmentedEncoding,
+    rows: &QueryRows,
+    train: bool,
+) -> Boundary {
+    let att = &layer.attention;
+    let tables = relative_table_segment(tape, att, enc, train, "emd attention: relative tables");
+    tape.set_label("emd attention: projections");
+    let at = rows.shallow_clone();
+    // Column-parallel: both inputs' gradients from here are this rank's heads' parts.
+    let mut parts = tape.custom_partial(&[tape.compute_copy(kv), q], move |x| {
+        let (x, xq) = (x[0].shallow_clone(), x[1].shallow_clone());
+        let kind = compute_kind(&x);
+        let qkv = att.project_rows(&x, &xq, &at, kind);
+        let backward: CustomBackward<'c> = Box::new(move |g| {
+            let [Some(dq), Some(dk), Some(dv)] = [&g[0], &g[1], &g[2]] else {
+                unreachable!("the attention core returns all of q's, k's and v's gradients")
+            };
+            let (dx, dxq) = att.project_rows_backward(&x, &xq, &at, [dq, dk, dv], kind);
+            vec![Some(dx), Some(dxq)]
+        });
+        (qkv, backward)
+    });
+    parts.extend(tables);
+    let has_rel = enc.rel_idx.is_some();
+    tape.set_label("emd attention: core");
+    let ctx = fused_core(tape, att, parts, has_rel, enc.key_bytes.shallow_clone(), train);
+    tape.set_label("emd attention: predicted rows");
+    let (at, m) = (rows.shallow_clone(), tape.value(q).size()[1]);
+    let ctx_rows = tape.custom(&[ctx], move |x| {
+        let (n, picked) = (x[0].size()[1], at.gather(&x[0], m));
+        let backward: CustomBackward<'c> = Box::new(move |g| vec![g[0].as_ref().map(|d| at.scatter(d, n))]);
+        (vec![picked], backward)
+    })[0];
+    tape.set_label("emd attention: output");
+    residual_norm_segment(tape, &layer.attention_output, [ctx_rows, q], train, true)
 }
 
 /// The fused path's projections as one autograd segment: q, k, v and the relative tables.
@@ -611,7 +675,11 @@ impl DebertaV2 {
             let h_kv = *outs.last().expect("DebertaV2::new_tp requires 2 layers with the EMD");
             let positions = self.embeddings.positions(n).expect("the EMD needs the position table");
             let (rel_idx, att_mask) = at.attention(enc.rel_idx.as_ref(), &enc.mask);
-            let rows = RowQueries { rel_idx, att_mask };
+            let rows = RowQueries {
+                rel_idx,
+                att_mask,
+                rows: at.query_rows(n),
+            };
             let at_q = at.clone();
             tape.set_label("emd queries");
             let mut q = tape.segment(&[h_kv], move |inp| {
