@@ -22,7 +22,8 @@
 # output sublayers' dropout + residual + LayerNorm by libtorch's ops (DEBERTA_FUSED_NORM=0)
 # instead of the residual_norm kernels, and `V-opswgrad` V with the weight gradients by
 # libtorch's bf16 GEMMs and fp32 additions (DEBERTA_WGRAD_FUSION=0) instead of cuBLAS
-# accumulating into them: e.g.
+# accumulating into them, and `V-gatheremd` V with the EMD's attention by the gather path
+# (DEBERTA_EMD_FUSED=0) instead of the fused kernels (suffixes in this order): e.g.
 #   VARIANTS="fused-rel fused-rel-opsnorm base:fused-rel" bash cluster/gpu-bench.sh xxlarge 512 8 32
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,6 +70,7 @@ for b in "${batches[@]}"; do
       worker="$bundle/baseline/deberta-worker"; v="${att#base:}"; file="base-$v"
       [ -x "$worker" ] || { echo "$att: no $worker (BASELINE=REV bash cluster/gpu-bundle.sh)"; continue; }
     fi
+    emd=1; [[ "$v" == *-gatheremd ]] && { emd=0; v="${v%-gatheremd}"; }
     wgrad=1; [[ "$v" == *-opswgrad ]] && { wgrad=0; v="${v%-opswgrad}"; }
     norm=1; [[ "$v" == *-opsnorm ]] && { norm=0; v="${v%-opsnorm}"; }
     path="$v"; relative=tables
@@ -79,7 +81,7 @@ for b in "${batches[@]}"; do
     [ "${TRACE:-0}" = 1 ] && [ "$att" = "${variants[0]}" ] && trace_args=(--trace "$out/trace-$file")
     echo "== [${SECONDS}s] ours, $att, batch $b"
     # stderr (breakdown, memory, the segment profile) to a file; its head to the console.
-    DEBERTA_ATTENTION=$path DEBERTA_FUSED_RELATIVE=$relative DEBERTA_FUSED_NORM=$norm DEBERTA_WGRAD_FUSION=$wgrad timeout 500 "$worker" bench --preset "$preset" --seq "$seq" --batch "$b" \
+    DEBERTA_ATTENTION=$path DEBERTA_FUSED_RELATIVE=$relative DEBERTA_FUSED_NORM=$norm DEBERTA_WGRAD_FUSION=$wgrad DEBERTA_EMD_FUSED=$emd timeout 500 "$worker" bench --preset "$preset" --seq "$seq" --batch "$b" \
       --steps "$steps" --warmup "$warmup" "${device_args[@]}" --profile "${trace_args[@]}" 2> "$out/ours-$file-b$b.err" | tee -a "$out/ours-$file.jsonl" \
       || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"deberta bench failed\"}" >> "$out/ours-$file.jsonl"
     grep -E "^bench (paths|breakdown|queueing|memory)|^error" "$out/ours-$file-b$b.err"
@@ -131,13 +133,14 @@ for att, ours in variants.items():
     if best_hf and best:
         print(f"  best vs best: {best:.1f} / {best_hf:.1f} tokens/s = {best / best_hf:.2f}x (target >= 4x)")
 # A change against what it replaced, same card, same call: V against the baseline worker's V,
-# and against V-opsnorm / V-opswgrad (the same worker without the residual_norm kernels / the
-# fused weight-gradient accumulation).
+# and against V-opsnorm / V-opswgrad / V-gatheremd (the same worker without the residual_norm
+# kernels / the fused weight-gradient accumulation / the EMD's fused attention).
 for att, ours in variants.items():
     if att.startswith("base:"):
         continue
     for other, what in ((f"base:{att}", f"the baseline ({base_rev})"), (f"{att}-opsnorm", "libtorch's ops for the residual LayerNorms"),
-                        (f"{att}-opswgrad", "libtorch's GEMMs and additions for the weight gradients")):
+                        (f"{att}-opswgrad", "libtorch's GEMMs and additions for the weight gradients"),
+                        (f"{att}-gatheremd", "the gather path for the EMD's attention")):
         if other not in variants:
             continue
         base = variants[other]

@@ -12,16 +12,18 @@
 #
 #   BASELINE=REV bash cluster/gpu-bundle.sh   # here; then on the GPU machine, carry [gpu-bundle]:
 #   bash cluster/gpu-session.sh [PRESET] [SEQ] [BATCH...]   # default: xxlarge 512 32 8 40
-#   env: VARIANTS (default fused-rel), HF_BATCHES (default 8; none to skip), BENCH_STEPS (3),
+#   env: VARIANTS (default: fused-rel, and it with the twelfth session's weight-gradient
+#        accumulation and fused EMD attention turned off, for their shares), HF_BATCHES (default 8; none to skip), BENCH_STEPS (3),
 #        BENCH_WARMUP (2), FINETUNE=0, BUNDLE, SESSION_WORK (default /tmp: the parts' own
 #        output, $SESSION_WORK/gpu-session-PART), and for a dry run on a machine without a GPU
 #        BENCH_DEVICE=cpu BACKEND=cpu PRECISION=fp32 EPOCHS=1 (launcher/tests/gpu_bench.rs)
-# About 4 minutes at xxlarge on an H100 (the eleventh session's third call: 240 s).
+# About 5 minutes at xxlarge on an H100 (the eleventh session's third call, with one variant
+# fewer in part 1: 240 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 preset="${1:-xxlarge}"; seq="${2:-512}"; shift 2 2>/dev/null || shift $#
 batches=("$@"); [ ${#batches[@]} -gt 0 ] || batches=(32 8 40)
-read -r -a variants <<< "${VARIANTS:-fused-rel}"
+read -r -a variants <<< "${VARIANTS:-fused-rel fused-rel-opswgrad fused-rel-gatheremd}"
 bundle="$(realpath -m "${BUNDLE:-gpu-bundle}")"
 root="${OUT:-/tmp/gpu-session}"
 work="${SESSION_WORK:-/tmp}"  # each part's gpu-bench output, $work/gpu-session-PART

@@ -91,17 +91,6 @@ fn view(t: &Tensor) -> Option<([i64; 2], [i64; 2])> {
     (s.len() == 2).then(|| ([s[0], s[1]], [st[0], st[1]]))
 }
 
-/// Whether the fusion is on (`DEBERTA_WGRAD_FUSION`, default 1; another value than 0 or 1 is an
-/// error).
-fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| match std::env::var("DEBERTA_WGRAD_FUSION").as_deref() {
-        Err(_) | Ok("1") => true,
-        Ok("0") => false,
-        Ok(other) => panic!("DEBERTA_WGRAD_FUSION={other}: expected 0 or 1"),
-    })
-}
-
 thread_local! {
     /// A per-thread choice that overrides the environment (kernel-check compares both).
     static OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
@@ -146,7 +135,9 @@ pub fn fuses(param: &Tensor, a: &Tensor, b: &Tensor) -> bool {
 }
 
 fn fusable(grad: &Tensor, a: &Tensor, b: &Tensor) -> bool {
-    let on = OVERRIDE.with(|o| o.get()).unwrap_or_else(enabled);
+    let on = OVERRIDE
+        .with(|o| o.get())
+        .unwrap_or_else(|| crate::cuda::env_switch("DEBERTA_WGRAD_FUSION"));
     let operands = a.kind() == b.kind() && matches!(a.kind(), Kind::BFloat16 | Kind::Half);
     on && operands
         && grad.kind() == Kind::Float

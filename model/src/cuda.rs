@@ -130,6 +130,20 @@ pub fn bind_context(ordinal: usize) -> Result<(), String> {
         .map_err(|e| format!("binding GPU {ordinal}'s context: {e}"))
 }
 
+/// A switch for a GPU code path from the environment: on unless `var` is 0 (1 or unset: on;
+/// any other value is an error, raised at first use). Read once per process.
+pub fn env_switch(var: &'static str) -> bool {
+    static SWITCHES: OnceLock<Mutex<HashMap<&'static str, bool>>> = OnceLock::new();
+    let mut switches = SWITCHES.get_or_init(Default::default).lock().unwrap();
+    *switches
+        .entry(var)
+        .or_insert_with(|| match std::env::var(var).as_deref() {
+            Err(_) | Ok("1") => true,
+            Ok("0") => false,
+            Ok(other) => panic!("{var}={other}: expected 0 or 1"),
+        })
+}
+
 thread_local! {
     /// Run the kernels in the emulator for CPU tensors (`emulate_on_cpu`).
     static EMULATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };

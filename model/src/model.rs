@@ -382,7 +382,8 @@ fn attention_segments<'c>(
         Some(r) => (clone_opt(&r.rel_idx), r.att_mask.shallow_clone()),
         None => (clone_opt(&enc.rel_idx), enc.att_mask.shallow_clone()),
     };
-    if let Some(rows) = rows.filter(|_| hand_written(tape, enc)) {
+    // DEBERTA_EMD_FUSED=0: the EMD's attention by the gather path (an A/B switch).
+    if let Some(rows) = rows.filter(|_| hand_written(tape, enc) && crate::cuda::env_switch("DEBERTA_EMD_FUSED")) {
         return emd_attention_segments(tape, layer, kv, q, enc, &rows.rows, train);
     }
     let emd = rows.is_some();

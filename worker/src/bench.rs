@@ -94,12 +94,26 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     let norm = path == deberta_model::attention::RelativePath::Fused
         && !b.recompute
         && deberta_model::residual_norm::applies(device, cfg.hidden_size).map_err(anyhow::Error::msg)?;
+    let hand_written = path == deberta_model::attention::RelativePath::Fused && !b.recompute;
+    let emd_fused = hand_written && deberta_model::cuda::env_switch("DEBERTA_EMD_FUSED");
+    let wgrad = hand_written && b.bf16 && device.is_cuda() && deberta_model::cuda::env_switch("DEBERTA_WGRAD_FUSION");
     eprintln!(
-        "bench paths: attention {path:?} (relative terms {relative:?} on the fused path), output LayerNorms by {}, {}",
+        "bench paths: attention {path:?} (relative terms {relative:?} on the fused path), output LayerNorms by {}, \
+         EMD attention by {}, weight gradients by {}, {}",
         if norm {
             "the residual_norm kernels"
         } else {
             "libtorch's ops"
+        },
+        if emd_fused {
+            "the fused kernels"
+        } else {
+            "the gather path"
+        },
+        if wgrad {
+            "cuBLAS into the fp32 gradients"
+        } else {
+            "libtorch's GEMMs and additions"
         },
         match (b.bf16, device) {
             (false, _) => "fp32",
