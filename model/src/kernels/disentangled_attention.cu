@@ -465,6 +465,11 @@ __device__ __forceinline__ void load_window_async(bf16* slots, const bf16* table
 // band[r][c] = row_r . window[63 - r + c] for this warp's 16 band rows r = 16 warp + (0..15)
 // (their A fragments in a) and every c < 64. Those rows read window rows [48 - 16 warp,
 // 127 - 16 warp]: ten 8-row groups, each one mma per 16 of D; each (r, c) is written once.
+// T: stored transposed, band[c][r], for a score loop whose lanes hold neighbouring r (as the
+// band's other user holds neighbouring c): it then reads both bands as 32-bit pairs, where a
+// transposed read took one 16-bit load and a widening per score. The stores stay 16-bit either
+// way.
+template <bool T>
 __device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragA* a, Window window) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int x0 = 48 - 16 * warp;
@@ -479,7 +484,7 @@ __device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragA
       const int k = n8 + (e >> 1);
       if (k == 0 || k == 10) continue;
       const int r = 16 * warp + g + (e >= 2 ? 8 : 0), c = x0 + n8 * 8 + 2 * t + (e & 1) - 63 + r;
-      if ((k != 1 || c >= 0) && (k != 9 || c < 64)) band[r * LDR + c] = f2bf(acc[e]);
+      if ((k != 1 || c >= 0) && (k != 9 || c < 64)) band[T ? c * LDR + r : r * LDR + c] = f2bf(acc[e]);
     }
   }
 }
@@ -508,29 +513,31 @@ __device__ __forceinline__ void load_relative(bf16* Cb, bf16* Pb, bf16* KRw, bf1
 
 // REL: the bands from the staged windows; qf the warp's 16 query rows as A fragments, Ks the
 // tile's [64][LDS] key rows (each warp multiplies its 16). Ends with a barrier: every warp
-// reads Pb.
+// reads Pb. The forward (query rows) gets the p2c band transposed, Pb[query][key]; the keys
+// kernel (`relative_bands_t`, key rows) the c2p band, Cb[key][query]: each reads both as pairs.
+template <bool CT, bool PT>
 __device__ __forceinline__ void relative_bands(bf16* Cb, bf16* Pb, Window KRw, Window QRw, bool c2p, bool p2c,
                                                const FragA* qf, const bf16* Ks) {
-  if (c2p) skewed_band(Cb, qf, KRw);
+  if (c2p) skewed_band<CT>(Cb, qf, KRw);
   if (p2c) {
     FragA rows[D / 16];
     load_rows(rows, Ks + threadIdx.x / 32 * 16 * LDS);
-    skewed_band(Pb, rows, QRw);
+    skewed_band<PT>(Pb, rows, QRw);
   }
   __syncthreads();
 }
-// The same with the query rows in the tile Qs [64][LDS].
-__device__ __forceinline__ void relative_bands(bf16* Cb, bf16* Pb, Window KRw, Window QRw, bool c2p, bool p2c,
-                                               const bf16* Qs, const bf16* Ks) {
+// The keys kernel's: the query rows in the tile Qs [64][LDS], the c2p band transposed.
+__device__ __forceinline__ void relative_bands_t(bf16* Cb, bf16* Pb, Window KRw, Window QRw, bool c2p, bool p2c,
+                                                 const bf16* Qs, const bf16* Ks) {
   FragA qf[D / 16];
   if (c2p) load_rows(qf, Qs + threadIdx.x / 32 * 16 * LDS);
-  relative_bands(Cb, Pb, KRw, QRw, c2p, p2c, qf, Ks);
+  relative_bands<true, false>(Cb, Pb, KRw, QRw, c2p, p2c, qf, Ks);
 }
 
 // Shared memory of the forward: the Q tile (until each warp holds its rows' fragments, then the
-// V tile), the K tile, the c2p band (queries x keys) and the p2c band (keys x queries); with REL,
-// the K_r and Q_r windows of the tile. 72 KB with REL: 3 blocks per SM (a separate V tile made
-// it 81 KB, 2 blocks).
+// V tile), the K tile, the c2p band (queries x keys) and the p2c band (keys x queries; with REL
+// queries x keys); with REL, the K_r and Q_r windows of the tile. 72 KB with REL: 3 blocks per
+// SM (a separate V tile made it 81 KB, 2 blocks).
 // Software pipelined (FA2's order) without more shared memory: V's tile loads while the
 // scores of K's are computed; the next tile's K (and with REL the new halves of the windows)
 // while the probabilities meet V.
@@ -546,7 +553,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
   bf16* Vs = Qs;  // from the first tile on
   bf16* Ks = Qs + BM * LDS;
   bf16* Cb = Ks + BN * LDS;        // Cb[query][key]
-  bf16* Pb = Cb + BM * LDR;        // Pb[key][query]
+  bf16* Pb = Cb + BM * LDR;        // Pb[key][query] (tables), Pb[query][key] (REL)
   bf16* KRw = Pb + BN * LDR;       // REL: [128][LDS]
   bf16* QRw = KRw + 2 * BN * LDS;  // REL: [128][LDS]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
@@ -587,7 +594,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     PHASE(0);
     load_tile_async(Vs, v, b, h, n0, N, H);
     cp_async_commit();
-    if (REL) relative_bands(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, qf, Ks);
+    if (REL) relative_bands<false, true>(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, qf, Ks);
     PHASE(1);
     float s[BN / 8][4];
     frags_times_tile_t<BN / 8>(s, qf, Ks);  // c2c
@@ -595,13 +602,17 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     float mx_a = NEG_INF, mx_b = NEG_INF;
 #pragma unroll
     for (int n8 = 0; n8 < BN / 8; ++n8) {
-      // This lane's keys c, c + 1 of rows ra, rb: the c2p band's pairs are 32-bit words.
+      // This lane's keys c, c + 1 of rows ra, rb: the c2p band's pairs are 32-bit words, and
+      // (REL) the transposed p2c band's too.
       const unsigned int cw[2] = {ld32(Cb + ra * LDR + n8 * 8 + 2 * t), ld32(Cb + rb * LDR + n8 * 8 + 2 * t)};
+      const unsigned int pw[2] = {REL ? ld32(Pb + ra * LDR + n8 * 8 + 2 * t) : 0u,
+                                  REL ? ld32(Pb + rb * LDR + n8 * 8 + 2 * t) : 0u};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e < 2 ? ra : rb, c = n8 * 8 + 2 * t + (e & 1);
         const bool ok = (e < 2 ? oka : okb) && (kw[n8 / 4] >> (n8 % 4 * 8 + (e & 1)) & 1u);
-        const float x = s[n8][e] + (e & 1 ? hi_f(cw[e / 2]) : lo_f(cw[e / 2])) + bf2f(Pb[c * LDR + r]);
+        const float p2c_rc = REL ? (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2])) : bf2f(Pb[c * LDR + r]);
+        const float x = s[n8][e] + (e & 1 ? hi_f(cw[e / 2]) : lo_f(cw[e / 2])) + p2c_rc;
         s[n8][e] = ok ? x : NEG_INF;
         if (e < 2) mx_a = fmaxf(mx_a, s[n8][e]);
         else mx_b = fmaxf(mx_b, s[n8][e]);
@@ -854,7 +865,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
     cp_async_wait_all();
     __syncthreads();
     PHASE(0);
-    if (REL) relative_bands(Cb, Pb, window_of(KRw, n, -1), window_of(QRw, n, 1), c2p, p2c, Qs, Ks);
+    if (REL) relative_bands_t(Cb, Pb, window_of(KRw, n, -1), window_of(QRw, n, 1), c2p, p2c, Qs, Ks);
     PHASE(1);
     // The tile's queries in two halves of 32: half the registers for S^T, dP^T and their
     // fragments, which keeps the kernel from spilling.
@@ -866,18 +877,20 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
       PHASE(2);
 #pragma unroll
       for (int n8 = 0; n8 < 4; ++n8) {
-        // This lane's queries c, c + 1: their stats, and the p2c band's pairs as 32-bit words,
-        // each loaded once (the dS stores below keep the compiler from merging repeated loads).
+        // This lane's queries c, c + 1: their stats, and the p2c band's pairs as 32-bit words
+        // (REL: the transposed c2p band's too), each loaded once (the dS stores below keep the
+        // compiler from merging repeated loads).
         const int cc = c0 + n8 * 8 + 2 * t;
         const float2 qs[2] = {qstat[cc], qstat[cc + 1]};
         const unsigned int pw[2] = {ld32(Pb + ra * LDR + cc), ld32(Pb + rb * LDR + cc)};
+        const unsigned int cw[2] = {REL ? ld32(Cb + ra * LDR + cc) : 0u, REL ? ld32(Cb + rb * LDR + cc) : 0u};
         unsigned int hz[2];  // dropout: the hashes of (c, ra), (c + 1, ra), each also (., rb = ra + 8)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e < 2 ? ra : rb, c = cc + (e & 1);  // key r, query c
           // No branch: a masked query's lse is +inf, a masked key's score -inf: p = 0.
-          const float x =
-              st[n8][e] + bf2f(Cb[c * LDR + r]) + (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2])) + (e < 2 ? key_a : key_b);
+          const float c2p_rc = REL ? (e & 1 ? hi_f(cw[e / 2]) : lo_f(cw[e / 2])) : bf2f(Cb[c * LDR + r]);
+          const float x = st[n8][e] + c2p_rc + (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2])) + (e < 2 ? key_a : key_b);
           const float p = ex2(fmaf(x, L2E, -qs[e & 1].x));
           float z = 1.f;
           if (p_drop > 0.f) {
@@ -1144,8 +1157,8 @@ __device__ __forceinline__ void store_ds_tile_t(bf16* __restrict__ dst, const bf
 // Keys-major, split: this block owns keys [kb, kb + 64): dV += dropout(P)^T dO, and each tile's
 // dS ([B * H][tiles][tiles][64][64] bf16) for dattn_bwd_q_ds and dattn_bwd_k_ds. Shared memory:
 // the queries' (lse log2 e, D_i), the Q and dO tiles (at first the block's K and V rows), the
-// c2p band Cb[query][key], the p2c band Pb[key][query] (then the tile's dS^T), the K_r and Q_r
-// windows [128][LDS].
+// c2p band Cb[key][query] (transposed, as `relative_bands_t` writes it), the p2c band
+// Pb[key][query] (then the tile's dS^T), the K_r and Q_r windows [128][LDS].
 KERNEL void __launch_bounds__(128, 3)
 dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int H, int N, int ldg, float p_drop,
                unsigned long long seed) {
@@ -1196,9 +1209,9 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
     if (c2p) {  // Cb's rows are queries: each warp's 16 of them
       FragA qf[D / 16];
       load_rows(qf, Qs + warp * 16 * LDS);
-      skewed_band(Cb, qf, window_of(KRw, n, -1));
+      skewed_band<true>(Cb, qf, window_of(KRw, n, -1));  // Cb[key][query]
     }
-    if (p2c) skewed_band(Pb, kf, window_of(QRw, n, 1));  // Pb's rows are the warp's own keys
+    if (p2c) skewed_band<false>(Pb, kf, window_of(QRw, n, 1));  // Pb's rows are the warp's own keys
     __syncthreads();  // every warp reads all of Cb
 #pragma unroll 1
     for (int c0 = 0; c0 < BM; c0 += 32) {
@@ -1212,12 +1225,13 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
         const int cc = c0 + n8 * 8 + 2 * t;
         const float2 qs[2] = {qstat[cc], qstat[cc + 1]};
         const unsigned int pw[2] = {p2c ? ld32(Pb + ra * LDR + cc) : 0u, p2c ? ld32(Pb + rb * LDR + cc) : 0u};
+        const unsigned int cw[2] = {ld32(Cb + ra * LDR + cc), ld32(Cb + rb * LDR + cc)};
         unsigned int hz[2];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e < 2 ? ra : rb, c = cc + (e & 1);  // key r, query c
-          const float x =
-              st[n8][e] + bf2f(Cb[c * LDR + r]) + (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2])) + (e < 2 ? key_a : key_b);
+          const float x = st[n8][e] + (e & 1 ? hi_f(cw[e / 2]) : lo_f(cw[e / 2])) +
+                          (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2])) + (e < 2 ? key_a : key_b);
           const float p = ex2(fmaf(x, L2E, -qs[e & 1].x));
           float z = 1.f;
           if (p_drop > 0.f) {
