@@ -296,6 +296,15 @@ fn adamw(device: Device) -> bool {
     ok
 }
 
+/// A timing line: `what`, ours (`ours`, its `ms` and the rate it reaches) against what it
+/// replaced (`theirs`, its ms) and the speed-up.
+fn speed_line(what: &str, ours: &str, ms: f64, rate: &str, theirs: &str, their_ms: f64) {
+    println!(
+        "  {what}: {ours} {ms:.3} ms ({rate}), {theirs} {their_ms:.3} ms: {:.2}x",
+        their_ms / ms
+    );
+}
+
 /// One line per (name, relative error, tolerance) of a kernel's comparison, after `case`;
 /// whether all are within their tolerance.
 fn report(case: &str, errors: &[(&str, f64, f64)]) -> bool {
@@ -351,12 +360,13 @@ fn residual_norm(device: Device) -> anyhow::Result<bool> {
     // What the kernels must move: z (bf16), the residual and y (fp32) forward; dy, y, dres (fp32)
     // and dz (bf16) backward.
     let gb = (rows * d * (2 + 4 + 4 + 4 + 4 + 4 + 2)) as f64 / 1e9;
-    println!(
-        "  dropout + residual + LayerNorm, {rows} x {d}, forward + backward: kernels {:.3} ms ({:.0} GB/s), libtorch's ops {:.3} ms: {:.2}x",
+    speed_line(
+        &format!("dropout + residual + LayerNorm, {rows} x {d}, forward + backward"),
+        "kernels",
         ms[0],
-        gb / ms[0] * 1e3,
+        &format!("{:.0} GB/s", gb / ms[0] * 1e3),
+        "libtorch's ops",
         ms[1],
-        ms[1] / ms[0]
     );
     Ok(ok)
 }
@@ -383,10 +393,13 @@ fn gelu(device: Device) -> anyhow::Result<bool> {
     });
     // What the kernel must move: h and df read, f and dh written (bf16).
     let gb = (rows * cols * 2 * 4) as f64 / 1e9;
-    println!(
-        "  GELU backward, {rows} x {cols} bf16: kernel {kernel:.3} ms ({:.0} GB/s), libtorch's ops {ops:.3} ms: {:.2}x",
-        gb / kernel * 1e3,
-        ops / kernel
+    speed_line(
+        &format!("GELU backward, {rows} x {cols} bf16"),
+        "kernel",
+        kernel,
+        &format!("{:.0} GB/s", gb / kernel * 1e3),
+        "libtorch's ops",
+        ops,
     );
     Ok(ok)
 }
@@ -426,10 +439,13 @@ fn cross_entropy(device: Device) -> anyhow::Result<bool> {
     });
     // What the kernels must move: the logits read twice, their gradient written (bf16).
     let gb = (rows * cols * 2 * 3) as f64 / 1e9;
-    println!(
-        "  cross-entropy forward + backward, {rows} x {cols} bf16: kernels {kernel:.3} ms ({:.0} GB/s), libtorch's ops {ops:.3} ms: {:.2}x",
-        gb / kernel * 1e3,
-        ops / kernel
+    speed_line(
+        &format!("cross-entropy forward + backward, {rows} x {cols} bf16"),
+        "kernels",
+        kernel,
+        &format!("{:.0} GB/s", gb / kernel * 1e3),
+        "libtorch's ops",
+        ops,
     );
     Ok(ok)
 }
@@ -453,12 +469,13 @@ fn wgrad(device: Device) -> anyhow::Result<bool> {
     }
     blas::fuse_on_this_thread(None);
     let tflops = 2.0 * (tokens * f * d) as f64 / 1e12;
-    println!(
-        "  W1's gradient, {f} x {d} over {tokens} tokens: fused {:.3} ms ({:.0} TFLOP/s), bf16 product + fp32 add {:.3} ms: {:.2}x",
+    speed_line(
+        &format!("W1's gradient, {f} x {d} over {tokens} tokens"),
+        "fused",
         ms[0],
-        tflops / ms[0] * 1e3,
+        &format!("{:.0} TFLOP/s", tflops / ms[0] * 1e3),
+        "bf16 product + fp32 add",
         ms[1],
-        ms[1] / ms[0]
     );
     Ok(ok)
 }
