@@ -373,15 +373,22 @@ fn head_dim_ok(head_dim: i64) -> Result<(), String> {
 /// Compile the kernels for head size `head_dim` and `arch` (e.g. "sm_90") to PTX (no GPU
 /// needed: the CPU tests check that the source compiles).
 pub fn compile(head_dim: i64, arch: &'static str) -> Result<Ptx, String> {
-    compile_with(head_dim, arch, &[])
+    compile_with(head_dim, arch, false)
 }
 
-/// `compile` with more options (`-DPHASE_TIMING`: `phases`'s build).
-fn compile_with(head_dim: i64, arch: &'static str, more: &[&str]) -> Result<Ptx, String> {
+/// `compile`, the phase-timed build if `timed` (`phases`).
+fn compile_with(head_dim: i64, arch: &'static str, timed: bool) -> Result<Ptx, String> {
     head_dim_ok(head_dim)?;
+    cuda::compile(SOURCE, "disentangled_attention.cu", arch, &options(head_dim, timed))
+}
+
+/// NVRTC's options for head size `head_dim`, with `-DPHASE_TIMING` if `timed`.
+fn options(head_dim: i64, timed: bool) -> Vec<String> {
     let mut options = vec![format!("-DHEAD_DIM={head_dim}")];
-    options.extend(more.iter().map(|o| o.to_string()));
-    cuda::compile(SOURCE, "disentangled_attention.cu", arch, &options)
+    if timed {
+        options.push("-DPHASE_TIMING".into());
+    }
+    options
 }
 
 thread_local! {
@@ -392,15 +399,11 @@ thread_local! {
 /// The GPU build of the kernels for `device` and `head_dim`, the phase-timed one if `timed`.
 fn gpu_kernels(device: Device, head_dim: i64, timed: bool) -> Result<Arc<cuda::Module>, String> {
     let shared = shared_bytes(head_dim);
-    let mut options = vec![format!("-DHEAD_DIM={head_dim}")];
-    if timed {
-        options.push("-DPHASE_TIMING".into());
-    }
     cuda::load(
         device,
         SOURCE,
         "disentangled_attention.cu",
-        &options,
+        &options(head_dim, timed),
         &[
             ("dattn_fwd", shared.fwd),
             ("dattn_fwd_rel", shared.fwd_rel),
@@ -834,7 +837,7 @@ mod tests {
         }
         assert!(compile(80, "sm_90").unwrap_err().contains("multiples of 16 up to 64"));
         // kernel-check's phase-timed build: its clock sums exist there only.
-        let timed = compile_with(64, "sm_90", &["-DPHASE_TIMING"]).unwrap_or_else(|e| panic!("timed: {e}"));
+        let timed = compile_with(64, "sm_90", true).unwrap_or_else(|e| panic!("timed: {e}"));
         assert!(timed.to_src().contains("dattn_phase_cycles"));
         assert!(!compile(64, "sm_90").unwrap().to_src().contains("dattn_phase_cycles"));
     }
