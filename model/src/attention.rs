@@ -300,17 +300,29 @@ impl DisentangledSelfAttention {
     /// cast here. Nothing is kept: `project_content_backward` recasts x and the weights. The
     /// scale is folded into q's weight and bias (`scaled_query`): no pass over q.
     pub fn project_content(&self, x: &Tensor, kind: Kind) -> Vec<Tensor> {
-        let (b, n, _) = x.size3().expect("[batch, seq, hidden]");
         let xc = x.to_kind(kind); // once for the three
-        let proj = |w: &Tensor, bias: Option<&Tensor>| {
-            crate::nn::linear_in(&xc, w, bias, kind).view([b, n, -1, self.head_size])
-        };
         let (wq, bq) = self.scaled_query();
         vec![
-            proj(&wq, bq.as_ref()),
-            proj(&self.key_proj.weight, self.key_proj.bias.as_ref()),
-            proj(&self.value_proj.weight, self.value_proj.bias.as_ref()),
+            self.heads_of(&xc, &wq, bq.as_ref(), kind),
+            self.heads_of(&xc, &self.key_proj.weight, self.key_proj.bias.as_ref(), kind),
+            self.heads_of(&xc, &self.value_proj.weight, self.value_proj.bias.as_ref(), kind),
         ]
+    }
+
+    /// x [B, N, D] (in `kind`) W^T + b as [B, N, heads, d].
+    fn heads_of(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, kind: Kind) -> Tensor {
+        let (b, n, _) = x.size3().expect("[batch, seq, hidden]");
+        crate::nn::linear_in(x, w, bias, kind).view([b, n, -1, self.head_size])
+    }
+
+    /// One projection's parameter gradients from its columns `dy` [T, local] of the fused
+    /// q, k, v gradient, its input rows `x` [T, D] and `db`, the sum of `dy`'s rows: W's by the
+    /// GEMM (accumulated in fp32 on CUDA, `blas`) and b's, both times `s` (q's scale).
+    fn projection_grads(l: &Linear, dy: &Tensor, x: &Tensor, s: f64, db: &Tensor) {
+        crate::blas::accumulate_grad_mm(&l.weight, &dy.tr(), x, s);
+        if let Some(bias) = &l.bias {
+            crate::nn::accumulate_grad(bias, &(db * s));
+        }
     }
 
     /// The EMD's projections for the fused core (`model::emd_attention_segments`): k and v from
@@ -321,9 +333,6 @@ impl DisentangledSelfAttention {
     pub fn project_rows(&self, x: &Tensor, xq: &Tensor, rows: &QueryRows, kind: Kind) -> Vec<Tensor> {
         let (b, n, d) = x.size3().expect("[batch, seq, hidden]");
         let xc = x.to_kind(kind);
-        let proj = |w: &Tensor, bias: Option<&Tensor>| {
-            crate::nn::linear_in(&xc, w, bias, kind).view([b, n, -1, self.head_size])
-        };
         let (wq, bq) = self.scaled_query();
         let xq_valid = xq.reshape([-1, d]).index_select(0, &rows.sel);
         let q_valid = crate::nn::linear_in(&xq_valid, &wq, bq.as_ref(), kind); // [valid, local]
@@ -331,8 +340,8 @@ impl DisentangledSelfAttention {
         let q = Tensor::zeros([b * n, local], (kind, x.device())).index_copy(0, &rows.at, &q_valid);
         vec![
             q.view([b, n, -1, self.head_size]),
-            proj(&self.key_proj.weight, self.key_proj.bias.as_ref()),
-            proj(&self.value_proj.weight, self.value_proj.bias.as_ref()),
+            self.heads_of(&xc, &self.key_proj.weight, self.key_proj.bias.as_ref(), kind),
+            self.heads_of(&xc, &self.value_proj.weight, self.value_proj.bias.as_ref(), kind),
         ]
     }
 
@@ -350,15 +359,12 @@ impl DisentangledSelfAttention {
         let d = x.size()[2];
         let local = grads[0].size()[2] * grads[0].size()[3];
         let dqkv = qkv_rows(grads, local, kind); // [B·N, 3·local]
-                                                 // k and v: the weights' gradients by their columns of dqkv, x's by one GEMM over both.
+                                                 // k and v: their parameters' gradients by their columns of dqkv, x's by one GEMM over both.
         let xr = x.to_kind(kind).reshape([-1, d]);
         let dkv = dqkv.narrow(1, local, 2 * local);
         for (i, l) in [&self.key_proj, &self.value_proj].into_iter().enumerate() {
             let cols = dkv.narrow(1, i as i64 * local, local);
-            crate::blas::accumulate_grad_mm(&l.weight, &cols.tr(), &xr, 1.0);
-            if let Some(bias) = &l.bias {
-                crate::nn::accumulate_grad(bias, &cols.sum_dim_intlist(0, false, Kind::Float));
-            }
+            Self::projection_grads(l, &cols, &xr, 1.0, &cols.sum_dim_intlist(0, false, Kind::Float));
         }
         let wkv = Tensor::cat(
             &[&self.key_proj.weight, &self.value_proj.weight].map(|w| w.to_kind(kind)),
@@ -368,11 +374,8 @@ impl DisentangledSelfAttention {
         // q: the valid rows' gradients, picked from their positions; q = xq (s Wq)^T + s bq.
         let dq = dqkv.narrow(1, 0, local).index_select(0, &rows.at); // [valid, local]
         let xq_valid = xq.to_kind(kind).reshape([-1, d]).index_select(0, &rows.sel);
-        let l = &self.query_proj;
-        crate::blas::accumulate_grad_mm(&l.weight, &dq.tr(), &xq_valid, self.scale);
-        if let Some(bias) = &l.bias {
-            crate::nn::accumulate_grad(bias, &(dq.sum_dim_intlist(0, false, Kind::Float) * self.scale));
-        }
+        let dbq = dq.sum_dim_intlist(0, false, Kind::Float);
+        Self::projection_grads(&self.query_proj, &dq, &xq_valid, self.scale, &dbq);
         let dxq_valid = dq.mm(&self.scaled_query().0.to_kind(kind)); // [valid, D]
         let (bq, m) = (xq.size()[0], xq.size()[1]);
         let dxq = Tensor::zeros([bq * m, d], (kind, x.device())).index_copy(0, &rows.sel, &dxq_valid);
@@ -404,25 +407,13 @@ impl DisentangledSelfAttention {
             0,
         ); // [3·local, D]
         let xr = x.to_kind(kind).reshape([-1, d]);
-        // On CUDA each weight's gradient is accumulated by its own GEMM over its columns of
-        // dqkv (`blas`: fp32, the scale as the GEMM's alpha); else one product for the three.
-        let dw = (!crate::blas::fuses(&lin[0].weight, &dqkv, &xr)).then(|| dqkv.tr().mm(&xr));
+        // Each weight's gradient by its own GEMM over its columns of dqkv (on CUDA accumulated
+        // in fp32, q's scale as the GEMM's alpha); the biases' from one sum over the rows.
         let db = dqkv.sum_dim_intlist(0, false, Kind::Float);
         for (i, l) in lin.iter().enumerate() {
             let at = i as i64 * local;
             let s = if i == 0 { self.scale } else { 1.0 };
-            match &dw {
-                None => crate::blas::accumulate_grad_mm(&l.weight, &dqkv.narrow(1, at, local).tr(), &xr, s),
-                Some(dw) => {
-                    let dw = dw.narrow(0, at, local);
-                    // Scaled in fp32 (a bf16 product would round again); k's and v's go as they are.
-                    let dw = if s == 1.0 { dw } else { dw.to_kind(l.weight.kind()) * s };
-                    crate::nn::accumulate_grad(&l.weight, &dw);
-                }
-            }
-            if let Some(bias) = &l.bias {
-                crate::nn::accumulate_grad(bias, &(db.narrow(0, at, local) * s));
-            }
+            Self::projection_grads(l, &dqkv.narrow(1, at, local), &xr, s, &db.narrow(0, at, local));
         }
         dqkv.mm(&w).view(x.size().as_slice())
     }

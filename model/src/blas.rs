@@ -128,8 +128,8 @@ pub fn accumulate_grad_mm(param: &Tensor, a: &Tensor, b: &Tensor, alpha: f64) {
 }
 
 /// Whether `accumulate_grad_mm(param, a, b, _)` would be a fused GEMM (by the kinds, devices
-/// and the switch; layouts aside), for callers that otherwise multiply differently.
-pub fn fuses(param: &Tensor, a: &Tensor, b: &Tensor) -> bool {
+/// and the switch; layouts aside).
+fn fuses(param: &Tensor, a: &Tensor, b: &Tensor) -> bool {
     let grad = param.grad();
     grad.defined() && fusable(&grad, a, b)
 }
