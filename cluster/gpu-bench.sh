@@ -23,8 +23,10 @@
 # instead of the residual_norm kernels, and `V-opswgrad` V with the weight gradients by
 # libtorch's bf16 GEMMs and fp32 additions (DEBERTA_WGRAD_FUSION=0) instead of cuBLAS
 # accumulating into them, and `V-gatheremd` V with the EMD's attention by the gather path
-# (DEBERTA_EMD_FUSED=0) instead of the fused kernels (suffixes in this order): e.g.
-#   VARIANTS="fused-rel fused-rel-opsnorm base:fused-rel" bash cluster/gpu-bench.sh xxlarge 512 8 32
+# (DEBERTA_EMD_FUSED=0) instead of the fused kernels, and `V-copies` V with the weights' bf16
+# copies kept by the optimizer (--bf16-weight-copies) instead of a cast per use (suffixes in this
+# order; the summary divides V-copies by V). `V@B` runs V at batch size B only: e.g.
+#   VARIANTS="fused-rel fused-rel-opsnorm base:fused-rel fused-rel-copies@32" bash cluster/gpu-bench.sh xxlarge 512 8 32
 set -uo pipefail
 cd "$(dirname "$0")/.."
 preset="${1:-xxlarge}"; seq="${2:-512}"; shift 2 2>/dev/null || shift $#
@@ -65,11 +67,16 @@ fi
 # poison the next); ours first, so a cut-short run still shows them beside HF's.
 for b in "${batches[@]}"; do
   for att in "${variants[@]}"; do
+    if [[ "$att" == *@* ]]; then
+      [ "${att##*@}" = "$b" ] || continue
+      att="${att%@*}"
+    fi
     worker="$bundle/deberta-worker"; v="$att"; file="$att"
     if [[ "$att" == base:* ]]; then
       worker="$bundle/baseline/deberta-worker"; v="${att#base:}"; file="base-$v"
       [ -x "$worker" ] || { echo "$att: no $worker (BASELINE=REV bash cluster/gpu-bundle.sh)"; continue; }
     fi
+    copies=(); [[ "$v" == *-copies ]] && { copies=(--bf16-weight-copies); v="${v%-copies}"; }
     emd=1; [[ "$v" == *-gatheremd ]] && { emd=0; v="${v%-gatheremd}"; }
     wgrad=1; [[ "$v" == *-opswgrad ]] && { wgrad=0; v="${v%-opswgrad}"; }
     norm=1; [[ "$v" == *-opsnorm ]] && { norm=0; v="${v%-opsnorm}"; }
@@ -82,7 +89,7 @@ for b in "${batches[@]}"; do
     echo "== [${SECONDS}s] ours, $att, batch $b"
     # stderr (breakdown, memory, the segment profile) to a file; its head to the console.
     DEBERTA_ATTENTION=$path DEBERTA_FUSED_RELATIVE=$relative DEBERTA_FUSED_NORM=$norm DEBERTA_WGRAD_FUSION=$wgrad DEBERTA_EMD_FUSED=$emd timeout 500 "$worker" bench --preset "$preset" --seq "$seq" --batch "$b" \
-      --steps "$steps" --warmup "$warmup" "${device_args[@]}" --profile "${trace_args[@]}" 2> "$out/ours-$file-b$b.err" | tee -a "$out/ours-$file.jsonl" \
+      --steps "$steps" --warmup "$warmup" "${device_args[@]}" --profile "${trace_args[@]}" "${copies[@]}" 2> "$out/ours-$file-b$b.err" | tee -a "$out/ours-$file.jsonl" \
       || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"deberta bench failed\"}" >> "$out/ours-$file.jsonl"
     grep -E "^bench (paths|breakdown|queueing|memory)|^error" "$out/ours-$file-b$b.err"
     grep -A20 "^bench profile" "$out/ours-$file-b$b.err"
@@ -96,7 +103,7 @@ for b in "${batches[@]}"; do
   done
 done
 baseline_rev="$(cat "$bundle/baseline/REVISION" 2>/dev/null || echo '?')"
-python3 - "$out" "$baseline_rev" "${variants[@]}" <<'PY'
+python3 - "$out" "$baseline_rev" "${variants[@]%@*}" <<'PY'
 import json, os, sys
 d, base_rev = sys.argv[1], sys.argv[2]
 def rows(f):
@@ -112,7 +119,7 @@ def rows(f):
     return out
 hf = rows("hf.jsonl")
 file_of = lambda att: "base-" + att[5:] if att.startswith("base:") else att
-variants = {att: rows(f"ours-{file_of(att)}.jsonl") for att in sys.argv[3:] if os.path.exists(f"{d}/ours-{file_of(att)}.jsonl")}
+variants = {att: rows(f"ours-{file_of(att)}.jsonl") for att in dict.fromkeys(sys.argv[3:]) if os.path.exists(f"{d}/ours-{file_of(att)}.jsonl")}
 label = lambda att: f"the baseline worker ({base_rev}), relative terms by {att[5:]}" if att.startswith("base:") else f"deberta-rs, relative terms by {att}"
 cols = ["batch", "tokens_per_s", "step_s", "mfu", "model_tflops_per_s", "peak_mem_gib", "loss"]
 tables = [("HF transformers (bf16 autocast, fused AdamW)", hf)] + [(label(a), t) for a, t in variants.items()]
@@ -149,4 +156,17 @@ for att, ours in variants.items():
             o, r = ours[b], base[b]
             if "tokens_per_s" in o and "tokens_per_s" in r:
                 print(f"  batch {b}: {o['tokens_per_s']:.1f} / {r['tokens_per_s']:.1f} = {o['tokens_per_s'] / r['tokens_per_s']:.3f}x")
+# A switch turned on: V-copies against V (the weights' bf16 copies against a cast per use), with
+# the memory they take.
+for att, ours in variants.items():
+    if not att.endswith("-copies") or att[: -len("-copies")] not in variants:
+        continue
+    other = att[: -len("-copies")]
+    base = variants[other]
+    print(f"\n{att} / {other} tokens/s (the weights' bf16 copies against a cast per use):")
+    for b in sorted(set(ours) & set(base)):
+        o, r = ours[b], base[b]
+        if "tokens_per_s" in o and "tokens_per_s" in r:
+            mem = f", peak {r.get('peak_mem_gib')} -> {o.get('peak_mem_gib')} GiB"
+            print(f"  batch {b}: {o['tokens_per_s']:.1f} / {r['tokens_per_s']:.1f} = {o['tokens_per_s'] / r['tokens_per_s']:.3f}x{mem}")
 PY

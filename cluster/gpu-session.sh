@@ -7,23 +7,26 @@
 #                cluster/gpu-bundle.sh; without one it is skipped), with their ratio: a change
 #                against what it replaced on one machine (machines differ by ~1.3%, so builds
 #                are compared within one call only);
-#   2. sizes/    the first variant at the other batch sizes, the HF baseline at HF_BATCHES;
+#   2. sizes/    the first variant at the other batch sizes, the HF baseline at HF_BATCHES, and
+#                the first variant with the weights' bf16 copies at the largest size (SIZES_EXTRA,
+#                default V-copies@B; empty for none);
 #   3. finetune/ cluster/gpu-finetune-check.sh (CB with SiFT, WSC) on CUDA.
 #
 #   BASELINE=REV bash cluster/gpu-bundle.sh   # here; then on the GPU machine, carry [gpu-bundle]:
 #   bash cluster/gpu-session.sh [PRESET] [SEQ] [BATCH...]   # default: xxlarge 512 32 8 40
-#   env: VARIANTS (default: fused-rel, and it with the twelfth session's weight-gradient
-#        accumulation and fused EMD attention turned off, for their shares), HF_BATCHES (default 8; none to skip), BENCH_STEPS (3),
+#   env: VARIANTS (default: fused-rel, it with the weights' bf16 copies (thirteenth session),
+#        and it with the twelfth session's weight-gradient accumulation and fused EMD attention
+#        turned off, for their shares), HF_BATCHES (default 8; none to skip), BENCH_STEPS (3),
 #        BENCH_WARMUP (2), FINETUNE=0, BUNDLE, SESSION_WORK (default /tmp: the parts' own
 #        output, $SESSION_WORK/gpu-session-PART), and for a dry run on a machine without a GPU
 #        BENCH_DEVICE=cpu BACKEND=cpu PRECISION=fp32 EPOCHS=1 (launcher/tests/gpu_bench.rs)
-# About 5 minutes at xxlarge on an H100 (the eleventh session's third call, with one variant
-# fewer in part 1: 240 s).
+# About 6-7 minutes at xxlarge on an H100 (the eleventh session's third call, with two variants
+# fewer in part 1 and one run fewer in part 2: 240 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 preset="${1:-xxlarge}"; seq="${2:-512}"; shift 2 2>/dev/null || shift $#
 batches=("$@"); [ ${#batches[@]} -gt 0 ] || batches=(32 8 40)
-read -r -a variants <<< "${VARIANTS:-fused-rel fused-rel-opswgrad fused-rel-gatheremd}"
+read -r -a variants <<< "${VARIANTS:-fused-rel fused-rel-copies fused-rel-opswgrad fused-rel-gatheremd}"
 bundle="$(realpath -m "${BUNDLE:-gpu-bundle}")"
 root="${OUT:-/tmp/gpu-session}"
 work="${SESSION_WORK:-/tmp}"  # each part's gpu-bench output, $work/gpu-session-PART
@@ -45,7 +48,9 @@ if [ ${#batches[@]} -gt 1 ] || [ "${HF_BATCHES:-8}" != none ]; then
   for hb in ${HF_BATCHES:-8}; do
     [ "$hb" = none ] || [[ " ${rest[*]} " == *" $hb "* ]] || rest+=("$hb")
   done
-  part sizes KERNEL_CHECK=0 VARIANTS="${variants[0]}" HF_BATCHES="${HF_BATCHES:-8}" \
+  largest="$(printf '%s\n' "${rest[@]}" | sort -n | tail -1)"
+  extra="${SIZES_EXTRA-${variants[0]}-copies@$largest}"
+  part sizes KERNEL_CHECK=0 VARIANTS="${variants[0]} $extra" HF_BATCHES="${HF_BATCHES:-8}" \
     bash cluster/gpu-bench.sh "$preset" "$seq" "${rest[@]}"
 fi
 if [ "${FINETUNE:-1}" = 1 ]; then

@@ -89,6 +89,10 @@ pub struct BenchArgs {
     /// dispatches (slow; the times mean nothing).
     #[arg(long)]
     pub emulate_kernels: bool,
+    /// Keep bf16 copies of the weights, written by the AdamW kernel, instead of casting each
+    /// weight at every use (`train.bf16_weight_copies`: 2 bytes per weight more memory).
+    #[arg(long)]
+    pub bf16_weight_copies: bool,
 }
 
 #[derive(Debug, Args)]

@@ -433,6 +433,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.profile {
         cmd.arg("--profile");
     }
+    if a.bf16_weight_copies {
+        cmd.arg("--bf16-weight-copies");
+    }
     if let Some(dir) = &a.trace {
         cmd.arg("--trace").arg(dir);
     }

@@ -245,7 +245,10 @@ pub fn render(
         model.vocab_size,
         params as f64 / 1e6
     );
-    let m = memory_estimate_tp(model, t.micro_batch as i64, seq, bf16, par.tensor as i64);
+    let mut m = memory_estimate_tp(model, t.micro_batch as i64, seq, bf16, par.tensor as i64);
+    if t.bf16_weight_copies {
+        m = m.with_weight_copies(model, par.tensor as i64);
+    }
     let _ = writeln!(
         o,
         "  memory     {:.2} GiB per {} (estimate: states {:.2} + activations {:.2} GiB; {}, tp {}, micro-batch {})",

@@ -281,6 +281,19 @@ fn the_gpu_session_call_runs_its_three_parts_on_the_cpu() {
             "{what}: {all}"
         );
     }
+    // The weights' bf16 copies: in part check at batch 2, in part sizes at its largest size (4)
+    // only, each against the same worker casting per use.
+    assert_eq!(
+        all.matches("weights in bf16 by the copies AdamW writes").count(),
+        2,
+        "{all}"
+    );
+    for b in [2, 4] {
+        let line = format!(
+            "fused-rel-copies / fused-rel tokens/s (the weights' bf16 copies against a cast per use):\n  batch {b}: "
+        );
+        assert!(all.contains(&line), "expected {line:?} in {all}");
+    }
     // Part sizes: batch 4, and batch 2 again beside HF's row.
     assert!(
         all.contains("ratio (ours with fused-rel / HF tokens/s):\n  batch 2: "),

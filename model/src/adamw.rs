@@ -37,7 +37,10 @@ fn kernels(device: Device) -> Result<Kernels, String> {
 /// device, at the same offset from 16-byte alignment (views at the same offset of the flat
 /// buffers are). `control` (fp32 [4] on that device: the gradients' factor, 1 to apply or 0 to
 /// skip, the two bias corrections) overrides `u`'s `grad_scale` and bias corrections with what
-/// the device decided, so that skipping a non-finite step needs no read-back.
+/// the device decided, so that skipping a non-finite step needs no read-back. `copy`, when
+/// given, is p's bf16 compute copy (`weight_copies`; contiguous, p's length, at the same element
+/// offset from an 8-byte boundary as p is from a 16-byte one): the kernel writes the updated
+/// weights there too, rounded as a cast rounds them.
 pub fn step(
     p: &Tensor,
     g: &Tensor,
@@ -45,6 +48,7 @@ pub fn step(
     v: &Tensor,
     u: &Update,
     control: Option<&Tensor>,
+    copy: Option<&Tensor>,
 ) -> Result<(), String> {
     let n = p.numel() as i64;
     if let Some(c) = control {
@@ -77,6 +81,20 @@ pub fn step(
             return Err(format!("the AdamW kernel: {name} are not aligned as the weights are"));
         }
     }
+    if let Some(c) = copy {
+        if c.kind() != Kind::BFloat16 || !c.is_contiguous() || c.numel() as i64 != n || c.device() != p.device() {
+            return Err(format!(
+                "the AdamW kernel: the weights' copy is {:?} {:?} on {:?}, expected {n} contiguous bf16 on {:?}",
+                c.size(),
+                c.kind(),
+                c.device(),
+                p.device()
+            ));
+        }
+        if (ptr(c) / 2) % 4 != (ptr(p) / 4) % 4 {
+            return Err("the AdamW kernel: the weights' copy is not aligned as the weights are".into());
+        }
+    }
     let device = p.device();
     let cfg = cuda::grid_stride(device, n / 4); // a thread per float4
     let scalars = [
@@ -91,9 +109,16 @@ pub fn step(
     ]
     .map(|x| Arg::F32(x as f32));
     let control = Arg::Ptr(control.map_or(0, ptr));
-    let args = [&[p, g, m, v].map(Arg::tensor)[..], &[Arg::I64(n)], &scalars, &[control]].concat();
-    // SAFETY: four buffers of n fp32 each and the control (4 fp32, or null) on `device`, checked
-    // above.
+    let copy = Arg::Ptr(copy.map_or(0, ptr));
+    let args = [
+        &[p, g, m, v].map(Arg::tensor)[..],
+        &[Arg::I64(n)],
+        &scalars,
+        &[control, copy],
+    ]
+    .concat();
+    // SAFETY: four buffers of n fp32 each, the control (4 fp32, or null) and the copy (n bf16,
+    // or null) on `device`, checked above.
     unsafe { kernels(device)?.launch("adamw_step", cfg, &args) }
 }
 

@@ -367,7 +367,7 @@ impl DisentangledSelfAttention {
             Self::projection_grads(l, &cols, &xr, 1.0, &cols.sum_dim_intlist(0, false, Kind::Float));
         }
         let wkv = Tensor::cat(
-            &[&self.key_proj.weight, &self.value_proj.weight].map(|w| w.to_kind(kind)),
+            &[&self.key_proj.weight, &self.value_proj.weight].map(|w| crate::weight_copies::in_kind(w, kind)),
             0,
         );
         let dx = dkv.mm(&wkv).view(x.size().as_slice());
@@ -403,7 +403,7 @@ impl DisentangledSelfAttention {
         let lin = [&self.query_proj, &self.key_proj, &self.value_proj];
         let wq = self.scaled_query().0;
         let w = Tensor::cat(
-            &[&wq, &self.key_proj.weight, &self.value_proj.weight].map(|w| w.to_kind(kind)),
+            &[&wq, &self.key_proj.weight, &self.value_proj.weight].map(|w| crate::weight_copies::in_kind(w, kind)),
             0,
         ); // [3·local, D]
         let xr = x.to_kind(kind).reshape([-1, d]);

@@ -117,6 +117,15 @@ impl MemoryEstimate {
     pub fn total_bytes(&self) -> f64 {
         self.states_bytes + self.activation_bytes
     }
+
+    /// With the optimizer's bf16 copies of the weights (`weight_copies`,
+    /// `train.bf16_weight_copies`): 2 bytes more per parameter of one rank of `tp`.
+    pub fn with_weight_copies(self, c: &DebertaConfig, tp: i64) -> MemoryEstimate {
+        MemoryEstimate {
+            states_bytes: self.states_bytes + params_per_rank(c, tp.max(1) as f64) * 2.0,
+            ..self
+        }
+    }
 }
 
 /// Training memory of one rank on the path a run takes: in bf16 (CUDA) the fused path's
@@ -161,7 +170,7 @@ fn params_per_rank(c: &DebertaConfig, tp: f64) -> f64 {
 /// the core's output (bf16, 4 x 2A/tp; the log-sum-exp is a few bytes per head), and the FFN's
 /// h (2F/tp) with W2's partial product z (2D), or h and act(h) where F/tp <= D. No dropout mask
 /// (the `residual_norm` kernels draw theirs again in backward), no [N, N] tensor, no bf16 weight
-/// copies (the segments cast per use). L-1 encoder layers and the EMD's two on the masked rows
+/// copies (the segments cast per use; `with_weight_copies` adds them). L-1 encoder layers and the EMD's two on the masked rows
 /// (`kept_layers`), as in the eager estimate, except the EMD's attention cores, which keep q, k,
 /// v and their output for every position. On top of what is kept, the larger of two
 /// transients that come while nearly all of it is still alive: the MLM head's at the start of
@@ -295,6 +304,12 @@ mod tests {
             (slope / (70.70 - 34.24) - 1.0).abs() < 0.07,
             "{slope:.2} GiB from 8 to 40"
         );
+        // The weights' bf16 copies: 2 bytes per parameter, 2.9 GiB at 1.57B.
+        let copies = memory_estimate(&c, 8, 512, true)
+            .with_weight_copies(&c, 1)
+            .total_bytes()
+            / (1u64 << 30) as f64;
+        assert!((copies - gib(8) - 2.92).abs() < 0.01, "{copies:.2} GiB");
         // fp32 runs take the eager path.
         assert_eq!(
             memory_estimate(&c, 8, 512, false),

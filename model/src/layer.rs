@@ -285,7 +285,7 @@ impl Layer {
             return self.act.backward(&df, h);
         }
         let w2 = &self.output.dense.weight; // [D, F / tp]
-        let w = w2.to_kind(dz.kind());
+        let w = crate::weight_copies::in_kind(w2, dz.kind());
         let (out, inp) = (w.size()[0], w.size()[1]);
         let rows = dz.reshape([-1, out]);
         let df = rows.mm(&w).view(h.size().as_slice()); // dL/d act(h)

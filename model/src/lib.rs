@@ -10,6 +10,7 @@
 //! | `fused_attention` | §3 | the same as fused CUDA kernels (NVRTC) with a custom backward |
 //! | `cuda` | — | CUDA C compiled at run time (NVRTC) and launched on libtorch's buffers |
 //! | `blas` | — | weight gradients accumulated in fp32 by cuBLAS (bf16 operands) |
+//! | `weight_copies` | — | bf16 copies of the fp32 weights kept by the optimizer, read instead of casts |
 //! | `layer` | §4 | post-LN transformer layer |
 //! | `conv` | §5 | nGiE convolution beside layer 0 |
 //! | `encoder` | §6 | the layer stack and the shared relative table |
@@ -56,6 +57,7 @@ pub mod rel_pos;
 pub mod residual_norm;
 pub mod segments;
 pub mod tensor_parallel;
+pub mod weight_copies;
 
 pub use config::{Activation, DebertaConfig, HfDebertaV2Config};
 pub use error::ModelError;

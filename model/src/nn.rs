@@ -76,11 +76,12 @@ pub fn accumulate_grad(param: &Tensor, g: &Tensor) {
     }
 }
 
-/// x W^T (+ b) in `kind` (bf16 under autocast), the operands cast here, for a hand-written
-/// segment: nothing is kept, `linear_backward` recasts x and W. W: [out, in].
+/// x W^T (+ b) in `kind` (bf16 under autocast), the operands cast here (the parameters' bf16
+/// copies where the optimizer keeps them, `weight_copies`), for a hand-written segment: nothing
+/// is kept, `linear_backward` recasts x and W. W: [out, in].
 pub fn linear_in(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, kind: Kind) -> Tensor {
-    x.to_kind(kind)
-        .linear(&weight.to_kind(kind), bias.map(|b| b.to_kind(kind)))
+    let in_kind = |t: &Tensor| crate::weight_copies::in_kind(t, kind);
+    x.to_kind(kind).linear(&in_kind(weight), bias.map(in_kind))
 }
 
 /// Backward of `linear_in` for dL/dy: adds W's (and b's) gradients to their `.grad` (W's by the
@@ -88,7 +89,7 @@ pub fn linear_in(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, kind: Kind)
 /// dL/dx in `kind`, the GEMM's (the tape widens a bf16 gradient of an fp32 boundary where it
 /// sums it, `segments::CustomBackward`: no pass of its own).
 pub fn linear_backward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, dy: &Tensor, kind: Kind) -> Tensor {
-    let w = weight.to_kind(kind);
+    let w = crate::weight_copies::in_kind(weight, kind);
     let (out, inp) = (w.size()[0], w.size()[1]);
     let rows = dy.to_kind(kind).reshape([-1, out]);
     crate::blas::accumulate_grad_mm(weight, &rows.tr(), &x.to_kind(kind).reshape([-1, inp]), 1.0);

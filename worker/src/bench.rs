@@ -42,6 +42,9 @@ pub struct BenchConfig {
     /// autocast standing in for CUDA's (`cuda::emulate_cuda_path_on_cpu`), so the profile counts
     /// the CUDA path's operators.
     pub emulate_kernels: bool,
+    /// The weights' bf16 copies kept by the optimizer (`FlatAdamW::keep_weight_copies`,
+    /// `train.bf16_weight_copies`) instead of a cast per use; needs `bf16`.
+    pub weight_copies: bool,
 }
 
 /// One benchmark row: the baseline's keys, in its order. `peak_mem_gib` is null on the CPU and
@@ -73,6 +76,10 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
         b.seq,
         cfg.max_position_embeddings
     );
+    anyhow::ensure!(
+        b.bf16 || !b.weight_copies,
+        "--bf16-weight-copies keeps bf16 copies of the weights for bf16 autocast: not with fp32"
+    );
     if b.bf16 {
         anyhow::ensure!(
             crate::precision::use_bf16_for_cuda_autocast(),
@@ -99,7 +106,7 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     let wgrad = hand_written && b.bf16 && device.is_cuda() && deberta_model::cuda::env_switch("DEBERTA_WGRAD_FUSION");
     eprintln!(
         "bench paths: attention {path:?} (relative terms {relative:?} on the fused path), output LayerNorms by {}, \
-         EMD attention by {}, weight gradients by {}, {}",
+         EMD attention by {}, weight gradients by {}, weights in bf16 by {}, {}",
         if norm {
             "the residual_norm kernels"
         } else {
@@ -114,6 +121,11 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
             "cuBLAS into the fp32 gradients"
         } else {
             "libtorch's GEMMs and additions"
+        },
+        if b.weight_copies {
+            "the copies AdamW writes"
+        } else {
+            "a cast per use"
         },
         match (b.bf16, device) {
             (false, _) => "fp32",
@@ -130,6 +142,9 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
             ..AdamWConfig::default()
         },
     );
+    if b.weight_copies {
+        opt.keep_weight_copies();
+    }
     tch::manual_seed(0);
     let opts = (Kind::Int64, device);
     let ids = Tensor::randint_low(5, cfg.vocab_size, [b.batch, b.seq], opts);

@@ -141,6 +141,9 @@ pub struct FtTrain {
     /// Activation recomputation per segment, as in pretraining (`train.recompute`).
     #[serde(default)]
     pub recompute: bool,
+    /// The weights' bf16 copies, as in pretraining (`train.bf16_weight_copies`).
+    #[serde(default)]
+    pub bf16_weight_copies: bool,
 }
 
 /// SiFT (spec §10): adversarial perturbation of the normalised word embeddings.
@@ -232,6 +235,7 @@ impl FinetuneConfig {
         let par = &self.parallel;
         p.extend(crate::config::runtime_problems(par, &self.train.precision, world, None));
         let t = &self.train;
+        p.extend(crate::config::weight_copies_problem(t.bf16_weight_copies, &t.precision));
         if t.micro_batch == 0 || par.data == 0 || !t.batch.is_multiple_of(par.data * t.micro_batch) {
             p.push(format!(
                 "train.batch = {} must be a multiple of parallel.data x train.micro_batch = {} x {}",
@@ -659,6 +663,9 @@ pub fn finetune(config_path: &Path, groups: &Groups) -> Result<()> {
             ..AdamWConfig::default()
         },
     );
+    if cfg.train.bf16_weight_copies {
+        opt.keep_weight_copies();
+    }
     let ft = Ft {
         cfg: cfg.clone(),
         groups,
@@ -961,11 +968,14 @@ mod tests {
         c.task.name = "MNLI".into();
         c.parallel.tensor = 2;
         c.init.preset = Some("tiny".into());
+        c.train.precision = "fp32".into();
+        c.train.bf16_weight_copies = true;
         let p = c.problems(Some(16));
         for want in [
             "task.name = \"MNLI\"",
             "init: give exactly one",
             "sift.enabled with parallel.tensor > 1",
+            "train.bf16_weight_copies keeps",
         ] {
             assert!(p.iter().any(|m| m.contains(want)), "{want} not in {p:?}");
         }

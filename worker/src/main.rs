@@ -78,6 +78,10 @@ enum Command {
         /// --profile counts the operators the CUDA path dispatches. Slow; its times mean nothing.
         #[arg(long)]
         emulate_kernels: bool,
+        /// bf16 copies of the weights written by the AdamW kernel (2 bytes per weight more),
+        /// read instead of a cast per use (`train.bf16_weight_copies`).
+        #[arg(long)]
+        bf16_weight_copies: bool,
     },
     /// The fused attention kernels against the reference on the GPU (deberta_worker::kernel_check).
     KernelCheck {
@@ -320,6 +324,7 @@ fn main() -> ExitCode {
             profile,
             trace,
             emulate_kernels,
+            bf16_weight_copies,
         } => {
             if emulate_kernels && device != "cpu" {
                 eprintln!("error: --emulate-kernels runs the kernels' emulator: it needs --device cpu");
@@ -337,6 +342,7 @@ fn main() -> ExitCode {
                 profile,
                 trace,
                 emulate_kernels,
+                weight_copies: bf16_weight_copies,
             };
             return bench(&world, &device, &batch, cfg);
         }

@@ -77,6 +77,9 @@ pub struct FlatAdamW {
     /// Updates taken (for the bias correction): fp64 [1] on the device, so that a step the
     /// device skips (`step_if_finite`) leaves it as it was without the host knowing.
     steps: Tensor,
+    /// The weights' bf16 compute copies (`keep_weight_copies`): the flat buffer, in the weights'
+    /// layout, and their registration with the model.
+    copies: Option<(Tensor, deberta_model::weight_copies::Registered)>,
 }
 
 impl FlatAdamW {
@@ -144,7 +147,30 @@ impl FlatAdamW {
             grad,
             runs,
             steps: Tensor::zeros([1], (Kind::Double, device)),
+            copies: None,
         }
+    }
+
+    /// Keep a bf16 copy of every weight (`deberta_model::weight_copies`), which the model's
+    /// hand-written segments read where they would cast the weight: 2 bytes per weight held,
+    /// written by the AdamW kernel as it updates the weights.
+    pub fn keep_weight_copies(&mut self) {
+        if self.copies.is_some() {
+            return;
+        }
+        let flat = Tensor::zeros([self.len()], (Kind::BFloat16, self.flat.device()));
+        let pairs: Vec<(Tensor, Tensor)> = self
+            .params
+            .iter()
+            .map(|(p, offset, n)| (p.shallow_clone(), flat.narrow(0, *offset, *n).view(p.size().as_slice())))
+            .collect();
+        let registered = deberta_model::weight_copies::register(&self.flat, &pairs);
+        self.copies = Some((flat, registered));
+    }
+
+    /// Whether `keep_weight_copies` was called.
+    pub fn keeps_weight_copies(&self) -> bool {
+        self.copies.is_some()
     }
 
     /// `new` over the model's parameters, which then zero their gradients as the one flat buffer
@@ -289,7 +315,9 @@ impl FlatAdamW {
                 grad_scale: 1.0,
             };
             let [p, g, m, v] = [&self.flat, g, &self.exp_avg, &self.exp_avg_sq].map(part);
-            deberta_model::adamw::step(&p, &g, &m, &v, &update, Some(control)).unwrap_or_else(|e| panic!("{e}"));
+            let copy = self.copies.as_ref().map(|(c, _)| part(c));
+            deberta_model::adamw::step(&p, &g, &m, &v, &update, Some(control), copy.as_ref())
+                .unwrap_or_else(|e| panic!("{e}"));
         }
     }
 
@@ -615,13 +643,21 @@ mod tests {
         assert!((g - a[1].1.grad().norm().double_value(&[]) / c).abs() < 1e-4 * g);
     }
 
+    /// Values in [-1, 1) that depend on `seed` only: not libtorch's generator, which the tests
+    /// running beside share (a draw between the two runs a test compares changed one of them).
+    fn draws(seed: i64, shape: &[i64]) -> Tensor {
+        let n: i64 = shape.iter().product();
+        let i = Tensor::arange(n, (Kind::Double, tch::Device::Cpu));
+        (((i * 12.9898 + seed as f64 * 78.233).sin() * 43758.5453).frac() * 2.0)
+            .to_kind(Kind::Float)
+            .reshape(shape)
+    }
+
     /// A weight [rows, cols] (decayed) and a bias [cols] (exempt) drawn from `seed`, with
     /// gradients, in a `FlatAdamW` that updates by the kernel (emulated on the CPU) or the ops.
     fn weight_and_bias(seed: i64, rows: i64, cols: i64, kernel: bool) -> (Tensor, Tensor, FlatAdamW) {
-        tch::manual_seed(seed);
-        let f = (Kind::Float, tch::Device::Cpu);
-        let w = Tensor::randn([rows, cols], f).set_requires_grad(true);
-        let b = Tensor::randn([cols], f).set_requires_grad(true);
+        let w = draws(seed, &[rows, cols]).set_requires_grad(true);
+        let b = draws(seed + 1, &[cols]).set_requires_grad(true);
         (w.sum(Kind::Float) + b.sum(Kind::Float)).backward();
         let mut opt = FlatAdamW::new(
             &[("w".into(), w.shallow_clone()), ("x.bias".into(), b.shallow_clone())],
@@ -641,7 +677,7 @@ mod tests {
         for kernel in [false, true] {
             let make = || {
                 let (_, _, opt) = weight_and_bias(4, 301, 7, kernel);
-                let g = Tensor::randn([opt.len()], (Kind::Float, tch::Device::Cpu)) * 3.0;
+                let g = draws(5, &[opt.len()]) * 3.0;
                 (opt, g)
             };
             let state = |o: &FlatAdamW| Tensor::cat(&[&o.flat, &o.exp_avg, &o.exp_avg_sq], 0);
@@ -677,6 +713,52 @@ mod tests {
             let d = (state(&ours) - state(&reference)).abs().max().double_value(&[]);
             assert!(d < 1e-7, "kernel {kernel}: {d:e} from one fresh clipped step");
         }
+    }
+
+    /// `keep_weight_copies`: after every update the model reads, for each weight, the cast's
+    /// bits from the copy. The kernel (emulated) writes them itself (head, float4 body and tail
+    /// of a run off 16-byte alignment), checked before anything could rewrite them; after the
+    /// tensor ops, or a skipped step, the copies still answer with the cast.
+    #[test]
+    fn the_weight_copies_hold_the_cast_of_the_updated_weights() {
+        use deberta_model::weight_copies::in_kind;
+        for kernel in [true, false] {
+            let (w, b, mut opt) = weight_and_bias(11, 1001, 37, kernel);
+            opt.keep_weight_copies();
+            let copy = opt.copies.as_ref().map(|(c, _)| c.shallow_clone()).unwrap();
+            deberta_model::cuda::emulate_on_cpu(kernel);
+            let one = Tensor::ones([1], (Kind::Double, tch::Device::Cpu));
+            for step in 0..3 {
+                for t in [&w, &b] {
+                    let _ = t.grad().zero_();
+                }
+                ((&w * (step as f64 + 1.0)).sin().sum(Kind::Float) + b.square().sum(Kind::Float)).backward();
+                let norm = opt.global_grad_norm_on_device(&deberta_model::collective::Single);
+                let loss = if step == 1 {
+                    &one * f64::NAN
+                } else {
+                    one.shallow_clone()
+                };
+                let _ = opt.step_if_finite(1e-2, 0.5, &loss, &norm);
+                let flat_cast = opt.flat.to_kind(Kind::BFloat16);
+                if kernel {
+                    assert!(copy.equal(&flat_cast), "step {step}: the kernel left the copies stale");
+                }
+                for (t, (_, offset, n)) in [&w, &b].into_iter().zip(&opt.params) {
+                    let read = tch::no_grad(|| in_kind(t, Kind::BFloat16));
+                    assert_eq!(
+                        read.data_ptr(),
+                        copy.narrow(0, *offset, *n).data_ptr(),
+                        "kernel {kernel}"
+                    );
+                    assert!(read.equal(&t.to_kind(Kind::BFloat16)), "kernel {kernel}, step {step}");
+                }
+            }
+            deberta_model::cuda::emulate_on_cpu(false);
+            assert_eq!(opt.steps(), 2, "the NaN step is skipped");
+        }
+        // Dropping the optimizer forgets its copies (no other test here keeps any).
+        assert_eq!(deberta_model::weight_copies::registered(), 0);
     }
 
     #[test]

@@ -385,6 +385,9 @@ pub fn train(config_path: &Path, resume: bool, groups: &Groups) -> Result<()> {
             ..AdamWConfig::default()
         },
     );
+    if cfg.train.bf16_weight_copies {
+        opt.keep_weight_copies();
+    }
 
     let (mut step, mut consumed) = (0u64, 0u64);
     if resume {

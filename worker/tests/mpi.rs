@@ -134,5 +134,15 @@ fn kernel_check_emulated_trains_the_cuda_path_like_the_gather_path() {
         .find(|l| l.contains("20 steps") && l.contains("InKernel"))
         .unwrap_or_else(|| panic!("no training line:\n{}", r.stdout));
     assert!(line.ends_with(" ok"), "{line}");
+    // The weights' bf16 copies change no bit of the 20 losses.
+    let copies = r
+        .stdout
+        .lines()
+        .find(|l| l.contains("bf16 copies"))
+        .unwrap_or_else(|| panic!("no line for the weights' copies:\n{}", r.stdout));
+    assert!(
+        copies.contains("worst step rel diff 0.00e0") && copies.ends_with(" ok"),
+        "{copies}"
+    );
     assert!(r.stdout.contains("kernel-check: all ok"), "{}", r.stdout);
 }
