@@ -251,14 +251,19 @@ pub fn render(
     }
     let _ = writeln!(
         o,
-        "  memory     {:.2} GiB per {} (estimate: states {:.2} + activations {:.2} GiB; {}, tp {}, micro-batch {})",
+        "  memory     {:.2} GiB per {} (estimate: states {:.2} + activations {:.2} GiB; {}, tp {}, micro-batch {}{})",
         gib(m.total_bytes()),
         if gpu { "GPU" } else { "rank" },
         gib(m.states_bytes),
         gib(m.activation_bytes),
         t.precision,
         par.tensor,
-        t.micro_batch
+        t.micro_batch,
+        if t.bf16_weight_copies {
+            ", the weights' bf16 copies"
+        } else {
+            ""
+        }
     );
     let fpt = flops_per_token(model, seq, MASK_FRACTION);
     let per_step = fpt * tokens;

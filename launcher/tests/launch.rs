@@ -478,6 +478,28 @@ fn the_dry_run_plan_of_the_1_5b_config_agrees_with_deberta_info() {
     let days: f64 = after(&plan_text, "time").parse().unwrap();
     let want = 1e6 * per_step / (64.0 * 989e12 * 0.4) / 86_400.0;
     assert!((days - want).abs() < 0.06, "{days} vs {want}");
+    // With the weights' bf16 copies: 2 bytes more per parameter of a rank (tp 8: ~196M, most
+    // of the 1.57B sharded).
+    let dir = tempfile::tempdir().unwrap();
+    let with = dir.path().join("copies.yaml");
+    let yaml = std::fs::read_to_string(&cfg).unwrap();
+    assert!(yaml.contains("\ntrain:\n"), "the config's train section moved");
+    std::fs::write(
+        &with,
+        yaml.replace("\ntrain:\n", "\ntrain:\n  bf16_weight_copies: true\n"),
+    )
+    .unwrap();
+    let plan = text(
+        &deberta(&["train", with.to_str().unwrap(), "--dry-run"])
+            .output()
+            .unwrap(),
+    );
+    let gib = |t: &str| after(t, "memory").parse::<f64>().unwrap();
+    let more = gib(&plan) - gib(&plan_text);
+    assert!(
+        (0.36..0.40).contains(&more),
+        "{more:.2} GiB more with the copies:\n{plan}"
+    );
 }
 
 #[test]
