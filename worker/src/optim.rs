@@ -168,11 +168,6 @@ impl FlatAdamW {
         self.copies = Some((flat, registered));
     }
 
-    /// Whether `keep_weight_copies` was called.
-    pub fn keeps_weight_copies(&self) -> bool {
-        self.copies.is_some()
-    }
-
     /// `new` over the model's parameters, which then zero their gradients as the one flat buffer
     /// (`Params::zero_grad`).
     pub fn for_params(params: &crate::grads::Params, cfg: AdamWConfig) -> FlatAdamW {
@@ -643,7 +638,7 @@ mod tests {
         assert!((g - a[1].1.grad().norm().double_value(&[]) / c).abs() < 1e-4 * g);
     }
 
-    /// Values in [-1, 1) that depend on `seed` only: not libtorch's generator, which the tests
+    /// Values in (-2, 2) that depend on `seed` only: not libtorch's generator, which the tests
     /// running beside share (a draw between the two runs a test compares changed one of them).
     fn draws(seed: i64, shape: &[i64]) -> Tensor {
         let n: i64 = shape.iter().product();
