@@ -62,38 +62,33 @@ pub fn step(
             ));
         }
     }
-    for (name, t) in [
-        ("weights", p),
-        ("gradients", g),
-        ("first moments", m),
-        ("second moments", v),
-    ] {
-        if t.kind() != Kind::Float || !t.is_contiguous() || t.numel() as i64 != n || t.device() != p.device() {
+    // Each buffer: n contiguous elements of `kind` on p's device, as many elements past a
+    // 4-element (vector) boundary as p is.
+    let check = |name: &str, t: &Tensor, kind: Kind| {
+        if t.kind() != kind || !t.is_contiguous() || t.numel() as i64 != n || t.device() != p.device() {
             return Err(format!(
-                "the AdamW kernel: {name} are {:?} {:?} on {:?}, expected {n} contiguous fp32 on {:?}",
+                "the AdamW kernel: {name} are {:?} {:?} on {:?}, expected {n} contiguous {kind:?} on {:?}",
                 t.size(),
                 t.kind(),
                 t.device(),
                 p.device()
             ));
         }
-        if (ptr(t) % 16) != (ptr(p) % 16) {
+        if (ptr(t) / kind.elt_size_in_bytes() as u64) % 4 != (ptr(p) / 4) % 4 {
             return Err(format!("the AdamW kernel: {name} are not aligned as the weights are"));
         }
+        Ok(())
+    };
+    for (name, t) in [
+        ("weights", p),
+        ("gradients", g),
+        ("first moments", m),
+        ("second moments", v),
+    ] {
+        check(name, t, Kind::Float)?;
     }
     if let Some(c) = copy {
-        if c.kind() != Kind::BFloat16 || !c.is_contiguous() || c.numel() as i64 != n || c.device() != p.device() {
-            return Err(format!(
-                "the AdamW kernel: the weights' copy is {:?} {:?} on {:?}, expected {n} contiguous bf16 on {:?}",
-                c.size(),
-                c.kind(),
-                c.device(),
-                p.device()
-            ));
-        }
-        if (ptr(c) / 2) % 4 != (ptr(p) / 4) % 4 {
-            return Err("the AdamW kernel: the weights' copy is not aligned as the weights are".into());
-        }
+        check("the weights' copies", c, Kind::BFloat16)?;
     }
     let device = p.device();
     let cfg = cuda::grid_stride(device, n / 4); // a thread per float4
@@ -125,6 +120,33 @@ pub fn step(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every buffer is checked alike: the weights' copies must be bf16 and as far past a
+    /// 4-element boundary as the weights are (the kernel's 8-byte stores fault otherwise).
+    #[test]
+    fn buffers_of_the_wrong_kind_or_alignment_are_refused() {
+        let f = |kind| Tensor::zeros([64], (kind, Device::Cpu));
+        let (p, g, m, v) = (f(Kind::Float), f(Kind::Float), f(Kind::Float), f(Kind::Float));
+        let u = Update {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            bias_correction1: 1.0,
+            bias_correction2: 1.0,
+            grad_scale: 1.0,
+        };
+        let n = 60;
+        let [p, g, m, v] = [&p, &g, &m, &v].map(|t| t.narrow(0, 0, n));
+        let copies = f(Kind::BFloat16);
+        let shifted = step(&p, &g, &m, &v, &u, None, Some(&copies.narrow(0, 1, n))).unwrap_err();
+        assert!(shifted.contains("the weights' copies are not aligned"), "{shifted}");
+        let fp32 = step(&p, &g, &m, &v, &u, None, Some(&f(Kind::Float).narrow(0, 0, n))).unwrap_err();
+        assert!(fp32.contains("expected 60 contiguous BFloat16"), "{fp32}");
+        let moments = step(&p, &g, &m.narrow(0, 1, n - 1), &v, &u, None, None).unwrap_err();
+        assert!(moments.contains("first moments are"), "{moments}");
+    }
 
     #[test]
     fn the_kernel_compiles_with_nvrtc() {

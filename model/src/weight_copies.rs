@@ -98,11 +98,8 @@ fn grad_mode_enabled() -> bool {
 /// first.
 pub fn in_kind(w: &Tensor, kind: Kind) -> Tensor {
     if kind == Kind::BFloat16 && w.kind() == Kind::Float {
-        // Autograd would not reach the weight through a copy: where it records, cast.
-        if !(w.requires_grad() && grad_mode_enabled()) {
-            if let Some(copy) = fresh_copy(w) {
-                return copy;
-            }
+        if let Some(copy) = fresh_copy(w) {
+            return copy;
         }
     }
     w.to_kind(kind)
@@ -110,8 +107,13 @@ pub fn in_kind(w: &Tensor, kind: Kind) -> Tensor {
 
 fn fresh_copy(w: &Tensor) -> Option<Tensor> {
     let mut registry = lock();
+    // Without copies (the default) a weight stops here.
     let e = registry.get_mut(&crate::cuda::ptr(w))?;
     if e.weight.size() != w.size() || e.weight.stride() != w.stride() || e.weight.device() != w.device() {
+        return None;
+    }
+    // Autograd would not reach the weight through a copy: where it records, cast.
+    if w.requires_grad() && grad_mode_enabled() {
         return None;
     }
     let now = versions(&e.weight, &e.base);
