@@ -414,14 +414,26 @@ fn recomputation_gives_the_same_loss_and_gradients_with_dropout_on() {
     };
     let (stored, g1) = run(false);
     let (recomputed, g2) = run(true);
-    assert_eq!(stored, recomputed);
+    // The recomputing tape's forward runs without a graph, where libtorch may take other
+    // kernels (matmul folds a batch into one GEMM only for tensors that need no gradient), so
+    // the two agree to rounding, not to the bit: a CI machine saw 1.6e-6 of the loss. Dropout
+    // replayed with another mask would differ by far more (the other seed below).
+    let tolerance = 1e-5 * stored.abs();
+    let replay = (stored - recomputed).abs();
+    assert!(replay <= tolerance, "stored {stored} recomputed {recomputed}");
     for ((name, a), (_, b)) in g1.iter().zip(&g2) {
         assert!(a.defined() && b.defined(), "{name}");
         let diff = (a - b).abs().max().double_value(&[]);
-        assert!(diff < 1e-6, "{name}: {diff:e}");
+        let scale = a.abs().max().double_value(&[]);
+        assert!(diff <= 1e-5 * scale + 1e-9, "{name}: {diff:e} of {scale:e}");
     }
-    // Dropout is on: another seed gives another loss.
+    // Dropout is on: another seed gives another loss, well outside the tolerance.
     let mut tape = deberta_model::segments::Tape::seeded(&single, 100, true, false);
     let other = model.mlm_loss_segments(&mut tape, &ids, &mask, &labels, 0.1, true);
-    assert_ne!(tape.value(other).double_value(&[]), stored);
+    let other = tape.value(other).double_value(&[]);
+    eprintln!("stored {stored} recomputed {recomputed} other seed {other}");
+    assert!(
+        (other - stored).abs() > 100.0 * tolerance,
+        "seed 100 gave {other}, seed 99 {stored}"
+    );
 }
