@@ -14,7 +14,12 @@
 #
 #   BASELINE=REV bash cluster/gpu-bundle.sh   # here; then on the GPU machine, carry [gpu-bundle]:
 #   bash cluster/gpu-session.sh [PRESET] [SEQ] [BATCH...]   # default: xxlarge 512 32 8 40
-#   env: VARIANTS (default: fused-rel, it with the weights' bf16 copies (thirteenth session),
+#   On a card of 120 GiB or more (an H200: 141 GB) the defaults are batches 32 8 16 64 and HF at
+#   8 and 16: the issue's yardstick is HF's best tokens/s, and HF's batch 16, out of memory on an
+#   H100 80GB, fits there (~105 GiB, estimated), as does our batch 64 (~100 GiB, estimated from
+#   the eleventh session's 70.7 GiB at 40).
+#   env: GPU_MEM_MIB (the card's memory, default nvidia-smi's; a dry run sets it), PLAN_ONLY=1
+#        (print the plan and stop), VARIANTS (default: fused-rel, it with the weights' bf16 copies (thirteenth session),
 #        and it with the twelfth session's weight-gradient accumulation and fused EMD attention
 #        turned off, for their shares), HF_BATCHES (default 8; none to skip), BENCH_STEPS (3),
 #        BENCH_WARMUP (2), FINETUNE=0, BUNDLE, SESSION_WORK (default /tmp: the parts' own
@@ -25,13 +30,20 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 preset="${1:-xxlarge}"; seq="${2:-512}"; shift 2 2>/dev/null || shift $#
-batches=("$@"); [ ${#batches[@]} -gt 0 ] || batches=(32 8 40)
+batches=("$@")
+mem_mib="${GPU_MEM_MIB:-$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)}"
+mem_mib="${mem_mib//[!0-9]/}"
+if [ -n "$mem_mib" ] && [ "$mem_mib" -ge 122880 ]; then big=(32 8 16 64); hf_default="8 16"; else big=(32 8 40); hf_default=8; fi
+[ ${#batches[@]} -gt 0 ] || batches=("${big[@]}")
+HF_BATCHES="${HF_BATCHES:-$hf_default}"
 read -r -a variants <<< "${VARIANTS:-fused-rel fused-rel-copies fused-rel-opswgrad fused-rel-gatheremd}"
 bundle="$(realpath -m "${BUNDLE:-gpu-bundle}")"
 root="${OUT:-/tmp/gpu-session}"
 work="${SESSION_WORK:-/tmp}"  # each part's gpu-bench output, $work/gpu-session-PART
 export BUNDLE="$bundle" BENCH_STEPS="${BENCH_STEPS:-3}" BENCH_WARMUP="${BENCH_WARMUP:-2}"
 status=0
+echo "== plan: $preset x $seq, card ${mem_mib:-?} MiB; ours at batch ${batches[*]} (${variants[*]} at ${batches[0]}), HF at $HF_BATCHES"
+[ "${PLAN_ONLY:-0}" = 1 ] && exit 0
 # Part NAME: gpu-bench.sh with the rest of the arguments, its tarball in $root/NAME.
 part() {
   local name="$1"; shift
@@ -42,15 +54,15 @@ part() {
 # gpu-bench.sh runs base:V with the bundle's baseline worker and prints V / base:V.
 part check TRACE=1 VARIANTS="${variants[*]} base:${variants[0]}" BASE_KERNEL_CHECK=0 HF_BATCHES=none \
   bash cluster/gpu-bench.sh "$preset" "$seq" "${batches[0]}"
-if [ ${#batches[@]} -gt 1 ] || [ "${HF_BATCHES:-8}" != none ]; then
+if [ ${#batches[@]} -gt 1 ] || [ "$HF_BATCHES" != none ]; then
   rest=("${batches[@]:1}")
   # HF's sizes join ours, so that each HF row has ours beside it.
-  for hb in ${HF_BATCHES:-8}; do
+  for hb in $HF_BATCHES; do
     [ "$hb" = none ] || [[ " ${rest[*]} " == *" $hb "* ]] || rest+=("$hb")
   done
   largest="$(printf '%s\n' "${rest[@]}" | sort -n | tail -1)"
   extra="${SIZES_EXTRA-${variants[0]}-copies@$largest}"
-  part sizes KERNEL_CHECK=0 VARIANTS="${variants[0]} $extra" HF_BATCHES="${HF_BATCHES:-8}" \
+  part sizes KERNEL_CHECK=0 VARIANTS="${variants[0]} $extra" HF_BATCHES="$HF_BATCHES" \
     bash cluster/gpu-bench.sh "$preset" "$seq" "${rest[@]}"
 fi
 if [ "${FINETUNE:-1}" = 1 ]; then

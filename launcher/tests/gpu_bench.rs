@@ -311,3 +311,42 @@ fn the_gpu_session_call_runs_its_three_parts_on_the_cpu() {
     assert!(out.join("check/gpu-bench.tgz").is_file());
     assert!(out.join("finetune/finetune.tgz").is_file());
 }
+
+/// The session's plan follows the card: on one of 120 GiB or more (an H200) HF runs at batch
+/// 16 too, since the target is against HF's best and batch 16 fits there, and ours at 16 and
+/// 64; on an H100 80GB the eleventh session's sizes. Given sizes and HF_BATCHES win.
+#[test]
+fn the_gpu_session_plans_by_the_card_s_memory() {
+    let plan = |env: &[(&str, &str)], args: &[&str]| {
+        let mut c = Command::new("bash");
+        c.arg(repo().join("cluster/gpu-session.sh"))
+            .args(args)
+            .env("PLAN_ONLY", "1")
+            .env_remove("HF_BATCHES");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        text(&o)
+            .lines()
+            .find(|l| l.starts_with("== plan:"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let h200 = plan(&[("GPU_MEM_MIB", "143771")], &[]);
+    assert!(h200.contains("card 143771 MiB; ours at batch 32 8 16 64"), "{h200}");
+    assert!(h200.ends_with("HF at 8 16"), "{h200}");
+    let h100 = plan(&[("GPU_MEM_MIB", "81559")], &[]);
+    assert!(h100.contains("ours at batch 32 8 40 ("), "{h100}");
+    assert!(h100.ends_with("HF at 8"), "{h100}");
+    let given = plan(
+        &[("GPU_MEM_MIB", "143771"), ("HF_BATCHES", "none")],
+        &["base", "128", "4", "2"],
+    );
+    assert!(
+        given.contains("base x 128") && given.contains("ours at batch 4 2 ("),
+        "{given}"
+    );
+    assert!(given.ends_with("HF at none"), "{given}");
+}
