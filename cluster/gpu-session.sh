@@ -19,9 +19,9 @@
 #   H100 80GB, fits there (~105 GiB, estimated), as does our batch 64 (~100 GiB, estimated from
 #   the eleventh session's 70.7 GiB at 40).
 #   env: GPU_MEM_MIB (the card's memory, default nvidia-smi's; a dry run sets it), PLAN_ONLY=1
-#        (print the plan and stop), VARIANTS (default: fused-rel, it with the weights' bf16 copies (thirteenth session),
-#        and it with the twelfth session's weight-gradient accumulation and fused EMD attention
-#        turned off, for their shares), HF_BATCHES (default 8; none to skip), BENCH_STEPS (3),
+#        (print the plan and stop), VARIANTS (default: fused-rel, it with the weights' bf16
+#        copies (thirteenth session), and it with the twelfth session's weight-gradient accumulation and fused EMD attention
+#        turned off, for their shares), HF_BATCHES (default 8, on a big card 8 16; none to skip), BENCH_STEPS (3),
 #        BENCH_WARMUP (2), FINETUNE=0, BUNDLE, SESSION_WORK (default /tmp: the parts' own
 #        output, $SESSION_WORK/gpu-session-PART), and for a dry run on a machine without a GPU
 #        BENCH_DEVICE=cpu BACKEND=cpu PRECISION=fp32 EPOCHS=1 (launcher/tests/gpu_bench.rs)
