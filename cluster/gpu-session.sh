@@ -33,8 +33,8 @@ preset="${1:-xxlarge}"; seq="${2:-512}"; shift 2 2>/dev/null || shift $#
 batches=("$@")
 mem_mib="${GPU_MEM_MIB:-$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)}"
 mem_mib="${mem_mib//[!0-9]/}"
-if [ -n "$mem_mib" ] && [ "$mem_mib" -ge 122880 ]; then big=(32 8 16 64); hf_default="8 16"; else big=(32 8 40); hf_default=8; fi
-[ ${#batches[@]} -gt 0 ] || batches=("${big[@]}")
+if [ -n "$mem_mib" ] && [ "$mem_mib" -ge 122880 ]; then sizes=(32 8 16 64); hf_default="8 16"; else sizes=(32 8 40); hf_default=8; fi
+[ ${#batches[@]} -gt 0 ] || batches=("${sizes[@]}")
 HF_BATCHES="${HF_BATCHES:-$hf_default}"
 read -r -a variants <<< "${VARIANTS:-fused-rel fused-rel-copies fused-rel-opswgrad fused-rel-gatheremd}"
 bundle="$(realpath -m "${BUNDLE:-gpu-bundle}")"
