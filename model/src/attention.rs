@@ -347,13 +347,15 @@ impl DisentangledSelfAttention {
 
     /// Backward of `project_rows` for dL/dq, dL/dk, dL/dv ([B, N, heads, d]): adds the
     /// projections' gradients; returns dL/dx [B, N, D] and dL/dxq [B, M, D] in `kind` (zero at the
-    /// rows that are not valid), this rank's heads' parts under TP.
+    /// rows that are not valid), this rank's heads' parts under TP. `bias` as in
+    /// `project_content_backward`.
     pub fn project_rows_backward(
         &self,
         x: &Tensor,
         xq: &Tensor,
         rows: &QueryRows,
         grads: [&Tensor; 3],
+        bias: Option<&Tensor>,
         kind: Kind,
     ) -> (Tensor, Tensor) {
         let d = x.size()[2];
@@ -362,9 +364,13 @@ impl DisentangledSelfAttention {
                                                  // k and v: their parameters' gradients by their columns of dqkv, x's by one GEMM over both.
         let xr = x.to_kind(kind).reshape([-1, d]);
         let dkv = dqkv.narrow(1, local, 2 * local);
+        let sums = |t: &Tensor, slot: i64| match bias {
+            Some(b) => b.narrow(0, slot * local, local),
+            None => t.sum_dim_intlist(0, false, Kind::Float),
+        };
         for (i, l) in [&self.key_proj, &self.value_proj].into_iter().enumerate() {
             let cols = dkv.narrow(1, i as i64 * local, local);
-            Self::projection_grads(l, &cols, &xr, 1.0, &cols.sum_dim_intlist(0, false, Kind::Float));
+            Self::projection_grads(l, &cols, &xr, 1.0, &sums(&cols, 1 + i as i64));
         }
         let wkv = Tensor::cat(
             &[&self.key_proj.weight, &self.value_proj.weight].map(|w| crate::weight_copies::in_kind(w, kind)),
@@ -374,7 +380,8 @@ impl DisentangledSelfAttention {
         // q: the valid rows' gradients, picked from their positions; q = xq (s Wq)^T + s bq.
         let dq = dqkv.narrow(1, 0, local).index_select(0, &rows.at); // [valid, local]
         let xq_valid = xq.to_kind(kind).reshape([-1, d]).index_select(0, &rows.sel);
-        let dbq = dq.sum_dim_intlist(0, false, Kind::Float);
+        // (dq is zero at the other rows: the kernels' sums over all rows are the valid rows'.)
+        let dbq = sums(&dq, 0);
         Self::projection_grads(&self.query_proj, &dq, &xq_valid, self.scale, &dbq);
         let dxq_valid = dq.mm(&self.scaled_query().0.to_kind(kind)); // [valid, D]
         let (bq, m) = (xq.size()[0], xq.size()[1]);
@@ -394,7 +401,14 @@ impl DisentangledSelfAttention {
     /// tape widens it where it sums it with the residual's).
     /// One GEMM each for dx and the weights over [dq dk dv], so dx is summed in the GEMM's fp32
     /// accumulator, as autocast's three fp32 casts would sum it.
-    pub fn project_content_backward(&self, x: &Tensor, grads: [&Tensor; 3], kind: Kind) -> Tensor {
+    /// `bias`: the column sums of dq, dk, dv ([3·local] fp32) if the kernels made them; else summed here.
+    pub fn project_content_backward(
+        &self,
+        x: &Tensor,
+        grads: [&Tensor; 3],
+        bias: Option<&Tensor>,
+        kind: Kind,
+    ) -> Tensor {
         let d = x.size()[2];
         let local = grads[0].size()[2] * grads[0].size()[3];
         // q = x (s Wq)^T + s bq: dx takes s Wq, and Wq's and bq's gradients are s times those
@@ -408,8 +422,12 @@ impl DisentangledSelfAttention {
         ); // [3·local, D]
         let xr = x.to_kind(kind).reshape([-1, d]);
         // Each weight's gradient by its own GEMM over its columns of dqkv (on CUDA accumulated
-        // in fp32, q's scale as the GEMM's alpha); the biases' from one sum over the rows.
-        let db = dqkv.sum_dim_intlist(0, false, Kind::Float);
+        // in fp32, q's scale as the GEMM's alpha); the biases' from the kernels' column sums or one
+        // sum over the rows.
+        let db = match bias {
+            Some(b) => b.shallow_clone(),
+            None => dqkv.sum_dim_intlist(0, false, Kind::Float),
+        };
         for (i, l) in lin.iter().enumerate() {
             let at = i as i64 * local;
             let s = if i == 0 { self.scale } else { 1.0 };

@@ -112,6 +112,10 @@ pub struct CoreGrads {
     pub v: Tensor,
     pub kr: Option<Tensor>,
     pub qr: Option<Tensor>,
+    /// The column sums of dq, dk and dv over every token, [3 H d] fp32 in that order (the q, k,
+    /// v projections' bias gradients, before q's scale), where the kernels made them as they
+    /// wrote the gradients (`sum_rows`; relative terms in the kernels); else None.
+    pub bias: Option<Tensor>,
 }
 
 fn heads_first(x: &Tensor) -> Tensor {
@@ -230,6 +234,7 @@ pub fn reference_backward(x: &CoreInputs, keep: Option<&Tensor>, dout: &Tensor) 
         v,
         kr: leaves.kr.as_ref().map(|_| g.next().unwrap()),
         qr: leaves.qr.as_ref().map(|_| g.next().unwrap()),
+        bias: None,
     }
 }
 
@@ -660,6 +665,10 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     let grad_buffer = |t: &Tensor| if in_kernel { partial(t) } else { t.zeros_like() };
     let dc2p = o.c2p.as_ref().map(grad_buffer);
     let dp2c = o.p2c.as_ref().map(grad_buffer);
+    // In the kernels (not split): dq's, dk's and dv's column sums per 16 tokens,
+    // [B, ceil(N / 16), 3, H, d] fp32 (the kernels' `sum_rows`; 19 MB at the 1.5B model's batch
+    // 32 x 512), summed below.
+    let sums = (in_kernel && !split).then(|| Tensor::empty([b, (n + 15) / 16, 3, h, d], (Kind::Float, o.q.device())));
     stage("backward: tables again, D_i, gradient buffers");
     let common = [
         &o.args()[..],
@@ -694,6 +703,7 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
         &common[..],
         &kv_outputs,
         &ds.iter().map(Arg::tensor).collect::<Vec<_>>(),
+        &sums.iter().map(Arg::tensor).collect::<Vec<_>>(),
         &scalars,
     ]
     .concat();
@@ -702,26 +712,26 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     stage("backward: keys kernel");
     if let Some(ds) = &ds {
         // dattn_bwd_q_ds and its mirror dattn_bwd_k_ds: (q, k, the table, dS, the gradient, the
-        // table gradient's partials, H, N, ldg).
-        let from_ds = |function: &str, table: &Option<Tensor>, grad: &Tensor, part: &Option<Tensor>| {
-            let args = [
-                Arg::tensor(&o.q),
-                Arg::tensor(&o.k),
-                opt_arg(table),
-                Arg::tensor(ds),
-                Arg::tensor(grad),
-                opt_arg(part),
-                Arg::I32(h as i32),
-                Arg::I32(n as i32),
-                ldg,
-            ];
-            // SAFETY: as in kernel_forward; ds holds the keys kernel's dS for (b, h, n).
-            unsafe { k.launch(function, grid(b, h, n, shared_bytes(d).bwd_q_ds), &args) }
-        };
-        from_ds("dattn_bwd_q_ds", &o.c2p, &dq, &dc2p)?;
+        // table gradient's partials, [q_ds: the column sums,] H, N, ldg).
+        let from_ds =
+            |function: &str, table: &Option<Tensor>, grad: &Tensor, part: &Option<Tensor>, sums: Option<Arg>| {
+                let mut args = vec![
+                    Arg::tensor(&o.q),
+                    Arg::tensor(&o.k),
+                    opt_arg(table),
+                    Arg::tensor(ds),
+                    Arg::tensor(grad),
+                    opt_arg(part),
+                ];
+                args.extend(sums);
+                args.extend([Arg::I32(h as i32), Arg::I32(n as i32), ldg]);
+                // SAFETY: as in kernel_forward; ds holds the keys kernel's dS for (b, h, n).
+                unsafe { k.launch(function, grid(b, h, n, shared_bytes(d).bwd_q_ds), &args) }
+            };
+        from_ds("dattn_bwd_q_ds", &o.c2p, &dq, &dc2p, Some(opt_arg(&sums)))?;
         stage("backward: queries kernel");
         if split {
-            from_ds("dattn_bwd_k_ds", &o.p2c, &dk, &dp2c)?;
+            from_ds("dattn_bwd_k_ds", &o.p2c, &dk, &dp2c, None)?;
             stage("backward: keys from dS (split)");
         }
     } else {
@@ -784,6 +794,7 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
         v: dv.to_kind(x.v.kind()),
         kr: dkr,
         qr: dqr,
+        bias: sums.map(|s| s.view([-1, 3 * h * d]).sum_dim_intlist(0, false, Kind::Float)),
     })
 }
 

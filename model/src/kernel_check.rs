@@ -168,7 +168,8 @@ pub fn inputs(c: &Case, device: Device, kind: Kind) -> CoreInputs {
 pub struct Outcome {
     /// The kept fraction of the kernels' dropout mask, with dropout.
     pub kept: Option<f64>,
-    /// (output or gradient, relative error, all finite) for out, dq, dk, dv, dK_r, dQ_r.
+    /// (output or gradient, relative error, all finite) for out, dq, dk, dv, dK_r, dQ_r and,
+    /// where the kernels sum them, the column sums of dq, dk, dv (the projections' biases').
     pub errors: Vec<(&'static str, f64, bool)>,
 }
 
@@ -199,6 +200,11 @@ pub fn compare(c: &Case, device: Device, rel: RelativeTerms) -> Result<Outcome, 
         .to_kind(Kind::Float);
     let got: CoreGrads = fused_attention::backward(saved, &dout)?;
     let refg = fused_attention::reference_backward(&x32, keep.as_ref(), &dout);
+    let columns = |g: &Tensor| g.sum_dim_intlist([0, 1].as_slice(), false, Kind::Float).reshape([-1]);
+    let (bias, want_bias) = (
+        got.bias,
+        Tensor::cat(&[columns(&refg.q), columns(&refg.k), columns(&refg.v)], 0),
+    );
     let mut pairs = vec![
         ("out", out, want),
         ("dq", got.q, refg.q),
@@ -210,6 +216,9 @@ pub fn compare(c: &Case, device: Device, rel: RelativeTerms) -> Result<Outcome, 
     }
     if let (Some(a), Some(b)) = (got.qr, refg.qr) {
         pairs.push(("dQ_r", a, b));
+    }
+    if let Some(sums) = bias {
+        pairs.push(("dq, dk, dv column sums", sums, want_bias));
     }
     let errors = pairs
         .into_iter()
@@ -250,7 +259,14 @@ mod tests {
             "{} ({rel:?}): the emulated kernels differ from the reference",
             c.name
         );
-        assert_eq!(o.errors.len(), 4 + c.c2p as usize + c.p2c as usize, "{}", c.name);
+        // The default kernels (relative terms in backward, not split) also sum dq, dk, dv's columns.
+        let sums = rel == RelativeTerms::InKernel;
+        assert_eq!(
+            o.errors.len(),
+            4 + c.c2p as usize + c.p2c as usize + sums as usize,
+            "{}",
+            c.name
+        );
         if let Some(kept) = o.kept {
             assert!((kept - (1.0 - c.dropout)).abs() < 0.01, "{}: kept {kept}", c.name);
         }
@@ -279,6 +295,7 @@ mod tests {
             let mut all = vec![out, g.q, g.k, g.v];
             all.extend(g.kr);
             all.extend(g.qr);
+            all.extend(g.bias);
             all
         };
         for (c, small) in CASES {

@@ -1,5 +1,8 @@
 //! The whole model: embeddings, encoder, and the optional heads a checkpoint may carry.
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use tch::nn::Path;
 use tch::{Kind, Reduction, Tensor};
 
@@ -401,6 +404,7 @@ fn attention_segments<'c>(
     let att = &layer.attention;
     let has_rel = rel_idx.is_some();
     let by_hand = hand_written(tape, enc) && kv == q;
+    let sums = BiasSums::default();
     // This rank's heads' q, k, v and relative tables.
     let parts = if by_hand {
         // The relative tables first: this layer's first segment, which backward reaches last.
@@ -408,6 +412,7 @@ fn attention_segments<'c>(
         tape.set_label("attention: projections");
         // Column-parallel: x's gradient from here is this rank's heads' part.
         // x in bf16 where its residual LayerNorm wrote a copy (`Tape::compute_copy`).
+        let sums = sums.clone();
         let mut parts = tape.custom_partial(&[tape.compute_copy(kv)], move |x| {
             let x = x[0].shallow_clone();
             let kind = compute_kind(&x);
@@ -416,7 +421,13 @@ fn attention_segments<'c>(
                 let [Some(dq), Some(dk), Some(dv)] = [&g[0], &g[1], &g[2]] else {
                     unreachable!("the attention core returns all of q's, k's and v's gradients")
                 };
-                vec![Some(att.project_content_backward(&x, [dq, dk, dv], kind))]
+                let bias = sums.borrow_mut().take();
+                vec![Some(att.project_content_backward(
+                    &x,
+                    [dq, dk, dv],
+                    bias.as_ref(),
+                    kind,
+                ))]
             });
             (qkv, backward)
         });
@@ -427,7 +438,7 @@ fn attention_segments<'c>(
     };
     let mask = enc.key_bytes.shallow_clone();
     tape.set_label("attention: core");
-    let ctx = fused_core(tape, att, parts, has_rel, mask, train);
+    let ctx = fused_core(tape, att, parts, has_rel, mask, train, by_hand.then_some(sums));
     tape.set_label("attention: output");
     if by_hand {
         return residual_norm_segment(tape, &layer.attention_output, [ctx, q], train, true);
@@ -481,6 +492,8 @@ fn emd_attention_segments<'c>(
     let tables = relative_table_segment(tape, att, enc, train, "emd attention: relative tables");
     tape.set_label("emd attention: projections");
     let at = rows.shallow_clone();
+    let sums = BiasSums::default();
+    let sums_taken = sums.clone();
     // Column-parallel: both inputs' gradients from here are this rank's heads' parts.
     let mut parts = tape.custom_partial(&[tape.compute_copy(kv), q], move |x| {
         let (x, xq) = (x[0].shallow_clone(), x[1].shallow_clone());
@@ -490,7 +503,8 @@ fn emd_attention_segments<'c>(
             let [Some(dq), Some(dk), Some(dv)] = [&g[0], &g[1], &g[2]] else {
                 unreachable!("the attention core returns all of q's, k's and v's gradients")
             };
-            let (dx, dxq) = att.project_rows_backward(&x, &xq, &at, [dq, dk, dv], kind);
+            let bias = sums_taken.borrow_mut().take();
+            let (dx, dxq) = att.project_rows_backward(&x, &xq, &at, [dq, dk, dv], bias.as_ref(), kind);
             vec![Some(dx), Some(dxq)]
         });
         (qkv, backward)
@@ -498,7 +512,15 @@ fn emd_attention_segments<'c>(
     parts.extend(tables);
     let has_rel = enc.rel_idx.is_some();
     tape.set_label("emd attention: core");
-    let ctx = fused_core(tape, att, parts, has_rel, enc.key_bytes.shallow_clone(), train);
+    let ctx = fused_core(
+        tape,
+        att,
+        parts,
+        has_rel,
+        enc.key_bytes.shallow_clone(),
+        train,
+        Some(sums),
+    );
     tape.set_label("emd attention: predicted rows");
     let (at, m) = (rows.shallow_clone(), tape.value(q).size()[1]);
     let ctx_rows = tape.custom(&[ctx], move |x| {
@@ -528,6 +550,12 @@ fn autograd_projections<'c>(
 }
 
 /// The fused attention core as a custom segment over `parts` (q, k, v, then K_r and Q_r).
+/// The column sums of dq, dk, dv that the kernels make (`fused_attention::CoreGrads::bias`), which
+/// the core's backward leaves here for the hand-written projections' backward, next on the tape:
+/// the biases' gradients without a pass over dq, dk, dv.
+type BiasSums = Rc<RefCell<Option<Tensor>>>;
+
+/// `sums`: where to leave the kernels' column sums of dq, dk, dv (for hand-written projections).
 fn fused_core<'c>(
     tape: &mut Tape<'c>,
     att: &'c DisentangledSelfAttention,
@@ -535,6 +563,7 @@ fn fused_core<'c>(
     has_rel: bool,
     mask: Tensor,
     train: bool,
+    sums: Option<BiasSums>,
 ) -> Boundary {
     tape.custom(&parts, move |values| {
         let x = att.core_inputs(values, has_rel, &mask, train);
@@ -545,6 +574,9 @@ fn fused_core<'c>(
         let backward: CustomBackward<'c> = Box::new(move |grads| {
             let Some(dctx) = &grads[0] else { return Vec::new() };
             let g = fused_attention::backward(saved, &dctx.view(shape.as_slice())).unwrap_or_else(|e| panic!("{e}"));
+            if let Some(sums) = &sums {
+                *sums.borrow_mut() = g.bias.as_ref().map(Tensor::shallow_clone);
+            }
             let mut out = vec![Some(g.q), Some(g.k), Some(g.v)];
             out.extend(g.kr.map(Some));
             out.extend(g.qr.map(Some));

@@ -386,6 +386,32 @@ __device__ __forceinline__ void write_rows(bf16* dst, float (*acc)[4], float s0,
   }
 }
 
+// The column sums of a warp's 16 rows of acc (those before row N), in fp32, into the row group
+// row0 / 16 of `sums`, a [B, ceil(N / 16), 3, H, D] buffer whose groups are ld elements apart, at
+// the slot `sums` points to: the q, k, v projections' bias gradients, which
+// `fused_attention::kernel_backward` sums over the groups (a pass over 4 KB per 16 tokens where
+// summing dq, dk, dv was a pass over all of them). A lane holds columns 2t, 2t + 1 of each 8-column
+// block for the rows g and g + 8: summed in the thread, then over g by three shuffles (the same
+// order in every warp); lanes 0-3 write. Nothing without `sums`, or for a warp past the last row.
+__device__ __forceinline__ void sum_rows(float* __restrict__ sums, float (*acc)[4], int b, int h, int row0, int N,
+                                         long long ld) {
+  if (sums == nullptr || row0 >= N) return;  // uniform across the warp
+  const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const bool in_a = row0 + g < N, in_b = row0 + g + 8 < N;
+  float* p = sums + ((long long)b * ((N + 15) / 16) + row0 / 16) * ld + h * D + 2 * t;
+#pragma unroll
+  for (int n8 = 0; n8 < D / 8; ++n8) {
+    float c0 = (in_a ? acc[n8][0] : 0.f) + (in_b ? acc[n8][2] : 0.f);
+    float c1 = (in_a ? acc[n8][1] : 0.f) + (in_b ? acc[n8][3] : 0.f);
+#pragma unroll
+    for (int m = 4; m < 32; m *= 2) {
+      c0 += __shfl_xor_sync(0xffffffffu, c0, m);
+      c1 += __shfl_xor_sync(0xffffffffu, c1, m);
+    }
+    if (g == 0) *reinterpret_cast<float2*>(p + n8 * 8) = make_float2(c0, c1);
+  }
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -826,8 +852,8 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
                                        const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
                                        const bf16* __restrict__ dout, const float* __restrict__ lse,
                                        const float* __restrict__ dvec, bf16* __restrict__ dk, bf16* __restrict__ dv,
-                                       bf16* __restrict__ dp2c, bf16* __restrict__ ds_out, int H, int N, int ldg,
-                                       float p_drop, unsigned long long seed) {
+                                       bf16* __restrict__ dp2c, bf16* __restrict__ ds_out, float* __restrict__ sums,
+                                       int H, int N, int ldg, float p_drop, unsigned long long seed) {
   BWD_SMEM_SETUP(REL)
   bf16 *Ks = T0, *Vs = T1, *Qs = T2, *dOs = T3;
   const int kb = blockIdx.x * BN, j0 = kb + warp * 16;
@@ -928,6 +954,8 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
   if (REL && p2c) flush_relative(gacc, part, (gridDim.x - 1) * BM, gridDim.x - 1);
   write_rows(dk, dk_acc, 1.f, 1.f, b, h, j0, N, ldg);
   write_rows(dv, dv_acc, 1.f, 1.f, b, h, j0, N, ldg);
+  sum_rows(sums ? sums + H * D : nullptr, dk_acc, b, h, j0, N, ldg);  // slot 1: k
+  sum_rows(sums ? sums + 2 * H * D : nullptr, dv_acc, b, h, j0, N, ldg);  // slot 2: v
   PHASE(7);
   PHASE_END(1);
 }
@@ -1019,13 +1047,17 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
 KERNEL void __launch_bounds__(128, 3)
 dattn_bwd_kv(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ dp2c, int H, int N,
              int ldg, float p_drop, unsigned long long seed) {
-  bwd_kv<false>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, dp2c, nullptr, H, N, ldg, p_drop, seed);
+  bwd_kv<false>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, dp2c, nullptr, nullptr, H, N, ldg, p_drop, seed);
 }
-// ds: every tile's dS, bf16 [B * H][tiles][tiles][64][64], for dattn_bwd_q_ds.
+// ds: every tile's dS, bf16 [B * H][tiles][tiles][64][64], for dattn_bwd_q_ds. sums: the column
+// sums of dq, dk, dv by groups of 16 rows (`sum_rows`), fp32 [B][ceil(N / 16)][3][H][D]: this kernel
+// writes the k and v slots, dattn_bwd_q_ds (given q's slot) the q slot; nullptr: none. (The split
+// kernels make none.)
 KERNEL void __launch_bounds__(128)
 dattn_bwd_kv_rel(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ dp2c,
-                 bf16* __restrict__ ds, int H, int N, int ldg, float p_drop, unsigned long long seed) {
-  bwd_kv<true>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, dp2c, ds, H, N, ldg, p_drop, seed);
+                 bf16* __restrict__ ds, float* __restrict__ sums, int H, int N, int ldg, float p_drop,
+                 unsigned long long seed) {
+  bwd_kv<true>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, dp2c, ds, sums, H, N, ldg, p_drop, seed);
 }
 KERNEL void __launch_bounds__(128)
 dattn_bwd_q(BWD_COMMON, bf16* __restrict__ dq, bf16* __restrict__ dc2p, int H, int N, int ldg, float p_drop,
@@ -1054,7 +1086,8 @@ __device__ __forceinline__ void load_ds_async(bf16* __restrict__ dst, const bf16
 template <bool KEYS>
 __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const bf16* __restrict__ other_src,
                                         const bf16* __restrict__ table, const bf16* __restrict__ ds,
-                                        bf16* __restrict__ out, bf16* __restrict__ part_out, int H, int N, int ldg) {
+                                        bf16* __restrict__ out, bf16* __restrict__ part_out, float* __restrict__ sums,
+                                        int H, int N, int ldg) {
   DYNAMIC_SMEM(smem);
   bf16* Own = reinterpret_cast<bf16*>(smem);
   bf16* Other = Own + 64 * LDS;
@@ -1117,6 +1150,7 @@ __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const 
     }
   }
   if (table) flush_relative(gacc, part, (tiles - 1) * 64, tiles - 1);
+  sum_rows(sums, acc, b, h, row0, N, ldg);  // q's slot (`dattn_bwd_q_ds`)
   write_rows(out, acc, 1.f, 1.f, b, h, row0, N, ldg);
   PHASE(5);
   PHASE_END(2);
@@ -1125,9 +1159,9 @@ __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const 
 // Queries-major from dS (`kernel` and `kernel-split`): dQ and the partial sums of dK_r.
 KERNEL void __launch_bounds__(128, 3)
 dattn_bwd_q_ds(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ c2p,
-               const bf16* __restrict__ ds, bf16* __restrict__ dq, bf16* __restrict__ dc2p, int H, int N,
-               int ldg) {
-  from_ds<false>(q, k, c2p, ds, dq, dc2p, H, N, ldg);
+               const bf16* __restrict__ ds, bf16* __restrict__ dq, bf16* __restrict__ dc2p,
+               float* __restrict__ sums, int H, int N, int ldg) {
+  from_ds<false>(q, k, c2p, ds, dq, dc2p, sums, H, N, ldg);
 }
 
 // ---- The split backward (`kernel-split`): dV and dS first, then dK and dQ from dS -------------
@@ -1258,7 +1292,8 @@ KERNEL void __launch_bounds__(128, 3)
 dattn_bwd_k_ds(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ p2c,
                const bf16* __restrict__ ds, bf16* __restrict__ dk, bf16* __restrict__ dp2c, int H, int N,
                int ldg) {
-  from_ds<true>(k, q, p2c, ds, dk, dp2c, H, N, ldg);
+  // No column sums here: their code costs this kernel a spill at its 168 registers.
+  from_ds<true>(k, q, p2c, ds, dk, dp2c, nullptr, H, N, ldg);
 }
 
 // D_i = dO_i . O_i for each query and head (the backward's softmax correction), fp32 [B, H, N],
