@@ -9,7 +9,9 @@
 #                are compared within one call only);
 #   2. sizes/    the first variant at the other batch sizes, the HF baseline at HF_BATCHES, and
 #                the first variant with the weights' bf16 copies at the largest size (SIZES_EXTRA,
-#                default V-copies@B; empty for none);
+#                default V-copies@B; empty for none). If the first variant gave no row in part
+#                check (an unmeasured change failing on the device), the next one that did
+#                (copies and the baseline aside) takes its place, and the call says so;
 #   3. finetune/ cluster/gpu-finetune-check.sh (CB with SiFT, WSC) on CUDA.
 #
 #   BASELINE=REV bash cluster/gpu-bundle.sh   # here; then on the GPU machine, carry [gpu-bundle]:
@@ -61,8 +63,17 @@ if [ ${#batches[@]} -gt 1 ] || [ "$HF_BATCHES" != none ]; then
     [ "$hb" = none ] || [[ " ${rest[*]} " == *" $hb "* ]] || rest+=("$hb")
   done
   largest="$(printf '%s\n' "${rest[@]}" | sort -n | tail -1)"
-  extra="${SIZES_EXTRA-${variants[0]}-copies@$largest}"
-  part sizes KERNEL_CHECK=0 VARIANTS="${variants[0]} $extra" HF_BATCHES="$HF_BATCHES" \
+  # The first variant that gave a row in part check: should an unmeasured change fail on the
+  # device (the cuBLAS accumulation, the fused EMD attention), every size is still measured,
+  # with that change switched off, rather than the rest of the call failing the same way.
+  lead="${variants[0]}"
+  for v in "${variants[@]}"; do
+    [[ "$v" == base:* || "$v" == *-copies* || "$v" == *@* ]] && continue
+    if grep -q '"tokens_per_s"' "$work/gpu-session-check/ours-$v.jsonl" 2>/dev/null; then lead="$v"; break; fi
+  done
+  [ "$lead" = "${variants[0]}" ] || echo "== sizes: ${variants[0]} gave no row in part check; $lead instead"
+  extra="${SIZES_EXTRA-$lead-copies@$largest}"
+  part sizes KERNEL_CHECK=0 VARIANTS="$lead $extra" HF_BATCHES="$HF_BATCHES" \
     bash cluster/gpu-bench.sh "$preset" "$seq" "${rest[@]}"
 fi
 if [ "${FINETUNE:-1}" = 1 ]; then

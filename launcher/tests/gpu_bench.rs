@@ -304,10 +304,26 @@ fn the_gpu_session_call_runs_its_three_parts_on_the_cpu() {
     assert!(all.contains("done (exit 0)"), "{all}");
 
     // A failing part (a fine-tuning task that does not exist) fails the call; the parts
-    // before it still return their files.
-    let (o, out) = session(&[("TASKS", "NotATask"), ("HF_BATCHES", "none"), ("KERNEL_CHECK", "0")]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("done (exit 1)"), "{}", text(&o));
+    // before it still return their files. And a first variant that fails in part check (here
+    // an attention path that does not exist; on a device, an unmeasured change) leaves part
+    // sizes to the next one that ran.
+    let (o, out) = session(&[
+        ("TASKS", "NotATask"),
+        ("HF_BATCHES", "none"),
+        ("KERNEL_CHECK", "0"),
+        ("VARIANTS", "bogus fused-rel"),
+    ]);
+    let all = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{all}");
+    assert!(all.contains("done (exit 1)"), "{all}");
+    assert!(
+        all.contains("== sizes: bogus gave no row in part check; fused-rel instead"),
+        "{all}"
+    );
+    assert!(
+        all.contains("ours, fused-rel, batch 4") && all.contains("ours, fused-rel-copies, batch 4"),
+        "{all}"
+    );
     assert!(out.join("check/gpu-bench.tgz").is_file());
     assert!(out.join("finetune/finetune.tgz").is_file());
 }

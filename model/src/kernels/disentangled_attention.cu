@@ -408,7 +408,10 @@ __device__ __forceinline__ void sum_rows(float* __restrict__ sums, float (*acc)[
       c0 += __shfl_xor_sync(0xffffffffu, c0, m);
       c1 += __shfl_xor_sync(0xffffffffu, c1, m);
     }
-    if (g == 0) *reinterpret_cast<float2*>(p + n8 * 8) = make_float2(c0, c1);
+    if (g == 0) {
+      CHECK_ALIGNED(p + n8 * 8, 8);
+      *reinterpret_cast<float2*>(p + n8 * 8) = make_float2(c0, c1);
+    }
   }
 }
 
