@@ -389,8 +389,8 @@ __device__ __forceinline__ void write_rows(bf16* dst, float (*acc)[4], float s0,
 // The column sums of a warp's 16 rows of acc (those before row N), in fp32, into the row group
 // row0 / 16 of `sums`, a [B, ceil(N / 16), 3, H, D] buffer whose groups are ld elements apart, at
 // the slot `sums` points to: the q, k, v projections' bias gradients, which
-// `fused_attention::kernel_backward` sums over the groups (a pass over 4 KB per 16 tokens where
-// summing dq, dk, dv was a pass over all of them). A lane holds columns 2t, 2t + 1 of each 8-column
+// `fused_attention::kernel_backward` sums over the groups (one fp32 row per 16 tokens: an eighth
+// of the bytes of the bf16 dq, dk, dv that the sum over the tokens read). A lane holds columns 2t, 2t + 1 of each 8-column
 // block for the rows g and g + 8: summed in the thread, then over g by three shuffles (the same
 // order in every warp); lanes 0-3 write. Nothing without `sums`, or for a warp past the last row.
 __device__ __forceinline__ void sum_rows(float* __restrict__ sums, float (*acc)[4], int b, int h, int row0, int N,
@@ -1153,8 +1153,8 @@ __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const 
     }
   }
   if (table) flush_relative(gacc, part, (tiles - 1) * 64, tiles - 1);
-  sum_rows(sums, acc, b, h, row0, N, ldg);  // q's slot (`dattn_bwd_q_ds`)
   write_rows(out, acc, 1.f, 1.f, b, h, row0, N, ldg);
+  sum_rows(sums, acc, b, h, row0, N, ldg);  // q's slot (`dattn_bwd_q_ds`)
   PHASE(5);
   PHASE_END(2);
 }
