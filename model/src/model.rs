@@ -412,7 +412,7 @@ fn attention_segments<'c>(
         tape.set_label("attention: projections");
         // Column-parallel: x's gradient from here is this rank's heads' part.
         // x in bf16 where its residual LayerNorm wrote a copy (`Tape::compute_copy`).
-        let sums = sums.clone();
+        let sums_taken = sums.clone();
         let mut parts = tape.custom_partial(&[tape.compute_copy(kv)], move |x| {
             let x = x[0].shallow_clone();
             let kind = compute_kind(&x);
@@ -421,7 +421,7 @@ fn attention_segments<'c>(
                 let [Some(dq), Some(dk), Some(dv)] = [&g[0], &g[1], &g[2]] else {
                     unreachable!("the attention core returns all of q's, k's and v's gradients")
                 };
-                let bias = sums.borrow_mut().take();
+                let bias = sums_taken.borrow_mut().take();
                 vec![Some(att.project_content_backward(
                     &x,
                     [dq, dk, dv],
@@ -549,12 +549,12 @@ fn autograd_projections<'c>(
     })
 }
 
-/// The fused attention core as a custom segment over `parts` (q, k, v, then K_r and Q_r).
 /// The column sums of dq, dk, dv that the kernels make (`fused_attention::CoreGrads::bias`), which
 /// the core's backward leaves here for the hand-written projections' backward, next on the tape:
 /// the biases' gradients without a pass over dq, dk, dv.
 type BiasSums = Rc<RefCell<Option<Tensor>>>;
 
+/// The fused attention core as a custom segment over `parts` (q, k, v, then K_r and Q_r).
 /// `sums`: where to leave the kernels' column sums of dq, dk, dv (for hand-written projections).
 fn fused_core<'c>(
     tape: &mut Tape<'c>,
