@@ -41,7 +41,7 @@ pub enum RelativeTerms {
     /// Computed inside the kernels from K_r and Q_r, a 128-row window per tile on the tensor
     /// cores: no tables (`dattn_fwd_rel`, `dattn_bwd_kv_rel`, then `dattn_bwd_q_ds` from the
     /// keys kernel's dS). Backward adds their part of dq and dk in the kernels and sums the
-    /// table gradients per distance from per-block partials (`dattn_rel_reduce`): no atomics.
+    /// table gradients per distance as `TableGrads` says: no atomics.
     /// The default: the fastest of the three measured on the H100 (docs/performance.md).
     InKernel,
     /// Inside the forward kernel only; backward from the tables.
@@ -86,9 +86,53 @@ impl RelativeTerms {
     }
 }
 
+/// How the backward sums the relative tables' gradients when the kernels compute the relative
+/// terms (`InKernel`, `InKernelSplit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableGrads {
+    /// By tile diagonals (`dattn_table_grads`): every tile of a diagonal adds to the same 127
+    /// distances, so one block per diagonal, head and 8 batches sums them in fp32 registers
+    /// from the keys kernel's dS, and the keys and queries kernels skip their table-gradient
+    /// products (`dattn_bwd_kv_rel_diag`, `dattn_bwd_q_ds_diag`). The default (sixteenth
+    /// session; not yet timed on a GPU).
+    Diagonals,
+    /// The keys and queries kernels' bf16 partial sums per block (0.9 GB a layer at the 1.5B
+    /// model's batch 32 × 512), summed by `dattn_rel_reduce`: the path the eleventh session timed.
+    Partials,
+}
+
+thread_local! {
+    static TABLE_GRADS_OVERRIDE: std::cell::Cell<Option<TableGrads>> = const { std::cell::Cell::new(None) };
+}
+
+impl TableGrads {
+    /// `DEBERTA_TABLE_GRADS=diagonals|partials` (default diagonals); another value is an error.
+    pub fn chosen() -> Result<TableGrads, String> {
+        if let Some(t) = TABLE_GRADS_OVERRIDE.with(|o| o.get()) {
+            return Ok(t);
+        }
+        static FROM_ENV: std::sync::OnceLock<Result<TableGrads, String>> = std::sync::OnceLock::new();
+        FROM_ENV
+            .get_or_init(|| match std::env::var("DEBERTA_TABLE_GRADS").as_deref() {
+                Err(_) | Ok("diagonals") => Ok(TableGrads::Diagonals),
+                Ok("partials") => Ok(TableGrads::Partials),
+                Ok(other) => Err(format!("DEBERTA_TABLE_GRADS={other}: expected diagonals or partials")),
+            })
+            .clone()
+    }
+
+    /// Use `t` on this thread from now on (None: the environment again).
+    pub fn set_for_this_thread(t: Option<TableGrads>) {
+        TABLE_GRADS_OVERRIDE.with(|o| o.set(t));
+    }
+}
+
 /// Tile sizes and warps per block, as in the source.
 const TILE: i64 = 64;
 const WARPS: i64 = 4;
+/// `dattn_table_grads`: batches per block and threads (TG_BATCHES, TG_THREADS in the source).
+const TABLE_GRAD_BATCHES: i64 = 8;
+const TABLE_GRAD_THREADS: u32 = 256;
 
 /// The core's inputs (see the module docs for shapes).
 pub struct CoreInputs {
@@ -340,6 +384,7 @@ struct Shared {
     bwd_rel: u32,
     bwd_q_ds: u32,
     bwd_v_ds: u32,
+    table_grads: u32,
 }
 
 fn shared_bytes(head_dim: i64) -> Shared {
@@ -360,6 +405,8 @@ fn shared_bytes(head_dim: i64) -> Shared {
         // The queries' stats, the Q and dO tiles, the two bands (dS over the p2c band), the
         // two windows.
         bwd_v_ds: (2 * TILE * 4 + tiles(2) + bands(2) + tiles(4)) as u32,
+        // Q and K tiles, double-buffered, and dS skewed both ways.
+        table_grads: (tiles(4) + 2 * skewed) as u32,
     }
 }
 
@@ -418,6 +465,11 @@ fn gpu_kernels(device: Device, head_dim: i64, timed: bool) -> Result<Arc<cuda::M
             ("dattn_bwd_q_ds", shared.bwd_q_ds),
             ("dattn_bwd_v_ds", shared.bwd_v_ds),
             ("dattn_bwd_k_ds", shared.bwd_q_ds),
+            ("dattn_bwd_kv_rel_diag", shared.bwd_rel),
+            ("dattn_bwd_q_ds_diag", shared.bwd_q_ds),
+            ("dattn_bwd_k_ds_diag", shared.bwd_q_ds),
+            ("dattn_table_grads", shared.table_grads),
+            ("dattn_table_grads_sum", 0),
             ("dattn_rel_reduce", 0),
             ("dattn_row_dot", 0),
             ("dattn_dropout_mask", 0),
@@ -466,7 +518,7 @@ pub fn phases(x: CoreInputs, dout: &Tensor, seed: u64, rel: RelativeTerms) -> Re
                 "scores, P, dS, skewed dS stores (2 halves)",
                 "dV, dK mma (2 halves)",
                 "barrier after the halves",
-                "relative grads (dK's p2c part, dQ_r partials)",
+                "relative grads (dK's p2c part; dQ_r partials: partials only)",
                 "dS tile store (+ epilogue)",
             ],
         ),
@@ -477,7 +529,7 @@ pub fn phases(x: CoreInputs, dout: &Tensor, seed: u64, rel: RelativeTerms) -> Re
                 "skewed dS copy",
                 "dQ += dS K",
                 "barrier",
-                "relative grads (dQ's c2p part, dK_r partials)",
+                "relative grads (dQ's c2p part; dK_r partials: partials only)",
                 "epilogue",
                 "-",
                 "-",
@@ -633,6 +685,9 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     let k = kernels(x.q.device(), d)?;
     let split = saved.rel == RelativeTerms::InKernelSplit;
     let in_kernel = saved.rel == RelativeTerms::InKernel || split;
+    // The table gradients by tile diagonals, after the keys and queries kernels (else their
+    // partial sums, or the tables' gradients).
+    let diagonals = in_kernel && TableGrads::chosen()? == TableGrads::Diagonals;
     let o = if in_kernel { operands_rel(x) } else { operands(x) };
     let (b, n, h, _) = o.q.size4().map_err(|e| e.to_string())?;
     let dout = bf16(&dout.view([b, n, h, d]));
@@ -663,8 +718,11 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     let blocks = (n + TILE - 1) / TILE;
     let partial = |t: &Tensor| Tensor::empty([b * h, blocks, TILE * (blocks + 1), d], (Kind::BFloat16, t.device()));
     let grad_buffer = |t: &Tensor| if in_kernel { partial(t) } else { t.zeros_like() };
-    let dc2p = o.c2p.as_ref().map(grad_buffer);
-    let dp2c = o.p2c.as_ref().map(grad_buffer);
+    let (dc2p, dp2c) = if diagonals {
+        (None, None)
+    } else {
+        (o.c2p.as_ref().map(grad_buffer), o.p2c.as_ref().map(grad_buffer))
+    };
     // In the kernels (not split): dq's, dk's and dv's column sums per 16 tokens,
     // [B, ceil(N / 16), 3, H, d] fp32 (the kernels' `sum_rows`; 19 MB at the 1.5B model's batch
     // 32 x 512), summed below.
@@ -684,6 +742,8 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     ];
     let (kv_kernel, s) = if split {
         ("dattn_bwd_v_ds", shared_bytes(d).bwd_v_ds)
+    } else if diagonals {
+        ("dattn_bwd_kv_rel_diag", shared_bytes(d).bwd_rel)
     } else if in_kernel {
         ("dattn_bwd_kv_rel", shared_bytes(d).bwd_rel)
     } else {
@@ -696,6 +756,8 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     // Split: the keys kernel writes dV and dS only.
     let kv_outputs = if split {
         vec![Arg::tensor(&dv)]
+    } else if diagonals {
+        vec![Arg::tensor(&dk), Arg::tensor(&dv)]
     } else {
         vec![Arg::tensor(&dk), Arg::tensor(&dv), opt_arg(&dp2c)]
     };
@@ -711,8 +773,8 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     unsafe { k.launch(kv_kernel, grid(b, h, n, s), &kv_args) }?;
     stage("backward: keys kernel");
     if let Some(ds) = &ds {
-        // dattn_bwd_q_ds and its mirror dattn_bwd_k_ds: (q, k, the table, dS, the gradient, the
-        // table gradient's partials, [q_ds: the column sums,] H, N, ldg).
+        // dattn_bwd_q_ds and its mirror dattn_bwd_k_ds: (q, k, the table, dS, the gradient, [not
+        // `_diag`: the table gradient's partials,] [q_ds: the column sums,] H, N, ldg).
         let from_ds =
             |function: &str, table: &Option<Tensor>, grad: &Tensor, part: &Option<Tensor>, sums: Option<Arg>| {
                 let mut args = vec![
@@ -721,17 +783,24 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
                     opt_arg(table),
                     Arg::tensor(ds),
                     Arg::tensor(grad),
-                    opt_arg(part),
                 ];
+                if !diagonals {
+                    args.push(opt_arg(part));
+                }
                 args.extend(sums);
                 args.extend([Arg::I32(h as i32), Arg::I32(n as i32), ldg]);
                 // SAFETY: as in kernel_forward; ds holds the keys kernel's dS for (b, h, n).
                 unsafe { k.launch(function, grid(b, h, n, shared_bytes(d).bwd_q_ds), &args) }
             };
-        from_ds("dattn_bwd_q_ds", &o.c2p, &dq, &dc2p, Some(opt_arg(&sums)))?;
+        let (q_ds, k_ds) = if diagonals {
+            ("dattn_bwd_q_ds_diag", "dattn_bwd_k_ds_diag")
+        } else {
+            ("dattn_bwd_q_ds", "dattn_bwd_k_ds")
+        };
+        from_ds(q_ds, &o.c2p, &dq, &dc2p, Some(opt_arg(&sums)))?;
         stage("backward: queries kernel");
         if split {
-            from_ds("dattn_bwd_k_ds", &o.p2c, &dk, &dp2c, None)?;
+            from_ds(k_ds, &o.p2c, &dk, &dp2c, None)?;
             stage("backward: keys from dS (split)");
         }
     } else {
@@ -747,7 +816,58 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     // and a rounding.
     let rows = |t: &Tensor| t.size()[1];
     let (mut dkr, mut dqr) = (None, None);
-    if in_kernel {
+    if diagonals {
+        let ds = ds.as_ref().expect("the keys kernel wrote dS");
+        // Each diagonal's sums per 8 batches, [chunks, H, 2 tiles - 1, 128, d] fp32 (47 MB per
+        // table at the 1.5B model's batch 32 × 512), then each distance's two diagonals and
+        // the chunks added into [H, 2N, d].
+        let chunks = (b + TABLE_GRAD_BATCHES - 1) / TABLE_GRAD_BATCHES;
+        let sums_of = |table: &Option<Tensor>| {
+            table
+                .as_ref()
+                .map(|t| Tensor::empty([chunks, h, 2 * blocks - 1, 2 * TILE, d], (Kind::Float, t.device())))
+        };
+        let (gc, gp) = (sums_of(&o.c2p), sums_of(&o.p2c));
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, h as u32, chunks as u32),
+            block_dim: (TABLE_GRAD_THREADS, 1, 1),
+            shared_mem_bytes: shared_bytes(d).table_grads,
+        };
+        let args = [
+            Arg::tensor(&o.q),
+            Arg::tensor(&o.k),
+            Arg::tensor(ds),
+            opt_arg(&gc),
+            opt_arg(&gp),
+            Arg::I32(b as i32),
+            Arg::I32(h as i32),
+            Arg::I32(n as i32),
+        ];
+        // SAFETY: q, k as in kernel_forward, ds the keys kernel's dS for (b, h, n), gc and gp
+        // [chunks, h, 2 tiles - 1, 128, d] fp32 where their table is present.
+        unsafe { k.launch("dattn_table_grads", cfg, &args) }?;
+        let finish = |g: &Tensor, rows: i64| -> Result<Tensor, String> {
+            let out = Tensor::empty([h, 2 * n, d], (Kind::Float, g.device()));
+            let cfg = cuda::grid_stride(g.device(), h * 2 * n * (d / 4)); // a thread per 4 values of d
+            let args = [
+                Arg::tensor(g),
+                Arg::tensor(&out),
+                Arg::I32(chunks as i32),
+                Arg::I32(h as i32),
+                Arg::I32(n as i32),
+            ];
+            // SAFETY: g holds dattn_table_grads' sums for (b, h, n), out [h, 2n, d] fp32.
+            unsafe { k.launch("dattn_table_grads_sum", cfg, &args) }?;
+            Ok(if rows == 2 * n { out } else { out.narrow(1, 0, rows) })
+        };
+        if let (Some(g), Some(kr)) = (&gc, &x.kr) {
+            dkr = Some(finish(g, rows(kr))?);
+        }
+        if let (Some(g), Some(qr)) = (&gp, &x.qr) {
+            dqr = Some(finish(g, rows(qr))?);
+        }
+        stage("backward: table gradients by diagonals");
+    } else if in_kernel {
         // The kernels added the relative terms' part of dq and dk; the table gradients are the
         // sums of the blocks' partials.
         let reduce = |part: &Tensor, rows: i64| -> Result<Tensor, String> {
@@ -862,28 +982,34 @@ mod tests {
     fn the_kernels_keep_their_occupancy_on_the_h100_without_spilling() {
         let report = cuda::ptxas_report(&compile(64, "sm_90").unwrap().to_src());
         let sh = shared_bytes(64);
-        // (kernel, shared bytes, blocks per SM at least, spilled bytes at most)
+        let tg_warps = TABLE_GRAD_THREADS / 32;
+        // (kernel, shared bytes, warps, blocks per SM at least, spilled bytes at most)
         let want = [
-            ("dattn_fwd", sh.fwd, 3, 0),
-            ("dattn_fwd_rel", sh.fwd_rel, 3, 0),
-            ("dattn_bwd_kv", sh.bwd, 3, 16),
-            ("dattn_bwd_q", sh.bwd, 3, 0),
-            ("dattn_bwd_kv_rel", sh.bwd_rel, 2, 16),
-            ("dattn_bwd_q_ds", sh.bwd_q_ds, 3, 0),
-            ("dattn_bwd_v_ds", sh.bwd_v_ds, 3, 0),
-            ("dattn_bwd_k_ds", sh.bwd_q_ds, 3, 0),
+            ("dattn_fwd", sh.fwd, 4, 3, 0),
+            ("dattn_fwd_rel", sh.fwd_rel, 4, 3, 0),
+            ("dattn_bwd_kv", sh.bwd, 4, 3, 16),
+            ("dattn_bwd_q", sh.bwd, 4, 3, 0),
+            ("dattn_bwd_kv_rel", sh.bwd_rel, 4, 2, 16),
+            ("dattn_bwd_q_ds", sh.bwd_q_ds, 4, 3, 0),
+            ("dattn_bwd_v_ds", sh.bwd_v_ds, 4, 3, 0),
+            ("dattn_bwd_k_ds", sh.bwd_q_ds, 4, 3, 0),
+            ("dattn_bwd_kv_rel_diag", sh.bwd_rel, 4, 2, 0),
+            ("dattn_bwd_q_ds_diag", sh.bwd_q_ds, 4, 3, 0),
+            ("dattn_bwd_k_ds_diag", sh.bwd_q_ds, 4, 3, 0),
+            ("dattn_table_grads", sh.table_grads, tg_warps, 2, 0),
         ];
+        assert_eq!(WARPS, 4);
         let mut failures = Vec::new();
-        for (name, shared, min_blocks, max_spill) in want {
+        for (name, shared, warps, min_blocks, max_spill) in want {
             let &(_, regs, spill) = report
                 .iter()
                 .find(|r| r.0 == name)
                 .unwrap_or_else(|| panic!("{name} missing from ptxas's report: {report:?}"));
-            let by_regs = 65536 / (regs * 32 * WARPS as u32);
+            let by_regs = 65536 / (regs * 32 * warps);
             let by_shared = 228 * 1024 / (shared + 1024);
             let blocks = by_regs.min(by_shared);
             println!(
-                "{name:<18} {regs:>3} registers, {:>6.1} KB shared, {spill:>4} bytes spilled: {blocks} blocks per SM",
+                "{name:<21} {regs:>3} registers, {:>6.1} KB shared, {spill:>4} bytes spilled: {blocks} blocks per SM",
                 shared as f64 / 1024.0
             );
             if blocks < min_blocks || spill > max_spill {

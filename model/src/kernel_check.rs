@@ -30,6 +30,22 @@ pub const TOLERANCE: f64 = 3e-2;
 pub const CASES: &[(Case, bool)] = &[
     (
         Case {
+            // dattn_table_grads sums 8 batches per block: two blocks per diagonal and head here.
+            name: "batch 10, both tables' gradients in two batch chunks",
+            b: 10,
+            h: 2,
+            n: 70,
+            d: 32,
+            lengths: &[70, 64, 33, 70, 5, 70, 70, 48, 70, 17],
+            holes: 0,
+            c2p: true,
+            p2c: true,
+            dropout: 0.1,
+        },
+        true,
+    ),
+    (
+        Case {
             name: "N 80 (not a tile multiple), padding, masked tokens inside the rows",
             b: 2,
             h: 3,
@@ -233,6 +249,7 @@ pub fn compare(c: &Case, device: Device, rel: RelativeTerms) -> Result<Outcome, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused_attention::TableGrads;
 
     fn check(c: &Case) {
         for rel in [
@@ -243,6 +260,12 @@ mod tests {
         ] {
             check_with(c, rel);
         }
+        // The table gradients from the keys and queries kernels' partials, not by diagonals.
+        TableGrads::set_for_this_thread(Some(TableGrads::Partials));
+        for rel in [RelativeTerms::InKernel, RelativeTerms::InKernelSplit] {
+            check_with(c, rel);
+        }
+        TableGrads::set_for_this_thread(None);
     }
 
     fn check_with(c: &Case, rel: RelativeTerms) {
@@ -312,6 +335,15 @@ mod tests {
                 for (x, y) in a.iter().zip(&b) {
                     assert!(x.equal(y), "{} ({rel:?}): the result depends on the schedule", c.name);
                 }
+            }
+            TableGrads::set_for_this_thread(Some(TableGrads::Partials));
+            let (a, b) = (
+                run(&x, RelativeTerms::InKernel, false),
+                run(&x, RelativeTerms::InKernel, true),
+            );
+            TableGrads::set_for_this_thread(None);
+            for (x, y) in a.iter().zip(&b) {
+                assert!(x.equal(y), "{} (partials): the result depends on the schedule", c.name);
             }
             // The split keys kernel sums the same products in the same order: the same bits.
             let (whole, split) = (

@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use deberta_model::attention::RelativePath;
-use deberta_model::fused_attention::{self, RelativeTerms};
+use deberta_model::fused_attention::{self, RelativeTerms, TableGrads};
 use deberta_model::kernel_check::{self, inputs, rel_err, Case, CASES};
 use deberta_model::layer::{no_reduce, DenseResidualNorm};
 use deberta_model::nn::{LayerNorm, RowLinear};
@@ -83,25 +83,29 @@ fn speed(device: Device) -> anyhow::Result<()> {
     let reference = time_ms(device, 10, || {
         let _ = fused_attention::reference_backward(&x, Some(&keep), &dout);
     });
-    for rel in [
-        RelativeTerms::Tables,
-        RelativeTerms::InKernel,
-        RelativeTerms::InKernelForward,
-        RelativeTerms::InKernelSplit,
+    // The default table gradients (by diagonals), and InKernel's with the per-block partials.
+    for (rel, tg) in [
+        (RelativeTerms::Tables, TableGrads::Diagonals),
+        (RelativeTerms::InKernel, TableGrads::Diagonals),
+        (RelativeTerms::InKernel, TableGrads::Partials),
+        (RelativeTerms::InKernelForward, TableGrads::Diagonals),
+        (RelativeTerms::InKernelSplit, TableGrads::Diagonals),
     ] {
+        TableGrads::set_for_this_thread(Some(tg));
         let fused = time_ms(device, 10, || {
             let x = x.map(Tensor::shallow_clone);
             let (_, saved) = fused_attention::forward_kernels_with(x, 7, rel).expect("fused forward");
             let _ = fused_attention::backward(saved, &dout).expect("fused backward");
         });
         println!(
-            "  {} ({rel:?}): fused kernels {fused:.2} ms, reference (bf16, autograd) {reference:.2} ms per forward+backward: {:.2}x",
+            "  {} ({rel:?}{}): fused kernels {fused:.2} ms, reference (bf16, autograd) {reference:.2} ms per forward+backward: {:.2}x",
             c.name,
+            if tg == TableGrads::Partials { ", table gradients from partials" } else { "" },
             reference / fused
         );
-        let stages =
-            fused_attention::profile(x.map(Tensor::shallow_clone), &dout, 7, rel).map_err(anyhow::Error::msg)?;
-        for s in stages {
+        let stages = fused_attention::profile(x.map(Tensor::shallow_clone), &dout, 7, rel);
+        TableGrads::set_for_this_thread(None);
+        for s in stages.map_err(anyhow::Error::msg)? {
             println!("    {:<64} {:.3} ms", s.name, s.ms);
         }
     }
@@ -532,6 +536,13 @@ pub fn run(groups: &Groups) -> anyhow::Result<bool> {
             ok &= check_case(c, device, rel)?;
         }
     }
+    println!(" relative terms: InKernel, table gradients from the blocks' partials (DEBERTA_TABLE_GRADS=partials)");
+    TableGrads::set_for_this_thread(Some(TableGrads::Partials));
+    let partials: anyhow::Result<bool> = CASES.iter().try_fold(true, |ok, (c, _)| {
+        Ok(check_case(c, device, RelativeTerms::InKernel)? && ok)
+    });
+    TableGrads::set_for_this_thread(None);
+    ok &= partials?;
     println!("residual LayerNorm kernels vs libtorch's ops (fp32 reference, the kernels' own dropout mask):");
     ok &= residual_norm(device)?;
     println!("GELU backward kernel vs libtorch's ops:");

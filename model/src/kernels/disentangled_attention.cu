@@ -95,12 +95,15 @@ __device__ __forceinline__ void ldsm2_t(unsigned int* r, const bf16* p) {
 __device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool valid) { emu_cp_async(dst, src, valid); }
 __device__ __forceinline__ void cp_async_commit() { emu_cp_async_commit(); }
 __device__ __forceinline__ void cp_async_wait_all() { emu_cp_async_wait(); }
+__device__ __forceinline__ void cp_async_wait_prior() { emu_cp_async_wait_prior(); }
 #else
 __device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// Every group but the last committed has landed.
+__device__ __forceinline__ void cp_async_wait_prior() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 #endif
 
 // A = the 16x16 tile at p, element (r, c) at p[r * ld + c]. Matrices: rows 0-7 / 8-15 (m % 2)
@@ -234,16 +237,20 @@ __device__ __forceinline__ bool kept(unsigned int hash, bool upper, unsigned int
 #define THREADS 128
 
 // Rows [r0, r0 + 64) of head h of batch b from a [B, N, H, D] tensor into dst [64][LDS] by
-// cp.async (the caller commits and waits); rows past N are zero.
+// cp.async (the caller commits and waits); rows past N are zero. By 128 threads, tid its index.
 __device__ __forceinline__ void load_tile_async(bf16* __restrict__ dst, const bf16* __restrict__ src, int b, int h,
-                                                int r0, int N, int H) {
+                                                int r0, int N, int H, int tid) {
   constexpr int CHUNKS = D / 8, PER = BN * CHUNKS / THREADS;
 #pragma unroll
   for (int it = 0; it < PER; ++it) {
-    const int c = threadIdx.x + it * THREADS, r = c / CHUNKS, k = (c % CHUNKS) * 8, row = r0 + r;
+    const int c = tid + it * THREADS, r = c / CHUNKS, k = (c % CHUNKS) * 8, row = r0 + r;
     const bool in = row < N;
     cp_async16(dst + r * LDS + k, in ? src + (((long long)b * N + row) * H + h) * D + k : src, in);
   }
+}
+__device__ __forceinline__ void load_tile_async(bf16* __restrict__ dst, const bf16* __restrict__ src, int b, int h,
+                                                int r0, int N, int H) {
+  load_tile_async(dst, src, b, h, r0, N, H, threadIdx.x);
 }
 
 // band[r][c] = table[row0 + r][(N-1-(row0+r)) + col0 + c] for r, c < 64 (0 outside [0, N)): the
@@ -773,6 +780,8 @@ __device__ __forceinline__ int gacc_chunk(int warp, int mt) { return mt == 0 ? w
 //    DSK[r][x] is zero unless 63 <= r + x <= 126, so of the 16 x 16 blocks (window chunk xc,
 //    own chunk kk) only those with 3 <= xc + kk <= 7 are multiplied: 20 of 32. A warp's two
 //    chunks are xc and 3 - xc of its half (`gacc_chunk`): 5 blocks for every warp.
+//    Not with TGRAD false: `dattn_table_grads` sums the table gradient by tile diagonals.
+template <bool TGRAD>
 __device__ __forceinline__ void relative_grads(float (*acc)[4], float (*gacc)[D / 8][4], const bf16* DSK,
                                                Window W, const bf16* own, bf16* __restrict__ part, int off,
                                                int k) {
@@ -784,6 +793,7 @@ __device__ __forceinline__ void relative_grads(float (*acc)[4], float (*gacc)[D 
     load_a(a, DSK + warp * 16 * LDK + x0 + kk * 16, LDK);
     a_times_rows(acc, a, W.row(x0 + kk * 16));
   }
+  if (!TGRAD) return;
   const bool lower = warp / 2 == (k & 1);
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
@@ -847,9 +857,10 @@ __device__ __forceinline__ void store_ds_tile(bf16* __restrict__ dst, const bf16
 
 // Keys-major backward: this block owns keys [kb, kb + 64): dK, dV, and the p2c gradient: the
 // rows d_p2c[j, .] of the table (tables), or (REL) the p2c part of dK and this block's partial
-// sums of dQ_r, and (REL, ds_out given) each tile's dS for `dattn_bwd_q_ds`. The warp's 16 keys
-// are the rows of S^T = K Q^T, the tile's 64 queries its columns.
-template <bool REL>
+// sums of dQ_r (not with TGRAD false), and (REL, ds_out given) each tile's dS for
+// `dattn_bwd_q_ds`. The warp's 16 keys are the rows of S^T = K Q^T, the tile's 64 queries its
+// columns.
+template <bool REL, bool TGRAD>
 __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                        const bf16* __restrict__ v, const bf16* __restrict__ c2p,
                                        const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
@@ -863,7 +874,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
   const float key_a = kb + ra < N && mask[(long long)b * N + kb + ra] ? 0.f : NEG_INF;
   const float key_b = kb + rb < N && mask[(long long)b * N + kb + rb] ? 0.f : NEG_INF;
   // REL: this block's partial dQ_r rows, [rows][D] from window row N-64-kb (see relative_grads).
-  bf16* part = REL && dp2c ? dp2c + ((long long)bh * gridDim.x + blockIdx.x) * (gridDim.x * 64 + 64) * D : nullptr;
+  bf16* part = REL && TGRAD && dp2c ? dp2c + ((long long)bh * gridDim.x + blockIdx.x) * (gridDim.x * 64 + 64) * D : nullptr;
   load_tile_async(Ks, k, b, h, kb, N, H);
   load_tile_async(Vs, v, b, h, kb, N, H);
   cp_async_commit();
@@ -945,7 +956,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
     PHASE(5);
     if (REL) {
       // p2c(i, j) = k_j . Q_r[N-1-j+i]: dK += dS^T Q_r (skewed), dQ_r += (skewed dS)^T K.
-      if (p2c) relative_grads(dk_acc, gacc, DSK, window_of(QRw, n, 1), Ks, part, m0, n);
+      if (p2c) relative_grads<TGRAD>(dk_acc, gacc, DSK, window_of(QRw, n, 1), Ks, part, m0, n);
       PHASE(6);
       // dS of (query tile n, key tile blockIdx.x): [B * H][tiles][tiles][64][64].
       if (ds_out) store_ds_tile(ds_out + (((long long)bh * gridDim.x + n) * gridDim.x + blockIdx.x) * 64 * 64, DSK);
@@ -954,7 +965,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
     }
     PHASE(7);
   }
-  if (REL && p2c) flush_relative(gacc, part, (gridDim.x - 1) * BM, gridDim.x - 1);
+  if (REL && TGRAD && p2c) flush_relative(gacc, part, (gridDim.x - 1) * BM, gridDim.x - 1);
   write_rows(dk, dk_acc, 1.f, 1.f, b, h, j0, N, ldg);
   write_rows(dv, dv_acc, 1.f, 1.f, b, h, j0, N, ldg);
   sum_rows(sums ? sums + H * D : nullptr, dk_acc, b, h, j0, N, ldg);  // slot 1: k
@@ -1050,7 +1061,7 @@ __device__ __forceinline__ void bwd_q(const bf16* __restrict__ q, const bf16* __
 KERNEL void __launch_bounds__(128, 3)
 dattn_bwd_kv(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ dp2c, int H, int N,
              int ldg, float p_drop, unsigned long long seed) {
-  bwd_kv<false>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, dp2c, nullptr, nullptr, H, N, ldg, p_drop, seed);
+  bwd_kv<false, true>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, dp2c, nullptr, nullptr, H, N, ldg, p_drop, seed);
 }
 // ds: every tile's dS, bf16 [B * H][tiles][tiles][64][64], for dattn_bwd_q_ds. sums: the column
 // sums of dq, dk, dv by groups of 16 rows (`sum_rows`), fp32 [B][ceil(N / 16)][3][H][D]: this kernel
@@ -1060,7 +1071,13 @@ KERNEL void __launch_bounds__(128)
 dattn_bwd_kv_rel(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ dp2c,
                  bf16* __restrict__ ds, float* __restrict__ sums, int H, int N, int ldg, float p_drop,
                  unsigned long long seed) {
-  bwd_kv<true>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, dp2c, ds, sums, H, N, ldg, p_drop, seed);
+  bwd_kv<true, true>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, dp2c, ds, sums, H, N, ldg, p_drop, seed);
+}
+// The same without the dQ_r partials (`dattn_table_grads` sums dQ_r by tile diagonals).
+KERNEL void __launch_bounds__(128)
+dattn_bwd_kv_rel_diag(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ ds,
+                      float* __restrict__ sums, int H, int N, int ldg, float p_drop, unsigned long long seed) {
+  bwd_kv<true, false>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, nullptr, ds, sums, H, N, ldg, p_drop, seed);
 }
 KERNEL void __launch_bounds__(128)
 dattn_bwd_q(BWD_COMMON, bf16* __restrict__ dq, bf16* __restrict__ dc2p, int H, int N, int ldg, float p_drop,
@@ -1086,7 +1103,8 @@ __device__ __forceinline__ void load_ds_async(bf16* __restrict__ dst, const bf16
 // 280 mma per tile to 136 and dropped its per-score work (exponential, dropout hash, masks).
 // Shared memory: the block's own rows, the tile's other rows, dS [64][LDR], its skewed copy
 // DSK[own][63 - own + other] ([64][LDK]), the table's window [128][LDS]: 62 KB, 3 blocks per SM.
-template <bool KEYS>
+// TGRAD false: no partial sums (`dattn_table_grads` sums the table gradient by tile diagonals).
+template <bool KEYS, bool TGRAD>
 __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const bf16* __restrict__ other_src,
                                         const bf16* __restrict__ table, const bf16* __restrict__ ds,
                                         bf16* __restrict__ out, bf16* __restrict__ part_out, float* __restrict__ sums,
@@ -1101,7 +1119,7 @@ __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const 
   const int bh = blockIdx.y, b = bh / H, h = bh % H;
   const int r0 = blockIdx.x * 64, row0 = r0 + warp * 16;
   // This block's partial rows of the table's gradient, [rows][D] from window row N-64-r0.
-  bf16* part = table && part_out ? part_out + ((long long)bh * tiles + blockIdx.x) * (tiles * 64 + 64) * D : nullptr;
+  bf16* part = TGRAD && table && part_out ? part_out + ((long long)bh * tiles + blockIdx.x) * (tiles * 64 + 64) * D : nullptr;
   const bf16* ds_bh = ds + (long long)bh * tiles * tiles * 64 * 64;
   zero_skewed(DSK);
   load_tile_async(Own, own_src, b, h, r0, N, H);
@@ -1148,11 +1166,11 @@ __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const 
       PHASE(3);
       // c2p(i, j) = q_i . K_r[N-1-i+j]: dQ += dS K_r (skewed), dK_r += (skewed dS)^T Q;
       // p2c(i, j) = k_j . Q_r[N-1-j+i]: dK += dS^T Q_r (skewed), dQ_r += (skewed dS)^T K.
-      relative_grads(acc, gacc, DSK, window_of(Win, n, 1), Own, part, t0, n);
+      relative_grads<TGRAD>(acc, gacc, DSK, window_of(Win, n, 1), Own, part, t0, n);
       PHASE(4);
     }
   }
-  if (table) flush_relative(gacc, part, (tiles - 1) * 64, tiles - 1);
+  if (TGRAD && table) flush_relative(gacc, part, (tiles - 1) * 64, tiles - 1);
   write_rows(out, acc, 1.f, 1.f, b, h, row0, N, ldg);
   sum_rows(sums, acc, b, h, row0, N, ldg);  // q's slot (`dattn_bwd_q_ds`)
   PHASE(5);
@@ -1164,7 +1182,14 @@ KERNEL void __launch_bounds__(128, 3)
 dattn_bwd_q_ds(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ c2p,
                const bf16* __restrict__ ds, bf16* __restrict__ dq, bf16* __restrict__ dc2p,
                float* __restrict__ sums, int H, int N, int ldg) {
-  from_ds<false>(q, k, c2p, ds, dq, dc2p, sums, H, N, ldg);
+  from_ds<false, true>(q, k, c2p, ds, dq, dc2p, sums, H, N, ldg);
+}
+// The same without the dK_r partials.
+KERNEL void __launch_bounds__(128, 3)
+dattn_bwd_q_ds_diag(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ c2p,
+                    const bf16* __restrict__ ds, bf16* __restrict__ dq, float* __restrict__ sums, int H, int N,
+                    int ldg) {
+  from_ds<false, false>(q, k, c2p, ds, dq, nullptr, sums, H, N, ldg);
 }
 
 // ---- The split backward (`kernel-split`): dV and dS first, then dK and dQ from dS -------------
@@ -1296,7 +1321,13 @@ dattn_bwd_k_ds(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf1
                const bf16* __restrict__ ds, bf16* __restrict__ dk, bf16* __restrict__ dp2c, int H, int N,
                int ldg) {
   // No column sums here: their code costs this kernel a spill at its 168 registers.
-  from_ds<true>(k, q, p2c, ds, dk, dp2c, nullptr, H, N, ldg);
+  from_ds<true, true>(k, q, p2c, ds, dk, dp2c, nullptr, H, N, ldg);
+}
+// The same without the dQ_r partials.
+KERNEL void __launch_bounds__(128, 3)
+dattn_bwd_k_ds_diag(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ p2c,
+                    const bf16* __restrict__ ds, bf16* __restrict__ dk, int H, int N, int ldg) {
+  from_ds<true, false>(k, q, p2c, ds, dk, nullptr, nullptr, H, N, ldg);
 }
 
 // D_i = dO_i . O_i for each query and head (the backward's softmax correction), fp32 [B, H, N],
@@ -1362,6 +1393,145 @@ KERNEL void dattn_rel_reduce(const bf16* __restrict__ part, float* __restrict__ 
       }
     CHECK_ALIGNED(out + ((long long)h * 2 * N + m) * D + d, 16);
     *reinterpret_cast<float4*>(out + ((long long)h * 2 * N + m) * D + d) = acc;
+  }
+}
+
+// ---- The table gradients by tile diagonals (`DEBERTA_TABLE_GRADS=diagonals`, the default) -----
+// The tiles of one diagonal, query tile n and key tile n + o, all add to the same 127 rows of
+// each table: with i', j' the local query and key, c2p's row N-1-i+j is N - 64 + 64 o + e for
+// e = 63 - i' + j', and p2c's row N-1-j+i is N - 64 - 64 o + e' for e' = 63 - j' + i'. So a block
+// that owns whole diagonals of one head sums over its batches and the diagonal's tiles
+//   G_c[e] = sum_i' dS[i'][i' + e - 63] q_i'  and  G_p[e'] = sum_j' dS[j' + e' - 63][j'] k_j'
+// (the skewed dS transposed times the tile's own rows, as `relative_grads` does) in fp32
+// registers and writes each once. Where the keys and queries kernels wrote bf16 partials for
+// every block (0.9 GB a layer at batch 32 x 512) that `dattn_rel_reduce` read back, this reads
+// each dS tile once more (0.4 GB) and writes [128][D] fp32 per diagonal and batch chunk.
+// Grid: (tiles, H, ceil(B / TG_BATCHES)). Block x = o takes the diagonals o (tiles - o tiles per
+// batch) and, for o > 0, o - tiles (o tiles): every block has `tiles` tiles per batch.
+// 256 threads: warps 0-3 sum G_c, warps 4-7 G_p, each warp two 16-row chunks of the 128 whose
+// blocks of the skewed dS hold 5 non-zero 16 x 16 blocks between them (`gacc_chunk`'s pairs).
+// Out: fp32 [chunks][H][2 tiles - 1][128][D]: G_c of diagonal o at index o + tiles - 1, G_p at
+// tiles - 1 - o (where its rows start, 64 apart); null: that table is absent.
+// `dattn_table_grads_sum` then adds the two diagonals that hold each row, and the chunks.
+// Shared memory: Q and K tiles, double-buffered ([2][2][64][LDS]), the two skewed copies of
+// dS, DSC[i'][e] and DSP[j'][e'] ([64][LDK] each, zero off the band): 70 KB at D = 64.
+#define TG_BATCHES 8
+#define TG_THREADS 256
+// Tile `it` of a block's walk over nb batches from b0: b, query tile n, key tile m.
+__device__ __forceinline__ void diagonal_tile(int it, int o, int tiles, int b0, int nb, int& b, int& n, int& m) {
+  const int first = tiles - o;  // tiles per batch on diagonal o
+  const int nb_first = nb * first;
+  if (it < nb_first || o == 0) {
+    b = b0 + it / first, n = it % first, m = n + o;
+  } else {
+    it -= nb_first;
+    b = b0 + it / o, m = it % o, n = m + tiles - o;
+  }
+}
+KERNEL void __launch_bounds__(TG_THREADS, 2)
+dattn_table_grads(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ ds,
+                  float* __restrict__ gc, float* __restrict__ gp, int B, int H, int N) {
+  DYNAMIC_SMEM(smem);
+  bf16* QK = reinterpret_cast<bf16*>(smem);  // [buffer][Q, K][64][LDS]
+  bf16* DSC = QK + 4 * 64 * LDS;             // DSC[i'][63 - i' + j'] = dS[i'][j']
+  bf16* DSP = DSC + 64 * LDK;                // DSP[j'][63 - j' + i'] = dS[i'][j']
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int tiles = gridDim.x, o = blockIdx.x, h = blockIdx.y, b0 = blockIdx.z * TG_BATCHES;
+  const bool keys = warp >= 4;  // this warp sums G_p from K, else G_c from Q
+  float* out = keys ? gp : gc;
+  const int w4 = warp % 4;
+  // The warp's two 16-row chunks of the 128: 0 and 3, 1 and 2, 4 and 7, 5 and 6.
+  const int xc[2] = {(w4 / 2) * 4 + w4 % 2, (w4 / 2) * 4 + 3 - w4 % 2};
+  for (int e = threadIdx.x; e < 2 * 64 * LDK; e += TG_THREADS) DSC[e] = 0;
+  const int nb = min(TG_BATCHES, B - b0), total = nb * tiles, switch_at = nb * (tiles - o);
+  float acc[2][D / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int n8 = 0; n8 < D / 8; ++n8) acc[mt][n8][0] = acc[mt][n8][1] = acc[mt][n8][2] = acc[mt][n8][3] = 0.f;
+  // The tile's dS as 16-byte words: 512 per tile, words threadIdx.x and threadIdx.x + 256.
+  uint4 w[2];
+  auto fetch = [&](int it, int buffer) {
+    int b, n, m;
+    diagonal_tile(it, o, tiles, b0, nb, b, n, m);
+    load_tile_async(QK + (2 * buffer + keys) * 64 * LDS, keys ? k : q, b, h, (keys ? m : n) * 64, N, H,
+                    threadIdx.x % 128);
+    const bf16* src = ds + (((long long)(b * H + h) * tiles + n) * tiles + m) * 64 * 64;
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      CHECK_ALIGNED(src + (threadIdx.x + x * TG_THREADS) * 8, 16);
+      w[x] = *reinterpret_cast<const uint4*>(src + (threadIdx.x + x * TG_THREADS) * 8);
+    }
+  };
+  fetch(0, 0);
+  cp_async_commit();
+  for (int it = 0; it < total; ++it) {
+    __syncthreads();  // the previous tile's readers of DSC, DSP and the other buffer are done
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {  // dS(i, j0 .. j0 + 7) into both skewed copies
+      const int c = threadIdx.x + x * TG_THREADS, i = c / 8, j0 = c % 8 * 8;
+      const unsigned int words[4] = {w[x].x, w[x].y, w[x].z, w[x].w};
+#pragma unroll
+      for (int y = 0; y < 8; ++y) {
+        const bf16 v = (bf16)(words[y / 2] >> (16 * (y & 1)));
+        const int j = j0 + y;
+        DSC[i * LDK + 63 - i + j] = v;
+        DSP[j * LDK + 63 - j + i] = v;
+      }
+    }
+    if (it + 1 < total) fetch(it + 1, (it + 1) & 1);  // in flight during this tile's products
+    cp_async_commit();
+    cp_async_wait_prior();  // this tile's Q and K have landed
+    __syncthreads();
+    if (out) {
+      const bf16* S = keys ? DSP : DSC;
+      const bf16* R = QK + (2 * (it & 1) + keys) * 64 * LDS;
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          if (xc[mt] + kk < 3 || xc[mt] + kk > 7) continue;  // an all-zero block of the skewed dS
+          FragA a;
+          load_a_t(a, S + kk * 16 * LDK + 16 * xc[mt], LDK);
+          a_times_rows(acc[mt], a, R + kk * 16 * LDS);
+        }
+    }
+    if (out && (it + 1 == switch_at || it + 1 == total)) {  // a diagonal's last tile: write its sums
+      const int od = it + 1 == switch_at ? o : o - tiles;
+      float* base = out + (((long long)blockIdx.z * H + h) * (2 * tiles - 1) + (keys ? tiles - 1 - od : od + tiles - 1)) * 128 * D;
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+          for (int n8 = 0; n8 < D / 8; ++n8) {
+            float* p = base + (16 * xc[mt] + g + 8 * half) * D + n8 * 8 + 2 * t;
+            CHECK_ALIGNED(p, 8);
+            *reinterpret_cast<float2*>(p) = make_float2(acc[mt][n8][2 * half], acc[mt][n8][2 * half + 1]);
+            acc[mt][n8][2 * half] = acc[mt][n8][2 * half + 1] = 0.f;
+          }
+    }
+  }
+}
+
+// out[h][m][d] (fp32 [H][2N][D], row 2N-1 zero) from dattn_table_grads' sums: distance m is row
+// p = m + 64 tiles - N of the padded table, which diagonals u = p / 64 - 1 and p / 64 hold at their
+// rows p - 64 u; summed with the batch chunks, in fp32. A thread per 4 consecutive d.
+KERNEL void dattn_table_grads_sum(const float* __restrict__ part, float* __restrict__ out, int chunks, int H, int N) {
+  const int tiles = (N + 63) / 64, U = 2 * tiles - 1;
+  const long long total = (long long)H * 2 * N * (D / 4);
+  for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+       idx += (long long)gridDim.x * blockDim.x) {
+    const int d = idx % (D / 4) * 4, m = (idx / (D / 4)) % (2 * N), h = idx / ((long long)(D / 4) * 2 * N);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    const int p = m + 64 * tiles - N;
+    if (m < 2 * N - 1)
+      for (int c = 0; c < chunks; ++c)
+        for (int u = max(0, p / 64 - 1); u <= min(U - 1, p / 64); ++u) {
+          const float4 v = load4(part + ((((long long)c * H + h) * U + u) * 128 + p - 64 * u) * D + d);
+          acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
+        }
+    store4(out + ((long long)h * 2 * N + m) * D + d, acc);
   }
 }
 

@@ -212,12 +212,12 @@ void cp_async(void* dst, const void* src, bool valid) {
   f.copies.push_back(c);
 }
 void cp_async_commit() { ++st.fibers[st.current].committed; }
-// cp.async.wait_group 0: every committed group of this thread has landed.
-void cp_async_wait() {
+// cp.async.wait_group n: every committed group of this thread but the n latest has landed.
+void cp_async_wait(int n = 0) {
   Fiber& f = st.fibers[st.current];
   std::vector<Copy> later;
   for (const Copy& c : f.copies) {
-    if (c.group < f.committed) std::memcpy(c.dst, c.bytes, 16);
+    if (c.group + n < f.committed) std::memcpy(c.dst, c.bytes, 16);
     else later.push_back(c);
   }
   f.copies.swap(later);
@@ -377,6 +377,7 @@ static inline void emu_ldmatrix(unsigned* r, const void* p, int num, bool trans)
 static inline void emu_cp_async(void* dst, const void* src, bool valid) { emu::cp_async(dst, src, valid); }
 static inline void emu_cp_async_commit() { emu::cp_async_commit(); }
 static inline void emu_cp_async_wait() { emu::cp_async_wait(); }
+static inline void emu_cp_async_wait_prior() { emu::cp_async_wait(1); }
 
 // Before the attention kernels: their source defines short macro names (D, BM, WARPS, ...).
 namespace adamw {
@@ -478,12 +479,18 @@ const Entry KERNELS[] = {
     ENTRY(hd16, 16, dattn_fwd), ENTRY(hd16, 16, dattn_fwd_rel), ENTRY(hd16, 16, dattn_bwd_kv), ENTRY(hd16, 16, dattn_bwd_q),
     ENTRY(hd16, 16, dattn_bwd_kv_rel), ENTRY(hd16, 16, dattn_bwd_q_ds), ENTRY(hd16, 16, dattn_rel_reduce), ENTRY(hd16, 16, dattn_row_dot),
     ENTRY(hd16, 16, dattn_bwd_v_ds), ENTRY(hd16, 16, dattn_bwd_k_ds),
+    ENTRY(hd16, 16, dattn_bwd_kv_rel_diag), ENTRY(hd16, 16, dattn_bwd_q_ds_diag), ENTRY(hd16, 16, dattn_bwd_k_ds_diag),
+    ENTRY(hd16, 16, dattn_table_grads), ENTRY(hd16, 16, dattn_table_grads_sum),
     ENTRY(hd32, 32, dattn_fwd), ENTRY(hd32, 32, dattn_fwd_rel), ENTRY(hd32, 32, dattn_bwd_kv), ENTRY(hd32, 32, dattn_bwd_q),
     ENTRY(hd32, 32, dattn_bwd_kv_rel), ENTRY(hd32, 32, dattn_bwd_q_ds), ENTRY(hd32, 32, dattn_rel_reduce), ENTRY(hd32, 32, dattn_row_dot),
     ENTRY(hd32, 32, dattn_bwd_v_ds), ENTRY(hd32, 32, dattn_bwd_k_ds),
+    ENTRY(hd32, 32, dattn_bwd_kv_rel_diag), ENTRY(hd32, 32, dattn_bwd_q_ds_diag), ENTRY(hd32, 32, dattn_bwd_k_ds_diag),
+    ENTRY(hd32, 32, dattn_table_grads), ENTRY(hd32, 32, dattn_table_grads_sum),
     ENTRY(hd64, 64, dattn_fwd), ENTRY(hd64, 64, dattn_fwd_rel), ENTRY(hd64, 64, dattn_bwd_kv), ENTRY(hd64, 64, dattn_bwd_q),
     ENTRY(hd64, 64, dattn_bwd_kv_rel), ENTRY(hd64, 64, dattn_bwd_q_ds), ENTRY(hd64, 64, dattn_rel_reduce), ENTRY(hd64, 64, dattn_row_dot),
     ENTRY(hd64, 64, dattn_bwd_v_ds), ENTRY(hd64, 64, dattn_bwd_k_ds),
+    ENTRY(hd64, 64, dattn_bwd_kv_rel_diag), ENTRY(hd64, 64, dattn_bwd_q_ds_diag), ENTRY(hd64, 64, dattn_bwd_k_ds_diag),
+    ENTRY(hd64, 64, dattn_table_grads), ENTRY(hd64, 64, dattn_table_grads_sum),
     ENTRY(hd64, 0, dattn_dropout_mask),
     ENTRY(rln, 0, rln_fwd_bf16), ENTRY(rln, 0, rln_fwd_f32), ENTRY(rln, 0, rln_bwd_bf16), ENTRY(rln, 0, rln_bwd_f32),
     ENTRY(rln, 0, rln_dropout_mask), ENTRY(adamw, 0, adamw_step), ENTRY(gelu, 0, gelu_bwd_bf16),
