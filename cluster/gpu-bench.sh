@@ -24,8 +24,10 @@
 # libtorch's bf16 GEMMs and fp32 additions (DEBERTA_WGRAD_FUSION=0) instead of cuBLAS
 # accumulating into them, and `V-gatheremd` V with the EMD's attention by the gather path
 # (DEBERTA_EMD_FUSED=0) instead of the fused kernels, and `V-copies` V with the weights' bf16
-# copies kept by the optimizer (--bf16-weight-copies) instead of a cast per use (suffixes in this
-# order; the summary divides V-copies by V). `V@B` runs V at batch size B only: e.g.
+# copies kept by the optimizer (--bf16-weight-copies) instead of a cast per use, and
+# `V-partials` V with the relative tables' gradients from the attention kernels' per-block
+# partials (DEBERTA_TABLE_GRADS=partials) instead of by tile diagonals (suffixes in the order
+# V-partials-opsnorm-opswgrad-gatheremd-copies; the summary divides V-copies by V). `V@B` runs V at batch size B only: e.g.
 #   VARIANTS="fused-rel fused-rel-opsnorm base:fused-rel fused-rel-copies@32" bash cluster/gpu-bench.sh xxlarge 512 8 32
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,6 +82,7 @@ for b in "${batches[@]}"; do
     emd=1; [[ "$v" == *-gatheremd ]] && { emd=0; v="${v%-gatheremd}"; }
     wgrad=1; [[ "$v" == *-opswgrad ]] && { wgrad=0; v="${v%-opswgrad}"; }
     norm=1; [[ "$v" == *-opsnorm ]] && { norm=0; v="${v%-opsnorm}"; }
+    tablegrads=diagonals; [[ "$v" == *-partials ]] && { tablegrads=partials; v="${v%-partials}"; }
     path="$v"; relative=tables
     [ "$v" = fused-rel ] && { path=fused; relative=kernel; }
     [ "$v" = fused-relfwd ] && { path=fused; relative=kernel-forward; }
@@ -88,7 +91,7 @@ for b in "${batches[@]}"; do
     [ "${TRACE:-0}" = 1 ] && [ "$att" = "${variants[0]}" ] && trace_args=(--trace "$out/trace-$file")
     echo "== [${SECONDS}s] ours, $att, batch $b"
     # stderr (breakdown, memory, the segment profile) to a file; its head to the console.
-    DEBERTA_ATTENTION=$path DEBERTA_FUSED_RELATIVE=$relative DEBERTA_FUSED_NORM=$norm DEBERTA_WGRAD_FUSION=$wgrad DEBERTA_EMD_FUSED=$emd timeout 500 "$worker" bench --preset "$preset" --seq "$seq" --batch "$b" \
+    DEBERTA_ATTENTION=$path DEBERTA_FUSED_RELATIVE=$relative DEBERTA_FUSED_NORM=$norm DEBERTA_WGRAD_FUSION=$wgrad DEBERTA_EMD_FUSED=$emd DEBERTA_TABLE_GRADS=$tablegrads timeout 500 "$worker" bench --preset "$preset" --seq "$seq" --batch "$b" \
       --steps "$steps" --warmup "$warmup" "${device_args[@]}" --profile "${trace_args[@]}" "${copies[@]}" 2> "$out/ours-$file-b$b.err" | tee -a "$out/ours-$file.jsonl" \
       || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"deberta bench failed\"}" >> "$out/ours-$file.jsonl"
     grep -E "^bench (paths|breakdown|queueing|memory)|^error" "$out/ours-$file-b$b.err"
@@ -140,14 +143,16 @@ for att, ours in variants.items():
     if best_hf and best:
         print(f"  best vs best: {best:.1f} / {best_hf:.1f} tokens/s = {best / best_hf:.2f}x (target >= 4x)")
 # A change against what it replaced, same card, same call: V against the baseline worker's V,
-# and against V-opsnorm / V-opswgrad / V-gatheremd (the same worker without the residual_norm
-# kernels / the fused weight-gradient accumulation / the EMD's fused attention).
+# and against V-opsnorm / V-opswgrad / V-gatheremd / V-partials (the same worker without the
+# residual_norm kernels / the fused weight-gradient accumulation / the EMD's fused attention /
+# the table gradients by tile diagonals).
 for att, ours in variants.items():
     if att.startswith("base:"):
         continue
     for other, what in ((f"base:{att}", f"the baseline ({base_rev})"), (f"{att}-opsnorm", "libtorch's ops for the residual LayerNorms"),
                         (f"{att}-opswgrad", "libtorch's GEMMs and additions for the weight gradients"),
-                        (f"{att}-gatheremd", "the gather path for the EMD's attention")):
+                        (f"{att}-gatheremd", "the gather path for the EMD's attention"),
+                        (f"{att}-partials", "the table gradients from the kernels' per-block partials")):
         if other not in variants:
             continue
         base = variants[other]

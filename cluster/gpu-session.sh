@@ -22,8 +22,10 @@
 #   the eleventh session's 70.7 GiB at 40).
 #   env: GPU_MEM_MIB (the card's memory, default nvidia-smi's; a dry run sets it), PLAN_ONLY=1
 #        (print the plan and stop), VARIANTS (default: fused-rel, it with the weights' bf16
-#        copies (thirteenth session), and it with the twelfth session's weight-gradient accumulation and fused EMD attention
-#        turned off, for their shares), HF_BATCHES (default 8, on a big card 8 16; none to skip), BENCH_STEPS (3),
+#        copies (thirteenth session), and it with the twelfth session's weight-gradient
+#        accumulation and the sixteenth's table gradients by tile diagonals turned off, for
+#        their shares; the twelfth's fused EMD attention is V-gatheremd, left out for time),
+#        HF_BATCHES (default 8, on a big card 8 16; none to skip), BENCH_STEPS (3),
 #        BENCH_WARMUP (2), FINETUNE=0, BUNDLE, SESSION_WORK (default /tmp: the parts' own
 #        output, $SESSION_WORK/gpu-session-PART), and for a dry run on a machine without a GPU
 #        BENCH_DEVICE=cpu BACKEND=cpu PRECISION=fp32 EPOCHS=1 (launcher/tests/gpu_bench.rs)
@@ -38,7 +40,7 @@ mem_mib="${mem_mib//[!0-9]/}"
 if [ -n "$mem_mib" ] && [ "$mem_mib" -ge 122880 ]; then sizes=(32 8 16 64); hf_default="8 16"; else sizes=(32 8 40); hf_default=8; fi
 [ ${#batches[@]} -gt 0 ] || batches=("${sizes[@]}")
 HF_BATCHES="${HF_BATCHES:-$hf_default}"
-read -r -a variants <<< "${VARIANTS:-fused-rel fused-rel-copies fused-rel-opswgrad fused-rel-gatheremd}"
+read -r -a variants <<< "${VARIANTS:-fused-rel fused-rel-copies fused-rel-opswgrad fused-rel-partials}"
 bundle="$(realpath -m "${BUNDLE:-gpu-bundle}")"
 root="${OUT:-/tmp/gpu-session}"
 work="${SESSION_WORK:-/tmp}"  # each part's gpu-bench output, $work/gpu-session-PART
@@ -64,7 +66,7 @@ if [ ${#batches[@]} -gt 1 ] || [ "$HF_BATCHES" != none ]; then
   done
   largest="$(printf '%s\n' "${rest[@]}" | sort -n | tail -1)"
   # The first variant that gave a row in part check: should an unmeasured change fail on the
-  # device (the cuBLAS accumulation, the fused EMD attention), every size is still measured,
+  # device (the cuBLAS accumulation, the table gradients by diagonals), every size is still measured,
   # with that change switched off, rather than the rest of the call failing the same way.
   lead="${variants[0]}"
   for v in "${variants[@]}"; do

@@ -269,12 +269,12 @@ fn the_gpu_session_call_runs_its_three_parts_on_the_cpu() {
         ours / base
     );
     assert!(all.contains(&ratio), "expected {ratio:?} in {all}");
-    // The default variants' switches reach the worker: the EMD's attention by the gather path
-    // in the -gatheremd one only, and the ratios against the switched-off variants.
-    assert_eq!(all.matches("EMD attention by the gather path").count(), 1, "{all}");
+    // The default variants' switches reach the worker: the table gradients from the per-block
+    // partials in the -partials one only, and the ratios against the switched-off variants.
+    assert_eq!(all.matches("their table gradients Partials").count(), 1, "{all}");
     for what in [
         "libtorch's GEMMs and additions for the weight gradients",
-        "the gather path for the EMD's attention",
+        "the table gradients from the kernels' per-block partials",
     ] {
         assert!(
             all.contains(&format!("tokens/s (against {what}):\n  batch 2: ")),
