@@ -846,49 +846,21 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
         // SAFETY: q, k as in kernel_forward, ds the keys kernel's dS for (b, h, n), gc and gp
         // [chunks, h, 2 tiles - 1, 128, d] fp32 where their table is present.
         unsafe { k.launch("dattn_table_grads", cfg, &args) }?;
-        let finish = |g: &Tensor, rows: i64| -> Result<Tensor, String> {
-            let out = Tensor::empty([h, 2 * n, d], (Kind::Float, g.device()));
-            let cfg = cuda::grid_stride(g.device(), h * 2 * n * (d / 4)); // a thread per 4 values of d
-            let args = [
-                Arg::tensor(g),
-                Arg::tensor(&out),
-                Arg::I32(chunks as i32),
-                Arg::I32(h as i32),
-                Arg::I32(n as i32),
-            ];
-            // SAFETY: g holds dattn_table_grads' sums for (b, h, n), out [h, 2n, d] fp32.
-            unsafe { k.launch("dattn_table_grads_sum", cfg, &args) }?;
-            Ok(if rows == 2 * n { out } else { out.narrow(1, 0, rows) })
-        };
         if let (Some(g), Some(kr)) = (&gc, &x.kr) {
-            dkr = Some(finish(g, rows(kr))?);
+            dkr = Some(table_grad(&k, "dattn_table_grads_sum", g, chunks, [h, n, d], rows(kr))?);
         }
         if let (Some(g), Some(qr)) = (&gp, &x.qr) {
-            dqr = Some(finish(g, rows(qr))?);
+            dqr = Some(table_grad(&k, "dattn_table_grads_sum", g, chunks, [h, n, d], rows(qr))?);
         }
         stage("backward: table gradients by diagonals");
     } else if in_kernel {
         // The kernels added the relative terms' part of dq and dk; the table gradients are the
         // sums of the blocks' partials.
-        let reduce = |part: &Tensor, rows: i64| -> Result<Tensor, String> {
-            let out = Tensor::empty([h, 2 * n, d], (Kind::Float, part.device()));
-            let cfg = cuda::grid_stride(part.device(), h * 2 * n * (d / 4)); // a thread per 4 values of d
-            let args = [
-                Arg::tensor(part),
-                Arg::tensor(&out),
-                Arg::I32(b as i32),
-                Arg::I32(h as i32),
-                Arg::I32(n as i32),
-            ];
-            // SAFETY: part holds the kernels' partials for (b, h, n), out [h, 2n, d] fp32.
-            unsafe { k.launch("dattn_rel_reduce", cfg, &args) }?;
-            Ok(if rows == 2 * n { out } else { out.narrow(1, 0, rows) })
-        };
         if let (Some(part), Some(kr)) = (&dc2p, &x.kr) {
-            dkr = Some(reduce(part, rows(kr))?);
+            dkr = Some(table_grad(&k, "dattn_rel_reduce", part, b, [h, n, d], rows(kr))?);
         }
         if let (Some(part), Some(qr)) = (&dp2c, &x.qr) {
-            dqr = Some(reduce(part, rows(qr))?);
+            dqr = Some(table_grad(&k, "dattn_rel_reduce", part, b, [h, n, d], rows(qr))?);
         }
         stage("backward: table-gradient reductions");
     } else {
@@ -916,6 +888,32 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
         qr: dqr,
         bias: sums.map(|s| s.view([-1, 3 * h * d]).sum_dim_intlist(0, false, Kind::Float)),
     })
+}
+
+/// A table's gradient, [h, 2n, d] fp32 cut to its `rows`, from the sums in `src` by `function`
+/// (one writer per element, a thread per 4 values of d): `dattn_rel_reduce` over the kernels'
+/// partials (`count` the batches) or `dattn_table_grads_sum` over the diagonals' sums (`count`
+/// the batch chunks).
+fn table_grad(
+    k: &Kernels,
+    function: &str,
+    src: &Tensor,
+    count: i64,
+    [h, n, d]: [i64; 3],
+    rows: i64,
+) -> Result<Tensor, String> {
+    let out = Tensor::empty([h, 2 * n, d], (Kind::Float, src.device()));
+    let cfg = cuda::grid_stride(src.device(), h * 2 * n * (d / 4));
+    let args = [
+        Arg::tensor(src),
+        Arg::tensor(&out),
+        Arg::I32(count as i32),
+        Arg::I32(h as i32),
+        Arg::I32(n as i32),
+    ];
+    // SAFETY: src holds `function`'s input for these shapes (see the kernels), out [h, 2n, d] fp32.
+    unsafe { k.launch(function, cfg, &args) }?;
+    Ok(if rows == 2 * n { out } else { out.narrow(1, 0, rows) })
 }
 
 /// The dropout mask the kernels apply for `seed`, [B, H, N, N] u8 (1 = kept): for tests. On
