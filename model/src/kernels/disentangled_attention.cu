@@ -1417,16 +1417,17 @@ KERNEL void dattn_rel_reduce(const bf16* __restrict__ part, float* __restrict__ 
 // dS, DSC[i'][e] and DSP[j'][e'] ([64][LDK] each, zero off the band): 70 KB at D = 64.
 #define TG_BATCHES 8
 #define TG_THREADS 256
-// Tile `it` of a block's walk over nb batches from b0: b, query tile n, key tile m.
-__device__ __forceinline__ void diagonal_tile(int it, int o, int tiles, int b0, int nb, int& b, int& n, int& m) {
-  const int first = tiles - o;  // tiles per batch on diagonal o
-  const int nb_first = nb * first;
-  if (it < nb_first || o == 0) {
-    b = b0 + it / first, n = it % first, m = n + o;
-  } else {
-    it -= nb_first;
-    b = b0 + it / o, m = it % o, n = m + tiles - o;
+// The next tile of a block's walk (batch b, query tile n on diagonal od: key tile n + od): the
+// diagonal's next tile, else its first in the next batch, else the block's second diagonal
+// od - tiles from its first batch. Counters, not divisions (a division by a variable is ~20
+// instructions).
+__device__ __forceinline__ void next_diagonal_tile(int& b, int& n, int& od, int b0, int nb, int tiles) {
+  if (++n < tiles - max(od, 0)) return;
+  if (++b < b0 + nb) {
+    n = max(-od, 0);
+    return;
   }
+  od -= tiles, b = b0, n = -od;
 }
 KERNEL void __launch_bounds__(TG_THREADS, 2)
 dattn_table_grads(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ ds,
@@ -1451,9 +1452,9 @@ dattn_table_grads(const bf16* __restrict__ q, const bf16* __restrict__ k, const 
     for (int n8 = 0; n8 < D / 8; ++n8) acc[mt][n8][0] = acc[mt][n8][1] = acc[mt][n8][2] = acc[mt][n8][3] = 0.f;
   // The tile's dS as 16-byte words: 512 per tile, words threadIdx.x and threadIdx.x + 256.
   uint4 w[2];
-  auto fetch = [&](int it, int buffer) {
-    int b, n, m;
-    diagonal_tile(it, o, tiles, b0, nb, b, n, m);
+  int b = b0, n = 0, od = o;  // the next tile to fetch
+  auto fetch = [&](int buffer) {
+    const int m = n + od;
     load_tile_async(QK + (2 * buffer + keys) * 64 * LDS, keys ? k : q, b, h, (keys ? m : n) * 64, N, H,
                     threadIdx.x % 128);
     const bf16* src = ds + (((long long)(b * H + h) * tiles + n) * tiles + m) * 64 * 64;
@@ -1462,8 +1463,9 @@ dattn_table_grads(const bf16* __restrict__ q, const bf16* __restrict__ k, const 
       CHECK_ALIGNED(src + (threadIdx.x + x * TG_THREADS) * 8, 16);
       w[x] = *reinterpret_cast<const uint4*>(src + (threadIdx.x + x * TG_THREADS) * 8);
     }
+    next_diagonal_tile(b, n, od, b0, nb, tiles);
   };
-  fetch(0, 0);
+  fetch(0);
   cp_async_commit();
   for (int it = 0; it < total; ++it) {
     __syncthreads();  // the previous tile's readers of DSC, DSP and the other buffer are done
@@ -1479,7 +1481,7 @@ dattn_table_grads(const bf16* __restrict__ q, const bf16* __restrict__ k, const 
         DSP[j * LDK + 63 - j + i] = v;
       }
     }
-    if (it + 1 < total) fetch(it + 1, (it + 1) & 1);  // in flight during this tile's products
+    if (it + 1 < total) fetch((it + 1) & 1);  // in flight during this tile's products
     cp_async_commit();
     cp_async_wait_prior();  // this tile's Q and K have landed
     __syncthreads();
