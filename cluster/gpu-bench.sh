@@ -27,7 +27,8 @@
 # copies kept by the optimizer (--bf16-weight-copies) instead of a cast per use, and
 # `V-partials` V with the relative tables' gradients from the attention kernels' per-block
 # partials (DEBERTA_TABLE_GRADS=partials) instead of by tile diagonals (suffixes in the order
-# V-partials-opsnorm-opswgrad-gatheremd-copies; the summary divides V-copies by V). `V@B` runs V at batch size B only: e.g.
+# V-partials-opsnorm-opswgrad-gatheremd-copies; the summary divides V-copies by V). `V@B` runs
+# V at batch size B only: e.g.
 #   VARIANTS="fused-rel fused-rel-opsnorm base:fused-rel fused-rel-copies@32" bash cluster/gpu-bench.sh xxlarge 512 8 32
 set -uo pipefail
 cd "$(dirname "$0")/.."
