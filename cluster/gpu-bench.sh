@@ -26,8 +26,10 @@
 # (DEBERTA_EMD_FUSED=0) instead of the fused kernels, and `V-copies` V with the weights' bf16
 # copies kept by the optimizer (--bf16-weight-copies) instead of a cast per use, and
 # `V-partials` V with the relative tables' gradients from the attention kernels' per-block
-# partials (DEBERTA_TABLE_GRADS=partials) instead of by tile diagonals (suffixes in the order
-# V-partials-opsnorm-opswgrad-gatheremd-copies; the summary divides V-copies by V). `V@B` runs
+# partials (DEBERTA_TABLE_GRADS=partials) instead of by tile diagonals, and `V-kept` V with the
+# keys kernel keeping its windows from tile to tile (DEBERTA_TABLE_GRADS=diagonals-kept-windows)
+# instead of the lean one (suffixes in the order V-partials|kept-opsnorm-opswgrad-gatheremd-copies;
+# the summary divides V-copies by V). `V@B` runs
 # V at batch size B only: e.g.
 #   VARIANTS="fused-rel fused-rel-opsnorm base:fused-rel fused-rel-copies@32" bash cluster/gpu-bench.sh xxlarge 512 8 32
 set -uo pipefail
@@ -84,6 +86,7 @@ for b in "${batches[@]}"; do
     wgrad=1; [[ "$v" == *-opswgrad ]] && { wgrad=0; v="${v%-opswgrad}"; }
     norm=1; [[ "$v" == *-opsnorm ]] && { norm=0; v="${v%-opsnorm}"; }
     tablegrads=diagonals; [[ "$v" == *-partials ]] && { tablegrads=partials; v="${v%-partials}"; }
+    [[ "$v" == *-kept ]] && { tablegrads=diagonals-kept-windows; v="${v%-kept}"; }
     path="$v"; relative=tables
     [ "$v" = fused-rel ] && { path=fused; relative=kernel; }
     [ "$v" = fused-relfwd ] && { path=fused; relative=kernel-forward; }
@@ -144,16 +147,17 @@ for att, ours in variants.items():
     if best_hf and best:
         print(f"  best vs best: {best:.1f} / {best_hf:.1f} tokens/s = {best / best_hf:.2f}x (target >= 4x)")
 # A change against what it replaced, same card, same call: V against the baseline worker's V,
-# and against V-opsnorm / V-opswgrad / V-gatheremd / V-partials (the same worker without the
-# residual_norm kernels / the fused weight-gradient accumulation / the EMD's fused attention /
-# the table gradients by tile diagonals).
+# and against V-opsnorm / V-opswgrad / V-gatheremd / V-partials / V-kept (the same worker without
+# the residual_norm kernels / the fused weight-gradient accumulation / the EMD's fused attention /
+# the table gradients by tile diagonals / the lean keys kernel).
 for att, ours in variants.items():
     if att.startswith("base:"):
         continue
     for other, what in ((f"base:{att}", f"the baseline ({base_rev})"), (f"{att}-opsnorm", "libtorch's ops for the residual LayerNorms"),
                         (f"{att}-opswgrad", "libtorch's GEMMs and additions for the weight gradients"),
                         (f"{att}-gatheremd", "the gather path for the EMD's attention"),
-                        (f"{att}-partials", "the table gradients from the kernels' per-block partials")):
+                        (f"{att}-partials", "the table gradients from the kernels' per-block partials"),
+                        (f"{att}-kept", "the keys kernel keeping its windows")):
         if other not in variants:
             continue
         base = variants[other]

@@ -27,7 +27,8 @@ import tempfile
 
 KERNELS = ["dattn_fwd", "dattn_fwd_rel", "dattn_bwd_kv", "dattn_bwd_kv_rel", "dattn_bwd_q", "dattn_bwd_q_rel",
            "dattn_bwd_q_ds", "dattn_bwd_v_ds", "dattn_bwd_k_ds",  # dattn_bwd_q_rel: until 2026-11-27
-           "dattn_bwd_kv_rel_diag", "dattn_bwd_q_ds_diag", "dattn_bwd_k_ds_diag", "dattn_table_grads"]  # since the sixteenth session
+           "dattn_bwd_kv_rel_diag", "dattn_bwd_q_ds_diag", "dattn_bwd_k_ds_diag", "dattn_table_grads",  # since the sixteenth session
+           "dattn_bwd_kv_rel_lean"]  # since the seventeenth
 SHOWN = ["HMMA", "LDSM", "LDS", "STS", "MUFU", "IMAD", "BRA"]
 
 

@@ -144,13 +144,14 @@ fn the_prepared_gpu_call_runs_on_the_cpu_and_prints_its_tables_and_ratios() {
         assert!(listing.contains(f), "{f} not in the tarball: {listing}");
     }
 
-    // Without HF rows (HF_BATCHES=none: the prepared batch-40 call) the tables still print.
+    // Without HF rows (HF_BATCHES=none: the prepared batch-40 call) the tables still print; the
+    // -kept variant's switch reaches the worker, and the summary divides by it.
     let o = bench(
         &b,
         tmp.path(),
         &[
             ("BENCH_DEVICE", "cpu"),
-            ("VARIANTS", "fused-rel"),
+            ("VARIANTS", "fused-rel fused-rel-kept"),
             ("HF_BATCHES", "none"),
             ("KERNEL_CHECK", "0"),
         ],
@@ -160,6 +161,15 @@ fn the_prepared_gpu_call_runs_on_the_cpu_and_prints_its_tables_and_ratios() {
     assert!(o.status.success(), "{all}");
     assert!(all.contains("deberta-rs, relative terms by fused-rel"), "{all}");
     assert!(!all.contains("kernel-check"), "{all}");
+    assert_eq!(
+        all.matches("their table gradients DiagonalsKeptWindows").count(),
+        1,
+        "{all}"
+    );
+    assert!(
+        all.contains("fused-rel / fused-rel-kept tokens/s (against the keys kernel keeping its windows):\n  batch 2: "),
+        "{all}"
+    );
 
     let o = bench(&b, tmp.path(), &[("BENCH_DEVICE", "tpu")], &["tiny", "32", "2"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));

@@ -93,9 +93,14 @@ pub enum TableGrads {
     /// By tile diagonals (`dattn_table_grads`): every tile of a diagonal adds to the same 127
     /// distances, so one block per diagonal, head and 8 batches sums them in fp32 registers
     /// from the keys kernel's dS, and the keys and queries kernels skip their table-gradient
-    /// products (`dattn_bwd_kv_rel_diag`, `dattn_bwd_q_ds_diag`). The default (sixteenth
-    /// session; not yet timed on a GPU).
+    /// products (`dattn_bwd_q_ds_diag`). Without them the keys kernel fits 3 blocks per SM by
+    /// registers, and its lean build by shared memory too (`dattn_bwd_kv_rel_lean`, 72.5 KB: it
+    /// reloads K_r's and Q_r's windows each tile, over memory the tile uses later). The default
+    /// (sixteenth and seventeenth sessions; not yet timed on a GPU).
     Diagonals,
+    /// As `Diagonals`, with the keys kernel keeping the windows' shared half from tile to tile
+    /// (`dattn_bwd_kv_rel_diag`, 107.5 KB: 2 blocks per SM).
+    DiagonalsKeptWindows,
     /// The keys and queries kernels' bf16 partial sums per block (0.9 GB a layer at the 1.5B
     /// model's batch 32 × 512), summed by `dattn_rel_reduce`: the path the eleventh session timed.
     Partials,
@@ -106,7 +111,8 @@ thread_local! {
 }
 
 impl TableGrads {
-    /// `DEBERTA_TABLE_GRADS=diagonals|partials` (default diagonals); another value is an error.
+    /// `DEBERTA_TABLE_GRADS=diagonals|diagonals-kept-windows|partials` (default diagonals);
+    /// another value is an error.
     pub fn chosen() -> Result<TableGrads, String> {
         if let Some(t) = TABLE_GRADS_OVERRIDE.with(|o| o.get()) {
             return Ok(t);
@@ -115,8 +121,11 @@ impl TableGrads {
         FROM_ENV
             .get_or_init(|| match std::env::var("DEBERTA_TABLE_GRADS").as_deref() {
                 Err(_) | Ok("diagonals") => Ok(TableGrads::Diagonals),
+                Ok("diagonals-kept-windows") => Ok(TableGrads::DiagonalsKeptWindows),
                 Ok("partials") => Ok(TableGrads::Partials),
-                Ok(other) => Err(format!("DEBERTA_TABLE_GRADS={other}: expected diagonals or partials")),
+                Ok(other) => Err(format!(
+                    "DEBERTA_TABLE_GRADS={other}: expected diagonals, diagonals-kept-windows or partials"
+                )),
             })
             .clone()
     }
@@ -382,6 +391,7 @@ struct Shared {
     fwd_rel: u32,
     bwd: u32,
     bwd_rel: u32,
+    bwd_rel_lean: u32,
     bwd_q_ds: u32,
     bwd_v_ds: u32,
     table_grads: u32,
@@ -400,6 +410,9 @@ fn shared_bytes(head_dim: i64) -> Shared {
         fwd_rel: (fwd + tiles(4)) as u32,
         bwd: bwd as u32,
         bwd_rel: bwd_rel as u32,
+        // The queries' stats, the four tiles, the two bands (Q_r's window before them) and the
+        // skewed dS (K_r's window before it).
+        bwd_rel_lean: (2 * TILE * 4 + tiles(4) + bands(2) + skewed.max(tiles(2))) as u32,
         // Q, K, K_r's window (two tiles), dS and its skewed copy.
         bwd_q_ds: (tiles(4) + bands(1) + skewed) as u32,
         // The queries' stats, the Q and dO tiles, the two bands (dS over the p2c band), the
@@ -466,6 +479,7 @@ fn gpu_kernels(device: Device, head_dim: i64, timed: bool) -> Result<Arc<cuda::M
             ("dattn_bwd_v_ds", shared.bwd_v_ds),
             ("dattn_bwd_k_ds", shared.bwd_q_ds),
             ("dattn_bwd_kv_rel_diag", shared.bwd_rel),
+            ("dattn_bwd_kv_rel_lean", shared.bwd_rel_lean),
             ("dattn_bwd_q_ds_diag", shared.bwd_q_ds),
             ("dattn_bwd_k_ds_diag", shared.bwd_q_ds),
             ("dattn_table_grads", shared.table_grads),
@@ -513,12 +527,12 @@ pub fn phases(x: CoreInputs, dout: &Tensor, seed: u64, rel: RelativeTerms) -> Re
             "keys kernel",
             [
                 "barrier, loads, query stats, wait + barrier",
-                "relative bands (+ barrier)",
+                "relative bands (+ barrier; lean: two)",
                 "S^T, dP^T (2 halves)",
                 "scores, P, dS, skewed dS stores (2 halves)",
                 "dV, dK mma (2 halves)",
                 "barrier after the halves",
-                "relative grads (dK's p2c part; dQ_r partials: partials only)",
+                "relative grads (dK's p2c part; lean: after Q_r's window again + barrier; dQ_r partials: partials only)",
                 "dS tile store (+ epilogue)",
             ],
         ),
@@ -687,7 +701,8 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     let in_kernel = saved.rel == RelativeTerms::InKernel || split;
     // The table gradients by tile diagonals, after the keys and queries kernels (else their
     // partial sums, or the tables' gradients).
-    let diagonals = in_kernel && TableGrads::chosen()? == TableGrads::Diagonals;
+    let table_grads = TableGrads::chosen()?;
+    let diagonals = in_kernel && table_grads != TableGrads::Partials;
     let o = if in_kernel { operands_rel(x) } else { operands(x) };
     let (b, n, h, _) = o.q.size4().map_err(|e| e.to_string())?;
     let dout = bf16(&dout.view([b, n, h, d]));
@@ -742,6 +757,8 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     ];
     let (kv_kernel, s) = if split {
         ("dattn_bwd_v_ds", shared_bytes(d).bwd_v_ds)
+    } else if diagonals && table_grads == TableGrads::Diagonals {
+        ("dattn_bwd_kv_rel_lean", shared_bytes(d).bwd_rel_lean)
     } else if diagonals {
         ("dattn_bwd_kv_rel_diag", shared_bytes(d).bwd_rel)
     } else if in_kernel {
@@ -992,6 +1009,8 @@ mod tests {
             ("dattn_bwd_v_ds", sh.bwd_v_ds, 4, 3, 0),
             ("dattn_bwd_k_ds", sh.bwd_q_ds, 4, 3, 0),
             ("dattn_bwd_kv_rel_diag", sh.bwd_rel, 4, 2, 0),
+            // Its spills: four shared addresses of the dS store, reloaded once per tile.
+            ("dattn_bwd_kv_rel_lean", sh.bwd_rel_lean, 4, 3, 24),
             ("dattn_bwd_q_ds_diag", sh.bwd_q_ds, 4, 3, 0),
             ("dattn_bwd_k_ds_diag", sh.bwd_q_ds, 4, 3, 0),
             ("dattn_table_grads", sh.table_grads, tg_warps, 2, 0),

@@ -265,6 +265,9 @@ mod tests {
         for rel in [RelativeTerms::InKernel, RelativeTerms::InKernelSplit] {
             check_with(c, rel);
         }
+        // By diagonals with the keys kernel that keeps its windows (the default reloads them).
+        TableGrads::set_for_this_thread(Some(TableGrads::DiagonalsKeptWindows));
+        check_with(c, RelativeTerms::InKernel);
         TableGrads::set_for_this_thread(None);
     }
 
@@ -345,17 +348,17 @@ mod tests {
             for (x, y) in a.iter().zip(&b) {
                 assert!(x.equal(y), "{} (partials): the result depends on the schedule", c.name);
             }
-            // The split keys kernel sums the same products in the same order: the same bits.
-            let (whole, split) = (
-                run(&x, RelativeTerms::InKernel, false),
-                run(&x, RelativeTerms::InKernelSplit, false),
-            );
-            for (i, (x, y)) in whole.iter().zip(&split).enumerate() {
-                assert!(
-                    x.equal(y),
-                    "{}: output {i} of kernel-split differs from kernel's",
-                    c.name
-                );
+            // The split keys kernel sums the same products in the same order: the same bits; so
+            // does the keys kernel that keeps its windows (the default, lean, reloads them).
+            let whole = run(&x, RelativeTerms::InKernel, false);
+            let split = run(&x, RelativeTerms::InKernelSplit, false);
+            TableGrads::set_for_this_thread(Some(TableGrads::DiagonalsKeptWindows));
+            let kept = run(&x, RelativeTerms::InKernel, true);
+            TableGrads::set_for_this_thread(None);
+            for (other, outputs) in [("kernel-split", &split), ("the kept windows' keys kernel", &kept)] {
+                for (i, (x, y)) in whole.iter().zip(outputs).enumerate() {
+                    assert!(x.equal(y), "{}: output {i} of {other} differs from kernel's", c.name);
+                }
             }
         }
     }

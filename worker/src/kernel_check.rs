@@ -83,10 +83,12 @@ fn speed(device: Device) -> anyhow::Result<()> {
     let reference = time_ms(device, 10, || {
         let _ = fused_attention::reference_backward(&x, Some(&keep), &dout);
     });
-    // The default table gradients (by diagonals), and InKernel's with the per-block partials.
+    // The default table gradients (by diagonals, the lean keys kernel), and InKernel's with the
+    // keys kernel that keeps its windows and with the per-block partials.
     for (rel, tg) in [
         (RelativeTerms::Tables, TableGrads::Diagonals),
         (RelativeTerms::InKernel, TableGrads::Diagonals),
+        (RelativeTerms::InKernel, TableGrads::DiagonalsKeptWindows),
         (RelativeTerms::InKernel, TableGrads::Partials),
         (RelativeTerms::InKernelForward, TableGrads::Diagonals),
         (RelativeTerms::InKernelSplit, TableGrads::Diagonals),
@@ -100,7 +102,11 @@ fn speed(device: Device) -> anyhow::Result<()> {
         println!(
             "  {} ({rel:?}{}): fused kernels {fused:.2} ms, reference (bf16, autograd) {reference:.2} ms per forward+backward: {:.2}x",
             c.name,
-            if tg == TableGrads::Partials { ", table gradients from partials" } else { "" },
+            match tg {
+                TableGrads::Diagonals => "",
+                TableGrads::DiagonalsKeptWindows => ", keys kernel keeping its windows",
+                TableGrads::Partials => ", table gradients from partials",
+            },
             reference / fused
         );
         let stages = fused_attention::profile(x.map(Tensor::shallow_clone), &dout, 7, rel);
@@ -536,10 +542,21 @@ pub fn run(groups: &Groups) -> anyhow::Result<bool> {
             ok &= check_case(c, device, rel)?;
         }
     }
-    println!(" relative terms: InKernel, table gradients from the blocks' partials (DEBERTA_TABLE_GRADS=partials)");
-    TableGrads::set_for_this_thread(Some(TableGrads::Partials));
-    for (c, _) in CASES {
-        ok &= check_case(c, device, RelativeTerms::InKernel)?;
+    for (tg, what) in [
+        (
+            TableGrads::Partials,
+            "table gradients from the blocks' partials (DEBERTA_TABLE_GRADS=partials)",
+        ),
+        (
+            TableGrads::DiagonalsKeptWindows,
+            "the keys kernel keeping its windows (DEBERTA_TABLE_GRADS=diagonals-kept-windows)",
+        ),
+    ] {
+        println!(" relative terms: InKernel, {what}");
+        TableGrads::set_for_this_thread(Some(tg));
+        for (c, _) in CASES {
+            ok &= check_case(c, device, RelativeTerms::InKernel)?;
+        }
     }
     TableGrads::set_for_this_thread(None);
     println!("residual LayerNorm kernels vs libtorch's ops (fp32 reference, the kernels' own dropout mask):");

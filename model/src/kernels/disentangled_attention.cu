@@ -497,6 +497,12 @@ __device__ __forceinline__ void load_window_async(bf16* slots, const bf16* table
   if (n == 0) load_chunk_async(slots, table, h, dir > 0 ? start : start + 64, N);
   load_chunk_async(next, table, h, dir > 0 ? start + 64 : start, N);
 }
+// A whole window (rows [start, start + 128)) into dst [128][LDS], by cp.async: for a kernel that
+// reuses the window's memory within the tile (the lean keys kernel), so keeps no half of it.
+__device__ __forceinline__ void load_whole_window_async(bf16* dst, const bf16* table, int h, int start, int N) {
+  load_chunk_async(dst, table, h, start, N);
+  load_chunk_async(dst + 64 * LDS, table, h, start + 64, N);
+}
 
 // band[r][c] = row_r . window[63 - r + c] for this warp's 16 band rows r = 16 warp + (0..15)
 // (their A fragments in a) and every c < 64. Those rows read window rows [48 - 16 warp,
@@ -505,24 +511,52 @@ __device__ __forceinline__ void load_window_async(bf16* slots, const bf16* table
 // band's other user holds neighbouring c): it then reads both bands as 32-bit pairs, where a
 // transposed read took one 16-bit load and a widening per score. The stores stay 16-bit either
 // way.
+// Where the product e of group n8 lands in the band: band row r, column c; false if outside it.
+__device__ __forceinline__ bool skewed_at(int n8, int e, int& r, int& c) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  // c = 8 k - 15 + v with k = n8 + (e >= 2) and v = 2t + g + (e & 1) in [0, 14], whatever
+  // the warp: k = 0 and 10 never land in the band, 2..8 always do; only 1 and 9 check.
+  const int k = n8 + (e >> 1);
+  r = 16 * warp + g + (e >= 2 ? 8 : 0);
+  c = 48 - 16 * warp + n8 * 8 + 2 * t + (e & 1) - 63 + r;
+  return k != 0 && k != 10 && (k != 1 || c >= 0) && (k != 9 || c < 64);
+}
 template <bool T>
 __device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragA* a, Window window) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  const int x0 = 48 - 16 * warp;
+  const int x0 = 48 - 16 * (int)(threadIdx.x / 32);
 #pragma unroll
   for (int n8 = 0; n8 < 10; ++n8) {
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     rows_dot_8(acc, a, window.row(x0 + n8 * 8));
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      // c = 8 k - 15 + v with k = n8 + (e >= 2) and v = 2t + g + (e & 1) in [0, 14], whatever
-      // the warp: k = 0 and 10 never land in the band, 2..8 always do; only 1 and 9 check.
-      const int k = n8 + (e >> 1);
-      if (k == 0 || k == 10) continue;
-      const int r = 16 * warp + g + (e >= 2 ? 8 : 0), c = x0 + n8 * 8 + 2 * t + (e & 1) - 63 + r;
-      if ((k != 1 || c >= 0) && (k != 9 || c < 64)) band[T ? c * LDR + r : r * LDR + c] = f2bf(acc[e]);
+      int r, c;
+      if (skewed_at(n8, e, r, c)) band[T ? c * LDR + r : r * LDR + c] = f2bf(acc[e]);
     }
   }
+}
+// `skewed_band` in two halves, for a caller whose window shares memory with the band: the
+// products, rounded to bf16 and packed in pairs (v[n8][e / 2]), then (after a barrier) stored.
+__device__ __forceinline__ void skewed_products(unsigned int (*v)[2], const FragA* a, Window window) {
+  const int x0 = 48 - 16 * (int)(threadIdx.x / 32);
+#pragma unroll
+  for (int n8 = 0; n8 < 10; ++n8) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    rows_dot_8(acc, a, window.row(x0 + n8 * 8));
+    v[n8][0] = pack(f2bf(acc[0]), f2bf(acc[1]));
+    v[n8][1] = pack(f2bf(acc[2]), f2bf(acc[3]));
+  }
+}
+template <bool T>
+__device__ __forceinline__ void store_skewed(bf16* __restrict__ band, const unsigned int (*v)[2]) {
+#pragma unroll
+  for (int n8 = 0; n8 < 10; ++n8)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      int r, c;
+      if (skewed_at(n8, e, r, c))
+        band[T ? c * LDR + r : r * LDR + c] = (bf16)(e & 1 ? v[n8][e / 2] >> 16 : v[n8][e / 2] & 0xffffu);
+    }
 }
 
 __device__ __forceinline__ void zero_band(bf16* band) {
@@ -855,12 +889,55 @@ __device__ __forceinline__ void store_ds_tile(bf16* __restrict__ dst, const bf16
   }
 }
 
+// The lean keys kernel's off-band zeros of the skewed dS: `relative_grads` (TGRAD false) reads
+// its warp's rows r = 16 warp + i at columns [x0, x0 + 80), x0 = 48 - 16 warp, of which
+// [x0, x0 + 15 - i) and [x0 + 79 - i, x0 + 80) lie off the band [63 - r, 126 - r] that the score
+// loop writes: 16 per row, 8 per lane. Only this warp's rows: no barrier needed after.
+__device__ __forceinline__ void zero_skewed_edges(bf16* DSK) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, i = lane % 16, k0 = lane / 16 * 8;
+  bf16* row = DSK + (16 * warp + i) * LDK + 48 - 16 * warp;
+#pragma unroll
+  for (int k = k0; k < k0 + 8; ++k) row[k < 15 - i ? k : k + 64] = 0;
+}
+
+// The lean keys kernel's bands (`relative_bands_t`'s, with the windows over other buffers): K_r's
+// window in Kw (the skewed dS's memory), Q_r's in Qw (the two bands' memory). The p2c products
+// wait in registers for every warp to be done with Q_r's window, then go to their band; the c2p
+// band is written as it is computed. Ends with a barrier, then the skewed dS's off-band zeros
+// over K_r's window (each warp its own rows, before its score loop writes them).
+__device__ __forceinline__ void relative_bands_lean(bf16* Cb, bf16* Pb, bf16* DSK, Window Kw, Window Qw, bool c2p,
+                                                    bool p2c, const bf16* Qs, const bf16* Ks) {
+  unsigned int pv[10][2];
+  if (p2c) {
+    FragA kf[D / 16];
+    load_rows(kf, Ks + threadIdx.x / 32 * 16 * LDS);
+    skewed_products(pv, kf, Qw);
+  }
+  __syncthreads();  // every warp has read Q_r's window
+  if (p2c) store_skewed<false>(Pb, pv);
+  if (c2p) {
+    FragA qf[D / 16];
+    load_rows(qf, Qs + threadIdx.x / 32 * 16 * LDS);
+    skewed_band<true>(Cb, qf, Kw);
+  } else if (p2c) {
+    zero_band(Cb);  // Q_r's window was there
+  }
+  __syncthreads();  // the bands are whole; every warp has read K_r's window
+  zero_skewed_edges(DSK);
+}
+
 // Keys-major backward: this block owns keys [kb, kb + 64): dK, dV, and the p2c gradient: the
 // rows d_p2c[j, .] of the table (tables), or (REL) the p2c part of dK and this block's partial
 // sums of dQ_r (not with TGRAD false), and (REL, ds_out given) each tile's dS for
 // `dattn_bwd_q_ds`. The warp's 16 keys are the rows of S^T = K Q^T, the tile's 64 queries its
 // columns.
-template <bool REL, bool TGRAD>
+// LEAN (REL, TGRAD false): 72.5 KB of shared memory where the windows kept across tiles take
+// 107.5 KB, so 3 blocks per SM where its 168 registers allowed 3 but the memory 2. Each tile loads
+// the whole windows (not only their new halves): K_r's where the skewed dS goes later, Q_r's over
+// the two bands (`relative_bands_lean`); after the score loop Q_r's window once more, over the Q
+// and dO tiles, for the p2c part of dK, while the tile's dS is stored. The price: the windows
+// read three times per tile from L2 (48 KB where 16 KB), and two more barriers.
+template <bool REL, bool TGRAD, bool LEAN = false>
 __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                        const bf16* __restrict__ v, const bf16* __restrict__ c2p,
                                        const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
@@ -894,7 +971,12 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
     __syncthreads();
     load_tile_async(Qs, q, b, h, m0, N, H);
     load_tile_async(dOs, dout, b, h, m0, N, H);
-    load_relative<REL>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m0, kb, n, -1);
+    if (LEAN) {  // K_r's window where the skewed dS goes, Q_r's over the two bands
+      if (c2p) load_whole_window_async(DSK, c2p, h, N - 1 - (m0 + 63) + kb, N);
+      if (p2c) load_whole_window_async(Cb, p2c, h, N - 1 - (kb + 63) + m0, N);
+    } else {
+      load_relative<REL>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m0, kb, n, -1);
+    }
     cp_async_commit();
     for (int e = threadIdx.x; e < BM; e += blockDim.x) {
       const int i = m0 + e;
@@ -905,7 +987,8 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
     cp_async_wait_all();
     __syncthreads();
     PHASE(0);
-    if (REL) relative_bands_t(Cb, Pb, window_of(KRw, n, -1), window_of(QRw, n, 1), c2p, p2c, Qs, Ks);
+    if (LEAN) relative_bands_lean(Cb, Pb, DSK, Window{DSK, DSK + 64 * LDS}, Window{Cb, Cb + 64 * LDS}, c2p, p2c, Qs, Ks);
+    else if (REL) relative_bands_t(Cb, Pb, window_of(KRw, n, -1), window_of(QRw, n, 1), c2p, p2c, Qs, Ks);
     PHASE(1);
     // The tile's queries in two halves of 32: half the registers for S^T, dP^T and their
     // fragments, which keeps the kernel from spilling.
@@ -954,7 +1037,19 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
     }
     __syncthreads();
     PHASE(5);
-    if (REL) {
+    if (LEAN) {
+      // Q_r's window over the Q and dO tiles (contiguous), loading while dS is stored. (The
+      // start through `opaque`: else the compiler keeps the first load's addresses for it, in
+      // registers the score loop needs.)
+      if (p2c) load_whole_window_async(Qs, p2c, h, (int)opaque(N - 1 - (kb + 63) + m0), N);
+      cp_async_commit();
+      if (ds_out) store_ds_tile(ds_out + (((long long)bh * gridDim.x + n) * gridDim.x + blockIdx.x) * 64 * 64, DSK);
+      PHASE(7);
+      cp_async_wait_all();
+      __syncthreads();
+      if (p2c) relative_grads<false>(dk_acc, gacc, DSK, Window{Qs, dOs}, Ks, nullptr, m0, n);
+      PHASE(6);
+    } else if (REL) {
       // p2c(i, j) = k_j . Q_r[N-1-j+i]: dK += dS^T Q_r (skewed), dQ_r += (skewed dS)^T K.
       if (p2c) relative_grads<TGRAD>(dk_acc, gacc, DSK, window_of(QRw, n, 1), Ks, part, m0, n);
       PHASE(6);
@@ -1078,6 +1173,13 @@ KERNEL void __launch_bounds__(128)
 dattn_bwd_kv_rel_diag(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ ds,
                       float* __restrict__ sums, int H, int N, int ldg, float p_drop, unsigned long long seed) {
   bwd_kv<true, false>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, nullptr, ds, sums, H, N, ldg, p_drop, seed);
+}
+// The same, lean (LEAN in bwd_kv): 3 blocks per SM.
+KERNEL void __launch_bounds__(128, 3)
+dattn_bwd_kv_rel_lean(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ ds,
+                      float* __restrict__ sums, int H, int N, int ldg, float p_drop, unsigned long long seed) {
+  bwd_kv<true, false, true>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, nullptr, ds, sums, H, N, ldg, p_drop,
+                            seed);
 }
 KERNEL void __launch_bounds__(128)
 dattn_bwd_q(BWD_COMMON, bf16* __restrict__ dq, bf16* __restrict__ dc2p, int H, int N, int ldg, float p_drop,
