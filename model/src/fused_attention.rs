@@ -1005,12 +1005,12 @@ mod tests {
             ("dattn_bwd_kv", sh.bwd, 4, 3, 16),
             ("dattn_bwd_q", sh.bwd, 4, 3, 0),
             ("dattn_bwd_kv_rel", sh.bwd_rel, 4, 2, 16),
-            ("dattn_bwd_q_ds", sh.bwd_q_ds, 4, 3, 0),
+            // From dS with the partials: a few addresses of the skewed copy, reloaded per tile.
+            ("dattn_bwd_q_ds", sh.bwd_q_ds, 4, 3, 32),
             ("dattn_bwd_v_ds", sh.bwd_v_ds, 4, 3, 0),
-            ("dattn_bwd_k_ds", sh.bwd_q_ds, 4, 3, 0),
+            ("dattn_bwd_k_ds", sh.bwd_q_ds, 4, 3, 32),
             ("dattn_bwd_kv_rel_diag", sh.bwd_rel, 4, 2, 0),
-            // Its spills: four shared addresses of the dS store, reloaded once per tile.
-            ("dattn_bwd_kv_rel_lean", sh.bwd_rel_lean, 4, 3, 24),
+            ("dattn_bwd_kv_rel_lean", sh.bwd_rel_lean, 4, 3, 0),
             ("dattn_bwd_q_ds_diag", sh.bwd_q_ds, 4, 3, 0),
             ("dattn_bwd_k_ds_diag", sh.bwd_q_ds, 4, 3, 0),
             ("dattn_table_grads", sh.table_grads, tg_warps, 2, 0),

@@ -238,14 +238,18 @@ __device__ __forceinline__ bool kept(unsigned int hash, bool upper, unsigned int
 
 // Rows [r0, r0 + 64) of head h of batch b from a [B, N, H, D] tensor into dst [64][LDS] by
 // cp.async (the caller commits and waits); rows past N are zero. By 128 threads, tid its index.
+// Thread tid copies 16 bytes at column k of rows r, r + STEP, ...: one 64-bit address, then
+// constant steps (a 64-bit product per copy cost ~10 instructions each).
 __device__ __forceinline__ void load_tile_async(bf16* __restrict__ dst, const bf16* __restrict__ src, int b, int h,
                                                 int r0, int N, int H, int tid) {
-  constexpr int CHUNKS = D / 8, PER = BN * CHUNKS / THREADS;
+  constexpr int CHUNKS = D / 8, PER = BN * CHUNKS / THREADS, STEP = THREADS / CHUNKS;
+  const int t = opaque(tid), r = t / CHUNKS, k = t % CHUNKS * 8;  // opaque: not hoisted out of loops
+  const bf16* from = src + (((long long)b * N + r0 + r) * H + h) * D + k;
+  const long long step = (long long)STEP * H * D;
 #pragma unroll
   for (int it = 0; it < PER; ++it) {
-    const int c = tid + it * THREADS, r = c / CHUNKS, k = (c % CHUNKS) * 8, row = r0 + r;
-    const bool in = row < N;
-    cp_async16(dst + r * LDS + k, in ? src + (((long long)b * N + row) * H + h) * D + k : src, in);
+    const bool in = r0 + r + it * STEP < N;
+    cp_async16(dst + (r + it * STEP) * LDS + k, in ? from + it * step : src, in);
   }
 }
 __device__ __forceinline__ void load_tile_async(bf16* __restrict__ dst, const bf16* __restrict__ src, int b, int h,
@@ -466,12 +470,14 @@ __device__ __forceinline__ unsigned long long key_bits(const unsigned char* __re
 // outside [0, 2N-1) are zero.
 __device__ __forceinline__ void load_chunk_async(bf16* __restrict__ dst, const bf16* __restrict__ table, int h, int m0,
                                                  int N) {
-  constexpr int CHUNKS = D / 8, PER = BN * CHUNKS / THREADS;
+  constexpr int CHUNKS = D / 8, PER = BN * CHUNKS / THREADS, STEP = THREADS / CHUNKS;
+  const int t = opaque(threadIdx.x), r = t / CHUNKS, k = t % CHUNKS * 8;
+  const bf16* from = table + ((long long)h * 2 * N + m0 + r) * D + k;  // as load_tile_async
 #pragma unroll
   for (int it = 0; it < PER; ++it) {
-    const int c = threadIdx.x + it * THREADS, r = c / CHUNKS, k = (c % CHUNKS) * 8, m = m0 + r;
-    const bool in = m >= 0 && m < 2 * N - 1;
-    cp_async16(dst + r * LDS + k, in ? table + ((long long)h * 2 * N + m) * D + k : table, in);
+    const int m = m0 + r + it * STEP;
+    cp_async16(dst + (r + it * STEP) * LDS + k, (unsigned)m < (unsigned)(2 * N - 1) ? from + it * STEP * D : table,
+               (unsigned)m < (unsigned)(2 * N - 1));
   }
 }
 
