@@ -898,12 +898,14 @@ __device__ __forceinline__ void store_ds_tile(bf16* __restrict__ dst, const bf16
 // The lean keys kernel's off-band zeros of the skewed dS: `relative_grads` (TGRAD false) reads
 // its warp's rows r = 16 warp + i at columns [x0, x0 + 80), x0 = 48 - 16 warp, of which
 // [x0, x0 + 15 - i) and [x0 + 79 - i, x0 + 80) lie off the band [63 - r, 126 - r] that the score
-// loop writes: 16 per row, 8 per lane. Only this warp's rows: no barrier needed after.
+// loop writes. Zeroed: [x0, x0 + 16) and [x0 + 64, x0 + 80), band entries too (the score loop
+// writes those after), in 16-byte stores, 2 per lane. Only this warp's rows: no barrier after.
 __device__ __forceinline__ void zero_skewed_edges(bf16* DSK) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, i = lane % 16, k0 = lane / 16 * 8;
-  bf16* row = DSK + (16 * warp + i) * LDK + 48 - 16 * warp;
-#pragma unroll
-  for (int k = k0; k < k0 + 8; ++k) row[k < 15 - i ? k : k + 64] = 0;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  bf16* at = DSK + (16 * warp + lane / 2) * LDK + 48 - 16 * warp + lane % 2 * 64;
+  CHECK_ALIGNED(at, 16);
+  reinterpret_cast<uint4*>(at)[0] = make_uint4(0u, 0u, 0u, 0u);
+  reinterpret_cast<uint4*>(at)[1] = make_uint4(0u, 0u, 0u, 0u);
 }
 
 // The lean keys kernel's bands (`relative_bands_t`'s, with the windows over other buffers): K_r's
