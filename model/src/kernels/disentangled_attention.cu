@@ -510,14 +510,8 @@ __device__ __forceinline__ void load_whole_window_async(bf16* dst, const bf16* t
   load_chunk_async(dst + 64 * LDS, table, h, start + 64, N);
 }
 
-// band[r][c] = row_r . window[63 - r + c] for this warp's 16 band rows r = 16 warp + (0..15)
-// (their A fragments in a) and every c < 64. Those rows read window rows [48 - 16 warp,
-// 127 - 16 warp]: ten 8-row groups, each one mma per 16 of D; each (r, c) is written once.
-// T: stored transposed, band[c][r], for a score loop whose lanes hold neighbouring r (as the
-// band's other user holds neighbouring c): it then reads both bands as 32-bit pairs, where a
-// transposed read took one 16-bit load and a widening per score. The stores stay 16-bit either
-// way.
-// Where the product e of group n8 lands in the band: band row r, column c; false if outside it.
+// Where `skewed_band`'s product e (accumulator element) of window group n8 lands in the band:
+// band row r, column c; false if outside it.
 __device__ __forceinline__ bool skewed_at(int n8, int e, int& r, int& c) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   // c = 8 k - 15 + v with k = n8 + (e >= 2) and v = 2t + g + (e & 1) in [0, 14], whatever
@@ -527,6 +521,13 @@ __device__ __forceinline__ bool skewed_at(int n8, int e, int& r, int& c) {
   c = 48 - 16 * warp + n8 * 8 + 2 * t + (e & 1) - 63 + r;
   return k != 0 && k != 10 && (k != 1 || c >= 0) && (k != 9 || c < 64);
 }
+// band[r][c] = row_r . window[63 - r + c] for this warp's 16 band rows r = 16 warp + (0..15)
+// (their A fragments in a) and every c < 64. Those rows read window rows [48 - 16 warp,
+// 127 - 16 warp]: ten 8-row groups, each one mma per 16 of D; each (r, c) is written once.
+// T: stored transposed, band[c][r], for a score loop whose lanes hold neighbouring r (as the
+// band's other user holds neighbouring c): it then reads both bands as 32-bit pairs, where a
+// transposed read took one 16-bit load and a widening per score. The stores stay 16-bit either
+// way.
 template <bool T>
 __device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragA* a, Window window) {
   const int x0 = 48 - 16 * (int)(threadIdx.x / 32);
