@@ -364,7 +364,7 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "about 25 s in the emulator: cargo test -p deberta-model -- --ignored"]
+    #[ignore = "about 6 minutes in the emulator on 2 cores: cargo test --release -p deberta-model -- --ignored"]
     fn the_kernels_match_the_reference_in_the_cpu_emulator_at_n_512() {
         for (c, small) in CASES {
             if !*small {
