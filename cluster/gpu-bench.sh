@@ -29,8 +29,7 @@
 # partials (DEBERTA_TABLE_GRADS=partials) instead of by tile diagonals, and `V-kept` V with the
 # keys kernel keeping its windows from tile to tile (DEBERTA_TABLE_GRADS=diagonals-kept-windows)
 # instead of the lean one (suffixes in the order V-partials|kept-opsnorm-opswgrad-gatheremd-copies;
-# the summary divides V-copies by V). `V@B` runs
-# V at batch size B only: e.g.
+# the summary divides V-copies by V). `V@B` runs V at batch size B only: e.g.
 #   VARIANTS="fused-rel fused-rel-opsnorm base:fused-rel fused-rel-copies@32" bash cluster/gpu-bench.sh xxlarge 512 8 32
 set -uo pipefail
 cd "$(dirname "$0")/.."

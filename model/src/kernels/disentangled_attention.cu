@@ -528,13 +528,17 @@ __device__ __forceinline__ bool skewed_at(int n8, int e, int& r, int& c) {
 // band's other user holds neighbouring c): it then reads both bands as 32-bit pairs, where a
 // transposed read took one 16-bit load and a widening per score. The stores stay 16-bit either
 // way.
+// The products of window group n8 (rows 48 - 16 warp + 8 n8, ...) with the warp's rows a.
+__device__ __forceinline__ void skewed_group(float* acc, const FragA* a, Window window, int n8) {
+  acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+  rows_dot_8(acc, a, window.row(48 - 16 * (int)(threadIdx.x / 32) + n8 * 8));
+}
 template <bool T>
 __device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragA* a, Window window) {
-  const int x0 = 48 - 16 * (int)(threadIdx.x / 32);
 #pragma unroll
   for (int n8 = 0; n8 < 10; ++n8) {
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    rows_dot_8(acc, a, window.row(x0 + n8 * 8));
+    float acc[4];
+    skewed_group(acc, a, window, n8);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       int r, c;
@@ -545,11 +549,10 @@ __device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragA
 // `skewed_band` in two halves, for a caller whose window shares memory with the band: the
 // products, rounded to bf16 and packed in pairs (v[n8][e / 2]), then (after a barrier) stored.
 __device__ __forceinline__ void skewed_products(unsigned int (*v)[2], const FragA* a, Window window) {
-  const int x0 = 48 - 16 * (int)(threadIdx.x / 32);
 #pragma unroll
   for (int n8 = 0; n8 < 10; ++n8) {
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    rows_dot_8(acc, a, window.row(x0 + n8 * 8));
+    float acc[4];
+    skewed_group(acc, a, window, n8);
     v[n8][0] = pack(f2bf(acc[0]), f2bf(acc[1]));
     v[n8][1] = pack(f2bf(acc[2]), f2bf(acc[3]));
   }
