@@ -121,13 +121,13 @@ pub const CASES: &[(Case, bool)] = &[
     ),
     (
         Case {
-            name: "head size 16, p2c only, a fully padded row",
+            name: "head size 16, p2c only, a fully padded row, masked tokens inside the other",
             b: 2,
             h: 1,
             n: 70,
             d: 16,
             lengths: &[70, 0],
-            holes: 0,
+            holes: 3,
             c2p: false,
             p2c: true,
             dropout: 0.0,

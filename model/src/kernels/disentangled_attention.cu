@@ -572,6 +572,19 @@ __device__ __forceinline__ void store_skewed(bf16* __restrict__ band, const unsi
 __device__ __forceinline__ void zero_band(bf16* band) {
   for (int e = threadIdx.x; e < 64 * LDR; e += THREADS) band[e] = 0;
 }
+#define BF16_NEG_INF ((bf16)0xff80u)
+// The kernels mask keys through the c2p band: `value` (-inf) where the keys that kb (`key_bits`)
+// leaves out meet the tile's 64 queries, so that the score loops add it with the band instead of
+// testing each score's key. Only tiles with such keys (padding, the last tile when 64 does not
+// divide N) take it, by all 128 threads. T: the band is [key][query] (the keys kernels'), else
+// [query][key] (the forward's).
+template <bool T>
+__device__ __forceinline__ void mask_keys(bf16* band, unsigned long long kb, bf16 value) {
+  const int key = threadIdx.x % 64, q0 = threadIdx.x / 64 * 32;
+  if (!(kb >> key & 1u))
+#pragma unroll 1
+    for (int i = q0; i < q0 + 32; ++i) band[T ? key * LDR + i : i * LDR + key] = value;
+}
 
 // Stage what tile n, queries [i0, i0 + 64) x keys [j0, j0 + 64), needs of the relative terms:
 // the c2p band Cb[query][key] and the p2c band Pb[key][query] from the tables, or (REL) what
@@ -665,9 +678,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
   for (int n0 = 0, n = 0; n0 < N; n0 += BN, ++n) {
     // The previous tile's readers of the bands and V are past its mid-tile barrier.
     if (!REL) load_relative<false>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, n0, n, 1);
-    // This lane's keys 2t + 8 n8 + (0, 1): bits 8 n8 + (0, 1) of kb (n8 < 4) and kb >> 32.
-    const unsigned long long kb = key_bits(mask, b, n0, N) >> (2 * t);
-    const unsigned int kw[2] = {(unsigned int)kb, (unsigned int)(kb >> 32)};
+    const unsigned long long kb = key_bits(mask, b, n0, N);  // the same in every warp
     PHASE(7);
     cp_async_wait_all();  // this tile's K (and windows), issued mid-way through the previous tile
     __syncthreads();
@@ -675,6 +686,10 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     load_tile_async(Vs, v, b, h, n0, N, H);
     cp_async_commit();
     if (REL) relative_bands<false, true>(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, qf, Ks);
+    if (kb != ~0ull) {  // block-uniform
+      mask_keys<false>(Cb, kb, BF16_NEG_INF);
+      __syncthreads();
+    }
     PHASE(1);
     float s[BN / 8][4];
     frags_times_tile_t<BN / 8>(s, qf, Ks);  // c2c
@@ -683,17 +698,16 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
 #pragma unroll
     for (int n8 = 0; n8 < BN / 8; ++n8) {
       // This lane's keys c, c + 1 of rows ra, rb: the c2p band's pairs are 32-bit words, and
-      // (REL) the transposed p2c band's too.
+      // (REL) the transposed p2c band's too. A masked key's c2p is -inf (`mask_keys`); a
+      // masked query's row is computed as any other and dropped at the end (inv, lse).
       const unsigned int cw[2] = {ld32(Cb + ra * LDR + n8 * 8 + 2 * t), ld32(Cb + rb * LDR + n8 * 8 + 2 * t)};
       const unsigned int pw[2] = {REL ? ld32(Pb + ra * LDR + n8 * 8 + 2 * t) : 0u,
                                   REL ? ld32(Pb + rb * LDR + n8 * 8 + 2 * t) : 0u};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e < 2 ? ra : rb, c = n8 * 8 + 2 * t + (e & 1);
-        const bool ok = (e < 2 ? oka : okb) && (kw[n8 / 4] >> (n8 % 4 * 8 + (e & 1)) & 1u);
         const float p2c_rc = REL ? (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2])) : bf2f(Pb[c * LDR + r]);
-        const float x = s[n8][e] + (e & 1 ? hi_f(cw[e / 2]) : lo_f(cw[e / 2])) + p2c_rc;
-        s[n8][e] = ok ? x : NEG_INF;
+        s[n8][e] += (e & 1 ? hi_f(cw[e / 2]) : lo_f(cw[e / 2])) + p2c_rc;
         if (e < 2) mx_a = fmaxf(mx_a, s[n8][e]);
         else mx_b = fmaxf(mx_b, s[n8][e]);
       }
@@ -715,7 +729,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
         float pz = p;
         if (p_drop > 0.f) {
           if (n8 % 2 == 0) hz[e] = pair_hash(dkey, m_blk + (e < 2 ? ra : rb), n0 + n8 * 8 + 2 * t + (e & 1));
-          pz = kept(hz[e], n8 % 2, threshold) ? p * inv_keep : 0.f;
+          pz = kept(hz[e], n8 % 2, threshold) ? p : 0.f;  // 1 / (1 - p_drop): in inv_a, inv_b
         }
         s[n8][e] = pz;
       }
@@ -735,6 +749,8 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     PHASE(3);
     cp_async_wait_all();  // this tile's V
     __syncthreads();      // and every warp is done with K and the windows' old half
+    // Without c2p the band is zeroed once, not rewritten per tile: its -inf go again.
+    if (REL && !c2p && kb != ~0ull) mask_keys<false>(Cb, kb, 0);
     PHASE(4);
     if (n0 + BN < N) {
       load_tile_async(Ks, k, b, h, n0 + BN, N, H);
@@ -744,7 +760,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     weights_times_tile<BN / 16>(o, pa, Vs);  // O += dropout(P) V
     PHASE(5);
   }
-  const float inv_a = oka && l_a > 0.f ? 1.f / l_a : 0.f, inv_b = okb && l_b > 0.f ? 1.f / l_b : 0.f;
+  const float inv_a = oka && l_a > 0.f ? inv_keep / l_a : 0.f, inv_b = okb && l_b > 0.f ? inv_keep / l_b : 0.f;
   write_rows(out, o, inv_a, inv_b, b, h, i0, N, (long long)H * D);
   if (t == 0) {
     if (i0 + g < N) lse[(long long)bh * N + i0 + g] = oka ? m_a + __logf(l_a) : POS_INF;
@@ -960,6 +976,8 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
   BWD_SMEM_SETUP(REL)
   bf16 *Ks = T0, *Vs = T1, *Qs = T2, *dOs = T3;
   const int kb = blockIdx.x * BN, j0 = kb + warp * 16;
+  // A masked key's scores: -inf through key_a, key_b (tables), or (REL) through the c2p band
+  // (`mask_keys`, only in blocks with such keys).
   const float key_a = kb + ra < N && mask[(long long)b * N + kb + ra] ? 0.f : NEG_INF;
   const float key_b = kb + rb < N && mask[(long long)b * N + kb + rb] ? 0.f : NEG_INF;
   // REL: this block's partial dQ_r rows, [rows][D] from window row N-64-kb (see relative_grads).
@@ -1001,6 +1019,11 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
     PHASE(0);
     if (LEAN) relative_bands_lean(Cb, Pb, DSK, Window{DSK, DSK + 64 * LDS}, Window{Cb, Cb + 64 * LDS}, c2p, p2c, Qs, Ks);
     else if (REL) relative_bands_t(Cb, Pb, window_of(KRw, n, -1), window_of(QRw, n, 1), c2p, p2c, Qs, Ks);
+    // Taken per tile, not kept in a register: the lean kernel has none to spare.
+    if (const unsigned long long kbits = REL ? key_bits(mask, b, kb, N) : ~0ull; kbits != ~0ull) {
+      mask_keys<true>(Cb, kbits, BF16_NEG_INF);  // block-uniform
+      __syncthreads();
+    }
     PHASE(1);
     // The tile's queries in two halves of 32: half the registers for S^T, dP^T and their
     // fragments, which keeps the kernel from spilling.
@@ -1025,7 +1048,8 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
           const int r = e < 2 ? ra : rb, c = cc + (e & 1);  // key r, query c
           // No branch: a masked query's lse is +inf, a masked key's score -inf: p = 0.
           const float c2p_rc = REL ? (e & 1 ? hi_f(cw[e / 2]) : lo_f(cw[e / 2])) : bf2f(Cb[c * LDR + r]);
-          const float x = st[n8][e] + c2p_rc + (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2])) + (e < 2 ? key_a : key_b);
+          float x = st[n8][e] + c2p_rc + (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2]));
+          if (!REL) x += e < 2 ? key_a : key_b;
           const float p = ex2(fmaf(x, L2E, -qs[e & 1].x));
           float z = 1.f;
           if (p_drop > 0.f) {
@@ -1353,8 +1377,7 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
   const float inv_keep = p_drop > 0.f ? 1.f / (1.f - p_drop) : 1.f;
   const int ra = warp * 16 + g, rb = ra + 8;
   const int kb = blockIdx.x * BN, j0 = kb + warp * 16;
-  const float key_a = kb + ra < N && mask[(long long)b * N + kb + ra] ? 0.f : NEG_INF;
-  const float key_b = kb + rb < N && mask[(long long)b * N + kb + rb] ? 0.f : NEG_INF;
+  const bool masked_keys = key_bits(mask, b, kb, N) != ~0ull;  // block-uniform; see bwd_kv
   if (!c2p) zero_band(Cb);
   load_tile_async(Qs, k, b, h, kb, N, H);
   load_tile_async(dOs, v, b, h, kb, N, H);
@@ -1389,6 +1412,10 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
     }
     if (p2c) skewed_band<false>(Pb, kf, window_of(QRw, n, 1));  // Pb's rows are the warp's own keys
     __syncthreads();  // every warp reads all of Cb
+    if (masked_keys) {
+      mask_keys<true>(Cb, key_bits(mask, b, kb, N), BF16_NEG_INF);
+      __syncthreads();
+    }
 #pragma unroll 1
     for (int c0 = 0; c0 < BM; c0 += 32) {
       float st[4][4], dpt[4][4];
@@ -1407,7 +1434,7 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
         for (int e = 0; e < 4; ++e) {
           const int r = e < 2 ? ra : rb, c = cc + (e & 1);  // key r, query c
           const float x = st[n8][e] + (e & 1 ? hi_f(cw[e / 2]) : lo_f(cw[e / 2])) +
-                          (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2])) + (e < 2 ? key_a : key_b);
+                          (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2]));
           const float p = ex2(fmaf(x, L2E, -qs[e & 1].x));
           float z = 1.f;
           if (p_drop > 0.f) {
