@@ -528,17 +528,31 @@ __device__ __forceinline__ bool skewed_at(int n8, int e, int& r, int& c) {
 // band's other user holds neighbouring c): it then reads both bands as 32-bit pairs, where a
 // transposed read took one 16-bit load and a widening per score. The stores stay 16-bit either
 // way.
+// The window rows a warp's band reads, 48 - 16 warp + 8 n8 + (0..7) for n8 < 10: in the lo
+// slot for n8 < 2 + 2 warp, else in hi. Both bases taken once per band: each group then costs
+// a select (n8 < 2 and n8 >= 8 not even that), where `Window::row` took five or six
+// instructions.
+struct WarpRows {
+  const bf16 *lo, *hi;
+  int split;
+  __device__ __forceinline__ const bf16* group(int n8) const { return (n8 < split ? lo : hi) + n8 * 8 * LDS; }
+};
+__device__ __forceinline__ WarpRows warp_rows(Window window) {
+  const int warp = threadIdx.x / 32;
+  return WarpRows{window.lo + (48 - 16 * warp) * LDS, window.hi + (-16 - 16 * warp) * LDS, 2 + 2 * warp};
+}
 // The products of window group n8 (rows 48 - 16 warp + 8 n8, ...) with the warp's rows a.
-__device__ __forceinline__ void skewed_group(float* acc, const FragA* a, Window window, int n8) {
+__device__ __forceinline__ void skewed_group(float* acc, const FragA* a, WarpRows rows, int n8) {
   acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-  rows_dot_8(acc, a, window.row(48 - 16 * (int)(threadIdx.x / 32) + n8 * 8));
+  rows_dot_8(acc, a, rows.group(n8));
 }
 template <bool T>
 __device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragA* a, Window window) {
+  const WarpRows rows = warp_rows(window);
 #pragma unroll
   for (int n8 = 0; n8 < 10; ++n8) {
     float acc[4];
-    skewed_group(acc, a, window, n8);
+    skewed_group(acc, a, rows, n8);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       int r, c;
@@ -549,10 +563,11 @@ __device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragA
 // `skewed_band` in two halves, for a caller whose window shares memory with the band: the
 // products, rounded to bf16 and packed in pairs (v[n8][e / 2]), then (after a barrier) stored.
 __device__ __forceinline__ void skewed_products(unsigned int (*v)[2], const FragA* a, Window window) {
+  const WarpRows rows = warp_rows(window);
 #pragma unroll
   for (int n8 = 0; n8 < 10; ++n8) {
     float acc[4];
-    skewed_group(acc, a, window, n8);
+    skewed_group(acc, a, rows, n8);
     v[n8][0] = pack(f2bf(acc[0]), f2bf(acc[1]));
     v[n8][1] = pack(f2bf(acc[2]), f2bf(acc[3]));
   }
@@ -847,11 +862,12 @@ __device__ __forceinline__ void relative_grads(float (*acc)[4], float (*gacc)[D 
                                                int k) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int x0 = 48 - 16 * warp;
+  const WarpRows rows = warp_rows(W);  // window rows x0 + 8 n8 + (0..7): `group(n8)`
 #pragma unroll
   for (int kk = 0; kk < 5; ++kk) {
     FragA a;
     load_a(a, DSK + warp * 16 * LDK + x0 + kk * 16, LDK);
-    a_times_rows(acc, a, W.row(x0 + kk * 16));
+    a_times_rows(acc, a, rows.group(2 * kk));
   }
   if (!TGRAD) return;
   const bool lower = warp / 2 == (k & 1);
