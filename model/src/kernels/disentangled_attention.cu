@@ -48,6 +48,20 @@ struct FragA { unsigned int x[4]; };
 struct FragB { unsigned int x[2]; };
 
 __device__ __forceinline__ unsigned int ld32(const bf16* p) { return *reinterpret_cast<const unsigned int*>(p); }
+// The two bands' pairs added as bf16 pairs (one instruction for two scores, where widening
+// both and adding in fp32 took three each): c2p + p2c rounded to bf16, as HF's bf16 autocast
+// adds them.
+#ifdef DEBERTA_EMULATE
+__device__ __forceinline__ unsigned int add_bf16x2(unsigned int a, unsigned int b) {
+  return pack(f2bf(lo_f(a) + lo_f(b)), f2bf(hi_f(a) + hi_f(b)));
+}
+#else
+__device__ __forceinline__ unsigned int add_bf16x2(unsigned int a, unsigned int b) {
+  unsigned int r;  // a * 1 + b, exact up to the rounding: add.bf16x2 needs sm_90, fma sm_80
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(0x3f803f80u), "r"(b));
+  return r;
+}
+#endif
 
 // ldmatrix: the warp loads 8x8 matrices of bf16 from shared memory; lane l gives the address of
 // row l % 8 of matrix l / 8 (16 bytes, 16-byte aligned). Matrix m lands in register m, lane
@@ -716,13 +730,13 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
       // (REL) the transposed p2c band's too. A masked key's c2p is -inf (`mask_keys`); a
       // masked query's row is computed as any other and dropped at the end (inv, lse).
       const unsigned int cw[2] = {ld32(Cb + ra * LDR + n8 * 8 + 2 * t), ld32(Cb + rb * LDR + n8 * 8 + 2 * t)};
-      const unsigned int pw[2] = {REL ? ld32(Pb + ra * LDR + n8 * 8 + 2 * t) : 0u,
-                                  REL ? ld32(Pb + rb * LDR + n8 * 8 + 2 * t) : 0u};
+      const unsigned int bw[2] = {REL ? add_bf16x2(cw[0], ld32(Pb + ra * LDR + n8 * 8 + 2 * t)) : 0u,
+                                  REL ? add_bf16x2(cw[1], ld32(Pb + rb * LDR + n8 * 8 + 2 * t)) : 0u};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e < 2 ? ra : rb, c = n8 * 8 + 2 * t + (e & 1);
-        const float p2c_rc = REL ? (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2])) : bf2f(Pb[c * LDR + r]);
-        s[n8][e] += (e & 1 ? hi_f(cw[e / 2]) : lo_f(cw[e / 2])) + p2c_rc;
+        s[n8][e] += REL ? (e & 1 ? hi_f(bw[e / 2]) : lo_f(bw[e / 2]))
+                        : (e & 1 ? hi_f(cw[e / 2]) : lo_f(cw[e / 2])) + bf2f(Pb[c * LDR + r]);
         if (e < 2) mx_a = fmaxf(mx_a, s[n8][e]);
         else mx_b = fmaxf(mx_b, s[n8][e]);
       }
@@ -1057,15 +1071,17 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
         const int cc = c0 + n8 * 8 + 2 * t;
         const float2 qs[2] = {qstat[cc], qstat[cc + 1]};
         const unsigned int pw[2] = {ld32(Pb + ra * LDR + cc), ld32(Pb + rb * LDR + cc)};
-        const unsigned int cw[2] = {REL ? ld32(Cb + ra * LDR + cc) : 0u, REL ? ld32(Cb + rb * LDR + cc) : 0u};
+        // REL: both bands' pairs, added (`add_bf16x2`)
+        const unsigned int bw[2] = {REL ? add_bf16x2(ld32(Cb + ra * LDR + cc), pw[0]) : 0u,
+                                    REL ? add_bf16x2(ld32(Cb + rb * LDR + cc), pw[1]) : 0u};
         unsigned int hz[2];  // dropout: the hashes of (c, ra), (c + 1, ra), each also (., rb = ra + 8)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e < 2 ? ra : rb, c = cc + (e & 1);  // key r, query c
           // No branch: a masked query's lse is +inf, a masked key's score -inf: p = 0.
-          const float c2p_rc = REL ? (e & 1 ? hi_f(cw[e / 2]) : lo_f(cw[e / 2])) : bf2f(Cb[c * LDR + r]);
-          float x = st[n8][e] + c2p_rc + (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2]));
-          if (!REL) x += e < 2 ? key_a : key_b;
+          const float x = st[n8][e] + (REL ? (e & 1 ? hi_f(bw[e / 2]) : lo_f(bw[e / 2]))
+                                           : bf2f(Cb[c * LDR + r]) + (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2])) +
+                                                 (e < 2 ? key_a : key_b));
           const float p = ex2(fmaf(x, L2E, -qs[e & 1].x));
           float z = 1.f;
           if (p_drop > 0.f) {
@@ -1444,13 +1460,13 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
         const int cc = c0 + n8 * 8 + 2 * t;
         const float2 qs[2] = {qstat[cc], qstat[cc + 1]};
         const unsigned int pw[2] = {p2c ? ld32(Pb + ra * LDR + cc) : 0u, p2c ? ld32(Pb + rb * LDR + cc) : 0u};
-        const unsigned int cw[2] = {ld32(Cb + ra * LDR + cc), ld32(Cb + rb * LDR + cc)};
+        const unsigned int bw[2] = {add_bf16x2(ld32(Cb + ra * LDR + cc), pw[0]),
+                                    add_bf16x2(ld32(Cb + rb * LDR + cc), pw[1])};
         unsigned int hz[2];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e < 2 ? ra : rb, c = cc + (e & 1);  // key r, query c
-          const float x = st[n8][e] + (e & 1 ? hi_f(cw[e / 2]) : lo_f(cw[e / 2])) +
-                          (e & 1 ? hi_f(pw[e / 2]) : lo_f(pw[e / 2]));
+          const float x = st[n8][e] + (e & 1 ? hi_f(bw[e / 2]) : lo_f(bw[e / 2]));
           const float p = ex2(fmaf(x, L2E, -qs[e & 1].x));
           float z = 1.f;
           if (p_drop > 0.f) {
