@@ -535,13 +535,6 @@ __device__ __forceinline__ bool skewed_at(int n8, int e, int& r, int& c) {
   c = 48 - 16 * warp + n8 * 8 + 2 * t + (e & 1) - 63 + r;
   return k != 0 && k != 10 && (k != 1 || c >= 0) && (k != 9 || c < 64);
 }
-// band[r][c] = row_r . window[63 - r + c] for this warp's 16 band rows r = 16 warp + (0..15)
-// (their A fragments in a) and every c < 64. Those rows read window rows [48 - 16 warp,
-// 127 - 16 warp]: ten 8-row groups, each one mma per 16 of D; each (r, c) is written once.
-// T: stored transposed, band[c][r], for a score loop whose lanes hold neighbouring r (as the
-// band's other user holds neighbouring c): it then reads both bands as 32-bit pairs, where a
-// transposed read took one 16-bit load and a widening per score. The stores stay 16-bit either
-// way.
 // The window rows a warp's band reads, 48 - 16 warp + 8 n8 + (0..7) for n8 < 10: in the lo
 // slot for n8 < 2 + 2 warp, else in hi. Both bases taken once per band: each group then costs
 // a select (n8 < 2 and n8 >= 8 not even that), where `Window::row` took five or six
@@ -555,6 +548,13 @@ __device__ __forceinline__ WarpRows warp_rows(Window window) {
   const int warp = threadIdx.x / 32;
   return WarpRows{window.lo + (48 - 16 * warp) * LDS, window.hi + (-16 - 16 * warp) * LDS, 2 + 2 * warp};
 }
+// band[r][c] = row_r . window[63 - r + c] for this warp's 16 band rows r = 16 warp + (0..15)
+// (their A fragments in a) and every c < 64. Those rows read window rows [48 - 16 warp,
+// 127 - 16 warp]: ten 8-row groups, each one mma per 16 of D; each (r, c) is written once.
+// T: stored transposed, band[c][r], for a score loop whose lanes hold neighbouring r (as the
+// band's other user holds neighbouring c): it then reads both bands as 32-bit pairs, where a
+// transposed read took one 16-bit load and a widening per score. The stores stay 16-bit either
+// way.
 // The products of window group n8 (rows 48 - 16 warp + 8 n8, ...) with the warp's rows a.
 __device__ __forceinline__ void skewed_group(float* acc, const FragA* a, WarpRows rows, int n8) {
   acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
