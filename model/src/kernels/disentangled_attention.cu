@@ -614,6 +614,17 @@ __device__ __forceinline__ void mask_keys(bf16* band, unsigned long long kb, bf1
 #pragma unroll 1
     for (int i = q0; i < q0 + 32; ++i) band[T ? key * LDR + i : i * LDR + key] = value;
 }
+// The keys kernels': the block's own keys [kb, kb + 64), the same every tile, masked in their
+// band Cb[key][query] after each tile's bands, then a barrier; blocks without masked keys pass.
+// The key bits are taken per tile rather than kept: the lean kernel has no register to spare.
+__device__ __forceinline__ void mask_own_keys(bf16* Cb, const unsigned char* __restrict__ mask, int b, int kb,
+                                              int N) {
+  const unsigned long long bits = key_bits(mask, b, kb, N);  // block-uniform
+  if (bits != ~0ull) {
+    mask_keys<true>(Cb, bits, BF16_NEG_INF);
+    __syncthreads();
+  }
+}
 
 // Stage what tile n, queries [i0, i0 + 64) x keys [j0, j0 + 64), needs of the relative terms:
 // the c2p band Cb[query][key] and the p2c band Pb[key][query] from the tables, or (REL) what
@@ -1049,11 +1060,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
     PHASE(0);
     if (LEAN) relative_bands_lean(Cb, Pb, DSK, Window{DSK, DSK + 64 * LDS}, Window{Cb, Cb + 64 * LDS}, c2p, p2c, Qs, Ks);
     else if (REL) relative_bands_t(Cb, Pb, window_of(KRw, n, -1), window_of(QRw, n, 1), c2p, p2c, Qs, Ks);
-    // Taken per tile, not kept in a register: the lean kernel has none to spare.
-    if (const unsigned long long kbits = REL ? key_bits(mask, b, kb, N) : ~0ull; kbits != ~0ull) {
-      mask_keys<true>(Cb, kbits, BF16_NEG_INF);  // block-uniform
-      __syncthreads();
-    }
+    if (REL) mask_own_keys(Cb, mask, b, kb, N);
     PHASE(1);
     // The tile's queries in two halves of 32: half the registers for S^T, dP^T and their
     // fragments, which keeps the kernel from spilling.
@@ -1409,7 +1416,6 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
   const float inv_keep = p_drop > 0.f ? 1.f / (1.f - p_drop) : 1.f;
   const int ra = warp * 16 + g, rb = ra + 8;
   const int kb = blockIdx.x * BN, j0 = kb + warp * 16;
-  const bool masked_keys = key_bits(mask, b, kb, N) != ~0ull;  // block-uniform; see bwd_kv
   if (!c2p) zero_band(Cb);
   load_tile_async(Qs, k, b, h, kb, N, H);
   load_tile_async(dOs, v, b, h, kb, N, H);
@@ -1444,10 +1450,7 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
     }
     if (p2c) skewed_band<false>(Pb, kf, window_of(QRw, n, 1));  // Pb's rows are the warp's own keys
     __syncthreads();  // every warp reads all of Cb
-    if (masked_keys) {
-      mask_keys<true>(Cb, key_bits(mask, b, kb, N), BF16_NEG_INF);
-      __syncthreads();
-    }
+    mask_own_keys(Cb, mask, b, kb, N);
 #pragma unroll 1
     for (int c0 = 0; c0 < BM; c0 += 32) {
       float st[4][4], dpt[4][4];
