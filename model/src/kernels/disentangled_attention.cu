@@ -224,24 +224,27 @@ __device__ __forceinline__ unsigned int sm_clock() {
 // kernel's lane holds both (the forward and the queries kernel in neighbouring 8-column
 // blocks, the keys kernel in its two rows), so each pays half a hash per score. The score loops
 // are issue-bound: a 64-bit mix per element once cost more than the rest of its work together.
+// The finalizer's last step, h ^= h >> 16, leaves the upper half as it is, so `pair_hash` stops
+// before it and `kept` applies it to the lower half only: the one shift serves both halves.
 __device__ __forceinline__ unsigned int head_key(unsigned long long seed, long long bh) {
   unsigned long long z = seed + (unsigned long long)(bh + 1) * 0x9e3779b97f4a7c15ULL;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
   return opaque((unsigned int)((z ^ (z >> 31)) >> 32));
 }
-// The hash of the pair (i, j), (i, j + 8); j has bit 3 clear.
+// The hash of the pair (i, j), (i, j + 8), but the finalizer's last step; j has bit 3 clear.
 __device__ __forceinline__ unsigned int pair_hash(unsigned int key, int i, int j) {
   unsigned int x = (((unsigned int)i << 16) | (unsigned int)j) ^ key;
   x ^= x >> 16;
   x *= 0x85ebca6bu;
   x ^= x >> 13;
   x *= 0xc2b2ae35u;
-  return x ^ (x >> 16);
+  return x;
 }
 // Whether the score of key j (upper: j + 8) of the pair is kept; threshold = p 2^16.
 __device__ __forceinline__ bool kept(unsigned int hash, bool upper, unsigned int threshold) {
-  return (upper ? hash >> 16 : hash & 0xffffu) >= threshold;
+  const unsigned int hi = hash >> 16;
+  return (upper ? hi : (hash ^ hi) & 0xffffu) >= threshold;
 }
 #define DROP_THRESHOLD(p) ((unsigned int)((p) * 65536.0))
 
