@@ -309,20 +309,29 @@ __device__ __forceinline__ void load_rows(FragA* a, const bf16* p) {
   for (int kk = 0; kk < D / 16; ++kk) load_a(a[kk], p + kk * 16, LDS);
 }
 
-// acc (16 x 8) += rows . p^T, p the 8 rows [8][LDS] (row-major) of the other operand.
-__device__ __forceinline__ void rows_dot_8(float* acc, const FragA* a, const bf16* p) {
+// acc0 (16 x 8) += rows . p0^T and acc1 += rows . p1^T, p0 and p1 each 8 rows [8][LDS]
+// (row-major) of the other operand. The two chains of mma alternate: each mma waits for the
+// last one of its chain, and one chain alone left the tensor cores idle in between (ptxas put
+// a NOP after each).
+__device__ __forceinline__ void rows_dot_8x2(float* acc0, float* acc1, const FragA* a, const bf16* p0,
+                                             const bf16* p1) {
   int kk = 0;
 #pragma unroll
   for (; kk + 1 < D / 16; kk += 2) {
-    FragB b0, b1;
-    load_b_t2(b0, b1, p + kk * 16, LDS);
-    mma(acc, a[kk], b0);
-    mma(acc, a[kk + 1], b1);
+    FragB b0, b1, c0, c1;
+    load_b_t2(b0, b1, p0 + kk * 16, LDS);
+    load_b_t2(c0, c1, p1 + kk * 16, LDS);
+    mma(acc0, a[kk], b0);
+    mma(acc1, a[kk], c0);
+    mma(acc0, a[kk + 1], b1);
+    mma(acc1, a[kk + 1], c1);
   }
   if (D / 16 % 2) {
-    FragB b;
-    load_b_t(b, p + kk * 16, LDS);
-    mma(acc, a[kk], b);
+    FragB b, c;
+    load_b_t(b, p0 + kk * 16, LDS);
+    load_b_t(c, p1 + kk * 16, LDS);
+    mma(acc0, a[kk], b);
+    mma(acc1, a[kk], c);
   }
 }
 
@@ -558,22 +567,24 @@ __device__ __forceinline__ WarpRows warp_rows(Window window) {
 // band's other user holds neighbouring c): it then reads both bands as 32-bit pairs, where a
 // transposed read took one 16-bit load and a widening per score. The stores stay 16-bit either
 // way.
-// The products of window group n8 (rows 48 - 16 warp + 8 n8, ...) with the warp's rows a.
-__device__ __forceinline__ void skewed_group(float* acc, const FragA* a, WarpRows rows, int n8) {
-  acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-  rows_dot_8(acc, a, rows.group(n8));
+// The products of window groups n8 and n8 + 1 (rows 48 - 16 warp + 8 n8, ...) with the warp's
+// rows a: acc[0] and acc[1].
+__device__ __forceinline__ void skewed_groups(float (*acc)[4], const FragA* a, WarpRows rows, int n8) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) acc[0][e] = acc[1][e] = 0.f;
+  rows_dot_8x2(acc[0], acc[1], a, rows.group(n8), rows.group(n8 + 1));
 }
 template <bool T>
 __device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragA* a, Window window) {
   const WarpRows rows = warp_rows(window);
 #pragma unroll
-  for (int n8 = 0; n8 < 10; ++n8) {
-    float acc[4];
-    skewed_group(acc, a, rows, n8);
+  for (int n8 = 0; n8 < 10; n8 += 2) {
+    float acc[2][4];
+    skewed_groups(acc, a, rows, n8);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
+    for (int e = 0; e < 8; ++e) {
       int r, c;
-      if (skewed_at(n8, e, r, c)) band[T ? c * LDR + r : r * LDR + c] = f2bf(acc[e]);
+      if (skewed_at(n8 + e / 4, e % 4, r, c)) band[T ? c * LDR + r : r * LDR + c] = f2bf(acc[e / 4][e % 4]);
     }
   }
 }
@@ -582,11 +593,14 @@ __device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragA
 __device__ __forceinline__ void skewed_products(unsigned int (*v)[2], const FragA* a, Window window) {
   const WarpRows rows = warp_rows(window);
 #pragma unroll
-  for (int n8 = 0; n8 < 10; ++n8) {
-    float acc[4];
-    skewed_group(acc, a, rows, n8);
-    v[n8][0] = pack(f2bf(acc[0]), f2bf(acc[1]));
-    v[n8][1] = pack(f2bf(acc[2]), f2bf(acc[3]));
+  for (int n8 = 0; n8 < 10; n8 += 2) {
+    float acc[2][4];
+    skewed_groups(acc, a, rows, n8);
+#pragma unroll
+    for (int g = 0; g < 2; ++g) {
+      v[n8 + g][0] = pack(f2bf(acc[g][0]), f2bf(acc[g][1]));
+      v[n8 + g][1] = pack(f2bf(acc[g][2]), f2bf(acc[g][3]));
+    }
   }
 }
 template <bool T>
