@@ -76,6 +76,7 @@ fn speed(device: Device) -> anyhow::Result<()> {
         c2p: true,
         p2c: true,
         dropout: 0.1,
+        rising: false,
     };
     let x = inputs(&c, device, Kind::BFloat16);
     let dout = Tensor::randn([c.b, c.n, c.h, c.d], (Kind::BFloat16, device));

@@ -41,6 +41,7 @@
 #define LDR (BN + 8)  // padded shared row of a [64][64] band
 #define WARPS 4
 #define NEG_INF (-__int_as_float(0x7f800000))
+#define RESCALE_SLACK 8.f  // log2 units: the forward's probabilities stay <= 2^8 (see fwd)
 #define POS_INF (__int_as_float(0x7f800000))
 
 // bf16, bf2f, f2bf, pack, lo_f, hi_f, KERNEL and DYNAMIC_SMEM: kernels/bf16.cuh, prepended.
@@ -769,12 +770,32 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
         else mx_b = fmaxf(mx_b, s[n8][e]);
       }
     }
-    const float new_a = fmaxf(m_a, quad_max(mx_a)), new_b = fmaxf(m_b, quad_max(mx_b));
-    const float al_a = new_a == NEG_INF ? 1.f : ex2((m_a - new_a) * L2E);
-    const float al_b = new_b == NEG_INF ? 1.f : ex2((m_b - new_b) * L2E);
+    mx_a = quad_max(mx_a);
+    mx_b = quad_max(mx_b);
+    // The running maxima move, and O and l are rescaled, only when some row of the warp meets a
+    // score above its maximum by more than RESCALE_SLACK (FlashAttention-4's lazy rescaling; a
+    // row's first scores always, m being -inf). Else the probabilities are exp(s - m) <= 2^8,
+    // well inside fp32 and bf16, and O / l and lse = m + log l are what they would have been:
+    // most tiles after the first skip the rescaling (its exponentials and 32 multiplications).
+    if (__ballot_sync(0xffffffffu, (mx_a - m_a) * L2E > RESCALE_SLACK || (mx_b - m_b) * L2E > RESCALE_SLACK)) {
+      const float new_a = fmaxf(m_a, mx_a), new_b = fmaxf(m_b, mx_b);
+      const float al_a = new_a == NEG_INF ? 1.f : ex2((m_a - new_a) * L2E);
+      const float al_b = new_b == NEG_INF ? 1.f : ex2((m_b - new_b) * L2E);
+      l_a *= al_a;
+      l_b *= al_b;
+#pragma unroll
+      for (int n8 = 0; n8 < D / 8; ++n8) {
+        o[n8][0] *= al_a;
+        o[n8][1] *= al_a;
+        o[n8][2] *= al_b;
+        o[n8][3] *= al_b;
+      }
+      m_a = new_a;
+      m_b = new_b;
+    }
     float sum_a = 0.f, sum_b = 0.f;
     // exp(-inf - m) = 0 for a masked score; a row masked so far (m = -inf) subtracts 0 instead.
-    const float sub_a = new_a == NEG_INF ? 0.f : new_a * L2E, sub_b = new_b == NEG_INF ? 0.f : new_b * L2E;
+    const float sub_a = m_a == NEG_INF ? 0.f : m_a * L2E, sub_b = m_b == NEG_INF ? 0.f : m_b * L2E;
     unsigned int hz[4];  // dropout: the hashes of this lane's keys in blocks n8, n8 + 1 (n8 even)
 #pragma unroll
     for (int n8 = 0; n8 < BN / 8; ++n8)
@@ -790,17 +811,8 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
         }
         s[n8][e] = pz;
       }
-    l_a = l_a * al_a + quad_sum(sum_a);
-    l_b = l_b * al_b + quad_sum(sum_b);
-    m_a = new_a;
-    m_b = new_b;
-#pragma unroll
-    for (int n8 = 0; n8 < D / 8; ++n8) {
-      o[n8][0] *= al_a;
-      o[n8][1] *= al_a;
-      o[n8][2] *= al_b;
-      o[n8][3] *= al_b;
-    }
+    l_a += quad_sum(sum_a);
+    l_b += quad_sum(sum_b);
     FragA pa[BN / 16];
     to_a<BN / 16>(pa, s);
     PHASE(3);
