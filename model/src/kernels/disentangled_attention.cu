@@ -1099,6 +1099,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
       rows_times_tile_t<4>(st, Ks + warp * 16 * LDS, Qs + c0 * LDS);    // S^T = K_w Q^T
       rows_times_tile_t<4>(dpt, Vs + warp * 16 * LDS, dOs + c0 * LDS);  // dP^T = V_w dO^T
       PHASE(2);
+      unsigned int dsw[4][2];  // dS rounded once, in pairs: (ra; c, c + 1), (rb; c, c + 1)
 #pragma unroll
       for (int n8 = 0; n8 < 4; ++n8) {
         // This lane's queries c, c + 1: their stats, and the p2c band's pairs as 32-bit words
@@ -1124,17 +1125,27 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
             if (e < 2) hz[e] = pair_hash(dkey, m0 + c, kb + ra);
             z = kept(hz[e & 1], e >= 2, threshold) ? inv_keep : 0.f;
           }
-          const float pz = p * z, ds = p * (dpt[n8][e] * z - qs[e & 1].y);
-          st[n8][e] = pz;
-          dpt[n8][e] = ds;
-          if (REL) DSK[r * LDK + 63 - r + c] = f2bf(ds);
-          else DSb[r * LDR + c] = f2bf(ds);
+          st[n8][e] = p * z;
+          dpt[n8][e] = p * (dpt[n8][e] * z - qs[e & 1].y);  // dS
+        }
+        // The pairs' words are dS^T's A fragments, and their halves the stored dS: one
+        // conversion per pair, where each score's store rounded it once more.
+        dsw[n8][0] = pack(f2bf(dpt[n8][0]), f2bf(dpt[n8][1]));
+        dsw[n8][1] = pack(f2bf(dpt[n8][2]), f2bf(dpt[n8][3]));
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e < 2 ? ra : rb, c = cc + (e & 1);
+          const bf16 ds = (bf16)(e & 1 ? dsw[n8][e / 2] >> 16 : dsw[n8][e / 2] & 0xffffu);
+          if (REL) DSK[r * LDK + 63 - r + c] = ds;
+          else DSb[r * LDR + c] = ds;
         }
       }
       PHASE(3);
       FragA pza[2], dsa[2];
       to_a<2>(pza, st);
-      to_a<2>(dsa, dpt);
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk)
+        dsa[kk] = FragA{{dsw[2 * kk][0], dsw[2 * kk][1], dsw[2 * kk + 1][0], dsw[2 * kk + 1][1]}};
       weights_times_tile<2>(dv_acc, pza, dOs + c0 * LDS);  // dV += dropout(P)^T dO
       weights_times_tile<2>(dk_acc, dsa, Qs + c0 * LDS);   // dK += dS^T Q
       PHASE(4);
