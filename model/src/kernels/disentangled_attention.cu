@@ -387,16 +387,22 @@ __device__ __forceinline__ void a_times_rows(float (*acc)[4], const FragA& a, co
 
 // A [16 x 16 KK] block held as accumulators (8 columns per n8) -> A fragments (16 columns per
 // kk): the accumulator layout of columns 2t, 2t+1 (n8 = 2kk) and 2t+8, 2t+9 (n8 = 2kk+1) is the
-// A layout, so no shared memory is needed.
+// A layout, so no shared memory is needed. `pairs_to_a` from the pairs already rounded and
+// packed: w[n8][0] = (x[n8][0], x[n8][1]), w[n8][1] = (x[n8][2], x[n8][3]).
+template <int KK>
+__device__ __forceinline__ void pairs_to_a(FragA* a, const unsigned int (*w)[2]) {
+#pragma unroll
+  for (int kk = 0; kk < KK; ++kk) a[kk] = FragA{{w[2 * kk][0], w[2 * kk][1], w[2 * kk + 1][0], w[2 * kk + 1][1]}};
+}
 template <int KK>
 __device__ __forceinline__ void to_a(FragA* a, float (*x)[4]) {
+  unsigned int w[2 * KK][2];
 #pragma unroll
-  for (int kk = 0; kk < KK; ++kk) {
-    a[kk].x[0] = pack(f2bf(x[2 * kk][0]), f2bf(x[2 * kk][1]));
-    a[kk].x[1] = pack(f2bf(x[2 * kk][2]), f2bf(x[2 * kk][3]));
-    a[kk].x[2] = pack(f2bf(x[2 * kk + 1][0]), f2bf(x[2 * kk + 1][1]));
-    a[kk].x[3] = pack(f2bf(x[2 * kk + 1][2]), f2bf(x[2 * kk + 1][3]));
+  for (int n8 = 0; n8 < 2 * KK; ++n8) {
+    w[n8][0] = pack(f2bf(x[n8][0]), f2bf(x[n8][1]));
+    w[n8][1] = pack(f2bf(x[n8][2]), f2bf(x[n8][3]));
   }
+  pairs_to_a<KK>(a, w);
 }
 
 // acc[n8] (16 x D) += W [16 x 16 KK] (A fragments) . tile [16 KK][LDS].
@@ -1128,8 +1134,8 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
           st[n8][e] = p * z;
           dpt[n8][e] = p * (dpt[n8][e] * z - qs[e & 1].y);  // dS
         }
-        // The pairs' words are dS^T's A fragments, and their halves the stored dS: one
-        // conversion per pair, where each score's store rounded it once more.
+        // The pairs' words are dS^T's A fragments and, by halves, the stored dS: one conversion
+        // per pair, where the stores and the fragments each converted every score.
         dsw[n8][0] = pack(f2bf(dpt[n8][0]), f2bf(dpt[n8][1]));
         dsw[n8][1] = pack(f2bf(dpt[n8][2]), f2bf(dpt[n8][3]));
 #pragma unroll
@@ -1143,9 +1149,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
       PHASE(3);
       FragA pza[2], dsa[2];
       to_a<2>(pza, st);
-#pragma unroll
-      for (int kk = 0; kk < 2; ++kk)
-        dsa[kk] = FragA{{dsw[2 * kk][0], dsw[2 * kk][1], dsw[2 * kk + 1][0], dsw[2 * kk + 1][1]}};
+      pairs_to_a<2>(dsa, dsw);
       weights_times_tile<2>(dv_acc, pza, dOs + c0 * LDS);  // dV += dropout(P)^T dO
       weights_times_tile<2>(dk_acc, dsa, Qs + c0 * LDS);   // dK += dS^T Q
       PHASE(4);
