@@ -640,9 +640,15 @@ __device__ __forceinline__ void mask_keys(bf16* band, unsigned long long kb, bf1
 }
 // The keys kernels': the block's own keys [kb, kb + 64), the same every tile, masked in their
 // band Cb[key][query] after each tile's bands, then a barrier; blocks without masked keys pass.
-// The key bits are taken per tile rather than kept: the lean kernel has no register to spare.
-__device__ __forceinline__ void mask_own_keys(bf16* Cb, const unsigned char* __restrict__ mask, int b, int kb,
-                                              int N) {
+// `maybe` false: the block has none (`any_masked_key`, taken once, block-uniform), so no tile
+// reads its key bits again; the lean kernel has no register for even that flag, so it passes
+// true and takes the bits per tile.
+__device__ __forceinline__ bool any_masked_key(const unsigned char* __restrict__ mask, int b, int kb, int N) {
+  return key_bits(mask, b, kb, N) != ~0ull;
+}
+__device__ __forceinline__ void mask_own_keys(bool maybe, bf16* Cb, const unsigned char* __restrict__ mask, int b,
+                                              int kb, int N) {
+  if (!maybe) return;
   const unsigned long long bits = key_bits(mask, b, kb, N);  // block-uniform
   if (bits != ~0ull) {
     mask_keys<true>(Cb, bits, BF16_NEG_INF);
@@ -1058,6 +1064,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
   const float key_b = kb + rb < N && mask[(long long)b * N + kb + rb] ? 0.f : NEG_INF;
   // REL: this block's partial dQ_r rows, [rows][D] from window row N-64-kb (see relative_grads).
   bf16* part = REL && TGRAD && dp2c ? dp2c + ((long long)bh * gridDim.x + blockIdx.x) * (gridDim.x * 64 + 64) * D : nullptr;
+  const bool own_masked = REL && (LEAN || any_masked_key(mask, b, kb, N));
   load_tile_async(Ks, k, b, h, kb, N, H);
   load_tile_async(Vs, v, b, h, kb, N, H);
   cp_async_commit();
@@ -1095,7 +1102,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
     PHASE(0);
     if (LEAN) relative_bands_lean(Cb, Pb, DSK, Window{DSK, DSK + 64 * LDS}, Window{Cb, Cb + 64 * LDS}, c2p, p2c, Qs, Ks);
     else if (REL) relative_bands_t(Cb, Pb, window_of(KRw, n, -1), window_of(QRw, n, 1), c2p, p2c, Qs, Ks);
-    if (REL) mask_own_keys(Cb, mask, b, kb, N);
+    if (REL) mask_own_keys(own_masked, Cb, mask, b, kb, N);
     PHASE(1);
     // The tile's queries in two halves of 32: half the registers for S^T, dP^T and their
     // fragments, which keeps the kernel from spilling.
@@ -1460,6 +1467,7 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
   const float inv_keep = p_drop > 0.f ? 1.f / (1.f - p_drop) : 1.f;
   const int ra = warp * 16 + g, rb = ra + 8;
   const int kb = blockIdx.x * BN, j0 = kb + warp * 16;
+  const bool own_masked = any_masked_key(mask, b, kb, N);
   if (!c2p) zero_band(Cb);
   load_tile_async(Qs, k, b, h, kb, N, H);
   load_tile_async(dOs, v, b, h, kb, N, H);
@@ -1494,7 +1502,7 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
     }
     if (p2c) skewed_band<false>(Pb, kf, window_of(QRw, n, 1));  // Pb's rows are the warp's own keys
     __syncthreads();  // every warp reads all of Cb
-    mask_own_keys(Cb, mask, b, kb, N);
+    mask_own_keys(own_masked, Cb, mask, b, kb, N);
 #pragma unroll 1
     for (int c0 = 0; c0 < BM; c0 += 32) {
       float st[4][4], dpt[4][4];
