@@ -823,8 +823,8 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
         }
         s[n8][e] = pz;
       }
-    l_a += quad_sum(sum_a);
-    l_b += quad_sum(sum_b);
+    l_a += sum_a;  // this lane's part of the row's sum: the quad's four are added after the last tile
+    l_b += sum_b;
     FragA pa[BN / 16];
     to_a<BN / 16>(pa, s);
     PHASE(3);
@@ -841,6 +841,8 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     weights_times_tile<BN / 16>(o, pa, Vs);  // O += dropout(P) V
     PHASE(5);
   }
+  l_a = quad_sum(l_a);
+  l_b = quad_sum(l_b);
   const float inv_a = oka && l_a > 0.f ? inv_keep / l_a : 0.f, inv_b = okb && l_b > 0.f ? inv_keep / l_b : 0.f;
   write_rows(out, o, inv_a, inv_b, b, h, i0, N, (long long)H * D);
   if (t == 0) {
