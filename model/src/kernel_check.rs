@@ -181,9 +181,10 @@ pub fn inputs(c: &Case, device: Device, kind: Kind) -> CoreInputs {
         mask = mask.logical_and(&(i * 7 + b).remainder(c.holes).ne(0));
     }
     let q = draw(&[c.b, c.n, c.h, c.d], 0.35);
-    let k = Tensor::randn([c.b, c.n, c.h, c.d], f) * 0.35;
-    let rise = (Tensor::arange(c.n, f) * (5.0 / c.n as f64) + 1.0).view([1, c.n, 1, 1]);
-    let k = if c.rising { k * rise } else { k };
+    let mut k = Tensor::randn([c.b, c.n, c.h, c.d], f) * 0.35;
+    if c.rising {
+        k *= (Tensor::arange(c.n, f) * (5.0 / c.n as f64) + 1.0).view([1, c.n, 1, 1]);
+    }
     CoreInputs {
         q,
         k: k.to_kind(Kind::BFloat16).to_kind(kind),

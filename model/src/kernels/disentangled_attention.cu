@@ -567,13 +567,6 @@ __device__ __forceinline__ WarpRows warp_rows(Window window) {
   const int warp = threadIdx.x / 32;
   return WarpRows{window.lo + (48 - 16 * warp) * LDS, window.hi + (-16 - 16 * warp) * LDS, 2 + 2 * warp};
 }
-// band[r][c] = row_r . window[63 - r + c] for this warp's 16 band rows r = 16 warp + (0..15)
-// (their A fragments in a) and every c < 64. Those rows read window rows [48 - 16 warp,
-// 127 - 16 warp]: ten 8-row groups, each one mma per 16 of D; each (r, c) is written once.
-// T: stored transposed, band[c][r], for a score loop whose lanes hold neighbouring r (as the
-// band's other user holds neighbouring c): it then reads both bands as 32-bit pairs, where a
-// transposed read took one 16-bit load and a widening per score. The stores stay 16-bit either
-// way.
 // The products of window groups n8 and n8 + 1 (rows 48 - 16 warp + 8 n8, ...) with the warp's
 // rows a: acc[0] and acc[1].
 __device__ __forceinline__ void skewed_groups(float (*acc)[4], const FragA* a, WarpRows rows, int n8) {
@@ -581,6 +574,13 @@ __device__ __forceinline__ void skewed_groups(float (*acc)[4], const FragA* a, W
   for (int e = 0; e < 4; ++e) acc[0][e] = acc[1][e] = 0.f;
   rows_dot_8x2(acc[0], acc[1], a, rows.group(n8), rows.group(n8 + 1));
 }
+// band[r][c] = row_r . window[63 - r + c] for this warp's 16 band rows r = 16 warp + (0..15)
+// (their A fragments in a) and every c < 64. Those rows read window rows [48 - 16 warp,
+// 127 - 16 warp]: ten 8-row groups, each one mma per 16 of D; each (r, c) is written once.
+// T: stored transposed, band[c][r], for a score loop whose lanes hold neighbouring r (as the
+// band's other user holds neighbouring c): it then reads both bands as 32-bit pairs, where a
+// transposed read took one 16-bit load and a widening per score. The stores stay 16-bit either
+// way.
 template <bool T>
 __device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragA* a, Window window) {
   const WarpRows rows = warp_rows(window);
