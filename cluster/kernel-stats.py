@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What ptxas makes of the fused attention kernels for the H100 (sm_90), without a GPU.
 
-    python3 cluster/kernel-stats.py [--base REV] [--head-dim 64] [--ops KERNEL] [--define NAME]
+    python3 cluster/kernel-stats.py [--base REV] [--head-dim 64] [--ops KERNEL] [--define NAME] [--dropout]
 
 Compiles model/src/kernels/disentangled_attention.cu (after bf16.cuh) as the worker does
 (NVRTC from the venv's nvidia wheel, then torch's ptxas), disassembles it (cuobjdump from the triton wheel torch
@@ -14,7 +14,10 @@ prints the same for the kernel source at git revision REV, and the change. --def
 build kernel-check times the kernels' phases with). --ops KERNEL prints
 every opcode of that kernel's tile with its count (with --base, beside the base's), the most
 frequent first: where a tile's instructions go (`IMAD.U32` by 0x10000 is a bf16 widened to fp32,
-`IMAD.MOV` a register move, `F2FP` a pair rounded to bf16).
+`IMAD.MOV` a register move, `F2FP` a pair rounded to bf16). The score loops branch on
+`p_drop > 0` inside the tile, so a tile's body holds both copies of that loop; --dropout
+compiles the branch as always taken (in both revisions), so the counts are the training path's
+(its registers and spills are that build's, not the worker's: the occupancy tests check those).
 """
 import argparse
 import collections
@@ -118,6 +121,8 @@ def main():
     ap.add_argument("--base", help="also the kernel source at this git revision")
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--ops", metavar="KERNEL", help="every opcode of this kernel's tile, counted")
+    ap.add_argument("--dropout", action="store_true",
+                    help="count the training path: the kernels' `p_drop > 0` branches compiled as taken")
     ap.add_argument("--define", action="append", default=[], metavar="NAME",
                     help="compile with -DNAME too (e.g. PHASE_TIMING, kernel-check's timed build)")
     args = ap.parse_args()
@@ -125,7 +130,17 @@ def main():
     # The source as the worker compiles it: the shared bf16 helpers, then the kernels (before
     # the helpers had their own file, the kernel file alone).
     files = ["model/src/kernels/bf16.cuh", "model/src/kernels/disentangled_attention.cu"]
-    now = stats("".join(open(os.path.join(root, f)).read() for f in files), args.head_dim, args.define)
+
+    def source(parts):
+        text = "".join(parts)
+        if not args.dropout:
+            return text
+        taken, n = re.subn(r"\bif \(p_drop > 0\.f\) \{", "if (true) {", text)
+        if n == 0:
+            sys.exit("kernel-stats: --dropout found no `if (p_drop > 0.f) {` to take")
+        return taken
+
+    now = stats(source(open(os.path.join(root, f)).read() for f in files), args.head_dim, args.define)
     base = None
     if args.base:
         parts = []
@@ -134,8 +149,9 @@ def main():
             if src.returncode and f.endswith(".cu"):
                 sys.exit(f"kernel-stats: git show {args.base}:{f}: {src.stderr.strip()}")
             parts.append(src.stdout if src.returncode == 0 else "")
-        base = stats("".join(parts), args.head_dim, args.define)
-    print(f"sm_90, head size {args.head_dim}; static instructions per tile (the tile loop's body)")
+        base = stats(source(parts), args.head_dim, args.define)
+    print(f"sm_90, head size {args.head_dim}; static instructions per tile (the tile loop's body"
+          + (", dropout's branches taken)" if args.dropout else ")"))
     print(f"{'kernel':<18} {'regs':>4} {'spill':>5} {'per tile':>8}  " + " ".join(f"{o:>5}" for o in SHOWN)
           + ("   base: regs spill per tile  change" if base else ""))
     for k in (k for k in KERNELS if k in now):
