@@ -14,7 +14,17 @@ prints the same for the kernel source at git revision REV, and the change. --def
 build kernel-check times the kernels' phases with). --ops KERNEL prints
 every opcode of that kernel's tile with its count (with --base, beside the base's), the most
 frequent first: where a tile's instructions go (`IMAD.U32` by 0x10000 is a bf16 widened to fp32,
-`IMAD.MOV` a register move, `F2FP` a pair rounded to bf16). The score loops branch on
+`IMAD.MOV` a register move, `F2FP` a pair rounded to bf16).
+
+`smem` is the tile's shared-memory wavefronts: the cycles of the SM's shared memory (128 bytes a
+clock, shared by its four schedulers) that the tile's loads and stores take at the least, bank
+conflicts not counted: an `ldmatrix` .x4 (512 bytes) 4, a 32-bit `LDS`/`STS` 1, a 16-bit one 1
+too (half a wavefront's bytes), .64 2, .128 4, a 16-byte `cp.async` (`LDGSTS.128`, its write) 4;
+never-executed padding (`@!PT LDS RZ, [RZ]`) none. Four warps, one per scheduler, each issue
+their tile's instructions while the shared memory serves all four tiles' wavefronts, so a tile
+costs the SM at least max(instructions / 4, smem) clocks: for the attention kernels smem is the
+larger (the eleventh session's measured kernel times were ~1.6-2.1 times smem, 2.1-3.3 times
+instructions / 4; docs/performance.md). The score loops branch on
 `p_drop > 0` inside the tile, so a tile's body holds both copies of that loop; --dropout
 compiles the branch as always taken (in both revisions), so the counts are the training path's
 (its registers and spills are that build's, not the worker's: the occupancy tests check those).
@@ -33,6 +43,16 @@ KERNELS = ["dattn_fwd", "dattn_fwd_rel", "dattn_bwd_kv", "dattn_bwd_kv_rel", "da
            "dattn_bwd_kv_rel_diag", "dattn_bwd_q_ds_diag", "dattn_bwd_k_ds_diag", "dattn_table_grads",  # since the sixteenth session
            "dattn_bwd_kv_rel_lean"]  # since the seventeenth
 SHOWN = ["HMMA", "LDSM", "LDS", "STS", "MUFU", "IMAD", "BRA"]
+
+
+def wavefronts(op):
+    """Shared-memory wavefronts of one warp's instruction `op` (with its modifiers), at the least."""
+    name = op.split(".")[0]
+    if name == "LDSM":  # ldmatrix: 128 bytes per 8 x 8 matrix
+        return 4 if op.endswith(".4") else 2 if op.endswith(".2") else 1
+    if name in ("LDS", "STS", "LDGSTS", "ATOMS"):
+        return 4 if ".128" in op else 2 if ".64" in op else 1
+    return 0
 
 
 def tools():
@@ -95,7 +115,10 @@ def stats(source, head_dim, defines=()):
             fn = m.group(1)
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s*(.*?);", line)
         if m and fn:
-            code[fn].append((int(m.group(1), 16), re.sub(r"^@!?U?P\w+\s+", "", m.group(2).strip())))
+            text = m.group(2).strip()
+            if text.startswith("@!PT "):
+                text = "NEVER " + text[5:]  # ptxas's padding: issued, never executed
+            code[fn].append((int(m.group(1), 16), re.sub(r"^@!?U?P\w+\s+", "", text)))
     out = {}
     for k in KERNELS:
         ins = code[k]
@@ -112,7 +135,8 @@ def stats(source, head_dim, defines=()):
             body += [t for a, t in ins if inner[0][0] <= a <= inner[0][1]]
         ops = collections.Counter(t.split()[0].split(".")[0] for t in body)
         full = collections.Counter(t.split()[0] for t in body)  # with the modifiers
-        out[k] = (regs[k], len(body), ops, full)
+        smem = sum(wavefronts(op) * c for op, c in full.items())
+        out[k] = (regs[k], len(body), ops, full, smem)
     return out
 
 
@@ -152,14 +176,15 @@ def main():
         base = stats(source(parts), args.head_dim, args.define)
     print(f"sm_90, head size {args.head_dim}; static instructions per tile (the tile loop's body"
           + (", dropout's branches taken)" if args.dropout else ")"))
-    print(f"{'kernel':<18} {'regs':>4} {'spill':>5} {'per tile':>8}  " + " ".join(f"{o:>5}" for o in SHOWN)
-          + ("   base: regs spill per tile  change" if base else ""))
+    print(f"{'kernel':<22} {'regs':>4} {'spill':>5} {'per tile':>8} {'smem':>5}  " + " ".join(f"{o:>5}" for o in SHOWN)
+          + ("   base: regs spill per tile  change  smem  change" if base else ""))
     for k in (k for k in KERNELS if k in now):
-        (r, s), n, ops, _ = now[k]
-        line = f"{k:<18} {r:>4} {s:>5} {n:>8}  " + " ".join(f"{ops[o]:>5}" for o in SHOWN)
+        (r, s), n, ops, _, w = now[k]
+        line = f"{k:<22} {r:>4} {s:>5} {n:>8} {w:>5}  " + " ".join(f"{ops[o]:>5}" for o in SHOWN)
         if base and k in base:
-            (br, bs), bn, _, _ = base[k]
-            line += f"   {br:>10} {bs:>5} {bn:>8}  {100.0 * (n - bn) / bn:+6.1f}%"
+            (br, bs), bn, _, _, bw = base[k]
+            line += (f"   {br:>10} {bs:>5} {bn:>8}  {100.0 * (n - bn) / bn:+6.1f}%"
+                     f" {bw:>5} {100.0 * (w - bw) / bw:+6.1f}%")
         print(line)
     if args.ops:
         if args.ops not in now:
