@@ -543,8 +543,8 @@ __device__ __forceinline__ void load_whole_window_async(bf16* dst, const bf16* t
   load_chunk_async(dst + 64 * LDS, table, h, start + 64, N);
 }
 
-// Where `skewed_band`'s product e (accumulator element) of window group n8 lands in the band:
-// band row r, column c; false if outside it.
+// Where `skewed_band_t`'s product e (accumulator element) of window group n8 lands in the
+// band: band row r, column c (stored at band[c][r]); false if outside it.
 __device__ __forceinline__ bool skewed_at(int n8, int e, int& r, int& c) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   // c = 8 k - 15 + v with k = n8 + (e >= 2) and v = 2t + g + (e & 1) in [0, 14], whatever
@@ -574,15 +574,65 @@ __device__ __forceinline__ void skewed_groups(float (*acc)[4], const FragA* a, W
   for (int e = 0; e < 4; ++e) acc[0][e] = acc[1][e] = 0.f;
   rows_dot_8x2(acc[0], acc[1], a, rows.group(n8), rows.group(n8 + 1));
 }
+// The warp's 16 rows as mma B fragments, b[kk][0] rows 0-7 and b[kk][1] rows 8-15 of columns
+// [16 kk, 16 kk + 16): from their A fragments' registers, or by ldmatrix from the rows [16][LDS]
+// at p. A B operand is a register pair, (x[0], x[2]) and (x[1], x[3]) of A's four, so the
+// registers are copied, xored with `zero` (0, from the kernel's arguments: N >> 17): plain
+// copies the compiler hoists out of the tile loop and then keeps the A fragments themselves in
+// B's order, rebuilding A's quadruples at every use instead (the forward: 66 moves per tile).
+__device__ __forceinline__ void rows_as_b(FragB (*b)[2], const FragA* a, unsigned int zero) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    b[kk][0] = FragB{{a[kk].x[0] ^ zero, a[kk].x[2] ^ zero}};
+    b[kk][1] = FragB{{a[kk].x[1] ^ zero, a[kk].x[3] ^ zero}};
+  }
+}
+__device__ __forceinline__ void load_rows_b(FragB (*b)[2], const bf16* p) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) load_b_t_n2(b[kk][0], b[kk][1], p + kk * 16, LDS);
+}
+// The products of window rows 48 - 16 warp + 16 m + (0..15) (the window as mma's A operand)
+// with the warp's 16 rows b (`rows_as_b`; n tiles 0 and 1): acc[n][e] is (window row 16 m + g +
+// 8 (e >= 2), row 8 n + 2 t + (e & 1)). The two n tiles' mma chains alternate (see
+// `rows_dot_8x2`).
+__device__ __forceinline__ void window_times_rows(float (*acc)[4], const FragB (*b)[2], WarpRows rows, int m) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) acc[0][e] = acc[1][e] = 0.f;
+  const bf16* p = rows.group(2 * m);  // both 8-row groups in one slot: `split` is even
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    FragA w;
+    load_a(w, p + kk * 16, LDS);
+    mma(acc[0], w, b[kk][0]);
+    mma(acc[1], w, b[kk][1]);
+  }
+}
+// Where `window_times_rows`' product e of n tile n, m tile m lands in the band (band row r,
+// column c); false if outside it. c = 16 m - 15 + v with v = g + 8 (e >= 2) + q in [0, 30]:
+// m = 1..3 always land, m = 0 and 4 check (and none of n = 0, e < 2 at m = 0, v <= 14, or of
+// n = 1, e >= 2 at m = 4, v >= 16, lands).
+__device__ __forceinline__ bool skewed_at_nt(int m, int n, int e, int& r, int& c) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int q = 8 * n + 2 * t + (e & 1);
+  r = 16 * warp + q;
+  c = 16 * m - 15 + g + (e >= 2 ? 8 : 0) + q;
+  if ((m == 0 && n == 0 && e < 2) || (m == 4 && n == 1 && e >= 2)) return false;
+  return (m != 0 || c >= 0) && (m != 4 || c < 64);
+}
 // band[r][c] = row_r . window[63 - r + c] for this warp's 16 band rows r = 16 warp + (0..15)
-// (their A fragments in a) and every c < 64. Those rows read window rows [48 - 16 warp,
-// 127 - 16 warp]: ten 8-row groups, each one mma per 16 of D; each (r, c) is written once.
-// T: stored transposed, band[c][r], for a score loop whose lanes hold neighbouring r (as the
-// band's other user holds neighbouring c): it then reads both bands as 32-bit pairs, where a
-// transposed read took one 16-bit load and a widening per score. The stores stay 16-bit either
-// way.
-template <bool T>
-__device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragA* a, Window window) {
+// and every c < 64. Those rows read window rows [48 - 16 warp, 127 - 16 warp]: 80 rows, 40 mma;
+// each (r, c) is written once, by a 16-bit store. Two ways round, each free of shared-memory
+// bank conflicts for its store:
+//  - `skewed_band_t`, stored transposed, band[c][r], for a score loop whose lanes hold
+//    neighbouring r (as the band's other user holds neighbouring c): it then reads both bands as
+//    32-bit pairs, where a transposed read took one 16-bit load and a widening per score. The
+//    rows are mma's A (their fragments in a), the window B: a store's lanes write 8 rows (g) of
+//    4 neighbouring window rows (t), which land 73 elements apart;
+//  - `skewed_band`, band[r][c]: the window is A and the rows B (b, `rows_as_b`), so a store's
+//    lanes write 8 neighbouring columns (g) of 4 rows (t), 146 elements apart. With the rows as
+//    A this store wrote 4 neighbouring columns of 8 rows, 73 apart: 36.5 words, so the rows'
+//    words overlapped in 4 of the banks, 64 wavefronts for its 36 stores where there are 36 now.
+__device__ __forceinline__ void skewed_band_t(bf16* __restrict__ band, const FragA* a, Window window) {
   const WarpRows rows = warp_rows(window);
 #pragma unroll
   for (int n8 = 0; n8 < 10; n8 += 2) {
@@ -591,34 +641,47 @@ __device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragA
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       int r, c;
-      if (skewed_at(n8 + e / 4, e % 4, r, c)) band[T ? c * LDR + r : r * LDR + c] = f2bf(acc[e / 4][e % 4]);
+      if (skewed_at(n8 + e / 4, e % 4, r, c)) band[c * LDR + r] = f2bf(acc[e / 4][e % 4]);
+    }
+  }
+}
+__device__ __forceinline__ void skewed_band(bf16* __restrict__ band, const FragB (*b)[2], Window window) {
+  const WarpRows rows = warp_rows(window);
+#pragma unroll
+  for (int m = 0; m < 5; ++m) {
+    float acc[2][4];
+    window_times_rows(acc, b, rows, m);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      int r, c;
+      if (skewed_at_nt(m, e / 4, e % 4, r, c)) band[r * LDR + c] = f2bf(acc[e / 4][e % 4]);
     }
   }
 }
 // `skewed_band` in two halves, for a caller whose window shares memory with the band: the
-// products, rounded to bf16 and packed in pairs (v[n8][e / 2]), then (after a barrier) stored.
-__device__ __forceinline__ void skewed_products(unsigned int (*v)[2], const FragA* a, Window window) {
+// products, rounded to bf16 and packed in pairs (v[2 m + n][e / 2]), then (after a barrier)
+// stored.
+__device__ __forceinline__ void skewed_products(unsigned int (*v)[2], const FragB (*b)[2], Window window) {
   const WarpRows rows = warp_rows(window);
 #pragma unroll
-  for (int n8 = 0; n8 < 10; n8 += 2) {
+  for (int m = 0; m < 5; ++m) {
     float acc[2][4];
-    skewed_groups(acc, a, rows, n8);
+    window_times_rows(acc, b, rows, m);
 #pragma unroll
-    for (int g = 0; g < 2; ++g) {
-      v[n8 + g][0] = pack(f2bf(acc[g][0]), f2bf(acc[g][1]));
-      v[n8 + g][1] = pack(f2bf(acc[g][2]), f2bf(acc[g][3]));
+    for (int n = 0; n < 2; ++n) {
+      v[2 * m + n][0] = pack(f2bf(acc[n][0]), f2bf(acc[n][1]));
+      v[2 * m + n][1] = pack(f2bf(acc[n][2]), f2bf(acc[n][3]));
     }
   }
 }
-template <bool T>
 __device__ __forceinline__ void store_skewed(bf16* __restrict__ band, const unsigned int (*v)[2]) {
 #pragma unroll
-  for (int n8 = 0; n8 < 10; ++n8)
+  for (int mn = 0; mn < 10; ++mn)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       int r, c;
-      if (skewed_at(n8, e, r, c))
-        band[T ? c * LDR + r : r * LDR + c] = (bf16)(e & 1 ? v[n8][e / 2] >> 16 : v[n8][e / 2] & 0xffffu);
+      if (skewed_at_nt(mn / 2, mn % 2, e, r, c))
+        band[r * LDR + c] = (bf16)(e & 1 ? v[mn][e / 2] >> 16 : v[mn][e / 2] & 0xffffu);
     }
 }
 
@@ -678,14 +741,26 @@ __device__ __forceinline__ void load_relative(bf16* Cb, bf16* Pb, bf16* KRw, bf1
 // tile's [64][LDS] key rows (each warp multiplies its 16). Ends with a barrier: every warp
 // reads Pb. The forward (query rows) gets the p2c band transposed, Pb[query][key]; the keys
 // kernel (`relative_bands_t`, key rows) the c2p band, Cb[key][query]: each reads both as pairs.
+// zero: 0, for `rows_as_b`.
 template <bool CT, bool PT>
 __device__ __forceinline__ void relative_bands(bf16* Cb, bf16* Pb, Window KRw, Window QRw, bool c2p, bool p2c,
-                                               const FragA* qf, const bf16* Ks) {
-  if (c2p) skewed_band<CT>(Cb, qf, KRw);
-  if (p2c) {
+                                               const FragA* qf, const bf16* Ks, unsigned int zero) {
+  if (c2p && CT) skewed_band_t(Cb, qf, KRw);
+  if (c2p && !CT) {
+    FragB qb[D / 16][2];
+    rows_as_b(qb, qf, zero);
+    skewed_band(Cb, qb, KRw);
+  }
+  const bf16* own = Ks + threadIdx.x / 32 * 16 * LDS;  // the warp's key rows
+  if (p2c && PT) {
     FragA rows[D / 16];
-    load_rows(rows, Ks + threadIdx.x / 32 * 16 * LDS);
-    skewed_band<PT>(Pb, rows, QRw);
+    load_rows(rows, own);
+    skewed_band_t(Pb, rows, QRw);
+  }
+  if (p2c && !PT) {
+    FragB rows[D / 16][2];
+    load_rows_b(rows, own);
+    skewed_band(Pb, rows, QRw);
   }
   __syncthreads();
 }
@@ -694,7 +769,7 @@ __device__ __forceinline__ void relative_bands_t(bf16* Cb, bf16* Pb, Window KRw,
                                                  const bf16* Qs, const bf16* Ks) {
   FragA qf[D / 16];
   if (c2p) load_rows(qf, Qs + threadIdx.x / 32 * 16 * LDS);
-  relative_bands<true, false>(Cb, Pb, KRw, QRw, c2p, p2c, qf, Ks);
+  relative_bands<true, false>(Cb, Pb, KRw, QRw, c2p, p2c, qf, Ks, 0u);
 }
 
 // Shared memory of the forward: the Q tile (until each warp holds its rows' fragments, then the
@@ -755,7 +830,9 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     PHASE(0);
     load_tile_async(Vs, v, b, h, n0, N, H);
     cp_async_commit();
-    if (REL) relative_bands<false, true>(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, qf, Ks);
+    if (REL)
+      relative_bands<false, true>(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, qf, Ks,
+                                  (unsigned int)N >> 17);
     if (kb != ~0ull) {  // block-uniform
       mask_keys<false>(Cb, kb, BF16_NEG_INF);
       __syncthreads();
@@ -1021,16 +1098,16 @@ __device__ __forceinline__ void relative_bands_lean(bf16* Cb, bf16* Pb, bf16* DS
                                                     bool p2c, const bf16* Qs, const bf16* Ks) {
   unsigned int pv[10][2];
   if (p2c) {
-    FragA kf[D / 16];
-    load_rows(kf, Ks + threadIdx.x / 32 * 16 * LDS);
-    skewed_products(pv, kf, Qw);
+    FragB kb[D / 16][2];
+    load_rows_b(kb, Ks + threadIdx.x / 32 * 16 * LDS);
+    skewed_products(pv, kb, Qw);
   }
   __syncthreads();  // every warp has read Q_r's window
-  if (p2c) store_skewed<false>(Pb, pv);
+  if (p2c) store_skewed(Pb, pv);
   if (c2p) {
     FragA qf[D / 16];
     load_rows(qf, Qs + threadIdx.x / 32 * 16 * LDS);
-    skewed_band<true>(Cb, qf, Kw);
+    skewed_band_t(Cb, qf, Kw);
   } else if (p2c) {
     zero_band(Cb);  // Q_r's window was there
   }
@@ -1500,9 +1577,13 @@ dattn_bwd_v_ds(BWD_COMMON, bf16* __restrict__ dv, bf16* __restrict__ ds_out, int
     if (c2p) {  // Cb's rows are queries: each warp's 16 of them
       FragA qf[D / 16];
       load_rows(qf, Qs + warp * 16 * LDS);
-      skewed_band<true>(Cb, qf, window_of(KRw, n, -1));  // Cb[key][query]
+      skewed_band_t(Cb, qf, window_of(KRw, n, -1));  // Cb[key][query]
     }
-    if (p2c) skewed_band<false>(Pb, kf, window_of(QRw, n, 1));  // Pb's rows are the warp's own keys
+    if (p2c) {  // Pb's rows are the warp's own keys
+      FragB kb2[D / 16][2];
+      rows_as_b(kb2, kf, (unsigned int)N >> 17);
+      skewed_band(Pb, kb2, window_of(QRw, n, 1));
+    }
     __syncthreads();  // every warp reads all of Cb
     mask_own_keys(own_masked, Cb, mask, b, kb, N);
 #pragma unroll 1
