@@ -1740,6 +1740,13 @@ __device__ __forceinline__ void next_diagonal_tile(int& b, int& n, int& od, int 
   }
   od -= tiles, b = b0, n = -od;
 }
+// The 16-byte word of a dS tile (row i, columns j0 .. j0 + 7: word 8 i + j0 / 8) that the block's
+// word c in [0, 512) takes: a warp's 32 words are rows i, i + 2, i + 4, i + 6, 8 words each.
+// Their stores into DSC[i][63 - i + j] then fill the 32 banks once; from four consecutive rows
+// (135 elements, 67.5 words apart) rows 1 and 2 shared banks, 32 wavefronts for 16 stores.
+__device__ __forceinline__ int tile_word(int c) {
+  return (8 * (c >> 6) + 2 * ((c >> 3) & 3) + ((c >> 5) & 1)) * 8 + (c & 7);
+}
 KERNEL void __launch_bounds__(TG_THREADS, 2)
 dattn_table_grads(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ ds,
                   float* __restrict__ gc, float* __restrict__ gp, int B, int H, int N) {
@@ -1761,8 +1768,10 @@ dattn_table_grads(const bf16* __restrict__ q, const bf16* __restrict__ k, const 
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
     for (int n8 = 0; n8 < D / 8; ++n8) acc[mt][n8][0] = acc[mt][n8][1] = acc[mt][n8][2] = acc[mt][n8][3] = 0.f;
-  // The tile's dS as 16-byte words: 512 per tile, words threadIdx.x and threadIdx.x + 256.
+  // The tile's dS as 16-byte words: 512 per tile, `tile_word` of threadIdx.x and threadIdx.x + 256.
   uint4 w[2];
+  // Kept in registers (`opaque`): else recomputed per tile, +26 instructions.
+  const int word[2] = {(int)opaque(tile_word(threadIdx.x)), (int)opaque(tile_word(threadIdx.x + TG_THREADS))};
   int b = b0, n = 0, od = o;  // the next tile to fetch
   auto fetch = [&](int buffer) {
     const int m = n + od;
@@ -1771,8 +1780,9 @@ dattn_table_grads(const bf16* __restrict__ q, const bf16* __restrict__ k, const 
     const bf16* src = ds + (((long long)(b * H + h) * tiles + n) * tiles + m) * 64 * 64;
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
-      CHECK_ALIGNED(src + (threadIdx.x + x * TG_THREADS) * 8, 16);
-      w[x] = *reinterpret_cast<const uint4*>(src + (threadIdx.x + x * TG_THREADS) * 8);
+      const bf16* at = src + word[x] * 8;
+      CHECK_ALIGNED(at, 16);
+      w[x] = *reinterpret_cast<const uint4*>(at);
     }
     next_diagonal_tile(b, n, od, b0, nb, tiles);
   };
@@ -1782,7 +1792,7 @@ dattn_table_grads(const bf16* __restrict__ q, const bf16* __restrict__ k, const 
     __syncthreads();  // the previous tile's readers of DSC, DSP and the other buffer are done
 #pragma unroll
     for (int x = 0; x < 2; ++x) {  // dS(i, j0 .. j0 + 7) into both skewed copies
-      const int c = threadIdx.x + x * TG_THREADS, i = c / 8, j0 = c % 8 * 8;
+      const int i = word[x] / 8, j0 = word[x] % 8 * 8;
       const unsigned int words[4] = {w[x].x, w[x].y, w[x].z, w[x].w};
 #pragma unroll
       for (int y = 0; y < 8; ++y) {
