@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue G's benchmark, on the GPU machine (torch + transformers, no Rust, no MPI), in one call:
-# first `deberta-worker kernel-check` (the fused attention kernels against the reference), then
+# first `deberta-worker kernel-check` (the fused attention kernels against the reference) and
+# `deberta-worker wgmma-probe` (Hopper's wgmma against a known product), then
 # the HF baseline (../shared/bench/hf_deberta_baseline.py) and `deberta-worker bench` (relative
 # terms by the fused kernels with c2p/p2c computed inside the kernels (fused-rel, the default),
 # inside the forward kernel only (fused-relfwd), inside with the keys kernel split in two
@@ -57,6 +58,13 @@ if [ "${KERNEL_CHECK:-1}" = 1 ]; then
   # The whole report to a file; failures, timings and the verdict to the console.
   timeout 400 "$bundle/deberta-worker" kernel-check "${check_args[@]}" > "$out/kernel-check.txt" 2>&1 || echo "kernel-check FAILED (exit $?)"
   grep -E "FAIL|ms|20 steps|kernel-check:|error" "$out/kernel-check.txt"
+  save
+  # Whether the hardware reads wgmma's operands as the next kernels would lay them out
+  # (model/src/wgmma_probe.rs); its own process, so that a fault there stops nothing else.
+  echo "== deberta-worker wgmma-probe"
+  timeout 60 "$bundle/deberta-worker" wgmma-probe "${check_args[@]}" > "$out/wgmma-probe.txt" 2>&1 \
+    || echo "wgmma-probe: not as intended (exit $?)"
+  cat "$out/wgmma-probe.txt"
   save
   if [[ " ${variants[*]} " == *" base:"* ]] && [ -x "$bundle/baseline/deberta-worker" ] && [ "${BASE_KERNEL_CHECK:-1}" = 1 ]; then
     # The baseline's kernel timings beside ours (the same card, minutes apart).

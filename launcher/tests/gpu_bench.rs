@@ -101,6 +101,9 @@ fn the_prepared_gpu_call_runs_on_the_cpu_and_prints_its_tables_and_ratios() {
     assert!(o.status.success(), "{all}");
     // kernel-check with both workers, emulated.
     assert_eq!(all.matches("kernel-check: all ok").count(), 2, "{all}");
+    // The wgmma probe, emulated: its verdicts on the console.
+    assert!(all.contains("wgmma probe on the CPU emulator:"), "{all}");
+    assert_eq!(all.matches(": read as intended").count(), 2, "{all}");
     assert!(
         all.contains("== baseline (dryrun) deberta-worker kernel-check"),
         "{all}"
@@ -137,6 +140,7 @@ fn the_prepared_gpu_call_runs_on_the_cpu_and_prints_its_tables_and_ratios() {
     let listing = String::from_utf8_lossy(&listing.stdout);
     for f in [
         "kernel-check.txt",
+        "wgmma-probe.txt",
         "hf.jsonl",
         "ours-fused-split.jsonl",
         "ours-base-fused-rel-b2.err",

@@ -70,6 +70,38 @@ pub fn load(
     options: &[String],
     functions: &[(&str, u32)],
 ) -> Result<Arc<Module>, String> {
+    load_for(device, source, name, options, functions, |major, minor| {
+        Ok(format!("sm_{major}{minor}"))
+    })
+}
+
+/// As `load`, for Hopper's architecture-specific features (wgmma): sm_90a, on a device of
+/// compute capability 9.0 only (PTX for sm_90a runs on nothing else).
+pub fn load_sm90a(
+    device: Device,
+    source: &'static str,
+    name: &str,
+    options: &[String],
+    functions: &[(&str, u32)],
+) -> Result<Arc<Module>, String> {
+    load_for(device, source, name, options, functions, |major, minor| {
+        match (major, minor) {
+            (9, 0) => Ok("sm_90a".to_string()),
+            _ => Err(format!(
+                "{name} needs sm_90a (an H100 or H200), not compute capability {major}.{minor}"
+            )),
+        }
+    })
+}
+
+fn load_for(
+    device: Device,
+    source: &'static str,
+    name: &str,
+    options: &[String],
+    functions: &[(&str, u32)],
+    arch_of: impl Fn(i32, i32) -> Result<String, String>,
+) -> Result<Arc<Module>, String> {
     type Cache = Mutex<HashMap<(usize, String), Arc<Module>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let Device::Cuda(ordinal) = device else {
@@ -83,7 +115,7 @@ pub fn load(
     let err = |what: String| move |e: cudarc::driver::DriverError| format!("{what}: {e}");
     let ctx = context(ordinal)?;
     let (major, minor) = ctx.compute_capability().map_err(err("compute capability".into()))?;
-    let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+    let arch: &'static str = Box::leak(arch_of(major, minor)?.into_boxed_str());
     let module = ctx
         .load_module(compile(source, name, arch, options)?)
         .map_err(err(format!("loading {name}")))?;
@@ -343,6 +375,12 @@ pub unsafe fn emulate(function: &str, variant: i32, cfg: LaunchConfig, args: &[A
 /// the GPU: (kernel, registers per thread, bytes spilled to local memory).
 #[cfg(test)]
 pub(crate) fn ptxas_report(ptx: &str) -> Vec<(String, u32, u32)> {
+    ptxas_report_for(ptx, "sm_90")
+}
+
+/// As `ptxas_report`, for `arch` (sm_90a: wgmma).
+#[cfg(test)]
+pub(crate) fn ptxas_report_for(ptx: &str, arch: &str) -> Vec<(String, u32, u32)> {
     let ptxas = std::env::var("DEBERTA_PTXAS").unwrap_or_else(|_| {
         let out = std::process::Command::new("python3")
             .args(["-c", "import torch, os; print(os.path.dirname(torch.__file__))"])
@@ -356,7 +394,7 @@ pub(crate) fn ptxas_report(ptx: &str) -> Vec<(String, u32, u32)> {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("k.ptx"), ptx).unwrap();
     let out = std::process::Command::new(&ptxas)
-        .args(["-arch=sm_90", "-v", "k.ptx", "-o", "k.cubin"])
+        .args([&format!("-arch={arch}"), "-v", "k.ptx", "-o", "k.cubin"])
         .current_dir(&dir)
         .output()
         .unwrap_or_else(|e| panic!("{ptxas}: {e} (set DEBERTA_PTXAS to a CUDA 12.8+ ptxas)"));

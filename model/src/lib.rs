@@ -58,6 +58,7 @@ pub mod residual_norm;
 pub mod segments;
 pub mod tensor_parallel;
 pub mod weight_copies;
+pub mod wgmma_probe;
 
 pub use config::{Activation, DebertaConfig, HfDebertaV2Config};
 pub use error::ModelError;

@@ -90,6 +90,14 @@ enum Command {
         #[arg(long)]
         emulate: bool,
     },
+    /// Hopper's wgmma against a known product, its B operand in both layouts the kernels would
+    /// use, with the descriptor as intended and with its strides swapped
+    /// (deberta_model::wgmma_probe): whether the hardware reads them as intended. Exit 1 if not.
+    WgmmaProbe {
+        /// In the CPU emulator (which reads them as intended) instead of the GPU.
+        #[arg(long)]
+        emulate: bool,
+    },
     /// Checks that need real ranks; prints `N passed, N failed` on rank 0.
     Selftest {
         #[command(subcommand)]
@@ -288,6 +296,29 @@ fn kernel_check(world: &mpi::topology::SimpleCommunicator, emulate: bool) -> Exi
     }
 }
 
+fn wgmma_probe(emulate: bool) -> ExitCode {
+    let device = if emulate { Device::Cpu } else { Device::Cuda(0) };
+    match deberta_model::wgmma_probe::run(device) {
+        Ok(cases) => {
+            let (lines, intended) = deberta_model::wgmma_probe::report(&cases);
+            let on = if emulate { "the CPU emulator" } else { "GPU 0 (sm_90a)" };
+            println!("wgmma probe on {on}:");
+            for line in lines {
+                println!("  {line}");
+            }
+            if intended {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: wgmma-probe: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // Before MPI's threads start and before libtorch's first CUDA allocation reads it.
     if let Some(conf) =
@@ -347,6 +378,7 @@ fn main() -> ExitCode {
             return bench(&world, &device, &batch, cfg);
         }
         Command::KernelCheck { emulate } => return kernel_check(&world, emulate),
+        Command::WgmmaProbe { emulate } => return wgmma_probe(emulate),
         Command::Selftest {
             which,
             tp,

@@ -175,6 +175,64 @@ void mma_m16n8k16(float* c, const unsigned* a, const unsigned* b) {
 
 unsigned char* shared_memory() { return st.shared.data(); }
 
+static bool in_shared(const void* p, std::size_t bytes);
+
+// A pointer into shared memory as the state space's address (its offset from the start).
+unsigned shared_offset(const void* p) {
+  return static_cast<unsigned>(static_cast<const unsigned char*>(p) - st.shared.data());
+}
+
+// wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 with A from registers (kernels/wgmma.cuh):
+// each warp's 16 rows of D = (accumulate ? D : 0) + A B, A the warp's fragment in mma.sync's
+// layout (the PTX ISA's "register fragment" of wgmma's A: the same per warp), D likewise
+// (d[4 j + e]: row g + 8 (e >= 2), column 8 j + 2 t + (e & 1)), and B(k, n) read from shared
+// memory through the descriptor as the PTX ISA's "Matrix Descriptor Format" and CUTLASS's
+// canonical layouts without swizzle say: start, LBO, SBO in 16-byte units (bits 0-13, 16-29,
+// 32-45), B(k, n) at start + (n % 8) 16 + (k % 8) 2 + (n / 8) SBO + (k / 8) LBO (K-major),
+// or start + (k % 8) 16 + (n % 8) 2 + (n / 8) SBO + (k / 8) LBO (trans_b: MN-major). A swizzled
+// layout or a base offset is a fault here (nothing uses them). Computed at once: the
+// asynchrony (results only after wgmma.wait_group) is not modelled.
+void wgmma_m64n64k16(float* d, const unsigned* a, std::uint64_t desc, int accumulate, int trans_b) {
+  const int me = st.current, base = me - lane_id();
+  std::memcpy(st.lanes[me].a, a, sizeof st.lanes[me].a);
+  park(AT_WARP_BARRIER);
+  const unsigned start = static_cast<unsigned>(desc & 0x3fffu) << 4,
+                 lbo = static_cast<unsigned>((desc >> 16) & 0x3fffu) << 4,
+                 sbo = static_cast<unsigned>((desc >> 32) & 0x3fffu) << 4;
+  if (((desc >> 49) & 7u) != 0 || (desc >> 62) != 0) {
+    if (st.fault.empty()) st.fault = "wgmma: a descriptor with a swizzle or a base offset (not emulated)";
+    park(DONE);
+  }
+  auto A = [&](int r, int k) {
+    const Lane& l = st.lanes[base + 4 * (r % 8) + (k % 8) / 2];
+    return half_of(l.a[(r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k % 2);
+  };
+  auto B = [&](int k, int n) {
+    const unsigned at = start + (trans_b ? (k % 8) * 16 + (n % 8) * 2 : (n % 8) * 16 + (k % 8) * 2) +
+                        (n / 8) * sbo + (k / 8) * lbo;
+    if (!in_shared(st.shared.data() + at, 2)) {
+      if (st.fault.empty())
+        st.fault = "wgmma: B(" + std::to_string(k) + ", " + std::to_string(n) + ") at shared byte " +
+                   std::to_string(at) + ", outside shared memory";
+      return 0.f;
+    }
+    std::uint16_t v;
+    std::memcpy(&v, st.shared.data() + at, 2);
+    return bf16_bits_to_float(v);
+  };
+  const int g = lane_id() / 4, t = lane_id() % 4;
+  float out[32];
+  for (int j = 0; j < 8; ++j)
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + (e >= 2 ? 8 : 0), col = 8 * j + 2 * t + (e % 2);
+      float acc = accumulate ? d[4 * j + e] : 0.f;
+      for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+      out[4 * j + e] = acc;
+    }
+  park(AT_WARP_BARRIER);
+  std::memcpy(d, out, sizeof out);
+}
+
 static bool in_shared(const void* p, std::size_t bytes) {
   const std::uintptr_t lo = reinterpret_cast<std::uintptr_t>(st.shared.data()),
                        hi = lo + st.shared.size() - GUARD_BYTES, at = reinterpret_cast<std::uintptr_t>(p);
@@ -378,6 +436,11 @@ static inline void emu_cp_async(void* dst, const void* src, bool valid) { emu::c
 static inline void emu_cp_async_commit() { emu::cp_async_commit(); }
 static inline void emu_cp_async_wait() { emu::cp_async_wait(); }
 static inline void emu_cp_async_wait_prior() { emu::cp_async_wait(1); }
+static inline unsigned emu_shared_offset(const void* p) { return emu::shared_offset(p); }
+static inline void emu_wgmma_m64n64k16(float* d, const unsigned* a, unsigned long long desc, int accumulate,
+                                       int trans_b) {
+  emu::wgmma_m64n64k16(d, a, desc, accumulate, trans_b);
+}
 
 // Before the attention kernels: their source defines short macro names (D, BM, WARPS, ...).
 namespace adamw {
@@ -396,6 +459,11 @@ namespace ce {
 #include "bf16.cuh"
 #include "cross_entropy.cu"
 }  // namespace ce
+namespace wgmma {
+#include "bf16.cuh"
+#include "wgmma.cuh"
+#include "wgmma_probe.cu"
+}  // namespace wgmma
 namespace hd16 {
 #include "bf16.cuh"
 #define HEAD_DIM 16
@@ -495,7 +563,7 @@ const Entry KERNELS[] = {
     ENTRY(rln, 0, rln_fwd_bf16), ENTRY(rln, 0, rln_fwd_f32), ENTRY(rln, 0, rln_bwd_bf16), ENTRY(rln, 0, rln_bwd_f32),
     ENTRY(rln, 0, rln_dropout_mask), ENTRY(adamw, 0, adamw_step), ENTRY(gelu, 0, gelu_bwd_bf16),
     ENTRY(gelu, 0, gelu_bwd_f32), ENTRY(ce, 0, ce_stats_bf16), ENTRY(ce, 0, ce_stats_f32), ENTRY(ce, 0, ce_grad_bf16),
-    ENTRY(ce, 0, ce_grad_f32),
+    ENTRY(ce, 0, ce_grad_f32), ENTRY(wgmma, 0, wgmma_probe),
     ENTRY(misuse, 0, barrier_in_a_branch), ENTRY(misuse, 0, shuffle_in_half_a_warp), ENTRY(misuse, 0, shared_store),
     ENTRY(misuse, 0, ldmatrix_rows), ENTRY(misuse, 0, reuse_without_a_barrier),
 };

@@ -1,0 +1,76 @@
+// Hopper's warpgroup mma (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate":
+// wgmma.mma_async, sm_90a only). One instruction of a warpgroup (4 warps, 128 threads) computes
+// D [64 x N] += A [64 x 16] B [16 x N]: A from registers (each warp its 16 rows, in mma.sync's A
+// fragment layout), B read from shared memory through a descriptor, once for the 4 warps, where
+// mma.sync has each warp load its own B fragments (`ldmatrix`): the attention kernels' shared
+// memory traffic is mostly those loads (docs/performance.md, twentieth session). D's layout per
+// warp is mma.sync's C layout repeated over N / 8: d[j][e] is (row 16 warp + g + 8 (e >= 2),
+// column 8 j + 2 t + (e & 1)).
+//
+// B without swizzle ("interleave"): core matrices of 8 rows x 16 bytes, each 128 contiguous
+// bytes. In bytes from the descriptor's start, after CUTLASS's canonical layouts
+// (cute/atom/mma_traits_sm90_gmma.hpp; LBO the leading-, SBO the stride-dimension byte offset):
+//   K-major (B^T stored [n][k], as a key tile [key][d] is for S = Q K^T), TRANS_B = 0:
+//     B(k, n) at (n % 8) * 16 + (k % 8) * 2 + (n / 8) * SBO + (k / 8) * LBO;
+//   MN-major (B stored [k][n], as a value tile [key][d] is for O = P V), TRANS_B = 1:
+//     B(k, n) at (k % 8) * 16 + (n % 8) * 2 + (n / 8) * SBO + (k / 8) * LBO.
+// The emulator reads B this way (emulate.cpp); `wgmma_probe` checks on the GPU that the
+// hardware does too.
+
+// The descriptor (PTX ISA, "Matrix Descriptor Format"): bits 0-13 the start address, 16-29 LBO,
+// 32-45 SBO, each in 16-byte units; base offset (49-51) and layout (62-63: 0, no swizzle) zero.
+__device__ __forceinline__ unsigned long long wgmma_desc(unsigned int start, unsigned int lbo, unsigned int sbo) {
+  return (unsigned long long)((start & 0x3ffffu) >> 4) | (unsigned long long)((lbo & 0x3ffffu) >> 4) << 16 |
+         (unsigned long long)((sbo & 0x3ffffu) >> 4) << 32;
+}
+
+#ifdef DEBERTA_EMULATE
+__device__ __forceinline__ unsigned int wgmma_shared(const void* p) { return emu_shared_offset(p); }
+__device__ __forceinline__ void wgmma_fence() {}
+__device__ __forceinline__ void wgmma_commit() {}
+__device__ __forceinline__ void wgmma_wait_all() {}
+__device__ __forceinline__ void fence_proxy_async() {}
+__device__ __forceinline__ void wgmma_fence_operands(float (*)[4]) {}
+// d = (accumulate ? d : 0) + A B, m64n64k16, bf16 in, fp32 accumulate.
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n64k16(float (*d)[4], const unsigned int* a, unsigned long long desc,
+                                                int accumulate) {
+  emu_wgmma_m64n64k16(&d[0][0], a, desc, accumulate, TRANS_B);
+}
+#else
+// The shared-memory address the descriptor takes (the state space's own, 32-bit).
+__device__ __forceinline__ unsigned int wgmma_shared(const void* p) {
+  return (unsigned int)__cvta_generic_to_shared(p);
+}
+// Before a warpgroup's first wgmma reads registers (A, D) that other instructions wrote.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Shared memory written by ordinary stores (the generic proxy), made visible to wgmma's reads
+// (the async proxy).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Keeps the compiler from moving the accumulators' reads or writes across a wgmma wait.
+__device__ __forceinline__ void wgmma_fence_operands(float (*d)[4]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
+}
+// a: the warp's A fragment (4 registers, mma.sync's layout).
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n64k16(float (*d)[4], const unsigned int* a, unsigned long long desc,
+                                                int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %38, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1, %37;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
+        "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),
+        "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TRANS_B), "r"(accumulate));
+}
+#endif
