@@ -41,7 +41,8 @@ import tempfile
 KERNELS = ["dattn_fwd", "dattn_fwd_rel", "dattn_bwd_kv", "dattn_bwd_kv_rel", "dattn_bwd_q", "dattn_bwd_q_rel",
            "dattn_bwd_q_ds", "dattn_bwd_v_ds", "dattn_bwd_k_ds",  # dattn_bwd_q_rel: until 2026-11-27
            "dattn_bwd_kv_rel_diag", "dattn_bwd_q_ds_diag", "dattn_bwd_k_ds_diag", "dattn_table_grads",  # since the sixteenth session
-           "dattn_bwd_kv_rel_lean"]  # since the seventeenth
+           "dattn_bwd_kv_rel_lean",  # since the seventeenth
+           "dattn_fwd_rel_wg"]  # since the twentieth, with --sm90a
 SHOWN = ["HMMA", "LDSM", "LDS", "STS", "MUFU", "IMAD", "BRA"]
 
 
@@ -52,6 +53,9 @@ def wavefronts(op):
         return 4 if op.endswith(".4") else 2 if op.endswith(".2") else 1
     if name in ("LDS", "STS", "LDGSTS", "ATOMS"):
         return 4 if ".128" in op else 2 if ".64" in op else 1
+    m = re.match(r"HGMMA\.64x(\d+)x16", op)
+    if m:  # wgmma's B (16 x N bf16) from shared memory, once per warpgroup: a quarter per warp
+        return 16 * int(m.group(1)) * 2 // 128 / 4
     return 0
 
 
@@ -68,12 +72,12 @@ def tools():
     return nvrtc, ptxas, cuobjdump
 
 
-def ptx_of(source, nvrtc, head_dim, defines=()):
+def ptx_of(source, nvrtc, head_dim, defines=(), arch="compute_90"):
     lib = ctypes.CDLL(nvrtc)
     prog = ctypes.c_void_p()
     if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"disentangled_attention.cu", 0, None, None):
         sys.exit("kernel-stats: nvrtcCreateProgram failed")
-    opts = [b"--gpu-architecture=compute_90", f"-DHEAD_DIM={head_dim}".encode(), b"--std=c++17"]
+    opts = [f"--gpu-architecture={arch}".encode(), f"-DHEAD_DIM={head_dim}".encode(), b"--std=c++17"]
     opts += [f"-D{d}".encode() for d in defines]
     rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
@@ -88,13 +92,13 @@ def ptx_of(source, nvrtc, head_dim, defines=()):
     return ptx.value
 
 
-def stats(source, head_dim, defines=()):
+def stats(source, head_dim, defines=(), sm90a=False):
     nvrtc, ptxas, cuobjdump = tools()
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "k.ptx"), "wb") as f:
-            f.write(ptx_of(source, nvrtc, head_dim, defines))
-        log = subprocess.run([ptxas, "-arch=sm_90", "-v", "k.ptx", "-o", "k.cubin"], cwd=d, capture_output=True,
-                             text=True, check=True).stderr
+            f.write(ptx_of(source, nvrtc, head_dim, defines, "compute_90a" if sm90a else "compute_90"))
+        log = subprocess.run([ptxas, "-arch=sm_90a" if sm90a else "-arch=sm_90", "-v", "k.ptx", "-o", "k.cubin"],
+                             cwd=d, capture_output=True, text=True, check=True).stderr
         sass = subprocess.run([cuobjdump, "-sass", "k.cubin"], cwd=d, capture_output=True, text=True,
                               check=True).stdout
     regs, name = {}, None
@@ -135,7 +139,7 @@ def stats(source, head_dim, defines=()):
             body += [t for a, t in ins if inner[0][0] <= a <= inner[0][1]]
         ops = collections.Counter(t.split()[0].split(".")[0] for t in body)
         full = collections.Counter(t.split()[0] for t in body)  # with the modifiers
-        smem = sum(wavefronts(op) * c for op, c in full.items())
+        smem = round(sum(wavefronts(op) * c for op, c in full.items()))
         out[k] = (regs[k], len(body), ops, full, smem)
     return out
 
@@ -147,13 +151,15 @@ def main():
     ap.add_argument("--ops", metavar="KERNEL", help="every opcode of this kernel's tile, counted")
     ap.add_argument("--dropout", action="store_true",
                     help="count the training path: the kernels' `p_drop > 0` branches compiled as taken")
+    ap.add_argument("--sm90a", action="store_true",
+                    help="compile for sm_90a (the build DEBERTA_FORWARD_WGMMA=1 loads): adds dattn_fwd_rel_wg")
     ap.add_argument("--define", action="append", default=[], metavar="NAME",
                     help="compile with -DNAME too (e.g. PHASE_TIMING, kernel-check's timed build)")
     args = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # The source as the worker compiles it: the shared bf16 helpers, then the kernels (before
     # the helpers had their own file, the kernel file alone).
-    files = ["model/src/kernels/bf16.cuh", "model/src/kernels/disentangled_attention.cu"]
+    files = ["model/src/kernels/bf16.cuh", "model/src/kernels/wgmma.cuh", "model/src/kernels/disentangled_attention.cu"]
 
     def source(parts):
         text = "".join(parts)
@@ -164,7 +170,7 @@ def main():
             sys.exit("kernel-stats: --dropout found no `if (p_drop > 0.f) {` to take")
         return taken
 
-    now = stats(source(open(os.path.join(root, f)).read() for f in files), args.head_dim, args.define)
+    now = stats(source(open(os.path.join(root, f)).read() for f in files), args.head_dim, args.define, args.sm90a)
     base = None
     if args.base:
         parts = []
@@ -173,7 +179,7 @@ def main():
             if src.returncode and f.endswith(".cu"):
                 sys.exit(f"kernel-stats: git show {args.base}:{f}: {src.stderr.strip()}")
             parts.append(src.stdout if src.returncode == 0 else "")
-        base = stats(source(parts), args.head_dim, args.define)
+        base = stats(source(parts), args.head_dim, args.define, args.sm90a)
     print(f"sm_90, head size {args.head_dim}; static instructions per tile (the tile loop's body"
           + (", dropout's branches taken)" if args.dropout else ")"))
     print(f"{'kernel':<22} {'regs':>4} {'spill':>5} {'per tile':>8} {'smem':>5}  " + " ".join(f"{o:>5}" for o in SHOWN)

@@ -27,9 +27,10 @@ use tch::{Device, Kind, Tensor};
 use crate::attention::{attention_mask, skew_view, xsoftmax};
 use crate::cuda::{self, ptr, Arg, Kernels};
 
-/// The kernels' CUDA C source (after the shared bf16 helpers).
+/// The kernels' CUDA C source (after the shared bf16 helpers and the wgmma helpers).
 pub const SOURCE: &str = concat!(
     include_str!("kernels/bf16.cuh"),
+    include_str!("kernels/wgmma.cuh"),
     include_str!("kernels/disentangled_attention.cu")
 );
 
@@ -459,36 +460,77 @@ fn options(head_dim: i64, timed: bool) -> Vec<String> {
 thread_local! {
     /// Launch the phase-timed build (`phases`) on this thread.
     static PHASE_TIMED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// This thread's choice of the forward kernel (`set_forward_wgmma`); None: the environment's.
+    static FORWARD_WGMMA: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
-/// The GPU build of the kernels for `device` and `head_dim`, the phase-timed one if `timed`.
+/// Whether the forward with the relative terms inside runs by wgmma (`dattn_fwd_rel_wg`: S and
+/// P V by Hopper's warpgroup mma, which reads K and V from shared memory once for the block's 4
+/// warps; sm_90a, so an H100 or H200, and head size 64, the 1.5B model's; other head sizes
+/// keep `dattn_fwd_rel`). Opt-in while no device has run it: `DEBERTA_FORWARD_WGMMA=1` (0 or
+/// unset: off; anything else is an error), or `set_forward_wgmma` on this thread. On a GPU
+/// that is not sm_90 the switch is an error, not a silent fallback.
+pub fn forward_wgmma() -> Result<bool, String> {
+    if let Some(on) = FORWARD_WGMMA.with(|w| w.get()) {
+        return Ok(on);
+    }
+    static FROM_ENV: std::sync::OnceLock<Result<bool, String>> = std::sync::OnceLock::new();
+    FROM_ENV
+        .get_or_init(|| match std::env::var("DEBERTA_FORWARD_WGMMA").as_deref() {
+            Err(_) | Ok("0") => Ok(false),
+            Ok("1") => Ok(true),
+            Ok(other) => Err(format!("DEBERTA_FORWARD_WGMMA={other}: expected 0 or 1")),
+        })
+        .clone()
+}
+
+/// `forward_wgmma` on this thread (tests, kernel-check), or back to the environment's (None).
+pub fn set_forward_wgmma(on: Option<bool>) {
+    FORWARD_WGMMA.with(|w| w.set(on));
+}
+
+/// The forward kernel with the relative terms inside, for head size `head_dim`.
+fn forward_rel_kernel(head_dim: i64) -> Result<&'static str, String> {
+    Ok(if forward_wgmma()? && head_dim == 64 {
+        "dattn_fwd_rel_wg"
+    } else {
+        "dattn_fwd_rel"
+    })
+}
+
+/// The GPU build of the kernels for `device` and `head_dim`, the phase-timed one if `timed`;
+/// for sm_90a with the wgmma forward if `forward_rel_kernel` picks it.
 fn gpu_kernels(device: Device, head_dim: i64, timed: bool) -> Result<Arc<cuda::Module>, String> {
     let shared = shared_bytes(head_dim);
-    cuda::load(
-        device,
-        SOURCE,
-        "disentangled_attention.cu",
-        &options(head_dim, timed),
-        &[
-            ("dattn_fwd", shared.fwd),
-            ("dattn_fwd_rel", shared.fwd_rel),
-            ("dattn_bwd_kv", shared.bwd),
-            ("dattn_bwd_q", shared.bwd),
-            ("dattn_bwd_kv_rel", shared.bwd_rel),
-            ("dattn_bwd_q_ds", shared.bwd_q_ds),
-            ("dattn_bwd_v_ds", shared.bwd_v_ds),
-            ("dattn_bwd_k_ds", shared.bwd_q_ds),
-            ("dattn_bwd_kv_rel_diag", shared.bwd_rel),
-            ("dattn_bwd_kv_rel_lean", shared.bwd_rel_lean),
-            ("dattn_bwd_q_ds_diag", shared.bwd_q_ds),
-            ("dattn_bwd_k_ds_diag", shared.bwd_q_ds),
-            ("dattn_table_grads", shared.table_grads),
-            ("dattn_table_grads_sum", 0),
-            ("dattn_rel_reduce", 0),
-            ("dattn_row_dot", 0),
-            ("dattn_dropout_mask", 0),
-        ],
-    )
+    let wg = forward_rel_kernel(head_dim)? == "dattn_fwd_rel_wg";
+    let mut options = options(head_dim, timed);
+    let mut functions = vec![("dattn_fwd_rel_wg", shared.fwd_rel)];
+    if wg {
+        options.push("-DFORWARD_WGMMA".into()); // a build of its own in `load`'s cache
+    } else {
+        functions.clear();
+    }
+    let load = if wg { cuda::load_sm90a } else { cuda::load };
+    functions.extend_from_slice(&[
+        ("dattn_fwd", shared.fwd),
+        ("dattn_fwd_rel", shared.fwd_rel),
+        ("dattn_bwd_kv", shared.bwd),
+        ("dattn_bwd_q", shared.bwd),
+        ("dattn_bwd_kv_rel", shared.bwd_rel),
+        ("dattn_bwd_q_ds", shared.bwd_q_ds),
+        ("dattn_bwd_v_ds", shared.bwd_v_ds),
+        ("dattn_bwd_k_ds", shared.bwd_q_ds),
+        ("dattn_bwd_kv_rel_diag", shared.bwd_rel),
+        ("dattn_bwd_kv_rel_lean", shared.bwd_rel_lean),
+        ("dattn_bwd_q_ds_diag", shared.bwd_q_ds),
+        ("dattn_bwd_k_ds_diag", shared.bwd_q_ds),
+        ("dattn_table_grads", shared.table_grads),
+        ("dattn_table_grads_sum", 0),
+        ("dattn_rel_reduce", 0),
+        ("dattn_row_dot", 0),
+        ("dattn_dropout_mask", 0),
+    ]);
+    load(device, SOURCE, "disentangled_attention.cu", &options, &functions)
 }
 
 /// The kernels for `device`: compiled and loaded on a GPU, the emulator's build on the CPU.
@@ -663,7 +705,7 @@ fn kernel_forward(x: &CoreInputs, seed: u64, rel: RelativeTerms) -> Result<(Tens
     let (o, function, shared) = match rel {
         RelativeTerms::Tables => (operands(x), "dattn_fwd", shared_bytes(d).fwd),
         RelativeTerms::InKernel | RelativeTerms::InKernelForward | RelativeTerms::InKernelSplit => {
-            (operands_rel(x), "dattn_fwd_rel", shared_bytes(d).fwd_rel)
+            (operands_rel(x), forward_rel_kernel(d)?, shared_bytes(d).fwd_rel)
         }
     };
     stage("forward: tables (2 GEMMs) or K_r, Q_r in bf16");
@@ -1036,6 +1078,23 @@ mod tests {
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
+        // The sm_90 build holds no wgmma (the driver would refuse it); the sm_90a one the
+        // forward by wgmma, at 3 blocks per SM like `dattn_fwd_rel`.
+        let ptx = compile(64, "sm_90").unwrap().to_src();
+        assert!(!ptx.contains("wgmma"), "wgmma in the sm_90 build");
+        let report = cuda::ptxas_report_for(&compile(64, "sm_90a").unwrap().to_src(), "sm_90a");
+        let &(_, regs, spill) = report
+            .iter()
+            .find(|r| r.0 == "dattn_fwd_rel_wg")
+            .unwrap_or_else(|| panic!("dattn_fwd_rel_wg missing from ptxas's sm_90a report: {report:?}"));
+        let blocks = (65536 / (regs * 32 * 4)).min(228 * 1024 / (sh.fwd_rel + 1024));
+        println!(
+            "dattn_fwd_rel_wg      {regs:>3} registers, {spill:>4} bytes spilled: {blocks} blocks per SM (sm_90a)"
+        );
+        assert!(
+            blocks >= 3 && spill == 0,
+            "dattn_fwd_rel_wg: {blocks} blocks per SM ({regs} registers), {spill} bytes spilled"
+        );
     }
 
     #[test]

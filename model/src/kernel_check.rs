@@ -285,6 +285,13 @@ mod tests {
         TableGrads::set_for_this_thread(Some(TableGrads::DiagonalsKeptWindows));
         check_with(c, RelativeTerms::InKernel);
         TableGrads::set_for_this_thread(None);
+        // The forward by wgmma (head size 64 only), its B operands read as the emulator reads
+        // them (`wgmma_probe` checks on the GPU that the hardware reads them so).
+        if c.d == 64 {
+            fused_attention::set_forward_wgmma(Some(true));
+            check_with(c, RelativeTerms::InKernel);
+            fused_attention::set_forward_wgmma(None);
+        }
     }
 
     fn check_with(c: &Case, rel: RelativeTerms) {
@@ -353,6 +360,21 @@ mod tests {
                 let (a, b) = (run(&x, rel, false), run(&x, rel, true));
                 for (x, y) in a.iter().zip(&b) {
                     assert!(x.equal(y), "{} ({rel:?}): the result depends on the schedule", c.name);
+                }
+            }
+            if c.d == 64 {
+                fused_attention::set_forward_wgmma(Some(true));
+                let (a, b) = (
+                    run(&x, RelativeTerms::InKernel, false),
+                    run(&x, RelativeTerms::InKernel, true),
+                );
+                fused_attention::set_forward_wgmma(None);
+                for (x, y) in a.iter().zip(&b) {
+                    assert!(
+                        x.equal(y),
+                        "{} (wgmma forward): the result depends on the schedule",
+                        c.name
+                    );
                 }
             }
             TableGrads::set_for_this_thread(Some(TableGrads::Partials));

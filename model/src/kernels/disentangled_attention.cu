@@ -274,6 +274,33 @@ __device__ __forceinline__ void load_tile_async(bf16* __restrict__ dst, const bf
                                                 int r0, int N, int H) {
   load_tile_async(dst, src, b, h, r0, N, H, threadIdx.x);
 }
+// As `load_tile_async`, into a core-matrix tile (the layout wgmma reads without swizzle,
+// kernels/wgmma.cuh; no padding, 8 KB at D = 64): row r's columns [8 c, 8 c + 8) at element
+// 8 D (r / 8) + 64 c + 8 (r % 8). A warp's 32 copies are 4 columns of 8 rows, so that they fill
+// the 32 banks 4 times over (by rows first, 8 columns of one row would all land in 4 banks).
+// For a key tile the core matrices along a row are wgmma's K direction (LBO 128 bytes), along
+// the rows its N (SBO 16 D bytes); for a value tile the other way round.
+__device__ __forceinline__ void load_tile_cm_async(bf16* __restrict__ dst, const bf16* __restrict__ src, int b,
+                                                   int h, int r0, int N, int H) {
+  constexpr unsigned int CHUNKS = D / 8, PER = BN * CHUNKS / THREADS, STEP = THREADS / CHUNKS;
+  const unsigned int t = opaque(threadIdx.x), r = t % 8 + 8 * (t / (8 * CHUNKS)), c = t / 8 % CHUNKS;
+  const bf16* from = src + (((long long)b * N + r0 + r) * H + h) * D + c * 8;
+  const long long step = (long long)STEP * H * D;
+  bf16* to = dst + r / 8 * 8 * D + c * 64 + r % 8 * 8;  // STEP is a multiple of 8: + 8 D STEP / 8 per copy
+#pragma unroll
+  for (unsigned int it = 0; it < PER; ++it) {
+    const bool in = r0 + (int)(r + it * STEP) < N;
+    cp_async16(to + it * STEP * D, in ? from + it * step : src, in);
+  }
+}
+// The A fragments of rows [row0, row0 + 16) of a core-matrix tile (`load_tile_cm_async`), as
+// `load_rows` takes them from a padded one.
+__device__ __forceinline__ void load_rows_cm(FragA* a, const bf16* tile, int row0) {
+  const unsigned int lane = threadIdx.x % 32, m = lane >> 3, r = row0 + (lane & 7) + 8 * (m & 1);
+  const bf16* p = tile + r / 8 * 8 * D + (m >> 1) * 64 + r % 8 * 8;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) ldsm4(a[kk].x, p + kk * 128);
+}
 
 // band[r][c] = table[row0 + r][(N-1-(row0+r)) + col0 + c] for r, c < 64 (0 outside [0, N)): the
 // relative term of (row0 + r, col0 + c) in a table indexed (row, N-1-row+col). Coalesced: each
@@ -741,8 +768,8 @@ __device__ __forceinline__ void load_relative(bf16* Cb, bf16* Pb, bf16* KRw, bf1
 // tile's [64][LDS] key rows (each warp multiplies its 16). Ends with a barrier: every warp
 // reads Pb. The forward (query rows) gets the p2c band transposed, Pb[query][key]; the keys
 // kernel (`relative_bands_t`, key rows) the c2p band, Cb[key][query]: each reads both as pairs.
-// zero: 0, for `rows_as_b`.
-template <bool CT, bool PT>
+// zero: 0, for `rows_as_b`. CM: Ks is a core-matrix tile (the wgmma forward's).
+template <bool CT, bool PT, bool CM = false>
 __device__ __forceinline__ void relative_bands(bf16* Cb, bf16* Pb, Window KRw, Window QRw, bool c2p, bool p2c,
                                                const FragA* qf, const bf16* Ks, unsigned int zero) {
   if (c2p && CT) skewed_band_t(Cb, qf, KRw);
@@ -754,7 +781,8 @@ __device__ __forceinline__ void relative_bands(bf16* Cb, bf16* Pb, Window KRw, W
   const bf16* own = Ks + threadIdx.x / 32 * 16 * LDS;  // the warp's key rows
   if (p2c && PT) {
     FragA rows[D / 16];
-    load_rows(rows, own);
+    if (CM) load_rows_cm(rows, Ks, threadIdx.x / 32 * 16);
+    else load_rows(rows, own);
     skewed_band_t(Pb, rows, QRw);
   }
   if (p2c && !PT) {
@@ -780,7 +808,10 @@ __device__ __forceinline__ void relative_bands_t(bf16* Cb, bf16* Pb, Window KRw,
 // scores of K's are computed; the next tile's K (and with REL the new halves of the windows)
 // while the probabilities meet V.
 // REL: c2p and p2c are K_r and Q_r [H][2N][D] (the `_rel` kernels), else the tables [H, B, N, 2N].
-template <bool REL>
+// WG (REL, D = 64, sm_90a: `dattn_fwd_rel_wg`): S = Q K^T and O += P V by wgmma, the K and V
+// tiles in core-matrix layout, read from shared memory once for the 4 warps where each warp
+// loaded all of both by ldmatrix (128 of the tile's 474 shared-memory wavefronts per warp).
+template <bool REL, bool WG = false>
 __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                     const bf16* __restrict__ v, const bf16* __restrict__ c2p,
                                     const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
@@ -807,7 +838,8 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
   if (REL && !c2p) zero_band(Cb);
   if (REL && !p2c) zero_band(Pb);
   load_tile_async(Qs, q, b, h, m_blk, N, H);
-  load_tile_async(Ks, k, b, h, 0, N, H);
+  if (WG) load_tile_cm_async(Ks, k, b, h, 0, N, H);
+  else load_tile_async(Ks, k, b, h, 0, N, H);
   if (REL) load_relative<true>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, 0, 0, 1);
   cp_async_commit();
   cp_async_wait_all();
@@ -826,20 +858,32 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     const unsigned long long kb = key_bits(mask, b, n0, N);  // the same in every warp
     PHASE(7);
     cp_async_wait_all();  // this tile's K (and windows), issued mid-way through the previous tile
+    if (WG) fence_proxy_async();  // K, written by cp.async (the generic proxy), for wgmma's reads
     __syncthreads();
     PHASE(0);
-    load_tile_async(Vs, v, b, h, n0, N, H);
+    if (WG) load_tile_cm_async(Vs, v, b, h, n0, N, H);
+    else load_tile_async(Vs, v, b, h, n0, N, H);
     cp_async_commit();
     if (REL)
-      relative_bands<false, true>(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, qf, Ks,
-                                  (unsigned int)N >> 17);
+      relative_bands<false, true, WG>(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, qf, Ks,
+                                      (unsigned int)N >> 17);
     if (kb != ~0ull) {  // block-uniform
       mask_keys<false>(Cb, kb, BF16_NEG_INF);
       __syncthreads();
     }
     PHASE(1);
     float s[BN / 8][4];
-    frags_times_tile_t<BN / 8>(s, qf, Ks);  // c2c
+    if (WG) {  // c2c by wgmma: K-major B, along K (D) 128 bytes per core matrix, along N 16 D
+      wgmma_fence();
+      const unsigned int ks = wgmma_shared(Ks);
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64k16<0>(s, qf[kk].x, wgmma_desc(ks + 256 * kk, 128, 16 * D), kk > 0);
+      wgmma_commit();
+      wgmma_wait_all();
+      wgmma_fence_operands(s);
+    } else {
+      frags_times_tile_t<BN / 8>(s, qf, Ks);  // c2c
+    }
     PHASE(2);
     float mx_a = NEG_INF, mx_b = NEG_INF;
 #pragma unroll
@@ -906,16 +950,28 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     to_a<BN / 16>(pa, s);
     PHASE(3);
     cp_async_wait_all();  // this tile's V
+    if (WG) fence_proxy_async();
     __syncthreads();      // and every warp is done with K and the windows' old half
     // Without c2p the band is zeroed once, not rewritten per tile: its -inf go again.
     if (REL && !c2p && kb != ~0ull) mask_keys<false>(Cb, kb, 0);
     PHASE(4);
     if (n0 + BN < N) {
-      load_tile_async(Ks, k, b, h, n0 + BN, N, H);
+      if (WG) load_tile_cm_async(Ks, k, b, h, n0 + BN, N, H);
+      else load_tile_async(Ks, k, b, h, n0 + BN, N, H);
       if (REL) load_relative<true>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, n0 + BN, n + 1, 1);
       cp_async_commit();
     }
-    weights_times_tile<BN / 16>(o, pa, Vs);  // O += dropout(P) V
+    if (WG) {  // O += dropout(P) V by wgmma: MN-major B, along K (keys) 16 D bytes, along N 128
+      wgmma_fence();
+      const unsigned int vs = wgmma_shared(Vs);
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) wgmma_m64n64k16<1>(o, pa[kk].x, wgmma_desc(vs + 32 * D * kk, 16 * D, 128), 1);
+      wgmma_commit();
+      wgmma_wait_all();
+      wgmma_fence_operands(o);
+    } else {
+      weights_times_tile<BN / 16>(o, pa, Vs);  // O += dropout(P) V
+    }
     PHASE(5);
   }
   l_a = quad_sum(l_a);
@@ -942,6 +998,13 @@ KERNEL void __launch_bounds__(128, 3) dattn_fwd(FWD_PARAMS) {
 KERNEL void __launch_bounds__(128, 3) dattn_fwd_rel(FWD_PARAMS) {
   fwd<true>(q, k, v, c2p, p2c, mask, out, lse, H, N, p_drop, seed);
 }
+#if D == 64 && (defined(DEBERTA_EMULATE) || defined(__CUDA_ARCH_FEAT_SM90_ALL))
+// The same with c2c and P V by wgmma (`fwd`'s WG): sm_90a (the build `DEBERTA_FORWARD_WGMMA=1`
+// loads on an H100 or H200), head size 64 (the m64n64k16 shape: N = D for P V).
+KERNEL void __launch_bounds__(128, 3) dattn_fwd_rel_wg(FWD_PARAMS) {
+  fwd<true, true>(q, k, v, c2p, p2c, mask, out, lse, H, N, p_drop, seed);
+}
+#endif
 
 // Shared memory of the backward kernels: the log-sum-exp (times log2 e; +inf for a masked or
 // missing query, whose probabilities are then 0) and D_i of the tile's queries (one 64-bit load

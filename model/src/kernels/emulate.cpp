@@ -466,18 +466,21 @@ namespace wgmma {
 }  // namespace wgmma
 namespace hd16 {
 #include "bf16.cuh"
+#include "wgmma.cuh"
 #define HEAD_DIM 16
 #include "disentangled_attention.cu"
 #undef HEAD_DIM
 }  // namespace hd16
 namespace hd32 {
 #include "bf16.cuh"
+#include "wgmma.cuh"
 #define HEAD_DIM 32
 #include "disentangled_attention.cu"
 #undef HEAD_DIM
 }  // namespace hd32
 namespace hd64 {
 #include "bf16.cuh"
+#include "wgmma.cuh"
 #define HEAD_DIM 64
 #include "disentangled_attention.cu"
 #undef HEAD_DIM
@@ -558,7 +561,7 @@ const Entry KERNELS[] = {
     ENTRY(hd64, 64, dattn_bwd_kv_rel), ENTRY(hd64, 64, dattn_bwd_q_ds), ENTRY(hd64, 64, dattn_rel_reduce), ENTRY(hd64, 64, dattn_row_dot),
     ENTRY(hd64, 64, dattn_bwd_v_ds), ENTRY(hd64, 64, dattn_bwd_k_ds),
     ENTRY(hd64, 64, dattn_bwd_kv_rel_diag), ENTRY(hd64, 64, dattn_bwd_kv_rel_lean), ENTRY(hd64, 64, dattn_bwd_q_ds_diag), ENTRY(hd64, 64, dattn_bwd_k_ds_diag),
-    ENTRY(hd64, 64, dattn_table_grads), ENTRY(hd64, 64, dattn_table_grads_sum),
+    ENTRY(hd64, 64, dattn_table_grads), ENTRY(hd64, 64, dattn_table_grads_sum), ENTRY(hd64, 64, dattn_fwd_rel_wg),
     ENTRY(hd64, 0, dattn_dropout_mask),
     ENTRY(rln, 0, rln_fwd_bf16), ENTRY(rln, 0, rln_fwd_f32), ENTRY(rln, 0, rln_bwd_bf16), ENTRY(rln, 0, rln_bwd_f32),
     ENTRY(rln, 0, rln_dropout_mask), ENTRY(adamw, 0, adamw_step), ENTRY(gelu, 0, gelu_bwd_bf16),
