@@ -2,7 +2,7 @@
 # One GPU session's device call, as the eleventh session ran it by hand (docs/performance.md):
 # three parts in a row, each returning one tarball in its own folder of $OUT (the runner returns
 # at most 8 files), so a call cut short still returns the parts it finished:
-#   1. check/    kernel-check, then our VARIANTS at the first batch size (the first traced) and
+#   1. check/    kernel-check and wgmma-probe (gpu-bench.sh), then our VARIANTS at the first batch size (the first traced) and
 #                the baseline worker's first variant beside them (BASELINE=REV bash
 #                cluster/gpu-bundle.sh; without one it is skipped), with their ratio: a change
 #                against what it replaced on one machine (machines differ by ~1.3%, so builds

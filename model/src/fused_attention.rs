@@ -504,14 +504,7 @@ fn gpu_kernels(device: Device, head_dim: i64, timed: bool) -> Result<Arc<cuda::M
     let shared = shared_bytes(head_dim);
     let wg = forward_rel_kernel(head_dim)? == "dattn_fwd_rel_wg";
     let mut options = options(head_dim, timed);
-    let mut functions = vec![("dattn_fwd_rel_wg", shared.fwd_rel)];
-    if wg {
-        options.push("-DFORWARD_WGMMA".into()); // a build of its own in `load`'s cache
-    } else {
-        functions.clear();
-    }
-    let load = if wg { cuda::load_sm90a } else { cuda::load };
-    functions.extend_from_slice(&[
+    let mut functions = vec![
         ("dattn_fwd", shared.fwd),
         ("dattn_fwd_rel", shared.fwd_rel),
         ("dattn_bwd_kv", shared.bwd),
@@ -529,8 +522,13 @@ fn gpu_kernels(device: Device, head_dim: i64, timed: bool) -> Result<Arc<cuda::M
         ("dattn_rel_reduce", 0),
         ("dattn_row_dot", 0),
         ("dattn_dropout_mask", 0),
-    ]);
-    load(device, SOURCE, "disentangled_attention.cu", &options, &functions)
+    ];
+    if !wg {
+        return cuda::load(device, SOURCE, "disentangled_attention.cu", &options, &functions);
+    }
+    options.push("-DFORWARD_WGMMA".into()); // a build of its own in `load`'s cache
+    functions.push(("dattn_fwd_rel_wg", shared.fwd_rel));
+    cuda::load_sm90a(device, SOURCE, "disentangled_attention.cu", &options, &functions)
 }
 
 /// The kernels for `device`: compiled and loaded on a GPU, the emulator's build on the CPU.

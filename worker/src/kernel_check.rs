@@ -519,6 +519,71 @@ fn wgrad(device: Device) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
+/// `deberta-worker wgmma-probe`: Hopper's wgmma against a known product
+/// (`deberta_model::wgmma_probe`), then on a GPU the forward by wgmma (`dattn_fwd_rel_wg`,
+/// `DEBERTA_FORWARD_WGMMA=1`) against the reference on the head-size-64 cases and its time
+/// beside `dattn_fwd_rel`'s. Apart from kernel-check, in a process of its own: a wgmma the
+/// hardware rejects would leave the CUDA context unusable for every check after it. Ok(false)
+/// if something is not as intended.
+pub fn wgmma(device: Device) -> anyhow::Result<bool> {
+    let on = if device.is_cuda() {
+        "GPU 0 (sm_90a)"
+    } else {
+        "the CPU emulator"
+    };
+    println!("wgmma probe on {on}:");
+    let cases = deberta_model::wgmma_probe::run(device).map_err(anyhow::Error::msg)?;
+    let (lines, mut ok) = deberta_model::wgmma_probe::report(&cases);
+    for line in lines {
+        println!("  {line}");
+    }
+    if !device.is_cuda() {
+        return Ok(ok); // the model's tests check the wgmma forward in the emulator
+    }
+    println!("the forward by wgmma (dattn_fwd_rel_wg) vs the reference formulas:");
+    fused_attention::set_forward_wgmma(Some(true));
+    for (c, _) in CASES.iter().filter(|(c, _)| c.d == 64) {
+        ok &= check_case(c, device, RelativeTerms::InKernel)?;
+    }
+    // The forward alone at the 1.5B model's shape, batch 8 x 512, each kernel.
+    let c = Case {
+        name: "xxlarge core, batch 8 x 512",
+        b: 8,
+        h: 24,
+        n: 512,
+        d: 64,
+        lengths: &[512; 8],
+        holes: 0,
+        c2p: true,
+        p2c: true,
+        dropout: 0.1,
+        rising: false,
+    };
+    let x = inputs(&c, device, Kind::BFloat16);
+    for wg in [false, true] {
+        fused_attention::set_forward_wgmma(Some(wg));
+        let ms = time_ms(device, 20, || {
+            let _ = fused_attention::forward_kernels_with(x.map(Tensor::shallow_clone), 7, RelativeTerms::InKernel)
+                .expect("fused forward");
+        });
+        println!(
+            "  {} forward ({}): {ms:.3} ms",
+            c.name,
+            if wg {
+                "dattn_fwd_rel_wg, wgmma"
+            } else {
+                "dattn_fwd_rel, mma.sync"
+            }
+        );
+    }
+    fused_attention::set_forward_wgmma(None);
+    println!(
+        "wgmma-probe: {}",
+        if ok { "all as intended" } else { "NOT as intended" }
+    );
+    Ok(ok)
+}
+
 /// All checks on `groups.device`; Ok(false) if one failed.
 pub fn run(groups: &Groups) -> anyhow::Result<bool> {
     let device = groups.device;

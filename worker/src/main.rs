@@ -92,7 +92,8 @@ enum Command {
     },
     /// Hopper's wgmma against a known product, its B operand in both layouts the kernels would
     /// use, with the descriptor as intended and with its strides swapped
-    /// (deberta_model::wgmma_probe): whether the hardware reads them as intended. Exit 1 if not.
+    /// (deberta_model::wgmma_probe): whether the hardware reads them as intended; then on the
+    /// GPU the forward by wgmma against the reference, and its time. Exit 1 if not as intended.
     WgmmaProbe {
         /// In the CPU emulator (which reads them as intended) instead of the GPU.
         #[arg(long)]
@@ -298,22 +299,11 @@ fn kernel_check(world: &mpi::topology::SimpleCommunicator, emulate: bool) -> Exi
 
 fn wgmma_probe(emulate: bool) -> ExitCode {
     let device = if emulate { Device::Cpu } else { Device::Cuda(0) };
-    match deberta_model::wgmma_probe::run(device) {
-        Ok(cases) => {
-            let (lines, intended) = deberta_model::wgmma_probe::report(&cases);
-            let on = if emulate { "the CPU emulator" } else { "GPU 0 (sm_90a)" };
-            println!("wgmma probe on {on}:");
-            for line in lines {
-                println!("  {line}");
-            }
-            if intended {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
+    match deberta_worker::kernel_check::wgmma(device) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("error: wgmma-probe: {e}");
+            eprintln!("error: wgmma-probe: {e:#}");
             ExitCode::from(2)
         }
     }
