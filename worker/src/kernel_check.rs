@@ -62,22 +62,25 @@ fn time_ms(device: Device, iters: usize, mut f: impl FnMut()) -> f64 {
     t0.elapsed().as_secs_f64() * 1e3 / iters as f64
 }
 
-/// The attention core at the 1.5B model's shape (24 heads of 64, seq 512, batch 8): the kernels
-/// against the reference formulas in bf16 through autograd, forward + backward.
+/// The attention core at the 1.5B model's shape (24 heads of 64, seq 512, batch 8), for timings.
+const XXLARGE_CORE: Case = Case {
+    name: "xxlarge core, batch 8 x 512",
+    b: 8,
+    h: 24,
+    n: 512,
+    d: 64,
+    lengths: &[512; 8],
+    holes: 0,
+    c2p: true,
+    p2c: true,
+    dropout: 0.1,
+    rising: false,
+};
+
+/// `XXLARGE_CORE`: the kernels against the reference formulas in bf16 through autograd,
+/// forward + backward.
 fn speed(device: Device) -> anyhow::Result<()> {
-    let c = Case {
-        name: "xxlarge core, batch 8 x 512",
-        b: 8,
-        h: 24,
-        n: 512,
-        d: 64,
-        lengths: &[512; 8],
-        holes: 0,
-        c2p: true,
-        p2c: true,
-        dropout: 0.1,
-        rising: false,
-    };
+    let c = XXLARGE_CORE;
     let x = inputs(&c, device, Kind::BFloat16);
     let dout = Tensor::randn([c.b, c.n, c.h, c.d], (Kind::BFloat16, device));
     let keep = Tensor::rand([c.b, c.h, c.n, c.n], (Kind::Float, device)).ge(c.dropout);
@@ -546,19 +549,7 @@ pub fn wgmma(device: Device) -> anyhow::Result<bool> {
         ok &= check_case(c, device, RelativeTerms::InKernel)?;
     }
     // The forward alone at the 1.5B model's shape, batch 8 x 512, each kernel.
-    let c = Case {
-        name: "xxlarge core, batch 8 x 512",
-        b: 8,
-        h: 24,
-        n: 512,
-        d: 64,
-        lengths: &[512; 8],
-        holes: 0,
-        c2p: true,
-        p2c: true,
-        dropout: 0.1,
-        rising: false,
-    };
+    let c = XXLARGE_CORE;
     let x = inputs(&c, device, Kind::BFloat16);
     for wg in [false, true] {
         fused_attention::set_forward_wgmma(Some(wg));
