@@ -61,8 +61,19 @@ impl Module {
     }
 }
 
-/// `source` compiled with `options` and loaded on `device`, its `functions` (name, dynamic
-/// shared memory in bytes) looked up; cached per (device, name, options).
+/// The architecture a source is compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// The device's own (sm_XY from its compute capability).
+    Native,
+    /// sm_90a, Hopper's architecture-specific features (wgmma): a device of compute capability
+    /// 9.0 only (PTX for sm_90a runs on nothing else), an error on any other.
+    Sm90a,
+}
+
+/// `source` compiled with `options` for the device's own architecture and loaded on `device`,
+/// its `functions` (name, dynamic shared memory in bytes) looked up; cached per (device, name,
+/// options).
 pub fn load(
     device: Device,
     source: &'static str,
@@ -70,44 +81,24 @@ pub fn load(
     options: &[String],
     functions: &[(&str, u32)],
 ) -> Result<Arc<Module>, String> {
-    load_for(device, source, name, options, functions, |major, minor| {
-        Ok(format!("sm_{major}{minor}"))
-    })
+    load_for(device, source, name, options, functions, Arch::Native)
 }
 
-/// As `load`, for Hopper's architecture-specific features (wgmma): sm_90a, on a device of
-/// compute capability 9.0 only (PTX for sm_90a runs on nothing else).
-pub fn load_sm90a(
+/// As `load`, for `arch`; cached per (device, name, arch, options).
+pub fn load_for(
     device: Device,
     source: &'static str,
     name: &str,
     options: &[String],
     functions: &[(&str, u32)],
-) -> Result<Arc<Module>, String> {
-    load_for(device, source, name, options, functions, |major, minor| {
-        match (major, minor) {
-            (9, 0) => Ok("sm_90a".to_string()),
-            _ => Err(format!(
-                "{name} needs sm_90a (an H100 or H200), not compute capability {major}.{minor}"
-            )),
-        }
-    })
-}
-
-fn load_for(
-    device: Device,
-    source: &'static str,
-    name: &str,
-    options: &[String],
-    functions: &[(&str, u32)],
-    arch_of: impl Fn(i32, i32) -> Result<String, String>,
+    arch: Arch,
 ) -> Result<Arc<Module>, String> {
     type Cache = Mutex<HashMap<(usize, String), Arc<Module>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let Device::Cuda(ordinal) = device else {
         return Err(format!("{name} runs on CUDA, not {device:?}"));
     };
-    let key = (ordinal, format!("{name} {}", options.join(" ")));
+    let key = (ordinal, format!("{name} {arch:?} {}", options.join(" ")));
     let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
     if let Some(m) = cache.get(&key) {
         return Ok(m.clone());
@@ -115,9 +106,18 @@ fn load_for(
     let err = |what: String| move |e: cudarc::driver::DriverError| format!("{what}: {e}");
     let ctx = context(ordinal)?;
     let (major, minor) = ctx.compute_capability().map_err(err("compute capability".into()))?;
-    let arch: &'static str = Box::leak(arch_of(major, minor)?.into_boxed_str());
+    let target = match (arch, major, minor) {
+        (Arch::Native, ..) => format!("sm_{major}{minor}"),
+        (Arch::Sm90a, 9, 0) => "sm_90a".to_string(),
+        (Arch::Sm90a, ..) => {
+            return Err(format!(
+                "{name} needs sm_90a (an H100 or H200), not compute capability {major}.{minor}"
+            ))
+        }
+    };
+    let target: &'static str = Box::leak(target.into_boxed_str());
     let module = ctx
-        .load_module(compile(source, name, arch, options)?)
+        .load_module(compile(source, name, target, options)?)
         .map_err(err(format!("loading {name}")))?;
     let mut loaded = HashMap::new();
     for &(f, shared) in functions {

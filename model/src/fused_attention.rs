@@ -503,7 +503,7 @@ fn forward_rel_kernel(head_dim: i64) -> Result<&'static str, String> {
 fn gpu_kernels(device: Device, head_dim: i64, timed: bool) -> Result<Arc<cuda::Module>, String> {
     let shared = shared_bytes(head_dim);
     let wg = forward_rel_kernel(head_dim)? == "dattn_fwd_rel_wg";
-    let mut options = options(head_dim, timed);
+    let options = options(head_dim, timed);
     let mut functions = vec![
         ("dattn_fwd", shared.fwd),
         ("dattn_fwd_rel", shared.fwd_rel),
@@ -523,12 +523,11 @@ fn gpu_kernels(device: Device, head_dim: i64, timed: bool) -> Result<Arc<cuda::M
         ("dattn_row_dot", 0),
         ("dattn_dropout_mask", 0),
     ];
-    if !wg {
-        return cuda::load(device, SOURCE, "disentangled_attention.cu", &options, &functions);
+    if wg {
+        functions.push(("dattn_fwd_rel_wg", shared.fwd_rel));
     }
-    options.push("-DFORWARD_WGMMA".into()); // a build of its own in `load`'s cache
-    functions.push(("dattn_fwd_rel_wg", shared.fwd_rel));
-    cuda::load_sm90a(device, SOURCE, "disentangled_attention.cu", &options, &functions)
+    let arch = if wg { cuda::Arch::Sm90a } else { cuda::Arch::Native };
+    cuda::load_for(device, SOURCE, "disentangled_attention.cu", &options, &functions, arch)
 }
 
 /// The kernels for `device`: compiled and loaded on a GPU, the emulator's build on the CPU.

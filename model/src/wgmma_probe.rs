@@ -46,7 +46,8 @@ fn kernels(device: Device) -> Result<Kernels, String> {
     if !device.is_cuda() {
         return Ok(Kernels::Emulated { variant: 0 });
     }
-    cuda::load_sm90a(device, SOURCE, "wgmma_probe.cu", &[], &[("wgmma_probe", SHARED)]).map(Kernels::Gpu)
+    let functions = [("wgmma_probe", SHARED)];
+    cuda::load_for(device, SOURCE, "wgmma_probe.cu", &[], &functions, cuda::Arch::Sm90a).map(Kernels::Gpu)
 }
 
 /// The four cases on `device` (CUDA: an sm_90 GPU; the CPU: the emulator).
@@ -55,6 +56,7 @@ pub fn run(device: Device) -> Result<Vec<Case>, String> {
     tch::manual_seed(20);
     let a = Tensor::randn([64, 64], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
     let b = Tensor::randn([64, 64], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+    let (da, db) = (cuda::host_to_device(&a, device), cuda::host_to_device(&b, device));
     let mut cases = Vec::new();
     for mn_major in [false, true] {
         // b holds B as [n][k] (K-major) or [k][n] (MN-major).
@@ -64,7 +66,6 @@ pub fn run(device: Device) -> Result<Vec<Case>, String> {
             a.to_kind(Kind::Float).matmul(&b.to_kind(Kind::Float).tr())
         };
         for swapped in [false, true] {
-            let (da, db) = (cuda::host_to_device(&a, device), cuda::host_to_device(&b, device));
             let d = Tensor::full([64, 64], f64::NAN, (Kind::Float, device));
             let cfg = LaunchConfig {
                 grid_dim: (1, 1, 1),

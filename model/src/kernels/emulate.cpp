@@ -143,6 +143,13 @@ static float bf16_bits_to_float(unsigned bits) {
 // One half of a 32-bit register holding two bf16 (low half first).
 static float half_of(unsigned reg, int which) { return bf16_bits_to_float(which ? reg >> 16 : reg & 0xffffu); }
 
+// Element (r, k) of the 16 x 16 A operand the warp starting at lane `base` deposited, in the
+// fragment layout below (mma.sync's, and wgmma's per warp).
+static float fragment_a(int base, int r, int k) {
+  const Lane& l = st.lanes[base + 4 * (r % 8) + (k % 8) / 2];
+  return half_of(l.a[(r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k % 2);
+}
+
 // D = A B + C for the warp, m16n8k16, A row-major 16x16, B column-major 16x8, bf16 -> fp32.
 // PTX fragment layout, lane = 4 g + t:
 //   A: a0 = (g, 2t..2t+1), a1 = (g+8, 2t..2t+1), a2 = (g, 2t+8..2t+9), a3 = (g+8, 2t+8..2t+9)
@@ -153,10 +160,7 @@ void mma_m16n8k16(float* c, const unsigned* a, const unsigned* b) {
   std::memcpy(st.lanes[me].a, a, sizeof st.lanes[me].a);
   std::memcpy(st.lanes[me].b, b, sizeof st.lanes[me].b);
   park(AT_WARP_BARRIER);
-  auto A = [&](int r, int k) {
-    const Lane& l = st.lanes[base + 4 * (r % 8) + (k % 8) / 2];
-    return half_of(l.a[(r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k % 2);
-  };
+  auto A = [&](int r, int k) { return fragment_a(base, r, k); };
   auto B = [&](int k, int n) {
     const Lane& l = st.lanes[base + 4 * n + (k % 8) / 2];
     return half_of(l.b[k >= 8 ? 1 : 0], k % 2);
@@ -203,10 +207,7 @@ void wgmma_m64n64k16(float* d, const unsigned* a, std::uint64_t desc, int accumu
     if (st.fault.empty()) st.fault = "wgmma: a descriptor with a swizzle or a base offset (not emulated)";
     park(DONE);
   }
-  auto A = [&](int r, int k) {
-    const Lane& l = st.lanes[base + 4 * (r % 8) + (k % 8) / 2];
-    return half_of(l.a[(r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k % 2);
-  };
+  auto A = [&](int r, int k) { return fragment_a(base, r, k); };
   auto B = [&](int k, int n) {
     const unsigned at = start + (trans_b ? (k % 8) * 16 + (n % 8) * 2 : (n % 8) * 16 + (k % 8) * 2) +
                         (n / 8) * sbo + (k / 8) * lbo;
