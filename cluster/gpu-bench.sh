@@ -29,8 +29,8 @@
 # `V-partials` V with the relative tables' gradients from the attention kernels' per-block
 # partials (DEBERTA_TABLE_GRADS=partials) instead of by tile diagonals, and `V-kept` V with the
 # keys kernel keeping its windows from tile to tile (DEBERTA_TABLE_GRADS=diagonals-kept-windows)
-# instead of the lean one, and `V-wgmma` V with the forward by wgmma (DEBERTA_FORWARD_WGMMA=1; an
-# sm_90 GPU) (suffixes in the order V-partials|kept-opsnorm-opswgrad-gatheremd-wgmma-copies;
+# instead of the lean one, and `V-wgmma` V with the forward and the lean keys kernel by wgmma
+# (DEBERTA_WGMMA=1; an sm_90 GPU) (suffixes in the order V-partials|kept-opsnorm-opswgrad-gatheremd-wgmma-copies;
 # the summary divides V-copies and V-wgmma by V). `V@B` runs V at batch size B only: e.g.
 #   VARIANTS="fused-rel fused-rel-opsnorm base:fused-rel fused-rel-copies@32" bash cluster/gpu-bench.sh xxlarge 512 8 32
 set -uo pipefail
@@ -104,7 +104,7 @@ for b in "${batches[@]}"; do
     [ "${TRACE:-0}" = 1 ] && [ "$att" = "${variants[0]}" ] && trace_args=(--trace "$out/trace-$file")
     echo "== [${SECONDS}s] ours, $att, batch $b"
     # stderr (breakdown, memory, the segment profile) to a file; its head to the console.
-    DEBERTA_ATTENTION=$path DEBERTA_FUSED_RELATIVE=$relative DEBERTA_FUSED_NORM=$norm DEBERTA_WGRAD_FUSION=$wgrad DEBERTA_EMD_FUSED=$emd DEBERTA_TABLE_GRADS=$tablegrads DEBERTA_FORWARD_WGMMA=$wgmma timeout 500 "$worker" bench --preset "$preset" --seq "$seq" --batch "$b" \
+    DEBERTA_ATTENTION=$path DEBERTA_FUSED_RELATIVE=$relative DEBERTA_FUSED_NORM=$norm DEBERTA_WGRAD_FUSION=$wgrad DEBERTA_EMD_FUSED=$emd DEBERTA_TABLE_GRADS=$tablegrads DEBERTA_WGMMA=$wgmma timeout 500 "$worker" bench --preset "$preset" --seq "$seq" --batch "$b" \
       --steps "$steps" --warmup "$warmup" "${device_args[@]}" --profile "${trace_args[@]}" "${copies[@]}" 2> "$out/ours-$file-b$b.err" | tee -a "$out/ours-$file.jsonl" \
       || echo "{\"preset\": \"$preset\", \"batch\": $b, \"error\": \"deberta bench failed\"}" >> "$out/ours-$file.jsonl"
     grep -E "^bench (paths|breakdown|queueing|memory)|^error" "$out/ours-$file-b$b.err"
@@ -176,14 +176,14 @@ for att, ours in variants.items():
             if "tokens_per_s" in o and "tokens_per_s" in r:
                 print(f"  batch {b}: {o['tokens_per_s']:.1f} / {r['tokens_per_s']:.1f} = {o['tokens_per_s'] / r['tokens_per_s']:.3f}x")
 # A switch turned on: V-copies against V (the weights' bf16 copies against a cast per use), with
-# the memory they take; V-wgmma against V (the forward by wgmma against mma.sync).
+# the memory they take; V-wgmma against V (the forward and keys kernels by wgmma against mma.sync).
 for att, ours in variants.items():
     suffix = next((s for s in ("-copies", "-wgmma") if att.endswith(s)), None)
     if suffix is None or att[: -len(suffix)] not in variants:
         continue
     other = att[: -len(suffix)]
     base = variants[other]
-    what = "the weights' bf16 copies against a cast per use" if suffix == "-copies" else "the forward by wgmma against mma.sync"
+    what = "the weights' bf16 copies against a cast per use" if suffix == "-copies" else "the forward and keys kernels by wgmma against mma.sync"
     print(f"\n{att} / {other} tokens/s ({what}):")
     for b in sorted(set(ours) & set(base)):
         o, r = ours[b], base[b]

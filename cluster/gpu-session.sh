@@ -21,7 +21,8 @@
 #   H100 80GB, fits there (~105 GiB, estimated), as does our batch 64 (~100 GiB, estimated from
 #   the eleventh session's 70.7 GiB at 40).
 #   env: GPU_MEM_MIB (the card's memory, default nvidia-smi's; a dry run sets it), PLAN_ONLY=1
-#        (print the plan and stop), VARIANTS (default: fused-rel, it with the weights' bf16
+#        (print the plan and stop), VARIANTS (default: fused-rel, it with the forward and keys
+#        kernels by wgmma (twentieth, twenty-first), with the weights' bf16
 #        copies (thirteenth session), and it with the twelfth session's weight-gradient
 #        accumulation and the sixteenth's table gradients by tile diagonals turned off, for
 #        their shares; the twelfth's fused EMD attention is V-gatheremd, left out for time),
@@ -40,7 +41,7 @@ mem_mib="${mem_mib//[!0-9]/}"
 if [ -n "$mem_mib" ] && [ "$mem_mib" -ge 122880 ]; then sizes=(32 8 16 64); hf_default="8 16"; else sizes=(32 8 40); hf_default=8; fi
 [ ${#batches[@]} -gt 0 ] || batches=("${sizes[@]}")
 HF_BATCHES="${HF_BATCHES:-$hf_default}"
-read -r -a variants <<< "${VARIANTS:-fused-rel fused-rel-copies fused-rel-opswgrad fused-rel-partials}"
+read -r -a variants <<< "${VARIANTS:-fused-rel fused-rel-wgmma fused-rel-copies fused-rel-opswgrad fused-rel-partials}"
 bundle="$(realpath -m "${BUNDLE:-gpu-bundle}")"
 root="${OUT:-/tmp/gpu-session}"
 work="${SESSION_WORK:-/tmp}"  # each part's gpu-bench output, $work/gpu-session-PART

@@ -460,49 +460,100 @@ fn options(head_dim: i64, timed: bool) -> Vec<String> {
 thread_local! {
     /// Launch the phase-timed build (`phases`) on this thread.
     static PHASE_TIMED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// This thread's choice of the forward kernel (`set_forward_wgmma`); None: the environment's.
-    static FORWARD_WGMMA: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// This thread's choice of the wgmma kernels (`set_wgmma`); None: the environment's.
+    static WGMMA: std::cell::Cell<Option<Wgmma>> = const { std::cell::Cell::new(None) };
 }
 
-/// Whether the forward with the relative terms inside runs by wgmma (`dattn_fwd_rel_wg`: S and
-/// P V by Hopper's warpgroup mma, which reads K and V from shared memory once for the block's 4
-/// warps; sm_90a, so an H100 or H200, and head size 64, the 1.5B model's; other head sizes
-/// keep `dattn_fwd_rel`). Opt-in while no device has run it: `DEBERTA_FORWARD_WGMMA=1` (0 or
-/// unset: off; anything else is an error), or `set_forward_wgmma` on this thread. On a GPU
-/// that is not sm_90 the switch is an error, not a silent fallback.
-pub fn forward_wgmma() -> Result<bool, String> {
-    if let Some(on) = FORWARD_WGMMA.with(|w| w.get()) {
+/// Which attention kernels run by Hopper's warpgroup mma (wgmma, which reads its B operand from
+/// shared memory once for the block's 4 warps, where mma.sync has each warp load it): the
+/// forward with the relative terms inside (`dattn_fwd_rel_wg`: S = Q K^T and P V) and the lean
+/// keys kernel (`dattn_bwd_kv_rel_lean_wg`: S^T, dP^T, dV and dK). sm_90a, so an H100 or H200,
+/// and head size 64, the 1.5B model's; other head sizes keep the mma.sync kernels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Wgmma {
+    pub forward: bool,
+    pub keys: bool,
+}
+
+impl Wgmma {
+    pub const OFF: Wgmma = Wgmma {
+        forward: false,
+        keys: false,
+    };
+    pub const ALL: Wgmma = Wgmma {
+        forward: true,
+        keys: true,
+    };
+
+    /// `DEBERTA_WGMMA`'s value: 0 (none), 1 (all), or a comma-separated list of `forward` and
+    /// `keys`.
+    pub fn parse(value: &str) -> Result<Wgmma, String> {
+        match value {
+            "0" => return Ok(Wgmma::OFF),
+            "1" => return Ok(Wgmma::ALL),
+            _ => {}
+        }
+        let mut on = Wgmma::OFF;
+        for part in value.split(',') {
+            match part.trim() {
+                "forward" => on.forward = true,
+                "keys" => on.keys = true,
+                other => {
+                    return Err(format!(
+                        "DEBERTA_WGMMA={value}: `{other}` is not a kernel; expected 0, 1 or a comma-separated list of forward, keys"
+                    ))
+                }
+            }
+        }
+        Ok(on)
+    }
+}
+
+/// Which kernels run by wgmma (`Wgmma`). Opt-in while no device has run them: `DEBERTA_WGMMA`
+/// (`Wgmma::parse`; unset: none), or `set_wgmma` on this thread. On a GPU that is not sm_90
+/// the switch is an error, not a silent fallback.
+pub fn wgmma() -> Result<Wgmma, String> {
+    if let Some(on) = WGMMA.with(|w| w.get()) {
         return Ok(on);
     }
-    static FROM_ENV: std::sync::OnceLock<Result<bool, String>> = std::sync::OnceLock::new();
+    static FROM_ENV: std::sync::OnceLock<Result<Wgmma, String>> = std::sync::OnceLock::new();
     FROM_ENV
-        .get_or_init(|| match std::env::var("DEBERTA_FORWARD_WGMMA").as_deref() {
-            Err(_) | Ok("0") => Ok(false),
-            Ok("1") => Ok(true),
-            Ok(other) => Err(format!("DEBERTA_FORWARD_WGMMA={other}: expected 0 or 1")),
+        .get_or_init(|| match std::env::var("DEBERTA_WGMMA") {
+            Err(_) => Ok(Wgmma::OFF),
+            Ok(value) => Wgmma::parse(&value),
         })
         .clone()
 }
 
-/// `forward_wgmma` on this thread (tests, kernel-check), or back to the environment's (None).
-pub fn set_forward_wgmma(on: Option<bool>) {
-    FORWARD_WGMMA.with(|w| w.set(on));
+/// `wgmma` on this thread (tests, kernel-check), or back to the environment's (None).
+pub fn set_wgmma(on: Option<Wgmma>) {
+    WGMMA.with(|w| w.set(on));
 }
 
 /// The forward kernel with the relative terms inside, for head size `head_dim`.
 fn forward_rel_kernel(head_dim: i64) -> Result<&'static str, String> {
-    Ok(if forward_wgmma()? && head_dim == 64 {
+    Ok(if wgmma()?.forward && head_dim == 64 {
         "dattn_fwd_rel_wg"
     } else {
         "dattn_fwd_rel"
     })
 }
 
+/// The lean keys kernel (the table gradients by diagonals), for head size `head_dim`.
+fn lean_keys_kernel(head_dim: i64) -> Result<&'static str, String> {
+    Ok(if wgmma()?.keys && head_dim == 64 {
+        "dattn_bwd_kv_rel_lean_wg"
+    } else {
+        "dattn_bwd_kv_rel_lean"
+    })
+}
+
 /// The GPU build of the kernels for `device` and `head_dim`, the phase-timed one if `timed`;
-/// for sm_90a with the wgmma forward if `forward_rel_kernel` picks it.
+/// for sm_90a with the wgmma kernels if `forward_rel_kernel` or `lean_keys_kernel` picks one.
 fn gpu_kernels(device: Device, head_dim: i64, timed: bool) -> Result<Arc<cuda::Module>, String> {
     let shared = shared_bytes(head_dim);
-    let wg = forward_rel_kernel(head_dim)? == "dattn_fwd_rel_wg";
+    let wg = forward_rel_kernel(head_dim)? == "dattn_fwd_rel_wg"
+        || lean_keys_kernel(head_dim)? == "dattn_bwd_kv_rel_lean_wg";
     let options = options(head_dim, timed);
     let mut functions = vec![
         ("dattn_fwd", shared.fwd),
@@ -525,6 +576,7 @@ fn gpu_kernels(device: Device, head_dim: i64, timed: bool) -> Result<Arc<cuda::M
     ];
     if wg {
         functions.push(("dattn_fwd_rel_wg", shared.fwd_rel));
+        functions.push(("dattn_bwd_kv_rel_lean_wg", shared.bwd_rel_lean));
     }
     let arch = if wg { cuda::Arch::Sm90a } else { cuda::Arch::Native };
     cuda::load_for(device, SOURCE, "disentangled_attention.cu", &options, &functions, arch)
@@ -797,7 +849,7 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
     let (kv_kernel, s) = if split {
         ("dattn_bwd_v_ds", shared_bytes(d).bwd_v_ds)
     } else if diagonals && table_grads == TableGrads::Diagonals {
-        ("dattn_bwd_kv_rel_lean", shared_bytes(d).bwd_rel_lean)
+        (lean_keys_kernel(d)?, shared_bytes(d).bwd_rel_lean)
     } else if diagonals {
         ("dattn_bwd_kv_rel_diag", shared_bytes(d).bwd_rel)
     } else if in_kernel {
@@ -1076,22 +1128,27 @@ mod tests {
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
         // The sm_90 build holds no wgmma (the driver would refuse it); the sm_90a one the
-        // forward by wgmma, at 3 blocks per SM like `dattn_fwd_rel`.
+        // kernels by wgmma, at 3 blocks per SM like those they stand in for.
         let ptx = compile(64, "sm_90").unwrap().to_src();
         assert!(!ptx.contains("wgmma"), "wgmma in the sm_90 build");
         let report = cuda::ptxas_report_for(&compile(64, "sm_90a").unwrap().to_src(), "sm_90a");
-        let &(_, regs, spill) = report
-            .iter()
-            .find(|r| r.0 == "dattn_fwd_rel_wg")
-            .unwrap_or_else(|| panic!("dattn_fwd_rel_wg missing from ptxas's sm_90a report: {report:?}"));
-        let blocks = (65536 / (regs * 32 * 4)).min(228 * 1024 / (sh.fwd_rel + 1024));
-        println!(
-            "dattn_fwd_rel_wg      {regs:>3} registers, {spill:>4} bytes spilled: {blocks} blocks per SM (sm_90a)"
-        );
-        assert!(
-            blocks >= 3 && spill == 0,
-            "dattn_fwd_rel_wg: {blocks} blocks per SM ({regs} registers), {spill} bytes spilled"
-        );
+        for (name, shared) in [
+            ("dattn_fwd_rel_wg", sh.fwd_rel),
+            ("dattn_bwd_kv_rel_lean_wg", sh.bwd_rel_lean),
+        ] {
+            let &(_, regs, spill) = report
+                .iter()
+                .find(|r| r.0 == name)
+                .unwrap_or_else(|| panic!("{name} missing from ptxas's sm_90a report: {report:?}"));
+            let blocks = (65536 / (regs * 32 * 4)).min(228 * 1024 / (shared + 1024));
+            println!("{name:<24} {regs:>3} registers, {spill:>4} bytes spilled: {blocks} blocks per SM (sm_90a)");
+            if blocks < 3 || spill > 0 {
+                failures.push(format!(
+                    "{name}: {blocks} blocks per SM ({regs} registers), {spill} bytes spilled"
+                ));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 
     #[test]

@@ -285,12 +285,13 @@ mod tests {
         TableGrads::set_for_this_thread(Some(TableGrads::DiagonalsKeptWindows));
         check_with(c, RelativeTerms::InKernel);
         TableGrads::set_for_this_thread(None);
-        // The forward by wgmma (head size 64 only), its B operands read as the emulator reads
-        // them (`wgmma_probe` checks on the GPU that the hardware reads them so).
+        // The forward and the lean keys kernel by wgmma (head size 64 only), their B operands
+        // read as the emulator reads them (`wgmma_probe` checks on the GPU that the hardware
+        // reads them so).
         if c.d == 64 {
-            fused_attention::set_forward_wgmma(Some(true));
+            fused_attention::set_wgmma(Some(fused_attention::Wgmma::ALL));
             check_with(c, RelativeTerms::InKernel);
-            fused_attention::set_forward_wgmma(None);
+            fused_attention::set_wgmma(None);
         }
     }
 
@@ -363,16 +364,16 @@ mod tests {
                 }
             }
             if c.d == 64 {
-                fused_attention::set_forward_wgmma(Some(true));
+                fused_attention::set_wgmma(Some(fused_attention::Wgmma::ALL));
                 let (a, b) = (
                     run(&x, RelativeTerms::InKernel, false),
                     run(&x, RelativeTerms::InKernel, true),
                 );
-                fused_attention::set_forward_wgmma(None);
+                fused_attention::set_wgmma(None);
                 for (x, y) in a.iter().zip(&b) {
                     assert!(
                         x.equal(y),
-                        "{} (wgmma forward): the result depends on the schedule",
+                        "{} (wgmma kernels): the result depends on the schedule",
                         c.name
                     );
                 }

@@ -523,12 +523,14 @@ fn wgrad(device: Device) -> anyhow::Result<bool> {
 }
 
 /// `deberta-worker wgmma-probe`: Hopper's wgmma against a known product
-/// (`deberta_model::wgmma_probe`), then on a GPU the forward by wgmma (`dattn_fwd_rel_wg`,
-/// `DEBERTA_FORWARD_WGMMA=1`) against the reference on the head-size-64 cases and its time
-/// beside `dattn_fwd_rel`'s. Apart from kernel-check, in a process of its own: a wgmma the
-/// hardware rejects would leave the CUDA context unusable for every check after it. Ok(false)
-/// if something is not as intended.
+/// (`deberta_model::wgmma_probe`), then on a GPU the kernels by wgmma (`fused_attention::Wgmma`:
+/// the forward `dattn_fwd_rel_wg`, the keys kernel `dattn_bwd_kv_rel_lean_wg`), each alone
+/// against the reference on the head-size-64 cases, and their times beside the mma.sync
+/// kernels' at the 1.5B model's shape. Apart from kernel-check, in a process of its own: a wgmma
+/// the hardware rejects would leave the CUDA context unusable for every check after it.
+/// Ok(false) if something is not as intended.
 pub fn wgmma(device: Device) -> anyhow::Result<bool> {
+    use fused_attention::Wgmma;
     let on = if device.is_cuda() {
         "GPU 0 (sm_90a)"
     } else {
@@ -541,33 +543,55 @@ pub fn wgmma(device: Device) -> anyhow::Result<bool> {
         println!("  {line}");
     }
     if !device.is_cuda() {
-        return Ok(ok); // the model's tests check the wgmma forward in the emulator
+        return Ok(ok); // the model's tests check the wgmma kernels in the emulator
     }
-    println!("the forward by wgmma (dattn_fwd_rel_wg) vs the reference formulas:");
-    fused_attention::set_forward_wgmma(Some(true));
-    for (c, _) in CASES.iter().filter(|(c, _)| c.d == 64) {
-        ok &= check_case(c, device, RelativeTerms::InKernel)?;
+    let forward = Wgmma {
+        forward: true,
+        keys: false,
+    };
+    let keys = Wgmma {
+        forward: false,
+        keys: true,
+    };
+    for (what, which) in [
+        ("the forward (dattn_fwd_rel_wg)", forward),
+        ("the keys kernel (dattn_bwd_kv_rel_lean_wg)", keys),
+    ] {
+        println!("{what} by wgmma vs the reference formulas:");
+        fused_attention::set_wgmma(Some(which));
+        for (c, _) in CASES.iter().filter(|(c, _)| c.d == 64) {
+            ok &= check_case(c, device, RelativeTerms::InKernel)?;
+        }
     }
-    // The forward alone at the 1.5B model's shape, batch 8 x 512, each kernel.
+    // At the 1.5B model's shape, batch 8 x 512: the forward alone, then forward + backward with
+    // each stage's time, by mma.sync and by wgmma.
     let c = XXLARGE_CORE;
     let x = inputs(&c, device, Kind::BFloat16);
-    for wg in [false, true] {
-        fused_attention::set_forward_wgmma(Some(wg));
-        let ms = time_ms(device, 20, || {
+    let dout = Tensor::randn([c.b, c.n, c.h, c.d], (Kind::BFloat16, device));
+    for which in [Wgmma::OFF, Wgmma::ALL] {
+        fused_attention::set_wgmma(Some(which));
+        let by = if which == Wgmma::ALL { "wgmma" } else { "mma.sync" };
+        let fwd = time_ms(device, 20, || {
             let _ = fused_attention::forward_kernels_with(x.map(Tensor::shallow_clone), 7, RelativeTerms::InKernel)
                 .expect("fused forward");
         });
+        let both = time_ms(device, 10, || {
+            let (_, saved) =
+                fused_attention::forward_kernels_with(x.map(Tensor::shallow_clone), 7, RelativeTerms::InKernel)
+                    .expect("fused forward");
+            let _ = fused_attention::backward(saved, &dout).expect("fused backward");
+        });
         println!(
-            "  {} forward ({}): {ms:.3} ms",
-            c.name,
-            if wg {
-                "dattn_fwd_rel_wg, wgmma"
-            } else {
-                "dattn_fwd_rel, mma.sync"
-            }
+            "  {} by {by}: forward {fwd:.3} ms, forward + backward {both:.3} ms",
+            c.name
         );
+        let stages = fused_attention::profile(x.map(Tensor::shallow_clone), &dout, 7, RelativeTerms::InKernel)
+            .map_err(anyhow::Error::msg)?;
+        for s in &stages {
+            println!("    {:<64} {:.3} ms", s.name, s.ms);
+        }
     }
-    fused_attention::set_forward_wgmma(None);
+    fused_attention::set_wgmma(None);
     println!(
         "wgmma-probe: {}",
         if ok { "all as intended" } else { "NOT as intended" }

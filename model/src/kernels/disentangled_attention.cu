@@ -1157,6 +1157,8 @@ __device__ __forceinline__ void zero_skewed_edges(bf16* DSK) {
 // wait in registers for every warp to be done with Q_r's window, then go to their band; the c2p
 // band is written as it is computed. Ends with a barrier, then the skewed dS's off-band zeros
 // over K_r's window (each warp its own rows, before its score loop writes them).
+// CM: Qs is a core-matrix tile (the wgmma keys kernel's).
+template <bool CM>
 __device__ __forceinline__ void relative_bands_lean(bf16* Cb, bf16* Pb, bf16* DSK, Window Kw, Window Qw, bool c2p,
                                                     bool p2c, const bf16* Qs, const bf16* Ks) {
   unsigned int pv[10][2];
@@ -1169,7 +1171,8 @@ __device__ __forceinline__ void relative_bands_lean(bf16* Cb, bf16* Pb, bf16* DS
   if (p2c) store_skewed(Pb, pv);
   if (c2p) {
     FragA qf[D / 16];
-    load_rows(qf, Qs + threadIdx.x / 32 * 16 * LDS);
+    if (CM) load_rows_cm(qf, Qs, threadIdx.x / 32 * 16);
+    else load_rows(qf, Qs + threadIdx.x / 32 * 16 * LDS);
     skewed_band_t(Cb, qf, Kw);
   } else if (p2c) {
     zero_band(Cb);  // Q_r's window was there
@@ -1189,7 +1192,12 @@ __device__ __forceinline__ void relative_bands_lean(bf16* Cb, bf16* Pb, bf16* DS
 // the two bands (`relative_bands_lean`); after the score loop Q_r's window once more, over the Q
 // and dO tiles, for the p2c part of dK, while the tile's dS is stored. The price: the windows
 // read three times per tile from L2 (48 KB where 16 KB), and two more barriers.
-template <bool REL, bool TGRAD, bool LEAN = false>
+// WG (LEAN, D = 64, sm_90a: `dattn_bwd_kv_rel_lean_wg`): S^T = K Q^T, dP^T = V dO^T, dV += P^T dO
+// and dK += dS^T Q by wgmma, the Q and dO tiles in core-matrix layout (in their padded tiles'
+// memory, where Q_r's window goes after the score loop), read from shared memory once for the
+// 4 warps where each warp loaded all of both by ldmatrix, for each product (256 of the tile's
+// 958 shared-memory wavefronts per warp).
+template <bool REL, bool TGRAD, bool LEAN = false, bool WG = false>
 __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                        const bf16* __restrict__ v, const bf16* __restrict__ c2p,
                                        const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
@@ -1224,8 +1232,13 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
   PHASE_BEGIN;
   for (int m0 = 0, n = 0; m0 < N; m0 += BM, ++n) {
     __syncthreads();
-    load_tile_async(Qs, q, b, h, m0, N, H);
-    load_tile_async(dOs, dout, b, h, m0, N, H);
+    if (WG) {
+      load_tile_cm_async(Qs, q, b, h, m0, N, H);
+      load_tile_cm_async(dOs, dout, b, h, m0, N, H);
+    } else {
+      load_tile_async(Qs, q, b, h, m0, N, H);
+      load_tile_async(dOs, dout, b, h, m0, N, H);
+    }
     if (LEAN) {  // K_r's window where the skewed dS goes, Q_r's over the two bands
       if (c2p) load_whole_window_async(DSK, c2p, h, N - 1 - (m0 + 63) + kb, N);
       if (p2c) load_whole_window_async(Cb, p2c, h, N - 1 - (kb + 63) + m0, N);
@@ -1240,9 +1253,10 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
                              in ? dvec[(long long)bh * N + i] : 0.f);
     }
     cp_async_wait_all();
+    if (WG) fence_proxy_async();  // Q and dO, written by cp.async (the generic proxy), for wgmma's reads
     __syncthreads();
     PHASE(0);
-    if (LEAN) relative_bands_lean(Cb, Pb, DSK, Window{DSK, DSK + 64 * LDS}, Window{Cb, Cb + 64 * LDS}, c2p, p2c, Qs, Ks);
+    if (LEAN) relative_bands_lean<WG>(Cb, Pb, DSK, Window{DSK, DSK + 64 * LDS}, Window{Cb, Cb + 64 * LDS}, c2p, p2c, Qs, Ks);
     else if (REL) relative_bands_t(Cb, Pb, window_of(KRw, n, -1), window_of(QRw, n, 1), c2p, p2c, Qs, Ks);
     if (REL) mask_own_keys(own_masked, Cb, mask, b, kb, N);
     PHASE(1);
@@ -1251,8 +1265,25 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
 #pragma unroll 1
     for (int c0 = 0; c0 < BM; c0 += 32) {
       float st[4][4], dpt[4][4];
-      rows_times_tile_t<4>(st, Ks + warp * 16 * LDS, Qs + c0 * LDS);    // S^T = K_w Q^T
-      rows_times_tile_t<4>(dpt, Vs + warp * 16 * LDS, dOs + c0 * LDS);  // dP^T = V_w dO^T
+      if (WG) {  // K-major B: along K (D) 128 bytes per core matrix, along N (queries) 16 D
+        FragA kf[D / 16], vf[D / 16];
+        load_rows(kf, Ks + warp * 16 * LDS);
+        load_rows(vf, Vs + warp * 16 * LDS);
+        const unsigned int qs = wgmma_shared(Qs + c0 * D), dos = wgmma_shared(dOs + c0 * D);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n32k16<0>(st, kf[kk].x, wgmma_desc(qs + 256 * kk, 128, 16 * D), kk > 0);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+          wgmma_m64n32k16<0>(dpt, vf[kk].x, wgmma_desc(dos + 256 * kk, 128, 16 * D), kk > 0);
+        wgmma_commit();
+        wgmma_wait_all();
+        wgmma_fence_operands<4>(st);
+        wgmma_fence_operands<4>(dpt);
+      } else {
+        rows_times_tile_t<4>(st, Ks + warp * 16 * LDS, Qs + c0 * LDS);    // S^T = K_w Q^T
+        rows_times_tile_t<4>(dpt, Vs + warp * 16 * LDS, dOs + c0 * LDS);  // dP^T = V_w dO^T
+      }
       PHASE(2);
       unsigned int dsw[4][2];  // dS rounded once, in pairs: (ra; c, c + 1), (rb; c, c + 1)
 #pragma unroll
@@ -1299,8 +1330,21 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
       FragA pza[2], dsa[2];
       to_a<2>(pza, st);
       pairs_to_a<2>(dsa, dsw);
-      weights_times_tile<2>(dv_acc, pza, dOs + c0 * LDS);  // dV += dropout(P)^T dO
-      weights_times_tile<2>(dk_acc, dsa, Qs + c0 * LDS);   // dK += dS^T Q
+      if (WG) {  // MN-major B: along K (queries) 16 D bytes per core matrix, along N (D) 128
+        const unsigned int qs = wgmma_shared(Qs + c0 * D), dos = wgmma_shared(dOs + c0 * D);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) wgmma_m64n64k16<1>(dv_acc, pza[kk].x, wgmma_desc(dos + 32 * D * kk, 16 * D, 128), 1);
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) wgmma_m64n64k16<1>(dk_acc, dsa[kk].x, wgmma_desc(qs + 32 * D * kk, 16 * D, 128), 1);
+        wgmma_commit();
+        wgmma_wait_all();
+        wgmma_fence_operands(dv_acc);
+        wgmma_fence_operands(dk_acc);
+      } else {
+        weights_times_tile<2>(dv_acc, pza, dOs + c0 * LDS);  // dV += dropout(P)^T dO
+        weights_times_tile<2>(dk_acc, dsa, Qs + c0 * LDS);   // dK += dS^T Q
+      }
       PHASE(4);
     }
     __syncthreads();
@@ -1449,6 +1493,15 @@ dattn_bwd_kv_rel_lean(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, 
   bwd_kv<true, false, true>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, nullptr, ds, sums, H, N, ldg, p_drop,
                             seed);
 }
+#if D == 64 && (defined(DEBERTA_EMULATE) || defined(__CUDA_ARCH_FEAT_SM90_ALL))
+// The same with the four tile products by wgmma (`bwd_kv`'s WG): sm_90a, head size 64.
+KERNEL void __launch_bounds__(128, 3)
+dattn_bwd_kv_rel_lean_wg(BWD_COMMON, bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ ds,
+                         float* __restrict__ sums, int H, int N, int ldg, float p_drop, unsigned long long seed) {
+  bwd_kv<true, false, true, true>(q, k, v, c2p, p2c, mask, dout, lse, dvec, dk, dv, nullptr, ds, sums, H, N, ldg,
+                                  p_drop, seed);
+}
+#endif
 KERNEL void __launch_bounds__(128)
 dattn_bwd_q(BWD_COMMON, bf16* __restrict__ dq, bf16* __restrict__ dc2p, int H, int N, int ldg, float p_drop,
             unsigned long long seed) {

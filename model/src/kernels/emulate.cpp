@@ -186,17 +186,17 @@ unsigned shared_offset(const void* p) {
   return static_cast<unsigned>(static_cast<const unsigned char*>(p) - st.shared.data());
 }
 
-// wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 with A from registers (kernels/wgmma.cuh):
+// wgmma.mma_async.sync.aligned.m64n{64,32}k16.f32.bf16.bf16 with A from registers (kernels/wgmma.cuh):
 // each warp's 16 rows of D = (accumulate ? D : 0) + A B, A the warp's fragment in mma.sync's
 // layout (the PTX ISA's "register fragment" of wgmma's A: the same per warp), D likewise
-// (d[4 j + e]: row g + 8 (e >= 2), column 8 j + 2 t + (e & 1)), and B(k, n) read from shared
+// (d[4 j + e]: row g + 8 (e >= 2), column 8 j + 2 t + (e & 1), j < cols / 8), and B(k, n) read from shared
 // memory through the descriptor as the PTX ISA's "Matrix Descriptor Format" and CUTLASS's
 // canonical layouts without swizzle say: start, LBO, SBO in 16-byte units (bits 0-13, 16-29,
 // 32-45), B(k, n) at start + (n % 8) 16 + (k % 8) 2 + (n / 8) SBO + (k / 8) LBO (K-major),
 // or start + (k % 8) 16 + (n % 8) 2 + (n / 8) SBO + (k / 8) LBO (trans_b: MN-major). A swizzled
 // layout or a base offset is a fault here (nothing uses them). Computed at once: the
 // asynchrony (results only after wgmma.wait_group) is not modelled.
-void wgmma_m64n64k16(float* d, const unsigned* a, std::uint64_t desc, int accumulate, int trans_b) {
+void wgmma(float* d, const unsigned* a, std::uint64_t desc, int accumulate, int trans_b, int cols) {
   const int me = st.current, base = me - lane_id();
   std::memcpy(st.lanes[me].a, a, sizeof st.lanes[me].a);
   park(AT_WARP_BARRIER);
@@ -223,7 +223,7 @@ void wgmma_m64n64k16(float* d, const unsigned* a, std::uint64_t desc, int accumu
   };
   const int g = lane_id() / 4, t = lane_id() % 4;
   float out[32];
-  for (int j = 0; j < 8; ++j)
+  for (int j = 0; j < cols / 8; ++j)
     for (int e = 0; e < 4; ++e) {
       const int row = g + (e >= 2 ? 8 : 0), col = 8 * j + 2 * t + (e % 2);
       float acc = accumulate ? d[4 * j + e] : 0.f;
@@ -231,7 +231,7 @@ void wgmma_m64n64k16(float* d, const unsigned* a, std::uint64_t desc, int accumu
       out[4 * j + e] = acc;
     }
   park(AT_WARP_BARRIER);
-  std::memcpy(d, out, sizeof out);
+  std::memcpy(d, out, sizeof(float) * static_cast<std::size_t>(cols / 2));
 }
 
 static bool in_shared(const void* p, std::size_t bytes) {
@@ -438,9 +438,9 @@ static inline void emu_cp_async_commit() { emu::cp_async_commit(); }
 static inline void emu_cp_async_wait() { emu::cp_async_wait(); }
 static inline void emu_cp_async_wait_prior() { emu::cp_async_wait(1); }
 static inline unsigned emu_shared_offset(const void* p) { return emu::shared_offset(p); }
-static inline void emu_wgmma_m64n64k16(float* d, const unsigned* a, unsigned long long desc, int accumulate,
-                                       int trans_b) {
-  emu::wgmma_m64n64k16(d, a, desc, accumulate, trans_b);
+static inline void emu_wgmma(float* d, const unsigned* a, unsigned long long desc, int accumulate, int trans_b,
+                             int n) {
+  emu::wgmma(d, a, desc, accumulate, trans_b, n);
 }
 
 // Before the attention kernels: their source defines short macro names (D, BM, WARPS, ...).
@@ -563,6 +563,7 @@ const Entry KERNELS[] = {
     ENTRY(hd64, 64, dattn_bwd_v_ds), ENTRY(hd64, 64, dattn_bwd_k_ds),
     ENTRY(hd64, 64, dattn_bwd_kv_rel_diag), ENTRY(hd64, 64, dattn_bwd_kv_rel_lean), ENTRY(hd64, 64, dattn_bwd_q_ds_diag), ENTRY(hd64, 64, dattn_bwd_k_ds_diag),
     ENTRY(hd64, 64, dattn_table_grads), ENTRY(hd64, 64, dattn_table_grads_sum), ENTRY(hd64, 64, dattn_fwd_rel_wg),
+    ENTRY(hd64, 64, dattn_bwd_kv_rel_lean_wg),
     ENTRY(hd64, 0, dattn_dropout_mask),
     ENTRY(rln, 0, rln_fwd_bf16), ENTRY(rln, 0, rln_fwd_f32), ENTRY(rln, 0, rln_bwd_bf16), ENTRY(rln, 0, rln_bwd_f32),
     ENTRY(rln, 0, rln_dropout_mask), ENTRY(adamw, 0, adamw_step), ENTRY(gelu, 0, gelu_bwd_bf16),

@@ -30,12 +30,18 @@ __device__ __forceinline__ void wgmma_fence() {}
 __device__ __forceinline__ void wgmma_commit() {}
 __device__ __forceinline__ void wgmma_wait_all() {}
 __device__ __forceinline__ void fence_proxy_async() {}
+template <int NJ = 8>
 __device__ __forceinline__ void wgmma_fence_operands(float (*)[4]) {}
-// d = (accumulate ? d : 0) + A B, m64n64k16, bf16 in, fp32 accumulate.
+// d = (accumulate ? d : 0) + A B, m64n64k16 (and m64n32k16), bf16 in, fp32 accumulate.
 template <int TRANS_B>
 __device__ __forceinline__ void wgmma_m64n64k16(float (*d)[4], const unsigned int* a, unsigned long long desc,
                                                 int accumulate) {
-  emu_wgmma_m64n64k16(&d[0][0], a, desc, accumulate, TRANS_B);
+  emu_wgmma(&d[0][0], a, desc, accumulate, TRANS_B, 64);
+}
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n32k16(float (*d)[4], const unsigned int* a, unsigned long long desc,
+                                                int accumulate) {
+  emu_wgmma(&d[0][0], a, desc, accumulate, TRANS_B, 32);
 }
 #else
 // The shared-memory address the descriptor takes (the state space's own, 32-bit).
@@ -49,10 +55,12 @@ __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_grou
 // Shared memory written by ordinary stores (the generic proxy), made visible to wgmma's reads
 // (the async proxy).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// Keeps the compiler from moving the accumulators' reads or writes across a wgmma wait.
+// Keeps the compiler from moving the accumulators' reads or writes across a wgmma wait (NJ
+// groups of 8 columns: N / 8).
+template <int NJ = 8>
 __device__ __forceinline__ void wgmma_fence_operands(float (*d)[4]) {
 #pragma unroll
-  for (int j = 0; j < 8; ++j)
+  for (int j = 0; j < NJ; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
 }
@@ -71,6 +79,20 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (*d)[4], const unsigned in
         "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),
         "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
         "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TRANS_B), "r"(accumulate));
+}
+// The same, N = 32: d[4][4].
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n32k16(float (*d)[4], const unsigned int* a, unsigned long long desc,
+                                                int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %22, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+      "{%16, %17, %18, %19}, %20, p, 1, 1, %21;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
+        "+f"(d[3][2]), "+f"(d[3][3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TRANS_B), "r"(accumulate));
 }
 #endif
