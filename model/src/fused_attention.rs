@@ -1152,6 +1152,29 @@ mod tests {
     }
 
     #[test]
+    fn the_wgmma_switch_names_its_kernels_and_refuses_anything_else() {
+        assert_eq!(Wgmma::parse("0"), Ok(Wgmma::OFF));
+        assert_eq!(Wgmma::parse("1"), Ok(Wgmma::ALL));
+        assert_eq!(Wgmma::parse("forward,keys"), Ok(Wgmma::ALL));
+        let keys = Wgmma::parse("keys").unwrap();
+        assert!(keys.keys && !keys.forward);
+        let e = Wgmma::parse("forward,queries").unwrap_err();
+        assert!(
+            e.contains("DEBERTA_WGMMA=forward,queries") && e.contains("`queries`"),
+            "{e}"
+        );
+        assert!(Wgmma::parse("").is_err() && Wgmma::parse("yes").is_err());
+        // Each choice picks its kernel at head size 64 only.
+        set_wgmma(Some(keys));
+        assert_eq!(lean_keys_kernel(64), Ok("dattn_bwd_kv_rel_lean_wg"));
+        assert_eq!(lean_keys_kernel(32), Ok("dattn_bwd_kv_rel_lean"));
+        assert_eq!(forward_rel_kernel(64), Ok("dattn_fwd_rel"));
+        set_wgmma(Some(Wgmma::ALL));
+        assert_eq!(forward_rel_kernel(64), Ok("dattn_fwd_rel_wg"));
+        set_wgmma(None);
+    }
+
+    #[test]
     fn the_dropout_hash_keeps_the_right_fraction_independently_per_element_head_and_seed() {
         // The kernels' mask (in the emulator), p = 0.5: 2 x 3 heads x 128 x 128 = 98,304 draws.
         let mask = |seed| {
