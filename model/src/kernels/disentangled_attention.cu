@@ -541,6 +541,21 @@ __device__ __forceinline__ void load_chunk_async(bf16* __restrict__ dst, const b
   }
 }
 
+// The same into a core-matrix tile (as `load_tile_cm_async`; 64 rows, 8 KB at D = 64): a 128-row
+// window is two, the second at dst + 64 D.
+__device__ __forceinline__ void load_chunk_cm_async(bf16* __restrict__ dst, const bf16* __restrict__ table, int h,
+                                                    int m0, int N) {
+  constexpr unsigned int CHUNKS = D / 8, PER = BN * CHUNKS / THREADS, STEP = THREADS / CHUNKS;
+  const unsigned int t = opaque(threadIdx.x), r = t % 8 + 8 * (t / (8 * CHUNKS)), c = t / 8 % CHUNKS;
+  const bf16* from = table + ((long long)h * 2 * N + m0 + (int)r) * D + c * 8;
+  bf16* to = dst + r / 8 * 8 * D + c * 64 + r % 8 * 8;
+#pragma unroll
+  for (unsigned int it = 0; it < PER; ++it) {
+    const bool in = (unsigned)(m0 + (int)(r + it * STEP)) < (unsigned)(2 * N - 1);
+    cp_async16(to + it * STEP * D, in ? from + it * STEP * D : table, in);
+  }
+}
+
 // A tile's 128-row window, kept in two 64-row slots of shared memory ([2][64][LDS]). Along a
 // kernel's tiles the window's start moves by 64 rows (dir = +1, up; -1, down), so consecutive
 // windows share half their rows: the slots alternate, and after tile 0 each tile loads only
@@ -1105,6 +1120,32 @@ __device__ __forceinline__ void relative_grads(float (*acc)[4], float (*gacc)[D 
   }
 }
 
+// `relative_grads`' own-row gradient (TGRAD false) by wgmma (the keys kernel's WG): acc (the
+// block's 64 rows x D, each warp its 16) += DSK W over all 128 window rows, A the warp's rows of
+// the skewed dS, W a core-matrix window at shared address w (MN-major B: along K, the window
+// rows, 16 D bytes per core matrix, along N 128), read once for the 4 warps where each warp
+// loaded its 80 rows. A warp's rows meet 5 of the 8 16-row steps (3 - warp to 7 - warp; their
+// off-band entries zeroed, `zero_skewed_edges`); for the others, which hold no dS of its rows,
+// it gives zero fragments: wgmma is the warpgroup's, every warp issues all 8.
+__device__ __forceinline__ void relative_grads_wg(float (*acc)[4], const bf16* DSK, unsigned int w) {
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int s0 = 0; s0 < 8; s0 += 4) {
+    FragA a[4];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      if (s0 + s >= 3 - warp && s0 + s <= 7 - warp) load_a(a[s], DSK + warp * 16 * LDK + 16 * (s0 + s), LDK);
+      else a[s] = FragA{{0u, 0u, 0u, 0u}};
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 4; ++s) wgmma_m64n64k16<1>(acc, a[s].x, wgmma_desc(w + 32 * D * (s0 + s), 16 * D, 128), 1);
+    wgmma_commit();
+    wgmma_wait_all();
+    wgmma_fence_operands(acc);
+  }
+}
+
 // After the last tile (index k, offset off): its upper pair writes the rows [off + 64, off + 128)
 // it kept.
 __device__ __forceinline__ void flush_relative(float (*gacc)[D / 8][4], bf16* __restrict__ part, int off, int k) {
@@ -1194,9 +1235,12 @@ __device__ __forceinline__ void relative_bands_lean(bf16* Cb, bf16* Pb, bf16* DS
 // read three times per tile from L2 (48 KB where 16 KB), and two more barriers.
 // WG (LEAN, D = 64, sm_90a: `dattn_bwd_kv_rel_lean_wg`): S^T = K Q^T, dP^T = V dO^T, dV += P^T dO
 // and dK += dS^T Q by wgmma, the Q and dO tiles in core-matrix layout (in their padded tiles'
-// memory, where Q_r's window goes after the score loop), read from shared memory once for the
-// 4 warps where each warp loaded all of both by ldmatrix, for each product (256 of the tile's
-// 958 shared-memory wavefronts per warp).
+// memory), read from shared memory once for the 4 warps where each warp loaded all of both by
+// ldmatrix, for each product; and dK's p2c part (`relative_grads_wg`), from Q_r's window loaded
+// over those tiles in core-matrix layout. 958 -> 730 shared-memory wavefronts per warp-tile. (The
+// bands by wgmma too, from core-matrix windows, were tried: wgmma multiplies a warp's rows by all
+// 128 window rows, and its accumulators' skewed 16-bit stores cost ~40% more instructions per tile
+// than they saved in shared-memory traffic.)
 template <bool REL, bool TGRAD, bool LEAN = false, bool WG = false>
 __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                        const bf16* __restrict__ v, const bf16* __restrict__ c2p,
@@ -1353,13 +1397,21 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
       // Q_r's window over the Q and dO tiles (contiguous), loading while dS is stored. (The
       // start through `opaque`: else the compiler keeps the first load's addresses for it, in
       // registers the score loop needs.)
-      if (p2c) load_whole_window_async(Qs, p2c, h, (int)opaque(N - 1 - (kb + 63) + m0), N);
+      // (WG: core-matrix, for `relative_grads_wg`.)
+      if (p2c && WG) {
+        load_chunk_cm_async(Qs, p2c, h, (int)opaque(N - 1 - (kb + 63) + m0), N);
+        load_chunk_cm_async(Qs + 64 * D, p2c, h, (int)opaque(N - 1 - (kb + 63) + m0 + 64), N);
+      } else if (p2c) {
+        load_whole_window_async(Qs, p2c, h, (int)opaque(N - 1 - (kb + 63) + m0), N);
+      }
       cp_async_commit();
       if (ds_out) store_ds_tile(ds_out + (((long long)bh * gridDim.x + n) * gridDim.x + blockIdx.x) * 64 * 64, DSK);
       PHASE(7);
       cp_async_wait_all();
+      if (WG) fence_proxy_async();
       __syncthreads();
-      if (p2c) relative_grads<false>(dk_acc, gacc, DSK, Window{Qs, dOs}, Ks, nullptr, m0, n);
+      if (p2c && WG) relative_grads_wg(dk_acc, DSK, wgmma_shared(Qs));
+      else if (p2c) relative_grads<false>(dk_acc, gacc, DSK, Window{Qs, dOs}, Ks, nullptr, m0, n);
       PHASE(6);
     } else if (REL) {
       // p2c(i, j) = k_j . Q_r[N-1-j+i]: dK += dS^T Q_r (skewed), dQ_r += (skewed dS)^T K.
