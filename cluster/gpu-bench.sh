@@ -29,7 +29,7 @@
 # `V-partials` V with the relative tables' gradients from the attention kernels' per-block
 # partials (DEBERTA_TABLE_GRADS=partials) instead of by tile diagonals, and `V-kept` V with the
 # keys kernel keeping its windows from tile to tile (DEBERTA_TABLE_GRADS=diagonals-kept-windows)
-# instead of the lean one, and `V-wgmma` V with the forward and the lean keys kernel by wgmma
+# instead of the lean one, and `V-wgmma` V with the attention kernels by wgmma
 # (DEBERTA_WGMMA=1; an sm_90 GPU) (suffixes in the order V-partials|kept-opsnorm-opswgrad-gatheremd-wgmma-copies;
 # the summary divides V-copies and V-wgmma by V). `V@B` runs V at batch size B only: e.g.
 #   VARIANTS="fused-rel fused-rel-opsnorm base:fused-rel fused-rel-copies@32" bash cluster/gpu-bench.sh xxlarge 512 8 32
@@ -176,14 +176,14 @@ for att, ours in variants.items():
             if "tokens_per_s" in o and "tokens_per_s" in r:
                 print(f"  batch {b}: {o['tokens_per_s']:.1f} / {r['tokens_per_s']:.1f} = {o['tokens_per_s'] / r['tokens_per_s']:.3f}x")
 # A switch turned on: V-copies against V (the weights' bf16 copies against a cast per use), with
-# the memory they take; V-wgmma against V (the forward and keys kernels by wgmma against mma.sync).
+# the memory they take; V-wgmma against V (the attention kernels by wgmma against mma.sync).
 for att, ours in variants.items():
     suffix = next((s for s in ("-copies", "-wgmma") if att.endswith(s)), None)
     if suffix is None or att[: -len(suffix)] not in variants:
         continue
     other = att[: -len(suffix)]
     base = variants[other]
-    what = "the weights' bf16 copies against a cast per use" if suffix == "-copies" else "the forward and keys kernels by wgmma against mma.sync"
+    what = "the weights' bf16 copies against a cast per use" if suffix == "-copies" else "the attention kernels by wgmma against mma.sync"
     print(f"\n{att} / {other} tokens/s ({what}):")
     for b in sorted(set(ours) & set(base)):
         o, r = ours[b], base[b]

@@ -21,7 +21,7 @@
 #   H100 80GB, fits there (~105 GiB, estimated), as does our batch 64 (~100 GiB, estimated from
 #   the eleventh session's 70.7 GiB at 40).
 #   env: GPU_MEM_MIB (the card's memory, default nvidia-smi's; a dry run sets it), PLAN_ONLY=1
-#        (print the plan and stop), VARIANTS (default: fused-rel, it with the forward and keys
+#        (print the plan and stop), VARIANTS (default: fused-rel, it with the attention
 #        kernels by wgmma (twentieth, twenty-first), with the weights' bf16
 #        copies (thirteenth session), and it with the twelfth session's weight-gradient
 #        accumulation and the sixteenth's table gradients by tile diagonals turned off, for

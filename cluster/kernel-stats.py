@@ -43,7 +43,7 @@ KERNELS = ["dattn_fwd", "dattn_fwd_rel", "dattn_bwd_kv", "dattn_bwd_kv_rel", "da
            "dattn_bwd_kv_rel_diag", "dattn_bwd_q_ds_diag", "dattn_bwd_k_ds_diag", "dattn_table_grads",  # since the sixteenth session
            "dattn_bwd_kv_rel_lean",  # since the seventeenth
            "dattn_fwd_rel_wg",  # since the twentieth, with --sm90a
-           "dattn_bwd_kv_rel_lean_wg"]  # since the twenty-first, with --sm90a
+           "dattn_bwd_kv_rel_lean_wg", "dattn_bwd_q_ds_diag_wg"]  # since the twenty-first, with --sm90a
 SHOWN = ["HMMA", "LDSM", "LDS", "STS", "MUFU", "IMAD", "BRA"]
 
 
@@ -153,7 +153,7 @@ def main():
     ap.add_argument("--dropout", action="store_true",
                     help="count the training path: the kernels' `p_drop > 0` branches compiled as taken")
     ap.add_argument("--sm90a", action="store_true",
-                    help="compile for sm_90a (the build DEBERTA_FORWARD_WGMMA=1 loads): adds dattn_fwd_rel_wg and dattn_bwd_kv_rel_lean_wg")
+                    help="compile for sm_90a (the build DEBERTA_FORWARD_WGMMA=1 loads): adds the wgmma kernels (_wg)")
     ap.add_argument("--define", action="append", default=[], metavar="NAME",
                     help="compile with -DNAME too (e.g. PHASE_TIMING, kernel-check's timed build)")
     args = ap.parse_args()

@@ -466,27 +466,31 @@ thread_local! {
 
 /// Which attention kernels run by Hopper's warpgroup mma (wgmma, which reads its B operand from
 /// shared memory once for the block's 4 warps, where mma.sync has each warp load it): the
-/// forward with the relative terms inside (`dattn_fwd_rel_wg`: S = Q K^T and P V) and the lean
-/// keys kernel (`dattn_bwd_kv_rel_lean_wg`: S^T, dP^T, dV and dK). sm_90a, so an H100 or H200,
-/// and head size 64, the 1.5B model's; other head sizes keep the mma.sync kernels.
+/// forward with the relative terms inside (`dattn_fwd_rel_wg`: S = Q K^T and P V), the lean
+/// keys kernel (`dattn_bwd_kv_rel_lean_wg`: S^T, dP^T, dV, dK and dK's p2c part) and the
+/// queries kernel from dS (`dattn_bwd_q_ds_diag_wg`: dQ and its c2p part). sm_90a, so an H100
+/// or H200, and head size 64, the 1.5B model's; other head sizes keep the mma.sync kernels.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Wgmma {
     pub forward: bool,
     pub keys: bool,
+    pub queries: bool,
 }
 
 impl Wgmma {
     pub const OFF: Wgmma = Wgmma {
         forward: false,
         keys: false,
+        queries: false,
     };
     pub const ALL: Wgmma = Wgmma {
         forward: true,
         keys: true,
+        queries: true,
     };
 
-    /// `DEBERTA_WGMMA`'s value: 0 (none), 1 (all), or a comma-separated list of `forward` and
-    /// `keys`.
+    /// `DEBERTA_WGMMA`'s value: 0 (none), 1 (all), or a comma-separated list of `forward`,
+    /// `keys` and `queries`.
     pub fn parse(value: &str) -> Result<Wgmma, String> {
         match value {
             "0" => return Ok(Wgmma::OFF),
@@ -498,9 +502,10 @@ impl Wgmma {
             match part.trim() {
                 "forward" => on.forward = true,
                 "keys" => on.keys = true,
+                "queries" => on.queries = true,
                 other => {
                     return Err(format!(
-                        "DEBERTA_WGMMA={value}: `{other}` is not a kernel; expected 0, 1 or a comma-separated list of forward, keys"
+                        "DEBERTA_WGMMA={value}: `{other}` is not a kernel; expected 0, 1 or a comma-separated list of forward, keys, queries"
                     ))
                 }
             }
@@ -548,12 +553,23 @@ fn lean_keys_kernel(head_dim: i64) -> Result<&'static str, String> {
     })
 }
 
+/// The queries kernel from the keys kernel's dS with the table gradients by diagonals.
+fn queries_ds_kernel(head_dim: i64) -> Result<&'static str, String> {
+    Ok(if wgmma()?.queries && head_dim == 64 {
+        "dattn_bwd_q_ds_diag_wg"
+    } else {
+        "dattn_bwd_q_ds_diag"
+    })
+}
+
 /// The GPU build of the kernels for `device` and `head_dim`, the phase-timed one if `timed`;
-/// for sm_90a with the wgmma kernels if `forward_rel_kernel` or `lean_keys_kernel` picks one.
+/// for sm_90a with the wgmma kernels if `forward_rel_kernel`, `lean_keys_kernel` or
+/// `queries_ds_kernel` picks one.
 fn gpu_kernels(device: Device, head_dim: i64, timed: bool) -> Result<Arc<cuda::Module>, String> {
     let shared = shared_bytes(head_dim);
-    let wg = forward_rel_kernel(head_dim)? == "dattn_fwd_rel_wg"
-        || lean_keys_kernel(head_dim)? == "dattn_bwd_kv_rel_lean_wg";
+    let wg = forward_rel_kernel(head_dim)?.ends_with("_wg")
+        || lean_keys_kernel(head_dim)?.ends_with("_wg")
+        || queries_ds_kernel(head_dim)?.ends_with("_wg");
     let options = options(head_dim, timed);
     let mut functions = vec![
         ("dattn_fwd", shared.fwd),
@@ -577,6 +593,7 @@ fn gpu_kernels(device: Device, head_dim: i64, timed: bool) -> Result<Arc<cuda::M
     if wg {
         functions.push(("dattn_fwd_rel_wg", shared.fwd_rel));
         functions.push(("dattn_bwd_kv_rel_lean_wg", shared.bwd_rel_lean));
+        functions.push(("dattn_bwd_q_ds_diag_wg", shared.bwd_q_ds));
     }
     let arch = if wg { cuda::Arch::Sm90a } else { cuda::Arch::Native };
     cuda::load_for(device, SOURCE, "disentangled_attention.cu", &options, &functions, arch)
@@ -901,7 +918,7 @@ fn kernel_backward(saved: &Saved, dout: &Tensor) -> Result<CoreGrads, String> {
                 unsafe { k.launch(function, grid(b, h, n, shared_bytes(d).bwd_q_ds), &args) }
             };
         let (q_ds, k_ds) = if diagonals {
-            ("dattn_bwd_q_ds_diag", "dattn_bwd_k_ds_diag")
+            (queries_ds_kernel(d)?, "dattn_bwd_k_ds_diag")
         } else {
             ("dattn_bwd_q_ds", "dattn_bwd_k_ds")
         };
@@ -1135,6 +1152,7 @@ mod tests {
         for (name, shared) in [
             ("dattn_fwd_rel_wg", sh.fwd_rel),
             ("dattn_bwd_kv_rel_lean_wg", sh.bwd_rel_lean),
+            ("dattn_bwd_q_ds_diag_wg", sh.bwd_q_ds),
         ] {
             let &(_, regs, spill) = report
                 .iter()
@@ -1155,12 +1173,13 @@ mod tests {
     fn the_wgmma_switch_names_its_kernels_and_refuses_anything_else() {
         assert_eq!(Wgmma::parse("0"), Ok(Wgmma::OFF));
         assert_eq!(Wgmma::parse("1"), Ok(Wgmma::ALL));
-        assert_eq!(Wgmma::parse("forward,keys"), Ok(Wgmma::ALL));
+        assert_eq!(Wgmma::parse("forward,keys,queries"), Ok(Wgmma::ALL));
+        assert_ne!(Wgmma::parse("forward,keys"), Ok(Wgmma::ALL));
         let keys = Wgmma::parse("keys").unwrap();
         assert!(keys.keys && !keys.forward);
-        let e = Wgmma::parse("forward,queries").unwrap_err();
+        let e = Wgmma::parse("forward,values").unwrap_err();
         assert!(
-            e.contains("DEBERTA_WGMMA=forward,queries") && e.contains("`queries`"),
+            e.contains("DEBERTA_WGMMA=forward,values") && e.contains("`values`"),
             "{e}"
         );
         assert!(Wgmma::parse("").is_err() && Wgmma::parse("yes").is_err());
@@ -1169,8 +1188,14 @@ mod tests {
         assert_eq!(lean_keys_kernel(64), Ok("dattn_bwd_kv_rel_lean_wg"));
         assert_eq!(lean_keys_kernel(32), Ok("dattn_bwd_kv_rel_lean"));
         assert_eq!(forward_rel_kernel(64), Ok("dattn_fwd_rel"));
+        assert_eq!(queries_ds_kernel(64), Ok("dattn_bwd_q_ds_diag"));
         set_wgmma(Some(Wgmma::ALL));
         assert_eq!(forward_rel_kernel(64), Ok("dattn_fwd_rel_wg"));
+        assert_eq!(queries_ds_kernel(64), Ok("dattn_bwd_q_ds_diag_wg"));
+        assert_eq!(
+            Wgmma::parse("queries,forward").map(|w| w.queries && w.forward && !w.keys),
+            Ok(true)
+        );
         set_wgmma(None);
     }
 

@@ -578,6 +578,13 @@ __device__ __forceinline__ void load_window_async(bf16* slots, const bf16* table
   if (n == 0) load_chunk_async(slots, table, h, dir > 0 ? start : start + 64, N);
   load_chunk_async(next, table, h, dir > 0 ? start + 64 : start, N);
 }
+// The same, each half a core-matrix tile (`load_chunk_cm_async`) in its slot.
+__device__ __forceinline__ void load_window_cm_async(bf16* slots, const bf16* table, int h, int start, int n, int dir,
+                                                     int N) {
+  bf16* next = slots + ((n + 1) & 1) * 64 * LDS;
+  if (n == 0) load_chunk_cm_async(slots, table, h, dir > 0 ? start : start + 64, N);
+  load_chunk_cm_async(next, table, h, dir > 0 ? start + 64 : start, N);
+}
 // A whole window (rows [start, start + 128)) into dst [128][LDS], by cp.async: for a kernel that
 // reuses the window's memory within the tile (the lean keys kernel), so keeps no half of it.
 __device__ __forceinline__ void load_whole_window_async(bf16* dst, const bf16* table, int h, int start, int N) {
@@ -1120,14 +1127,14 @@ __device__ __forceinline__ void relative_grads(float (*acc)[4], float (*gacc)[D 
   }
 }
 
-// `relative_grads`' own-row gradient (TGRAD false) by wgmma (the keys kernel's WG): acc (the
-// block's 64 rows x D, each warp its 16) += DSK W over all 128 window rows, A the warp's rows of
-// the skewed dS, W a core-matrix window at shared address w (MN-major B: along K, the window
-// rows, 16 D bytes per core matrix, along N 128), read once for the 4 warps where each warp
-// loaded its 80 rows. A warp's rows meet 5 of the 8 16-row steps (3 - warp to 7 - warp; their
+// `relative_grads`' own-row gradient (TGRAD false) by wgmma (the keys and queries kernels' WG):
+// acc (the block's 64 rows x D, each warp its 16) += DSK W over all 128 window rows, A the warp's
+// rows of the skewed dS, W a core-matrix window, its rows [0, 64) at shared address lo and
+// [64, 128) at hi (MN-major B: along K, the window rows, 16 D bytes per core matrix, along N
+// 128), read once for the 4 warps where each warp loaded its 80 rows. A warp's rows meet 5 of the 8 16-row steps (3 - warp to 7 - warp; their
 // off-band entries zeroed, `zero_skewed_edges`); for the others, which hold no dS of its rows,
 // it gives zero fragments: wgmma is the warpgroup's, every warp issues all 8.
-__device__ __forceinline__ void relative_grads_wg(float (*acc)[4], const bf16* DSK, unsigned int w) {
+__device__ __forceinline__ void relative_grads_wg(float (*acc)[4], const bf16* DSK, unsigned int lo, unsigned int hi) {
   const int warp = threadIdx.x / 32;
 #pragma unroll
   for (int s0 = 0; s0 < 8; s0 += 4) {
@@ -1139,7 +1146,7 @@ __device__ __forceinline__ void relative_grads_wg(float (*acc)[4], const bf16* D
     }
     wgmma_fence();
 #pragma unroll
-    for (int s = 0; s < 4; ++s) wgmma_m64n64k16<1>(acc, a[s].x, wgmma_desc(w + 32 * D * (s0 + s), 16 * D, 128), 1);
+    for (int s = 0; s < 4; ++s) wgmma_m64n64k16<1>(acc, a[s].x, wgmma_desc((s0 ? hi : lo) + 32 * D * s, 16 * D, 128), 1);
     wgmma_commit();
     wgmma_wait_all();
     wgmma_fence_operands(acc);
@@ -1410,7 +1417,7 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
       cp_async_wait_all();
       if (WG) fence_proxy_async();
       __syncthreads();
-      if (p2c && WG) relative_grads_wg(dk_acc, DSK, wgmma_shared(Qs));
+      if (p2c && WG) relative_grads_wg(dk_acc, DSK, wgmma_shared(Qs), wgmma_shared(Qs + 64 * D));
       else if (p2c) relative_grads<false>(dk_acc, gacc, DSK, Window{Qs, dOs}, Ks, nullptr, m0, n);
       PHASE(6);
     } else if (REL) {
@@ -1579,7 +1586,10 @@ __device__ __forceinline__ void load_ds_async(bf16* __restrict__ dst, const bf16
 // Shared memory: the block's own rows, the tile's other rows, dS [64][LDR], its skewed copy
 // DSK[own][63 - own + other] ([64][LDK]), the table's window [128][LDS]: 62 KB, 3 blocks per SM.
 // TGRAD false: no partial sums (`dattn_table_grads` sums the table gradient by tile diagonals).
-template <bool KEYS, bool TGRAD>
+// WG (queries, TGRAD false, D = 64, sm_90a: `dattn_bwd_q_ds_diag_wg`): dQ += dS K and dQ += dS K_r
+// (`relative_grads_wg`) by wgmma, the K tile and K_r's window in core-matrix layout (in their
+// padded slots), read once for the 4 warps: 292 -> 180 shared-memory wavefronts per warp-tile.
+template <bool KEYS, bool TGRAD, bool WG = false>
 __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const bf16* __restrict__ other_src,
                                         const bf16* __restrict__ table, const bf16* __restrict__ ds,
                                         bf16* __restrict__ out, bf16* __restrict__ part_out, float* __restrict__ sums,
@@ -1607,11 +1617,14 @@ __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const 
   PHASE_BEGIN;
   for (int t0 = 0, n = 0; t0 < N; t0 += 64, ++n) {
     __syncthreads();  // the previous tile's readers of Other, DSs, DSK and the window's old half are done
-    load_tile_async(Other, other_src, b, h, t0, N, H);
+    if (WG) load_tile_cm_async(Other, other_src, b, h, t0, N, H);
+    else load_tile_async(Other, other_src, b, h, t0, N, H);
     load_ds_async(DSs, ds_bh + (KEYS ? (long long)n * tiles + blockIdx.x : (long long)blockIdx.x * tiles + n) * 64 * 64);
-    if (table) load_window_async(Win, table, h, N - 1 - (r0 + 63) + t0, n, 1, N);
+    if (table && WG) load_window_cm_async(Win, table, h, N - 1 - (r0 + 63) + t0, n, 1, N);
+    else if (table) load_window_async(Win, table, h, N - 1 - (r0 + 63) + t0, n, 1, N);
     cp_async_commit();
     cp_async_wait_all();
+    if (WG) fence_proxy_async();  // K and the window, written by cp.async, for wgmma's reads
     __syncthreads();
     PHASE(0);
     if (table)  // the skewed copy, two scores per step
@@ -1628,12 +1641,25 @@ __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const 
         }
       }
     PHASE(1);
+    if (WG) {  // dQ += dS K, MN-major B: along K (keys) 16 D bytes per core matrix, along N (D) 128
+      FragA a[4];
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {  // queries: dQ += dS K; keys: dK += dS^T Q
-      FragA a;
-      if (KEYS) load_a_t(a, DSs + kk * 16 * LDR + warp * 16, LDR);
-      else load_a(a, DSs + warp * 16 * LDR + kk * 16, LDR);
-      a_times_rows(acc, a, Other + kk * 16 * LDS);
+      for (int kk = 0; kk < 4; ++kk) load_a(a[kk], DSs + warp * 16 * LDR + kk * 16, LDR);
+      const unsigned int other = wgmma_shared(Other);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) wgmma_m64n64k16<1>(acc, a[kk].x, wgmma_desc(other + 32 * D * kk, 16 * D, 128), 1);
+      wgmma_commit();
+      wgmma_wait_all();
+      wgmma_fence_operands(acc);
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {  // queries: dQ += dS K; keys: dK += dS^T Q
+        FragA a;
+        if (KEYS) load_a_t(a, DSs + kk * 16 * LDR + warp * 16, LDR);
+        else load_a(a, DSs + warp * 16 * LDR + kk * 16, LDR);
+        a_times_rows(acc, a, Other + kk * 16 * LDS);
+      }
     }
     PHASE(2);
     if (table) {
@@ -1641,7 +1667,9 @@ __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const 
       PHASE(3);
       // c2p(i, j) = q_i . K_r[N-1-i+j]: dQ += dS K_r (skewed), dK_r += (skewed dS)^T Q;
       // p2c(i, j) = k_j . Q_r[N-1-j+i]: dK += dS^T Q_r (skewed), dQ_r += (skewed dS)^T K.
-      relative_grads<TGRAD>(acc, gacc, DSK, window_of(Win, n, 1), Own, part, t0, n);
+      const Window w = window_of(Win, n, 1);
+      if (WG) relative_grads_wg(acc, DSK, wgmma_shared(w.lo), wgmma_shared(w.hi));
+      else relative_grads<TGRAD>(acc, gacc, DSK, w, Own, part, t0, n);
       PHASE(4);
     }
   }
@@ -1666,6 +1694,15 @@ dattn_bwd_q_ds_diag(const bf16* __restrict__ q, const bf16* __restrict__ k, cons
                     int ldg) {
   from_ds<false, false>(q, k, c2p, ds, dq, nullptr, sums, H, N, ldg);
 }
+#if D == 64 && (defined(DEBERTA_EMULATE) || defined(__CUDA_ARCH_FEAT_SM90_ALL))
+// The same by wgmma (`from_ds`' WG): sm_90a, head size 64.
+KERNEL void __launch_bounds__(128, 3)
+dattn_bwd_q_ds_diag_wg(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ c2p,
+                       const bf16* __restrict__ ds, bf16* __restrict__ dq, float* __restrict__ sums, int H, int N,
+                       int ldg) {
+  from_ds<false, false, true>(q, k, c2p, ds, dq, nullptr, sums, H, N, ldg);
+}
+#endif
 
 // ---- The split backward (`kernel-split`): dV and dS first, then dK and dQ from dS -------------
 // The keys kernel of `kernel` (dattn_bwd_kv_rel) carries most of the backward: 312 mma per tile,
