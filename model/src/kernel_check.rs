@@ -285,7 +285,7 @@ mod tests {
         TableGrads::set_for_this_thread(Some(TableGrads::DiagonalsKeptWindows));
         check_with(c, RelativeTerms::InKernel);
         TableGrads::set_for_this_thread(None);
-        // The forward, the lean keys kernel and the queries kernel by wgmma (head size 64 only), their B operands
+        // The kernels by wgmma (head size 64 only), their B operands
         // read as the emulator reads them (`wgmma_probe` checks on the GPU that the hardware
         // reads them so).
         if c.d == 64 {

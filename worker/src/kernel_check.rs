@@ -525,7 +525,7 @@ fn wgrad(device: Device) -> anyhow::Result<bool> {
 /// `deberta-worker wgmma-probe`: Hopper's wgmma against a known product
 /// (`deberta_model::wgmma_probe`), then on a GPU the kernels by wgmma (`fused_attention::Wgmma`:
 /// the forward `dattn_fwd_rel_wg`, the keys kernel `dattn_bwd_kv_rel_lean_wg`, the queries
-/// kernel `dattn_bwd_q_ds_diag_wg`), each alone
+/// kernel `dattn_bwd_q_ds_diag_wg`, the table gradients `dattn_table_grads_wg`), each alone
 /// against the reference on the head-size-64 cases, and their times beside the mma.sync
 /// kernels' at the 1.5B model's shape. Apart from kernel-check, in a process of its own: a wgmma
 /// the hardware rejects would leave the CUDA context unusable for every check after it.
@@ -551,6 +551,7 @@ pub fn wgmma(device: Device) -> anyhow::Result<bool> {
         ("the forward (dattn_fwd_rel_wg)", only("forward")),
         ("the keys kernel (dattn_bwd_kv_rel_lean_wg)", only("keys")),
         ("the queries kernel (dattn_bwd_q_ds_diag_wg)", only("queries")),
+        ("the table gradients (dattn_table_grads_wg)", only("tables")),
     ] {
         println!("{what} by wgmma vs the reference formulas:");
         fused_attention::set_wgmma(Some(which));

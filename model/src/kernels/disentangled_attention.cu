@@ -280,10 +280,11 @@ __device__ __forceinline__ void load_tile_async(bf16* __restrict__ dst, const bf
 // the 32 banks 4 times over (by rows first, 8 columns of one row would all land in 4 banks).
 // For a key tile the core matrices along a row are wgmma's K direction (LBO 128 bytes), along
 // the rows its N (SBO 16 D bytes); for a value tile the other way round.
+// By 128 threads, tid its index.
 __device__ __forceinline__ void load_tile_cm_async(bf16* __restrict__ dst, const bf16* __restrict__ src, int b,
-                                                   int h, int r0, int N, int H) {
+                                                   int h, int r0, int N, int H, unsigned int tid) {
   constexpr unsigned int CHUNKS = D / 8, PER = BN * CHUNKS / THREADS, STEP = THREADS / CHUNKS;
-  const unsigned int t = opaque(threadIdx.x), r = t % 8 + 8 * (t / (8 * CHUNKS)), c = t / 8 % CHUNKS;
+  const unsigned int t = opaque(tid), r = t % 8 + 8 * (t / (8 * CHUNKS)), c = t / 8 % CHUNKS;
   const bf16* from = src + (((long long)b * N + r0 + r) * H + h) * D + c * 8;
   const long long step = (long long)STEP * H * D;
   bf16* to = dst + r / 8 * 8 * D + c * 64 + r % 8 * 8;  // STEP is a multiple of 8: + 8 D STEP / 8 per copy
@@ -292,6 +293,10 @@ __device__ __forceinline__ void load_tile_cm_async(bf16* __restrict__ dst, const
     const bool in = r0 + (int)(r + it * STEP) < N;
     cp_async16(to + it * STEP * D, in ? from + it * step : src, in);
   }
+}
+__device__ __forceinline__ void load_tile_cm_async(bf16* __restrict__ dst, const bf16* __restrict__ src, int b,
+                                                   int h, int r0, int N, int H) {
+  load_tile_cm_async(dst, src, b, h, r0, N, H, threadIdx.x);
 }
 // The A fragments of rows [row0, row0 + 16) of a core-matrix tile (`load_tile_cm_async`), as
 // `load_rows` takes them from a padded one.
@@ -1952,9 +1957,14 @@ __device__ __forceinline__ void next_diagonal_tile(int& b, int& n, int& od, int 
 __device__ __forceinline__ int tile_word(int c) {
   return (8 * (c >> 6) + 2 * ((c >> 3) & 3) + ((c >> 5) & 1)) * 8 + (c & 7);
 }
-KERNEL void __launch_bounds__(TG_THREADS, 2)
-dattn_table_grads(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ ds,
-                  float* __restrict__ gc, float* __restrict__ gp, int B, int H, int N) {
+// WG (D = 64, sm_90a: `dattn_table_grads_wg`): the products by wgmma, each warpgroup (warps 0-3,
+// 4-7) multiplying its table's 128 rows as two 64-row halves (a warp's chunks w and 4 + w), B the
+// Q or K tile in core-matrix layout, read once for the 4 warps where each warp loaded its 5
+// blocks' rows: 8 wgmma where each warp ran 40 mma, a warp's zero blocks given as zero fragments.
+template <bool WG>
+__device__ __forceinline__ void table_grads(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                            const bf16* __restrict__ ds, float* __restrict__ gc,
+                                            float* __restrict__ gp, int B, int H, int N) {
   DYNAMIC_SMEM(smem);
   bf16* QK = reinterpret_cast<bf16*>(smem);  // [buffer][Q, K][64][LDS]
   bf16* DSC = QK + 4 * 64 * LDS;             // DSC[i'][63 - i' + j'] = dS[i'][j']
@@ -1964,8 +1974,9 @@ dattn_table_grads(const bf16* __restrict__ q, const bf16* __restrict__ k, const 
   const bool keys = warp >= 4;  // this warp sums G_p from K, else G_c from Q
   float* out = keys ? gp : gc;
   const int w4 = warp % 4;
-  // The warp's two 16-row chunks of the 128: 0 and 3, 1 and 2, 4 and 7, 5 and 6.
-  const int xc[2] = {(w4 / 2) * 4 + w4 % 2, (w4 / 2) * 4 + 3 - w4 % 2};
+  // The warp's two 16-row chunks of the 128: 0 and 3, 1 and 2, 4 and 7, 5 and 6 (WG: w4 and
+  // 4 + w4, the rows wgmma gives it).
+  const int xc[2] = {WG ? w4 : (w4 / 2) * 4 + w4 % 2, WG ? 4 + w4 : (w4 / 2) * 4 + 3 - w4 % 2};
   for (int e = threadIdx.x; e < 2 * 64 * LDK; e += TG_THREADS) DSC[e] = 0;
   const int nb = min(TG_BATCHES, B - b0), total = nb * tiles, switch_at = nb * (tiles - o);
   float acc[2][D / 8][4];
@@ -1980,8 +1991,12 @@ dattn_table_grads(const bf16* __restrict__ q, const bf16* __restrict__ k, const 
   int b = b0, n = 0, od = o;  // the next tile to fetch
   auto fetch = [&](int buffer) {
     const int m = n + od;
-    load_tile_async(QK + (2 * buffer + keys) * 64 * LDS, keys ? k : q, b, h, (keys ? m : n) * 64, N, H,
-                    threadIdx.x % 128);
+    if (WG)
+      load_tile_cm_async(QK + (2 * buffer + keys) * 64 * LDS, keys ? k : q, b, h, (keys ? m : n) * 64, N, H,
+                         threadIdx.x % 128);
+    else
+      load_tile_async(QK + (2 * buffer + keys) * 64 * LDS, keys ? k : q, b, h, (keys ? m : n) * 64, N, H,
+                      threadIdx.x % 128);
     const bf16* src = ds + (((long long)(b * H + h) * tiles + n) * tiles + m) * 64 * 64;
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
@@ -2010,8 +2025,27 @@ dattn_table_grads(const bf16* __restrict__ q, const bf16* __restrict__ k, const 
     if (it + 1 < total) fetch((it + 1) & 1);  // in flight during this tile's products
     cp_async_commit();
     cp_async_wait_prior();  // this tile's Q and K have landed
+    if (WG) fence_proxy_async();  // for wgmma's reads of them
     __syncthreads();
-    if (out) {
+    if (out && WG) {  // MN-major B: along K (the tile's rows) 16 D bytes per core matrix, along N 128
+      const bf16* S = keys ? DSP : DSC;
+      const unsigned int rows = wgmma_shared(QK + (2 * (it & 1) + keys) * 64 * LDS);
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        FragA a[4];
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          if (xc[mt] + kk < 3 || xc[mt] + kk > 7) a[kk] = FragA{{0u, 0u, 0u, 0u}};  // an all-zero block
+          else load_a_t(a[kk], S + kk * 16 * LDK + 16 * xc[mt], LDK);
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) wgmma_m64n64k16<1>(acc[mt], a[kk].x, wgmma_desc(rows + 32 * D * kk, 16 * D, 128), 1);
+        wgmma_commit();
+        wgmma_wait_all();
+        wgmma_fence_operands(acc[mt]);
+      }
+    } else if (out) {
       const bf16* S = keys ? DSP : DSC;
       const bf16* R = QK + (2 * (it & 1) + keys) * 64 * LDS;
 #pragma unroll
@@ -2041,6 +2075,19 @@ dattn_table_grads(const bf16* __restrict__ q, const bf16* __restrict__ k, const 
     }
   }
 }
+KERNEL void __launch_bounds__(TG_THREADS, 2)
+dattn_table_grads(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ ds,
+                  float* __restrict__ gc, float* __restrict__ gp, int B, int H, int N) {
+  table_grads<false>(q, k, ds, gc, gp, B, H, N);
+}
+#if D == 64 && (defined(DEBERTA_EMULATE) || defined(__CUDA_ARCH_FEAT_SM90_ALL))
+// The same by wgmma (`table_grads`' WG): sm_90a, head size 64.
+KERNEL void __launch_bounds__(TG_THREADS, 2)
+dattn_table_grads_wg(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ ds,
+                     float* __restrict__ gc, float* __restrict__ gp, int B, int H, int N) {
+  table_grads<true>(q, k, ds, gc, gp, B, H, N);
+}
+#endif
 
 // out[h][m][d] (fp32 [H][2N][D], row 2N-1 zero) from dattn_table_grads' sums: distance m is row
 // p = m + 64 tiles - N of the padded table, which diagonals u = p / 64 - 1 and p / 64 hold at their

@@ -564,7 +564,7 @@ const Entry KERNELS[] = {
     ENTRY(hd64, 64, dattn_bwd_kv_rel_diag), ENTRY(hd64, 64, dattn_bwd_kv_rel_lean), ENTRY(hd64, 64, dattn_bwd_q_ds_diag), ENTRY(hd64, 64, dattn_bwd_k_ds_diag),
     ENTRY(hd64, 64, dattn_table_grads), ENTRY(hd64, 64, dattn_table_grads_sum), ENTRY(hd64, 64, dattn_fwd_rel_wg),
     ENTRY(hd64, 64, dattn_bwd_kv_rel_lean_wg),
-    ENTRY(hd64, 64, dattn_bwd_q_ds_diag_wg),
+    ENTRY(hd64, 64, dattn_bwd_q_ds_diag_wg), ENTRY(hd64, 64, dattn_table_grads_wg),
     ENTRY(hd64, 0, dattn_dropout_mask),
     ENTRY(rln, 0, rln_fwd_bf16), ENTRY(rln, 0, rln_fwd_f32), ENTRY(rln, 0, rln_bwd_bf16), ENTRY(rln, 0, rln_bwd_f32),
     ENTRY(rln, 0, rln_dropout_mask), ENTRY(adamw, 0, adamw_step), ENTRY(gelu, 0, gelu_bwd_bf16),
