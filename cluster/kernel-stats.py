@@ -43,7 +43,8 @@ KERNELS = ["dattn_fwd", "dattn_fwd_rel", "dattn_bwd_kv", "dattn_bwd_kv_rel", "da
            "dattn_bwd_kv_rel_diag", "dattn_bwd_q_ds_diag", "dattn_bwd_k_ds_diag", "dattn_table_grads",  # since the sixteenth session
            "dattn_bwd_kv_rel_lean",  # since the seventeenth
            "dattn_fwd_rel_wg",  # since the twentieth, with --sm90a
-           "dattn_bwd_kv_rel_lean_wg", "dattn_bwd_q_ds_diag_wg", "dattn_table_grads_wg"]  # since the twenty-first, with --sm90a
+           "dattn_bwd_kv_rel_lean_wg", "dattn_bwd_q_ds_diag_wg", "dattn_table_grads_wg",
+           "dattn_fwd_rel_wgb"]  # since the twenty-first, with --sm90a
 SHOWN = ["HMMA", "LDSM", "LDS", "STS", "MUFU", "IMAD", "BRA"]
 
 

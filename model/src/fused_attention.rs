@@ -390,6 +390,7 @@ pub fn profile(x: CoreInputs, dout: &Tensor, seed: u64, rel: RelativeTerms) -> R
 struct Shared {
     fwd: u32,
     fwd_rel: u32,
+    fwd_rel_wgb: u32,
     bwd: u32,
     bwd_rel: u32,
     bwd_rel_lean: u32,
@@ -409,6 +410,9 @@ fn shared_bytes(head_dim: i64) -> Shared {
     Shared {
         fwd: fwd as u32,
         fwd_rel: (fwd + tiles(4)) as u32,
+        // Q, V and K apart, unpadded, the two bands and the windows' unpadded slots (head size 64
+        // only: `dattn_fwd_rel_wgb`).
+        fwd_rel_wgb: (3 * TILE * head_dim * 2 + bands(2) + 4 * TILE * head_dim * 2) as u32,
         bwd: bwd as u32,
         bwd_rel: bwd_rel as u32,
         // The queries' stats, the four tiles, the two bands (Q_r's window before them) and the
@@ -471,9 +475,13 @@ thread_local! {
 /// kernel from dS (`dattn_bwd_q_ds_diag_wg`: dQ and its c2p part) and the relative tables'
 /// gradients by diagonals (`dattn_table_grads_wg`). sm_90a, so an H100 or H200, and head size
 /// 64, the 1.5B model's; other head sizes keep the mma.sync kernels.
+/// `forward_bands`: the forward's relative bands by wgmma too (`dattn_fwd_rel_wgb`; less shared
+/// memory traffic, more instructions than `forward` alone: the two against each other say which
+/// bounds the kernel).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Wgmma {
     pub forward: bool,
+    pub forward_bands: bool,
     pub keys: bool,
     pub queries: bool,
     pub tables: bool,
@@ -482,19 +490,22 @@ pub struct Wgmma {
 impl Wgmma {
     pub const OFF: Wgmma = Wgmma {
         forward: false,
+        forward_bands: false,
         keys: false,
         queries: false,
         tables: false,
     };
     pub const ALL: Wgmma = Wgmma {
         forward: true,
+        forward_bands: true,
         keys: true,
         queries: true,
         tables: true,
     };
 
     /// `DEBERTA_WGMMA`'s value: 0 (none), 1 (all), or a comma-separated list of `forward`,
-    /// `keys`, `queries` and `tables`.
+    /// `forward-bands` (the forward with its bands by wgmma: `forward` and more), `keys`,
+    /// `queries` and `tables`.
     pub fn parse(value: &str) -> Result<Wgmma, String> {
         match value {
             "0" => return Ok(Wgmma::OFF),
@@ -505,12 +516,13 @@ impl Wgmma {
         for part in value.split(',') {
             match part.trim() {
                 "forward" => on.forward = true,
+                "forward-bands" => (on.forward, on.forward_bands) = (true, true),
                 "keys" => on.keys = true,
                 "queries" => on.queries = true,
                 "tables" => on.tables = true,
                 other => {
                     return Err(format!(
-                        "DEBERTA_WGMMA={value}: `{other}` is not a kernel; expected 0, 1 or a comma-separated list of forward, keys, queries, tables"
+                        "DEBERTA_WGMMA={value}: `{other}` is not a kernel; expected 0, 1 or a comma-separated list of forward, forward-bands, keys, queries, tables"
                     ))
                 }
             }
@@ -540,12 +552,14 @@ pub fn set_wgmma(on: Option<Wgmma>) {
     WGMMA.with(|w| w.set(on));
 }
 
-/// The forward kernel with the relative terms inside, for head size `head_dim`.
-fn forward_rel_kernel(head_dim: i64) -> Result<&'static str, String> {
-    Ok(if wgmma()?.forward && head_dim == 64 {
-        "dattn_fwd_rel_wg"
-    } else {
-        "dattn_fwd_rel"
+/// The forward kernel with the relative terms inside, for head size `head_dim`, and its shared
+/// memory.
+fn forward_rel_kernel(head_dim: i64) -> Result<(&'static str, u32), String> {
+    let (on, shared) = (wgmma()?, shared_bytes(head_dim));
+    Ok(match head_dim == 64 {
+        true if on.forward_bands => ("dattn_fwd_rel_wgb", shared.fwd_rel_wgb),
+        true if on.forward => ("dattn_fwd_rel_wg", shared.fwd_rel),
+        _ => ("dattn_fwd_rel", shared.fwd_rel),
     })
 }
 
@@ -581,7 +595,7 @@ fn table_grads_kernel(head_dim: i64) -> Result<&'static str, String> {
 /// `queries_ds_kernel` or `table_grads_kernel` picks one.
 fn gpu_kernels(device: Device, head_dim: i64, timed: bool) -> Result<Arc<cuda::Module>, String> {
     let shared = shared_bytes(head_dim);
-    let wg = forward_rel_kernel(head_dim)?.ends_with("_wg")
+    let wg = forward_rel_kernel(head_dim)?.0 != "dattn_fwd_rel"
         || lean_keys_kernel(head_dim)?.ends_with("_wg")
         || queries_ds_kernel(head_dim)?.ends_with("_wg")
         || table_grads_kernel(head_dim)?.ends_with("_wg");
@@ -607,6 +621,7 @@ fn gpu_kernels(device: Device, head_dim: i64, timed: bool) -> Result<Arc<cuda::M
     ];
     if wg {
         functions.push(("dattn_fwd_rel_wg", shared.fwd_rel));
+        functions.push(("dattn_fwd_rel_wgb", shared.fwd_rel_wgb));
         functions.push(("dattn_bwd_kv_rel_lean_wg", shared.bwd_rel_lean));
         functions.push(("dattn_bwd_q_ds_diag_wg", shared.bwd_q_ds));
         functions.push(("dattn_table_grads_wg", shared.table_grads));
@@ -787,7 +802,8 @@ fn kernel_forward(x: &CoreInputs, seed: u64, rel: RelativeTerms) -> Result<(Tens
     let (o, function, shared) = match rel {
         RelativeTerms::Tables => (operands(x), "dattn_fwd", shared_bytes(d).fwd),
         RelativeTerms::InKernel | RelativeTerms::InKernelForward | RelativeTerms::InKernelSplit => {
-            (operands_rel(x), forward_rel_kernel(d)?, shared_bytes(d).fwd_rel)
+            let (function, shared) = forward_rel_kernel(d)?;
+            (operands_rel(x), function, shared)
         }
     };
     stage("forward: tables (2 GEMMs) or K_r, Q_r in bf16");
@@ -1167,6 +1183,7 @@ mod tests {
         let report = cuda::ptxas_report_for(&compile(64, "sm_90a").unwrap().to_src(), "sm_90a");
         for (name, shared, warps, min_blocks) in [
             ("dattn_fwd_rel_wg", sh.fwd_rel, 4, 3),
+            ("dattn_fwd_rel_wgb", sh.fwd_rel_wgb, 4, 3),
             ("dattn_bwd_kv_rel_lean_wg", sh.bwd_rel_lean, 4, 3),
             ("dattn_bwd_q_ds_diag_wg", sh.bwd_q_ds, 4, 3),
             ("dattn_table_grads_wg", sh.table_grads, tg_warps, 2),
@@ -1190,8 +1207,8 @@ mod tests {
     fn the_wgmma_switch_names_its_kernels_and_refuses_anything_else() {
         assert_eq!(Wgmma::parse("0"), Ok(Wgmma::OFF));
         assert_eq!(Wgmma::parse("1"), Ok(Wgmma::ALL));
-        assert_eq!(Wgmma::parse("forward,keys,queries,tables"), Ok(Wgmma::ALL));
-        assert_ne!(Wgmma::parse("forward,keys,queries"), Ok(Wgmma::ALL));
+        assert_eq!(Wgmma::parse("forward-bands,keys,queries,tables"), Ok(Wgmma::ALL));
+        assert_ne!(Wgmma::parse("forward,keys,queries,tables"), Ok(Wgmma::ALL));
         let keys = Wgmma::parse("keys").unwrap();
         assert!(keys.keys && !keys.forward);
         let e = Wgmma::parse("forward,values").unwrap_err();
@@ -1204,10 +1221,12 @@ mod tests {
         set_wgmma(Some(keys));
         assert_eq!(lean_keys_kernel(64), Ok("dattn_bwd_kv_rel_lean_wg"));
         assert_eq!(lean_keys_kernel(32), Ok("dattn_bwd_kv_rel_lean"));
-        assert_eq!(forward_rel_kernel(64), Ok("dattn_fwd_rel"));
+        assert_eq!(forward_rel_kernel(64).unwrap().0, "dattn_fwd_rel");
         assert_eq!(queries_ds_kernel(64), Ok("dattn_bwd_q_ds_diag"));
+        set_wgmma(Some(Wgmma::parse("forward").unwrap()));
+        assert_eq!(forward_rel_kernel(64).unwrap().0, "dattn_fwd_rel_wg");
         set_wgmma(Some(Wgmma::ALL));
-        assert_eq!(forward_rel_kernel(64), Ok("dattn_fwd_rel_wg"));
+        assert_eq!(forward_rel_kernel(64).unwrap().0, "dattn_fwd_rel_wgb");
         assert_eq!(queries_ds_kernel(64), Ok("dattn_bwd_q_ds_diag_wg"));
         assert_eq!(table_grads_kernel(64), Ok("dattn_table_grads_wg"));
         assert_eq!(table_grads_kernel(32), Ok("dattn_table_grads"));

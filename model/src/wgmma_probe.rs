@@ -4,7 +4,8 @@
 //! (docs/performance.md, twentieth session). Its operand layouts and descriptor come from the
 //! PTX ISA and CUTLASS, not from a run, and a wrong reading shows only on the hardware: this
 //! multiplies known matrices with B in both layouts the kernels would use (K-major, as a key
-//! tile for S = Q K^T; MN-major, as a value tile for O = P V), each with the descriptor as
+//! tile for S = Q K^T; MN-major, as a value tile for O = P V), and with A read from shared
+//! memory too (K-major, as the forward's bands read their windows), each with the descriptor as
 //! intended and with its two strides swapped, and reports which match the product. On the CPU
 //! the same kernel runs in the emulator, which reads B as intended (`kernels/emulate.cpp`).
 
@@ -20,16 +21,39 @@ pub const SOURCE: &str = concat!(
     include_str!("kernels/wgmma_probe.cu")
 );
 
-/// Dynamic shared memory: B's 8 KB, and as much again that the swapped descriptors read past it
-/// (up to byte 13,566 for MN-major), never written: NaN in the emulator, whatever the GPU holds.
-const SHARED: u32 = 2 * 64 * 64 * 2;
+/// Dynamic shared memory: B's 8 KB, as much again that the swapped descriptors read past it
+/// (up to byte 13,566 for MN-major), never written (NaN in the emulator, whatever the GPU
+/// holds), and A's 8 KB.
+const SHARED: u32 = 3 * 64 * 64 * 2;
+
+/// What a case reads through its descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// B stored [n][k], as a key tile. (The discriminants are the probe kernel's `mode`.)
+    KMajorB = 0,
+    /// B stored [k][n], as a value tile.
+    MnMajorB = 1,
+    /// A [m][k] from shared memory (B K-major, as intended), as the forward's windows.
+    SharedA = 2,
+}
+
+impl Layout {
+    const ALL: [Layout; 3] = [Layout::KMajorB, Layout::MnMajorB, Layout::SharedA];
+
+    fn describe(self) -> &'static str {
+        match self {
+            Layout::KMajorB => "B K-major ([n][k], a key tile)",
+            Layout::MnMajorB => "B MN-major ([k][n], a value tile)",
+            Layout::SharedA => "A from shared memory (K-major, a window)",
+        }
+    }
+}
 
 /// One multiplication of the probe.
 #[derive(Debug, Clone)]
 pub struct Case {
-    /// B stored [k][n] (a value tile) rather than [n][k] (a key tile).
-    pub mn_major: bool,
-    /// The descriptor's two strides swapped.
+    pub layout: Layout,
+    /// The descriptor's two strides swapped (A's for `SharedA`).
     pub swapped: bool,
     /// max |d - a b| / max |a b| against the product in fp32 of the same bf16 values.
     pub error: f64,
@@ -50,7 +74,7 @@ fn kernels(device: Device) -> Result<Kernels, String> {
     cuda::load_for(device, SOURCE, "wgmma_probe.cu", &[], &functions, cuda::Arch::Sm90a).map(Kernels::Gpu)
 }
 
-/// The four cases on `device` (CUDA: an sm_90 GPU; the CPU: the emulator).
+/// The six cases on `device` (CUDA: an sm_90 GPU; the CPU: the emulator).
 pub fn run(device: Device) -> Result<Vec<Case>, String> {
     let kernels = kernels(device)?;
     tch::manual_seed(20);
@@ -58,9 +82,9 @@ pub fn run(device: Device) -> Result<Vec<Case>, String> {
     let b = Tensor::randn([64, 64], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
     let (da, db) = (cuda::host_to_device(&a, device), cuda::host_to_device(&b, device));
     let mut cases = Vec::new();
-    for mn_major in [false, true] {
+    for layout in Layout::ALL {
         // b holds B as [n][k] (K-major) or [k][n] (MN-major).
-        let want = if mn_major {
+        let want = if layout == Layout::MnMajorB {
             a.to_kind(Kind::Float).matmul(&b.to_kind(Kind::Float))
         } else {
             a.to_kind(Kind::Float).matmul(&b.to_kind(Kind::Float).tr())
@@ -76,7 +100,7 @@ pub fn run(device: Device) -> Result<Vec<Case>, String> {
                 Arg::tensor(&da),
                 Arg::tensor(&db),
                 Arg::tensor(&d),
-                Arg::I32(mn_major as i32),
+                Arg::I32(layout as i32),
                 Arg::I32(swapped as i32),
             ];
             // SAFETY: a and b are [64, 64] bf16, d [64, 64] fp32, all contiguous on `device`.
@@ -86,22 +110,18 @@ pub fn run(device: Device) -> Result<Vec<Case>, String> {
             let diff = (&got - &want).abs().max().double_value(&[]);
             // A NaN (an element never written) is as wrong as it gets.
             let error = if diff.is_nan() { f64::INFINITY } else { diff / scale };
-            cases.push(Case {
-                mn_major,
-                swapped,
-                error,
-            });
+            cases.push(Case { layout, swapped, error });
         }
     }
     Ok(cases)
 }
 
-/// The probe's findings, a line per layout, and whether both layouts read as intended.
+/// The probe's findings, a line per layout, and whether all read as intended.
 pub fn report(cases: &[Case]) -> (Vec<String>, bool) {
     let mut lines = Vec::new();
     let mut intended = true;
-    for mn_major in [false, true] {
-        let of = |swapped| cases.iter().find(|c| c.mn_major == mn_major && c.swapped == swapped);
+    for layout in Layout::ALL {
+        let of = |swapped| cases.iter().find(|c| c.layout == layout && c.swapped == swapped);
         let (Some(as_meant), Some(swapped)) = (of(false), of(true)) else {
             continue;
         };
@@ -112,17 +132,13 @@ pub fn report(cases: &[Case]) -> (Vec<String>, bool) {
         };
         intended &= as_meant.matches();
         lines.push(format!(
-            "wgmma B {}: relative error {:.1e} as intended, {:.1e} with LBO and SBO swapped: {verdict}",
-            if mn_major {
-                "MN-major ([k][n], a value tile)"
-            } else {
-                "K-major ([n][k], a key tile)"
-            },
+            "wgmma {}: relative error {:.1e} as intended, {:.1e} with LBO and SBO swapped: {verdict}",
+            layout.describe(),
             as_meant.error,
             swapped.error
         ));
     }
-    (lines, intended && cases.len() == 4)
+    (lines, intended && cases.len() == 2 * Layout::ALL.len())
 }
 
 #[cfg(test)]
@@ -135,7 +151,7 @@ mod tests {
     #[test]
     fn the_probe_tells_the_intended_layout_from_the_swapped_one_in_the_emulator() {
         let cases = run(Device::Cpu).unwrap();
-        assert_eq!(cases.len(), 4);
+        assert_eq!(cases.len(), 6);
         for c in &cases {
             assert_eq!(c.matches(), !c.swapped, "{c:?}");
         }

@@ -549,6 +549,7 @@ pub fn wgmma(device: Device) -> anyhow::Result<bool> {
     let only = |kernel| Wgmma::parse(kernel).expect("a kernel's name");
     for (what, which) in [
         ("the forward (dattn_fwd_rel_wg)", only("forward")),
+        ("the forward with its bands (dattn_fwd_rel_wgb)", only("forward-bands")),
         ("the keys kernel (dattn_bwd_kv_rel_lean_wg)", only("keys")),
         ("the queries kernel (dattn_bwd_q_ds_diag_wg)", only("queries")),
         ("the table gradients (dattn_table_grads_wg)", only("tables")),
@@ -559,18 +560,30 @@ pub fn wgmma(device: Device) -> anyhow::Result<bool> {
             ok &= check_case(c, device, RelativeTerms::InKernel)?;
         }
     }
-    // At the 1.5B model's shape, batch 8 x 512: the forward alone, then forward + backward with
-    // each stage's time, by mma.sync and by wgmma.
+    // At the 1.5B model's shape, batch 8 x 512: the forward alone by mma.sync, by wgmma and by
+    // wgmma with its bands too (which bounds it: shared memory or issue), then forward + backward
+    // with each stage's time, by mma.sync and by wgmma.
     let c = XXLARGE_CORE;
     let x = inputs(&c, device, Kind::BFloat16);
     let dout = Tensor::randn([c.b, c.n, c.h, c.d], (Kind::BFloat16, device));
+    let forward_ms = || {
+        time_ms(device, 20, || {
+            let _ = fused_attention::forward_kernels_with(x.map(Tensor::shallow_clone), 7, RelativeTerms::InKernel)
+                .expect("fused forward");
+        })
+    };
+    for (which, what) in [
+        (Wgmma::OFF, "dattn_fwd_rel, mma.sync"),
+        (only("forward"), "dattn_fwd_rel_wg, S and P V by wgmma"),
+        (only("forward-bands"), "dattn_fwd_rel_wgb, the bands by wgmma too"),
+    ] {
+        fused_attention::set_wgmma(Some(which));
+        println!("  {} forward ({what}): {:.3} ms", c.name, forward_ms());
+    }
     for which in [Wgmma::OFF, Wgmma::ALL] {
         fused_attention::set_wgmma(Some(which));
         let by = if which == Wgmma::ALL { "wgmma" } else { "mma.sync" };
-        let fwd = time_ms(device, 20, || {
-            let _ = fused_attention::forward_kernels_with(x.map(Tensor::shallow_clone), 7, RelativeTerms::InKernel)
-                .expect("fused forward");
-        });
+        let fwd = forward_ms();
         let both = time_ms(device, 10, || {
             let (_, saved) =
                 fused_attention::forward_kernels_with(x.map(Tensor::shallow_clone), 7, RelativeTerms::InKernel)

@@ -572,8 +572,11 @@ struct Window {
   const bf16* hi;  // window rows [64, 128)
   __device__ __forceinline__ const bf16* row(int x) const { return x < 64 ? lo + x * LDS : hi + (x - 64) * LDS; }
 };
+// SLOT: elements from one slot to the next (64 padded rows; 64 D for the wgmma forward's
+// core-matrix slots).
+template <int SLOT = 64 * LDS>
 __device__ __forceinline__ Window window_of(const bf16* slots, int n, int dir) {
-  const bf16 *a = slots + (n & 1) * 64 * LDS, *b = slots + ((n + 1) & 1) * 64 * LDS;
+  const bf16 *a = slots + (n & 1) * SLOT, *b = slots + ((n + 1) & 1) * SLOT;
   return dir > 0 ? Window{a, b} : Window{b, a};
 }
 // What tile n (window rows [start, start + 128)) lacks of its window, by cp.async.
@@ -583,10 +586,11 @@ __device__ __forceinline__ void load_window_async(bf16* slots, const bf16* table
   if (n == 0) load_chunk_async(slots, table, h, dir > 0 ? start : start + 64, N);
   load_chunk_async(next, table, h, dir > 0 ? start + 64 : start, N);
 }
-// The same, each half a core-matrix tile (`load_chunk_cm_async`) in its slot.
+// The same, each half a core-matrix tile (`load_chunk_cm_async`) in its slot (SLOT as `window_of`).
+template <int SLOT = 64 * LDS>
 __device__ __forceinline__ void load_window_cm_async(bf16* slots, const bf16* table, int h, int start, int n, int dir,
                                                      int N) {
-  bf16* next = slots + ((n + 1) & 1) * 64 * LDS;
+  bf16* next = slots + ((n + 1) & 1) * SLOT;
   if (n == 0) load_chunk_cm_async(slots, table, h, dir > 0 ? start : start + 64, N);
   load_chunk_cm_async(next, table, h, dir > 0 ? start + 64 : start, N);
 }
@@ -819,6 +823,48 @@ __device__ __forceinline__ void relative_bands(bf16* Cb, bf16* Pb, Window KRw, W
   }
   __syncthreads();
 }
+// The wgmma forward's (`fwd`'s WG): the windows' halves that tile n lacks, into the core-matrix
+// slots [2][64][D] of K_r's and Q_r's windows, by cp.async, as `load_relative` into padded ones.
+__device__ __forceinline__ void load_windows_cm(bf16* KRw, bf16* QRw, const bf16* c2p, const bf16* p2c, int h, int N,
+                                                int i0, int j0, int n) {
+  if (c2p) load_window_cm_async<64 * D>(KRw, c2p, h, N - 1 - (i0 + 63) + j0, n, 1, N);
+  if (p2c) load_window_cm_async<64 * D>(QRw, p2c, h, N - 1 - (j0 + 63) + i0, n, -1, N);
+}
+// A band of the wgmma forward, band[r][c] (T: band[c][r]) = row_r . W[63 - r + c] for the tile's
+// 64 rows r and every c < 64, as `skewed_band` (`skewed_band_t`), with both operands read from
+// shared memory: A the window W (core-matrix slots; two M = 64 halves), B the rows (a
+// core-matrix tile at shared address rows), each read once for the 4 warps where each warp
+// loaded its 80 window rows. D is (window row 64 half + 16 warp + g (+8), row 8 j + 2 t (+1)), the
+// layout `skewed_band`'s mma gave: its stores are free of bank conflicts both ways round. wgmma
+// multiplies every row by all 128 window rows where a row needs 64: the warp stores only the
+// 8-row groups whose products reach the band (10 of 16, warp-uniform).
+template <bool T>
+__device__ __forceinline__ void band_ss(bf16* __restrict__ band, Window w, unsigned int rows) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const unsigned int win = wgmma_shared(half ? w.hi : w.lo);
+    float acc[8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)  // both K-major: along K (D) 128 bytes per core matrix, along M, N 16 D
+      wgmma_m64n64k16_ss(acc, wgmma_desc(win + 256 * kk, 128, 16 * D), wgmma_desc(rows + 256 * kk, 128, 16 * D),
+                         kk > 0);
+    wgmma_commit();
+    wgmma_wait_all();
+    wgmma_fence_operands(acc);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int lo = 64 * half + 16 * warp + 8 * j;  // window row + row of the group: [lo, lo + 22]
+      if (lo + 22 < 63 || lo > 126) continue;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int x = 64 * half + 16 * warp + g + (e >= 2 ? 8 : 0), r = 8 * j + 2 * t + (e & 1), c = x + r - 63;
+        if ((unsigned)c < 64u) band[T ? c * LDR + r : r * LDR + c] = f2bf(acc[j][e]);
+      }
+    }
+  }
+}
 // The keys kernel's: the query rows in the tile Qs [64][LDS], the c2p band transposed.
 __device__ __forceinline__ void relative_bands_t(bf16* Cb, bf16* Pb, Window KRw, Window QRw, bool c2p, bool p2c,
                                                  const bf16* Qs, const bf16* Ks) {
@@ -838,7 +884,12 @@ __device__ __forceinline__ void relative_bands_t(bf16* Cb, bf16* Pb, Window KRw,
 // WG (REL, D = 64, sm_90a: `dattn_fwd_rel_wg`): S = Q K^T and O += P V by wgmma, the K and V
 // tiles in core-matrix layout, read from shared memory once for the 4 warps where each warp
 // loaded all of both by ldmatrix (128 of the tile's 474 shared-memory wavefronts per warp).
-template <bool REL, bool WG = false>
+// WGB (with WG: `dattn_fwd_rel_wgb`): the bands by wgmma too (`band_ss`), from the Q tile (kept
+// in its own core-matrix tile, V in another: 74 KB, still 3 blocks per SM) and the K tile, and
+// the windows in core-matrix slots: 378 -> ~274 wavefronts per warp-tile (its 80 executed band
+// stores of 128 written), for ~8% more instructions (the stores' range checks): against WG
+// alone, whether shared memory or issue bounds the forward.
+template <bool REL, bool WG = false, bool WGB = false>
 __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                     const bf16* __restrict__ v, const bf16* __restrict__ c2p,
                                     const bf16* __restrict__ p2c, const unsigned char* __restrict__ mask,
@@ -846,12 +897,12 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
                                     unsigned long long seed) {
   DYNAMIC_SMEM(smem);
   bf16* Qs = reinterpret_cast<bf16*>(smem);
-  bf16* Vs = Qs;  // from the first tile on
-  bf16* Ks = Qs + BM * LDS;
-  bf16* Cb = Ks + BN * LDS;        // Cb[query][key]
-  bf16* Pb = Cb + BM * LDR;        // Pb[key][query] (tables), Pb[query][key] (REL)
-  bf16* KRw = Pb + BN * LDR;       // REL: [128][LDS]
-  bf16* QRw = KRw + 2 * BN * LDS;  // REL: [128][LDS]
+  bf16* Vs = WGB ? Qs + 64 * D : Qs;  // from the first tile on (WGB: its own tile; the bands read Q)
+  bf16* Ks = WGB ? Vs + 64 * D : Qs + BM * LDS;
+  bf16* Cb = WGB ? Ks + 64 * D : Ks + BN * LDS;  // Cb[query][key]
+  bf16* Pb = Cb + BM * LDR;                       // Pb[key][query] (tables), Pb[query][key] (REL)
+  bf16* KRw = Pb + BN * LDR;                      // REL: [128][LDS] (WGB: two core-matrix slots [2][64][D])
+  bf16* QRw = KRw + (WGB ? 2 * 64 * D : 2 * BN * LDS);  // REL: likewise
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int bh = blockIdx.y, b = bh / H, h = bh % H;
   const long long tb = (long long)h * (gridDim.y / H) + b;  // the tables' (head, batch) row block
@@ -864,16 +915,23 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
 
   if (REL && !c2p) zero_band(Cb);
   if (REL && !p2c) zero_band(Pb);
-  load_tile_async(Qs, q, b, h, m_blk, N, H);
-  if (WG) load_tile_cm_async(Ks, k, b, h, 0, N, H);
-  else load_tile_async(Ks, k, b, h, 0, N, H);
-  if (REL) load_relative<true>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, 0, 0, 1);
+  if (WGB) {
+    load_tile_cm_async(Qs, q, b, h, m_blk, N, H);
+    load_tile_cm_async(Ks, k, b, h, 0, N, H);
+    load_windows_cm(KRw, QRw, c2p, p2c, h, N, m_blk, 0, 0);
+  } else {
+    load_tile_async(Qs, q, b, h, m_blk, N, H);
+    if (WG) load_tile_cm_async(Ks, k, b, h, 0, N, H);
+    else load_tile_async(Ks, k, b, h, 0, N, H);
+    if (REL) load_relative<true>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, 0, 0, 1);
+  }
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();
   PHASE_BEGIN;
   FragA qf[D / 16];  // the warp's queries, held: V's loads take their tile after the next barrier
-  load_rows(qf, Qs + warp * 16 * LDS);
+  if (WGB) load_rows_cm(qf, Qs, warp * 16);
+  else load_rows(qf, Qs + warp * 16 * LDS);
   float o[D / 8][4];
 #pragma unroll
   for (int n8 = 0; n8 < D / 8; ++n8) o[n8][0] = o[n8][1] = o[n8][2] = o[n8][3] = 0.f;
@@ -891,9 +949,14 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     if (WG) load_tile_cm_async(Vs, v, b, h, n0, N, H);
     else load_tile_async(Vs, v, b, h, n0, N, H);
     cp_async_commit();
-    if (REL)
+    if (WGB) {  // the bands by wgmma: c2p's rows the queries, p2c's (transposed) the keys
+      if (c2p) band_ss<false>(Cb, window_of<64 * D>(KRw, n, 1), wgmma_shared(Qs));
+      if (p2c) band_ss<true>(Pb, window_of<64 * D>(QRw, n, -1), wgmma_shared(Ks));
+      __syncthreads();
+    } else if (REL) {
       relative_bands<false, true, WG>(Cb, Pb, window_of(KRw, n, 1), window_of(QRw, n, -1), c2p, p2c, qf, Ks,
                                       (unsigned int)N >> 17);
+    }
     if (kb != ~0ull) {  // block-uniform
       mask_keys<false>(Cb, kb, BF16_NEG_INF);
       __syncthreads();
@@ -983,9 +1046,14 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     if (REL && !c2p && kb != ~0ull) mask_keys<false>(Cb, kb, 0);
     PHASE(4);
     if (n0 + BN < N) {
-      if (WG) load_tile_cm_async(Ks, k, b, h, n0 + BN, N, H);
-      else load_tile_async(Ks, k, b, h, n0 + BN, N, H);
-      if (REL) load_relative<true>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, n0 + BN, n + 1, 1);
+      if (WGB) {
+        load_tile_cm_async(Ks, k, b, h, n0 + BN, N, H);
+        load_windows_cm(KRw, QRw, c2p, p2c, h, N, m_blk, n0 + BN, n + 1);
+      } else {
+        if (WG) load_tile_cm_async(Ks, k, b, h, n0 + BN, N, H);
+        else load_tile_async(Ks, k, b, h, n0 + BN, N, H);
+        if (REL) load_relative<true>(Cb, Pb, KRw, QRw, c2p, p2c, tb, h, N, m_blk, n0 + BN, n + 1, 1);
+      }
       cp_async_commit();
     }
     if (WG) {  // O += dropout(P) V by wgmma: MN-major B, along K (keys) 16 D bytes, along N 128
@@ -1030,6 +1098,10 @@ KERNEL void __launch_bounds__(128, 3) dattn_fwd_rel(FWD_PARAMS) {
 // loads on an H100 or H200), head size 64 (the m64n64k16 shape: N = D for P V).
 KERNEL void __launch_bounds__(128, 3) dattn_fwd_rel_wg(FWD_PARAMS) {
   fwd<true, true>(q, k, v, c2p, p2c, mask, out, lse, H, N, p_drop, seed);
+}
+// The same with the bands by wgmma too (`fwd`'s WGB).
+KERNEL void __launch_bounds__(128, 3) dattn_fwd_rel_wgb(FWD_PARAMS) {
+  fwd<true, true, true>(q, k, v, c2p, p2c, mask, out, lse, H, N, p_drop, seed);
 }
 #endif
 

@@ -186,52 +186,69 @@ unsigned shared_offset(const void* p) {
   return static_cast<unsigned>(static_cast<const unsigned char*>(p) - st.shared.data());
 }
 
-// wgmma.mma_async.sync.aligned.m64n{64,32}k16.f32.bf16.bf16 with A from registers (kernels/wgmma.cuh):
-// each warp's 16 rows of D = (accumulate ? D : 0) + A B, A the warp's fragment in mma.sync's
-// layout (the PTX ISA's "register fragment" of wgmma's A: the same per warp), D likewise
-// (d[4 j + e]: row g + 8 (e >= 2), column 8 j + 2 t + (e & 1), j < cols / 8), and B(k, n) read from shared
-// memory through the descriptor as the PTX ISA's "Matrix Descriptor Format" and CUTLASS's
-// canonical layouts without swizzle say: start, LBO, SBO in 16-byte units (bits 0-13, 16-29,
-// 32-45), B(k, n) at start + (n % 8) 16 + (k % 8) 2 + (n / 8) SBO + (k / 8) LBO (K-major),
-// or start + (k % 8) 16 + (n % 8) 2 + (n / 8) SBO + (k / 8) LBO (trans_b: MN-major). A swizzled
-// layout or a base offset is a fault here (nothing uses them). Computed at once: the
-// asynchrony (results only after wgmma.wait_group) is not modelled.
-void wgmma(float* d, const unsigned* a, std::uint64_t desc, int accumulate, int trans_b, int cols) {
-  const int me = st.current, base = me - lane_id();
-  std::memcpy(st.lanes[me].a, a, sizeof st.lanes[me].a);
-  park(AT_WARP_BARRIER);
+// Element (k, mn) of an operand read through a descriptor (wgmma.cuh): K-major at start +
+// (mn % 8) 16 + (k % 8) 2 + (mn / 8) SBO + (k / 8) LBO, MN-major at start + (k % 8) 16 + (mn % 8) 2
+// + (mn / 8) SBO + (k / 8) LBO. A swizzled layout or a base offset is a fault (nothing uses them).
+static float through_descriptor(std::uint64_t desc, int k, int mn, bool mn_major, const char* which) {
   const unsigned start = static_cast<unsigned>(desc & 0x3fffu) << 4,
                  lbo = static_cast<unsigned>((desc >> 16) & 0x3fffu) << 4,
                  sbo = static_cast<unsigned>((desc >> 32) & 0x3fffu) << 4;
   if (((desc >> 49) & 7u) != 0 || (desc >> 62) != 0) {
     if (st.fault.empty()) st.fault = "wgmma: a descriptor with a swizzle or a base offset (not emulated)";
-    park(DONE);
+    return 0.f;
   }
-  auto A = [&](int r, int k) { return fragment_a(base, r, k); };
-  auto B = [&](int k, int n) {
-    const unsigned at = start + (trans_b ? (k % 8) * 16 + (n % 8) * 2 : (n % 8) * 16 + (k % 8) * 2) +
-                        (n / 8) * sbo + (k / 8) * lbo;
-    if (!in_shared(st.shared.data() + at, 2)) {
-      if (st.fault.empty())
-        st.fault = "wgmma: B(" + std::to_string(k) + ", " + std::to_string(n) + ") at shared byte " +
-                   std::to_string(at) + ", outside shared memory";
-      return 0.f;
-    }
-    std::uint16_t v;
-    std::memcpy(&v, st.shared.data() + at, 2);
-    return bf16_bits_to_float(v);
-  };
+  const unsigned at = start + (mn_major ? (k % 8) * 16 + (mn % 8) * 2 : (mn % 8) * 16 + (k % 8) * 2) +
+                      (mn / 8) * sbo + (k / 8) * lbo;
+  if (!in_shared(st.shared.data() + at, 2)) {
+    if (st.fault.empty())
+      st.fault = std::string("wgmma: ") + which + "(" + std::to_string(k) + ", " + std::to_string(mn) +
+                 ") at shared byte " + std::to_string(at) + ", outside shared memory";
+    return 0.f;
+  }
+  std::uint16_t v;
+  std::memcpy(&v, st.shared.data() + at, 2);
+  return bf16_bits_to_float(v);
+}
+
+// The warp's 16 rows of D = (accumulate ? D : 0) + A B (cols columns), A(r, k) by `a`.
+template <class A>
+static void wgmma_rows(float* d, A a, std::uint64_t bdesc, int accumulate, int trans_b, int cols) {
   const int g = lane_id() / 4, t = lane_id() % 4;
   float out[32];
   for (int j = 0; j < cols / 8; ++j)
     for (int e = 0; e < 4; ++e) {
       const int row = g + (e >= 2 ? 8 : 0), col = 8 * j + 2 * t + (e % 2);
       float acc = accumulate ? d[4 * j + e] : 0.f;
-      for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+      for (int k = 0; k < 16; ++k) acc += a(row, k) * through_descriptor(bdesc, k, col, trans_b != 0, "B");
       out[4 * j + e] = acc;
     }
   park(AT_WARP_BARRIER);
-  std::memcpy(d, out, sizeof(float) * static_cast<std::size_t>(cols / 2));
+  if (st.fault.empty()) std::memcpy(d, out, sizeof(float) * static_cast<std::size_t>(cols / 2));
+  else park(DONE);
+}
+
+// wgmma.mma_async.sync.aligned.m64n{64,32}k16.f32.bf16.bf16 with A from registers (kernels/wgmma.cuh):
+// each warp's 16 rows of D = (accumulate ? D : 0) + A B, A the warp's fragment in mma.sync's
+// layout (the PTX ISA's "register fragment" of wgmma's A: the same per warp), D likewise
+// (d[4 j + e]: row g + 8 (e >= 2), column 8 j + 2 t + (e & 1), j < cols / 8), and B(k, n) read from shared
+// memory through the descriptor as the PTX ISA's "Matrix Descriptor Format" and CUTLASS's
+// canonical layouts without swizzle say: start, LBO, SBO in 16-byte units (bits 0-13, 16-29,
+// 32-45), K-major or (trans_b) MN-major (`through_descriptor`). Computed at once: the
+// asynchrony (results only after wgmma.wait_group) is not modelled.
+void wgmma(float* d, const unsigned* a, std::uint64_t desc, int accumulate, int trans_b, int cols) {
+  const int me = st.current, base = me - lane_id();
+  std::memcpy(st.lanes[me].a, a, sizeof st.lanes[me].a);
+  park(AT_WARP_BARRIER);
+  wgmma_rows(d, [&](int r, int k) { return fragment_a(base, r, k); }, desc, accumulate, trans_b, cols);
+}
+
+// The same with A [64 x 16] read from shared memory too (K-major, through adesc): the warp's rows
+// are rows 16 (warp % 4) .. of it, as each warp of the warpgroup gets its own rows of D.
+void wgmma_ss(float* d, std::uint64_t adesc, std::uint64_t bdesc, int accumulate, int cols) {
+  const int row0 = 16 * ((st.current / 32) % 4);
+  park(AT_WARP_BARRIER);
+  wgmma_rows(d, [&](int r, int k) { return through_descriptor(adesc, k, row0 + r, false, "A"); }, bdesc, accumulate,
+             0, cols);
 }
 
 static bool in_shared(const void* p, std::size_t bytes) {
@@ -442,6 +459,9 @@ static inline void emu_wgmma(float* d, const unsigned* a, unsigned long long des
                              int n) {
   emu::wgmma(d, a, desc, accumulate, trans_b, n);
 }
+static inline void emu_wgmma_ss(float* d, unsigned long long adesc, unsigned long long bdesc, int accumulate, int n) {
+  emu::wgmma_ss(d, adesc, bdesc, accumulate, n);
+}
 
 // Before the attention kernels: their source defines short macro names (D, BM, WARPS, ...).
 namespace adamw {
@@ -562,7 +582,7 @@ const Entry KERNELS[] = {
     ENTRY(hd64, 64, dattn_bwd_kv_rel), ENTRY(hd64, 64, dattn_bwd_q_ds), ENTRY(hd64, 64, dattn_rel_reduce), ENTRY(hd64, 64, dattn_row_dot),
     ENTRY(hd64, 64, dattn_bwd_v_ds), ENTRY(hd64, 64, dattn_bwd_k_ds),
     ENTRY(hd64, 64, dattn_bwd_kv_rel_diag), ENTRY(hd64, 64, dattn_bwd_kv_rel_lean), ENTRY(hd64, 64, dattn_bwd_q_ds_diag), ENTRY(hd64, 64, dattn_bwd_k_ds_diag),
-    ENTRY(hd64, 64, dattn_table_grads), ENTRY(hd64, 64, dattn_table_grads_sum), ENTRY(hd64, 64, dattn_fwd_rel_wg),
+    ENTRY(hd64, 64, dattn_table_grads), ENTRY(hd64, 64, dattn_table_grads_sum), ENTRY(hd64, 64, dattn_fwd_rel_wg), ENTRY(hd64, 64, dattn_fwd_rel_wgb),
     ENTRY(hd64, 64, dattn_bwd_kv_rel_lean_wg),
     ENTRY(hd64, 64, dattn_bwd_q_ds_diag_wg), ENTRY(hd64, 64, dattn_table_grads_wg),
     ENTRY(hd64, 0, dattn_dropout_mask),

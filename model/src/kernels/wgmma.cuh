@@ -43,6 +43,10 @@ __device__ __forceinline__ void wgmma_m64n32k16(float (*d)[4], const unsigned in
                                                 int accumulate) {
   emu_wgmma(&d[0][0], a, desc, accumulate, TRANS_B, 32);
 }
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (*d)[4], unsigned long long adesc, unsigned long long bdesc,
+                                                   int accumulate) {
+  emu_wgmma_ss(&d[0][0], adesc, bdesc, accumulate, 64);
+}
 #else
 // The shared-memory address the descriptor takes (the state space's own, 32-bit).
 __device__ __forceinline__ unsigned int wgmma_shared(const void* p) {
@@ -80,6 +84,23 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (*d)[4], const unsigned in
         "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
         "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TRANS_B), "r"(accumulate));
+}
+// A from shared memory too, through adesc: both K-major (A [64][16] as core matrices of 8 rows
+// of A x 16 bytes of K, like a K-major B's), no transposes.
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (*d)[4], unsigned long long adesc, unsigned long long bdesc,
+                                                   int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
+        "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),
+        "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "l"(adesc), "l"(bdesc), "r"(accumulate));
 }
 // The same, N = 32: d[4][4].
 template <int TRANS_B>
