@@ -154,7 +154,7 @@ def main():
     ap.add_argument("--dropout", action="store_true",
                     help="count the training path: the kernels' `p_drop > 0` branches compiled as taken")
     ap.add_argument("--sm90a", action="store_true",
-                    help="compile for sm_90a (the build DEBERTA_FORWARD_WGMMA=1 loads): adds the wgmma kernels (_wg)")
+                    help="compile for sm_90a (the build DEBERTA_WGMMA loads): adds the wgmma kernels (_wg, _wgb)")
     ap.add_argument("--define", action="append", default=[], metavar="NAME",
                     help="compile with -DNAME too (e.g. PHASE_TIMING, kernel-check's timed build)")
     args = ap.parse_args()

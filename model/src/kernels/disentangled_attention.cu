@@ -1094,7 +1094,7 @@ KERNEL void __launch_bounds__(128, 3) dattn_fwd_rel(FWD_PARAMS) {
   fwd<true>(q, k, v, c2p, p2c, mask, out, lse, H, N, p_drop, seed);
 }
 #if D == 64 && (defined(DEBERTA_EMULATE) || defined(__CUDA_ARCH_FEAT_SM90_ALL))
-// The same with c2c and P V by wgmma (`fwd`'s WG): sm_90a (the build `DEBERTA_FORWARD_WGMMA=1`
+// The same with c2c and P V by wgmma (`fwd`'s WG): sm_90a (the build `DEBERTA_WGMMA=forward`
 // loads on an H100 or H200), head size 64 (the m64n64k16 shape: N = D for P V).
 KERNEL void __launch_bounds__(128, 3) dattn_fwd_rel_wg(FWD_PARAMS) {
   fwd<true, true>(q, k, v, c2p, p2c, mask, out, lse, H, N, p_drop, seed);
