@@ -27,7 +27,8 @@
 #        accumulation and the sixteenth's table gradients by tile diagonals turned off, for
 #        their shares; the twelfth's fused EMD attention is V-gatheremd, left out for time),
 #        HF_BATCHES (default 8, on a big card 8 16; none to skip), BENCH_STEPS (3),
-#        BENCH_WARMUP (2), FINETUNE=0, BUNDLE, SESSION_WORK (default /tmp: the parts' own
+#        BENCH_WARMUP (2), FINETUNE=0, FINETUNE_TIMEOUT (300 s: the part's cap on the device),
+#        BUNDLE, SESSION_WORK (default /tmp: the parts' own
 #        output, $SESSION_WORK/gpu-session-PART), and for a dry run on a machine without a GPU
 #        BENCH_DEVICE=cpu BACKEND=cpu PRECISION=fp32 EPOCHS=1 (launcher/tests/gpu_bench.rs)
 # About 6-7 minutes at xxlarge on an H100 (the eleventh session's third call, with two variants
@@ -83,7 +84,7 @@ if [ "${FINETUNE:-1}" = 1 ]; then
   mkdir -p "$root/finetune"
   echo "== [${SECONDS}s] part finetune"
   rm -rf "$work/gpu-session-finetune"  # no earlier run's logs in the tarball
-  OUT="$work/gpu-session-finetune" timeout 300 bash cluster/gpu-finetune-check.sh || status=1
+  OUT="$work/gpu-session-finetune" timeout "${FINETUNE_TIMEOUT:-300}" bash cluster/gpu-finetune-check.sh || status=1
   tar -C "$work" -czf "$root/finetune/finetune.tgz" gpu-session-finetune
 fi
 echo "== [${SECONDS}s] done (exit $status)"

@@ -98,6 +98,7 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     let path = deberta_model::attention::RelativePath::for_device(device);
     let relative = deberta_model::fused_attention::RelativeTerms::chosen().map_err(anyhow::Error::msg)?;
     let table_grads = deberta_model::fused_attention::TableGrads::chosen().map_err(anyhow::Error::msg)?;
+    let wgmma = deberta_model::fused_attention::wgmma().map_err(anyhow::Error::msg)?;
     // The kernels serve the hand-written segments: the fused path's, when activations are kept.
     let norm = path == deberta_model::attention::RelativePath::Fused
         && !b.recompute
@@ -107,7 +108,7 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     let wgrad = hand_written && b.bf16 && device.is_cuda() && deberta_model::cuda::env_switch("DEBERTA_WGRAD_FUSION");
     eprintln!(
         "bench paths: attention {path:?} (relative terms {relative:?} on the fused path, their table gradients \
-         {table_grads:?}), output LayerNorms by {}, \
+         {table_grads:?}, by wgmma at head size 64: {wgmma:?}), output LayerNorms by {}, \
          EMD attention by {}, weight gradients by {}, weights in bf16 by {}, {}",
         if norm {
             "the residual_norm kernels"
