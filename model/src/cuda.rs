@@ -493,6 +493,72 @@ mod tests {
         }
     }
 
+    /// wgmma is asynchronous (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"):
+    /// the emulator's `wgmma_misuse` kernel breaks each of its rules in turn (see emulate.cpp),
+    /// and each shows, as a reported fault or as NaN where the accumulators were read too early.
+    #[test]
+    fn the_emulator_holds_wgmma_to_its_asynchrony() {
+        let run = |mode: i32| {
+            let out = Tensor::full([2 * 4096], -1.0, (tch::Kind::Float, Device::Cpu));
+            let one = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 9 * 1024,
+            };
+            // SAFETY: `out` holds 32 floats per thread, twice.
+            unsafe { emulate("wgmma_misuse", 0, one, &[Arg::I32(mode), Arg::Ptr(ptr(&out))]) }
+                .map(|()| Vec::<f32>::try_from(&out).unwrap())
+        };
+        // D(row, n) = sum over k of B(k, n) = (k + n) % 7 - 3: thread 32 w + 4 g + t holds
+        // columns 8 j + 2 t + (e & 1) of its rows (every row the same here).
+        let want = |thread: usize, i: usize, ks: std::ops::Range<usize>| {
+            let col = 8 * (i / 4) + 2 * (thread % 4) + (i % 2);
+            ks.map(|k| ((k + col) % 7) as f32 - 3.0).sum::<f32>()
+        };
+        let intended = run(0).unwrap();
+        for thread in 0..128 {
+            for i in 0..32 {
+                assert_eq!(
+                    intended[32 * thread + i],
+                    want(thread, i, 0..64),
+                    "thread {thread}, accumulator {i}"
+                );
+            }
+        }
+        let early = run(1).unwrap();
+        assert!(
+            early[..4096].iter().all(|x| x.is_nan()),
+            "accumulators read before the wait are NaN"
+        );
+        let e = run(2).unwrap_err();
+        assert!(
+            e.contains("shared memory a wgmma read changed before its wgmma.wait_group"),
+            "{e}"
+        );
+        let e = run(3).unwrap_err();
+        assert!(e.contains("warp 1's wgmma 0 is not warp 0's"), "{e}");
+        let e = run(4).unwrap_err();
+        assert!(e.contains("no wgmma.fence since its last wgmma.wait_group"), "{e}");
+        let e = run(5).unwrap_err();
+        assert!(e.contains("exited with a wgmma in flight"), "{e}");
+        let groups = run(6).unwrap();
+        for thread in 0..128 {
+            for i in 0..32 {
+                assert_eq!(
+                    groups[32 * thread + i],
+                    want(thread, i, 0..32),
+                    "first group, thread {thread}"
+                );
+                assert!(
+                    groups[4096 + 32 * thread + i].is_nan(),
+                    "second group before its wait, thread {thread}"
+                );
+            }
+        }
+        let e = run(7).unwrap_err();
+        assert!(e.contains("wrote an accumulator of a wgmma in flight"), "{e}");
+    }
+
     /// The emulated ldmatrix against the PTX ISA's fragment table ("Warp-level matrix load
     /// instruction: ldmatrix"): lane 4g + t gets (g, 2t) and (g, 2t + 1) of each matrix in its
     /// low and high half, or with .trans (2t, g) and (2t + 1, g).

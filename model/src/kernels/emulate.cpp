@@ -63,6 +63,20 @@ struct Lane {
   unsigned a[4], b[2];
   float x;
   const unsigned char* row;  // ldmatrix: the row address this lane gives
+  std::uint64_t wgmma[3];    // wgmma: its descriptors (A's or 0, B's) and its shape and flags
+};
+
+// A wgmma of this thread in flight (issued, its group not yet waited for): its result, computed
+// at the issue, goes to the accumulators at the wait; until then they hold POISON.
+struct Wgmma {
+  float* d;
+  int n;                      // accumulators of this thread: columns / 2
+  float out[32];
+  unsigned group;             // the commit group it belongs to (the fiber's count at the issue)
+  bool superseded;            // a later wgmma of the same group chain took its result as input
+  std::uint64_t adesc, bdesc;  // adesc 0: A from registers
+  int trans_b, row0;
+  std::uint64_t read;         // a hash of the shared memory it read, checked again at the wait
 };
 
 // A cp.async copy in flight: its 16 bytes, taken from global memory at issue.
@@ -78,6 +92,9 @@ struct Fiber {
   Wait wait = RUNNABLE;
   std::vector<Copy> copies;  // issued by this thread, not yet waited for
   unsigned committed = 0;    // groups committed so far
+  std::vector<Wgmma> wgmmas;  // in flight
+  unsigned wgmma_groups = 0;  // wgmma.commit_group so far
+  bool wgmma_fenced = false;  // a wgmma.fence since the last wgmma.wait_group (or the start)
 };
 
 constexpr std::size_t STACK_BYTES = 256 << 10;
@@ -101,6 +118,9 @@ struct State {
   // The first misuse a block made that the emulator could not let happen (ldmatrix outside
   // shared memory or misaligned): reported when the block ends.
   std::string fault;
+  // Each warp's wgmma, in order (lane 0's descriptors, shape and flags): the four warps of a
+  // warpgroup must issue the same ones (checked when the block ends).
+  std::vector<std::vector<std::uint64_t>> wgmma_log;
 };
 thread_local State st;
 
@@ -210,21 +230,116 @@ static float through_descriptor(std::uint64_t desc, int k, int mn, bool mn_major
   return bf16_bits_to_float(v);
 }
 
-// The warp's 16 rows of D = (accumulate ? D : 0) + A B (cols columns), A(r, k) by `a`.
-template <class A>
-static void wgmma_rows(float* d, A a, std::uint64_t bdesc, int accumulate, int trans_b, int cols) {
+// What an accumulator holds while its wgmma is in flight: a NaN, so that a read before the wait
+// spoils what the kernel computes, and a pattern no result has, so that a write before the wait
+// shows at the wait.
+constexpr std::uint32_t POISON = 0x7fc0deadu;
+
+static void fault_once(const std::string& what) {
+  if (st.fault.empty()) st.fault = what;
+}
+
+// FNV-1a over the bf16 bits of the operands a wgmma read from shared memory.
+static std::uint64_t hash_in(std::uint64_t h, float x) {
+  std::uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return (h ^ u) * 0x100000001b3ull;
+}
+
+// The shared memory this lane's part of a wgmma reads (A's rows too, when adesc != 0), hashed:
+// the hardware may read it any time until the wait, so it must not change before then.
+static std::uint64_t operands_read(std::uint64_t adesc, std::uint64_t bdesc, int trans_b, int row0, int cols) {
   const int g = lane_id() / 4, t = lane_id() % 4;
-  float out[32];
+  std::uint64_t h = 0xcbf29ce484222325ull;
+  for (int k = 0; k < 16; ++k) {
+    for (int j = 0; j < cols / 8; ++j)
+      for (int c = 0; c < 2; ++c) h = hash_in(h, through_descriptor(bdesc, k, 8 * j + 2 * t + c, trans_b != 0, "B"));
+    if (adesc)
+      for (int r = 0; r < 2; ++r) h = hash_in(h, through_descriptor(adesc, k, row0 + g + 8 * r, false, "A"));
+  }
+  return h;
+}
+
+// wgmma.fence, wgmma.commit_group, wgmma.wait_group n (PTX ISA, "Asynchronous Warpgroup Level
+// Matrix Multiply-Accumulate"), for this thread's wgmma.
+void wgmma_fence() { st.fibers[st.current].wgmma_fenced = true; }
+void wgmma_commit() { ++st.fibers[st.current].wgmma_groups; }
+// Every committed group but the n latest completes: each wgmma's result lands in its
+// accumulators (unless a later one of its chain took it over), which must still hold POISON,
+// and the shared memory it read must be what it was at the issue.
+void wgmma_wait(int n) {
+  Fiber& f = st.fibers[st.current];
+  std::vector<Wgmma> later;
+  for (const Wgmma& w : f.wgmmas) {
+    if (w.group + n >= f.wgmma_groups) {
+      later.push_back(w);
+      continue;
+    }
+    if (operands_read(w.adesc, w.bdesc, w.trans_b, w.row0, 2 * w.n) != w.read)
+      fault_once("wgmma: thread " + std::to_string(st.current) +
+                 ": shared memory a wgmma read changed before its wgmma.wait_group");
+    if (w.superseded) continue;
+    for (int i = 0; i < w.n; ++i) {
+      std::uint32_t u;
+      std::memcpy(&u, &w.d[i], 4);
+      if (u != POISON)
+        fault_once("wgmma: thread " + std::to_string(st.current) +
+                   " wrote an accumulator of a wgmma in flight (before its wgmma.wait_group)");
+    }
+    std::memcpy(w.d, w.out, sizeof(float) * static_cast<std::size_t>(w.n));
+  }
+  f.wgmmas.swap(later);
+  f.wgmma_fenced = false;
+}
+
+// The warp's 16 rows of D = (accumulate ? D : 0) + A B (cols columns), A(r, k) by `a`, issued:
+// D's input is the latest result of a wgmma of this thread in flight on the same accumulators
+// (the chain of a K loop), else the registers; the result lands at the wait (`wgmma_wait`).
+template <class A>
+static void wgmma_rows(float* d, A a, std::uint64_t adesc, std::uint64_t bdesc, int accumulate, int trans_b, int row0,
+                       int cols) {
+  const int me = st.current, base = me - lane_id();
+  Fiber& f = st.fibers[me];
+  const std::uint64_t shape = static_cast<std::uint64_t>(cols) | static_cast<std::uint64_t>(trans_b) << 8 |
+                              static_cast<std::uint64_t>(accumulate != 0) << 9;
+  Lane& mine = st.lanes[me];
+  mine.wgmma[0] = adesc;
+  mine.wgmma[1] = bdesc;
+  mine.wgmma[2] = shape;
+  park(AT_WARP_BARRIER);
+  const Lane& first = st.lanes[base];
+  if (std::memcmp(first.wgmma, mine.wgmma, sizeof mine.wgmma) != 0)
+    fault_once("wgmma: lane " + std::to_string(lane_id()) + " of warp " + std::to_string(me / 32) +
+               " gave other descriptors or flags than lane 0");
+  if (!f.wgmma_fenced)
+    fault_once("wgmma: warp " + std::to_string(me / 32) +
+               " issued a wgmma with no wgmma.fence since its last wgmma.wait_group");
+  if (lane_id() == 0) {
+    auto& log = st.wgmma_log[me / 32];
+    log.insert(log.end(), {adesc, bdesc, shape});
+  }
+  const int n = cols / 2;
+  const float* in = d;
+  for (auto w = f.wgmmas.rbegin(); w != f.wgmmas.rend(); ++w)
+    if (w->d == d && !w->superseded) {
+      w->superseded = true;  // its result is this one's input (or, accumulate 0, overwritten)
+      in = w->out;
+      break;
+    }
+  Wgmma w{d, n, {}, f.wgmma_groups, false, adesc, bdesc, trans_b, row0, 0};
+  const int g = lane_id() / 4, t = lane_id() % 4;
   for (int j = 0; j < cols / 8; ++j)
     for (int e = 0; e < 4; ++e) {
       const int row = g + (e >= 2 ? 8 : 0), col = 8 * j + 2 * t + (e % 2);
-      float acc = accumulate ? d[4 * j + e] : 0.f;
+      float acc = accumulate ? in[4 * j + e] : 0.f;
       for (int k = 0; k < 16; ++k) acc += a(row, k) * through_descriptor(bdesc, k, col, trans_b != 0, "B");
-      out[4 * j + e] = acc;
+      w.out[4 * j + e] = acc;
     }
+  w.read = operands_read(adesc, bdesc, trans_b, row0, cols);
   park(AT_WARP_BARRIER);
-  if (st.fault.empty()) std::memcpy(d, out, sizeof(float) * static_cast<std::size_t>(cols / 2));
-  else park(DONE);
+  if (!st.fault.empty()) park(DONE);
+  for (int i = 0; i < n; ++i) std::memcpy(&d[i], &POISON, 4);
+  f.wgmmas.push_back(w);
 }
 
 // wgmma.mma_async.sync.aligned.m64n{64,32}k16.f32.bf16.bf16 with A from registers (kernels/wgmma.cuh):
@@ -233,22 +348,25 @@ static void wgmma_rows(float* d, A a, std::uint64_t bdesc, int accumulate, int t
 // (d[4 j + e]: row g + 8 (e >= 2), column 8 j + 2 t + (e & 1), j < cols / 8), and B(k, n) read from shared
 // memory through the descriptor as the PTX ISA's "Matrix Descriptor Format" and CUTLASS's
 // canonical layouts without swizzle say: start, LBO, SBO in 16-byte units (bits 0-13, 16-29,
-// 32-45), K-major or (trans_b) MN-major (`through_descriptor`). Computed at once: the
-// asynchrony (results only after wgmma.wait_group) is not modelled.
+// 32-45), K-major or (trans_b) MN-major (`through_descriptor`). Asynchronous as the PTX ISA
+// says: the accumulators hold POISON from the issue until a wgmma.wait_group that covers it.
+// A's registers are taken at the issue: ptxas keeps them (or serializes the wgmma, and says so).
 void wgmma(float* d, const unsigned* a, std::uint64_t desc, int accumulate, int trans_b, int cols) {
   const int me = st.current, base = me - lane_id();
   std::memcpy(st.lanes[me].a, a, sizeof st.lanes[me].a);
   park(AT_WARP_BARRIER);
-  wgmma_rows(d, [&](int r, int k) { return fragment_a(base, r, k); }, desc, accumulate, trans_b, cols);
+  float fa[16][16];  // the warp's A, taken before any lane deposits again
+  for (int r = 0; r < 16; ++r)
+    for (int k = 0; k < 16; ++k) fa[r][k] = fragment_a(base, r, k);
+  wgmma_rows(d, [&](int r, int k) { return fa[r][k]; }, 0, desc, accumulate, trans_b, 0, cols);
 }
 
 // The same with A [64 x 16] read from shared memory too (K-major, through adesc): the warp's rows
 // are rows 16 (warp % 4) .. of it, as each warp of the warpgroup gets its own rows of D.
 void wgmma_ss(float* d, std::uint64_t adesc, std::uint64_t bdesc, int accumulate, int cols) {
   const int row0 = 16 * ((st.current / 32) % 4);
-  park(AT_WARP_BARRIER);
-  wgmma_rows(d, [&](int r, int k) { return through_descriptor(adesc, k, row0 + r, false, "A"); }, bdesc, accumulate,
-             0, cols);
+  wgmma_rows(d, [&](int r, int k) { return through_descriptor(adesc, k, row0 + r, false, "A"); }, adesc, bdesc,
+             accumulate, 0, row0, cols);
 }
 
 static bool in_shared(const void* p, std::size_t bytes) {
@@ -341,7 +459,25 @@ static void fiber_main() {
   st.run(st.params);
   if (!st.fibers[st.current].copies.empty() && st.fault.empty())
     st.fault = "thread " + std::to_string(st.current) + " exited with cp.async copies it never waited for";
+  if (!st.fibers[st.current].wgmmas.empty() && st.fault.empty())
+    st.fault = "thread " + std::to_string(st.current) +
+               " exited with a wgmma in flight (not committed, or no wgmma.wait_group for its group)";
   st.fibers[st.current].wait = DONE;  // returning resumes the scheduler (uc_link)
+}
+
+// The four warps of each warpgroup issued the same wgmma, in the same order: a wgmma is the
+// warpgroup's one instruction, its descriptors and flags the same in every thread.
+static std::string wgmma_log_check(unsigned threads) {
+  for (unsigned w = 0; w < (threads + 31) / 32; ++w) {
+    const auto &mine = st.wgmma_log[w], &first = st.wgmma_log[w / 4 * 4];
+    if (mine == first) continue;
+    std::size_t i = 0;
+    while (i < mine.size() && i < first.size() && mine[i] == first[i]) ++i;
+    return "wgmma: warp " + std::to_string(w) + "'s wgmma " + std::to_string(i / 3) + " is not warp " +
+           std::to_string(w / 4 * 4) + "'s (" + std::to_string(mine.size() / 3) + " and " +
+           std::to_string(first.size() / 3) + " issued; a wgmma is its warpgroup's, with the same descriptors)";
+  }
+  return "";
 }
 
 // Runs one block; returns an error message, empty on success.
@@ -349,6 +485,7 @@ static std::string run_block(unsigned threads) {
   st.fault.clear();
   if (st.fibers.size() < threads) st.fibers.resize(threads);
   st.lanes.assign(threads, Lane{});
+  st.wgmma_log.assign((threads + 31) / 32, {});
   for (unsigned i = 0; i < threads; ++i) {
     Fiber& f = st.fibers[i];
     if (f.stack.empty()) f.stack.resize(STACK_BYTES);
@@ -359,6 +496,9 @@ static std::string run_block(unsigned threads) {
     makecontext(&f.ctx, fiber_main, 0);
     f.copies.clear();
     f.committed = 0;
+    f.wgmmas.clear();
+    f.wgmma_groups = 0;
+    f.wgmma_fenced = false;
   }
   let_go(threads);
   for (;;) {
@@ -400,7 +540,7 @@ static std::string run_block(unsigned threads) {
       done += st.fibers[i].wait == DONE;
       at_block += st.fibers[i].wait == AT_BLOCK_BARRIER;
     }
-    if (done == threads) return st.fault;
+    if (done == threads) return st.fault.empty() ? wgmma_log_check(threads) : st.fault;
     if (at_block == threads) {
       let_go(threads);
       continue;
@@ -462,6 +602,9 @@ static inline void emu_wgmma(float* d, const unsigned* a, unsigned long long des
 static inline void emu_wgmma_ss(float* d, unsigned long long adesc, unsigned long long bdesc, int accumulate, int n) {
   emu::wgmma_ss(d, adesc, bdesc, accumulate, n);
 }
+static inline void emu_wgmma_fence() { emu::wgmma_fence(); }
+static inline void emu_wgmma_commit() { emu::wgmma_commit(); }
+static inline void emu_wgmma_wait(int n) { emu::wgmma_wait(n); }
 
 // Before the attention kernels: their source defines short macro names (D, BM, WARPS, ...).
 namespace adamw {
@@ -545,6 +688,44 @@ void ldmatrix_rows(int offset, int trans, unsigned* out) {
   __syncthreads();
   emu::ldmatrix(out + 4 * threadIdx.x, s + 32 * threadIdx.x + offset, 4, trans != 0);
 }
+#include "wgmma.cuh"
+// One warpgroup, 8 KB of shared memory: D [64][64] = A B with A all ones (registers) and B(k, n)
+// = (k + n) % 7 - 3, K-major as in wgmma_probe, four k16 steps; out[32 thread + i] = the
+// thread's accumulator i (d[i / 4][i % 4]) as `mode` leaves it:
+//   0 as intended; 1 read before the wait; 2 shared memory rewritten before the wait; 3 warp 1's
+//   descriptor elsewhere; 4 no wgmma.fence; 5 no commit; 6 the product in two groups of two k16
+//   steps on two accumulators, the first read after wgmma_wait<1>, the second before
+//   wgmma_wait<0> (out[4096 + 32 thread + i]); 7 an accumulator written before the wait.
+void wgmma_misuse(int mode, float* out) {
+  DYNAMIC_SMEM(smem);
+  unsigned short* B = reinterpret_cast<unsigned short*>(smem);
+  for (int e = threadIdx.x; e < 64 * 64; e += 128) {
+    const int n = e / 64, k = e % 64;
+    B[(n / 8 * 8 + k / 8) * 64 + n % 8 * 8 + k % 8] = emu_f2bf(static_cast<float>((k + n) % 7 - 3));
+  }
+  fence_proxy_async();
+  __syncthreads();
+  const unsigned one = 0x3f803f80u, a[4] = {one, one, one, one};
+  const unsigned start = wgmma_shared(B) + (mode == 3 && threadIdx.x / 32 == 1 ? 256 : 0);
+  float d[8][4] = {}, d2[8][4] = {};
+  if (mode != 4) wgmma_fence();
+  for (int kk = 0; kk < 4; ++kk) {
+    if (mode == 6 && kk == 2) wgmma_commit();
+    wgmma_m64n64k16<0>(mode == 6 && kk >= 2 ? d2 : d, a, wgmma_desc(start + 256 * kk, 128, 1024), kk % 2 || (mode != 6 && kk));
+  }
+  if (mode != 5) wgmma_commit();
+  if (mode == 2 && threadIdx.x == 5) B[100] = emu_f2bf(42.f);
+  if (mode == 7) d[3][1] = 0.f;
+  if (mode == 1 || mode == 6) {
+    if (mode == 6) wgmma_wait<1>();
+    for (int i = 0; i < 32; ++i) out[32 * threadIdx.x + i] = d[i / 4][i % 4];
+    if (mode == 6)
+      for (int i = 0; i < 32; ++i) out[4096 + 32 * threadIdx.x + i] = d2[i / 4][i % 4];
+  }
+  wgmma_wait<0>();
+  if (mode != 1 && mode != 6)
+    for (int i = 0; i < 32; ++i) out[32 * threadIdx.x + i] = d[i / 4][i % 4];
+}
 }  // namespace misuse
 
 namespace {
@@ -591,7 +772,7 @@ const Entry KERNELS[] = {
     ENTRY(gelu, 0, gelu_bwd_f32), ENTRY(ce, 0, ce_stats_bf16), ENTRY(ce, 0, ce_stats_f32), ENTRY(ce, 0, ce_grad_bf16),
     ENTRY(ce, 0, ce_grad_f32), ENTRY(wgmma, 0, wgmma_probe),
     ENTRY(misuse, 0, barrier_in_a_branch), ENTRY(misuse, 0, shuffle_in_half_a_warp), ENTRY(misuse, 0, shared_store),
-    ENTRY(misuse, 0, ldmatrix_rows), ENTRY(misuse, 0, reuse_without_a_barrier),
+    ENTRY(misuse, 0, ldmatrix_rows), ENTRY(misuse, 0, reuse_without_a_barrier), ENTRY(misuse, 0, wgmma_misuse),
 };
 
 void set_error(char* err, std::size_t len, const std::string& msg) {

@@ -17,6 +17,11 @@
 // The emulator reads B this way (emulate.cpp); `wgmma_probe` checks on the GPU that the
 // hardware does too.
 
+// The emulator models the asynchrony: the accumulators are unusable from the issue until a
+// wgmma_wait covering its group, the shared memory read must not change until then, a
+// wgmma_fence must come before the first wgmma after a wait, and the four warps of a warpgroup
+// must issue the same wgmma with the same descriptors.
+
 // The descriptor (PTX ISA, "Matrix Descriptor Format"): bits 0-13 the start address, 16-29 LBO,
 // 32-45 SBO, each in 16-byte units; base offset (49-51) and layout (62-63: 0, no swizzle) zero.
 __device__ __forceinline__ unsigned long long wgmma_desc(unsigned int start, unsigned int lbo, unsigned int sbo) {
@@ -26,9 +31,10 @@ __device__ __forceinline__ unsigned long long wgmma_desc(unsigned int start, uns
 
 #ifdef DEBERTA_EMULATE
 __device__ __forceinline__ unsigned int wgmma_shared(const void* p) { return emu_shared_offset(p); }
-__device__ __forceinline__ void wgmma_fence() {}
-__device__ __forceinline__ void wgmma_commit() {}
-__device__ __forceinline__ void wgmma_wait_all() {}
+__device__ __forceinline__ void wgmma_fence() { emu_wgmma_fence(); }
+__device__ __forceinline__ void wgmma_commit() { emu_wgmma_commit(); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { emu_wgmma_wait(N); }
 __device__ __forceinline__ void fence_proxy_async() {}
 template <int NJ = 8>
 __device__ __forceinline__ void wgmma_fence_operands(float (*)[4]) {}
@@ -55,7 +61,11 @@ __device__ __forceinline__ unsigned int wgmma_shared(const void* p) {
 // Before a warpgroup's first wgmma reads registers (A, D) that other instructions wrote.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Every committed group but the N latest has completed: their accumulators may be read.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 // Shared memory written by ordinary stores (the generic proxy), made visible to wgmma's reads
 // (the async proxy).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
@@ -119,3 +129,4 @@ __device__ __forceinline__ void wgmma_m64n32k16(float (*d)[4], const unsigned in
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TRANS_B), "r"(accumulate));
 }
 #endif
+__device__ __forceinline__ void wgmma_wait_all() { wgmma_wait<0>(); }
