@@ -401,6 +401,17 @@ pub(crate) fn ptxas_report_for(ptx: &str, arch: &str) -> Vec<(String, u32, u32)>
     let _ = std::fs::remove_dir_all(&dir);
     let log = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{ptxas} failed:\n{log}");
+    // A wgmma kernel short of registers for its wgmma in flight runs them one at a time (C7512),
+    // or waits where the source does not (C7517): it would lose what the asynchrony is for.
+    let wgmma_lost: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Potential Performance Loss") || l.contains("warpgroup.wait is injected"))
+        .collect();
+    assert!(
+        wgmma_lost.is_empty(),
+        "ptxas serializes wgmma:\n{}",
+        wgmma_lost.join("\n")
+    );
     // Per kernel: "Compiling entry function 'NAME'", "... N bytes spill stores ...", "Used R registers".
     let mut report = Vec::new();
     let mut current: Option<(String, u32)> = None;

@@ -838,21 +838,27 @@ __device__ __forceinline__ void load_windows_cm(bf16* KRw, bf16* QRw, const bf16
 // layout `skewed_band`'s mma gave: its stores are free of bank conflicts both ways round. wgmma
 // multiplies every row by all 128 window rows where a row needs 64: the warp stores only the
 // 8-row groups whose products reach the band (10 of 16, warp-uniform).
+// The halves are two commit groups: the first half's stores run while the second's products do.
+// Any group the caller committed before completes with the first half's (`wgmma_wait<1>`).
 template <bool T>
 __device__ __forceinline__ void band_ss(bf16* __restrict__ band, Window w, unsigned int rows) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  float acc[2][8][4];
+  wgmma_fence();
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const unsigned int win = wgmma_shared(half ? w.hi : w.lo);
-    float acc[8][4];
-    wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)  // both K-major: along K (D) 128 bytes per core matrix, along M, N 16 D
-      wgmma_m64n64k16_ss(acc, wgmma_desc(win + 256 * kk, 128, 16 * D), wgmma_desc(rows + 256 * kk, 128, 16 * D),
-                         kk > 0);
+      wgmma_m64n64k16_ss(acc[half], wgmma_desc(win + 256 * kk, 128, 16 * D),
+                         wgmma_desc(rows + 256 * kk, 128, 16 * D), kk > 0);
     wgmma_commit();
-    wgmma_wait_all();
-    wgmma_fence_operands(acc);
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    if (half == 0) wgmma_wait<1>();
+    else wgmma_wait<0>();
+    wgmma_fence_operands(acc[half]);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int lo = 64 * half + 16 * warp + 8 * j;  // window row + row of the group: [lo, lo + 22]
@@ -860,7 +866,7 @@ __device__ __forceinline__ void band_ss(bf16* __restrict__ band, Window w, unsig
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int x = 64 * half + 16 * warp + g + (e >= 2 ? 8 : 0), r = 8 * j + 2 * t + (e & 1), c = x + r - 63;
-        if ((unsigned)c < 64u) band[T ? c * LDR + r : r * LDR + c] = f2bf(acc[j][e]);
+        if ((unsigned)c < 64u) band[T ? c * LDR + r : r * LDR + c] = f2bf(acc[half][j][e]);
       }
     }
   }
@@ -943,7 +949,11 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     const unsigned long long kb = key_bits(mask, b, n0, N);  // the same in every warp
     PHASE(7);
     cp_async_wait_all();  // this tile's K (and windows), issued mid-way through the previous tile
-    if (WG) fence_proxy_async();  // K, written by cp.async (the generic proxy), for wgmma's reads
+    if (WG) {
+      fence_proxy_async();  // K, written by cp.async (the generic proxy), for wgmma's reads
+      wgmma_wait_all();     // the previous tile's P V, before any warp loads V over its tile
+      wgmma_fence_operands(o);
+    }
     __syncthreads();
     PHASE(0);
     if (WG) load_tile_cm_async(Vs, v, b, h, n0, N, H);
@@ -963,7 +973,10 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
     }
     PHASE(1);
     float s[BN / 8][4];
-    if (WG) {  // c2c by wgmma: K-major B, along K (D) 128 bytes per core matrix, along N 16 D
+    // c2c by wgmma: K-major B, along K (D) 128 bytes per core matrix, along N 16 D. (Issued
+    // before the bands, it would overlap them, but with the bands' two halves in flight the
+    // registers run out: ptxas serializes every wgmma of the kernel, C7512.)
+    if (WG) {
       wgmma_fence();
       const unsigned int ks = wgmma_shared(Ks);
 #pragma unroll
@@ -1061,13 +1074,15 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
       const unsigned int vs = wgmma_shared(Vs);
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) wgmma_m64n64k16<1>(o, pa[kk].x, wgmma_desc(vs + 32 * D * kk, 16 * D, 128), 1);
-      wgmma_commit();
-      wgmma_wait_all();
-      wgmma_fence_operands(o);
+      wgmma_commit();  // waited for at the next tile's first barrier (or after the last tile)
     } else {
       weights_times_tile<BN / 16>(o, pa, Vs);  // O += dropout(P) V
     }
     PHASE(5);
+  }
+  if (WG) {
+    wgmma_wait_all();
+    wgmma_fence_operands(o);
   }
   l_a = quad_sum(l_a);
   l_b = quad_sum(l_b);
@@ -1225,9 +1240,9 @@ __device__ __forceinline__ void relative_grads_wg(float (*acc)[4], const bf16* D
 #pragma unroll
     for (int s = 0; s < 4; ++s) wgmma_m64n64k16<1>(acc, a[s].x, wgmma_desc((s0 ? hi : lo) + 32 * D * s, 16 * D, 128), 1);
     wgmma_commit();
-    wgmma_wait_all();
-    wgmma_fence_operands(acc);
   }
+  wgmma_wait_all();
+  wgmma_fence_operands(acc);
 }
 
 // After the last tile (index k, offset off): its upper pair writes the rows [off + 64, off + 128)
