@@ -66,6 +66,13 @@ if [ "${KERNEL_CHECK:-1}" = 1 ]; then
   timeout 120 "$bundle/deberta-worker" wgmma-probe "${check_args[@]}" > "$out/wgmma-probe.txt" 2>&1 \
     || echo "wgmma-probe: not as intended (exit $?)"
   cat "$out/wgmma-probe.txt"
+  # Should the hardware read some layout's descriptor strides the other way round, the probe
+  # checked the kernels with them swapped and says so: the -wgmma runs below get the same swap.
+  swap="$(sed -n 's/^wgmma-probe: DEBERTA_WGMMA_SWAP=//p' "$out/wgmma-probe.txt")"
+  if [ -n "$swap" ]; then
+    export DEBERTA_WGMMA_SWAP="$swap"
+    echo "== wgmma: the runs below with DEBERTA_WGMMA_SWAP=$swap (the probe's finding)"
+  fi
   save
   if [[ " ${variants[*]} " == *" base:"* ]] && [ -x "$bundle/baseline/deberta-worker" ] && [ "${BASE_KERNEL_CHECK:-1}" = 1 ]; then
     # The baseline's kernel timings beside ours (the same card, minutes apart).

@@ -60,6 +60,9 @@ part() {
 # gpu-bench.sh runs base:V with the bundle's baseline worker and prints V / base:V.
 part check TRACE=1 VARIANTS="${variants[*]} base:${variants[0]}" BASE_KERNEL_CHECK=0 HF_BATCHES=none \
   bash cluster/gpu-bench.sh "$preset" "$seq" "${batches[0]}"
+# The probe's descriptor swap, if it found one (gpu-bench.sh), for the later parts too.
+swap="$(sed -n 's/^wgmma-probe: DEBERTA_WGMMA_SWAP=//p' "$work/gpu-session-check/wgmma-probe.txt" 2>/dev/null)"
+[ -z "$swap" ] || export DEBERTA_WGMMA_SWAP="$swap"
 if [ ${#batches[@]} -gt 1 ] || [ "$HF_BATCHES" != none ]; then
   rest=("${batches[@]:1}")
   # HF's sizes join ours, so that each HF row has ours beside it.

@@ -466,6 +466,98 @@ thread_local! {
     static PHASE_TIMED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// This thread's choice of the wgmma kernels (`set_wgmma`); None: the environment's.
     static WGMMA: std::cell::Cell<Option<Wgmma>> = const { std::cell::Cell::new(None) };
+    /// This thread's wgmma descriptor swaps (`set_wgmma_swap`); None: the environment's.
+    static WGMMA_SWAP: std::cell::Cell<Option<WgmmaSwap>> = const { std::cell::Cell::new(None) };
+}
+
+/// The wgmma descriptor layouts whose two strides (LBO, SBO) the GPU build swaps
+/// (`kernels/wgmma.cuh`): a bridge for a device whose hardware `wgmma-probe` finds reading a
+/// layout the other way round from the PTX ISA and CUTLASS as the kernels follow them, so that
+/// the wgmma kernels can still be checked and timed in that call. Set by `DEBERTA_WGMMA_SWAP`
+/// (unset or 0: none; else a comma-separated list of `k-major`, `mn-major`, `shared-a`, as the
+/// probe prints it), or by the probe itself for the checks after it. The CPU emulator reads the
+/// layouts as documented, so a swap there is an error.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WgmmaSwap {
+    /// B K-major (a key tile): `WGMMA_SWAP_K`.
+    pub k_major: bool,
+    /// B MN-major (a value tile): `WGMMA_SWAP_MN`.
+    pub mn_major: bool,
+    /// A from shared memory (the forward's windows): `WGMMA_SWAP_A`.
+    pub shared_a: bool,
+}
+
+impl WgmmaSwap {
+    pub const NONE: WgmmaSwap = WgmmaSwap {
+        k_major: false,
+        mn_major: false,
+        shared_a: false,
+    };
+
+    /// `DEBERTA_WGMMA_SWAP`'s value (`WgmmaSwap`).
+    pub fn parse(value: &str) -> Result<WgmmaSwap, String> {
+        let mut swap = WgmmaSwap::NONE;
+        if value.trim() == "0" || value.trim().is_empty() {
+            return Ok(swap);
+        }
+        for part in value.split(',') {
+            match part.trim() {
+                "k-major" => swap.k_major = true,
+                "mn-major" => swap.mn_major = true,
+                "shared-a" => swap.shared_a = true,
+                other => {
+                    return Err(format!(
+                        "DEBERTA_WGMMA_SWAP={value}: `{other}` is not a layout; expected 0 or a comma-separated list of k-major, mn-major, shared-a"
+                    ))
+                }
+            }
+        }
+        Ok(swap)
+    }
+
+    /// As `parse` reads it back ("" for none).
+    pub fn to_value(self) -> String {
+        let names = [
+            (self.k_major, "k-major"),
+            (self.mn_major, "mn-major"),
+            (self.shared_a, "shared-a"),
+        ];
+        names
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, n)| *n)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// NVRTC's defines for the swapped layouts.
+    fn defines(self) -> Vec<String> {
+        let names = [(self.k_major, "K"), (self.mn_major, "MN"), (self.shared_a, "A")];
+        names
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, n)| format!("-DWGMMA_SWAP_{n}"))
+            .collect()
+    }
+}
+
+/// The descriptor swaps of the GPU build (`WgmmaSwap`).
+pub fn wgmma_swap() -> Result<WgmmaSwap, String> {
+    if let Some(swap) = WGMMA_SWAP.with(|w| w.get()) {
+        return Ok(swap);
+    }
+    static FROM_ENV: std::sync::OnceLock<Result<WgmmaSwap, String>> = std::sync::OnceLock::new();
+    FROM_ENV
+        .get_or_init(|| match std::env::var("DEBERTA_WGMMA_SWAP") {
+            Err(_) => Ok(WgmmaSwap::NONE),
+            Ok(value) => WgmmaSwap::parse(&value),
+        })
+        .clone()
+}
+
+/// `wgmma_swap` on this thread (`deberta-worker wgmma-probe`), or back to the environment's.
+pub fn set_wgmma_swap(swap: Option<WgmmaSwap>) {
+    WGMMA_SWAP.with(|w| w.set(swap));
 }
 
 /// Which attention kernels run by Hopper's warpgroup mma (wgmma, which reads its B operand from
@@ -599,7 +691,10 @@ fn gpu_kernels(device: Device, head_dim: i64, timed: bool) -> Result<Arc<cuda::M
         || lean_keys_kernel(head_dim)?.ends_with("_wg")
         || queries_ds_kernel(head_dim)?.ends_with("_wg")
         || table_grads_kernel(head_dim)?.ends_with("_wg");
-    let options = options(head_dim, timed);
+    let mut options = options(head_dim, timed);
+    if wg {
+        options.extend(wgmma_swap()?.defines());
+    }
     let mut functions = vec![
         ("dattn_fwd", shared.fwd),
         ("dattn_fwd_rel", shared.fwd_rel),
@@ -633,6 +728,12 @@ fn gpu_kernels(device: Device, head_dim: i64, timed: bool) -> Result<Arc<cuda::M
 /// The kernels for `device`: compiled and loaded on a GPU, the emulator's build on the CPU.
 fn kernels(device: Device, head_dim: i64) -> Result<Kernels, String> {
     head_dim_ok(head_dim)?;
+    if !device.is_cuda() && wgmma_swap()? != WgmmaSwap::NONE {
+        return Err(format!(
+            "DEBERTA_WGMMA_SWAP={}: the emulator reads wgmma's descriptors as the PTX ISA documents them; the swap is for a GPU whose wgmma-probe says otherwise",
+            wgmma_swap()?.to_value()
+        ));
+    }
     if !device.is_cuda() {
         return Ok(Kernels::Emulated {
             variant: head_dim as i32,
@@ -1235,6 +1336,49 @@ mod tests {
             Ok(true)
         );
         set_wgmma(None);
+    }
+
+    /// `DEBERTA_WGMMA_SWAP` reads back as it prints, names what it refuses, reaches the sm_90a
+    /// build (each layout's define changes the PTX) and is refused where the emulator would
+    /// ignore it.
+    #[test]
+    fn the_wgmma_swap_reaches_the_gpu_build_and_nothing_else() {
+        for value in ["k-major", "mn-major", "shared-a", "k-major,mn-major,shared-a"] {
+            assert_eq!(WgmmaSwap::parse(value).unwrap().to_value(), value);
+        }
+        assert_eq!(WgmmaSwap::parse("0"), Ok(WgmmaSwap::NONE));
+        assert_eq!(
+            WgmmaSwap::parse("mn-major, k-major").unwrap().to_value(),
+            "k-major,mn-major"
+        );
+        let e = WgmmaSwap::parse("mn-major,n-major").unwrap_err();
+        assert!(
+            e.contains("DEBERTA_WGMMA_SWAP=mn-major,n-major") && e.contains("`n-major`"),
+            "{e}"
+        );
+        let build = |swap: WgmmaSwap| {
+            let mut options = options(64, false);
+            options.extend(swap.defines());
+            cuda::compile(SOURCE, "disentangled_attention.cu", "sm_90a", &options)
+                .unwrap()
+                .to_src()
+        };
+        let plain = build(WgmmaSwap::NONE);
+        for value in ["k-major", "mn-major", "shared-a"] {
+            assert_ne!(
+                build(WgmmaSwap::parse(value).unwrap()),
+                plain,
+                "{value} changes nothing"
+            );
+        }
+        set_wgmma_swap(Some(WgmmaSwap::parse("mn-major").unwrap()));
+        let e = kernels(Device::Cpu, 64).map(|_| ()).unwrap_err();
+        set_wgmma_swap(None);
+        assert!(
+            e.contains("DEBERTA_WGMMA_SWAP=mn-major") && e.contains("emulator"),
+            "{e}"
+        );
+        assert!(kernels(Device::Cpu, 64).is_ok());
     }
 
     #[test]

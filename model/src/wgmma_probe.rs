@@ -13,6 +13,7 @@ use cudarc::driver::LaunchConfig;
 use tch::{Device, Kind, Tensor};
 
 use crate::cuda::{self, Arg, Kernels};
+use crate::fused_attention::WgmmaSwap;
 
 /// The probe's CUDA C source (after the shared bf16 helpers and the wgmma helpers).
 pub const SOURCE: &str = concat!(
@@ -141,6 +142,28 @@ pub fn report(cases: &[Case]) -> (Vec<String>, bool) {
     (lines, intended && cases.len() == 2 * Layout::ALL.len())
 }
 
+/// The descriptor swaps under which the kernels would read every layout as the hardware does
+/// (`fused_attention::WgmmaSwap`): a layout read as intended keeps its strides, one read the
+/// other way round gets them swapped. None if some layout matches neither reading (or is
+/// missing): no swap mends that.
+pub fn swap_for(cases: &[Case]) -> Option<WgmmaSwap> {
+    let mut swap = WgmmaSwap::NONE;
+    for layout in Layout::ALL {
+        let of = |swapped| cases.iter().find(|c| c.layout == layout && c.swapped == swapped);
+        let swapped = match (of(false)?.matches(), of(true)?.matches()) {
+            (true, _) => false,
+            (false, true) => true,
+            (false, false) => return None,
+        };
+        match layout {
+            Layout::KMajorB => swap.k_major = swapped,
+            Layout::MnMajorB => swap.mn_major = swapped,
+            Layout::SharedA => swap.shared_a = swapped,
+        }
+    }
+    Some(swap)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +191,23 @@ mod tests {
             !ok && lines.iter().all(|l| l.contains("the other way round")),
             "{lines:?}"
         );
+        // The swaps that would mend it: none here, every layout there, only MN-major's when
+        // only it is misread, and nothing when a layout matches neither reading.
+        assert_eq!(swap_for(&cases), Some(WgmmaSwap::NONE));
+        assert_eq!(
+            swap_for(&wrong).map(WgmmaSwap::to_value).as_deref(),
+            Some("k-major,mn-major,shared-a")
+        );
+        let mut mn = cases.clone();
+        mn.iter_mut()
+            .filter(|c| c.layout == Layout::MnMajorB)
+            .for_each(|c| c.error = if c.swapped { 0.0 } else { 1.0 });
+        assert_eq!(swap_for(&mn).map(WgmmaSwap::to_value).as_deref(), Some("mn-major"));
+        mn.iter_mut()
+            .filter(|c| c.layout == Layout::MnMajorB)
+            .for_each(|c| c.error = 1.0);
+        assert_eq!(swap_for(&mn), None);
+        assert_eq!(swap_for(&cases[..4]), None);
     }
 
     /// ptxas takes the probe for sm_90a (the wgmma instructions' syntax and operands), as the

@@ -99,6 +99,11 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     let relative = deberta_model::fused_attention::RelativeTerms::chosen().map_err(anyhow::Error::msg)?;
     let table_grads = deberta_model::fused_attention::TableGrads::chosen().map_err(anyhow::Error::msg)?;
     let wgmma = deberta_model::fused_attention::wgmma().map_err(anyhow::Error::msg)?;
+    let swap = deberta_model::fused_attention::wgmma_swap().map_err(anyhow::Error::msg)?;
+    let wgmma = match swap == deberta_model::fused_attention::WgmmaSwap::NONE {
+        true => format!("{wgmma:?}"),
+        false => format!("{wgmma:?} with DEBERTA_WGMMA_SWAP={}", swap.to_value()),
+    };
     // The kernels serve the hand-written segments: the fused path's, when activations are kept.
     let norm = path == deberta_model::attention::RelativePath::Fused
         && !b.recompute
@@ -108,7 +113,7 @@ pub fn run(groups: &Groups, b: &BenchConfig) -> anyhow::Result<BenchRow> {
     let wgrad = hand_written && b.bf16 && device.is_cuda() && deberta_model::cuda::env_switch("DEBERTA_WGRAD_FUSION");
     eprintln!(
         "bench paths: attention {path:?} (relative terms {relative:?} on the fused path, their table gradients \
-         {table_grads:?}, by wgmma at head size 64: {wgmma:?}), output LayerNorms by {}, \
+         {table_grads:?}, by wgmma at head size 64: {wgmma}), output LayerNorms by {}, \
          EMD attention by {}, weight gradients by {}, weights in bf16 by {}, {}",
         if norm {
             "the residual_norm kernels"

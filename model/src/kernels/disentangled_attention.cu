@@ -850,8 +850,8 @@ __device__ __forceinline__ void band_ss(bf16* __restrict__ band, Window w, unsig
     const unsigned int win = wgmma_shared(half ? w.hi : w.lo);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)  // both K-major: along K (D) 128 bytes per core matrix, along M, N 16 D
-      wgmma_m64n64k16_ss(acc[half], wgmma_desc(win + 256 * kk, 128, 16 * D),
-                         wgmma_desc(rows + 256 * kk, 128, 16 * D), kk > 0);
+      wgmma_m64n64k16_ss(acc[half], wgmma_desc_a(win + 256 * kk, 128, 16 * D),
+                         wgmma_desc_k(rows + 256 * kk, 128, 16 * D), kk > 0);
     wgmma_commit();
   }
 #pragma unroll
@@ -980,7 +980,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
       wgmma_fence();
       const unsigned int ks = wgmma_shared(Ks);
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64k16<0>(s, qf[kk].x, wgmma_desc(ks + 256 * kk, 128, 16 * D), kk > 0);
+      for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64k16<0>(s, qf[kk].x, wgmma_desc_k(ks + 256 * kk, 128, 16 * D), kk > 0);
       wgmma_commit();
       wgmma_wait_all();
       wgmma_fence_operands(s);
@@ -1073,7 +1073,7 @@ __device__ __forceinline__ void fwd(const bf16* __restrict__ q, const bf16* __re
       wgmma_fence();
       const unsigned int vs = wgmma_shared(Vs);
 #pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) wgmma_m64n64k16<1>(o, pa[kk].x, wgmma_desc(vs + 32 * D * kk, 16 * D, 128), 1);
+      for (int kk = 0; kk < BN / 16; ++kk) wgmma_m64n64k16<1>(o, pa[kk].x, wgmma_desc_mn(vs + 32 * D * kk, 16 * D, 128), 1);
       wgmma_commit();  // waited for at the next tile's first barrier (or after the last tile)
     } else {
       weights_times_tile<BN / 16>(o, pa, Vs);  // O += dropout(P) V
@@ -1238,7 +1238,7 @@ __device__ __forceinline__ void relative_grads_wg(float (*acc)[4], const bf16* D
     }
     wgmma_fence();
 #pragma unroll
-    for (int s = 0; s < 4; ++s) wgmma_m64n64k16<1>(acc, a[s].x, wgmma_desc((s0 ? hi : lo) + 32 * D * s, 16 * D, 128), 1);
+    for (int s = 0; s < 4; ++s) wgmma_m64n64k16<1>(acc, a[s].x, wgmma_desc_mn((s0 ? hi : lo) + 32 * D * s, 16 * D, 128), 1);
     wgmma_commit();
   }
   wgmma_wait_all();
@@ -1415,10 +1415,10 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
         const unsigned int qs = wgmma_shared(Qs + c0 * D), dos = wgmma_shared(dOs + c0 * D);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n32k16<0>(st, kf[kk].x, wgmma_desc(qs + 256 * kk, 128, 16 * D), kk > 0);
+        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n32k16<0>(st, kf[kk].x, wgmma_desc_k(qs + 256 * kk, 128, 16 * D), kk > 0);
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
-          wgmma_m64n32k16<0>(dpt, vf[kk].x, wgmma_desc(dos + 256 * kk, 128, 16 * D), kk > 0);
+          wgmma_m64n32k16<0>(dpt, vf[kk].x, wgmma_desc_k(dos + 256 * kk, 128, 16 * D), kk > 0);
         wgmma_commit();
         wgmma_wait_all();
         wgmma_fence_operands<4>(st);
@@ -1477,9 +1477,9 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
         const unsigned int qs = wgmma_shared(Qs + c0 * D), dos = wgmma_shared(dOs + c0 * D);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < 2; ++kk) wgmma_m64n64k16<1>(dv_acc, pza[kk].x, wgmma_desc(dos + 32 * D * kk, 16 * D, 128), 1);
+        for (int kk = 0; kk < 2; ++kk) wgmma_m64n64k16<1>(dv_acc, pza[kk].x, wgmma_desc_mn(dos + 32 * D * kk, 16 * D, 128), 1);
 #pragma unroll
-        for (int kk = 0; kk < 2; ++kk) wgmma_m64n64k16<1>(dk_acc, dsa[kk].x, wgmma_desc(qs + 32 * D * kk, 16 * D, 128), 1);
+        for (int kk = 0; kk < 2; ++kk) wgmma_m64n64k16<1>(dk_acc, dsa[kk].x, wgmma_desc_mn(qs + 32 * D * kk, 16 * D, 128), 1);
         wgmma_commit();
         wgmma_wait_all();
         wgmma_fence_operands(dv_acc);
@@ -1740,7 +1740,7 @@ __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const 
       const unsigned int other = wgmma_shared(Other);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) wgmma_m64n64k16<1>(acc, a[kk].x, wgmma_desc(other + 32 * D * kk, 16 * D, 128), 1);
+      for (int kk = 0; kk < 4; ++kk) wgmma_m64n64k16<1>(acc, a[kk].x, wgmma_desc_mn(other + 32 * D * kk, 16 * D, 128), 1);
       wgmma_commit();
       wgmma_wait_all();
       wgmma_fence_operands(acc);
@@ -2127,7 +2127,7 @@ __device__ __forceinline__ void table_grads(const bf16* __restrict__ q, const bf
         }
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) wgmma_m64n64k16<1>(acc[mt], a[kk].x, wgmma_desc(rows + 32 * D * kk, 16 * D, 128), 1);
+        for (int kk = 0; kk < 4; ++kk) wgmma_m64n64k16<1>(acc[mt], a[kk].x, wgmma_desc_mn(rows + 32 * D * kk, 16 * D, 128), 1);
         wgmma_commit();
         wgmma_wait_all();
         wgmma_fence_operands(acc[mt]);

@@ -28,6 +28,39 @@ __device__ __forceinline__ unsigned long long wgmma_desc(unsigned int start, uns
   return (unsigned long long)((start & 0x3ffffu) >> 4) | (unsigned long long)((lbo & 0x3ffffu) >> 4) << 16 |
          (unsigned long long)((sbo & 0x3ffffu) >> 4) << 32;
 }
+// The kernels' descriptors, by layout: core matrices `along_k` bytes apart along K and
+// `along_mn` along M or N, in LBO and SBO as the PTX ISA and CUTLASS have them. Should
+// `wgmma-probe` find the hardware reading a layout's two fields the other way round, the GPU
+// build can swap them for that layout (`DEBERTA_WGMMA_SWAP`): WGMMA_SWAP_K for B K-major,
+// WGMMA_SWAP_MN for B MN-major, WGMMA_SWAP_A for A from shared memory. The emulator reads them
+// as intended, and is never built with a swap.
+#ifdef WGMMA_SWAP_K
+#define WGMMA_K_SWAPPED true
+#else
+#define WGMMA_K_SWAPPED false
+#endif
+#ifdef WGMMA_SWAP_MN
+#define WGMMA_MN_SWAPPED true
+#else
+#define WGMMA_MN_SWAPPED false
+#endif
+#ifdef WGMMA_SWAP_A
+#define WGMMA_A_SWAPPED true
+#else
+#define WGMMA_A_SWAPPED false
+#endif
+__device__ __forceinline__ unsigned long long wgmma_desc_k(unsigned int start, unsigned int along_k,
+                                                          unsigned int along_n) {
+  return WGMMA_K_SWAPPED ? wgmma_desc(start, along_n, along_k) : wgmma_desc(start, along_k, along_n);
+}
+__device__ __forceinline__ unsigned long long wgmma_desc_mn(unsigned int start, unsigned int along_k,
+                                                           unsigned int along_n) {
+  return WGMMA_MN_SWAPPED ? wgmma_desc(start, along_n, along_k) : wgmma_desc(start, along_k, along_n);
+}
+__device__ __forceinline__ unsigned long long wgmma_desc_a(unsigned int start, unsigned int along_k,
+                                                          unsigned int along_m) {
+  return WGMMA_A_SWAPPED ? wgmma_desc(start, along_m, along_k) : wgmma_desc(start, along_k, along_m);
+}
 
 #ifdef DEBERTA_EMULATE
 __device__ __forceinline__ unsigned int wgmma_shared(const void* p) { return emu_shared_offset(p); }
