@@ -145,6 +145,40 @@ pub const CASES: &[(Case, bool)] = &[
         },
         true,
     ),
+    // Head size 64 with one relative term off: the wgmma kernels (head size 64 only) without a
+    // band, and the queries kernel without its table.
+    (
+        Case {
+            name: "head size 64, p2c only, padding",
+            b: 1,
+            h: 1,
+            n: 70,
+            d: 64,
+            lengths: &[61],
+            holes: 0,
+            c2p: false,
+            p2c: true,
+            dropout: 0.0,
+            rising: false,
+        },
+        true,
+    ),
+    (
+        Case {
+            name: "head size 64, c2p only, masked tokens inside the row",
+            b: 1,
+            h: 1,
+            n: 70,
+            d: 64,
+            lengths: &[70],
+            holes: 2,
+            c2p: true,
+            p2c: false,
+            dropout: 0.0,
+            rising: false,
+        },
+        true,
+    ),
 ];
 
 /// Scale the attention projections and the relative table of the model in `vs` by `by`: the

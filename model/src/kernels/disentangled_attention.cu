@@ -1742,8 +1742,10 @@ __device__ __forceinline__ void from_ds(const bf16* __restrict__ own_src, const 
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) wgmma_m64n64k16<1>(acc, a[kk].x, wgmma_desc_mn(other + 32 * D * kk, 16 * D, 128), 1);
       wgmma_commit();
-      wgmma_wait_all();
-      wgmma_fence_operands(acc);
+      if (!table) {  // else in flight through the barrier below, waited for with the relative part's
+        wgmma_wait_all();
+        wgmma_fence_operands(acc);
+      }
     } else {
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {  // queries: dQ += dS K; keys: dK += dS^T Q
