@@ -30,7 +30,8 @@
 # partials (DEBERTA_TABLE_GRADS=partials) instead of by tile diagonals, and `V-kept` V with the
 # keys kernel keeping its windows from tile to tile (DEBERTA_TABLE_GRADS=diagonals-kept-windows)
 # instead of the lean one, and `V-wgmma` V with the attention kernels by wgmma
-# (DEBERTA_WGMMA=1; an sm_90 GPU) (suffixes in the order V-partials|kept-opsnorm-opswgrad-gatheremd-wgmma-copies;
+# (DEBERTA_WGMMA=1; an sm_90 GPU; with the probe's DEBERTA_WGMMA_SWAP if it found a layout read
+# the other way round) (suffixes in the order V-partials|kept-opsnorm-opswgrad-gatheremd-wgmma-copies;
 # the summary divides V-copies and V-wgmma by V). `V@B` runs V at batch size B only: e.g.
 #   VARIANTS="fused-rel fused-rel-opsnorm base:fused-rel fused-rel-copies@32" bash cluster/gpu-bench.sh xxlarge 512 8 32
 set -uo pipefail
