@@ -56,8 +56,9 @@ def wavefronts(op):
     if name in ("LDS", "STS", "LDGSTS", "ATOMS"):
         return 4 if ".128" in op else 2 if ".64" in op else 1
     m = re.match(r"HGMMA\.64x(\d+)x16", op)
-    if m:  # wgmma's B (16 x N bf16) from shared memory, once per warpgroup: a quarter per warp
-        return 16 * int(m.group(1)) * 2 // 128 / 4
+    if m:  # wgmma's B (16 x N bf16) from shared memory, once per warpgroup: a quarter per warp;
+        # with A from shared memory too (`.SS`, marked by `stats`), A's 64 x 16 as well
+        return (16 * int(m.group(1)) * 2 + (64 * 16 * 2 if op.endswith(".SS") else 0)) // 128 / 4
     return 0
 
 
@@ -140,7 +141,10 @@ def stats(source, head_dim, defines=(), sm90a=False):
         if k.startswith("dattn_bwd") and inner:
             body += [t for a, t in ins if inner[0][0] <= a <= inner[0][1]]
         ops = collections.Counter(t.split()[0].split(".")[0] for t in body)
-        full = collections.Counter(t.split()[0] for t in body)  # with the modifiers
+        # With the modifiers; a wgmma reading A from shared memory (its second operand a
+        # descriptor, not registers) marked `.SS`.
+        full = collections.Counter(t.split()[0] + (".SS" if re.match(r"HGMMA\S*\s+\S+,\s*gdesc", t) else "")
+                                   for t in body)
         smem = round(sum(wavefronts(op) * c for op, c in full.items()))
         out[k] = (regs[k], len(body), ops, full, smem)
     return out

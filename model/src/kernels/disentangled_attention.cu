@@ -649,6 +649,18 @@ __device__ __forceinline__ void load_rows_b(FragB (*b)[2], const bf16* p) {
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) load_b_t_n2(b[kk][0], b[kk][1], p + kk * 16, LDS);
 }
+// The same from a core-matrix tile (`load_tile_cm_async`), rows row0 .. row0 + 15.
+__device__ __forceinline__ void load_rows_b_cm(FragB (*b)[2], const bf16* tile, int row0) {
+  const unsigned int lane = threadIdx.x % 32, m = lane >> 3, r = row0 + (lane & 7) + 8 * (m >> 1);
+  const bf16* p = tile + r / 8 * 8 * D + (m & 1) * 64 + r % 8 * 8;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    unsigned int x[4];
+    ldsm4(x, p + kk * 128);
+    b[kk][0] = FragB{{x[0], x[1]}};
+    b[kk][1] = FragB{{x[2], x[3]}};
+  }
+}
 // The products of window rows 48 - 16 warp + 16 m + (0..15) (the window as mma's A operand)
 // with the warp's 16 rows b (`rows_as_b`; n tiles 0 and 1): acc[n][e] is (window row 16 m + g +
 // 8 (e >= 2), row 8 n + 2 t + (e & 1)). The two n tiles' mma chains alternate (see
@@ -1297,14 +1309,15 @@ __device__ __forceinline__ void zero_skewed_edges(bf16* DSK) {
 // wait in registers for every warp to be done with Q_r's window, then go to their band; the c2p
 // band is written as it is computed. Ends with a barrier, then the skewed dS's off-band zeros
 // over K_r's window (each warp its own rows, before its score loop writes them).
-// CM: Qs is a core-matrix tile (the wgmma keys kernel's).
+// CM: Qs and Ks are core-matrix tiles (the wgmma keys kernel's).
 template <bool CM>
 __device__ __forceinline__ void relative_bands_lean(bf16* Cb, bf16* Pb, bf16* DSK, Window Kw, Window Qw, bool c2p,
                                                     bool p2c, const bf16* Qs, const bf16* Ks) {
   unsigned int pv[10][2];
   if (p2c) {
     FragB kb[D / 16][2];
-    load_rows_b(kb, Ks + threadIdx.x / 32 * 16 * LDS);
+    if (CM) load_rows_b_cm(kb, Ks, threadIdx.x / 32 * 16);
+    else load_rows_b(kb, Ks + threadIdx.x / 32 * 16 * LDS);
     skewed_products(pv, kb, Qw);
   }
   __syncthreads();  // every warp has read Q_r's window
@@ -1358,8 +1371,13 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
   // REL: this block's partial dQ_r rows, [rows][D] from window row N-64-kb (see relative_grads).
   bf16* part = REL && TGRAD && dp2c ? dp2c + ((long long)bh * gridDim.x + blockIdx.x) * (gridDim.x * 64 + 64) * D : nullptr;
   const bool own_masked = REL && (LEAN || any_masked_key(mask, b, kb, N));
-  load_tile_async(Ks, k, b, h, kb, N, H);
-  load_tile_async(Vs, v, b, h, kb, N, H);
+  if (WG) {  // wgmma's A (S^T, dP^T) from shared memory: core matrices
+    load_tile_cm_async(Ks, k, b, h, kb, N, H);
+    load_tile_cm_async(Vs, v, b, h, kb, N, H);
+  } else {
+    load_tile_async(Ks, k, b, h, kb, N, H);
+    load_tile_async(Vs, v, b, h, kb, N, H);
+  }
   cp_async_commit();
   cp_async_wait_all();
   if (REL && !c2p) zero_band(Cb);
@@ -1408,17 +1426,19 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
 #pragma unroll 1
     for (int c0 = 0; c0 < BM; c0 += 32) {
       float st[4][4], dpt[4][4];
-      if (WG) {  // K-major B: along K (D) 128 bytes per core matrix, along N (queries) 16 D
-        FragA kf[D / 16], vf[D / 16];
-        load_rows(kf, Ks + warp * 16 * LDS);
-        load_rows(vf, Vs + warp * 16 * LDS);
+      if (WG) {  // both K-major, A (the block's keys, values) and B: along K (D) 128 bytes per core
+                 // matrix, along M (keys) and N (queries) 16 D
         const unsigned int qs = wgmma_shared(Qs + c0 * D), dos = wgmma_shared(dOs + c0 * D);
+        const unsigned int ks = wgmma_shared(Ks), vs = wgmma_shared(Vs);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n32k16<0>(st, kf[kk].x, wgmma_desc_k(qs + 256 * kk, 128, 16 * D), kk > 0);
+        for (int kk = 0; kk < D / 16; ++kk)
+          wgmma_m64n32k16_ss(st, wgmma_desc_a(ks + 256 * kk, 128, 16 * D), wgmma_desc_k(qs + 256 * kk, 128, 16 * D),
+                             kk > 0);
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
-          wgmma_m64n32k16<0>(dpt, vf[kk].x, wgmma_desc_k(dos + 256 * kk, 128, 16 * D), kk > 0);
+          wgmma_m64n32k16_ss(dpt, wgmma_desc_a(vs + 256 * kk, 128, 16 * D), wgmma_desc_k(dos + 256 * kk, 128, 16 * D),
+                             kk > 0);
         wgmma_commit();
         wgmma_wait_all();
         wgmma_fence_operands<4>(st);
@@ -1480,15 +1500,17 @@ __device__ __forceinline__ void bwd_kv(const bf16* __restrict__ q, const bf16* _
         for (int kk = 0; kk < 2; ++kk) wgmma_m64n64k16<1>(dv_acc, pza[kk].x, wgmma_desc_mn(dos + 32 * D * kk, 16 * D, 128), 1);
 #pragma unroll
         for (int kk = 0; kk < 2; ++kk) wgmma_m64n64k16<1>(dk_acc, dsa[kk].x, wgmma_desc_mn(qs + 32 * D * kk, 16 * D, 128), 1);
-        wgmma_commit();
-        wgmma_wait_all();
-        wgmma_fence_operands(dv_acc);
-        wgmma_fence_operands(dk_acc);
+        wgmma_commit();  // waited for with the next half's S^T, dP^T, or after the last half
       } else {
         weights_times_tile<2>(dv_acc, pza, dOs + c0 * LDS);  // dV += dropout(P)^T dO
         weights_times_tile<2>(dk_acc, dsa, Qs + c0 * LDS);   // dK += dS^T Q
       }
       PHASE(4);
+    }
+    if (WG) {
+      wgmma_wait_all();
+      wgmma_fence_operands(dv_acc);
+      wgmma_fence_operands(dk_acc);
     }
     __syncthreads();
     PHASE(5);

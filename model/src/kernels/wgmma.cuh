@@ -86,6 +86,10 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (*d)[4], unsigned long 
                                                    int accumulate) {
   emu_wgmma_ss(&d[0][0], adesc, bdesc, accumulate, 64);
 }
+__device__ __forceinline__ void wgmma_m64n32k16_ss(float (*d)[4], unsigned long long adesc, unsigned long long bdesc,
+                                                   int accumulate) {
+  emu_wgmma_ss(&d[0][0], adesc, bdesc, accumulate, 32);
+}
 #else
 // The shared-memory address the descriptor takes (the state space's own, 32-bit).
 __device__ __forceinline__ unsigned int wgmma_shared(const void* p) {
@@ -150,6 +154,16 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (*d)[4], unsigned long 
       : "l"(adesc), "l"(bdesc), "r"(accumulate));
 }
 // The same, N = 32: d[4][4].
+__device__ __forceinline__ void wgmma_m64n32k16_ss(float (*d)[4], unsigned long long adesc, unsigned long long bdesc,
+                                                   int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      WGMMA_D16_REGS
+      "%16, %17, p, 1, 1, 0, 0;\n}\n"
+      : WGMMA_D16(d)
+      : "l"(adesc), "l"(bdesc), "r"(accumulate));
+}
 template <int TRANS_B>
 __device__ __forceinline__ void wgmma_m64n32k16(float (*d)[4], const unsigned int* a, unsigned long long desc,
                                                 int accumulate) {
