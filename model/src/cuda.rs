@@ -526,16 +526,16 @@ mod tests {
             let col = 8 * (i / 4) + 2 * (thread % 4) + (i % 2);
             ks.map(|k| ((k + col) % 7) as f32 - 3.0).sum::<f32>()
         };
-        let intended = run(0).unwrap();
-        for thread in 0..128 {
-            for i in 0..32 {
-                assert_eq!(
-                    intended[32 * thread + i],
-                    want(thread, i, 0..64),
-                    "thread {thread}, accumulator {i}"
-                );
+        // Every thread's 32 accumulators in out[at..] against the product over ks.
+        let holds = |out: &[f32], at: usize, ks: std::ops::Range<usize>| {
+            for thread in 0..128 {
+                for i in 0..32 {
+                    let got = out[at + 32 * thread + i];
+                    assert_eq!(got, want(thread, i, ks.clone()), "thread {thread}, accumulator {i}");
+                }
             }
-        }
+        };
+        holds(&run(0).unwrap(), 0, 0..64);
         let early = run(1).unwrap();
         assert!(
             early[..4096].iter().all(|x| x.is_nan()),
@@ -552,20 +552,13 @@ mod tests {
         assert!(e.contains("no wgmma.fence since its last wgmma.wait_group"), "{e}");
         let e = run(5).unwrap_err();
         assert!(e.contains("exited with a wgmma in flight"), "{e}");
+        // The first group after wgmma_wait<1>; the second, read before its wait, NaN.
         let groups = run(6).unwrap();
-        for thread in 0..128 {
-            for i in 0..32 {
-                assert_eq!(
-                    groups[32 * thread + i],
-                    want(thread, i, 0..32),
-                    "first group, thread {thread}"
-                );
-                assert!(
-                    groups[4096 + 32 * thread + i].is_nan(),
-                    "second group before its wait, thread {thread}"
-                );
-            }
-        }
+        holds(&groups, 0, 0..32);
+        assert!(
+            groups[4096..].iter().all(|x| x.is_nan()),
+            "second group before its wait"
+        );
         let e = run(7).unwrap_err();
         assert!(e.contains("wrote an accumulator of a wgmma in flight"), "{e}");
     }
