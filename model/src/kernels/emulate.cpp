@@ -73,7 +73,7 @@ struct Wgmma {
   int n;                      // accumulators of this thread: columns / 2
   float out[32];
   unsigned group;             // the commit group it belongs to (the fiber's count at the issue)
-  bool superseded;            // a later wgmma of the same group chain took its result as input
+  bool superseded;            // a later wgmma on the same accumulators took its result over
   std::uint64_t adesc, bdesc;  // adesc 0: A from registers
   int trans_b, row0;
   std::uint64_t read;         // a hash of the shared memory it read, checked again at the wait
@@ -239,7 +239,7 @@ static void fault_once(const std::string& what) {
   if (st.fault.empty()) st.fault = what;
 }
 
-// FNV-1a over the bf16 bits of the operands a wgmma read from shared memory.
+// An FNV-style hash, a word at a time, of the operand values a wgmma read from shared memory.
 static std::uint64_t hash_in(std::uint64_t h, float x) {
   std::uint32_t u;
   std::memcpy(&u, &x, 4);
