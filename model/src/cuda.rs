@@ -162,6 +162,21 @@ pub fn bind_context(ordinal: usize) -> Result<(), String> {
         .map_err(|e| format!("binding GPU {ordinal}'s context: {e}"))
 }
 
+/// A choice from the environment variable `var`, read once per process into `cell` (`parse`
+/// gets None when it is unset), unless this thread's `over` stands in for it. The kernels' paths
+/// ask on every call, so the variable is not read again.
+pub fn env_choice<T: Clone>(
+    over: Option<T>,
+    cell: &OnceLock<Result<T, String>>,
+    var: &str,
+    parse: impl FnOnce(Option<&str>) -> Result<T, String>,
+) -> Result<T, String> {
+    match over {
+        Some(value) => Ok(value),
+        None => cell.get_or_init(|| parse(std::env::var(var).ok().as_deref())).clone(),
+    }
+}
+
 /// A switch for a GPU code path from the environment: on unless `var` is 0 (1 or unset: on;
 /// any other value is an error, raised at first use). Read once per process.
 pub fn env_switch(var: &'static str) -> bool {

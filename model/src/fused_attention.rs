@@ -63,22 +63,18 @@ impl RelativeTerms {
     /// the H100 since the backward kernels stopped spilling, docs/performance.md); another
     /// value is an error.
     pub fn chosen() -> Result<RelativeTerms, String> {
-        if let Some(rel) = RELATIVE_OVERRIDE.with(|o| o.get()) {
-            return Ok(rel);
-        }
         // Read once: the core asks on every call (three times per layer and step).
         static FROM_ENV: std::sync::OnceLock<Result<RelativeTerms, String>> = std::sync::OnceLock::new();
-        FROM_ENV
-            .get_or_init(|| match std::env::var("DEBERTA_FUSED_RELATIVE").as_deref() {
-                Ok("tables") => Ok(RelativeTerms::Tables),
-                Err(_) | Ok("kernel") => Ok(RelativeTerms::InKernel),
-                Ok("kernel-forward") => Ok(RelativeTerms::InKernelForward),
-                Ok("kernel-split") => Ok(RelativeTerms::InKernelSplit),
-                Ok(other) => Err(format!(
-                    "DEBERTA_FUSED_RELATIVE={other}: expected tables, kernel, kernel-forward or kernel-split"
-                )),
-            })
-            .clone()
+        let over = RELATIVE_OVERRIDE.with(|o| o.get());
+        cuda::env_choice(over, &FROM_ENV, "DEBERTA_FUSED_RELATIVE", |value| match value {
+            Some("tables") => Ok(RelativeTerms::Tables),
+            None | Some("kernel") => Ok(RelativeTerms::InKernel),
+            Some("kernel-forward") => Ok(RelativeTerms::InKernelForward),
+            Some("kernel-split") => Ok(RelativeTerms::InKernelSplit),
+            Some(other) => Err(format!(
+                "DEBERTA_FUSED_RELATIVE={other}: expected tables, kernel, kernel-forward or kernel-split"
+            )),
+        })
     }
 
     /// Use `rel` on this thread from now on (None: the environment again).
@@ -115,20 +111,16 @@ impl TableGrads {
     /// `DEBERTA_TABLE_GRADS=diagonals|diagonals-kept-windows|partials` (default diagonals);
     /// another value is an error.
     pub fn chosen() -> Result<TableGrads, String> {
-        if let Some(t) = TABLE_GRADS_OVERRIDE.with(|o| o.get()) {
-            return Ok(t);
-        }
         static FROM_ENV: std::sync::OnceLock<Result<TableGrads, String>> = std::sync::OnceLock::new();
-        FROM_ENV
-            .get_or_init(|| match std::env::var("DEBERTA_TABLE_GRADS").as_deref() {
-                Err(_) | Ok("diagonals") => Ok(TableGrads::Diagonals),
-                Ok("diagonals-kept-windows") => Ok(TableGrads::DiagonalsKeptWindows),
-                Ok("partials") => Ok(TableGrads::Partials),
-                Ok(other) => Err(format!(
-                    "DEBERTA_TABLE_GRADS={other}: expected diagonals, diagonals-kept-windows or partials"
-                )),
-            })
-            .clone()
+        let over = TABLE_GRADS_OVERRIDE.with(|o| o.get());
+        cuda::env_choice(over, &FROM_ENV, "DEBERTA_TABLE_GRADS", |value| match value {
+            None | Some("diagonals") => Ok(TableGrads::Diagonals),
+            Some("diagonals-kept-windows") => Ok(TableGrads::DiagonalsKeptWindows),
+            Some("partials") => Ok(TableGrads::Partials),
+            Some(other) => Err(format!(
+                "DEBERTA_TABLE_GRADS={other}: expected diagonals, diagonals-kept-windows or partials"
+            )),
+        })
     }
 
     /// Use `t` on this thread from now on (None: the environment again).
@@ -543,16 +535,11 @@ impl WgmmaSwap {
 
 /// The descriptor swaps of the GPU build (`WgmmaSwap`).
 pub fn wgmma_swap() -> Result<WgmmaSwap, String> {
-    if let Some(swap) = WGMMA_SWAP.with(|w| w.get()) {
-        return Ok(swap);
-    }
     static FROM_ENV: std::sync::OnceLock<Result<WgmmaSwap, String>> = std::sync::OnceLock::new();
-    FROM_ENV
-        .get_or_init(|| match std::env::var("DEBERTA_WGMMA_SWAP") {
-            Err(_) => Ok(WgmmaSwap::NONE),
-            Ok(value) => WgmmaSwap::parse(&value),
-        })
-        .clone()
+    let over = WGMMA_SWAP.with(|w| w.get());
+    cuda::env_choice(over, &FROM_ENV, "DEBERTA_WGMMA_SWAP", |value| {
+        value.map_or(Ok(WgmmaSwap::NONE), WgmmaSwap::parse)
+    })
 }
 
 /// `wgmma_swap` on this thread (`deberta-worker wgmma-probe`), or back to the environment's.
@@ -627,16 +614,11 @@ impl Wgmma {
 /// (`Wgmma::parse`; unset: none), or `set_wgmma` on this thread. On a GPU that is not sm_90
 /// the switch is an error, not a silent fallback.
 pub fn wgmma() -> Result<Wgmma, String> {
-    if let Some(on) = WGMMA.with(|w| w.get()) {
-        return Ok(on);
-    }
     static FROM_ENV: std::sync::OnceLock<Result<Wgmma, String>> = std::sync::OnceLock::new();
-    FROM_ENV
-        .get_or_init(|| match std::env::var("DEBERTA_WGMMA") {
-            Err(_) => Ok(Wgmma::OFF),
-            Ok(value) => Wgmma::parse(&value),
-        })
-        .clone()
+    let over = WGMMA.with(|w| w.get());
+    cuda::env_choice(over, &FROM_ENV, "DEBERTA_WGMMA", |value| {
+        value.map_or(Ok(Wgmma::OFF), Wgmma::parse)
+    })
 }
 
 /// `wgmma` on this thread (tests, kernel-check), or back to the environment's (None).
@@ -728,13 +710,14 @@ fn gpu_kernels(device: Device, head_dim: i64, timed: bool) -> Result<Arc<cuda::M
 /// The kernels for `device`: compiled and loaded on a GPU, the emulator's build on the CPU.
 fn kernels(device: Device, head_dim: i64) -> Result<Kernels, String> {
     head_dim_ok(head_dim)?;
-    if !device.is_cuda() && wgmma_swap()? != WgmmaSwap::NONE {
-        return Err(format!(
-            "DEBERTA_WGMMA_SWAP={}: the emulator reads wgmma's descriptors as the PTX ISA documents them; the swap is for a GPU whose wgmma-probe says otherwise",
-            wgmma_swap()?.to_value()
-        ));
-    }
     if !device.is_cuda() {
+        let swap = wgmma_swap()?;
+        if swap != WgmmaSwap::NONE {
+            return Err(format!(
+                "DEBERTA_WGMMA_SWAP={}: the emulator reads wgmma's descriptors as the PTX ISA documents them; the swap is for a GPU whose wgmma-probe says otherwise",
+                swap.to_value()
+            ));
+        }
         return Ok(Kernels::Emulated {
             variant: head_dim as i32,
         });

@@ -56,16 +56,16 @@ pub struct NormGrads {
 /// variable is an error.
 pub fn applies(device: Device, d: i64) -> Result<bool, String> {
     static FROM_ENV: std::sync::OnceLock<Result<bool, String>> = std::sync::OnceLock::new();
-    let on = match OVERRIDE.with(|o| o.get()) {
-        Some(on) => on,
-        None => FROM_ENV
-            .get_or_init(|| match std::env::var("DEBERTA_FUSED_NORM").as_deref() {
-                Err(_) | Ok("1") => Ok(true),
-                Ok("0") => Ok(false),
-                Ok(other) => Err(format!("DEBERTA_FUSED_NORM={other}: expected 0 or 1")),
-            })
-            .clone()?,
-    };
+    let on = cuda::env_choice(
+        OVERRIDE.with(|o| o.get()),
+        &FROM_ENV,
+        "DEBERTA_FUSED_NORM",
+        |value| match value {
+            None | Some("1") => Ok(true),
+            Some("0") => Ok(false),
+            Some(other) => Err(format!("DEBERTA_FUSED_NORM={other}: expected 0 or 1")),
+        },
+    )?;
     Ok(on && cuda::kernels_run_on(device) && d % 4 == 0 && d <= MAX_HIDDEN)
 }
 

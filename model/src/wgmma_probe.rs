@@ -117,13 +117,18 @@ pub fn run(device: Device) -> Result<Vec<Case>, String> {
     Ok(cases)
 }
 
+/// A layout's two cases: as intended, and with the strides swapped.
+fn readings(cases: &[Case], layout: Layout) -> Option<(&Case, &Case)> {
+    let of = |swapped| cases.iter().find(|c| c.layout == layout && c.swapped == swapped);
+    Some((of(false)?, of(true)?))
+}
+
 /// The probe's findings, a line per layout, and whether all read as intended.
 pub fn report(cases: &[Case]) -> (Vec<String>, bool) {
     let mut lines = Vec::new();
     let mut intended = true;
     for layout in Layout::ALL {
-        let of = |swapped| cases.iter().find(|c| c.layout == layout && c.swapped == swapped);
-        let (Some(as_meant), Some(swapped)) = (of(false), of(true)) else {
+        let Some((as_meant, swapped)) = readings(cases, layout) else {
             continue;
         };
         let verdict = match (as_meant.matches(), swapped.matches()) {
@@ -149,8 +154,8 @@ pub fn report(cases: &[Case]) -> (Vec<String>, bool) {
 pub fn swap_for(cases: &[Case]) -> Option<WgmmaSwap> {
     let mut swap = WgmmaSwap::NONE;
     for layout in Layout::ALL {
-        let of = |swapped| cases.iter().find(|c| c.layout == layout && c.swapped == swapped);
-        let swapped = match (of(false)?.matches(), of(true)?.matches()) {
+        let (as_meant, swapped) = readings(cases, layout)?;
+        let swapped = match (as_meant.matches(), swapped.matches()) {
             (true, _) => false,
             (false, true) => true,
             (false, false) => return None,
